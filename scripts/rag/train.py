@@ -1,0 +1,809 @@
+#!/usr/bin/env python3
+"""Train the RedKnot long-context RAG test model (Llama architecture, plain torch).
+
+One run does everything inside a wall-clock budget (--time-budget seconds from
+start):  train a byte-level BPE tokenizer on generated text, train the model with
+a length curriculum (1K -> 2K -> 4K -> 8K) on data generated on the fly by
+gen_data.py (DataLoader workers, training seeds 'train-*' disjoint from the
+integer eval seeds), export a Hugging Face LlamaForCausalLM directory (bf16
+safetensors, tied embeddings), check logits parity with transformers, evaluate
+EM/F1 per task family with greedy decoding (full attention and "naive reuse":
+document tokens attend only to their own document + BOS, true positions), and
+profile per-head attention edge mass.
+
+GPU run (see models/redknot-rag-8k/README.md for the exact command):
+  PYTHONUNBUFFERED=1 python3 scripts/rag/train.py --out $OUT --time-budget 560
+Local CPU smoke test (no HF tokenizers: byte-level stub tokenizer):
+  /usr/bin/python3 scripts/rag/train.py --smoke --device cpu --out /tmp/rag_smoke
+"""
+import argparse
+import gzip
+import json
+import math
+import os
+import re
+import string
+import sys
+import time
+import random
+import collections
+import multiprocessing as mp
+
+T0 = time.time()
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import gen_data as G  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+TASKS = G.TASKS
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def log(*a):
+    print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+
+
+# ================================================================ tokenizer
+class ByteTok:
+    """Stub tokenizer for CPU smoke tests when HF tokenizers is absent."""
+    bos, eos, pad = 0, 1, 2
+    vocab_size = 259
+
+    def encode(self, s):
+        return [b + 3 for b in s.encode("utf-8")]
+
+    def encode_batch(self, ss):
+        return [self.encode(s) for s in ss]
+
+    def decode(self, ids):
+        return bytes([i - 3 for i in ids if i >= 3]).decode("utf-8", errors="replace")
+
+
+class HFTok:
+    def __init__(self, tk):
+        self.tk = tk
+        self.bos = tk.token_to_id("<|bos|>")
+        self.eos = tk.token_to_id("<|eos|>")
+        self.pad = tk.token_to_id("<|pad|>")
+        self.vocab_size = tk.get_vocab_size()
+
+    def encode(self, s):
+        return self.tk.encode(s, add_special_tokens=False).ids
+
+    def encode_batch(self, ss):
+        return [e.ids for e in self.tk.encode_batch(ss, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tk.decode(ids, skip_special_tokens=True)
+
+
+def tokenizer_corpus(n_worlds):
+    rng = random.Random("tokcorpus")
+    for i in range(n_worlds):
+        w = G.World(f"train-tok-{i}")
+        yield [d["text"] + "\n\n" for d in w.docs]
+        qs = [q for _, q, _, _ in w.q_single] + [q[2] for q in w.q_multi] + [q[1] for q in w.needles]
+        qs += [p[2] for p in w.pairs]
+        yield ["Question: " + q + "\nAnswer:" for q in qs]
+        ans = [a for *_, a, _ in w.q_single] + [q[3] for q in w.q_multi] + [q[2] for q in w.needles]
+        yield [" " + a for a in ans]
+        rng.random()
+
+
+def train_tokenizer(vocab_size, n_worlds):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, Regex
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(tokenizer_corpus(n_worlds), trainer)
+    return tk
+
+
+def save_tokenizer(tk, d, max_len):
+    tk.save(os.path.join(d, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+           "pad_token": "<|pad|>", "add_bos_token": False, "add_eos_token": False,
+           "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+# ==================================================================== model
+def sdpa(q, k, v, mask=None, causal=False):
+    if hasattr(F, "scaled_dot_product_attention"):
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is None and causal:
+        T, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+class Attn(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.h, self.kv, self.d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        hs = c["hidden_size"]
+        self.q_proj = nn.Linear(hs, self.h * self.d, bias=False)
+        self.k_proj = nn.Linear(hs, self.kv * self.d, bias=False)
+        self.v_proj = nn.Linear(hs, self.kv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.h * self.d, hs, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=None, capture=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv, self.d).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            kc, vc = cache
+            if cache_pos is None:          # prefill into the start of the cache
+                kc[:, :, :T] = k
+                vc[:, :, :T] = v
+            else:                          # one decode token per row at cache_pos[b]
+                ar = torch.arange(B, device=x.device)
+                kc[ar, :, cache_pos] = k[:, :, 0]
+                vc[ar, :, cache_pos] = v[:, :, 0]
+                k, v = kc, vc
+        if capture is not None:
+            capture.append((q.detach(), k.detach()))
+        rep = self.h // self.kv
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        o = sdpa(q, k, v, mask=mask, causal=mask is None)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        hs, f = c["hidden_size"], c["intermediate_size"]
+        self.gate_proj = nn.Linear(hs, f, bias=False)
+        self.up_proj = nn.Linear(hs, f, bias=False)
+        self.down_proj = nn.Linear(f, hs, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.self_attn = Attn(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=None, capture=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos, capture)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Inner(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.layers = nn.ModuleList([Block(c) for _ in range(c["num_hidden_layers"])])
+        self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+
+
+class Llama(nn.Module):
+    """Parameter names equal HF LlamaForCausalLM's (lm_head tied to embed_tokens)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.model = Inner(c)
+        d = c["head_dim"]
+        inv = 1.0 / (c["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        std = 0.02
+        for n_, p in self.named_parameters():
+            if p.dim() == 2:
+                s = std / math.sqrt(2 * c["num_hidden_layers"]) if n_.endswith(("o_proj.weight", "down_proj.weight")) else std
+                nn.init.normal_(p, 0.0, s)
+
+    def rope(self, pos):
+        # pos: [T] or [B, T] -> cos/sin broadcastable to [B, H, T, D]
+        f = pos.float()[..., None] * self.inv_freq
+        emb = torch.cat((f, f), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if pos.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]
+        return cos, sin
+
+    def forward(self, idx, pos=None, mask=None, caches=None, cache_pos=None, capture=None, last_only=None):
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device)
+        cos, sin = self.rope(pos)
+        x = self.model.embed_tokens(idx)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_pos, capture)
+        if last_only is not None:      # [B] indices of the positions whose logits are needed
+            x = x[torch.arange(B, device=x.device), last_only][:, None]
+        x = self.model.norm(x)
+        return x @ self.model.embed_tokens.weight.t()
+
+
+def param_count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+# ===================================================================== data
+def build_ids(tok, doc_ids_cache, segs_ids, question, answer):
+    ids = [tok.bos]
+    for s in segs_ids:
+        ids += s
+    q = tok.encode("Question: " + question + "\nAnswer:")
+    a = tok.encode(" " + answer) + [tok.eos]
+    ids += q
+    a0 = len(ids)
+    ids += a
+    return ids, a0
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, tok, seqlen, mix, seed_tag, world_tokens=200000):
+        self.tok, self.seqlen, self.mix, self.seed_tag, self.world_tokens = tok, seqlen, mix, seed_tag, world_tokens
+
+    def __iter__(self):
+        import array
+        wi = torch.utils.data.get_worker_info()
+        wid = wi.id if wi is not None else 0
+        rng = random.Random(f"train-{self.seed_tag}-rng-{wid}")
+        tok = self.tok
+        qcache = {}
+        k = 0
+        while True:
+            L = self.seqlen.value
+            world = G.World(f"train-{self.seed_tag}-w{wid}-{k}")
+            k += 1
+            dids = tok.encode_batch([d["text"] + "\n\n" for d in world.docs])
+            dlen = [len(x) for x in dids]
+
+            def qlen(q, a):
+                key = (q, a)
+                if key not in qcache:
+                    if len(qcache) > 20000:
+                        qcache.clear()
+                    qcache[key] = len(tok.encode("Question: " + q + "\nAnswer:")) + len(tok.encode(" " + a)) + 1
+                return qcache[key]
+
+            n = max(8, self.world_tokens // L)
+            for _ in range(n):
+                L = self.seqlen.value
+                t = rng.choices(range(len(TASKS)), weights=self.mix)[0]
+                s = G.make_sample(world, TASKS[t], L, rng, doc_len=lambda d: dlen[d], q_len=qlen)
+                ids, a0 = build_ids(tok, None, [dids[d] for d in s["segments"]], s["question"], s["answers"][0])
+                if len(ids) > L + 1:
+                    continue
+                yield t, a0, array.array("i", ids).tobytes()
+
+
+def make_batch(samples, L, pad):
+    B = len(samples)
+    inp = torch.full((B, L), pad, dtype=torch.long)
+    tgt = torch.full((B, L), -100, dtype=torch.long)
+    ans = torch.zeros((B, L), dtype=torch.bool)
+    task = torch.zeros(B, dtype=torch.long)
+    for i, (t, a0, b) in enumerate(samples):
+        ids = torch.frombuffer(bytearray(b), dtype=torch.int32).long()
+        n = min(ids.numel(), L + 1)
+        inp[i, :n - 1] = ids[:n - 1]
+        tgt[i, :n - 1] = ids[1:n]
+        if a0 - 1 < n - 1:
+            ans[i, a0 - 1:n - 1] = True
+        task[i] = t
+    return inp, tgt, ans, task
+
+
+# ===================================================================== eval
+def normalize(s):
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def f1_score(pred, gold):
+    p, g = normalize(pred).split(), normalize(gold).split()
+    common = collections.Counter(p) & collections.Counter(g)
+    ns = sum(common.values())
+    if ns == 0:
+        return 0.0
+    pr, rc = ns / len(p), ns / len(g)
+    return 2 * pr * rc / (pr + rc)
+
+
+def encode_eval(tok, sample):
+    segs = tok.encode_batch([s + "\n\n" for s in sample["segments"]])
+    ids = [tok.bos]
+    seg_id = [0]
+    for j, s in enumerate(segs):
+        ids += s
+        seg_id += [j + 1] * len(s)
+    q = tok.encode("Question: " + sample["question"] + "\nAnswer:")
+    ids += q
+    seg_id += [-2] * len(q)       # -2: question tokens (attend everything)
+    return ids, seg_id
+
+
+@torch.no_grad()
+def generate(model, tok, batch, mode, max_new, dev, stop_ids, dtype):
+    """batch: list of (ids, seg_id). Greedy decode with a KV cache. Returns list of token lists."""
+    B = len(batch)
+    lens = torch.tensor([len(x[0]) for x in batch], device=dev)
+    T = int(lens.max())
+    S = T + max_new
+    inp = torch.full((B, T), tok.pad, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    for i, (ids, sid) in enumerate(batch):
+        inp[i, :len(ids)] = torch.tensor(ids)
+        seg[i, :len(ids)] = torch.tensor(sid)
+    inp, seg = inp.to(dev), seg.to(dev)
+    c = model.c
+    caches = [(torch.zeros(B, c["num_key_value_heads"], S, c["head_dim"], device=dev, dtype=dtype),
+               torch.zeros(B, c["num_key_value_heads"], S, c["head_dim"], device=dev, dtype=dtype))
+              for _ in range(c["num_hidden_layers"])]
+    mask = None
+    if mode == "naive":
+        ar = torch.arange(T, device=dev)
+        causal = ar[None, :] <= ar[:, None]                          # [T, T]
+        si, sj = seg[:, :, None], seg[:, None, :]
+        allowed = (si == sj) | (sj == 0) | (si == -2)
+        mask = (causal[None] & allowed)[:, None]                     # [B, 1, T, T]
+    import contextlib
+    ctx = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with ctx:
+        logits = model(inp, mask=mask, caches=caches, last_only=lens - 1)
+        out = [[] for _ in range(B)]
+        done = [False] * B
+        pos = lens.clone()
+        nxt = logits[:, -1].argmax(-1)
+        for step in range(max_new):
+            nl = nxt.tolist()
+            for i in range(B):
+                if not done[i]:
+                    if nl[i] in stop_ids:
+                        done[i] = True
+                    else:
+                        out[i].append(nl[i])
+            if all(done) or step == max_new - 1:
+                break
+            keymask = (torch.arange(S, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
+            logits = model(nxt[:, None], pos=pos[:, None], mask=keymask, caches=caches, cache_pos=pos)
+            nxt = logits[:, -1].argmax(-1)
+            pos = pos + 1
+    return out
+
+
+def evaluate(model, tok, data, dev, modes, dtype, batch_size, max_new=16, deadline=None, tag=""):
+    enc = [encode_eval(tok, s) for s in data]
+    stop_ids = {tok.eos} | {i for i in range(tok.vocab_size) if "\n" in tok.decode([i])}
+    order = sorted(range(len(data)), key=lambda i: len(enc[i][0]))
+    res = {}
+    preds = {m: [None] * len(data) for m in modes}
+    for mode in modes:
+        bs = batch_size if mode == "full" else max(1, batch_size // 2)
+        for b0 in range(0, len(order), bs):
+            if deadline is not None and time.time() > deadline:
+                log(f"eval {tag} {mode}: deadline hit after {b0} samples")
+                break
+            idx = order[b0:b0 + bs]
+            outs = generate(model, tok, [enc[i] for i in idx], mode, max_new, dev, stop_ids, dtype)
+            for i, o in zip(idx, outs):
+                preds[mode][i] = tok.decode(o).strip()
+        per = collections.defaultdict(lambda: [0, 0.0, 0.0])
+        for i, s in enumerate(data):
+            p = preds[mode][i]
+            if p is None:
+                continue
+            em = max(float(normalize(p) == normalize(a)) for a in s["answers"])
+            f1 = max(f1_score(p, a) for a in s["answers"])
+            for key in (s["task"], "all"):
+                per[key][0] += 1
+                per[key][1] += em
+                per[key][2] += f1
+        res[mode] = {k: {"n": v[0], "em": 100 * v[1] / max(1, v[0]), "f1": 100 * v[2] / max(1, v[0])}
+                     for k, v in sorted(per.items())}
+    lens = sorted(len(e[0]) for e in enc)
+    res["prompt_tokens"] = {"min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]}
+    return res, preds
+
+
+@torch.no_grad()
+def head_profile(model, tok, sample, dev, sink=4, window=512):
+    """Per (layer, query head): mean attention mass outside sink+window and mean distance (fp32)."""
+    ids, _ = encode_eval(tok, sample)
+    x = torch.tensor([ids], device=dev)
+    cap = []
+    model(x, capture=cap)
+    T = x.shape[1]
+    edge, dist = [], []
+    for q, k in cap:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1).float()
+        q = q.float()
+        e_sum = torch.zeros(q.shape[1], device=dev)
+        d_sum = torch.zeros(q.shape[1], device=dev)
+        nq = 0
+        for s0 in range(window + sink, T, 512):
+            qi = torch.arange(s0, min(T, s0 + 512), device=dev)
+            sc = (q[0, :, qi] @ k[0].transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            kj = torch.arange(T, device=dev)
+            causal = kj[None, :] <= qi[:, None]
+            p = sc.masked_fill(~causal, float("-inf")).softmax(-1)
+            inside = (kj[None, :] < sink) | (kj[None, :] > qi[:, None] - window)
+            e_sum += (p * (~inside)).sum(-1).sum(-1)
+            d_sum += (p * (qi[:, None] - kj[None, :]).float()).sum(-1).sum(-1)
+            nq += len(qi)
+        edge.append((e_sum / max(1, nq)).tolist())
+        dist.append((d_sum / max(1, nq)).tolist())
+    return {"tokens": T, "sink": sink, "window": window, "edge_mass": edge, "mean_distance": dist}
+
+
+# ================================================================== export
+def hf_config(c, tok):
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": c["vocab_size"], "hidden_size": c["hidden_size"],
+        "intermediate_size": c["intermediate_size"], "num_hidden_layers": c["num_hidden_layers"],
+        "num_attention_heads": c["num_attention_heads"], "num_key_value_heads": c["num_key_value_heads"],
+        "head_dim": c["head_dim"], "hidden_act": "silu", "max_position_embeddings": c["max_position_embeddings"],
+        "rms_norm_eps": c["rms_norm_eps"], "rope_theta": c["rope_theta"], "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c["rope_theta"]},
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "tie_word_embeddings": True, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad,
+        "torch_dtype": "bfloat16", "dtype": "bfloat16",
+    }
+
+
+def export(model, tok, out_dir):
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    sd = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(model.c, tok), f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad,
+                   "do_sample": False, "max_new_tokens": 16}, f, indent=2)
+    return sd
+
+
+@torch.no_grad()
+def hf_parity(out_dir, c, sd, tok, data, dev, n=3, max_tokens=4096):
+    import transformers
+    from transformers import AutoModelForCausalLM
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager")
+    except TypeError:
+        hf = AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    hf = hf.to(dev).eval()
+    mine = Llama(c).to(dev).eval()
+    mine.load_state_dict({k: v.float() for k, v in sd.items()})
+    diffs, agree = [], 0
+    for s in data[:n]:
+        ids, _ = encode_eval(tok, s)
+        ids = ids[-max_tokens:]
+        x = torch.tensor([ids], device=dev)
+        a = mine(x).float()
+        b = hf(input_ids=x).logits.float()
+        diffs.append(float((a - b).abs().max()))
+        agree += int(bool((a.argmax(-1) == b.argmax(-1)).float().mean() > 0.999))
+    del hf
+    return {"transformers": transformers.__version__, "prompts": n, "max_abs_logit_diff": max(diffs),
+            "per_prompt": diffs, "argmax_agree_prompts": agree}
+
+
+# ==================================================================== main
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/rag_out"))
+    ap.add_argument("--model-dir-name", default="redknot-rag-8k")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU config, byte tokenizer if HF tokenizers absent")
+    ap.add_argument("--time-budget", type=float, default=560, help="total wall seconds for this script")
+    ap.add_argument("--eval-reserve", type=float, default=120, help="seconds kept for export/parity/eval")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=32)
+    ap.add_argument("--ffn", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--rope-theta", type=float, default=100000.0)
+    ap.add_argument("--max-len", type=int, default=8192)
+    ap.add_argument("--curriculum", default="1024:0.12,2048:0.27,4096:0.5,8192:1.0",
+                    help="seq_len:end_fraction_of_training_time,...")
+    ap.add_argument("--batch-tokens", type=int, default=131072)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--wd", type=float, default=0.1)
+    ap.add_argument("--ans-weight", type=float, default=1.0,
+                    help="loss = mean LM loss over all tokens + ans_weight * mean loss over answer tokens")
+    ap.add_argument("--mix", default="0.3,0.25,0.15,0.3", help="task mix single,multihop,needle,dependent")
+    ap.add_argument("--workers", type=int, default=14)
+    ap.add_argument("--seed-tag", default="s1")
+    ap.add_argument("--tok-worlds", type=int, default=40)
+    ap.add_argument("--eval8k", default=os.path.join(HERE, "../../data/eval/rag-8k.jsonl.gz"))
+    ap.add_argument("--eval4k", default=os.path.join(HERE, "../../data/eval/rag-4k.jsonl.gz"))
+    ap.add_argument("--eval-limit", type=int, default=0, help="max samples per eval set (0 = all)")
+    ap.add_argument("--eval-batch", type=int, default=16)
+    ap.add_argument("--bench", action="store_true", help="smoke: time a few steps at every length")
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+
+    deadline = T0 + args.time_budget
+    train_end = deadline - args.eval_reserve
+    os.makedirs(args.out, exist_ok=True)
+    mdir = os.path.join(args.out, args.model_dir_name)
+    os.makedirs(mdir, exist_ok=True)
+    dev = torch.device(args.device)
+    results = {"args": vars(args), "torch": torch.__version__}
+    if dev.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(0)
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def dump():
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    # ---------------- tokenizer
+    try:
+        tk = train_tokenizer(args.vocab, args.tok_worlds if not args.smoke else 4)
+        tok = HFTok(tk)
+        save_tokenizer(tk, mdir, args.max_len)
+        # chars per token on fresh text (for gen_data length estimates)
+        w = G.World("eval-cpt-probe")
+        txt = [d["text"] + "\n\n" for d in w.docs]
+        ntok = sum(len(x) for x in tok.encode_batch(txt))
+        results["chars_per_token"] = sum(len(t) for t in txt) / ntok
+        log(f"tokenizer: vocab {tok.vocab_size}, chars/token {results['chars_per_token']:.3f}")
+    except ImportError:
+        if not args.smoke:
+            raise
+        tok = ByteTok()
+        log("tokenizers not available: byte stub tokenizer")
+    vocab = args.vocab if not isinstance(tok, ByteTok) else 512
+
+    c = {"vocab_size": vocab, "hidden_size": args.hidden, "intermediate_size": args.ffn,
+         "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+         "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim, "rms_norm_eps": 1e-5,
+         "rope_theta": args.rope_theta, "max_position_embeddings": args.max_len}
+
+    # ---------------- data workers (forked before CUDA init)
+    curriculum = [(int(a), float(b)) for a, b in (x.split(":") for x in args.curriculum.split(","))]
+    seqlen = mp.Value("i", curriculum[0][0], lock=False)
+    mix = [float(x) for x in args.mix.split(",")]
+    ds = Stream(tok, seqlen, mix, args.seed_tag)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers,
+                                     prefetch_factor=32 if args.workers else None,
+                                     persistent_workers=bool(args.workers))
+    it = iter(dl)
+
+    model = Llama(c).to(dev)
+    n_params = param_count(model)
+    results["params"] = n_params
+    results["config"] = c
+    log(f"model params {n_params / 1e6:.2f}M  config {c}")
+    fused = dev.type == "cuda"
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    nodecay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": nodecay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if fused else {}))
+    fwd = torch.compile(model) if args.compile else model
+    amp = dev.type == "cuda"
+
+    def train_step(L, B, lr, want_stats):
+        samples = [next(it) for _ in range(B)]
+        inp, tgt, ans, task = make_batch(samples, L, tok.pad)
+        inp, tgt, ans = (t.to(dev, non_blocking=True) for t in (inp, tgt, ans))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            logits = fwd(inp)
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tgt.view(-1), ignore_index=-100,
+                             reduction="none").view(tgt.shape)
+        valid = (tgt != -100)
+        lm = ce.sum() / valid.sum()
+        al = (ce * ans).sum() / ans.sum().clamp(min=1)
+        loss = lm + args.ans_weight * al
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        st = None
+        if want_stats:
+            with torch.no_grad():
+                pred = logits.argmax(-1)
+                ok = ((pred == tgt) | ~ans).all(-1).cpu()
+                st = {"lm": lm.item(), "ans": al.item(), "gnorm": float(gn)}
+                for ti, tn in enumerate(TASKS):
+                    m = task == ti
+                    st["acc_" + tn] = float(ok[m].float().mean()) if m.any() else None
+        return st, int(valid.sum())
+
+    # ---------------- optional throughput bench (smoke)
+    if args.bench:
+        bench = {}
+        for L, _ in curriculum:
+            seqlen.value = L
+            B = max(1, args.batch_tokens // L)
+            for _ in range(2):
+                train_step(L, B, 1e-5, False)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.time()
+            ntok = 0
+            for _ in range(4):
+                _, n = train_step(L, B, 1e-5, False)
+                ntok += n
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            bench[L] = {"tok_per_s": ntok / (time.time() - t), "step_s": (time.time() - t) / 4}
+            log(f"bench L={L} B={B}: {bench[L]}")
+        results["bench"] = bench
+        seqlen.value = curriculum[0][0]
+        if dev.type == "cuda":
+            results["bench_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        dump()
+
+    # ---------------- training
+    t_start = time.time()
+    budget = train_end - t_start
+    log(f"training for {budget:.0f}s")
+    step, tokens = 0, 0
+    hist = []
+    phase_stats = collections.defaultdict(lambda: collections.defaultdict(list))
+    while True:
+        now = time.time()
+        frac = (now - t_start) / budget
+        if frac >= 1.0:
+            break
+        L = next(l for l, e in curriculum if frac < e or e >= 1.0)
+        if seqlen.value != L:
+            seqlen.value = L
+            log(f"curriculum -> seq_len {L} at step {step}")
+        B = max(1, args.batch_tokens // L)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
+            args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        want = step % 25 == 0
+        st, n = train_step(L, B, lr, want)
+        tokens += n
+        if st is not None:
+            st.update(step=step, t=round(time.time() - T0, 1), L=L, lr=lr, tokens=tokens)
+            hist.append(st)
+            for kk in ("lm", "ans") + tuple("acc_" + t for t in TASKS):
+                if st.get(kk) is not None:
+                    phase_stats[L][kk].append(st[kk])
+            if step % 100 == 0:
+                accs = " ".join(f"{t[:4]}={st['acc_' + t]:.2f}" for t in TASKS if st["acc_" + t] is not None)
+                log(f"step {step} L={L} lr={lr:.2e} lm={st['lm']:.3f} ans={st['ans']:.3f} gn={st['gnorm']:.2f} "
+                    f"tok={tokens / 1e6:.1f}M {accs}")
+        step += 1
+    log(f"training done: {step} steps, {tokens / 1e6:.1f}M tokens, {time.time() - t_start:.0f}s")
+    results["train"] = {"steps": step, "tokens": tokens, "seconds": time.time() - t_start, "history": hist,
+                        "phase_summary": {str(L): {k: sum(v[-8:]) / len(v[-8:]) for k, v in d.items() if v}
+                                          for L, d in phase_stats.items()}}
+    dump()
+    del it, dl
+    model.eval()
+
+    # ---------------- export + parity
+    sd = None
+    try:
+        sd = export(model, tok, mdir)
+        log("exported", sorted(os.listdir(mdir)))
+    except ImportError as e:
+        log("export skipped:", e)
+
+    def load(path, limit):
+        if not os.path.exists(path):
+            return []
+        with gzip.open(path, "rt") as f:
+            d = [json.loads(l) for l in f]
+        if limit:
+            # keep task balance
+            by = collections.defaultdict(list)
+            for s in d:
+                by[s["task"]].append(s)
+            d = [s for t in TASKS for s in by[t][:max(1, limit // len(TASKS))]]
+        return d
+
+    lim = args.eval_limit
+    e8 = load(args.eval8k, lim)
+    e4 = load(args.eval4k, lim)
+    if sd is not None and not isinstance(tok, ByteTok):
+        try:
+            results["hf_parity"] = hf_parity(mdir, c, sd, tok, e4 or e8, dev)
+            log("hf parity", results["hf_parity"])
+        except Exception as e:  # report, do not die
+            results["hf_parity"] = {"error": repr(e)}
+            log("hf parity FAILED", repr(e))
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dump()
+
+    # ---------------- eval
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    allp = []
+    for name, data in (("rag-8k", e8), ("rag-4k", e4)):
+        if not data:
+            continue
+        left = deadline - time.time()
+        if left < 15:
+            log(f"skip eval {name}: no time")
+            continue
+        r, preds = evaluate(model, tok, data, dev, ["full", "naive"], dtype, args.eval_batch,
+                            deadline=deadline - 25, tag=name)
+        results.setdefault("eval", {})[name] = r
+        for m in r:
+            if m in ("full", "naive"):
+                log(f"eval {name} {m}: " + " ".join(f"{k}: EM {v['em']:.1f} F1 {v['f1']:.1f} (n={v['n']})"
+                                                    for k, v in r[m].items()))
+        log(f"eval {name} prompt tokens {r['prompt_tokens']}")
+        for i, s in enumerate(data):
+            allp.append({"set": name, "id": s.get("id"), "task": s["task"], "answers": s["answers"],
+                         "full": preds["full"][i], "naive": preds["naive"][i]})
+        dump()
+    if allp:
+        with gzip.open(os.path.join(args.out, "eval_predictions.jsonl.gz"), "wt") as f:
+            for p in allp:
+                f.write(json.dumps(p) + "\n")
+    # ---------------- head profile
+    try:
+        if e8 and time.time() < deadline - 5:
+            hp = head_profile(model, tok, e8[0], dev)
+            kv = args.heads // args.kv_heads
+            em = hp["edge_mass"]
+            hp["edge_mass_kv_max"] = [[max(row[j * kv:(j + 1) * kv]) for j in range(args.kv_heads)] for row in em]
+            results["head_profile"] = hp
+            log("edge mass per (layer, kv head):", [[round(x, 3) for x in r] for r in hp["edge_mass_kv_max"]])
+    except Exception as e:
+        log("head profile failed", repr(e))
+    results["wall_s"] = time.time() - T0
+    dump()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

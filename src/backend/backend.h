@@ -1,0 +1,101 @@
+// The backend seam: tensors that live on one device and the op table the model is written in.
+// Model code calls only these ops, so the reference, CPU and CUDA backends are interchangeable.
+// Every op has a plain implementation in reference/ (the oracle) and op_parity_test checks every
+// registered backend against it.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace redknot {
+
+// Masking rule of one attention call, by absolute token positions: key j is visible to query i
+// when kpos[j] <= qpos[i] and (window == 0 or qpos[i] - kpos[j] < window or kpos[j] < sink).
+// window counts the query token itself (HF sliding_window semantics).
+struct AttentionMask {
+  float scale = 1.0f;  // softmax scale, usually 1/sqrt(head_dim)
+  int32_t window = 0;  // 0: unlimited
+  int32_t sink = 0;    // first `sink` positions stay visible to windowed heads
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+  // Activation dtype this backend computes in (F32 on CPU/reference; BF16 on CUDA).
+  virtual DType act_dtype() const = 0;
+
+  // ---- memory ----
+  // Uninitialised-or-zeroed storage on this backend's device.
+  virtual Tensor alloc(DType dtype, std::vector<int64_t> shape) = 0;
+  // Moves a host weight tensor to this backend, converting to a dtype its GEMM supports
+  // (e.g. Q8_0/F16 -> F32 on CPU). May return a view of `host` when no conversion is needed.
+  virtual Tensor upload_weight(const Tensor& host) = 0;
+  // Copies a host tensor (any dtype) into `dst` (same dtype and element count) on this device.
+  virtual void copy_from_host(Tensor& dst, const Tensor& src) = 0;
+  // Returns a host f32 copy (used for logits, tests and debugging).
+  virtual Tensor to_host_f32(const Tensor& src) = 0;
+  // Waits for queued work (no-op on CPU).
+  virtual void synchronize() {}
+
+  // ---- ops; all tensors on this device, activations in act_dtype() unless said ----
+  // out[t, :] = table[ids[t], :]
+  // table: [vocab, hidden] (weight dtype); ids: [T] i32; out: [T, hidden]
+  virtual void embedding(const Tensor& table, const Tensor& ids, Tensor& out) = 0;
+
+  // out = x · wᵀ (+ bias)
+  // x: [M, K]; w: [N, K] (weight dtype); bias: [N] f32 or empty; out: [M, N]
+  virtual void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) = 0;
+
+  // Row-wise RMSNorm: out[r] = x[r] / rms(x[r]) * weight. out may alias x.
+  // x: [R, C]; weight: [C] f32; out: [R, C]
+  virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
+
+  // x += y (residual add). x, y: [R, C]
+  virtual void add(Tensor& x, const Tensor& y) = 0;
+
+  // out = silu(gate) * up. gate, up, out: [R, F]
+  virtual void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+
+  // In-place rotary embedding, rotate-half (HF/NeoX) layout: for pair (i, i + D/2) of each head,
+  // angle = pos[t] * inv_freq[i], then both outputs are multiplied by `scaling`.
+  // With pos = (new - old) and scaling = 1 it is the relocation of cached keys.
+  // x: [T, H, D]; pos: [T] i32; inv_freq: [D/2] f32
+  virtual void rope(Tensor& x, const Tensor& pos, const Tensor& inv_freq, float scaling) = 0;
+
+  // Masked softmax attention of one sequence over its keys, GQA by head grouping
+  // (query head h reads kv head h / (Hq / Hkv)).
+  // q: [Tq, Hq, D]; k, v: [Hkv, Tk, D]; q_pos: [Tq] i32; k_pos: [Tk] i32; out: [Tq, Hq, D]
+  // k and v may be row slices of a larger cache as long as the head stride is passed:
+  // element (h, j, d) is at base + h * kv_head_stride + j * D + d.
+  virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kv_head_stride,
+                         const Tensor& q_pos, const Tensor& k_pos, const AttentionMask& mask,
+                         Tensor& out) = 0;
+
+  // ---- data movement (defaults work on host memory; device backends override) ----
+  // dst = src, same dtype and element count, both on this device.
+  virtual void copy(const Tensor& src, Tensor& dst);
+  // dst[rows[i], :] = src[i, :]. Used to write K/V into cache slots and pages.
+  // src: [N, C]; rows: [N] i32 (host or device); dst: [R, C], same dtype as src
+  virtual void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst);
+  // out[i, :] = src[rows[i], :]. Used to gather token subsets (Sparse FFN, forks).
+  // src: [R, C]; rows: [N] i32; out: [N, C], same dtype as src
+  virtual void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out);
+
+  // Index of the largest value per row (ties: lowest index). logits: [R, V] f32; out: [R] i32
+  virtual void argmax(const Tensor& logits, Tensor& out) = 0;
+};
+
+// ---- registry: the only global state in RedKnot ----
+using BackendFactory = std::function<std::unique_ptr<Backend>()>;
+void register_backend(const std::string& name, BackendFactory factory);
+std::vector<std::string> backend_names();
+// Throws Error listing the registered names when `name` is unknown.
+std::unique_ptr<Backend> create_backend(const std::string& name);
+
+}  // namespace redknot

@@ -1,0 +1,321 @@
+#include "backend/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "backend/cpu/attention_kernel.h"
+#include "backend/cpu/gemv_kernels.h"
+#include "backend/cpu/simd.h"
+#include "backend/op_checks.h"
+
+#ifdef REDKNOT_HAS_OPENBLAS
+#include <cblas.h>
+extern "C" void openblas_set_num_threads(int num_threads);
+#endif
+
+namespace redknot {
+namespace {
+
+using namespace op_checks;
+
+// Below this many multiply-adds an op runs on the calling thread (a pool wake-up costs ~5 us).
+constexpr int64_t kMinParallelWork = 1 << 15;
+// From this many rows f32 matmuls go to sgemm; below, the GEMV kernels read weights once.
+constexpr int64_t kSgemmMinRows = 4;
+// BF16 weights are widened per block for sgemm only when M amortises the conversion.
+constexpr int64_t kBf16SgemmMinRows = 32;
+
+void expect_host_f32(const char* op, const char* arg, const Tensor& t) {
+  expect_device(op, arg, t, Device::Host);
+  expect_dtype(op, arg, t, DType::F32);
+}
+
+// A small f32 vector (norm weight, bias) in f32 whatever dtype it was uploaded as.
+std::vector<float> small_f32(const Tensor& t) {
+  std::vector<float> v(t.numel());
+  convert_to_f32(t.dtype(), t.raw(), v.data(), t.numel());
+  return v;
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(CpuBackendOptions options)
+    : options_(options), pool_(options.n_threads) {
+#ifdef REDKNOT_HAS_OPENBLAS
+  // sgemm runs on OpenBLAS's own threads while ours sleep; same count, no oversubscription.
+  openblas_set_num_threads(pool_.size());
+#endif
+}
+
+const char* CpuBackend::simd_name() { return cpu::Simd::kName; }
+
+void CpuBackend::parallel_rows(int64_t n, int64_t work_per_item,
+                               const std::function<void(int64_t, int64_t)>& fn) {
+  if (n * std::max<int64_t>(1, work_per_item) < kMinParallelWork || pool_.size() == 1) {
+    fn(0, n);
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+  pool_.parallel_for(n, grain, fn);
+}
+
+Tensor CpuBackend::alloc(DType dtype, std::vector<int64_t> shape) {
+  return Tensor::host(dtype, std::move(shape));
+}
+
+Tensor CpuBackend::upload_weight(const Tensor& host) {
+  expect_device("upload_weight", "host", host, Device::Host);
+  const bool to_bf16 = options_.f32_weights_to_bf16 && host.rank() >= 2;
+  if (host.dtype() == DType::BF16 || host.dtype() == DType::I32) return host;
+  if (host.dtype() == DType::F32 && !to_bf16) return host;
+  Tensor f32 = host;
+  if (host.dtype() != DType::F32) {
+    f32 = Tensor::host(DType::F32, host.shape());
+    convert_to_f32(host.dtype(), host.raw(), f32.data<float>(), host.numel());
+  }
+  if (!to_bf16) return f32;
+  Tensor bf16 = Tensor::host(DType::BF16, host.shape());
+  convert_from_f32(f32.data<float>(), DType::BF16, bf16.raw(), host.numel());
+  return bf16;
+}
+
+void CpuBackend::copy_from_host(Tensor& dst, const Tensor& src) {
+  if (dst.numel() != src.numel())
+    throw Error("copy_from_host: element count differs: " + dst.describe() + " <- " +
+                src.describe());
+  if (dst.dtype() == src.dtype()) {
+    std::memcpy(dst.raw(), src.raw(), src.nbytes());
+    return;
+  }
+  std::vector<float> tmp(src.numel());
+  convert_to_f32(src.dtype(), src.raw(), tmp.data(), src.numel());
+  convert_from_f32(tmp.data(), dst.dtype(), dst.raw(), dst.numel());
+}
+
+Tensor CpuBackend::to_host_f32(const Tensor& src) {
+  Tensor out = Tensor::host(DType::F32, src.shape());
+  convert_to_f32(src.dtype(), src.raw(), out.data<float>(), src.numel());
+  return out;
+}
+
+void CpuBackend::embedding(const Tensor& table, const Tensor& ids, Tensor& out) {
+  expect_rank("embedding", "table", table, 2);
+  expect_dtype("embedding", "ids", ids, DType::I32);
+  expect_host_f32("embedding", "out", out);
+  const int64_t hidden = table.dim(1);
+  expect_shape("embedding", "out", out, {ids.numel(), hidden});
+  const int64_t row_bytes = dtype_bytes(table.dtype(), hidden);
+  for (int64_t t = 0; t < ids.numel(); ++t) {
+    const int32_t id = ids.data<int32_t>()[t];
+    if (id < 0 || id >= table.dim(0))
+      throw Error("embedding: token id " + std::to_string(id) + " out of range for " +
+                  table.describe());
+    convert_to_f32(table.dtype(), static_cast<const char*>(table.raw()) + id * row_bytes,
+                   out.data<float>() + t * hidden, hidden);
+  }
+}
+
+void CpuBackend::matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) {
+  check_matmul(x, w, bias, out);
+  expect_host_f32("matmul", "x", x);
+  expect_host_f32("matmul", "out", out);
+  if (w.dtype() != DType::F32 && w.dtype() != DType::BF16)
+    throw Error("matmul: cpu weights must be f32 or bf16 (pass them through upload_weight), got " +
+                w.describe());
+  const int64_t m_rows = x.rows(), n_rows = w.dim(0), k_dim = w.dim(1);
+  std::vector<float> bias_f32 = bias.numel() ? small_f32(bias) : std::vector<float>();
+  const float* b = bias_f32.empty() ? nullptr : bias_f32.data();
+  const float* xp = x.data<float>();
+  float* op = out.data<float>();
+
+#ifdef REDKNOT_HAS_OPENBLAS
+  if (w.dtype() == DType::F32 && m_rows >= kSgemmMinRows) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m_rows, n_rows, k_dim, 1.0f, xp, k_dim,
+                w.data<float>(), k_dim, 0.0f, op, n_rows);
+    if (b)
+      for (int64_t m = 0; m < m_rows; ++m)
+        for (int64_t n = 0; n < n_rows; ++n) op[m * n_rows + n] += b[n];
+    return;
+  }
+  if (w.dtype() == DType::BF16 && m_rows >= kBf16SgemmMinRows) {
+    matmul_bf16_sgemm(xp, m_rows, w.data<uint16_t>(), n_rows, k_dim, b, op);
+    return;
+  }
+#endif
+  // GEMV / register-tiled path: threads split the weight rows, so each is read once.
+  const int64_t work_per_row = m_rows * k_dim;
+  auto run = [&](auto* wp) {
+    parallel_rows(n_rows, work_per_row, [&](int64_t n0, int64_t n1) {
+      cpu::gemm_rows(xp, m_rows, wp, k_dim, n0, n1, b, op, n_rows);
+    });
+  };
+  if (w.dtype() == DType::F32)
+    run(w.data<float>());
+  else
+    run(w.data<uint16_t>());
+}
+
+void CpuBackend::matmul_bf16_sgemm(const float* x, int64_t m_rows, const uint16_t* w,
+                                   int64_t n_rows, int64_t k_dim, const float* bias, float* out) {
+#ifdef REDKNOT_HAS_OPENBLAS
+  // Blocks of ~4 MiB of widened weights: big enough for sgemm efficiency, L3-friendly.
+  const int64_t block_rows = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, k_dim));
+  weight_tile_.resize(std::min(block_rows, n_rows) * k_dim);
+  for (int64_t n0 = 0; n0 < n_rows; n0 += block_rows) {
+    const int64_t nb = std::min(block_rows, n_rows - n0);
+    float* tile = weight_tile_.data();
+    parallel_rows(nb, k_dim, [&](int64_t r0, int64_t r1) {
+      convert_to_f32(DType::BF16, w + (n0 + r0) * k_dim, tile + r0 * k_dim, (r1 - r0) * k_dim);
+    });
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m_rows, nb, k_dim, 1.0f, x, k_dim, tile,
+                k_dim, 0.0f, out + n0, n_rows);
+  }
+  if (bias)
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t n = 0; n < n_rows; ++n) out[m * n_rows + n] += bias[n];
+#else
+  throw Error("matmul_bf16_sgemm: built without OpenBLAS");
+#endif
+}
+
+void CpuBackend::rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
+  expect_host_f32("rmsnorm", "x", x);
+  expect_host_f32("rmsnorm", "out", out);
+  expect_shape("rmsnorm", "out", out, x.shape());
+  const int64_t cols = x.cols();
+  if (weight.numel() != cols)
+    throw Error("rmsnorm: weight " + weight.describe() + " does not match x " + x.describe());
+  std::vector<float> w_f32;
+  const float* w = weight.dtype() == DType::F32 ? weight.data<float>()
+                                                 : (w_f32 = small_f32(weight)).data();
+  const float* xp = x.data<float>();
+  float* yp = out.data<float>();
+  parallel_rows(x.rows(), cols, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * cols;
+      float* yr = yp + r * cols;
+      const float mean_sq = cpu::dot(xr, xr, cols) / static_cast<float>(cols);
+      const float inv_rms = 1.0f / std::sqrt(mean_sq + eps);
+      for (int64_t c = 0; c < cols; ++c) yr[c] = (xr[c] * inv_rms) * w[c];
+    }
+  });
+}
+
+void CpuBackend::add(Tensor& x, const Tensor& y) {
+  expect_host_f32("add", "x", x);
+  expect_host_f32("add", "y", y);
+  expect_shape("add", "y", y, x.shape());
+  float* xp = x.data<float>();
+  const float* yp = y.data<float>();
+  parallel_rows(x.numel(), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) xp[i] += yp[i];
+  });
+}
+
+void CpuBackend::swiglu(const Tensor& gate, const Tensor& up, Tensor& out) {
+  expect_host_f32("swiglu", "gate", gate);
+  expect_host_f32("swiglu", "up", up);
+  expect_host_f32("swiglu", "out", out);
+  expect_shape("swiglu", "up", up, gate.shape());
+  expect_shape("swiglu", "out", out, gate.shape());
+  const float* g = gate.data<float>();
+  const float* u = up.data<float>();
+  float* o = out.data<float>();
+  parallel_rows(gate.numel(), 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  });
+}
+
+void CpuBackend::rope(Tensor& x, const Tensor& pos, const Tensor& inv_freq, float scaling) {
+  expect_host_f32("rope", "x", x);
+  expect_rank("rope", "x", x, 3);
+  const int64_t tokens = x.dim(0), heads = x.dim(1), d = x.dim(2), half = d / 2;
+  if (d % 2 != 0) throw Error("rope: head_dim must be even, got " + x.describe());
+  expect_shape("rope", "pos", pos, {tokens});
+  expect_dtype("rope", "pos", pos, DType::I32);
+  expect_host_f32("rope", "inv_freq", inv_freq);
+  expect_shape("rope", "inv_freq", inv_freq, {half});
+  const int32_t* p = pos.data<int32_t>();
+  const float* freq = inv_freq.data<float>();
+  float* xp = x.data<float>();
+  parallel_rows(tokens, heads * d + half * 8, [&](int64_t t0, int64_t t1) {
+    std::vector<float> cos_v(half), sin_v(half);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t i = 0; i < half; ++i) {
+        // Angle, cos and sin in f32 as HF computes them; the scaling folds into both.
+        const float angle = static_cast<float>(p[t]) * freq[i];
+        cos_v[i] = std::cos(angle);
+        sin_v[i] = std::sin(angle);
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        float* x0 = xp + (t * heads + h) * d;
+        float* x1 = x0 + half;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = x0[i], b = x1[i];
+          x0[i] = (a * cos_v[i] - b * sin_v[i]) * scaling;
+          x1[i] = (b * cos_v[i] + a * sin_v[i]) * scaling;
+        }
+      }
+    }
+  });
+}
+
+void CpuBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                           int64_t kv_head_stride, const Tensor& q_pos, const Tensor& k_pos,
+                           const AttentionMask& mask, Tensor& out) {
+  check_attention(q, k, v, kv_head_stride, q_pos, k_pos, out);
+  expect_host_f32("attention", "q", q);
+  cpu::AttentionArgs a{};
+  a.q = q.data<float>();
+  a.k = k.data<float>();
+  a.v = v.data<float>();
+  a.out = out.data<float>();
+  a.q_pos = q_pos.data<int32_t>();
+  a.k_pos = k_pos.data<int32_t>();
+  a.hq = q.dim(1);
+  a.hkv = k.dim(0);
+  a.d = q.dim(2);
+  a.tk = k.dim(1);
+  a.kv_head_stride = kv_head_stride;
+  a.mask = mask;
+  a.k_pos_ascending = std::is_sorted(a.k_pos, a.k_pos + a.tk);
+  const int64_t tq = q.dim(0), group = a.hq / a.hkv;
+  // One task per (query token, kv head); work estimate assumes every key is visible.
+  // Tasks are dealt round-robin to the threads: causal queries get more keys as i grows, so
+  // contiguous chunks would leave the first thread idle.
+  const int64_t n_tasks = tq * a.hkv;
+  const int64_t n_workers =
+      n_tasks * group * a.tk * a.d * 2 < kMinParallelWork ? 1 : std::min<int64_t>(n_tasks, pool_.size());
+  auto run = [&](int64_t w0, int64_t w1) {
+    cpu::AttentionScratch scratch;
+    scratch.reserve(group, a.d);
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t t = w; t < n_tasks; t += n_workers)
+        cpu::attention_task(a, t / a.hkv, t % a.hkv, scratch);
+  };
+  if (n_workers == 1)
+    run(0, 1);
+  else
+    pool_.parallel_for(n_workers, 1, run);
+}
+
+void CpuBackend::argmax(const Tensor& logits, Tensor& out) {
+  expect_host_f32("argmax", "logits", logits);
+  expect_dtype("argmax", "out", out, DType::I32);
+  if (out.numel() != logits.rows())
+    throw Error("argmax: out " + out.describe() + " must have one entry per row of " +
+                logits.describe());
+  const int64_t cols = logits.cols();
+  parallel_rows(logits.rows(), cols, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = logits.data<float>() + r * cols;
+      int64_t best = 0;
+      for (int64_t c = 1; c < cols; ++c)
+        if (row[c] > row[best]) best = c;
+      out.data<int32_t>()[r] = static_cast<int32_t>(best);
+    }
+  });
+}
+
+}  // namespace redknot

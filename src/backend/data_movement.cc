@@ -1,0 +1,58 @@
+// Host-memory defaults of the data-movement ops; device backends override them.
+#include <cstring>
+
+#include "backend/backend.h"
+#include "core/error.h"
+
+namespace redknot {
+namespace {
+void require_host(const Tensor& t, const char* op) {
+  if (t.device() != Device::Host)
+    throw Error(std::string(op) + ": default implementation needs host tensors, got " +
+                t.describe() + " on a device");
+}
+}  // namespace
+
+void Backend::copy(const Tensor& src, Tensor& dst) {
+  require_host(src, "copy");
+  require_host(dst, "copy");
+  if (src.dtype() != dst.dtype() || src.numel() != dst.numel())
+    throw Error("copy: " + src.describe() + " -> " + dst.describe() + " mismatch");
+  std::memcpy(dst.raw(), src.raw(), static_cast<size_t>(src.nbytes()));
+}
+
+void Backend::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) {
+  require_host(src, "scatter_rows");
+  require_host(rows, "scatter_rows");
+  require_host(dst, "scatter_rows");
+  if (src.dtype() != dst.dtype() || src.cols() != dst.cols() || rows.numel() != src.rows() ||
+      rows.dtype() != DType::I32)
+    throw Error("scatter_rows: " + src.describe() + " into " + dst.describe() + " with rows " +
+                rows.describe());
+  const int64_t row_bytes = dtype_bytes(src.dtype(), src.cols());
+  const int32_t* idx = rows.data<int32_t>();
+  for (int64_t i = 0; i < src.rows(); ++i) {
+    if (idx[i] < 0 || idx[i] >= dst.rows()) throw Error("scatter_rows: row index out of range");
+    std::memcpy(static_cast<char*>(dst.raw()) + idx[i] * row_bytes,
+                static_cast<const char*>(src.raw()) + i * row_bytes, row_bytes);
+  }
+}
+
+void Backend::gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) {
+  require_host(src, "gather_rows");
+  require_host(rows, "gather_rows");
+  require_host(out, "gather_rows");
+  if (src.dtype() != out.dtype() || src.cols() != out.cols() || rows.numel() != out.rows() ||
+      rows.dtype() != DType::I32)
+    throw Error("gather_rows: " + src.describe() + " to " + out.describe() + " with rows " +
+                rows.describe());
+  const int64_t row_bytes = dtype_bytes(src.dtype(), src.cols());
+  const int32_t* idx = rows.data<int32_t>();
+  for (int64_t i = 0; i < out.rows(); ++i) {
+    if (idx[i] < 0 || idx[i] >= src.rows()) throw Error("gather_rows: row index out of range");
+    std::memcpy(static_cast<char*>(out.raw()) + i * row_bytes,
+                static_cast<const char*>(src.raw()) + idx[i] * row_bytes, row_bytes);
+  }
+}
+
+}  // namespace redknot

@@ -1,0 +1,32 @@
+// The oracle backend: plain scalar loops with double accumulation, no threads, no tricks.
+// Every other backend is checked against it by op_parity_test.
+#pragma once
+#include "backend/backend.h"
+
+namespace redknot {
+
+class ReferenceBackend : public Backend {
+ public:
+  std::string name() const override { return "reference"; }
+  Device device() const override { return Device::Host; }
+  DType act_dtype() const override { return DType::F32; }
+
+  Tensor alloc(DType dtype, std::vector<int64_t> shape) override;
+  // Always an owned f32 copy, whatever the source dtype.
+  Tensor upload_weight(const Tensor& host) override;
+  void copy_from_host(Tensor& dst, const Tensor& src) override;
+  Tensor to_host_f32(const Tensor& src) override;
+
+  void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
+  void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) override;
+  void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
+  void add(Tensor& x, const Tensor& y) override;
+  void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override;
+  void rope(Tensor& x, const Tensor& pos, const Tensor& inv_freq, float scaling) override;
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kv_head_stride,
+                 const Tensor& q_pos, const Tensor& k_pos, const AttentionMask& mask,
+                 Tensor& out) override;
+  void argmax(const Tensor& logits, Tensor& out) override;
+};
+
+}  // namespace redknot

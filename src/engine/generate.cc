@@ -1,0 +1,73 @@
+#include "engine/generate.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace redknot {
+
+namespace {
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+GenerateResult generate(Model& model, KvCache& kv, SeqId seq, const std::vector<int32_t>& prompt,
+                        const GenerateOptions& opts, const TokenCallback& on_token) {
+  if (prompt.empty()) throw Error("the prompt is empty");
+  if (opts.max_tokens < 0) throw Error("max_tokens must be >= 0");
+  if (opts.prefill_chunk <= 0) throw Error("prefill chunk must be positive");
+  const ModelConfig& cfg = model.config();
+  const int64_t vocab = cfg.vocab_size;
+  for (int32_t t : prompt)
+    if (t < 0 || t >= vocab)
+      throw Error("prompt token id " + std::to_string(t) + " outside the vocabulary [0, " +
+                  std::to_string(vocab) + ")");
+  if (!kv.has_sequence(seq)) kv.add_sequence(seq);
+  Sampler sampler(opts.sampling);
+  GenerateResult res;
+  if (opts.keep_prompt_logits)
+    res.prompt_logits = Tensor::host(DType::F32, {static_cast<int64_t>(prompt.size()), vocab});
+
+  auto t0 = std::chrono::steady_clock::now();
+  Tensor last_logits;
+  for (size_t start = 0; start < prompt.size(); start += opts.prefill_chunk) {
+    size_t end = std::min(prompt.size(), start + static_cast<size_t>(opts.prefill_chunk));
+    Batch b;
+    std::vector<int32_t> chunk(prompt.begin() + start, prompt.begin() + end);
+    b.add_sequence(seq, chunk, kv.next_position(seq), true, opts.keep_prompt_logits);
+    Tensor logits = model.forward(b, kv);
+    if (opts.keep_prompt_logits) {
+      std::memcpy(res.prompt_logits.data<float>() + start * vocab, logits.data<float>(),
+                  static_cast<size_t>(logits.nbytes()));
+      last_logits = logits.rows_slice(logits.rows() - 1, logits.rows());
+    } else {
+      last_logits = logits;
+    }
+  }
+  res.prefill_ms = ms_since(t0);
+  res.first_logits.assign(last_logits.data<float>(), last_logits.data<float>() + vocab);
+
+  auto t1 = std::chrono::steady_clock::now();
+  for (int32_t i = 0; i < opts.max_tokens; ++i) {
+    int32_t next = sampler.sample(last_logits.data<float>(), vocab);
+    res.ids.push_back(next);
+    bool is_eos = std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), next) !=
+                  cfg.eos_token_ids.end();
+    if (on_token && !on_token(next)) break;
+    if (is_eos && opts.stop_at_eos) {
+      res.stopped_at_eos = true;
+      break;
+    }
+    if (i + 1 == opts.max_tokens) break;
+    Batch b;
+    b.add_sequence(seq, {next}, kv.next_position(seq));
+    last_logits = model.forward(b, kv);
+  }
+  res.decode_ms = ms_since(t1);
+  return res;
+}
+
+}  // namespace redknot

@@ -1,0 +1,53 @@
+// The KV cache seam. The model writes each layer's new keys/values and asks for attention;
+// how KV is laid out (a contiguous store, or per-(layer, kv head) pages) is the cache's business,
+// so stores can be swapped without touching model code. Sequence operations follow llama.cpp:
+// add, remove a position range, fork (share a prefix), shift (relocate positions).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/batch.h"
+
+namespace redknot {
+
+class KvCache {
+ public:
+  virtual ~KvCache() = default;
+
+  // ---- sequence operations ----
+  virtual void add_sequence(SeqId seq) = 0;  // throws if it exists
+  virtual bool has_sequence(SeqId seq) const = 0;
+  virtual void remove_sequence(SeqId seq) = 0;  // frees its storage
+  // Drops cached tokens with positions in [p0, p1) (p1 < 0: to the end).
+  virtual void remove(SeqId seq, int32_t p0, int32_t p1) = 0;
+  // dst becomes a copy (or a shared view) of src's cached tokens. dst must not exist.
+  virtual void fork(SeqId src, SeqId dst) = 0;
+  // Moves tokens with positions in [p0, p1) by `delta`: positions change and keys are re-rotated
+  // (RoPE relocation). The result must stay strictly increasing.
+  virtual void shift(SeqId seq, int32_t p0, int32_t p1, int32_t delta) = 0;
+  virtual int32_t num_tokens(SeqId seq) const = 0;
+  // Position the next appended token should take (last position + 1, or 0 when empty).
+  virtual int32_t next_position(SeqId seq) const = 0;
+
+  // ---- forward pass ----
+  // Called once per forward before any layer: makes room for the batch's tokens and builds
+  // whatever index metadata attention needs. Throws OutOfKvMemory (nothing changed) when full.
+  // positions: [T] i32 on the backend device (the batch positions).
+  virtual void begin_forward(const Batch& batch, const Tensor& positions) = 0;
+  // Stores the batch's keys (already rotated) and values for `layer`.
+  // k, v: [T, kv_heads, head_dim]
+  virtual void write(int layer, const Tensor& k, const Tensor& v) = 0;
+  // Attention of the batch's queries over the cached keys of their own sequences (causal).
+  // q: [T, heads, head_dim]; out: [T, heads, head_dim]
+  virtual void attend(int layer, const Tensor& q, Tensor& out) = 0;
+  virtual void end_forward() = 0;
+
+  // ---- inspection (tests, debugging) ----
+  // Host f32 copies of one (layer, kv_head)'s cached keys/values in position order.
+  // k, v: [n, head_dim]
+  virtual void read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
+                    std::vector<int32_t>& positions) = 0;
+};
+
+}  // namespace redknot

@@ -1,0 +1,155 @@
+#include "model/model.h"
+
+#include <string>
+
+#include "core/error.h"
+
+namespace redknot {
+
+namespace {
+std::string layer_name(int64_t l, const std::string& rest) {
+  return "model.layers." + std::to_string(l) + "." + rest;
+}
+
+// Norm weights stay f32 on every backend: they are small and precision matters.
+Tensor to_f32_host(const Tensor& t) {
+  if (t.dtype() == DType::F32) return t;
+  Tensor out = Tensor::host(DType::F32, t.shape());
+  convert_to_f32(t.dtype(), t.raw(), out.data<float>(), t.numel());
+  return out;
+}
+}  // namespace
+
+Tensor Model::upload(const Checkpoint& ckpt, const std::string& name) {
+  Tensor t = backend_.upload_weight(ckpt.get(name));
+  weight_bytes_ += t.nbytes();
+  return t;
+}
+
+Tensor Model::upload_norm(const Checkpoint& ckpt, const std::string& name) {
+  Tensor host = to_f32_host(ckpt.get(name));
+  Tensor t = backend_.alloc(DType::F32, host.shape());
+  backend_.copy_from_host(t, host);
+  weight_bytes_ += t.nbytes();
+  return t;
+}
+
+Model::Model(const Checkpoint& ckpt, Backend& backend) : cfg_(ckpt.config), backend_(backend) {
+  cfg_.validate(ckpt.path);
+  embed_ = upload(ckpt, "model.embed_tokens.weight");
+  final_norm_ = upload_norm(ckpt, "model.norm.weight");
+  if (cfg_.tie_word_embeddings && !ckpt.has("lm_head.weight"))
+    lm_head_ = embed_;
+  else
+    lm_head_ = upload(ckpt, "lm_head.weight");
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    LayerWeights w;
+    w.attn_norm = upload_norm(ckpt, layer_name(l, "input_layernorm.weight"));
+    w.ffn_norm = upload_norm(ckpt, layer_name(l, "post_attention_layernorm.weight"));
+    w.wq = upload(ckpt, layer_name(l, "self_attn.q_proj.weight"));
+    w.wk = upload(ckpt, layer_name(l, "self_attn.k_proj.weight"));
+    w.wv = upload(ckpt, layer_name(l, "self_attn.v_proj.weight"));
+    w.wo = upload(ckpt, layer_name(l, "self_attn.o_proj.weight"));
+    if (cfg_.attention_bias) {
+      w.bq = upload_norm(ckpt, layer_name(l, "self_attn.q_proj.bias"));
+      w.bk = upload_norm(ckpt, layer_name(l, "self_attn.k_proj.bias"));
+      w.bv = upload_norm(ckpt, layer_name(l, "self_attn.v_proj.bias"));
+    }
+    if (cfg_.qk_norm) {
+      w.q_norm = upload_norm(ckpt, layer_name(l, "self_attn.q_norm.weight"));
+      w.k_norm = upload_norm(ckpt, layer_name(l, "self_attn.k_norm.weight"));
+    }
+    w.w_gate = upload(ckpt, layer_name(l, "mlp.gate_proj.weight"));
+    w.w_up = upload(ckpt, layer_name(l, "mlp.up_proj.weight"));
+    w.w_down = upload(ckpt, layer_name(l, "mlp.down_proj.weight"));
+    layers_.push_back(std::move(w));
+  }
+  RopeFreqs rf = rope_frequencies(cfg_);
+  rope_scaling_ = rf.attention_scaling;
+  inv_freq_ = backend_.alloc(DType::F32, {static_cast<int64_t>(rf.inv_freq.size())});
+  backend_.copy_from_host(inv_freq_,
+                          Tensor::from_f32(rf.inv_freq, {static_cast<int64_t>(rf.inv_freq.size())}));
+}
+
+// x: [T, hidden] (normalised input); out: [T, hidden] (o_proj output)
+void Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv,
+                            const Tensor& pos) {
+  const LayerWeights& w = layers_[layer];
+  const int64_t T = x.dim(0), hd = cfg_.head_dim, nh = cfg_.num_heads, nkv = cfg_.num_kv_heads;
+  const DType act = backend_.act_dtype();
+  Tensor q = backend_.alloc(act, {T, nh * hd});
+  Tensor k = backend_.alloc(act, {T, nkv * hd});
+  Tensor v = backend_.alloc(act, {T, nkv * hd});
+  backend_.matmul(x, w.wq, w.bq, q);
+  backend_.matmul(x, w.wk, w.bk, k);
+  backend_.matmul(x, w.wv, w.bv, v);
+  Tensor q3 = q.reshape({T, nh, hd}), k3 = k.reshape({T, nkv, hd}), v3 = v.reshape({T, nkv, hd});
+  if (cfg_.qk_norm) {  // Qwen3: RMSNorm over each head's vector before RoPE
+    Tensor qr = q.reshape({T * nh, hd}), kr = k.reshape({T * nkv, hd});
+    backend_.rmsnorm(qr, w.q_norm, static_cast<float>(cfg_.rms_norm_eps), qr);
+    backend_.rmsnorm(kr, w.k_norm, static_cast<float>(cfg_.rms_norm_eps), kr);
+  }
+  backend_.rope(q3, pos, inv_freq_, rope_scaling_);
+  backend_.rope(k3, pos, inv_freq_, rope_scaling_);
+  kv.write(layer, k3, v3);
+  Tensor attn = backend_.alloc(act, {T, nh, hd});
+  kv.attend(layer, q3, attn);
+  backend_.matmul(attn.reshape({T, nh * hd}), w.wo, Tensor(), out);
+}
+
+// x: [T, hidden] (normalised input); out: [T, hidden] (down_proj output)
+void Model::ffn_block(int layer, const Tensor& x, Tensor& out) {
+  const LayerWeights& w = layers_[layer];
+  const int64_t T = x.dim(0), F = cfg_.intermediate_size;
+  Tensor gate = backend_.alloc(backend_.act_dtype(), {T, F});
+  Tensor up = backend_.alloc(backend_.act_dtype(), {T, F});
+  backend_.matmul(x, w.w_gate, Tensor(), gate);
+  backend_.matmul(x, w.w_up, Tensor(), up);
+  backend_.swiglu(gate, up, gate);
+  backend_.matmul(gate, w.w_down, Tensor(), out);
+}
+
+Tensor Model::forward(const Batch& batch, KvCache& kv) {
+  batch.validate(cfg_.vocab_size);
+  const int64_t T = batch.size(), H = cfg_.hidden_size;
+  const DType act = backend_.act_dtype();
+  Tensor ids = backend_.alloc(DType::I32, {T});
+  backend_.copy_from_host(ids, Tensor::from_i32(batch.tokens, {T}));
+  Tensor pos = backend_.alloc(DType::I32, {T});
+  backend_.copy_from_host(pos, Tensor::from_i32(batch.positions, {T}));
+
+  kv.begin_forward(batch, pos);
+  struct EndForward {  // leave the cache consistent on exceptions too
+    KvCache& kv;
+    ~EndForward() { kv.end_forward(); }
+  } end_forward{kv};
+
+  Tensor x = backend_.alloc(act, {T, H});
+  backend_.embedding(embed_, ids, x);
+  Tensor normed = backend_.alloc(act, {T, H});
+  Tensor block_out = backend_.alloc(act, {T, H});
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  for (int l = 0; l < static_cast<int>(cfg_.num_layers); ++l) {
+    backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
+    attention_block(l, normed, block_out, kv, pos);
+    backend_.add(x, block_out);
+    backend_.rmsnorm(x, layers_[l].ffn_norm, eps, normed);
+    ffn_block(l, normed, block_out);
+    backend_.add(x, block_out);
+  }
+
+  // Logits only for the rows asked for.
+  const int64_t R = static_cast<int64_t>(batch.logit_rows.size());
+  if (R == 0) return Tensor::host(DType::F32, {0, cfg_.vocab_size});
+  std::vector<int32_t> rows(batch.logit_rows.begin(), batch.logit_rows.end());
+  Tensor rows_dev = backend_.alloc(DType::I32, {R});
+  backend_.copy_from_host(rows_dev, Tensor::from_i32(rows, {R}));
+  Tensor last = backend_.alloc(act, {R, H});
+  backend_.gather_rows(x, rows_dev, last);
+  backend_.rmsnorm(last, final_norm_, eps, last);
+  Tensor logits = backend_.alloc(DType::F32, {R, cfg_.vocab_size});
+  backend_.matmul(last, lm_head_, Tensor(), logits);
+  return backend_.to_host_f32(logits);
+}
+
+}  // namespace redknot

@@ -1,0 +1,59 @@
+// The decoder of the Llama family (Llama, Mistral, Qwen2, Qwen3): one dataflow over named
+// blocks, with the architecture differences carried by the config (q/k/v biases, q/k norm,
+// head_dim, sliding window, tied embeddings, rope scaling).
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/model_config.h"
+#include "kv/kv_cache.h"
+#include "loader/checkpoint.h"
+#include "model/batch.h"
+
+namespace redknot {
+
+struct LayerWeights {
+  Tensor attn_norm;               // [hidden]
+  Tensor wq, wk, wv, wo;          // [heads*hd, hidden], [kv*hd, hidden] x2, [hidden, heads*hd]
+  Tensor bq, bk, bv;              // [heads*hd], [kv*hd] x2 (Qwen2) or empty
+  Tensor q_norm, k_norm;          // [head_dim] (Qwen3) or empty
+  Tensor ffn_norm;                // [hidden]
+  Tensor w_gate, w_up, w_down;    // [ffn, hidden] x2, [hidden, ffn]
+};
+
+class Model {
+ public:
+  // Uploads the checkpoint's weights to `backend` (which must outlive the model).
+  Model(const Checkpoint& ckpt, Backend& backend);
+
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() const { return backend_; }
+  // [head_dim / 2] f32 on the backend: the scaled inverse rotary frequencies.
+  const Tensor& inv_freq() const { return inv_freq_; }
+  float rope_attention_scaling() const { return rope_scaling_; }
+
+  // Runs `batch` through every layer, appending its K/V to `kv`, and returns the logits of
+  // batch.logit_rows as a host f32 tensor [logit_rows, vocab]. Throws OutOfKvMemory (KV
+  // unchanged) when the cache cannot take the batch, Error on invalid tokens/positions.
+  Tensor forward(const Batch& batch, KvCache& kv);
+
+  // Size in bytes of the weights as stored on the backend.
+  int64_t weight_bytes() const { return weight_bytes_; }
+
+ private:
+  void attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv, const Tensor& pos);
+  void ffn_block(int layer, const Tensor& x, Tensor& out);
+  Tensor upload(const Checkpoint& ckpt, const std::string& name);
+  Tensor upload_norm(const Checkpoint& ckpt, const std::string& name);
+
+  ModelConfig cfg_;
+  Backend& backend_;
+  Tensor embed_, final_norm_, lm_head_;
+  std::vector<LayerWeights> layers_;
+  Tensor inv_freq_;
+  float rope_scaling_ = 1.0f;
+  int64_t weight_bytes_ = 0;
+};
+
+}  // namespace redknot

@@ -1,0 +1,99 @@
+// `redknot generate`: run a prompt and print (or stream) the continuation.
+#include <CLI/CLI.hpp>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "common.h"
+#include "core/error.h"
+#include "engine/generate.h"
+#include "kv/contiguous_kv_cache.h"
+#include "loader/safetensors.h"
+
+namespace redknot::cli {
+
+namespace {
+struct GenerateArgs {
+  std::string model, prompt, prompt_ids, logits_out, backend = "cpu";
+  int32_t max_tokens = 32, prefill_chunk = 512;
+  float temperature = 0.0f, top_p = 1.0f;
+  int32_t top_k = 0;
+  uint64_t seed = 0;
+  bool json = false, ignore_eos = false;
+};
+
+int run_generate(const GenerateArgs& a) {
+  LoadedModel m = load_model(a.model, a.backend);
+  std::vector<int32_t> prompt;
+  if (!a.prompt_ids.empty()) {
+    prompt = parse_id_list(a.prompt_ids);  // used as given: no BOS added
+  } else {
+    if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; use --prompt-ids");
+    prompt = m.tokenizer->encode(a.prompt, /*add_special=*/true);
+  }
+  const ModelConfig& cfg = m.model->config();
+  ContiguousKvCache kv(*m.backend, dense_kv_geometry(cfg), static_cast<int32_t>(prompt.size()) + a.max_tokens + 1,
+                       m.model->inv_freq());
+  GenerateOptions opts;
+  opts.max_tokens = a.max_tokens;
+  opts.sampling = {a.temperature, a.top_p, a.top_k, a.seed};
+  opts.prefill_chunk = a.prefill_chunk;
+  opts.stop_at_eos = !a.ignore_eos;
+  opts.keep_prompt_logits = !a.logits_out.empty();
+
+  std::unique_ptr<StreamDecoder> stream;
+  if (!a.json && m.tokenizer) stream = std::make_unique<StreamDecoder>(*m.tokenizer);
+  GenerateResult r = generate(*m.model, kv, 0, prompt, opts, [&](int32_t id) {
+    if (stream) {
+      std::cout << stream->push(id) << std::flush;
+    } else if (!a.json) {
+      std::cout << id << " " << std::flush;
+    }
+    return true;
+  });
+  if (stream) std::cout << stream->finish();
+  if (!a.json) std::cout << "\n";
+
+  if (!a.logits_out.empty()) write_safetensors(a.logits_out, {{"logits", r.prompt_logits}});
+  if (a.json) {
+    nlohmann::json j;
+    j["ids"] = r.ids;
+    j["text"] = m.tokenizer ? nlohmann::json(m.tokenizer->decode(r.ids)) : nlohmann::json();
+    j["prompt_tokens"] = prompt.size();
+    j["prefill_ms"] = r.prefill_ms;
+    j["decode_ms"] = r.decode_ms;
+    std::cout << j.dump() << "\n";
+  } else {
+    std::cerr << "[prompt " << prompt.size() << " tokens, prefill " << r.prefill_ms << " ms; "
+              << r.ids.size() << " tokens in " << r.decode_ms << " ms]\n";
+  }
+  return 0;
+}
+}  // namespace
+
+void add_generate_command(CLI::App& app, std::function<int()>& action) {
+  auto a = std::make_shared<GenerateArgs>();
+  CLI::App* c = app.add_subcommand("generate", "Generate a continuation of a prompt");
+  c->add_option("--model", a->model, "HF model directory or GGUF file")->required();
+  auto* p = c->add_option("--prompt", a->prompt, "prompt text (BOS added as the tokenizer says)");
+  auto* pi = c->add_option("--prompt-ids", a->prompt_ids, "comma-separated token ids (no BOS added)");
+  p->excludes(pi);
+  c->add_option("--max-tokens", a->max_tokens, "tokens to generate")->check(CLI::Range(0, 1 << 20));
+  c->add_option("--temperature", a->temperature, "0 = greedy");
+  c->add_option("--top-p", a->top_p);
+  c->add_option("--top-k", a->top_k);
+  c->add_option("--seed", a->seed);
+  c->add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens per forward pass")
+      ->check(CLI::Range(1, 1 << 20));
+  c->add_option("--backend", a->backend, "cpu | reference | cuda");
+  c->add_flag("--json", a->json, "print {\"ids\": [...], \"text\": ...}");
+  c->add_flag("--ignore-eos", a->ignore_eos, "keep generating past EOS");
+  c->add_option("--logits-out", a->logits_out, "write prompt logits [len, vocab] as safetensors");
+  c->callback([a, c, &action] {
+    if (a->prompt.empty() && a->prompt_ids.empty())
+      throw CLI::ValidationError("--prompt or --prompt-ids is required");
+    action = [a] { return run_generate(*a); };
+  });
+}
+
+}  // namespace redknot::cli

@@ -1,0 +1,68 @@
+#include "common.h"
+
+#include <filesystem>
+#include <iostream>
+#include <iterator>
+#include <sstream>
+
+#include "backend/builtin.h"
+#include "core/error.h"
+
+namespace redknot::cli {
+
+namespace fs = std::filesystem;
+
+std::unique_ptr<Tokenizer> load_tokenizer_for(const std::string& path, const Checkpoint* ckpt) {
+  if (fs::is_regular_file(path) && fs::path(path).extension() == ".json")
+    return Tokenizer::from_hf_file(path);
+  if (fs::is_directory(path)) {
+    fs::path tj = fs::path(path) / "tokenizer.json";
+    if (fs::exists(tj)) return Tokenizer::from_hf_file(tj.string());
+    return nullptr;
+  }
+  if (ckpt && ckpt->gguf_vocab) return Tokenizer::from_gguf(*ckpt->gguf_vocab);
+  if (!ckpt) {
+    Checkpoint c = load_checkpoint(path);
+    if (c.gguf_vocab) return Tokenizer::from_gguf(*c.gguf_vocab);
+  }
+  return nullptr;
+}
+
+LoadedModel load_model(const std::string& path, const std::string& backend_name) {
+  register_builtin_backends();
+  LoadedModel m;
+  m.ckpt = load_checkpoint(path);
+  m.backend = create_backend(backend_name);
+  m.model = std::make_unique<Model>(m.ckpt, *m.backend);
+  m.tokenizer = load_tokenizer_for(path, &m.ckpt);
+  return m;
+}
+
+std::vector<int32_t> parse_id_list(const std::string& text) {
+  std::vector<int32_t> ids;
+  std::string item;
+  std::stringstream ss(text);
+  while (std::getline(ss, item, ',')) {
+    size_t b = item.find_first_not_of(" \t\n"), e = item.find_last_not_of(" \t\n");
+    if (b == std::string::npos) throw Error("empty entry in id list '" + text + "'");
+    item = item.substr(b, e - b + 1);
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != item.size() || v < 0 || v > INT32_MAX)
+      throw Error("'" + item + "' is not a token id");
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  if (ids.empty()) throw Error("empty id list");
+  return ids;
+}
+
+std::string read_stdin() {
+  return std::string(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+}
+
+}  // namespace redknot::cli

@@ -1,0 +1,35 @@
+// Shared plumbing of the `redknot` subcommands: opening a model on a backend, finding its
+// tokenizer, parsing id lists.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "loader/checkpoint.h"
+#include "model/model.h"
+#include "tokenizer/tokenizer.h"
+
+namespace redknot::cli {
+
+struct LoadedModel {
+  Checkpoint ckpt;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tokenizer;  // null when the checkpoint carries none
+};
+
+// Opens `path` (HF dir or GGUF) on backend `backend_name` ("cpu", "reference", "cuda").
+LoadedModel load_model(const std::string& path, const std::string& backend_name);
+
+// A tokenizer from a model dir (tokenizer.json inside), a GGUF file (embedded vocab) or a
+// tokenizer.json path. Returns null when the model has none.
+std::unique_ptr<Tokenizer> load_tokenizer_for(const std::string& path, const Checkpoint* ckpt);
+
+// "1,2, 3" -> {1, 2, 3}; throws Error on anything else.
+std::vector<int32_t> parse_id_list(const std::string& text);
+
+// Reads all of stdin.
+std::string read_stdin();
+
+}  // namespace redknot::cli
