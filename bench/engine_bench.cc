@@ -10,7 +10,7 @@
 #include "backend/builtin.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
-#include "kv/contiguous_kv_cache.h"
+#include "engine/kv_setup.h"
 #include "model/model.h"
 #include "model/random_checkpoint.h"
 
@@ -131,8 +131,10 @@ int run_engine_bench(const EngineBenchArgs& a) {
 
   std::vector<double> prefill_s, decode_s;
   for (int r = 0; r < a.repeats; ++r) {
-    ContiguousKvCache kv(*backend, dense_kv_geometry(cfg), a.prefill_tokens + a.decode_tokens + 1,
-                         model.inv_freq());
+    KvOptions kvo;
+    kvo.tokens = a.prefill_tokens + a.decode_tokens + 1;
+    KvStore store = make_kv_store(model, kvo);
+    KvCache& kv = *store.cache;
     kv.add_sequence(0);
     Batch b;
     b.add_sequence(0, prompt, 0);

@@ -7,14 +7,16 @@
 #include "common.h"
 #include "core/error.h"
 #include "engine/generate.h"
-#include "kv/contiguous_kv_cache.h"
+#include "engine/kv_setup.h"
 #include "loader/safetensors.h"
 
 namespace redknot::cli {
 
 namespace {
 struct GenerateArgs {
-  std::string model, prompt, prompt_ids, logits_out, backend = "cpu";
+  std::string model, prompt, prompt_ids, logits_out, backend = "cpu", head_profile;
+  int32_t page_size = 64;
+  int64_t kv_budget = 0;
   int32_t max_tokens = 32, prefill_chunk = 512;
   float temperature = 0.0f, top_p = 1.0f;
   int32_t top_k = 0;
@@ -31,9 +33,13 @@ int run_generate(const GenerateArgs& a) {
     if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; use --prompt-ids");
     prompt = m.tokenizer->encode(a.prompt, /*add_special=*/true);
   }
-  const ModelConfig& cfg = m.model->config();
-  ContiguousKvCache kv(*m.backend, dense_kv_geometry(cfg), static_cast<int32_t>(prompt.size()) + a.max_tokens + 1,
-                       m.model->inv_freq());
+  KvOptions kvo;
+  kvo.page_size = a.page_size;
+  kvo.budget_bytes = a.kv_budget;
+  kvo.tokens = static_cast<int64_t>(prompt.size()) + a.max_tokens + 1;
+  kvo.head_profile_path = a.head_profile;
+  KvStore store = make_kv_store(*m.model, kvo);
+  KvCache& kv = *store.cache;
   GenerateOptions opts;
   opts.max_tokens = a.max_tokens;
   opts.sampling = {a.temperature, a.top_p, a.top_k, a.seed};
@@ -86,6 +92,9 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens per forward pass")
       ->check(CLI::Range(1, 1 << 20));
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
+  c->add_option("--head-profile", a->head_profile, "head profile JSON (default: the model's own attention)");
+  c->add_option("--page-size", a->page_size, "KV page size in tokens")->check(CLI::Range(1, 4096));
+  c->add_option("--kv-budget", a->kv_budget, "KV pool size in bytes (default: fits the request)");
   c->add_flag("--json", a->json, "print {\"ids\": [...], \"text\": ...}");
   c->add_flag("--ignore-eos", a->ignore_eos, "keep generating past EOS");
   c->add_option("--logits-out", a->logits_out, "write prompt logits [len, vocab] as safetensors");

@@ -22,6 +22,26 @@ struct AttentionMask {
   int32_t sink = 0;    // first `sink` positions stay visible to windowed heads
 };
 
+// SegPagedAttention metadata for one layer (FlashInfer-style plan; built on the host when KV is
+// written, never per call). Work items are (sequence s, kv head h), item = s * num_kv_heads + h.
+// Pages live in one pool shared by every layer and head: token slot j of page p is row
+// p * page_size + j of the K, V and position pools. Positions of a head's slots increase along
+// its page list; a head sees a key when the AttentionMask rule of that head allows it, so a local
+// head's table holds only sink ∪ window pages (plus the slack of partly used pages).
+// All tensors are i32 on the backend's device.
+struct PagedAttentionPlan {
+  int32_t num_seqs = 0;
+  int32_t num_kv_heads = 0;
+  int32_t page_size = 0;
+  float scale = 1.0f;
+  Tensor qo_indptr;     // [num_seqs + 1]: query rows of sequence s are [qo_indptr[s], qo_indptr[s+1])
+  Tensor kv_indptr;     // [num_seqs * num_kv_heads + 1]: CSR row pointers into page_indices
+  Tensor page_indices;  // [nnz]: physical page of each table entry, in position order
+  Tensor page_lengths;  // [nnz]: used slots of each page (slots [0, len) are valid)
+  Tensor head_window;   // [num_kv_heads]: 0 = global, else the sliding window W
+  Tensor head_sink;     // [num_kv_heads]: sink tokens of local heads
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -76,6 +96,14 @@ class Backend {
   virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kv_head_stride,
                          const Tensor& q_pos, const Tensor& k_pos, const AttentionMask& mask,
                          Tensor& out) = 0;
+
+  // SegPaged attention: every (sequence, kv head) reads only its own pages (GQA: query head
+  // h uses kv head h / (Hq / Hkv)); causal and windowed by positions, no mask tensor.
+  // q: [T, Hq, D]; k_pool, v_pool: [pages * page_size, D]; pos_pool: [pages * page_size] i32;
+  // q_pos: [T] i32; out: [T, Hq, D]. The default throws: backends that support it override.
+  virtual void paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                               const Tensor& pos_pool, const Tensor& q_pos,
+                               const PagedAttentionPlan& plan, Tensor& out);
 
   // ---- data movement (defaults work on host memory; device backends override) ----
   // dst = src, same dtype and element count, both on this device.

@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "backend/backend.h"
+#include "backend/reference/paged_attention_ref.h"
 #include "core/error.h"
 
 namespace redknot {
@@ -12,6 +13,14 @@ void require_host(const Tensor& t, const char* op) {
                 t.describe() + " on a device");
 }
 }  // namespace
+
+void Backend::paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                              const Tensor& pos_pool, const Tensor& q_pos,
+                              const PagedAttentionPlan& plan, Tensor& out) {
+  if (q.device() != Device::Host || q.dtype() != DType::F32)
+    throw Error("backend '" + name() + "' has no paged attention");
+  reference_paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+}
 
 void Backend::copy(const Tensor& src, Tensor& dst) {
   require_host(src, "copy");

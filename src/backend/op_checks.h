@@ -15,8 +15,8 @@ inline void fail(const char* op, const std::string& what) {
 
 inline void expect_rank(const char* op, const char* arg, const Tensor& t, int rank) {
   if (t.rank() != rank)
-    fail(op, std::string(arg) + " must have rank " + std::to_string(rank) + ", got " +
-                 t.describe());
+    fail(op,
+         std::string(arg) + " must have rank " + std::to_string(rank) + ", got " + t.describe());
 }
 
 inline void expect_shape(const char* op, const char* arg, const Tensor& t,
@@ -52,8 +52,8 @@ inline void check_attention(const Tensor& q, const Tensor& k, const Tensor& v,
     fail(op, "query heads (" + std::to_string(hq) + ") not a multiple of kv heads (" +
                  std::to_string(hkv) + ")");
   if (kv_head_stride < tk * d)
-    fail(op, "kv_head_stride " + std::to_string(kv_head_stride) + " is smaller than Tk*D = " +
-                 std::to_string(tk * d));
+    fail(op, "kv_head_stride " + std::to_string(kv_head_stride) +
+                 " is smaller than Tk*D = " + std::to_string(tk * d));
   expect_shape(op, "q_pos", q_pos, {tq});
   expect_shape(op, "k_pos", k_pos, {tk});
   expect_dtype(op, "q_pos", q_pos, DType::I32);

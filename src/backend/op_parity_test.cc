@@ -14,6 +14,7 @@
 
 #include "backend/backend.h"
 #include "backend/builtin.h"
+#include "backend/cpu/cpu_backend.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -172,9 +173,9 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
     struct MatmulShape {
       int64_t m, k, n;
     };
-    const MatmulShape mm_shapes[] = {{1, 173, 1},  {1, 173, 37},  {2, 64, 19},   {3, 300, 41},
+    const MatmulShape mm_shapes[] = {{1, 173, 1},   {1, 173, 37},  {2, 64, 19},   {3, 300, 41},
                                      {4, 256, 128}, {37, 173, 65}, {1, 2048, 96}, {128, 512, 300},
-                                     {5, 33, 7},   {33, 1000, 77}};
+                                     {5, 33, 7},    {33, 1000, 77}};
     int variant = 0;
     for (const auto& s : mm_shapes) {
       for (DType wt : kWeightDtypes) {
@@ -206,8 +207,8 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
     }
 
     // ---- rmsnorm (also in place) ----
-    for (auto [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{
-             {1, 64}, {37, 173}, {5, 4096}, {3, 16}}) {
+    for (auto [rows, cols] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 64}, {37, 173}, {5, 4096}, {3, 16}}) {
       Tensor w = Tensor::from_f32(p.random(cols, 0.5f, 1.5f), {cols});
       Tensor w_ref = ref->upload_weight(w), w_dut = dut->upload_weight(w);
       auto [x_ref, x_dut] = p.act_pair(p.random(rows * cols, -3.0f, 3.0f), {rows, cols});
@@ -222,8 +223,8 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
     }
 
     // ---- add, swiglu ----
-    for (auto [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{
-             {1, 4096}, {37, 173}, {64, 1100}}) {
+    for (auto [rows, cols] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 4096}, {37, 173}, {64, 1100}}) {
       auto [x_ref, x_dut] = p.act_pair(p.random(rows * cols), {rows, cols});
       auto [y_ref, y_dut] = p.act_pair(p.random(rows * cols), {rows, cols});
       ref->add(x_ref, y_ref);
@@ -243,9 +244,9 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
       int64_t t, h, d;
       float theta, scaling;
     };
-    for (const RopeCase& c : {RopeCase{1, 4, 16, 10000.0f, 1.0f}, RopeCase{7, 3, 32, 1e6f, 1.0f},
-                              RopeCase{5, 2, 64, 10000.0f, 1.25f},
-                              RopeCase{9, 8, 128, 500000.0f, 1.0f}}) {
+    for (const RopeCase& c :
+         {RopeCase{1, 4, 16, 10000.0f, 1.0f}, RopeCase{7, 3, 32, 1e6f, 1.0f},
+          RopeCase{5, 2, 64, 10000.0f, 1.25f}, RopeCase{9, 8, 128, 500000.0f, 1.0f}}) {
       std::vector<float> freq(c.d / 2);
       for (int64_t i = 0; i < c.d / 2; ++i)
         freq[i] = 1.0f / std::pow(c.theta, static_cast<float>(2 * i) / c.d);
@@ -334,8 +335,8 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
         Tensor got = dut->to_host_f32(out);
         for (int64_t r = 0; r < rows; ++r)
           EXPECT_EQ(static_cast<int32_t>(got.data<float>()[r]), expected[r])
-              << "backend " << name << " op argmax " << dtype_name(ldt) << " row " << r
-              << " of " << str({rows, vocab});
+              << "backend " << name << " op argmax " << dtype_name(ldt) << " row " << r << " of "
+              << str({rows, vocab});
       }
     }
 
@@ -368,6 +369,34 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
     p.print_summary();
   }
   EXPECT_GT(tested, 0) << "no backend besides the reference is registered";
+}
+
+// The CPU options: thread count is honoured and reported; f32 weights converted to bf16 still
+// match the reference within bf16 tolerance on both the GEMV and the blocked-sgemm paths.
+TEST_F(OpParityTest, CpuOptions) {
+  auto ref = create_backend("reference");
+  for (int threads : {1, 3}) {
+    CpuBackendOptions options;
+    options.n_threads = threads;
+    options.f32_weights_to_bf16 = true;
+    CpuBackend cpu(options);
+    EXPECT_EQ(cpu.num_threads(), threads);
+    OpParity p(*ref, cpu);
+    for (int64_t m : {1, 3, 40}) {
+      const int64_t k = 300, n = 70;
+      Tensor w = Tensor::from_f32(p.random(n * k), {n, k});
+      Tensor w_cpu = cpu.upload_weight(w);
+      EXPECT_EQ(w_cpu.dtype(), DType::BF16);
+      auto [x_ref, x_cpu] = p.act_pair(p.random(m * k), {m, k});
+      Tensor out_ref = ref->alloc(DType::F32, {m, n});
+      Tensor out_cpu = p.poisoned(cpu, DType::F32, {m, n});
+      ref->matmul(x_ref, ref->upload_weight(w), Tensor(), out_ref);
+      cpu.matmul(x_cpu, w_cpu, Tensor(), out_cpu);
+      const double err = rel_err(out_cpu, out_ref);
+      EXPECT_LE(err, 1e-2) << "cpu bf16-weights matmul M=" << m << " threads=" << threads;
+    }
+  }
+  EXPECT_GE(CpuBackend().num_threads(), 1);
 }
 
 // Misuse is reported, not silently computed.

@@ -9,16 +9,22 @@ namespace redknot {
 
 const char* arch_name(Arch a) {
   switch (a) {
-    case Arch::Llama: return "llama";
-    case Arch::Mistral: return "mistral";
-    case Arch::Qwen2: return "qwen2";
-    case Arch::Qwen3: return "qwen3";
+    case Arch::Llama:
+      return "llama";
+    case Arch::Mistral:
+      return "mistral";
+    case Arch::Qwen2:
+      return "qwen2";
+    case Arch::Qwen3:
+      return "qwen3";
   }
   return "?";
 }
 
 void ModelConfig::validate(const std::string& source) const {
-  auto fail = [&](const std::string& what) { throw Error(source + ": invalid model config: " + what); };
+  auto fail = [&](const std::string& what) {
+    throw Error(source + ": invalid model config: " + what);
+  };
   auto positive = [&](int64_t v, const char* name) {
     if (v <= 0) fail(std::string(name) + " must be positive (got " + std::to_string(v) + ")");
   };
@@ -32,8 +38,8 @@ void ModelConfig::validate(const std::string& source) const {
   if (num_heads % num_kv_heads != 0)
     fail("num_attention_heads (" + std::to_string(num_heads) +
          ") is not a multiple of num_key_value_heads (" + std::to_string(num_kv_heads) + ")");
-  if (head_dim % 2 != 0) fail("head_dim must be even for rotary embeddings (got " +
-                              std::to_string(head_dim) + ")");
+  if (head_dim % 2 != 0)
+    fail("head_dim must be even for rotary embeddings (got " + std::to_string(head_dim) + ")");
   // Guards later size arithmetic (rows = heads * head_dim) against overflow on lying configs.
   constexpr int64_t kMaxDim = int64_t{1} << 24;
   if (vocab_size > (int64_t{1} << 31) || hidden_size > kMaxDim || intermediate_size > kMaxDim ||
@@ -65,19 +71,19 @@ void ModelConfig::validate(const std::string& source) const {
 RopeFreqs rope_frequencies(const ModelConfig& cfg, int64_t seq_len) {
   const int64_t dim = cfg.head_dim;
   if (dim <= 0 || dim % 2 != 0)
-    throw Error("rope_frequencies: head_dim must be positive and even (got " +
-                std::to_string(dim) + ")");
+    throw Error("rope_frequencies: head_dim must be positive and even (got " + std::to_string(dim) +
+                ")");
   const RopeScaling& rs = cfg.rope_scaling;
   double base = cfg.rope_theta;
   if (rs.type == "dynamic") {
     // NTK-aware: grow the base once the sequence exceeds the trained length.
-    int64_t orig = rs.original_max_position > 0 ? rs.original_max_position
-                                                 : cfg.max_position_embeddings;
+    int64_t orig =
+        rs.original_max_position > 0 ? rs.original_max_position : cfg.max_position_embeddings;
     if (seq_len > orig && dim > 2) {
       double d = static_cast<double>(dim);
-      base *= std::pow(rs.factor * static_cast<double>(seq_len) / static_cast<double>(orig) -
-                           (rs.factor - 1.0),
-                       d / (d - 2.0));
+      base *= std::pow(
+          rs.factor * static_cast<double>(seq_len) / static_cast<double>(orig) - (rs.factor - 1.0),
+          d / (d - 2.0));
     }
   }
   RopeFreqs out;
@@ -95,8 +101,8 @@ RopeFreqs rope_frequencies(const ModelConfig& cfg, int64_t seq_len) {
       if (wavelen > low_freq_wavelen) {
         inv /= rs.factor;
       } else if (wavelen >= high_freq_wavelen) {
-        double smooth = (orig / wavelen - rs.low_freq_factor) /
-                        (rs.high_freq_factor - rs.low_freq_factor);
+        double smooth =
+            (orig / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
         inv = (1.0 - smooth) * inv / rs.factor + smooth * inv;
       }
     } else if (rs.type != "none" && rs.type != "dynamic") {

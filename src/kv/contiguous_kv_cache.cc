@@ -5,17 +5,33 @@
 #include <string>
 
 #include "core/error.h"
+#include "kv/device_util.h"
 
 namespace redknot {
 
-KvGeometry dense_kv_geometry(const ModelConfig& cfg) {
+KvGeometry dense_kv_geometry(const ModelConfig& cfg, const HeadProfile* profile) {
   KvGeometry g;
   g.num_layers = static_cast<int>(cfg.num_layers);
   g.num_kv_heads = static_cast<int>(cfg.num_kv_heads);
   g.head_dim = static_cast<int>(cfg.head_dim);
   g.scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
-  g.window = static_cast<int32_t>(cfg.sliding_window);
+  g.heads = profile ? *profile : HeadProfile::native(cfg);
+  g.heads.check_matches(cfg, "head profile");
   return g;
+}
+
+AttentionMask ContiguousKvCache::mask(int layer, int head) const {
+  const HeadSpec& h = geo_.heads.at(layer, head);
+  if (h.cls == HeadClass::Global) return {geo_.scale, 0, 0};
+  return {geo_.scale, h.window, h.sink};
+}
+
+bool ContiguousKvCache::uniform_masks(int layer) const {
+  for (int h = 1; h < geo_.num_kv_heads; ++h) {
+    AttentionMask a = mask(layer, 0), b = mask(layer, h);
+    if (a.window != b.window || a.sink != b.sink) return false;
+  }
+  return true;
 }
 
 ContiguousKvCache::ContiguousKvCache(Backend& backend, KvGeometry geometry,
@@ -67,10 +83,7 @@ int32_t ContiguousKvCache::next_position(SeqId seq) const {
 }
 
 Tensor ContiguousKvCache::device_i32(const std::vector<int32_t>& values) {
-  Tensor t = backend_.alloc(DType::I32, {static_cast<int64_t>(values.size())});
-  if (!values.empty())
-    backend_.copy_from_host(t, Tensor::from_i32(values, {static_cast<int64_t>(values.size())}));
-  return t;
+  return upload_i32(backend_, values);
 }
 
 void ContiguousKvCache::sync_positions(Sequence& s) {
@@ -204,8 +217,8 @@ void ContiguousKvCache::write(int layer, const Tensor& k, const Tensor& v) {
 }
 
 void ContiguousKvCache::attend(int layer, const Tensor& q, Tensor& out) {
-  const int64_t heads = q.dim(1), hd = geo_.head_dim;
-  AttentionMask mask{geo_.scale, geo_.window, geo_.sink};
+  const int64_t heads = q.dim(1), hd = geo_.head_dim, group = heads / geo_.num_kv_heads;
+  const bool uniform = uniform_masks(layer);
   Tensor q2 = q.reshape({q.dim(0), heads * hd});
   Tensor out2 = out.reshape({out.dim(0), heads * hd});
   Tensor pos2 = batch_positions_.reshape({batch_positions_.numel(), 1});
@@ -222,7 +235,30 @@ void ContiguousKvCache::attend(int layer, const Tensor& q, Tensor& out) {
                                 vb.device());
     Tensor kpos = Tensor::view(p.seq->positions_dev.raw(), DType::I32, {tk},
                                p.seq->positions_dev.holder(), p.seq->positions_dev.device());
-    backend_.attention(qs, kview, vview, int64_t{capacity_} * hd, qpos, kpos, mask, os);
+    if (uniform) {
+      backend_.attention(qs, kview, vview, int64_t{capacity_} * hd, qpos, kpos, mask(layer, 0), os);
+      continue;
+    }
+    // Heads with different masks: one call per kv head over its query-head group.
+    for (int h = 0; h < geo_.num_kv_heads; ++h) {
+      std::vector<int32_t> rows;
+      for (int64_t t = 0; t < p.count; ++t)
+        for (int64_t g = 0; g < group; ++g) rows.push_back(static_cast<int32_t>(t * heads + h * group + g));
+      Tensor idx = device_i32(rows);
+      Tensor qg = backend_.alloc(q.dtype(), {p.count * group, hd});
+      Tensor og = backend_.alloc(q.dtype(), {p.count * group, hd});
+      backend_.gather_rows(qs.reshape({p.count * heads, hd}), idx, qg);
+      const int64_t off = dtype_bytes(kb.dtype(), int64_t{h} * capacity_ * hd);
+      Tensor kh = Tensor::view(static_cast<char*>(kb.raw()) + off, kb.dtype(), {1, tk, hd},
+                               kb.holder(), kb.device());
+      Tensor vh = Tensor::view(static_cast<char*>(vb.raw()) + off, vb.dtype(), {1, tk, hd},
+                               vb.holder(), vb.device());
+      Tensor og3 = og.reshape({p.count, group, hd});
+      backend_.attention(qg.reshape({p.count, group, hd}), kh, vh, int64_t{capacity_} * hd, qpos,
+                         kpos, mask(layer, h), og3);
+      Tensor os_rows = os.reshape({p.count * heads, hd});
+      backend_.scatter_rows(og, idx, os_rows);
+    }
   }
 }
 

@@ -1,6 +1,7 @@
-// The simple KV store: per sequence and layer, one [kv_heads * capacity, head_dim] buffer for K
-// and one for V (row h * capacity + slot), with a fixed per-sequence capacity. It is the
-// correctness baseline that the per-(layer, kv head) paged store replaces.
+// The dense KV store: per sequence and layer, one [kv_heads * capacity, head_dim] buffer for K
+// and one for V (row h * capacity + slot), with a fixed per-sequence capacity. Local heads are
+// a mask over it ("dense + mask"): it keeps every token. It is the correctness oracle and the
+// speed baseline of the per-(layer, kv head) paged store.
 #pragma once
 #include <map>
 #include <memory>
@@ -8,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "core/model_config.h"
+#include "kv/head_profile.h"
 #include "kv/kv_cache.h"
 
 namespace redknot {
@@ -16,14 +18,13 @@ struct KvGeometry {
   int num_layers = 0;
   int num_kv_heads = 0;
   int head_dim = 0;
-  float scale = 1.0f;      // softmax scale
-  int32_t window = 0;      // 0: dense attention; else sliding window (counts the query token)
-  int32_t sink = 0;        // tokens at the start that windowed heads keep seeing
+  float scale = 1.0f;  // softmax scale
+  HeadProfile heads;   // per-(layer, kv head) masks
 };
 
-// Dense attention geometry of a model: every head sees every earlier token (or the config's
-// sliding window, as Mistral), softmax scale 1/sqrt(head_dim).
-KvGeometry dense_kv_geometry(const ModelConfig& cfg);
+// The model's own attention (HeadProfile::native), softmax scale 1/sqrt(head_dim); a profile
+// given replaces the head classes.
+KvGeometry dense_kv_geometry(const ModelConfig& cfg, const HeadProfile* profile = nullptr);
 
 class ContiguousKvCache : public KvCache {
  public:
@@ -69,6 +70,8 @@ class ContiguousKvCache : public KvCache {
   // Keeps only the slots listed (in order), compacting every layer's K/V.
   void compact(Sequence& s, const std::vector<int32_t>& keep_slots);
   Tensor device_i32(const std::vector<int32_t>& values);
+  AttentionMask mask(int layer, int head) const;
+  bool uniform_masks(int layer) const;
 
   Backend& backend_;
   KvGeometry geo_;

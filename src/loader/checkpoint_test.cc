@@ -134,7 +134,8 @@ TEST(Checkpoint, ShardedDirWithTokenizer) {
   std::map<std::string, Tensor> a, b;
   nlohmann::json wm = nlohmann::json::object();
   for (const auto& [name, t] : f.tensors) {
-    bool first = name.find("layers.0.") != std::string::npos || name.find("embed") != std::string::npos;
+    bool first =
+        name.find("layers.0.") != std::string::npos || name.find("embed") != std::string::npos;
     (first ? a : b)[name] = t;
     wm[name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
   }

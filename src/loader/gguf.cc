@@ -37,8 +37,9 @@ class Reader {
   std::string read_string(const char* what) {
     uint64_t n = read<uint64_t>(what);
     if (n > remaining())
-      throw Error(path_ + ": truncated or corrupt GGUF file: " + what + " length " + std::to_string(n) +
-                  " at offset " + std::to_string(pos_ - 8) + " exceeds the file size");
+      throw Error(path_ + ": truncated or corrupt GGUF file: " + what + " length " +
+                  std::to_string(n) + " at offset " + std::to_string(pos_ - 8) +
+                  " exceeds the file size");
     std::string s(reinterpret_cast<const char*>(data_ + pos_), n);
     pos_ += n;
     return s;
@@ -53,19 +54,32 @@ class Reader {
 
 const char* gguf_type_name(GgufType t) {
   switch (t) {
-    case GgufType::U8: return "u8";
-    case GgufType::I8: return "i8";
-    case GgufType::U16: return "u16";
-    case GgufType::I16: return "i16";
-    case GgufType::U32: return "u32";
-    case GgufType::I32: return "i32";
-    case GgufType::F32: return "f32";
-    case GgufType::Bool: return "bool";
-    case GgufType::String: return "string";
-    case GgufType::Array: return "array";
-    case GgufType::U64: return "u64";
-    case GgufType::I64: return "i64";
-    case GgufType::F64: return "f64";
+    case GgufType::U8:
+      return "u8";
+    case GgufType::I8:
+      return "i8";
+    case GgufType::U16:
+      return "u16";
+    case GgufType::I16:
+      return "i16";
+    case GgufType::U32:
+      return "u32";
+    case GgufType::I32:
+      return "i32";
+    case GgufType::F32:
+      return "f32";
+    case GgufType::Bool:
+      return "bool";
+    case GgufType::String:
+      return "string";
+    case GgufType::Array:
+      return "array";
+    case GgufType::U64:
+      return "u64";
+    case GgufType::I64:
+      return "i64";
+    case GgufType::F64:
+      return "f64";
   }
   return "?";
 }
@@ -73,11 +87,24 @@ const char* gguf_type_name(GgufType t) {
 // Smallest encoded size of one value of `t` (used to reject absurd counts before allocating).
 uint64_t min_value_bytes(GgufType t) {
   switch (t) {
-    case GgufType::U8: case GgufType::I8: case GgufType::Bool: return 1;
-    case GgufType::U16: case GgufType::I16: return 2;
-    case GgufType::U32: case GgufType::I32: case GgufType::F32: return 4;
-    case GgufType::U64: case GgufType::I64: case GgufType::F64: case GgufType::String: return 8;
-    case GgufType::Array: return 12;
+    case GgufType::U8:
+    case GgufType::I8:
+    case GgufType::Bool:
+      return 1;
+    case GgufType::U16:
+    case GgufType::I16:
+      return 2;
+    case GgufType::U32:
+    case GgufType::I32:
+    case GgufType::F32:
+      return 4;
+    case GgufType::U64:
+    case GgufType::I64:
+    case GgufType::F64:
+    case GgufType::String:
+      return 8;
+    case GgufType::Array:
+      return 12;
   }
   return 1;
 }
@@ -87,12 +114,24 @@ bool valid_type(uint32_t t) { return t <= static_cast<uint32_t>(GgufType::F64); 
 // Reads one scalar of type t into v (ints into v.i, floats into v.f, strings into v.s).
 void read_scalar(Reader& r, GgufType t, GgufValue& v) {
   switch (t) {
-    case GgufType::U8: v.i = r.read<uint8_t>("u8 value"); break;
-    case GgufType::I8: v.i = r.read<int8_t>("i8 value"); break;
-    case GgufType::U16: v.i = r.read<uint16_t>("u16 value"); break;
-    case GgufType::I16: v.i = r.read<int16_t>("i16 value"); break;
-    case GgufType::U32: v.i = r.read<uint32_t>("u32 value"); break;
-    case GgufType::I32: v.i = r.read<int32_t>("i32 value"); break;
+    case GgufType::U8:
+      v.i = r.read<uint8_t>("u8 value");
+      break;
+    case GgufType::I8:
+      v.i = r.read<int8_t>("i8 value");
+      break;
+    case GgufType::U16:
+      v.i = r.read<uint16_t>("u16 value");
+      break;
+    case GgufType::I16:
+      v.i = r.read<int16_t>("i16 value");
+      break;
+    case GgufType::U32:
+      v.i = r.read<uint32_t>("u32 value");
+      break;
+    case GgufType::I32:
+      v.i = r.read<int32_t>("i32 value");
+      break;
     case GgufType::U64: {
       uint64_t u = r.read<uint64_t>("u64 value");
       v.i = u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())
@@ -100,12 +139,23 @@ void read_scalar(Reader& r, GgufType t, GgufValue& v) {
                 : static_cast<int64_t>(u);
       break;
     }
-    case GgufType::I64: v.i = r.read<int64_t>("i64 value"); break;
-    case GgufType::F32: v.f = r.read<float>("f32 value"); break;
-    case GgufType::F64: v.f = r.read<double>("f64 value"); break;
-    case GgufType::Bool: v.i = r.read<uint8_t>("bool value") != 0; break;
-    case GgufType::String: v.s = r.read_string("string value"); break;
-    case GgufType::Array: break;  // handled by read_value
+    case GgufType::I64:
+      v.i = r.read<int64_t>("i64 value");
+      break;
+    case GgufType::F32:
+      v.f = r.read<float>("f32 value");
+      break;
+    case GgufType::F64:
+      v.f = r.read<double>("f64 value");
+      break;
+    case GgufType::Bool:
+      v.i = r.read<uint8_t>("bool value") != 0;
+      break;
+    case GgufType::String:
+      v.s = r.read_string("string value");
+      break;
+    case GgufType::Array:
+      break;  // handled by read_value
   }
 }
 
@@ -116,11 +166,12 @@ void read_value(Reader& r, GgufType t, GgufValue& v, const std::string& path,
     read_scalar(r, t, v);
     return;
   }
-  if (depth > 4) throw Error(path + ": corrupt GGUF file: arrays nested too deeply in '" + key + "'");
+  if (depth > 4)
+    throw Error(path + ": corrupt GGUF file: arrays nested too deeply in '" + key + "'");
   uint32_t et = r.read<uint32_t>("array element type");
   if (!valid_type(et))
-    throw Error(path + ": corrupt GGUF file: metadata '" + key + "' has unknown array element type " +
-                std::to_string(et));
+    throw Error(path + ": corrupt GGUF file: metadata '" + key +
+                "' has unknown array element type " + std::to_string(et));
   v.elem_type = static_cast<GgufType>(et);
   uint64_t n = r.read<uint64_t>("array length");
   if (n > r.remaining() / min_value_bytes(v.elem_type))
@@ -155,20 +206,29 @@ void read_value(Reader& r, GgufType t, GgufValue& v, const std::string& path,
 
 const char* ggml_type_name(uint32_t t) {
   static const char* const kNames[] = {
-      "F32",  "F16",  "Q4_0",   "Q4_1",   "Q4_2", "Q4_3", "Q5_0",  "Q5_1",  "Q8_0",    "Q8_1",
-      "Q2_K", "Q3_K", "Q4_K",   "Q5_K",   "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS",
-      "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64",
-      "IQ1_M", "BF16"};
+      "F32",     "F16",    "Q4_0",    "Q4_1",  "Q4_2",   "Q4_3",  "Q5_0",  "Q5_1",
+      "Q8_0",    "Q8_1",   "Q2_K",    "Q3_K",  "Q4_K",   "Q5_K",  "Q6_K",  "Q8_K",
+      "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
+      "I8",      "I16",    "I32",     "I64",   "F64",    "IQ1_M", "BF16"};
   return t < sizeof(kNames) / sizeof(kNames[0]) ? kNames[t] : "unknown";
 }
 
 bool ggml_to_dtype(uint32_t t, DType* out) {
   switch (t) {
-    case 0: *out = DType::F32; return true;
-    case 1: *out = DType::F16; return true;
-    case 8: *out = DType::Q8_0; return true;
-    case 30: *out = DType::BF16; return true;
-    default: return false;
+    case 0:
+      *out = DType::F32;
+      return true;
+    case 1:
+      *out = DType::F16;
+      return true;
+    case 8:
+      *out = DType::Q8_0;
+      return true;
+    case 30:
+      *out = DType::BF16;
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -176,10 +236,18 @@ bool ggml_to_dtype(uint32_t t, DType* out) {
 
 bool GgufValue::is_int() const {
   switch (type) {
-    case GgufType::U8: case GgufType::I8: case GgufType::U16: case GgufType::I16:
-    case GgufType::U32: case GgufType::I32: case GgufType::U64: case GgufType::I64:
-    case GgufType::Bool: return true;
-    default: return false;
+    case GgufType::U8:
+    case GgufType::I8:
+    case GgufType::U16:
+    case GgufType::I16:
+    case GgufType::U32:
+    case GgufType::I32:
+    case GgufType::U64:
+    case GgufType::I64:
+    case GgufType::Bool:
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -292,11 +360,16 @@ std::string gguf_to_hf_name(const std::string& name) {
       {"output.weight", "lm_head.weight"},
   };
   static const std::map<std::string, std::string> kLayer = {
-      {"attn_q", "self_attn.q_proj"},         {"attn_k", "self_attn.k_proj"},
-      {"attn_v", "self_attn.v_proj"},         {"attn_output", "self_attn.o_proj"},
-      {"ffn_gate", "mlp.gate_proj"},          {"ffn_up", "mlp.up_proj"},
-      {"ffn_down", "mlp.down_proj"},          {"attn_norm", "input_layernorm"},
-      {"ffn_norm", "post_attention_layernorm"}, {"attn_q_norm", "self_attn.q_norm"},
+      {"attn_q", "self_attn.q_proj"},
+      {"attn_k", "self_attn.k_proj"},
+      {"attn_v", "self_attn.v_proj"},
+      {"attn_output", "self_attn.o_proj"},
+      {"ffn_gate", "mlp.gate_proj"},
+      {"ffn_up", "mlp.up_proj"},
+      {"ffn_down", "mlp.down_proj"},
+      {"attn_norm", "input_layernorm"},
+      {"ffn_norm", "post_attention_layernorm"},
+      {"attn_q_norm", "self_attn.q_norm"},
       {"attn_k_norm", "self_attn.k_norm"},
   };
   if (auto it = kGlobal.find(name); it != kGlobal.end()) return it->second;
@@ -462,7 +535,8 @@ Checkpoint load_gguf_checkpoint(const std::string& path) {
   bool has_output = false;
   for (const GgufTensorInfo& info : g.tensors) {
     if (info.name == "rope_freqs.weight")
-      throw Error(path + ": tensor 'rope_freqs.weight' (per-frequency rope factors, llama3 "
+      throw Error(path +
+                  ": tensor 'rope_freqs.weight' (per-frequency rope factors, llama3 "
                   "scaling baked into GGUF) is not supported");
     if (info.name == "output.weight") has_output = true;
   }
@@ -473,8 +547,10 @@ Checkpoint load_gguf_checkpoint(const std::string& path) {
     std::string hf = gguf_to_hf_name(info.name);
     Tensor t = g.view(info);
     // Q/K rows: interleaved rotary pairs -> HF rotate-half order.
-    const bool is_q = hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias");
-    const bool is_k = hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias");
+    const bool is_q =
+        hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias");
+    const bool is_k =
+        hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias");
     if (is_q || is_k) {
       const int64_t heads = is_q ? c.num_heads : c.num_kv_heads;
       if (t.rank() < 1 || t.dim(0) != heads * c.head_dim)

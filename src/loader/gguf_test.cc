@@ -48,8 +48,8 @@ class GgufBuilder {
     ++n_tensors_;
   }
   std::string build(uint32_t version = 3) const {
-    std::string out = "GGUF" + pod(version) + pod<uint64_t>(n_tensors_) + pod<uint64_t>(n_kv_) +
-                      meta_ + infos_;
+    std::string out =
+        "GGUF" + pod(version) + pod<uint64_t>(n_tensors_) + pod<uint64_t>(n_kv_) + meta_ + infos_;
     while (out.size() % 32) out += '\0';
     return out + data_;
   }
@@ -151,7 +151,11 @@ Llama2c read_llama2c(const std::string& path) {
   std::memcpy(m.w.data(), bytes.data() + sizeof(h), m.w.size() * 4);
   const size_t D = m.dim, L = m.layers, KV = m.dim / m.heads * m.kv_heads, F = m.hidden;
   size_t off = 0;
-  auto take = [&](size_t n) { size_t o = off; off += n; return o; };
+  auto take = [&](size_t n) {
+    size_t o = off;
+    off += n;
+    return o;
+  };
   m.embed = take(m.vocab * D);
   m.rms_att = take(L * D);
   m.wq = take(L * D * D);
@@ -224,7 +228,8 @@ TEST(GgufStories, TensorsMatchLlama2c) {
   EXPECT_EQ(ck.get("model.embed_tokens.weight").shape(), (std::vector<int64_t>{512, 64}));
   for (int64_t l = 0; l < m.layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    expect_equal_f32(ck.get(p + "input_layernorm.weight"), &m.w[m.rms_att + l * D], p + "attn norm");
+    expect_equal_f32(ck.get(p + "input_layernorm.weight"), &m.w[m.rms_att + l * D],
+                     p + "attn norm");
     expect_equal_f32(ck.get(p + "post_attention_layernorm.weight"), &m.w[m.rms_ffn + l * D],
                      p + "ffn norm");
     expect_equal_f32(ck.get(p + "self_attn.v_proj.weight"), &m.w[m.wv + l * KV * D], p + "wv");
@@ -300,8 +305,8 @@ TEST(GgufStories, NonRotaryTensorsAreViewsIntoTheMapping) {
   const Tensor& e = ck.get("model.embed_tokens.weight");
   auto file = std::static_pointer_cast<MappedFile>(e.holder());
   for (const auto& [name, t] : ck.tensors) {
-    const bool rotary = name.find("q_proj") != std::string::npos ||
-                        name.find("k_proj") != std::string::npos;
+    const bool rotary =
+        name.find("q_proj") != std::string::npos || name.find("k_proj") != std::string::npos;
     if (rotary) {
       EXPECT_NE(t.holder().get(), file.get()) << name;  // owned converted copy
       continue;

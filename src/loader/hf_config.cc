@@ -17,11 +17,16 @@ using json = nlohmann::json;
 constexpr const char* kSupported = "llama, mistral, qwen2, qwen3";
 
 bool arch_from_name(const std::string& s, Arch* out) {
-  if (s == "llama" || s == "LlamaForCausalLM") *out = Arch::Llama;
-  else if (s == "mistral" || s == "MistralForCausalLM") *out = Arch::Mistral;
-  else if (s == "qwen2" || s == "Qwen2ForCausalLM") *out = Arch::Qwen2;
-  else if (s == "qwen3" || s == "Qwen3ForCausalLM") *out = Arch::Qwen3;
-  else return false;
+  if (s == "llama" || s == "LlamaForCausalLM")
+    *out = Arch::Llama;
+  else if (s == "mistral" || s == "MistralForCausalLM")
+    *out = Arch::Mistral;
+  else if (s == "qwen2" || s == "Qwen2ForCausalLM")
+    *out = Arch::Qwen2;
+  else if (s == "qwen3" || s == "Qwen3ForCausalLM")
+    *out = Arch::Qwen3;
+  else
+    return false;
   return true;
 }
 
@@ -32,7 +37,8 @@ int64_t get_int(const json& j, const char* key, int64_t fallback, const std::str
   if (v.is_number_integer()) return v.get<int64_t>();
   if (v.is_number_float()) {
     double d = v.get<double>();
-    if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9e15) return static_cast<int64_t>(d);
+    if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9e15)
+      return static_cast<int64_t>(d);
   }
   throw Error(src + ": field '" + key + "' must be an integer, got " + v.dump());
 }
@@ -152,7 +158,8 @@ ModelConfig parse_hf_config(const json& j, const std::string& src) {
       c.rope_scaling.low_freq_factor = get_num(s, "low_freq_factor", 1.0, src);
       c.rope_scaling.high_freq_factor = get_num(s, "high_freq_factor", 4.0, src);
       c.rope_scaling.original_max_position =
-          get_int(s, "original_max_position_embeddings", rt == "llama3" ? 0 : c.max_position_embeddings, src);
+          get_int(s, "original_max_position_embeddings",
+                  rt == "llama3" ? 0 : c.max_position_embeddings, src);
     } else {
       throw Error(src + ": unsupported rope_scaling type '" + rt +
                   "' (supported: linear, dynamic, llama3)");
@@ -169,7 +176,8 @@ ModelConfig parse_hf_config(const json& j, const std::string& src) {
     int64_t first = get_int(j, "max_window_layers", 0, src);
     if (window > 0 && first < c.num_layers) {
       if (first > 0)
-        throw Error(src + ": sliding window on layers " + std::to_string(first) + ".. only "
+        throw Error(src + ": sliding window on layers " + std::to_string(first) +
+                    ".. only "
                     "(max_window_layers) is not supported; all layers or none");
       c.sliding_window = window;
     }
@@ -191,7 +199,8 @@ ModelConfig parse_hf_config(const json& j, const std::string& src) {
 
 ModelConfig read_hf_config(const std::string& path) {
   ModelConfig c = parse_hf_config(read_json_file(path), path);
-  const std::filesystem::path gen = std::filesystem::path(path).parent_path() / "generation_config.json";
+  const std::filesystem::path gen =
+      std::filesystem::path(path).parent_path() / "generation_config.json";
   std::error_code ec;
   if (std::filesystem::exists(gen, ec)) {
     const std::string gpath = gen.string();

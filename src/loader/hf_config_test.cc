@@ -15,9 +15,10 @@ using namespace testing_util;
 using json = nlohmann::json;
 
 json base_config(const std::string& type) {
-  return {{"model_type", type},       {"vocab_size", 100},        {"hidden_size", 64},
-          {"intermediate_size", 128}, {"num_hidden_layers", 2},   {"num_attention_heads", 4},
-          {"rms_norm_eps", 1e-6},     {"max_position_embeddings", 1024}};
+  return {{"model_type", type},     {"vocab_size", 100},
+          {"hidden_size", 64},      {"intermediate_size", 128},
+          {"num_hidden_layers", 2}, {"num_attention_heads", 4},
+          {"rms_norm_eps", 1e-6},   {"max_position_embeddings", 1024}};
 }
 
 TEST(HfConfig, Llama3Tiny) {
@@ -102,9 +103,12 @@ TEST(RopeFrequencies, Llama3BandsAreDistinct) {
   int kept = 0, divided = 0, mixed = 0;
   for (size_t i = 0; i < plain.inv_freq.size(); ++i) {
     double ratio = plain.inv_freq[i] / scaled.inv_freq[i];
-    if (std::fabs(ratio - 1) < 1e-6) ++kept;
-    else if (std::fabs(ratio - 8) < 1e-5) ++divided;
-    else ++mixed;
+    if (std::fabs(ratio - 1) < 1e-6)
+      ++kept;
+    else if (std::fabs(ratio - 8) < 1e-5)
+      ++divided;
+    else
+      ++mixed;
   }
   EXPECT_GT(kept, 0);
   EXPECT_GT(divided, 0);
@@ -182,8 +186,7 @@ TEST(HfConfig, GenerationConfigEosIsAdded) {
   j["eos_token_id"] = 2;
   write_bytes(dir.file("config.json"), j.dump());
   write_bytes(dir.file("generation_config.json"), json{{"eos_token_id", {2, 9}}}.dump());
-  EXPECT_EQ(read_hf_config(dir.file("config.json")).eos_token_ids,
-            (std::vector<int32_t>{2, 9}));
+  EXPECT_EQ(read_hf_config(dir.file("config.json")).eos_token_ids, (std::vector<int32_t>{2, 9}));
 }
 
 TEST(HfConfig, Errors) {

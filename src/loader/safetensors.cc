@@ -17,28 +17,39 @@ namespace {
 using json = nlohmann::json;
 
 bool parse_dtype(const std::string& s, DType* out) {
-  if (s == "F32") *out = DType::F32;
-  else if (s == "F16") *out = DType::F16;
-  else if (s == "BF16") *out = DType::BF16;
-  else if (s == "I32") *out = DType::I32;
-  else return false;
+  if (s == "F32")
+    *out = DType::F32;
+  else if (s == "F16")
+    *out = DType::F16;
+  else if (s == "BF16")
+    *out = DType::BF16;
+  else if (s == "I32")
+    *out = DType::I32;
+  else
+    return false;
   return true;
 }
 
 const char* safetensors_dtype(DType t) {
   switch (t) {
-    case DType::F32: return "F32";
-    case DType::F16: return "F16";
-    case DType::BF16: return "BF16";
-    case DType::I32: return "I32";
-    default: return nullptr;
+    case DType::F32:
+      return "F32";
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+    case DType::I32:
+      return "I32";
+    default:
+      return nullptr;
   }
 }
 
 // A JSON number that must be a non-negative integer.
 uint64_t get_u64(const json& v, const std::string& path, const std::string& what) {
   if (v.is_number_unsigned()) return v.get<uint64_t>();
-  if (v.is_number_integer() && v.get<int64_t>() >= 0) return static_cast<uint64_t>(v.get<int64_t>());
+  if (v.is_number_integer() && v.get<int64_t>() >= 0)
+    return static_cast<uint64_t>(v.get<int64_t>());
   throw Error(path + ": " + what + " must be a non-negative integer, got " + v.dump());
 }
 
@@ -171,7 +182,8 @@ std::map<std::string, Tensor> read_safetensors_dir(const std::string& dir) {
       throw Error(ipath + ": missing 'weight_map' object");
     std::map<std::string, std::vector<std::string>> by_shard;
     for (const auto& [name, file] : index["weight_map"].items()) {
-      if (!file.is_string()) throw Error(ipath + ": weight_map entry '" + name + "' is not a string");
+      if (!file.is_string())
+        throw Error(ipath + ": weight_map entry '" + name + "' is not a string");
       std::string f = file.get<std::string>();
       // Shards live beside the index; refuse paths that escape the directory.
       if (f.empty() || f.find('/') != std::string::npos || f == "..")
@@ -209,7 +221,8 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
     if (t.empty() || (t.raw() == nullptr && t.numel() != 0))
       throw Error(path + ": cannot write tensor '" + name + "': absent (no shape or data)");
     const uint64_t bytes = static_cast<uint64_t>(t.nbytes());
-    header[name] = {{"dtype", dt}, {"shape", t.shape()}, {"data_offsets", {offset, offset + bytes}}};
+    header[name] = {
+        {"dtype", dt}, {"shape", t.shape()}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
   std::string text = header.dump();

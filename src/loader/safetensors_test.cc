@@ -3,8 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
-#include <random>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "loader/test_util.h"
 
@@ -136,7 +136,8 @@ TEST(Safetensors, LyingOffsets) {
   TempDir dir;
   const std::string p = dir.file("o.safetensors");
   // End beyond the file.
-  write_bytes(p, raw_file(R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", "12345678"));
+  write_bytes(p,
+              raw_file(R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", "12345678"));
   expect_error([&] { read_safetensors(p); }, {p, "'x'", "outside the data section"});
   // Size disagrees with shape.
   write_bytes(p, raw_file(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", "12345678"));
@@ -155,7 +156,8 @@ TEST(Safetensors, LyingOffsets) {
                           "12345678"));
   expect_error([&] { read_safetensors(p); }, {p, "'x'"});
   // Negative offsets / dims.
-  write_bytes(p, raw_file(R"({"x":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", "12345678"));
+  write_bytes(p,
+              raw_file(R"({"x":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", "12345678"));
   expect_error([&] { read_safetensors(p); }, {p, "non-negative"});
 }
 
@@ -175,8 +177,8 @@ TEST(Safetensors, UnsupportedDtype) {
   const std::string p = dir.file("d.safetensors");
   write_bytes(p, raw_file(R"({"w":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})", "12345678"));
   expect_error([&] { read_safetensors(p); }, {p, "'w'", "unsupported dtype 'F64'"});
-  write_bytes(p, raw_file(R"({"w":{"dtype":"F8_E4M3","shape":[8],"data_offsets":[0,8]}})",
-                          "12345678"));
+  write_bytes(
+      p, raw_file(R"({"w":{"dtype":"F8_E4M3","shape":[8],"data_offsets":[0,8]}})", "12345678"));
   expect_error([&] { read_safetensors(p); }, {p, "'w'", "F8_E4M3"});
 }
 

@@ -15,9 +15,9 @@
 namespace redknot::testing_util {
 
 inline const std::string kShared = REDKNOT_SHARED_DIR;
-inline const std::vector<std::string> kRefModels = {"llama3-tiny", "mistral-tiny",
+inline const std::vector<std::string> kRefModels = {"llama3-tiny",      "mistral-tiny",
                                                     "mistral-swa-tiny", "qwen2-tiny",
-                                                    "qwen3-tiny", "qwen3-tiny-bf16"};
+                                                    "qwen3-tiny",       "qwen3-tiny-bf16"};
 inline std::string ref_dir(const std::string& model) { return kShared + "/refs/" + model; }
 
 class TempDir {

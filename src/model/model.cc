@@ -73,7 +73,7 @@ Model::Model(const Checkpoint& ckpt, Backend& backend) : cfg_(ckpt.config), back
 
 // x: [T, hidden] (normalised input); out: [T, hidden] (o_proj output)
 void Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv,
-                            const Tensor& pos) {
+                            const Tensor& pos, ForwardObserver* observer) {
   const LayerWeights& w = layers_[layer];
   const int64_t T = x.dim(0), hd = cfg_.head_dim, nh = cfg_.num_heads, nkv = cfg_.num_kv_heads;
   const DType act = backend_.act_dtype();
@@ -91,6 +91,7 @@ void Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv
   }
   backend_.rope(q3, pos, inv_freq_, rope_scaling_);
   backend_.rope(k3, pos, inv_freq_, rope_scaling_);
+  if (observer) observer->on_attention_inputs(layer, q3, k3);
   kv.write(layer, k3, v3);
   Tensor attn = backend_.alloc(act, {T, nh, hd});
   kv.attend(layer, q3, attn);
@@ -109,7 +110,7 @@ void Model::ffn_block(int layer, const Tensor& x, Tensor& out) {
   backend_.matmul(gate, w.w_down, Tensor(), out);
 }
 
-Tensor Model::forward(const Batch& batch, KvCache& kv) {
+Tensor Model::forward(const Batch& batch, KvCache& kv, ForwardObserver* observer) {
   batch.validate(cfg_.vocab_size);
   const int64_t T = batch.size(), H = cfg_.hidden_size;
   const DType act = backend_.act_dtype();
@@ -131,7 +132,7 @@ Tensor Model::forward(const Batch& batch, KvCache& kv) {
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   for (int l = 0; l < static_cast<int>(cfg_.num_layers); ++l) {
     backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
-    attention_block(l, normed, block_out, kv, pos);
+    attention_block(l, normed, block_out, kv, pos, observer);
     backend_.add(x, block_out);
     backend_.rmsnorm(x, layers_[l].ffn_norm, eps, normed);
     ffn_block(l, normed, block_out);

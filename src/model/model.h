@@ -22,6 +22,14 @@ struct LayerWeights {
   Tensor w_gate, w_up, w_down;    // [ffn, hidden] x2, [hidden, ffn]
 };
 
+// Sees every layer's queries and keys after RoPE (the head profiler reads attention maps here).
+class ForwardObserver {
+ public:
+  virtual ~ForwardObserver() = default;
+  // q: [T, heads, head_dim]; k: [T, kv_heads, head_dim] (on the backend device)
+  virtual void on_attention_inputs(int layer, const Tensor& q, const Tensor& k) = 0;
+};
+
 class Model {
  public:
   // Uploads the checkpoint's weights to `backend` (which must outlive the model).
@@ -36,13 +44,14 @@ class Model {
   // Runs `batch` through every layer, appending its K/V to `kv`, and returns the logits of
   // batch.logit_rows as a host f32 tensor [logit_rows, vocab]. Throws OutOfKvMemory (KV
   // unchanged) when the cache cannot take the batch, Error on invalid tokens/positions.
-  Tensor forward(const Batch& batch, KvCache& kv);
+  Tensor forward(const Batch& batch, KvCache& kv, ForwardObserver* observer = nullptr);
 
   // Size in bytes of the weights as stored on the backend.
   int64_t weight_bytes() const { return weight_bytes_; }
 
  private:
-  void attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv, const Tensor& pos);
+  void attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv, const Tensor& pos,
+                       ForwardObserver* observer);
   void ffn_block(int layer, const Tensor& x, Tensor& out);
   Tensor upload(const Checkpoint& ckpt, const std::string& name);
   Tensor upload_norm(const Checkpoint& ckpt, const std::string& name);

@@ -1,7 +1,8 @@
 // Tokenizer::from_gguf (llama.cpp SentencePiece-style BPE) on real vocabularies:
 //  - stories260K's 512-token vocab, from both tok512.bin (llama2.c format) and the real
 //    stories260K.gguf (read here by a minimal GGUF metadata reader, independent of src/loader);
-//  - the Llama-2-style 32000-token vocab of tokenizers/llama2, checked against the HF oracle rows.
+//  - the Llama-2 (SentencePiece) and Llama-3 (byte-level "gpt2") vocabs of tokenizers/, as GGUF
+//    would carry them, checked against the HF oracle rows.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -265,6 +266,34 @@ TEST_F(GgufVocabTest, SpmOnLlama2VocabMatchesHfOracle) {
     EXPECT_EQ(tok->encode(text), ids) << "row " << i << ": " << text.substr(0, 60);
     EXPECT_EQ(tok->decode(ids), rows[i]["decoded"].get<std::string>()) << "row " << i;
   }
+}
+
+// A GGUF "gpt2" (byte-level BPE) vocab built from the Llama-3 tokenizer.json: the GGUF path uses
+// the Llama-3 split pattern, so it must reproduce HF's ids on the Llama-3 oracle rows.
+TEST_F(GgufVocabTest, Gpt2VocabFromLlama3MatchesHfOracle) {
+  const auto j = nlohmann::json::parse(read_file(kShared + "/tokenizers/llama3/tokenizer.json"));
+  GgufVocab v;
+  v.model = "gpt2";
+  const auto& vocab = j["model"]["vocab"];
+  const size_t n = vocab.size() + j["added_tokens"].size();
+  v.tokens.resize(n);
+  v.token_types.assign(n, 1);
+  for (const auto& [tok, id] : vocab.items()) v.tokens[id.get<size_t>()] = tok;
+  for (const auto& a : j["added_tokens"]) {
+    v.tokens[a["id"].get<size_t>()] = a["content"];
+    v.token_types[a["id"].get<size_t>()] = 3;
+  }
+  for (const auto& m : j["model"]["merges"]) v.merges.push_back(m);
+  v.bos_id = 128000, v.eos_id = 128001;
+  const auto tok = Tokenizer::from_gguf(v);
+  const auto rows = nlohmann::json::parse(read_file(kShared + "/refs/tokenizer-llama3.json"));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const std::string text = rows[i]["text"];
+    const auto ids = rows[i]["ids"].get<std::vector<int32_t>>();
+    EXPECT_EQ(tok->encode(text), ids) << "row " << i << ": " << text.substr(0, 60);
+    EXPECT_EQ(tok->decode(ids), rows[i]["decoded"].get<std::string>()) << "row " << i;
+  }
+  EXPECT_EQ(tok->encode("hi", /*add_special=*/true).front(), 128000);
 }
 
 }  // namespace

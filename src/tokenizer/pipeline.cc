@@ -23,8 +23,7 @@ bool is_whitespace_cp(uint32_t cp) {
   if ((cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85) return true;
   if (cp < 0x80) return false;
   const auto cat = utf8proc_category(static_cast<utf8proc_int32_t>(cp));
-  return cat == UTF8PROC_CATEGORY_ZS || cat == UTF8PROC_CATEGORY_ZL ||
-         cat == UTF8PROC_CATEGORY_ZP;
+  return cat == UTF8PROC_CATEGORY_ZS || cat == UTF8PROC_CATEGORY_ZL || cat == UTF8PROC_CATEGORY_ZP;
 }
 
 bool is_word_cp(uint32_t cp) {
@@ -46,8 +45,8 @@ std::string utf8proc_transform(const std::string& s, int options) {
   const auto n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
                               static_cast<utf8proc_ssize_t>(s.size()), &out,
                               static_cast<utf8proc_option_t>(options));
-  if (n < 0) throw Error(std::string("tokenizer: unicode normalization failed: ") +
-                         utf8proc_errmsg(n));
+  if (n < 0)
+    throw Error(std::string("tokenizer: unicode normalization failed: ") + utf8proc_errmsg(n));
   std::string r(reinterpret_cast<char*>(out), static_cast<size_t>(n));
   std::free(out);
   return r;
@@ -176,9 +175,8 @@ int byte_token_value(std::string_view token) { return parse_byte_token(token); }
 Regex::Regex(const std::string& pattern) {
   int err = 0;
   PCRE2_SIZE err_off = 0;
-  pcre2_code* code =
-      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                    PCRE2_UTF | PCRE2_UCP, &err, &err_off, nullptr);
+  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                                   PCRE2_UTF | PCRE2_UCP, &err, &err_off, nullptr);
   if (code == nullptr) {
     PCRE2_UCHAR msg[256];
     pcre2_get_error_message(err, msg, sizeof(msg));
@@ -221,7 +219,11 @@ std::vector<std::pair<size_t, size_t>> Regex::find_all(std::string_view text) co
 
 // ---------------------------------------------------------------------------------------------
 void PipelineTokenizer::set_token(int32_t id, const std::string& token) {
-  if (id < 0) throw Error("tokenizer: negative token id for '" + token + "'");
+  // Ids index dense tables; a corrupt file must not make us allocate gigabytes.
+  constexpr int32_t kMaxVocab = 1 << 24;
+  if (id < 0 || id >= kMaxVocab)
+    throw Error("tokenizer: token id " + std::to_string(id) + " of '" + token +
+                "' is out of range");
   if (static_cast<size_t>(id) >= id_to_token_.size()) {
     id_to_token_.resize(id + 1);
     valid_.resize(id + 1, 0);
@@ -467,7 +469,8 @@ std::vector<PipelineTokenizer::Piece> PipelineTokenizer::pre_tokenize(Segment se
     for (auto& p : pieces) {
       switch (step.kind) {
         case PreTokStep::kSplit:
-          split_with(p, step.regex ? step.regex->find_all(p.text) : find_literal(p.text, step.literal),
+          split_with(p,
+                     step.regex ? step.regex->find_all(p.text) : find_literal(p.text, step.literal),
                      step.behavior, step.invert);
           break;
         case PreTokStep::kByteLevel: {
@@ -475,8 +478,8 @@ std::vector<PipelineTokenizer::Piece> PipelineTokenizer::pre_tokenize(Segment se
           if (step.add_prefix_space && !text.starts_with(' ')) text.insert(text.begin(), ' ');
           std::vector<std::pair<size_t, size_t>> ranges;
           if (step.regex) {
-            ranges = split_ranges(text.size(), step.regex->find_all(text),
-                                  SplitBehavior::kIsolated, false);
+            ranges = split_ranges(text.size(), step.regex->find_all(text), SplitBehavior::kIsolated,
+                                  false);
           } else {
             ranges.emplace_back(0, text.size());
           }
@@ -592,7 +595,8 @@ void PipelineTokenizer::bpe_word(const std::string& word, std::vector<int32_t>& 
   int32_t pending_unk = -1;
   std::string piece;
   for (size_t i = 0; i < word.size();) {
-    const size_t len = std::min(utf8_char_len(static_cast<unsigned char>(word[i])), word.size() - i);
+    const size_t len =
+        std::min(utf8_char_len(static_cast<unsigned char>(word[i])), word.size() - i);
     piece.clear();
     if (i > 0) piece += continuing_subword_prefix;
     piece.append(word, i, len);
@@ -672,7 +676,8 @@ void PipelineTokenizer::spm_text(const std::string& text, std::vector<int32_t>& 
   };
   std::vector<Symbol> syms;
   for (size_t i = 0; i < text.size();) {
-    const size_t len = std::min(utf8_char_len(static_cast<unsigned char>(text[i])), text.size() - i);
+    const size_t len =
+        std::min(utf8_char_len(static_cast<unsigned char>(text[i])), text.size() - i);
     const auto n = static_cast<int32_t>(syms.size());
     syms.push_back({i, len, n - 1, -1});
     if (n > 0) syms[n - 1].next = n;
@@ -696,7 +701,8 @@ void PipelineTokenizer::spm_text(const std::string& text, std::vector<int32_t>& 
     const float score = id < scores_.size() ? scores_[id] : 0.0f;
     queue.push({score, l, r, merged.size()});
   };
-  for (size_t k = 1; k < syms.size(); ++k) try_add(static_cast<int32_t>(k - 1), static_cast<int32_t>(k));
+  for (size_t k = 1; k < syms.size(); ++k)
+    try_add(static_cast<int32_t>(k - 1), static_cast<int32_t>(k));
   while (!queue.empty()) {
     const Bigram b = queue.top();
     queue.pop();

@@ -36,7 +36,7 @@ struct AddedToken {
 
 struct NormalizerStep {
   enum Kind { kNfc, kNfd, kNfkc, kNfkd, kLowercase, kPrepend, kReplace, kStrip } kind;
-  std::string text, content;    // Prepend: text; Replace: pattern text -> content
+  std::string text, content;     // Prepend: text; Replace: pattern text -> content
   std::shared_ptr<Regex> regex;  // Replace with a regex pattern
   bool left = false, right = false;
 };

@@ -2,6 +2,8 @@
 // into a tok::PipelineTokenizer.
 #include "tokenizer/tokenizer.h"
 
+#include <climits>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -246,7 +248,12 @@ void parse_post_processor(const JsonReader& r, const json& j, PipelineTokenizer&
       const std::string name = r.str(item["SpecialToken"], "id");
       std::vector<int32_t> ids;
       if (specials.is_object() && specials.contains(name) && specials[name].contains("ids")) {
-        for (const auto& id : specials[name]["ids"]) ids.push_back(id.get<int32_t>());
+        for (const auto& id : specials[name]["ids"]) {
+          const auto v = id.get<int64_t>();
+          if (v < 0 || v >= t.vocab_size())
+            r.fail("TemplateProcessing id " + std::to_string(v) + " is outside the vocabulary");
+          ids.push_back(static_cast<int32_t>(v));
+        }
       } else if (const auto id = t.token_to_id(name)) {
         ids.push_back(*id);
       } else {
@@ -259,7 +266,9 @@ void parse_post_processor(const JsonReader& r, const json& j, PipelineTokenizer&
     const auto token_id = [&](const char* key) -> int32_t {
       if (!j.contains(key) || !j[key].is_array() || j[key].size() != 2)
         r.fail(type + " needs \"" + key + "\" as [token, id]");
-      return j[key][1].get<int32_t>();
+      const auto id = j[key][1].get<int64_t>();
+      if (id < 0 || id >= t.vocab_size()) r.fail(type + " token id out of range");
+      return static_cast<int32_t>(id);
     };
     t.has_template = true;
     t.template_prefix = {token_id("cls")};
@@ -333,9 +342,25 @@ DecoderStep decoder_step(DecoderStep::Kind kind, std::string pattern = "",
   return d;
 }
 
+std::unique_ptr<Tokenizer> load_hf_file(const std::string& path);
+
 }  // namespace
 
 std::unique_ptr<Tokenizer> Tokenizer::from_hf_file(const std::string& path) {
+  try {
+    return load_hf_file(path);
+  } catch (const json::exception& e) {  // a value of an unexpected type somewhere
+    throw Error(path + ": malformed tokenizer file: " + e.what());
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    if (msg.find(path) != std::string::npos) throw;
+    throw Error(path + ": " + msg);
+  }
+}
+
+namespace {
+
+std::unique_ptr<Tokenizer> load_hf_file(const std::string& path) {
   const json root = read_json(path);
   const JsonReader r(path);
   if (!root.is_object()) r.fail("expected a JSON object at the top level");
@@ -348,7 +373,9 @@ std::unique_ptr<Tokenizer> Tokenizer::from_hf_file(const std::string& path) {
   const json& vocab = r.obj(model, "vocab");
   for (const auto& [token, id] : vocab.items()) {
     if (!id.is_number_integer()) r.fail("vocab id of \"" + token + "\" is not an integer");
-    t->set_token(id.get<int32_t>(), token);
+    const auto v = id.get<int64_t>();
+    if (v < 0 || v > INT32_MAX) r.fail("vocab id of \"" + token + "\" is out of range");
+    t->set_token(static_cast<int32_t>(v), token);
   }
   t->byte_fallback = r.flag(model, "byte_fallback", false);
   t->fuse_unk = r.flag(model, "fuse_unk", false);
@@ -381,7 +408,9 @@ std::unique_ptr<Tokenizer> Tokenizer::from_hf_file(const std::string& path) {
     if (!root["added_tokens"].is_array()) r.fail("\"added_tokens\" must be an array");
     for (const auto& a : root["added_tokens"]) {
       tok::AddedToken at;
-      at.id = static_cast<int32_t>(r.integer(a, "id", -1));
+      const int64_t id = r.integer(a, "id", -1);
+      if (id > INT32_MAX) r.fail("added token id out of range");
+      at.id = static_cast<int32_t>(id);
       at.content = r.str(a, "content");
       if (at.id < 0 || at.content.empty()) r.fail("added token needs an id and a content");
       at.special = r.flag(a, "special", false);
@@ -414,6 +443,8 @@ std::unique_ptr<Tokenizer> Tokenizer::from_hf_file(const std::string& path) {
   if (std::filesystem::exists(gen_path)) read_generation_config(gen_path.string(), *t);
   return t;
 }
+
+}  // namespace
 
 std::unique_ptr<Tokenizer> Tokenizer::from_gguf(const GgufVocab& v) {
   const std::string where = "GGUF vocabulary";
@@ -452,7 +483,8 @@ std::unique_ptr<Tokenizer> Tokenizer::from_gguf(const GgufVocab& v) {
     t->model_kind = tok::ModelKind::kSpm;
     t->set_scores(v.scores);
     const std::string space = "\xE2\x96\x81";  // ▁
-    if (v.add_space_prefix) t->normalizers.push_back({NormalizerStep::kPrepend, space, {}, nullptr});
+    if (v.add_space_prefix)
+      t->normalizers.push_back({NormalizerStep::kPrepend, space, {}, nullptr});
     t->normalizers.push_back({NormalizerStep::kReplace, " ", space, nullptr});
     t->decoders.push_back(decoder_step(DecoderStep::kReplace, space, " "));
     t->decoders.push_back(decoder_step(DecoderStep::kByteFallback));

@@ -16,10 +16,10 @@
 namespace redknot::cpu {
 
 struct AttentionArgs {
-  const float* q;  // [Tq, Hq, D]
-  const float* k;  // [Hkv, Tk, D] with head stride kv_head_stride
-  const float* v;  // same layout as k
-  float* out;      // [Tq, Hq, D]
+  const float* q;        // [Tq, Hq, D]
+  const float* k;        // [Hkv, Tk, D] with head stride kv_head_stride
+  const float* v;        // same layout as k
+  float* out;            // [Tq, Hq, D]
   const int32_t* q_pos;  // [Tq]
   const int32_t* k_pos;  // [Tk]
   int64_t hq, hkv, d, tk, kv_head_stride;
@@ -29,7 +29,7 @@ struct AttentionArgs {
 
 // Per-thread scratch, reused across the tasks of one chunk.
 struct AttentionScratch {
-  static constexpr int64_t kBlock = 64;  // keys per online-softmax step
+  static constexpr int64_t kBlock = 32;  // keys per online-softmax step (K/V block fits L1)
   std::vector<float> scores, acc, row_max, row_sum;
   void reserve(int64_t group, int64_t d) {
     scores.resize(group * kBlock);
@@ -62,6 +62,31 @@ inline int visible_ranges(const AttentionArgs& a, int32_t qp, int64_t begin[2], 
 inline bool visible(const AttentionArgs& a, int32_t qp, int32_t kp) {
   if (kp > qp) return false;
   return a.mask.window <= 0 || static_cast<int64_t>(qp) - kp < a.mask.window || kp < a.mask.sink;
+}
+
+// acc[c] += sum_j p[j] * v[j, c] over a block of nb keys. Each vector of acc stays in a
+// register across the keys (four independent FMA chains) instead of a load/store per key.
+// p: [nb]; v: [nb, d]; acc: [d]
+inline void accumulate_pv(const float* p, const float* v, int64_t nb, int64_t d, float* acc) {
+  constexpr int kW = Simd::kWidth;
+  int64_t c = 0;
+  for (; c + kW <= d; c += kW) {
+    Simd::V a0 = Simd::load(acc + c), a1 = Simd::zero(), a2 = Simd::zero(), a3 = Simd::zero();
+    int64_t j = 0;
+    for (; j + 4 <= nb; j += 4) {
+      a0 = Simd::fma(Simd::set1(p[j]), Simd::load(v + j * d + c), a0);
+      a1 = Simd::fma(Simd::set1(p[j + 1]), Simd::load(v + (j + 1) * d + c), a1);
+      a2 = Simd::fma(Simd::set1(p[j + 2]), Simd::load(v + (j + 2) * d + c), a2);
+      a3 = Simd::fma(Simd::set1(p[j + 3]), Simd::load(v + (j + 3) * d + c), a3);
+    }
+    for (; j < nb; ++j) a0 = Simd::fma(Simd::set1(p[j]), Simd::load(v + j * d + c), a0);
+    Simd::store(acc + c, Simd::add(Simd::add(a0, a1), Simd::add(a2, a3)));
+  }
+  for (; c < d; ++c) {
+    float a = acc[c];
+    for (int64_t j = 0; j < nb; ++j) a += p[j] * v[j * d + c];
+    acc[c] = a;
+  }
 }
 
 // Output of query token i for the query heads of kv head g.
@@ -103,12 +128,21 @@ inline void attention_task(const AttentionArgs& a, int64_t i, int64_t g, Attenti
         float* acc = s.acc.data() + h * d;
         if (correction != 1.0f)
           for (int64_t c = 0; c < d; ++c) acc[c] *= correction;
-        for (int64_t j = 0; j < nb; ++j) {
-          const float p = std::exp(sc[j] - new_max);
-          sum += p;
-          const float* vj = vh + (j0 + j) * d;
-          for (int64_t c = 0; c < d; ++c) acc[c] += p * vj[c];
+        // Probabilities of the block, vectorised (masked keys give exactly 0).
+        int64_t j = 0;
+        const Simd::V neg_max = Simd::set1(-new_max);
+        Simd::V sum_v = Simd::zero();
+        for (; j + Simd::kWidth <= nb; j += Simd::kWidth) {
+          const Simd::V p = Simd::exp(Simd::add(Simd::load(sc + j), neg_max));
+          Simd::store(sc + j, p);
+          sum_v = Simd::add(sum_v, p);
         }
+        sum += Simd::sum(sum_v);
+        for (; j < nb; ++j) {
+          sc[j] = std::exp(sc[j] - new_max);
+          sum += sc[j];
+        }
+        accumulate_pv(sc, vh + j0 * d, nb, d, acc);
         s.row_sum[h] = sum;
       }
     }

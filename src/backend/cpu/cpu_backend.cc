@@ -40,8 +40,7 @@ std::vector<float> small_f32(const Tensor& t) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(CpuBackendOptions options)
-    : options_(options), pool_(options.n_threads) {
+CpuBackend::CpuBackend(CpuBackendOptions options) : options_(options), pool_(options.n_threads) {
 #ifdef REDKNOT_HAS_OPENBLAS
   // sgemm runs on OpenBLAS's own threads while ours sleep; same count, no oversubscription.
   openblas_set_num_threads(pool_.size());
@@ -56,7 +55,8 @@ void CpuBackend::parallel_rows(int64_t n, int64_t work_per_item,
     fn(0, n);
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+  const int64_t grain =
+      std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
   pool_.parallel_for(n, grain, fn);
 }
 
@@ -160,7 +160,8 @@ void CpuBackend::matmul_bf16_sgemm(const float* x, int64_t m_rows, const uint16_
                                    int64_t n_rows, int64_t k_dim, const float* bias, float* out) {
 #ifdef REDKNOT_HAS_OPENBLAS
   // Blocks of ~4 MiB of widened weights: big enough for sgemm efficiency, L3-friendly.
-  const int64_t block_rows = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, k_dim));
+  const int64_t block_rows =
+      std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, k_dim));
   weight_tile_.resize(std::min(block_rows, n_rows) * k_dim);
   for (int64_t n0 = 0; n0 < n_rows; n0 += block_rows) {
     const int64_t nb = std::min(block_rows, n_rows - n0);
@@ -187,8 +188,8 @@ void CpuBackend::rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tenso
   if (weight.numel() != cols)
     throw Error("rmsnorm: weight " + weight.describe() + " does not match x " + x.describe());
   std::vector<float> w_f32;
-  const float* w = weight.dtype() == DType::F32 ? weight.data<float>()
-                                                 : (w_f32 = small_f32(weight)).data();
+  const float* w =
+      weight.dtype() == DType::F32 ? weight.data<float>() : (w_f32 = small_f32(weight)).data();
   const float* xp = x.data<float>();
   float* yp = out.data<float>();
   parallel_rows(x.rows(), cols, [&](int64_t r0, int64_t r1) {
@@ -285,8 +286,9 @@ void CpuBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v,
   // Tasks are dealt round-robin to the threads: causal queries get more keys as i grows, so
   // contiguous chunks would leave the first thread idle.
   const int64_t n_tasks = tq * a.hkv;
-  const int64_t n_workers =
-      n_tasks * group * a.tk * a.d * 2 < kMinParallelWork ? 1 : std::min<int64_t>(n_tasks, pool_.size());
+  const int64_t n_workers = n_tasks * group * a.tk * a.d * 2 < kMinParallelWork
+                                ? 1
+                                : std::min<int64_t>(n_tasks, pool_.size());
   auto run = [&](int64_t w0, int64_t w1) {
     cpu::AttentionScratch scratch;
     scratch.reserve(group, a.d);

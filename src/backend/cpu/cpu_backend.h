@@ -10,7 +10,7 @@
 namespace redknot {
 
 struct CpuBackendOptions {
-  int n_threads = 0;               // <= 0: one per hardware thread
+  int n_threads = 0;                 // <= 0: one per hardware thread
   bool f32_weights_to_bf16 = false;  // halve weight memory traffic of f32 checkpoints
 };
 

@@ -64,10 +64,17 @@ inline void gemm_rows(const float* x, int64_t m_rows, const WT* w, int64_t k_dim
   const float* xm = x + m * k_dim;
   float* om = out + m * ldo;
   switch (m_rows - m) {
-    case 3: dot_rows<3, 2>(xm, k_dim, w, k_dim, n_begin, n_end, bias, om, ldo); break;
-    case 2: dot_rows<2, 4>(xm, k_dim, w, k_dim, n_begin, n_end, bias, om, ldo); break;
-    case 1: dot_rows<1, 4>(xm, k_dim, w, k_dim, n_begin, n_end, bias, om, ldo); break;
-    default: break;
+    case 3:
+      dot_rows<3, 2>(xm, k_dim, w, k_dim, n_begin, n_end, bias, om, ldo);
+      break;
+    case 2:
+      dot_rows<2, 4>(xm, k_dim, w, k_dim, n_begin, n_end, bias, om, ldo);
+      break;
+    case 1:
+      dot_rows<1, 4>(xm, k_dim, w, k_dim, n_begin, n_end, bias, om, ldo);
+      break;
+    default:
+      break;
   }
 }
 

@@ -114,8 +114,7 @@ class CudaBackend : public Backend {
     std::vector<uint8_t> converted;
     if (dst.dtype() != src.dtype()) {  // e.g. f32 host values into a bf16 device tensor
       if (dst.dtype() == DType::Q8_0 || dst.dtype() == DType::I32 || src.dtype() == DType::I32)
-        throw Error("copy_from_host: cannot convert " + src.describe() + " to " +
-                    dst.describe());
+        throw Error("copy_from_host: cannot convert " + src.describe() + " to " + dst.describe());
       std::vector<float> f32(src.numel());
       convert_to_f32(src.dtype(), src.raw(), f32.data(), src.numel());
       converted.resize(dst.nbytes());
@@ -135,9 +134,9 @@ class CudaBackend : public Backend {
       return out;
     }
     std::vector<uint8_t> staging(src.nbytes());
-    cuda_check(cudaMemcpyAsync(staging.data(), src.raw(), src.nbytes(), cudaMemcpyDeviceToHost,
-                               stream_),
-               "to_host_f32");
+    cuda_check(
+        cudaMemcpyAsync(staging.data(), src.raw(), src.nbytes(), cudaMemcpyDeviceToHost, stream_),
+        "to_host_f32");
     cuda_check(cudaStreamSynchronize(stream_), "to_host_f32 sync");
     convert_to_f32(src.dtype(), staging.data(), out.data<float>(), src.numel());
     return out;
@@ -156,9 +155,9 @@ class CudaBackend : public Backend {
       using TOut = decltype(out_tag);
       dispatch_act("embedding", table.dtype(), [&](auto table_tag) {
         using TTable = decltype(table_tag);
-        cuda::embedding_kernel<TOut, TTable><<<ids.numel(), 256, 0, stream_>>>(
-            table.data<TTable>(), ids.data<int32_t>(), table.dim(0), table.dim(1),
-            out.data<TOut>());
+        cuda::embedding_kernel<TOut, TTable>
+            <<<ids.numel(), 256, 0, stream_>>>(table.data<TTable>(), ids.data<int32_t>(),
+                                               table.dim(0), table.dim(1), out.data<TOut>());
         launch_check("embedding_kernel");
       });
     });
@@ -210,8 +209,8 @@ class CudaBackend : public Backend {
       using T = decltype(tag);
       dispatch_act("rmsnorm", weight.dtype(), [&](auto w_tag) {
         using TW = decltype(w_tag);
-        cuda::rmsnorm_kernel<T, TW><<<x.rows(), 256, 0, stream_>>>(
-            x.data<T>(), weight.data<TW>(), eps, x.cols(), out.data<T>());
+        cuda::rmsnorm_kernel<T, TW><<<x.rows(), 256, 0, stream_>>>(x.data<T>(), weight.data<TW>(),
+                                                                   eps, x.cols(), out.data<T>());
         launch_check("rmsnorm_kernel");
       });
     });
@@ -225,8 +224,8 @@ class CudaBackend : public Backend {
     if (x.numel() == 0) return;
     dispatch_act("add", x.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      cuda::add_kernel<T><<<elementwise_blocks(x.numel()), 256, 0, stream_>>>(
-          x.data<T>(), y.data<T>(), x.numel());
+      cuda::add_kernel<T>
+          <<<elementwise_blocks(x.numel()), 256, 0, stream_>>>(x.data<T>(), y.data<T>(), x.numel());
       launch_check("add_kernel");
     });
   }
@@ -279,14 +278,14 @@ class CudaBackend : public Backend {
       throw Error("attention: cuda kernel supports head_dim <= " +
                   std::to_string(32 * cuda::kAttnMaxDimsPerLane) + ", got " + q.describe());
     if (q.dim(0) == 0 || q.dim(1) == 0) return;
-    cuda::AttentionParams p{q.dim(1), k.dim(0), d, k.dim(1), kv_head_stride, mask.scale,
-                            mask.window, mask.sink};
+    cuda::AttentionParams p{q.dim(1),       k.dim(0),   d,           k.dim(1),
+                            kv_head_stride, mask.scale, mask.window, mask.sink};
     const dim3 grid(static_cast<unsigned>(q.dim(0)), static_cast<unsigned>(q.dim(1)));
     dispatch_act("attention", q.dtype(), [&](auto tag) {
       using T = decltype(tag);
       cuda::attention_kernel<T><<<grid, 32 * cuda::kAttnWarps, 0, stream_>>>(
-          q.data<T>(), k.data<T>(), v.data<T>(), q_pos.data<int32_t>(), k_pos.data<int32_t>(),
-          p, out.data<T>());
+          q.data<T>(), k.data<T>(), v.data<T>(), q_pos.data<int32_t>(), k_pos.data<int32_t>(), p,
+          out.data<T>());
       launch_check("attention_kernel");
     });
   }
@@ -296,9 +295,9 @@ class CudaBackend : public Backend {
     expect_cuda("copy", "dst", dst);
     if (src.dtype() != dst.dtype() || src.numel() != dst.numel())
       throw Error("copy: " + src.describe() + " -> " + dst.describe() + " mismatch");
-    cuda_check(cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice,
-                               stream_),
-               "copy");
+    cuda_check(
+        cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream_),
+        "copy");
   }
 
   void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override {
@@ -327,8 +326,7 @@ class CudaBackend : public Backend {
     if (logits.rows() == 0) return;
     dispatch_act("argmax", logits.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      cuda::argmax_kernel<T><<<logits.rows(), 1024, 0, stream_>>>(logits.data<T>(),
-                                                                  logits.cols(),
+      cuda::argmax_kernel<T><<<logits.rows(), 1024, 0, stream_>>>(logits.data<T>(), logits.cols(),
                                                                   out.data<int32_t>());
       launch_check("argmax_kernel");
     });
@@ -353,7 +351,8 @@ class CudaBackend : public Backend {
         static_cast<const uint16_t*>(src.raw()), device_rows.data<int32_t>(), row_bytes / 2,
         limit_rows, static_cast<uint16_t*>(dst.raw()));
     launch_check("move_rows_kernel");
-    // cudaFree of a temporary index buffer synchronises the device, so it is safe to drop.
+    // The uploaded index buffer is freed on return; let the kernel finish with it first.
+    if (rows.device() == Device::Host) synchronize();
   }
 
   int device_;

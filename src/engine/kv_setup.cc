@@ -1,0 +1,40 @@
+#include "engine/kv_setup.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace redknot {
+
+HeadProfile load_head_profile(const Model& model, const std::string& path) {
+  if (path.empty()) return HeadProfile::native(model.config());
+  HeadProfile p = HeadProfile::load(path);
+  p.check_matches(model.config(), path);
+  return p;
+}
+
+KvStore make_kv_store(Model& model, const KvOptions& opts) {
+  const ModelConfig& cfg = model.config();
+  if (opts.page_size <= 0 || opts.page_size > 4096) throw Error("page size must be in [1, 4096]");
+  KvStore s;
+  s.profile = load_head_profile(model, opts.head_profile_path);
+  const int32_t hd = static_cast<int32_t>(cfg.head_dim);
+  int64_t pages = 0;
+  if (opts.budget_bytes > 0) {
+    pages = PagePool::pages_for_bytes(opts.budget_bytes, opts.page_size, hd,
+                                      model.backend().act_dtype());
+  } else {
+    if (opts.tokens <= 0) throw Error("KV store needs a byte budget or a token count");
+    // One page of slack per head for copy-on-write and partially used pages.
+    pages = cfg.num_layers * cfg.num_kv_heads * ((opts.tokens + opts.page_size - 1) / opts.page_size + 1);
+  }
+  if (pages <= 0) throw Error("KV budget is smaller than one page");
+  if (pages > INT32_MAX) throw Error("KV budget too large");
+  s.pool = std::make_unique<PagePool>(model.backend(), static_cast<int32_t>(pages), opts.page_size, hd);
+  PagedKvOptions po;
+  po.scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+  s.cache = std::make_unique<PagedKvCache>(*s.pool, s.profile, po, model.inv_freq());
+  return s;
+}
+
+}  // namespace redknot

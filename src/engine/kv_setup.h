@@ -1,0 +1,31 @@
+// Building the engine's KV store for a model: the head profile (file or the model's own
+// attention), a page pool sized from a byte budget or a token count, and the paged cache.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "kv/head_profile.h"
+#include "kv/page_pool.h"
+#include "kv/paged_kv_cache.h"
+#include "model/model.h"
+
+namespace redknot {
+
+struct KvOptions {
+  int32_t page_size = 64;
+  int64_t budget_bytes = 0;        // pool size; 0: enough for `tokens` tokens all-global
+  int64_t tokens = 0;              // used when budget_bytes == 0
+  std::string head_profile_path;   // empty: the model's own attention (dense or its window)
+};
+
+struct KvStore {
+  HeadProfile profile;
+  std::unique_ptr<PagePool> pool;
+  std::unique_ptr<PagedKvCache> cache;
+};
+
+// Loads/validates the profile against the model; throws Error with a clear message.
+HeadProfile load_head_profile(const Model& model, const std::string& path);
+KvStore make_kv_store(Model& model, const KvOptions& opts);
+
+}  // namespace redknot

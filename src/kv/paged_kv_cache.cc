@@ -1,0 +1,429 @@
+#include "kv/paged_kv_cache.h"
+
+#include <algorithm>
+#include <string>
+
+#include "core/error.h"
+#include "kv/device_util.h"
+
+namespace redknot {
+
+PagedKvCache::PagedKvCache(PagePool& pool, HeadProfile profile, PagedKvOptions options,
+                           Tensor inv_freq)
+    : pool_(pool), backend_(pool.backend()), profile_(std::move(profile)), opts_(options),
+      inv_freq_(std::move(inv_freq)), layers_(profile_.num_layers()),
+      heads_(profile_.num_kv_heads()), page_size_(pool.page_size()) {
+  if (layers_ <= 0 || heads_ <= 0) throw Error("paged KV cache: empty head profile");
+}
+
+PagedKvCache::~PagedKvCache() {
+  for (auto& [id, s] : seqs_)
+    for (HeadTable& t : s.tables) release_table(t);
+}
+
+PagedKvCache::Sequence& PagedKvCache::get(SeqId seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) throw Error("KV cache: unknown sequence " + std::to_string(seq));
+  return it->second;
+}
+
+const PagedKvCache::Sequence& PagedKvCache::get(SeqId seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) throw Error("KV cache: unknown sequence " + std::to_string(seq));
+  return it->second;
+}
+
+Tensor PagedKvCache::device_i32(const std::vector<int32_t>& values) {
+  return upload_i32(backend_, values);
+}
+
+void PagedKvCache::add_sequence(SeqId seq) {
+  if (has_sequence(seq)) throw Error("KV cache: sequence " + std::to_string(seq) + " exists");
+  Sequence s;
+  s.tables.resize(static_cast<size_t>(layers_) * heads_);
+  seqs_.emplace(seq, std::move(s));
+}
+
+void PagedKvCache::release_table(HeadTable& t) {
+  for (int32_t p : t.pages) pool_.release(p);
+  t.pages.clear();
+  t.positions.clear();
+}
+
+void PagedKvCache::remove_sequence(SeqId seq) {
+  Sequence& s = get(seq);
+  for (HeadTable& t : s.tables) release_table(t);
+  seqs_.erase(seq);
+}
+
+int32_t PagedKvCache::num_tokens(SeqId seq) const {
+  return static_cast<int32_t>(get(seq).positions.size());
+}
+int32_t PagedKvCache::next_position(SeqId seq) const { return get(seq).next_pos(); }
+
+void PagedKvCache::copy_slots(int32_t src_page, int32_t dst_page, int32_t count) {
+  if (!pool_.has_storage() || count == 0) return;
+  std::vector<int32_t> src, dst;
+  for (int32_t j = 0; j < count; ++j) {
+    src.push_back(src_page * page_size_ + j);
+    dst.push_back(dst_page * page_size_ + j);
+  }
+  Tensor si = device_i32(src), di = device_i32(dst);
+  Tensor tmp = backend_.alloc(backend_.act_dtype(), {count, pool_.head_dim()});
+  for (Tensor* buf : {&pool_.k(), &pool_.v()}) {
+    backend_.gather_rows(*buf, si, tmp);
+    backend_.scatter_rows(tmp, di, *buf);
+  }
+  Tensor ptmp = backend_.alloc(DType::I32, {count, 1});
+  backend_.gather_rows(pool_.pos(), si, ptmp);
+  backend_.scatter_rows(ptmp, di, pool_.pos());
+}
+
+void PagedKvCache::make_private(HeadTable& t, size_t index) {
+  const int32_t page = t.pages[index];
+  if (pool_.refcount(page) == 1) return;
+  const int32_t fresh = pool_.allocate();
+  if (fresh < 0) throw OutOfKvMemory("KV pool exhausted while copying a shared page");
+  copy_slots(page, fresh, static_cast<int32_t>(t.positions[index].size()));
+  pool_.release(page);
+  t.pages[index] = fresh;
+}
+
+int64_t PagedKvCache::table_pages_needed(const HeadTable& t, int64_t count) const {
+  int64_t free_slots = 0, cow = 0;
+  if (!t.pages.empty()) {
+    free_slots = page_size_ - static_cast<int64_t>(t.positions.back().size());
+    if (free_slots > 0 && count > 0 && pool_.refcount(t.pages.back()) > 1) cow = 1;
+  }
+  const int64_t rest = std::max<int64_t>(0, count - free_slots);
+  return cow + (rest + page_size_ - 1) / page_size_;
+}
+
+int64_t PagedKvCache::pages_needed(const Batch& batch) const {
+  int64_t need = 0;
+  for (const SeqSpan& sp : batch.spans) {
+    const Sequence& s = get(sp.seq);
+    for (const HeadTable& t : s.tables) need += table_pages_needed(t, sp.count);
+  }
+  return need;
+}
+
+void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions) {
+  plans_.clear();
+  batch_seqs_.clear();
+  // Validate and count first: a refused batch leaves everything unchanged.
+  for (const SeqSpan& sp : batch.spans) {
+    const Sequence& s = get(sp.seq);
+    if (batch.positions[sp.begin] < s.next_pos())
+      throw Error("KV cache: new positions of sequence " + std::to_string(sp.seq) +
+                  " must follow the cached ones");
+  }
+  const int64_t need = pages_needed(batch);
+  if (need > pool_.num_free())
+    throw OutOfKvMemory("KV pool: batch needs " + std::to_string(need) + " pages, " +
+                        std::to_string(pool_.num_free()) + " free");
+
+  const int64_t T = batch.size();
+  std::vector<std::vector<int32_t>> rows(layers_, std::vector<int32_t>(T * heads_));
+  for (const SeqSpan& sp : batch.spans) {
+    Sequence& s = get(sp.seq);
+    batch_seqs_.push_back(sp.seq);
+    for (int l = 0; l < layers_; ++l)
+      for (int h = 0; h < heads_; ++h) {
+        HeadTable& t = s.tables[l * heads_ + h];
+        if (!t.pages.empty() && static_cast<int32_t>(t.positions.back().size()) < page_size_)
+          make_private(t, t.pages.size() - 1);
+        for (int64_t i = 0; i < sp.count; ++i) {
+          if (t.pages.empty() || static_cast<int32_t>(t.positions.back().size()) == page_size_) {
+            t.pages.push_back(pool_.allocate());  // counted above, cannot fail
+            t.positions.emplace_back();
+          }
+          const int32_t slot = static_cast<int32_t>(t.positions.back().size());
+          t.positions.back().push_back(batch.positions[sp.begin + i]);
+          rows[l][(sp.begin + i) * heads_ + h] = t.pages.back() * page_size_ + slot;
+        }
+      }
+    for (int64_t i = 0; i < sp.count; ++i) s.positions.push_back(batch.positions[sp.begin + i]);
+  }
+
+  // CSR metadata per layer, built once for the whole forward.
+  std::vector<int32_t> qo_indptr{0};
+  for (const SeqSpan& sp : batch.spans) qo_indptr.push_back(static_cast<int32_t>(sp.begin + sp.count));
+  Tensor qo = device_i32(qo_indptr);
+  plans_.resize(layers_);
+  for (int l = 0; l < layers_; ++l) {
+    std::vector<int32_t> indptr{0}, pages, lengths, window(heads_), sink(heads_);
+    for (int h = 0; h < heads_; ++h) {
+      window[h] = spec(l, h).cls == HeadClass::Local ? spec(l, h).window : 0;
+      sink[h] = spec(l, h).cls == HeadClass::Local ? spec(l, h).sink : 0;
+    }
+    for (const SeqSpan& sp : batch.spans) {
+      const Sequence& s = get(sp.seq);
+      for (int h = 0; h < heads_; ++h) {
+        const HeadTable& t = s.tables[l * heads_ + h];
+        for (size_t i = 0; i < t.pages.size(); ++i) {
+          pages.push_back(t.pages[i]);
+          lengths.push_back(static_cast<int32_t>(t.positions[i].size()));
+        }
+        indptr.push_back(static_cast<int32_t>(pages.size()));
+      }
+    }
+    PagedAttentionPlan& p = plans_[l].plan;
+    p.num_seqs = static_cast<int32_t>(batch.spans.size());
+    p.num_kv_heads = heads_;
+    p.page_size = page_size_;
+    p.scale = opts_.scale;
+    p.qo_indptr = qo;
+    p.kv_indptr = device_i32(indptr);
+    p.page_indices = device_i32(pages);
+    p.page_lengths = device_i32(lengths);
+    p.head_window = device_i32(window);
+    p.head_sink = device_i32(sink);
+    plans_[l].rows = device_i32(rows[l]);
+  }
+  std::vector<int32_t> token_pos(T * heads_);
+  for (int64_t t = 0; t < T; ++t)
+    for (int h = 0; h < heads_; ++h) token_pos[t * heads_ + h] = batch.positions[t];
+  token_positions_ = device_i32(token_pos).reshape({T * heads_, 1});
+  batch_positions_ = positions;
+}
+
+void PagedKvCache::write(int layer, const Tensor& k, const Tensor& v) {
+  if (!pool_.has_storage()) return;
+  const int64_t hd = pool_.head_dim();
+  const Tensor& rows = plans_.at(layer).rows;
+  backend_.scatter_rows(k.reshape({k.numel() / hd, hd}), rows, pool_.k());
+  backend_.scatter_rows(v.reshape({v.numel() / hd, hd}), rows, pool_.v());
+  backend_.scatter_rows(token_positions_, rows, pool_.pos());
+}
+
+void PagedKvCache::attend(int layer, const Tensor& q, Tensor& out) {
+  if (!pool_.has_storage()) throw Error("paged KV cache: accounting-only pool cannot attend");
+  Tensor pos_flat = pool_.pos().reshape({pool_.pos().numel()});
+  backend_.paged_attention(q, pool_.k(), pool_.v(), pos_flat, batch_positions_,
+                           plans_.at(layer).plan, out);
+}
+
+void PagedKvCache::trim(HeadTable& t, const HeadSpec& hs, int32_t next_pos) {
+  if (hs.cls != HeadClass::Local) return;
+  // Future queries have positions >= next_pos and see keys >= next_pos - W + 1 or < sink.
+  const int64_t lo = int64_t{next_pos} - hs.window + 1;
+  HeadTable kept;
+  for (size_t i = 0; i < t.pages.size(); ++i) {
+    const auto& ps = t.positions[i];
+    const bool dead = !ps.empty() && ps.front() >= hs.sink && ps.back() < lo;
+    if (dead) {
+      pool_.release(t.pages[i]);
+    } else {
+      kept.pages.push_back(t.pages[i]);
+      kept.positions.push_back(ps);
+    }
+  }
+  t = std::move(kept);
+}
+
+void PagedKvCache::end_forward() {
+  for (SeqId id : batch_seqs_) {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) continue;
+    Sequence& s = it->second;
+    for (int l = 0; l < layers_; ++l)
+      for (int h = 0; h < heads_; ++h) trim(s.tables[l * heads_ + h], spec(l, h), s.next_pos());
+  }
+  plans_.clear();
+  batch_seqs_.clear();
+}
+
+void PagedKvCache::fork(SeqId src, SeqId dst) {
+  if (has_sequence(dst)) throw Error("KV cache: fork target " + std::to_string(dst) + " exists");
+  Sequence copy = get(src);
+  for (HeadTable& t : copy.tables)
+    for (int32_t p : t.pages) pool_.retain(p);
+  seqs_.emplace(dst, std::move(copy));
+}
+
+void PagedKvCache::remove(SeqId seq, int32_t p0, int32_t p1) {
+  Sequence& s = get(seq);
+  if (p1 < 0) p1 = INT32_MAX;
+  auto removed = [&](int32_t p) { return p >= p0 && p < p1; };
+  // New pages for every table that changes, checked before anything is touched.
+  int64_t need = 0;
+  for (const HeadTable& t : s.tables) {
+    int64_t kept = 0;
+    bool changes = false;
+    for (const auto& ps : t.positions)
+      for (int32_t p : ps) removed(p) ? void(changes = true) : void(++kept);
+    if (changes) need += (kept + page_size_ - 1) / page_size_;
+  }
+  if (need > pool_.num_free())
+    throw OutOfKvMemory("KV pool: remove needs " + std::to_string(need) + " pages to compact");
+  for (HeadTable& t : s.tables) {
+    std::vector<int32_t> src_rows, keep_pos;
+    int32_t gone = 0;
+    for (size_t i = 0; i < t.positions.size(); ++i)
+      for (size_t j = 0; j < t.positions[i].size(); ++j) {
+        if (removed(t.positions[i][j])) {
+          ++gone;
+        } else {
+          src_rows.push_back(t.pages[i] * page_size_ + static_cast<int32_t>(j));
+          keep_pos.push_back(t.positions[i][j]);
+        }
+      }
+    if (gone == 0) continue;
+    HeadTable fresh;
+    std::vector<int32_t> dst_rows;
+    for (size_t i = 0; i < keep_pos.size(); ++i) {
+      if (i % page_size_ == 0) {
+        fresh.pages.push_back(pool_.allocate());
+        fresh.positions.emplace_back();
+      }
+      fresh.positions.back().push_back(keep_pos[i]);
+      dst_rows.push_back(fresh.pages.back() * page_size_ + static_cast<int32_t>(i % page_size_));
+    }
+    if (pool_.has_storage() && !src_rows.empty()) {
+      Tensor si = device_i32(src_rows), di = device_i32(dst_rows);
+      const int64_t n = static_cast<int64_t>(src_rows.size());
+      Tensor tmp = backend_.alloc(backend_.act_dtype(), {n, pool_.head_dim()});
+      for (Tensor* buf : {&pool_.k(), &pool_.v()}) {
+        backend_.gather_rows(*buf, si, tmp);
+        backend_.scatter_rows(tmp, di, *buf);
+      }
+      Tensor ptmp = backend_.alloc(DType::I32, {n, 1});
+      backend_.gather_rows(pool_.pos(), si, ptmp);
+      backend_.scatter_rows(ptmp, di, pool_.pos());
+    }
+    release_table(t);
+    t = std::move(fresh);
+  }
+  std::erase_if(s.positions, removed);
+}
+
+void PagedKvCache::shift(SeqId seq, int32_t p0, int32_t p1, int32_t delta) {
+  Sequence& s = get(seq);
+  if (p1 < 0) p1 = INT32_MAX;
+  if (delta == 0) return;
+  // Positions must stay increasing and non-negative in every table.
+  for (const HeadTable& t : s.tables) {
+    int64_t prev = -1;
+    for (const auto& ps : t.positions)
+      for (int32_t p : ps) {
+        int64_t np = (p >= p0 && p < p1) ? int64_t{p} + delta : p;
+        if (np < 0 || np <= prev)
+          throw Error("KV cache: shift would make positions negative or out of order");
+        prev = np;
+      }
+  }
+  int64_t cow = 0;
+  for (const HeadTable& t : s.tables)
+    for (size_t i = 0; i < t.pages.size(); ++i) {
+      const auto& ps = t.positions[i];
+      bool touched = std::any_of(ps.begin(), ps.end(), [&](int32_t p) { return p >= p0 && p < p1; });
+      if (touched && pool_.refcount(t.pages[i]) > 1) ++cow;
+    }
+  if (cow > pool_.num_free()) throw OutOfKvMemory("KV pool: shift needs pages to copy shared ones");
+
+  for (int l = 0; l < layers_; ++l) {
+    std::vector<int32_t> rows, deltas, new_pos;
+    for (int h = 0; h < heads_; ++h) {
+      HeadTable& t = s.tables[l * heads_ + h];
+      for (size_t i = 0; i < t.pages.size(); ++i) {
+        auto& ps = t.positions[i];
+        if (!std::any_of(ps.begin(), ps.end(), [&](int32_t p) { return p >= p0 && p < p1; }))
+          continue;
+        make_private(t, i);
+        for (size_t j = 0; j < ps.size(); ++j)
+          if (ps[j] >= p0 && ps[j] < p1) {
+            rows.push_back(t.pages[i] * page_size_ + static_cast<int32_t>(j));
+            deltas.push_back(delta);
+            ps[j] += delta;
+            new_pos.push_back(ps[j]);
+          }
+      }
+    }
+    if (rows.empty() || !pool_.has_storage()) continue;
+    const int64_t m = static_cast<int64_t>(rows.size());
+    Tensor idx = device_i32(rows), dpos = device_i32(deltas);
+    Tensor tmp = backend_.alloc(backend_.act_dtype(), {m, pool_.head_dim()});
+    backend_.gather_rows(pool_.k(), idx, tmp);
+    Tensor as_heads = tmp.reshape({m, 1, pool_.head_dim()});
+    // Relocation: rotate by the position difference; attention scaling is not applied again.
+    backend_.rope(as_heads, dpos, inv_freq_, 1.0f);
+    backend_.scatter_rows(tmp, idx, pool_.k());
+    backend_.scatter_rows(device_i32(new_pos).reshape({m, 1}), idx, pool_.pos());
+  }
+  for (int32_t& p : s.positions)
+    if (p >= p0 && p < p1) p += delta;
+}
+
+void PagedKvCache::read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
+                        std::vector<int32_t>& positions) {
+  Sequence& s = get(seq);
+  const HeadTable& t = s.tables.at(static_cast<size_t>(layer) * heads_ + kv_head);
+  std::vector<int32_t> rows;
+  positions.clear();
+  for (size_t i = 0; i < t.pages.size(); ++i)
+    for (size_t j = 0; j < t.positions[i].size(); ++j) {
+      rows.push_back(t.pages[i] * page_size_ + static_cast<int32_t>(j));
+      positions.push_back(t.positions[i][j]);
+    }
+  const int64_t n = static_cast<int64_t>(rows.size());
+  Tensor kd = backend_.alloc(backend_.act_dtype(), {n, pool_.head_dim()});
+  Tensor vd = backend_.alloc(backend_.act_dtype(), {n, pool_.head_dim()});
+  if (n > 0 && pool_.has_storage()) {
+    Tensor idx = device_i32(rows);
+    backend_.gather_rows(pool_.k(), idx, kd);
+    backend_.gather_rows(pool_.v(), idx, vd);
+  }
+  k = backend_.to_host_f32(kd);
+  v = backend_.to_host_f32(vd);
+}
+
+KvUsage PagedKvCache::usage(SeqId seq) const {
+  KvUsage u;
+  const Sequence& s = get(seq);
+  for (int l = 0; l < layers_; ++l)
+    for (int h = 0; h < heads_; ++h) {
+      const HeadTable& t = s.tables[l * heads_ + h];
+      int64_t tokens = 0;
+      for (const auto& ps : t.positions) tokens += static_cast<int64_t>(ps.size());
+      if (spec(l, h).cls == HeadClass::Global) {
+        u.global_pages += static_cast<int64_t>(t.pages.size());
+        u.global_tokens += tokens;
+      } else {
+        u.local_pages += static_cast<int64_t>(t.pages.size());
+        u.local_tokens += tokens;
+      }
+    }
+  return u;
+}
+
+KvUsage PagedKvCache::usage() const {
+  KvUsage total;
+  for (const auto& [id, s] : seqs_) {
+    KvUsage u = usage(id);
+    total.global_pages += u.global_pages;
+    total.local_pages += u.local_pages;
+    total.global_tokens += u.global_tokens;
+    total.local_tokens += u.local_tokens;
+  }
+  return total;
+}
+
+int64_t ideal_session_bytes(const HeadProfile& profile, int64_t tokens, int32_t page_size,
+                            int32_t head_dim, DType dtype) {
+  const int64_t page_bytes =
+      2 * dtype_bytes(dtype, int64_t{page_size} * head_dim) + int64_t{page_size} * 4;
+  int64_t pages = 0;
+  for (int32_t l = 0; l < profile.num_layers(); ++l)
+    for (int32_t h = 0; h < profile.num_kv_heads(); ++h)
+      pages += (head_tokens_kept(profile.at(l, h), tokens) + page_size - 1) / page_size;
+  return pages * page_bytes;
+}
+
+int64_t sessions_that_fit(const HeadProfile& profile, int64_t tokens, int64_t budget_bytes,
+                          int32_t page_size, int32_t head_dim, DType dtype) {
+  const int64_t per = ideal_session_bytes(profile, tokens, page_size, head_dim, dtype);
+  return per > 0 ? budget_bytes / per : 0;
+}
+
+}  // namespace redknot

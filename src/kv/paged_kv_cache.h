@@ -1,0 +1,108 @@
+// SegPagedAttention's KV store: a page table per (sequence, layer, kv head). Global heads keep
+// every token; local heads keep sink ∪ last-W tokens, returning pages to the pool as the window
+// slides. Pages are reference-counted (fork shares them; writes and relocation copy on write).
+// Attention metadata (CSR page tables) is built once per forward in begin_forward, when the
+// new tokens' slots are assigned, and reused by every layer's attend().
+#pragma once
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "kv/head_profile.h"
+#include "kv/kv_cache.h"
+#include "kv/page_pool.h"
+
+namespace redknot {
+
+struct PagedKvOptions {
+  float scale = 1.0f;  // softmax scale (1/sqrt(head_dim))
+};
+
+// Pages in use, split by head class.
+struct KvUsage {
+  int64_t global_pages = 0, local_pages = 0;
+  int64_t global_tokens = 0, local_tokens = 0;  // tokens held (slots in use)
+};
+
+class PagedKvCache : public KvCache {
+ public:
+  // inv_freq: [head_dim / 2] f32 on the pool's backend, used by shift() to re-rotate keys.
+  PagedKvCache(PagePool& pool, HeadProfile profile, PagedKvOptions options, Tensor inv_freq);
+  ~PagedKvCache() override;
+
+  void add_sequence(SeqId seq) override;
+  bool has_sequence(SeqId seq) const override { return seqs_.count(seq) != 0; }
+  void remove_sequence(SeqId seq) override;
+  void remove(SeqId seq, int32_t p0, int32_t p1) override;
+  void fork(SeqId src, SeqId dst) override;
+  void shift(SeqId seq, int32_t p0, int32_t p1, int32_t delta) override;
+  int32_t num_tokens(SeqId seq) const override;
+  int32_t next_position(SeqId seq) const override;
+
+  void begin_forward(const Batch& batch, const Tensor& positions) override;
+  void write(int layer, const Tensor& k, const Tensor& v) override;
+  void attend(int layer, const Tensor& q, Tensor& out) override;
+  void end_forward() override;
+
+  void read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
+            std::vector<int32_t>& positions) override;
+
+  // Pages a batch would need beyond what its sequences hold (admission control).
+  int64_t pages_needed(const Batch& batch) const;
+  KvUsage usage(SeqId seq) const;
+  KvUsage usage() const;
+  const HeadProfile& profile() const { return profile_; }
+  PagePool& pool() { return pool_; }
+
+ private:
+  // One (sequence, layer, kv head)'s pages in position order, with a host mirror of the
+  // positions in each page's used slots.
+  struct HeadTable {
+    std::vector<int32_t> pages;
+    std::vector<std::vector<int32_t>> positions;  // per page, its used slots' positions
+  };
+  struct Sequence {
+    std::vector<HeadTable> tables;   // [layer * kv_heads + head]
+    std::vector<int32_t> positions;  // every logical token's position (what a global head holds)
+    int32_t next_pos() const { return positions.empty() ? 0 : positions.back() + 1; }
+  };
+  struct LayerPlan {
+    PagedAttentionPlan plan;
+    Tensor rows;  // [T * kv_heads] i32: pool row of each (token, head) written this forward
+  };
+
+  Sequence& get(SeqId seq);
+  const Sequence& get(SeqId seq) const;
+  const HeadSpec& spec(int layer, int head) const { return profile_.at(layer, head); }
+  // Gives `table` a private copy of page `index` when it is shared. Needs one free page.
+  void make_private(HeadTable& table, size_t index);
+  void copy_slots(int32_t src_page, int32_t dst_page, int32_t count);
+  void release_table(HeadTable& table);
+  // Drops the pages of a local head that no future query can see.
+  void trim(HeadTable& table, const HeadSpec& spec, int32_t next_pos);
+  Tensor device_i32(const std::vector<int32_t>& values);
+  int64_t table_pages_needed(const HeadTable& t, int64_t count) const;
+
+  PagePool& pool_;
+  Backend& backend_;
+  HeadProfile profile_;
+  PagedKvOptions opts_;
+  Tensor inv_freq_;
+  int32_t layers_, heads_, page_size_;
+  std::map<SeqId, Sequence> seqs_;
+  std::vector<LayerPlan> plans_;  // valid between begin_forward and end_forward
+  std::vector<SeqId> batch_seqs_;
+  Tensor batch_positions_;
+  Tensor token_positions_;  // [T * kv_heads, 1] i32: position of each written row
+};
+
+// Ideal KV bytes of one session of `tokens` tokens (SPEC §3, pages rounded up per head):
+// Σ_(l,h) ceil(kept(l,h) / page_size) * bytes_per_page.
+int64_t ideal_session_bytes(const HeadProfile& profile, int64_t tokens, int32_t page_size,
+                            int32_t head_dim, DType dtype);
+// How many sessions of `tokens` fit in `budget_bytes` by that formula.
+int64_t sessions_that_fit(const HeadProfile& profile, int64_t tokens, int64_t budget_bytes,
+                          int32_t page_size, int32_t head_dim, DType dtype);
+
+}  // namespace redknot
