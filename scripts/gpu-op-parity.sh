@@ -14,6 +14,15 @@ command -v ninja >/dev/null && GEN=(-G Ninja)
 cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DREDKNOT_CUDA=ON -DREDKNOT_OPENBLAS=OFF -DREDKNOT_TOKENIZER=OFF -DREDKNOT_NATIVE=OFF \
   -DREDKNOT_SERVER=OFF -DREDKNOT_BENCH=OFF \
-  -DREDKNOT_GTEST_SOURCE_DIR="$DEPS/googletest" -DREDKNOT_JSON_INCLUDE_DIR="$DEPS"
-cmake --build "$BUILD" --target op_parity_test -j"$(nproc)"
-"$BUILD/src/op_parity_test"
+  -DREDKNOT_GTEST_SOURCE_DIR="$DEPS/googletest" -DREDKNOT_JSON_INCLUDE_DIR="$DEPS" \
+  -DREDKNOT_SHARED_DIR="$DEPS/shared"
+cmake --build "$BUILD" --target op_parity_test cuda_model_test -j"$(nproc)"
+status=0
+"$BUILD/src/op_parity_test" || status=1
+"$BUILD/src/cuda_model_test" || status=1
+if command -v compute-sanitizer >/dev/null; then
+  echo "== compute-sanitizer memcheck: op_parity_test"
+  compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD/src/op_parity_test" \
+    --gtest_brief=1 || status=1
+fi
+exit $status

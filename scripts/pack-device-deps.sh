@@ -13,4 +13,12 @@ rm -rf "$DEST"
 mkdir -p "$DEST"
 cp -r /usr/src/googletest "$DEST/googletest"
 cp -r /usr/include/nlohmann "$DEST/nlohmann"
+mkdir -p "$DEST/xxhash"
+cp /usr/include/xxhash.h /usr/lib/x86_64-linux-gnu/libxxhash.a "$DEST/xxhash/"
+# The oracle vectors, so that model tests can run there (REDKNOT_SHARED_DIR=.devdeps/shared).
+SHARED="$ROOT/../shared"
+if [ -d "$SHARED/refs" ]; then
+  mkdir -p "$DEST/shared"
+  cp -r "$SHARED/refs" "$DEST/shared/refs"
+fi
 du -sh "$DEST"

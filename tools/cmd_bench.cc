@@ -1,10 +1,26 @@
-// `redknot bench`: engine throughput against the machine's measured ceilings.
+// `redknot bench`: engine throughput against the machine's measured ceilings (the default), and
+// the SegPagedAttention benchmarks `bench capacity` and `bench attention`.
 #include <CLI/CLI.hpp>
 
 #include "commands.h"
 #include "engine_bench.h"
+#include "kv_bench.h"
 
 namespace redknot::cli {
+namespace {
+
+void add_kv_shape_options(CLI::App* c, bench::KvShape& s) {
+  c->add_option("--layers", s.layers, "layers (Llama-3-8B: 32)")->check(CLI::Range(1, 1024));
+  c->add_option("--kv-heads", s.kv_heads, "kv heads per layer")->check(CLI::Range(1, 1024));
+  c->add_option("--head-dim", s.head_dim)->check(CLI::Range(1, 1024));
+  c->add_option("--page-size", s.page_size, "tokens per KV page")->check(CLI::Range(1, 4096));
+  c->add_option("--global-fraction", s.global_fraction, "head-aware profile: global share")
+      ->check(CLI::Range(0.0, 1.0));
+  c->add_option("--window", s.window, "local heads: window W")->check(CLI::Range(1, 1 << 24));
+  c->add_option("--sink", s.sink, "local heads: sink tokens s")->check(CLI::Range(0, 1 << 24));
+}
+
+}  // namespace
 
 void add_bench_command(CLI::App& app, std::function<int()>& action) {
   auto a = std::make_shared<bench::EngineBenchArgs>();
@@ -16,7 +32,35 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--prefill-tokens", a->prefill_tokens)->check(CLI::Range(1, 1 << 20));
   c->add_option("--decode-tokens", a->decode_tokens)->check(CLI::Range(0, 1 << 20));
   c->add_option("--repeats", a->repeats)->check(CLI::Range(1, 100));
-  c->callback([a, &action] { action = [a] { return bench::run_engine_bench(*a); }; });
+  c->require_subcommand(0, 1);
+
+  auto cap = std::make_shared<bench::CapacityBenchArgs>();
+  CLI::App* cc = c->add_subcommand(
+      "capacity", "Sessions that fit a KV budget: ideal formula vs a filled accounting pool");
+  add_kv_shape_options(cc, cap->shape);
+  cc->add_option("--budget-gib", cap->budget_gib, "KV budget (bf16 bytes)")
+      ->check(CLI::Range(0.001, 1e6));
+  cc->add_option("--tokens", cap->tokens, "tokens per session")->check(CLI::Range(1, 1 << 26));
+  cc->add_option("--chunk", cap->chunk, "prefill chunk")->check(CLI::Range(1, 1 << 20));
+  cc->callback([cap, &action] { action = [cap] { return bench::run_capacity_bench(*cap); }; });
+
+  auto att = std::make_shared<bench::AttentionBenchArgs>();
+  CLI::App* ca = c->add_subcommand(
+      "attention", "CPU decode attention per token: dense+mask vs paged all-global/head-aware");
+  add_kv_shape_options(ca, att->shape);
+  ca->add_option("--q-heads", att->shape.q_heads)->check(CLI::Range(1, 4096));
+  ca->add_option("--contexts", att->contexts, "context lengths")->delimiter(',');
+  ca->add_option("--batch", att->batches, "sequences per decode step")->delimiter(',');
+  ca->add_option("--chunk", att->chunk, "prefill chunk used to fill the cache")
+      ->check(CLI::Range(1, 1 << 20));
+  ca->add_option("--repeats", att->repeats)->check(CLI::Range(1, 1000));
+  ca->add_option("--threads", att->threads, "CPU threads (0: all)");
+  ca->callback([att, &action] { action = [att] { return bench::run_attention_bench(*att); }; });
+
+  // Without a subcommand `bench` stays the engine benchmark.
+  c->callback([a, c, &action] {
+    if (c->get_subcommands().empty()) action = [a] { return bench::run_engine_bench(*a); };
+  });
 }
 
 }  // namespace redknot::cli

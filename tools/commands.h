@@ -10,4 +10,7 @@ namespace redknot::cli {
 void add_generate_command(CLI::App& app, std::function<int()>& action);
 void add_tokenize_command(CLI::App& app, std::function<int()>& action);
 void add_bench_command(CLI::App& app, std::function<int()>& action);
+void add_profile_command(CLI::App& app, std::function<int()>& action);
+void add_eval_command(CLI::App& app, std::function<int()>& action);
+void add_serve_command(CLI::App& app, std::function<int()>& action);
 }  // namespace redknot::cli

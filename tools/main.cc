@@ -12,6 +12,9 @@ int main(int argc, char** argv) {
   redknot::cli::add_generate_command(app, action);
   redknot::cli::add_tokenize_command(app, action);
   redknot::cli::add_bench_command(app, action);
+  redknot::cli::add_profile_command(app, action);
+  redknot::cli::add_eval_command(app, action);
+  redknot::cli::add_serve_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -105,6 +105,10 @@ class Backend {
                                const Tensor& pos_pool, const Tensor& q_pos,
                                const PagedAttentionPlan& plan, Tensor& out);
 
+  // out[r] = ||x[r, :]||₂ (Sparse FFN token importance). x: [R, C]; out: [R] f32.
+  // The default works on host memory; device backends override.
+  virtual void row_l2norm(const Tensor& x, Tensor& out);
+
   // ---- data movement (defaults work on host memory; device backends override) ----
   // dst = src, same dtype and element count, both on this device.
   virtual void copy(const Tensor& src, Tensor& dst);

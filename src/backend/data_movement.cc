@@ -1,4 +1,5 @@
 // Host-memory defaults of the data-movement ops; device backends override them.
+#include <cmath>
 #include <cstring>
 
 #include "backend/backend.h"
@@ -20,6 +21,20 @@ void Backend::paged_attention(const Tensor& q, const Tensor& k_pool, const Tenso
   if (q.device() != Device::Host || q.dtype() != DType::F32)
     throw Error("backend '" + name() + "' has no paged attention");
   reference_paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+}
+
+void Backend::row_l2norm(const Tensor& x, Tensor& out) {
+  require_host(x, "row_l2norm");
+  require_host(out, "row_l2norm");
+  if (out.numel() != x.rows() || out.dtype() != DType::F32 || x.dtype() != DType::F32)
+    throw Error("row_l2norm: " + x.describe() + " -> " + out.describe());
+  const int64_t C = x.cols();
+  for (int64_t r = 0; r < x.rows(); ++r) {
+    const float* p = x.data<float>() + r * C;
+    double s = 0;
+    for (int64_t c = 0; c < C; ++c) s += double(p[c]) * p[c];
+    out.data<float>()[r] = static_cast<float>(std::sqrt(s));
+  }
 }
 
 void Backend::copy(const Tensor& src, Tensor& dst) {

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -135,6 +136,179 @@ class OpParity {
   std::map<std::string, double> max_err_;
 };
 
+// ---- SegPaged attention scenarios ----
+
+// What a random paged batch looks like. Odd kv heads are local (window, sink) when `mixed`.
+struct PagedSpec {
+  const char* label;
+  int32_t num_seqs;
+  int64_t hq, hkv, d;
+  int32_t page_size;
+  int32_t window, sink;
+  bool mixed;
+  int32_t min_len, max_len;  // tokens held per sequence (before a local head drops pages)
+  int32_t max_rows;          // query rows per sequence: 1 = decode; more = causal prefill
+  bool mixed_rows;           // rows drawn from 1..max_rows per sequence (continuous batching)
+  bool ragged_pages;         // some middle pages only partly used
+  bool share_prefix;         // sequence 1's first page is sequence 0's page (same index)
+};
+
+// A batch laid out in a random page pool, as host vectors. Token (s, h, i) has its own K/V
+// (token_k) so that dense attention can be run over the same keys.
+struct PagedScenario {
+  int64_t slots = 0;
+  std::vector<float> k_pool, v_pool, q;  // [slots, D], [slots, D], [T, Hq, D]
+  std::vector<int32_t> pos_pool, q_pos;  // [slots], [T]
+  std::vector<int32_t> qo, kv_indptr, pages, lengths, window, sink;
+  std::vector<std::vector<int32_t>> seq_pos;             // [s][i]: token positions
+  std::vector<std::vector<std::vector<float>>> token_k;  // [s][h]: [n_s, D]
+  std::vector<std::vector<std::vector<float>>> token_v;
+};
+
+PagedScenario make_paged_scenario(const PagedSpec& c, std::mt19937& rng) {
+  auto uni = [&](int32_t lo, int32_t hi) {
+    return std::uniform_int_distribution<int32_t>(lo, hi)(rng);
+  };
+  std::uniform_real_distribution<float> val(-1.0f, 1.0f);
+  const int64_t D = c.d;
+  const int32_t ps = c.page_size;
+  PagedScenario sc;
+  for (int64_t h = 0; h < c.hkv; ++h) {
+    const bool local = c.mixed && h % 2 == 1;
+    sc.window.push_back(local ? c.window : 0);
+    sc.sink.push_back(local ? c.sink : 0);
+  }
+  // Tokens: positions start anywhere and jump once (a shifted / partly removed history).
+  std::vector<int32_t> rows(c.num_seqs);
+  for (int32_t s = 0; s < c.num_seqs; ++s) {
+    const int32_t n = uni(c.min_len, c.max_len), gap = uni(1, 90);
+    std::vector<int32_t> pos(n);
+    for (int32_t i = 0; i < n; ++i)
+      pos[i] = i == 0 ? uni(0, 40) : pos[i - 1] + 1 + (i == n / 2 ? gap : 0);
+    sc.token_k.emplace_back(c.hkv);
+    sc.token_v.emplace_back(c.hkv);
+    for (int64_t h = 0; h < c.hkv; ++h) {
+      sc.token_k[s][h].resize(n * D);
+      sc.token_v[s][h].resize(n * D);
+      for (auto& x : sc.token_k[s][h]) x = val(rng);
+      for (auto& x : sc.token_v[s][h]) x = val(rng);
+    }
+    if (c.share_prefix && s == 1) {  // the shared first page holds sequence 0's tokens
+      const int32_t first = pos[0];
+      for (int32_t i = 0; i < ps; ++i) pos[i] = sc.seq_pos[0][i];
+      for (int32_t i = ps; i < n; ++i) pos[i] += sc.seq_pos[0][ps - 1] + 1 - first;
+      for (int64_t h = 0; h < c.hkv; ++h)
+        for (int64_t x = 0; x < ps * D; ++x) {
+          sc.token_k[1][h][x] = sc.token_k[0][h][x];
+          sc.token_v[1][h][x] = sc.token_v[0][h][x];
+        }
+    }
+    sc.seq_pos.push_back(pos);
+    rows[s] = std::min(n, c.mixed_rows ? uni(1, c.max_rows) : c.max_rows);
+  }
+  // Logical pages per (s, h): token ranges [begin, begin + len).
+  struct LPage {
+    int32_t begin, len, phys;
+  };
+  std::vector<std::vector<LPage>> tables(c.num_seqs * c.hkv);
+  int32_t n_phys = 0;
+  for (int32_t s = 0; s < c.num_seqs; ++s)
+    for (int64_t h = 0; h < c.hkv; ++h) {
+      const int32_t n = static_cast<int32_t>(sc.seq_pos[s].size());
+      auto& t = tables[s * c.hkv + h];
+      for (int32_t b = 0; b < n;) {
+        int32_t len = std::min(ps, n - b);
+        if (c.ragged_pages && b > 0 && b + len < n && uni(0, 3) == 0) len = uni(1, ps - 1);
+        const bool shared = c.share_prefix && s == 1 && b == 0;
+        t.push_back({b, len, shared ? tables[h][0].phys : n_phys++});
+        b += len;
+      }
+    }
+  // Physical placement: a random permutation of a pool with spare pages of garbage.
+  const int32_t pool_pages = n_phys + 3;
+  std::vector<int32_t> perm(pool_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  sc.slots = int64_t{pool_pages} * ps;
+  sc.k_pool.resize(sc.slots * D);
+  sc.v_pool.resize(sc.slots * D);
+  for (auto& x : sc.k_pool) x = val(rng);
+  for (auto& x : sc.v_pool) x = val(rng);
+  sc.pos_pool.resize(sc.slots);
+  for (auto& p : sc.pos_pool) p = uni(-1000, 100000);
+  sc.qo.push_back(0);
+  sc.kv_indptr.push_back(0);
+  for (int32_t s = 0; s < c.num_seqs; ++s) {
+    const auto& pos = sc.seq_pos[s];
+    const int32_t n = static_cast<int32_t>(pos.size());
+    for (int32_t i = n - rows[s]; i < n; ++i) sc.q_pos.push_back(pos[i]);
+    sc.qo.push_back(sc.qo.back() + rows[s]);
+    const int32_t q_min = pos[n - rows[s]];
+    for (int64_t h = 0; h < c.hkv; ++h) {
+      for (LPage& lp : tables[s * c.hkv + h]) {
+        lp.phys = perm[lp.phys];
+        for (int32_t j = 0; j < lp.len; ++j) {
+          const int64_t row = int64_t{lp.phys} * ps + j;
+          sc.pos_pool[row] = pos[lp.begin + j];
+          std::copy_n(&sc.token_k[s][h][(lp.begin + j) * D], D, &sc.k_pool[row * D]);
+          std::copy_n(&sc.token_v[s][h][(lp.begin + j) * D], D, &sc.v_pool[row * D]);
+        }
+        // A local head no longer holds pages no query can see (what the store's trim does).
+        const int32_t first = pos[lp.begin], last = pos[lp.begin + lp.len - 1];
+        const bool dead = sc.window[h] > 0 && first >= sc.sink[h] &&
+                          int64_t{last} < int64_t{q_min} - sc.window[h] + 1;
+        if (dead) continue;
+        sc.pages.push_back(lp.phys);
+        sc.lengths.push_back(lp.len);
+      }
+      sc.kv_indptr.push_back(static_cast<int32_t>(sc.pages.size()));
+    }
+  }
+  sc.q.resize(sc.qo.back() * c.hq * D);
+  for (auto& x : sc.q) x = 1.5f * val(rng);
+  return sc;
+}
+
+// The scenario's plan and tensors on one backend (activations in `act`).
+struct PagedInputs {
+  PagedAttentionPlan plan;
+  Tensor q, k_pool, v_pool, pos_pool, q_pos;
+};
+
+PagedInputs put_paged(OpParity& p, Backend& b, DType act, const PagedSpec& c,
+                      const PagedScenario& sc) {
+  const int64_t T = sc.qo.back();
+  PagedInputs in;
+  in.plan.num_seqs = c.num_seqs;
+  in.plan.num_kv_heads = static_cast<int32_t>(c.hkv);
+  in.plan.page_size = c.page_size;
+  in.plan.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+  in.plan.qo_indptr = p.put_ints(b, sc.qo);
+  in.plan.kv_indptr = p.put_ints(b, sc.kv_indptr);
+  in.plan.page_indices = p.put_ints(b, sc.pages);
+  in.plan.page_lengths = p.put_ints(b, sc.lengths);
+  in.plan.head_window = p.put_ints(b, sc.window);
+  in.plan.head_sink = p.put_ints(b, sc.sink);
+  in.q = p.put(b, act, round_through(act, sc.q), {T, c.hq, c.d});
+  in.k_pool = p.put(b, act, round_through(act, sc.k_pool), {sc.slots, c.d});
+  in.v_pool = p.put(b, act, round_through(act, sc.v_pool), {sc.slots, c.d});
+  in.pos_pool = p.put_ints(b, sc.pos_pool);
+  in.q_pos = p.put_ints(b, sc.q_pos);
+  return in;
+}
+
+const PagedSpec kPagedSpecs[] = {
+    // label, seqs, Hq, Hkv, D, page, W, sink, mixed, len range, rows, mixed rows, ragged, share
+    {"decode gqa1 d16", 5, 4, 4, 16, 16, 40, 4, true, 20, 300, 1, false, false, true},
+    {"decode gqa4 d128", 6, 16, 4, 128, 64, 128, 4, true, 70, 2000, 1, false, false, true},
+    {"decode gqa2 d64 long", 3, 8, 4, 64, 64, 512, 4, true, 3000, 5000, 1, false, true, true},
+    {"prefill gqa2 d64", 3, 4, 2, 64, 16, 50, 3, true, 40, 400, 37, false, true, true},
+    {"prefill gqa4 d128 global", 2, 8, 2, 128, 64, 0, 0, false, 100, 700, 100, false, false, true},
+    {"prefill whole seq gqa1 d16", 2, 2, 2, 16, 8, 7, 2, true, 9, 60, 60, false, true, true},
+    {"mixed batch gqa4 d64", 7, 16, 4, 64, 32, 96, 4, true, 40, 900, 24, true, true, true},
+    {"decode gqa2 d128 sink0", 4, 8, 4, 128, 64, 200, 0, true, 100, 1500, 1, false, false, false},
+};
+
 const DType kWeightDtypes[] = {DType::F32, DType::BF16, DType::F16, DType::Q8_0};
 
 std::string str(const std::vector<int64_t>& s) { return shape_str(s); }
@@ -183,6 +357,12 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
         const bool with_bias = (variant++ % 2) == 1;
         Tensor w = host_tensor(wt, p.random(s.n * k), {s.n, k});
         Tensor w_ref = ref->upload_weight(w), w_dut = dut->upload_weight(w);
+        if (act != DType::F32) {
+          // The device keeps weights in its act dtype: the oracle gets the same rounded values,
+          // so what is checked is the GEMM, not bf16's 3 significant digits.
+          std::vector<float> wv(w_ref.data<float>(), w_ref.data<float>() + w_ref.numel());
+          w_ref = ref->upload_weight(Tensor::from_f32(round_through(act, wv), {s.n, k}));
+        }
         Tensor b_ref, b_dut;
         if (with_bias) {
           Tensor b = Tensor::from_f32(p.random(s.n), {s.n});
@@ -369,6 +549,114 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
     p.print_summary();
   }
   EXPECT_GT(tested, 0) << "no backend besides the reference is registered";
+}
+
+// SegPaged attention of every backend against the oracle over random page pools: several
+// sequences of different lengths, a page shared by two sequences, partly used pages, positions
+// with an offset and a gap, GQA 1/2/4, head_dim 16/64/128, global and local heads, prefill,
+// decode and mixed batches.
+TEST_F(OpParityTest, PagedAttentionMatchesReference) {
+  auto ref = create_backend("reference");
+  int tested = 0;
+  for (const std::string& name : backend_names()) {
+    if (name == "reference") continue;
+    ++tested;
+    auto dut = create_backend(name);
+    OpParity p(*ref, *dut);
+    const DType act = dut->act_dtype();
+    for (const PagedSpec& c : kPagedSpecs) {
+      const PagedScenario sc = make_paged_scenario(c, p.rng_);
+      PagedInputs r = put_paged(p, *ref, DType::F32, c, sc);
+      PagedInputs d = put_paged(p, *dut, act, c, sc);
+      const int64_t T = sc.qo.back();
+      Tensor out_ref = ref->alloc(DType::F32, {T, c.hq, c.d});
+      Tensor out_dut = p.poisoned(*dut, act, {T, c.hq, c.d});
+      ref->paged_attention(r.q, r.k_pool, r.v_pool, r.pos_pool, r.q_pos, r.plan, out_ref);
+      dut->paged_attention(d.q, d.k_pool, d.v_pool, d.pos_pool, d.q_pos, d.plan, out_dut);
+      const std::string desc = std::string(c.label) + " T=" + std::to_string(T) +
+                               " pages=" + std::to_string(sc.pages.size());
+      p.expect_close("paged_attention", desc, out_dut, out_ref);
+    }
+    p.print_summary();
+  }
+  EXPECT_GT(tested, 0);
+  // The CPU kernel splits long page lists by thread count; every split must merge the same.
+  for (int threads : {1, 3, 8}) {
+    CpuBackendOptions options;
+    options.n_threads = threads;
+    CpuBackend cpu(options);
+    OpParity p(*ref, cpu);
+    for (const PagedSpec& c : kPagedSpecs) {
+      const PagedScenario sc = make_paged_scenario(c, p.rng_);
+      PagedInputs r = put_paged(p, *ref, DType::F32, c, sc);
+      PagedInputs d = put_paged(p, cpu, DType::F32, c, sc);
+      const int64_t T = sc.qo.back();
+      Tensor out_ref = ref->alloc(DType::F32, {T, c.hq, c.d});
+      Tensor out_cpu = p.poisoned(cpu, DType::F32, {T, c.hq, c.d});
+      ref->paged_attention(r.q, r.k_pool, r.v_pool, r.pos_pool, r.q_pos, r.plan, out_ref);
+      cpu.paged_attention(d.q, d.k_pool, d.v_pool, d.pos_pool, d.q_pos, d.plan, out_cpu);
+      p.expect_close("paged_attention",
+                     std::string(c.label) + " threads=" + std::to_string(threads), out_cpu,
+                     out_ref);
+    }
+  }
+}
+
+// Paged attention equals the dense op with the equivalent AttentionMask when the pages hold the
+// same keys: global heads against the causal mask, local heads against (window, sink).
+TEST_F(OpParityTest, PagedAttentionEqualsDenseMasked) {
+  auto ref = create_backend("reference");
+  for (const std::string& name : backend_names()) {
+    auto b = create_backend(name);
+    OpParity p(*ref, *b);
+    const DType act = b->act_dtype();
+    for (const PagedSpec& c : kPagedSpecs) {
+      PagedSpec one = c;
+      one.num_seqs = 1;
+      one.share_prefix = false;
+      const PagedScenario sc = make_paged_scenario(one, p.rng_);
+      const int64_t T = sc.qo.back(), D = c.d, n = static_cast<int64_t>(sc.seq_pos[0].size());
+      PagedInputs in = put_paged(p, *b, act, one, sc);
+      Tensor paged = p.poisoned(*b, act, {T, c.hq, D});
+      b->paged_attention(in.q, in.k_pool, in.v_pool, in.pos_pool, in.q_pos, in.plan, paged);
+      std::vector<float> k(c.hkv * n * D), v(c.hkv * n * D);
+      for (int64_t h = 0; h < c.hkv; ++h) {
+        std::copy(sc.token_k[0][h].begin(), sc.token_k[0][h].end(), k.begin() + h * n * D);
+        std::copy(sc.token_v[0][h].begin(), sc.token_v[0][h].end(), v.begin() + h * n * D);
+      }
+      Tensor kd = p.put(*b, act, round_through(act, k), {c.hkv, n, D});
+      Tensor vd = p.put(*b, act, round_through(act, v), {c.hkv, n, D});
+      Tensor kpos = p.put_ints(*b, sc.seq_pos[0]);
+      AttentionMask global, local;
+      global.scale = local.scale = in.plan.scale;
+      local.window = c.window;
+      local.sink = c.sink;
+      Tensor dense_g = p.poisoned(*b, act, {T, c.hq, D}),
+             dense_l = p.poisoned(*b, act, {T, c.hq, D});
+      b->attention(in.q, kd, vd, n * D, in.q_pos, kpos, global, dense_g);
+      b->attention(in.q, kd, vd, n * D, in.q_pos, kpos, local, dense_l);
+      b->synchronize();
+      Tensor pg = b->to_host_f32(paged), dg = b->to_host_f32(dense_g), dl = b->to_host_f32(dense_l);
+      const int64_t group = c.hq / c.hkv;
+      double worst = 1.0;
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t hq = 0; hq < c.hq; ++hq) {
+          const bool is_local = sc.window[hq / group] > 0;
+          const float* x = pg.data<float>() + (t * c.hq + hq) * D;
+          const float* y = (is_local ? dl : dg).data<float>() + (t * c.hq + hq) * D;
+          double xy = 0, xx = 0, yy = 0;
+          for (int64_t i = 0; i < D; ++i) {
+            xy += double(x[i]) * y[i];
+            xx += double(x[i]) * x[i];
+            yy += double(y[i]) * y[i];
+          }
+          const double cosine = xy / std::sqrt(xx * yy);
+          worst = std::min(worst, cosine);
+          ASSERT_GE(cosine, 0.99998) << name << " " << c.label << " row " << t << " head " << hq;
+        }
+      std::printf("[ paged=dense ] %-9s %-28s worst cosine %.8f\n", name.c_str(), c.label, worst);
+    }
+  }
 }
 
 // The CPU options: thread count is honoured and reported; f32 weights converted to bf16 still

@@ -175,6 +175,7 @@ void ContiguousKvCache::shift(SeqId seq, int32_t p0, int32_t p1, int32_t delta) 
 
 void ContiguousKvCache::begin_forward(const Batch& batch, const Tensor& positions) {
   pending_.clear();
+  if (batch.overwrite) throw Error("the dense KV store does not support selective recompute");
   // Check everything first so that a refused batch changes nothing.
   for (const SeqSpan& sp : batch.spans) {
     Sequence& s = get(sp.seq);

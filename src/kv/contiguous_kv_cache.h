@@ -48,6 +48,7 @@ class ContiguousKvCache : public KvCache {
 
   void read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
             std::vector<int32_t>& positions) override;
+  const HeadProfile* head_profile() const override { return &geo_.heads; }
 
  private:
   struct Sequence {

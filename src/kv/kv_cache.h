@@ -11,6 +11,8 @@
 
 namespace redknot {
 
+class HeadProfile;
+
 class KvCache {
  public:
   virtual ~KvCache() = default;
@@ -42,6 +44,9 @@ class KvCache {
   // q: [T, heads, head_dim]; out: [T, heads, head_dim]
   virtual void attend(int layer, const Tensor& q, Tensor& out) = 0;
   virtual void end_forward() = 0;
+
+  // Per-(layer, kv head) classes the store applies (for FLOPs accounting); null: all dense.
+  virtual const HeadProfile* head_profile() const { return nullptr; }
 
   // ---- inspection (tests, debugging) ----
   // Host f32 copies of one (layer, kv_head)'s cached keys/values in position order.

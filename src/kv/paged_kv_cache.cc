@@ -19,6 +19,18 @@ PagedKvCache::PagedKvCache(PagePool& pool, HeadProfile profile, PagedKvOptions o
 PagedKvCache::~PagedKvCache() {
   for (auto& [id, s] : seqs_)
     for (HeadTable& t : s.tables) release_table(t);
+  if (scratch_page_ >= 0) pool_.release(scratch_page_);
+}
+
+int32_t PagedKvCache::find_row(const HeadTable& t, int32_t pos) const {
+  for (size_t i = 0; i < t.pages.size(); ++i) {
+    const auto& ps = t.positions[i];
+    if (ps.empty() || pos < ps.front() || pos > ps.back()) continue;
+    auto it = std::lower_bound(ps.begin(), ps.end(), pos);
+    if (it != ps.end() && *it == pos)
+      return t.pages[i] * page_size_ + static_cast<int32_t>(it - ps.begin());
+  }
+  return -1;
 }
 
 PagedKvCache::Sequence& PagedKvCache::get(SeqId seq) {
@@ -111,21 +123,52 @@ int64_t PagedKvCache::pages_needed(const Batch& batch) const {
 void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions) {
   plans_.clear();
   batch_seqs_.clear();
+  const int64_t T = batch.size();
+  std::vector<std::vector<int32_t>> rows(layers_, std::vector<int32_t>(T * heads_));
+  if (batch.overwrite) {
+    // Selective recompute: the positions exist; write in place (copy-on-write shared pages).
+    int64_t cow = 1;  // the scratch page, when first needed
+    for (const SeqSpan& sp : batch.spans)
+      for (const HeadTable& t : get(sp.seq).tables)
+        for (size_t i = 0; i < t.pages.size(); ++i) cow += pool_.refcount(t.pages[i]) > 1;
+    if (cow > pool_.num_free())
+      throw OutOfKvMemory("KV pool: selective recompute needs pages to copy shared ones");
+    if (scratch_page_ < 0) scratch_page_ = pool_.allocate();
+    for (const SeqSpan& sp : batch.spans) {
+      Sequence& s = get(sp.seq);
+      batch_seqs_.push_back(sp.seq);
+      for (int64_t i = 0; i < sp.count; ++i) {
+        const int32_t p = batch.positions[sp.begin + i];
+        if (!std::binary_search(s.positions.begin(), s.positions.end(), p))
+          throw Error("KV cache: overwrite of position " + std::to_string(p) +
+                      " that sequence " + std::to_string(sp.seq) + " does not hold");
+      }
+      for (int l = 0; l < layers_; ++l)
+        for (int h = 0; h < heads_; ++h) {
+          HeadTable& t = s.tables[l * heads_ + h];
+          for (size_t i = 0; i < t.pages.size(); ++i) make_private(t, i);
+          for (int64_t i = 0; i < sp.count; ++i) {
+            const int32_t row = find_row(t, batch.positions[sp.begin + i]);
+            // A local head that no longer keeps the token: its K/V go to the scratch page.
+            rows[l][(sp.begin + i) * heads_ + h] = row >= 0 ? row : scratch_page_ * page_size_;
+          }
+        }
+    }
+  }
   // Validate and count first: a refused batch leaves everything unchanged.
   for (const SeqSpan& sp : batch.spans) {
     const Sequence& s = get(sp.seq);
-    if (batch.positions[sp.begin] < s.next_pos())
+    if (!batch.overwrite && batch.positions[sp.begin] < s.next_pos())
       throw Error("KV cache: new positions of sequence " + std::to_string(sp.seq) +
                   " must follow the cached ones");
   }
-  const int64_t need = pages_needed(batch);
+  const int64_t need = batch.overwrite ? 0 : pages_needed(batch);
   if (need > pool_.num_free())
     throw OutOfKvMemory("KV pool: batch needs " + std::to_string(need) + " pages, " +
                         std::to_string(pool_.num_free()) + " free");
 
-  const int64_t T = batch.size();
-  std::vector<std::vector<int32_t>> rows(layers_, std::vector<int32_t>(T * heads_));
   for (const SeqSpan& sp : batch.spans) {
+    if (batch.overwrite) break;
     Sequence& s = get(sp.seq);
     batch_seqs_.push_back(sp.seq);
     for (int l = 0; l < layers_; ++l)
@@ -246,30 +289,55 @@ void PagedKvCache::remove(SeqId seq, int32_t p0, int32_t p1) {
   Sequence& s = get(seq);
   if (p1 < 0) p1 = INT32_MAX;
   auto removed = [&](int32_t p) { return p >= p0 && p < p1; };
-  // New pages for every table that changes, checked before anything is touched.
+  // Per table, pages before the first removed token stay as they are. When no token after it
+  // is kept (tail truncation) the table is only cut there: no copy and no new page, so that
+  // freeing memory works on a full pool. Otherwise the kept tokens from that page on are
+  // compacted into fresh pages, counted before anything is touched.
+  struct Cut {
+    bool any = false, compact = false;
+    size_t page = 0, slot = 0;  // the first removed token
+    int64_t kept = 0;           // kept tokens from `page` on
+  };
+  std::vector<Cut> cuts(s.tables.size());
   int64_t need = 0;
-  for (const HeadTable& t : s.tables) {
-    int64_t kept = 0;
-    bool changes = false;
-    for (const auto& ps : t.positions)
-      for (int32_t p : ps) removed(p) ? void(changes = true) : void(++kept);
-    if (changes) need += (kept + page_size_ - 1) / page_size_;
+  for (size_t ti = 0; ti < s.tables.size(); ++ti) {
+    const HeadTable& t = s.tables[ti];
+    Cut& c = cuts[ti];
+    for (size_t i = 0; i < t.positions.size(); ++i)
+      for (size_t j = 0; j < t.positions[i].size(); ++j) {
+        const bool gone = removed(t.positions[i][j]);
+        if (!c.any && gone) {
+          c = {true, false, i, j, static_cast<int64_t>(j)};
+        } else if (c.any && !gone) {
+          c.compact = true;
+          ++c.kept;
+        }
+      }
+    if (c.compact) need += (c.kept + page_size_ - 1) / page_size_;
   }
   if (need > pool_.num_free())
     throw OutOfKvMemory("KV pool: remove needs " + std::to_string(need) + " pages to compact");
-  for (HeadTable& t : s.tables) {
+  for (size_t ti = 0; ti < s.tables.size(); ++ti) {
+    HeadTable& t = s.tables[ti];
+    const Cut& c = cuts[ti];
+    if (!c.any) continue;
+    if (!c.compact) {
+      // Slots [0, slot) of the cut page stay; a shared page stays shared (the next append
+      // copies it before writing).
+      const size_t keep = c.slot > 0 ? c.page + 1 : c.page;
+      for (size_t i = keep; i < t.pages.size(); ++i) pool_.release(t.pages[i]);
+      t.pages.resize(keep);
+      t.positions.resize(keep);
+      if (c.slot > 0) t.positions.back().resize(c.slot);
+      continue;
+    }
     std::vector<int32_t> src_rows, keep_pos;
-    int32_t gone = 0;
-    for (size_t i = 0; i < t.positions.size(); ++i)
-      for (size_t j = 0; j < t.positions[i].size(); ++j) {
-        if (removed(t.positions[i][j])) {
-          ++gone;
-        } else {
+    for (size_t i = c.page; i < t.positions.size(); ++i)
+      for (size_t j = 0; j < t.positions[i].size(); ++j)
+        if (!removed(t.positions[i][j])) {
           src_rows.push_back(t.pages[i] * page_size_ + static_cast<int32_t>(j));
           keep_pos.push_back(t.positions[i][j]);
         }
-      }
-    if (gone == 0) continue;
     HeadTable fresh;
     std::vector<int32_t> dst_rows;
     for (size_t i = 0; i < keep_pos.size(); ++i) {
@@ -292,8 +360,11 @@ void PagedKvCache::remove(SeqId seq, int32_t p0, int32_t p1) {
       backend_.gather_rows(pool_.pos(), si, ptmp);
       backend_.scatter_rows(ptmp, di, pool_.pos());
     }
-    release_table(t);
-    t = std::move(fresh);
+    for (size_t i = c.page; i < t.pages.size(); ++i) pool_.release(t.pages[i]);
+    t.pages.resize(c.page);
+    t.positions.resize(c.page);
+    t.pages.insert(t.pages.end(), fresh.pages.begin(), fresh.pages.end());
+    t.positions.insert(t.positions.end(), fresh.positions.begin(), fresh.positions.end());
   }
   std::erase_if(s.positions, removed);
 }
@@ -302,16 +373,15 @@ void PagedKvCache::shift(SeqId seq, int32_t p0, int32_t p1, int32_t delta) {
   Sequence& s = get(seq);
   if (p1 < 0) p1 = INT32_MAX;
   if (delta == 0) return;
-  // Positions must stay increasing and non-negative in every table.
-  for (const HeadTable& t : s.tables) {
-    int64_t prev = -1;
-    for (const auto& ps : t.positions)
-      for (int32_t p : ps) {
-        int64_t np = (p >= p0 && p < p1) ? int64_t{p} + delta : p;
-        if (np < 0 || np <= prev)
-          throw Error("KV cache: shift would make positions negative or out of order");
-        prev = np;
-      }
+  // Positions must stay increasing and non-negative. Checked on the sequence's own positions:
+  // every table holds a subset of them, and local heads may have dropped tokens that the
+  // shifted ones would collide with.
+  int64_t prev = -1;
+  for (int32_t p : s.positions) {
+    const int64_t np = (p >= p0 && p < p1) ? int64_t{p} + delta : p;
+    if (np < 0 || np <= prev)
+      throw Error("KV cache: shift would make positions negative or out of order");
+    prev = np;
   }
   int64_t cow = 0;
   for (const HeadTable& t : s.tables)
@@ -376,6 +446,74 @@ void PagedKvCache::read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
   }
   k = backend_.to_host_f32(kd);
   v = backend_.to_host_f32(vd);
+}
+
+std::vector<int32_t> PagedKvCache::slot_rows(SeqId seq, int layer, int kv_head) const {
+  const HeadTable& t = get(seq).tables.at(static_cast<size_t>(layer) * heads_ + kv_head);
+  std::vector<int32_t> rows;
+  for (size_t i = 0; i < t.pages.size(); ++i)
+    for (size_t j = 0; j < t.positions[i].size(); ++j)
+      rows.push_back(t.pages[i] * page_size_ + static_cast<int32_t>(j));
+  return rows;
+}
+
+void PagedKvCache::append_relocated(SeqId seq, const std::vector<std::vector<int32_t>>& rows,
+                                    const std::vector<int32_t>& src_positions, int32_t delta) {
+  Sequence& s = get(seq);
+  const int64_t n = static_cast<int64_t>(src_positions.size());
+  if (static_cast<int64_t>(rows.size()) != int64_t{layers_} * heads_)
+    throw Error("append_relocated: need rows for every (layer, kv head)");
+  for (const auto& r : rows)
+    if (static_cast<int64_t>(r.size()) != n) throw Error("append_relocated: row count mismatch");
+  if (n == 0) return;
+  if (src_positions.front() + delta < s.next_pos())
+    throw Error("append_relocated: positions must follow the cached ones");
+  for (int64_t i = 1; i < n; ++i)
+    if (src_positions[i] <= src_positions[i - 1])
+      throw Error("append_relocated: source positions must increase");
+  int64_t need = 0;
+  for (const HeadTable& t : s.tables) need += table_pages_needed(t, n);
+  if (need > pool_.num_free())
+    throw OutOfKvMemory("KV pool: relocating a segment needs " + std::to_string(need) +
+                        " pages, " + std::to_string(pool_.num_free()) + " free");
+  std::vector<int32_t> new_pos(n), deltas(n, delta);
+  for (int64_t i = 0; i < n; ++i) new_pos[i] = src_positions[i] + delta;
+  for (int l = 0; l < layers_; ++l) {
+    std::vector<int32_t> src, dst, dst_pos, dst_delta;
+    for (int h = 0; h < heads_; ++h) {
+      HeadTable& t = s.tables[l * heads_ + h];
+      if (!t.pages.empty() && static_cast<int32_t>(t.positions.back().size()) < page_size_)
+        make_private(t, t.pages.size() - 1);
+      for (int64_t i = 0; i < n; ++i) {
+        if (t.pages.empty() || static_cast<int32_t>(t.positions.back().size()) == page_size_) {
+          t.pages.push_back(pool_.allocate());
+          t.positions.emplace_back();
+        }
+        const int32_t slot = static_cast<int32_t>(t.positions.back().size());
+        t.positions.back().push_back(new_pos[i]);
+        src.push_back(rows[l * heads_ + h][i]);
+        dst.push_back(t.pages.back() * page_size_ + slot);
+        dst_pos.push_back(new_pos[i]);
+        dst_delta.push_back(delta);
+      }
+    }
+    if (!pool_.has_storage()) continue;
+    const int64_t m = static_cast<int64_t>(src.size());
+    Tensor si = device_i32(src), di = device_i32(dst);
+    Tensor tmp = backend_.alloc(backend_.act_dtype(), {m, pool_.head_dim()});
+    backend_.gather_rows(pool_.k(), si, tmp);
+    if (delta != 0) {
+      Tensor as_heads = tmp.reshape({m, 1, pool_.head_dim()});
+      backend_.rope(as_heads, device_i32(dst_delta), inv_freq_, 1.0f);
+    }
+    backend_.scatter_rows(tmp, di, pool_.k());
+    backend_.gather_rows(pool_.v(), si, tmp);
+    backend_.scatter_rows(tmp, di, pool_.v());
+    backend_.scatter_rows(device_i32(dst_pos).reshape({m, 1}), di, pool_.pos());
+  }
+  s.positions.insert(s.positions.end(), new_pos.begin(), new_pos.end());
+  for (int l = 0; l < layers_; ++l)
+    for (int h = 0; h < heads_; ++h) trim(s.tables[l * heads_ + h], spec(l, h), s.next_pos());
 }
 
 KvUsage PagedKvCache::usage(SeqId seq) const {

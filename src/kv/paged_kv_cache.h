@@ -48,11 +48,22 @@ class PagedKvCache : public KvCache {
   void read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
             std::vector<int32_t>& positions) override;
 
+  // Pool rows (of the K, V and position pools) of one (layer, kv head)'s slots, in position order.
+  std::vector<int32_t> slot_rows(SeqId seq, int layer, int kv_head) const;
+  // Appends n tokens whose K/V already sit in the pool (a cached segment prefilled at
+  // src_positions): rows[layer * kv_heads + head][i] is token i's source row. The copies take
+  // positions src_positions[i] + delta and their keys are re-rotated by delta (RoPE relocation,
+  // no attention scaling re-applied). Local heads keep only sink ∪ window afterwards.
+  // Throws OutOfKvMemory, changing nothing, when the pool cannot hold the copies.
+  void append_relocated(SeqId seq, const std::vector<std::vector<int32_t>>& rows,
+                        const std::vector<int32_t>& src_positions, int32_t delta);
+
   // Pages a batch would need beyond what its sequences hold (admission control).
   int64_t pages_needed(const Batch& batch) const;
   KvUsage usage(SeqId seq) const;
   KvUsage usage() const;
   const HeadProfile& profile() const { return profile_; }
+  const HeadProfile* head_profile() const override { return &profile_; }
   PagePool& pool() { return pool_; }
 
  private:
@@ -95,6 +106,9 @@ class PagedKvCache : public KvCache {
   std::vector<SeqId> batch_seqs_;
   Tensor batch_positions_;
   Tensor token_positions_;  // [T * kv_heads, 1] i32: position of each written row
+  int32_t scratch_page_ = -1;  // target of overwrite writes a local head no longer keeps
+  // Pool row holding `pos` in table t, or -1.
+  int32_t find_row(const HeadTable& t, int32_t pos) const;
 };
 
 // Ideal KV bytes of one session of `tokens` tokens (SPEC §3, pages rounded up per head):

@@ -21,6 +21,9 @@ struct Batch {
   std::vector<SeqSpan> spans;      // one per sequence present
   // Batch rows whose logits are wanted, in output order (e.g. the last token of each sequence).
   std::vector<int64_t> logit_rows;
+  // Selective recompute: every position is already cached in its sequence; the forward
+  // replaces those tokens' K/V in place instead of appending (CacheBlend, EPIC).
+  bool overwrite = false;
 
   int64_t size() const { return static_cast<int64_t>(tokens.size()); }
 

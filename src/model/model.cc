@@ -3,6 +3,8 @@
 #include <string>
 
 #include "core/error.h"
+#include "engine/flops.h"
+#include "kv/head_profile.h"
 
 namespace redknot {
 
@@ -72,8 +74,8 @@ Model::Model(const Checkpoint& ckpt, Backend& backend) : cfg_(ckpt.config), back
 }
 
 // x: [T, hidden] (normalised input); out: [T, hidden] (o_proj output)
-void Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv,
-                            const Tensor& pos, ForwardObserver* observer) {
+Tensor Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv,
+                              const Tensor& pos, ForwardObserver* observer) {
   const LayerWeights& w = layers_[layer];
   const int64_t T = x.dim(0), hd = cfg_.head_dim, nh = cfg_.num_heads, nkv = cfg_.num_kv_heads;
   const DType act = backend_.act_dtype();
@@ -95,7 +97,32 @@ void Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv
   kv.write(layer, k3, v3);
   Tensor attn = backend_.alloc(act, {T, nh, hd});
   kv.attend(layer, q3, attn);
-  backend_.matmul(attn.reshape({T, nh * hd}), w.wo, Tensor(), out);
+  Tensor attn2 = attn.reshape({T, nh * hd});
+  backend_.matmul(attn2, w.wo, Tensor(), out);
+  return attn2;
+}
+
+int64_t Model::sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& normed, Tensor& x,
+                                   const Batch& batch, const SparseFfnConfig& cfg) {
+  const int64_t T = x.dim(0), H = cfg_.hidden_size;
+  Tensor norms = backend_.alloc(DType::F32, {T});
+  backend_.row_l2norm(attn, norms);
+  Tensor host = backend_.to_host_f32(norms);
+  std::vector<float> importance(host.data<float>(), host.data<float>() + T);
+  std::vector<int32_t> rows = select_ffn_rows(cfg, layer, importance, batch);
+  const int64_t R = static_cast<int64_t>(rows.size());
+  if (R == 0) return 0;
+  Tensor idx = backend_.alloc(DType::I32, {R});
+  backend_.copy_from_host(idx, Tensor::from_i32(rows, {R}));
+  const DType act = backend_.act_dtype();
+  Tensor sub_in = backend_.alloc(act, {R, H}), sub_out = backend_.alloc(act, {R, H});
+  Tensor sub_x = backend_.alloc(act, {R, H});
+  backend_.gather_rows(normed, idx, sub_in);
+  ffn_block(layer, sub_in, sub_out);
+  backend_.gather_rows(x, idx, sub_x);
+  backend_.add(sub_x, sub_out);
+  backend_.scatter_rows(sub_x, idx, x);
+  return R;
 }
 
 // x: [T, hidden] (normalised input); out: [T, hidden] (down_proj output)
@@ -110,7 +137,7 @@ void Model::ffn_block(int layer, const Tensor& x, Tensor& out) {
   backend_.matmul(gate, w.w_down, Tensor(), out);
 }
 
-Tensor Model::forward(const Batch& batch, KvCache& kv, ForwardObserver* observer) {
+Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opts) {
   batch.validate(cfg_.vocab_size);
   const int64_t T = batch.size(), H = cfg_.hidden_size;
   const DType act = backend_.act_dtype();
@@ -130,18 +157,40 @@ Tensor Model::forward(const Batch& batch, KvCache& kv, ForwardObserver* observer
   Tensor normed = backend_.alloc(act, {T, H});
   Tensor block_out = backend_.alloc(act, {T, H});
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  for (int l = 0; l < static_cast<int>(cfg_.num_layers); ++l) {
+  const int num_layers = opts.num_layers >= 0
+                             ? std::min<int>(opts.num_layers, static_cast<int>(cfg_.num_layers))
+                             : static_cast<int>(cfg_.num_layers);
+  const HeadProfile* profile = kv.head_profile();
+  HeadProfile all_dense;
+  if (opts.flops && !profile) {
+    all_dense = HeadProfile(static_cast<int32_t>(cfg_.num_layers), static_cast<int32_t>(cfg_.num_kv_heads));
+    profile = &all_dense;
+  }
+  for (int l = 0; l < num_layers; ++l) {
     backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
-    attention_block(l, normed, block_out, kv, pos, observer);
+    Tensor attn = attention_block(l, normed, block_out, kv, pos, opts.observer);
     backend_.add(x, block_out);
     backend_.rmsnorm(x, layers_[l].ffn_norm, eps, normed);
-    ffn_block(l, normed, block_out);
-    backend_.add(x, block_out);
+    int64_t ffn_rows = T;
+    const bool sparse = opts.sparse_ffn && !opts.sparse_ffn->dense(l);
+    if (sparse) {
+      ffn_rows = sparse_ffn_residual(l, attn, normed, x, batch, *opts.sparse_ffn);
+    } else {
+      ffn_block(l, normed, block_out);
+      backend_.add(x, block_out);
+    }
+    if (opts.flops) {
+      opts.flops->projections += projection_flops_per_token(cfg_) * T;
+      (sparse ? opts.flops->ffn_sparse : opts.flops->ffn_dense) += ffn_flops_per_token(cfg_) * ffn_rows;
+      for (int64_t t = 0; t < T; ++t)
+        attention_flops_at(cfg_, *profile, l, batch.positions[t], *opts.flops);
+    }
   }
 
   // Logits only for the rows asked for.
   const int64_t R = static_cast<int64_t>(batch.logit_rows.size());
-  if (R == 0) return Tensor::host(DType::F32, {0, cfg_.vocab_size});
+  if (R == 0 || num_layers < cfg_.num_layers) return Tensor::host(DType::F32, {0, cfg_.vocab_size});
+  if (opts.flops) opts.flops->lm_head += 2.0 * cfg_.hidden_size * cfg_.vocab_size * R;
   std::vector<int32_t> rows(batch.logit_rows.begin(), batch.logit_rows.end());
   Tensor rows_dev = backend_.alloc(DType::I32, {R});
   backend_.copy_from_host(rows_dev, Tensor::from_i32(rows, {R}));

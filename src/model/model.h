@@ -10,6 +10,7 @@
 #include "kv/kv_cache.h"
 #include "loader/checkpoint.h"
 #include "model/batch.h"
+#include "model/sparse_ffn.h"
 
 namespace redknot {
 
@@ -30,6 +31,16 @@ class ForwardObserver {
   virtual void on_attention_inputs(int layer, const Tensor& q, const Tensor& k) = 0;
 };
 
+struct FlopsLedger;
+
+// Per-call switches of a forward pass (all off: the plain dense forward).
+struct ForwardOptions {
+  ForwardObserver* observer = nullptr;
+  int num_layers = -1;                   // >= 0: stop after that many layers (no logits)
+  const SparseFfnConfig* sparse_ffn = nullptr;
+  FlopsLedger* flops = nullptr;          // accumulates what this forward computed
+};
+
 class Model {
  public:
   // Uploads the checkpoint's weights to `backend` (which must outlive the model).
@@ -44,15 +55,25 @@ class Model {
   // Runs `batch` through every layer, appending its K/V to `kv`, and returns the logits of
   // batch.logit_rows as a host f32 tensor [logit_rows, vocab]. Throws OutOfKvMemory (KV
   // unchanged) when the cache cannot take the batch, Error on invalid tokens/positions.
-  Tensor forward(const Batch& batch, KvCache& kv, ForwardObserver* observer = nullptr);
+  Tensor forward(const Batch& batch, KvCache& kv, const ForwardOptions& opts);
+  Tensor forward(const Batch& batch, KvCache& kv, ForwardObserver* observer = nullptr) {
+    ForwardOptions o;
+    o.observer = observer;
+    return forward(batch, kv, o);
+  }
 
   // Size in bytes of the weights as stored on the backend.
   int64_t weight_bytes() const { return weight_bytes_; }
 
  private:
-  void attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv, const Tensor& pos,
-                       ForwardObserver* observer);
+  // Returns the attention output before o_proj ([T, heads*hd]) for Sparse FFN importance.
+  Tensor attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv, const Tensor& pos,
+                         ForwardObserver* observer);
   void ffn_block(int layer, const Tensor& x, Tensor& out);
+  // Sparse FFN: runs the FFN on the selected rows of `normed` and adds it to those rows of x.
+  // Returns the number of rows that ran. attn: [T, heads*hd] (importance source)
+  int64_t sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& normed, Tensor& x,
+                              const Batch& batch, const SparseFfnConfig& cfg);
   Tensor upload(const Checkpoint& ckpt, const std::string& name);
   Tensor upload_norm(const Checkpoint& ckpt, const std::string& name);
 

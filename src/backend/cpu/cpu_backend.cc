@@ -1,13 +1,17 @@
 #include "backend/cpu/cpu_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 
 #include "backend/cpu/attention_kernel.h"
 #include "backend/cpu/gemv_kernels.h"
+#include "backend/cpu/paged_attention_kernel.h"
 #include "backend/cpu/simd.h"
 #include "backend/op_checks.h"
+#include "backend/reference/paged_attention_ref.h"
 
 #ifdef REDKNOT_HAS_OPENBLAS
 #include <cblas.h>
@@ -300,6 +304,84 @@ void CpuBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v,
     run(0, 1);
   else
     pool_.parallel_for(n_workers, 1, run);
+}
+
+void CpuBackend::paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                                 const Tensor& pos_pool, const Tensor& q_pos,
+                                 const PagedAttentionPlan& plan, Tensor& out) {
+  check_paged_attention_args(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+  expect_host_f32("paged_attention", "q", q);
+  expect_host_f32("paged_attention", "out", out);
+  expect_device("paged_attention", "k_pool", k_pool, Device::Host);
+  if (k_pool.dtype() != v_pool.dtype() ||
+      (k_pool.dtype() != DType::F32 && k_pool.dtype() != DType::BF16))
+    throw Error("paged_attention: cpu pools must both be f32 or bf16, got " + k_pool.describe() +
+                " and " + v_pool.describe());
+  if (q.dim(0) == 0 || plan.num_seqs == 0) return;
+  if (plan.qo_indptr.data<int32_t>()[plan.num_seqs] != q.dim(0))
+    throw Error("paged_attention: qo_indptr does not cover the " + std::to_string(q.dim(0)) +
+                " query rows");
+  auto run = [&](auto tag) {
+    using TKV = decltype(tag);
+    cpu::PagedArgs<TKV> a{};
+    a.q = q.data<float>();
+    a.k_pool = static_cast<const TKV*>(k_pool.raw());
+    a.v_pool = static_cast<const TKV*>(v_pool.raw());
+    a.pos_pool = pos_pool.data<int32_t>();
+    a.q_pos = q_pos.data<int32_t>();
+    a.out = out.data<float>();
+    a.qo_indptr = plan.qo_indptr.data<int32_t>();
+    a.kv_indptr = plan.kv_indptr.data<int32_t>();
+    a.page_indices = plan.page_indices.data<int32_t>();
+    a.page_lengths = plan.page_lengths.data<int32_t>();
+    a.head_window = plan.head_window.data<int32_t>();
+    a.head_sink = plan.head_sink.data<int32_t>();
+    a.hq = q.dim(1);
+    a.hkv = plan.num_kv_heads;
+    a.d = q.dim(2);
+    a.page_size = plan.page_size;
+    a.scale = plan.scale;
+    const int64_t group = a.hq / a.hkv;
+    // About 32 query vectors per unit: K/V pages are reused from cache across them, and the
+    // scratch (scores, acc) stays within L1/L2.
+    const int64_t block_rows = std::max<int64_t>(1, 32 / group);
+    std::vector<cpu::PagedUnit> units;
+    std::vector<std::pair<int32_t, int32_t>> merges;
+    const int32_t n_slots =
+        cpu::plan_units(a, plan.num_seqs, block_rows, pool_.size(), units, merges);
+    const int64_t slot_floats = cpu::partial_slot_floats(block_rows, group, a.d);
+    std::vector<float> partials(n_slots * slot_floats);
+    // Costliest units first, then handed out dynamically: global heads and long sequences
+    // would otherwise leave threads idle at the end.
+    std::vector<int32_t> order(units.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t x, int32_t y) { return units[x].cost > units[y].cost; });
+    int64_t total_cost = 0;
+    for (const cpu::PagedUnit& u : units) total_cost += u.cost;
+    const int64_t n_units = static_cast<int64_t>(units.size());
+    const int64_t work = total_cost * plan.page_size * group * a.d * 2;
+    const int64_t n_workers =
+        work < kMinParallelWork ? 1 : std::min<int64_t>(n_units, pool_.size());
+    std::atomic<int64_t> next{0};
+    auto worker = [&](int64_t, int64_t) {
+      cpu::PagedScratch scratch;
+      scratch.reserve(block_rows * group, plan.page_size, a.d);
+      for (int64_t i = next.fetch_add(1); i < n_units; i = next.fetch_add(1))
+        cpu::paged_attention_unit(a, units[order[i]], scratch, partials.data(), slot_floats);
+    };
+    if (n_workers <= 1)
+      worker(0, 1);
+    else
+      pool_.parallel_for(n_workers, 1, worker);
+    for (const auto& [first, count] : merges)
+      cpu::merge_partials(a, units[first], units[first].partial, count, partials.data(),
+                          slot_floats);
+  };
+  if (k_pool.dtype() == DType::F32)
+    run(float{});
+  else
+    run(uint16_t{});
 }
 
 void CpuBackend::argmax(const Tensor& logits, Tensor& out) {

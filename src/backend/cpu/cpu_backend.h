@@ -40,6 +40,11 @@ class CpuBackend : public Backend {
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kv_head_stride,
                  const Tensor& q_pos, const Tensor& k_pos, const AttentionMask& mask,
                  Tensor& out) override;
+  // Per (sequence, kv head, query block) units over the pool's threads; see
+  // paged_attention_kernel.h. q, out: [T, Hq, D] f32; pools f32 or bf16.
+  void paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                       const Tensor& pos_pool, const Tensor& q_pos, const PagedAttentionPlan& plan,
+                       Tensor& out) override;
   void argmax(const Tensor& logits, Tensor& out) override;
 
  private:

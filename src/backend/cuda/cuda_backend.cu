@@ -10,6 +10,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/kernels.cuh"
 #include "backend/op_checks.h"
+#include "backend/reference/paged_attention_ref.h"
 #include "core/error.h"
 
 namespace redknot {
@@ -287,6 +288,46 @@ class CudaBackend : public Backend {
           q.data<T>(), k.data<T>(), v.data<T>(), q_pos.data<int32_t>(), k_pos.data<int32_t>(), p,
           out.data<T>());
       launch_check("attention_kernel");
+    });
+  }
+
+  void paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                       const Tensor& pos_pool, const Tensor& q_pos, const PagedAttentionPlan& plan,
+                       Tensor& out) override {
+    check_paged_attention_args(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+    const Tensor* on_device[] = {&q,
+                                 &k_pool,
+                                 &v_pool,
+                                 &pos_pool,
+                                 &q_pos,
+                                 &out,
+                                 &plan.qo_indptr,
+                                 &plan.kv_indptr,
+                                 &plan.page_indices,
+                                 &plan.page_lengths,
+                                 &plan.head_window,
+                                 &plan.head_sink};
+    for (const Tensor* t : on_device)
+      if (t->numel() > 0) expect_cuda("paged_attention", "argument", *t);
+    if (k_pool.dtype() != q.dtype() || v_pool.dtype() != q.dtype() || out.dtype() != q.dtype())
+      throw Error("paged_attention: q, pools and out must share one dtype, got " + q.describe() +
+                  ", " + k_pool.describe() + ", " + out.describe());
+    const int64_t d = q.dim(2), group = q.dim(1) / plan.num_kv_heads;
+    if (d > 32 * cuda::kAttnMaxDimsPerLane)
+      throw Error("paged_attention: cuda kernel supports head_dim <= " +
+                  std::to_string(32 * cuda::kAttnMaxDimsPerLane) + ", got " + q.describe());
+    if (q.dim(0) == 0 || plan.num_seqs == 0) return;
+    cuda::PagedParams p{q.dim(1), plan.num_kv_heads, d, plan.page_size, plan.num_seqs, plan.scale};
+    const dim3 grid(static_cast<unsigned>(q.dim(0)), static_cast<unsigned>(plan.num_kv_heads));
+    const int warps = static_cast<int>(std::clamp<int64_t>(group, 1, cuda::kPagedMaxWarps));
+    dispatch_act("paged_attention", q.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      cuda::paged_attention_kernel<T><<<grid, 32 * warps, 0, stream_>>>(
+          q.data<T>(), k_pool.data<T>(), v_pool.data<T>(), pos_pool.data<int32_t>(),
+          q_pos.data<int32_t>(), plan.qo_indptr.data<int32_t>(), plan.kv_indptr.data<int32_t>(),
+          plan.page_indices.data<int32_t>(), plan.page_lengths.data<int32_t>(),
+          plan.head_window.data<int32_t>(), plan.head_sink.data<int32_t>(), p, out.data<T>());
+      launch_check("paged_attention_kernel");
     });
   }
 

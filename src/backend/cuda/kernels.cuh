@@ -204,6 +204,98 @@ __global__ void attention_kernel(const T* q, const T* k, const T* v, const int32
   }
 }
 
+struct PagedParams {
+  int64_t hq, hkv, d, page_size;
+  int32_t num_seqs;
+  float scale;
+};
+
+inline constexpr int kPagedMaxWarps = 8;
+
+// SegPaged attention, simple version: one block per (query row, kv head); warp g serves query
+// heads g, g + warps, ... of the GQA group (the group's warps read the same K/V rows, so the
+// repeats hit L1/L2). Each warp walks the (sequence, kv head)'s page list from the CSR plan
+// with an online softmax; lane l owns dims l, l + 32, ...; pages the query cannot see (causal
+// future, outside sink ∪ window) are skipped from their first/last positions.
+// q, out: [T, Hq, D]; k_pool, v_pool: [slots, D]; pos_pool: [slots]; q_pos: [T];
+// qo_indptr: [num_seqs + 1]; kv_indptr: [num_seqs * Hkv + 1]; page_indices, page_lengths: [nnz];
+// head_window, head_sink: [Hkv]
+template <typename T>
+__global__ void paged_attention_kernel(const T* q, const T* k_pool, const T* v_pool,
+                                       const int32_t* pos_pool, const int32_t* q_pos,
+                                       const int32_t* qo_indptr, const int32_t* kv_indptr,
+                                       const int32_t* page_indices, const int32_t* page_lengths,
+                                       const int32_t* head_window, const int32_t* head_sink,
+                                       PagedParams p, T* out) {
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  const int64_t group = p.hq / p.hkv;
+  // Sequence of row t: the last s with qo_indptr[s] <= t (sequences may have no rows).
+  int32_t lo = 0, hi = p.num_seqs;
+  while (hi - lo > 1) {
+    const int32_t mid = (lo + hi) / 2;
+    if (qo_indptr[mid] <= t)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  const int64_t item = int64_t{lo} * p.hkv + h;
+  const int32_t e0 = kv_indptr[item], e1 = kv_indptr[item + 1];
+  const int32_t qp = q_pos[t], window = head_window[h], sink = head_sink[h];
+  const int64_t window_lo = static_cast<int64_t>(qp) - window + 1;
+
+  for (int64_t g = warp; g < group; g += n_warps) {
+    const int64_t hq = h * group + g;
+    const T* qv = q + (t * p.hq + hq) * p.d;
+    float qr[kAttnMaxDimsPerLane], acc[kAttnMaxDimsPerLane];
+#pragma unroll
+    for (int i = 0; i < kAttnMaxDimsPerLane; ++i) {
+      const int64_t c = lane + 32 * i;
+      qr[i] = c < p.d ? to_f32(qv[c]) : 0.0f;
+      acc[i] = 0.0f;
+    }
+    float m = -FLT_MAX, l = 0.0f;
+    for (int32_t e = e0; e < e1; ++e) {
+      const int32_t len = page_lengths[e];
+      if (len <= 0) continue;
+      const int64_t base = static_cast<int64_t>(page_indices[e]) * p.page_size;
+      const int32_t first = pos_pool[base], last = pos_pool[base + len - 1];
+      if (first > qp) break;  // positions increase along the list
+      if (window > 0 && first >= sink && last < window_lo) continue;
+      for (int32_t j = 0; j < len; ++j) {
+        const int32_t kp = pos_pool[base + j];
+        const bool visible = kp <= qp && (window == 0 || kp >= window_lo || kp < sink);
+        if (!visible) continue;  // uniform across the warp
+        const T* kj = k_pool + (base + j) * p.d;
+        float sc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kAttnMaxDimsPerLane; ++i) {
+          const int64_t c = lane + 32 * i;
+          if (c < p.d) sc += qr[i] * to_f32(kj[c]);
+        }
+        sc = warp_sum(sc) * p.scale;
+        const float m_new = fmaxf(m, sc);
+        const float correction = expf(m - m_new), pj = expf(sc - m_new);
+        l = l * correction + pj;
+        const T* vj = v_pool + (base + j) * p.d;
+#pragma unroll
+        for (int i = 0; i < kAttnMaxDimsPerLane; ++i) {
+          const int64_t c = lane + 32 * i;
+          if (c < p.d) acc[i] = acc[i] * correction + pj * to_f32(vj[c]);
+        }
+        m = m_new;
+      }
+    }
+    // A query that sees no key outputs zeros.
+    const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int i = 0; i < kAttnMaxDimsPerLane; ++i) {
+      const int64_t c = lane + 32 * i;
+      if (c < p.d) out[(t * p.hq + hq) * p.d + c] = from_f32<T>(acc[i] * inv_l);
+    }
+  }
+}
+
 // Index of the row maximum (ties: lowest index); one block per row.
 // logits: [R, V]; out: [R]
 template <typename T>

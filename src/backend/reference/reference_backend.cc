@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "backend/op_checks.h"
+#include "backend/reference/paged_attention_ref.h"
 
 namespace redknot {
 namespace {
@@ -191,6 +192,12 @@ void ReferenceBackend::attention(const Tensor& q, const Tensor& k, const Tensor&
       for (int64_t c = 0; c < d; ++c) o[c] = any ? static_cast<float>(acc[c] / denom) : 0.0f;
     }
   }
+}
+
+void ReferenceBackend::paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                                       const Tensor& pos_pool, const Tensor& q_pos,
+                                       const PagedAttentionPlan& plan, Tensor& out) {
+  reference_paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
 }
 
 void ReferenceBackend::argmax(const Tensor& logits, Tensor& out) {

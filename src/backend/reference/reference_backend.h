@@ -26,6 +26,11 @@ class ReferenceBackend : public Backend {
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kv_head_stride,
                  const Tensor& q_pos, const Tensor& k_pos, const AttentionMask& mask,
                  Tensor& out) override;
+  // Calls reference_paged_attention (double accumulation, every slot tested).
+  // q, out: [T, Hq, D]; k_pool, v_pool: [slots, D]; pos_pool: [slots]; q_pos: [T]
+  void paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                       const Tensor& pos_pool, const Tensor& q_pos, const PagedAttentionPlan& plan,
+                       Tensor& out) override;
   void argmax(const Tensor& logits, Tensor& out) override;
 };
 

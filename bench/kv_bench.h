@@ -1,0 +1,51 @@
+// SegPagedAttention benchmarks.
+//  capacity:  how many sessions of N tokens fit a KV budget, all-global vs a head-aware profile:
+//             the ideal Σ formula (ideal_session_bytes) against a count measured by filling an
+//             accounting-only PagePool through PagedKvCache as the engine would.
+//  attention: CPU decode-attention time per token over a real PagedKvCache (f32 pages), against
+//             the dense+mask baseline (Backend::attention over a contiguous cache).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "kv/head_profile.h"
+
+namespace redknot::bench {
+
+// Shared model/KV geometry; defaults are Llama-3-8B.
+struct KvShape {
+  int32_t layers = 32;
+  int32_t kv_heads = 8;
+  int32_t q_heads = 32;
+  int32_t head_dim = 128;
+  int32_t page_size = 64;
+  double global_fraction = 0.15;  // head-aware profile: share of (layer, kv head) kept global
+  int32_t window = 512;           // local heads: W
+  int32_t sink = 4;               // local heads: s
+};
+
+struct CapacityBenchArgs {
+  KvShape shape;
+  double budget_gib = 40.0;
+  int64_t tokens = 32768;  // per session
+  int32_t chunk = 2048;    // prefill chunk size
+};
+
+struct AttentionBenchArgs {
+  KvShape shape;
+  std::vector<int64_t> contexts = {8192, 32768};
+  std::vector<int32_t> batches = {1};
+  int32_t chunk = 2048;
+  int32_t repeats = 7;
+  int threads = 0;  // <= 0: one per hardware thread
+};
+
+// A deterministic profile with round(fraction * layers * kv_heads) global heads spread evenly
+// over the flattened (layer, kv head) index; every other head is local (window, sink).
+HeadProfile spread_profile(int32_t layers, int32_t kv_heads, double global_fraction, int32_t window,
+                           int32_t sink);
+
+int run_capacity_bench(const CapacityBenchArgs& args);
+int run_attention_bench(const AttentionBenchArgs& args);
+
+}  // namespace redknot::bench

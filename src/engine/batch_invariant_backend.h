@@ -1,0 +1,67 @@
+// A backend decorator whose results for a row do not depend on how many rows share the call.
+// The CPU backend picks GEMV kernels for small M and sgemm for larger M, whose summation orders
+// differ, so a sequence's logits would change with the batch it is scheduled in. Serving wants a
+// greedy request to produce the same tokens alone or batched; this wrapper runs every matmul one
+// row at a time (every other op is already row-independent). Costs prefill throughput (no GEMM
+// reuse of weights across rows), so it is an option of `redknot serve`. Every Backend virtual
+// must be forwarded here: a new op with a default body would otherwise bypass the inner backend.
+#pragma once
+#include "backend/backend.h"
+
+namespace redknot {
+
+class BatchInvariantBackend : public Backend {
+ public:
+  explicit BatchInvariantBackend(Backend& inner) : inner_(inner) {}
+
+  std::string name() const override { return inner_.name() + "+batch-invariant"; }
+  Device device() const override { return inner_.device(); }
+  DType act_dtype() const override { return inner_.act_dtype(); }
+  Tensor alloc(DType dtype, std::vector<int64_t> shape) override {
+    return inner_.alloc(dtype, std::move(shape));
+  }
+  Tensor upload_weight(const Tensor& host) override { return inner_.upload_weight(host); }
+  void copy_from_host(Tensor& dst, const Tensor& src) override { inner_.copy_from_host(dst, src); }
+  Tensor to_host_f32(const Tensor& src) override { return inner_.to_host_f32(src); }
+  void synchronize() override { inner_.synchronize(); }
+  void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override {
+    inner_.embedding(table, ids, out);
+  }
+  // x: [M, K]; w: [N, K]; bias: [N] or empty; out: [M, N]
+  void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) override;
+  void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    inner_.rmsnorm(x, weight, eps, out);
+  }
+  void add(Tensor& x, const Tensor& y) override { inner_.add(x, y); }
+  void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    inner_.swiglu(gate, up, out);
+  }
+  void rope(Tensor& x, const Tensor& pos, const Tensor& inv_freq, float scaling) override {
+    inner_.rope(x, pos, inv_freq, scaling);
+  }
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kv_head_stride,
+                 const Tensor& q_pos, const Tensor& k_pos, const AttentionMask& mask,
+                 Tensor& out) override {
+    inner_.attention(q, k, v, kv_head_stride, q_pos, k_pos, mask, out);
+  }
+  void paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                       const Tensor& pos_pool, const Tensor& q_pos, const PagedAttentionPlan& plan,
+                       Tensor& out) override {
+    inner_.paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+  }
+  void copy(const Tensor& src, Tensor& dst) override { inner_.copy(src, dst); }
+  void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override {
+    inner_.scatter_rows(src, rows, dst);
+  }
+  void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) override {
+    inner_.gather_rows(src, rows, out);
+  }
+  void argmax(const Tensor& logits, Tensor& out) override { inner_.argmax(logits, out); }
+  // x: [R, C]; out: [R] f32
+  void row_l2norm(const Tensor& x, Tensor& out) override { inner_.row_l2norm(x, out); }
+
+ private:
+  Backend& inner_;
+};
+
+}  // namespace redknot

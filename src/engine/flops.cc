@@ -1,0 +1,61 @@
+#include "engine/flops.h"
+
+#include <algorithm>
+
+namespace redknot {
+
+FlopsLedger& FlopsLedger::operator+=(const FlopsLedger& o) {
+  projections += o.projections;
+  attention_global += o.attention_global;
+  attention_local += o.attention_local;
+  ffn_dense += o.ffn_dense;
+  ffn_sparse += o.ffn_sparse;
+  lm_head += o.lm_head;
+  return *this;
+}
+
+nlohmann::json FlopsLedger::to_json() const {
+  return {{"projections", projections}, {"attention_global", attention_global},
+          {"attention_local", attention_local}, {"ffn_dense", ffn_dense},
+          {"ffn_sparse", ffn_sparse}, {"lm_head", lm_head}, {"total", total()}};
+}
+
+int64_t visible_keys(const HeadSpec& spec, int64_t pos) {
+  const int64_t causal = pos + 1;
+  if (spec.cls == HeadClass::Global) return causal;
+  const int64_t window = std::min<int64_t>(causal, spec.window);
+  const int64_t sink = std::min<int64_t>(spec.sink, causal - window);
+  return window + std::max<int64_t>(0, sink);
+}
+
+double projection_flops_per_token(const ModelConfig& c) {
+  const double q = double(c.num_heads) * c.head_dim, kv = double(c.num_kv_heads) * c.head_dim;
+  return 2.0 * c.hidden_size * (q + 2 * kv) + 2.0 * q * c.hidden_size;
+}
+
+double ffn_flops_per_token(const ModelConfig& c) {
+  return 2.0 * 3.0 * c.hidden_size * c.intermediate_size;
+}
+
+void attention_flops_at(const ModelConfig& c, const HeadProfile& p, int layer, int64_t pos,
+                        FlopsLedger& l) {
+  const int64_t group = c.num_heads / c.num_kv_heads;
+  for (int32_t h = 0; h < p.num_kv_heads(); ++h) {
+    const HeadSpec& s = p.at(layer, h);
+    const double f = 4.0 * visible_keys(s, pos) * c.head_dim * group;  // QKᵀ and PV
+    (s.cls == HeadClass::Global ? l.attention_global : l.attention_local) += f;
+  }
+}
+
+FlopsLedger prefill_flops(const ModelConfig& c, const HeadProfile& p, int64_t start, int64_t n,
+                          int64_t logit_rows) {
+  FlopsLedger l;
+  l.projections = projection_flops_per_token(c) * c.num_layers * n;
+  l.ffn_dense = ffn_flops_per_token(c) * c.num_layers * n;
+  l.lm_head = 2.0 * c.hidden_size * c.vocab_size * logit_rows;
+  for (int layer = 0; layer < c.num_layers; ++layer)
+    for (int64_t pos = start; pos < start + n; ++pos) attention_flops_at(c, p, layer, pos, l);
+  return l;
+}
+
+}  // namespace redknot

@@ -1,0 +1,182 @@
+// The serving engine loop: continuous batching with chunked prefill over one model and one paged
+// KV cache. One engine thread owns the model and the cache; other threads only submit requests
+// and read their token streams. Each step builds ONE Batch that mixes the decode token of every
+// running sequence with prefill chunks of admitted requests, under a per-step token budget.
+//
+// Admission is by head-aware KV size (prompt + max_tokens, global heads keep every token, local
+// heads sink ∪ window). When a forward still runs out of pages (admission may over-commit), the
+// most recently admitted running request is preempted: its sequence is dropped and it is
+// requeued to be recomputed from prompt + generated tokens, so no other request is disturbed.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/error.h"
+#include "engine/sampler.h"
+#include "kv/paged_kv_cache.h"
+#include "model/model.h"
+
+namespace redknot {
+
+enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
+const char* finish_reason_name(FinishReason r);
+
+struct RequestSpec {
+  // Prompt as reuse units: segments (system prompt, documents, earlier turns) then the query.
+  // The model sees their concatenation.
+  std::vector<std::vector<int32_t>> segments;
+  std::vector<int32_t> query;
+  SamplingParams sampling;
+  int32_t max_tokens = 16;
+  std::vector<int32_t> stop_ids;  // generation ends after emitting one of these (kept in output)
+
+  std::vector<int32_t> prompt() const;
+};
+
+// Thread-safe handoff from the engine thread to a reader (an HTTP thread, a test). The engine
+// appends tokens and finally marks the stream finished; the reader drains with wait().
+class RequestStream {
+ public:
+  struct Chunk {
+    std::vector<int32_t> tokens;  // new tokens since the previous wait()
+    bool finished = false;
+    FinishReason reason = FinishReason::kNone;
+    std::string error;
+  };
+
+  // Blocks up to `timeout` for news (tokens or the end); returns what arrived.
+  Chunk wait(std::chrono::milliseconds timeout);
+  // Drains until finished; returns every token (tests, non-streaming requests).
+  Chunk wait_all();
+
+  // Asks the engine to stop this request; its sequence and pages are freed at the next step.
+  void cancel() { cancelled_.store(true); }
+  bool cancelled() const { return cancelled_.load(); }
+
+  int32_t prompt_tokens() const { return prompt_tokens_; }
+  // Prompt tokens whose KV came from the chunk store instead of being computed (0 until
+  // chunk reuse lands; set by the engine before the first token).
+  int32_t cached_tokens() const { return cached_tokens_.load(); }
+  int32_t preemptions() const { return preemptions_.load(); }
+  // Time from submit to the first token and between tokens, in seconds (for metrics).
+  std::vector<double> token_gaps() const;
+
+  // ---- engine side ----
+  void push(int32_t token);
+  void finish(FinishReason reason, std::string error = {});
+
+ private:
+  friend class Scheduler;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<int32_t> pending_;
+  bool finished_ = false, reported_finish_ = false;
+  FinishReason reason_ = FinishReason::kNone;
+  std::string error_;
+  std::atomic<bool> cancelled_{false};
+  std::atomic<int32_t> cached_tokens_{0}, preemptions_{0};
+  int32_t prompt_tokens_ = 0;
+  std::chrono::steady_clock::time_point submitted_;
+  std::vector<std::chrono::steady_clock::time_point> token_times_;
+};
+
+struct SchedulerOptions {
+  int32_t max_batch = 32;     // running sequences at most
+  int32_t step_tokens = 512;  // batch tokens per step (decode rows + prefill chunks)
+  int32_t max_queue = 256;    // waiting requests at most; past it submit() is refused
+  // Fraction of a request's head-aware KV estimate reserved at admission: 1 never over-commits,
+  // lower values admit more and rely on preemption when pages run out.
+  double reserve_fraction = 1.0;
+};
+
+// A consistent view of the engine for /metrics and tests.
+struct SchedulerStats {
+  int64_t queued = 0, running = 0;
+  int64_t pool_pages = 0, free_pages = 0;
+  KvUsage usage;
+  int64_t steps = 0, preemptions = 0, completed = 0, cancelled = 0, failed = 0;
+  int64_t prompt_tokens = 0, generated_tokens = 0, cached_tokens = 0;
+};
+
+class QueueFull : public Error {
+ public:
+  using Error::Error;
+};
+
+class Scheduler {
+ public:
+  // `model` and `cache` must outlive the scheduler and are used only by its engine thread.
+  Scheduler(Model& model, PagedKvCache& cache, SchedulerOptions options);
+  ~Scheduler();  // stops the engine; unfinished requests end as cancelled
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Queues a request. Throws Error on an invalid request (empty prompt, token outside the
+  // vocabulary, bad sampling values, a request the whole pool cannot hold) and QueueFull when
+  // the queue is at its bound.
+  std::shared_ptr<RequestStream> submit(RequestSpec spec);
+
+  // Blocks until no request is queued or running and the stats reflect it.
+  void wait_idle();
+  SchedulerStats stats() const;
+  // Head-aware pages a session of `tokens` tokens may need (admission estimate).
+  int64_t estimate_pages(int64_t tokens) const;
+  const SchedulerOptions& options() const { return opts_; }
+
+ private:
+  struct Request {
+    RequestSpec spec;
+    std::shared_ptr<RequestStream> stream;
+    std::vector<int32_t> tokens;  // prompt ++ generated: what the sequence must hold
+    int32_t prompt_len = 0;
+    int32_t generated = 0;
+    int64_t fed = 0;  // tokens of `tokens` already in the KV cache
+    int64_t reserved_pages = 0;
+    SeqId seq = -1;
+    std::unique_ptr<Sampler> sampler;
+  };
+  using RequestPtr = std::unique_ptr<Request>;
+
+  void loop();
+  // One engine step; false when there was nothing to do.
+  bool step();
+  void drop_cancelled();
+  void admit();
+  void finish(Request& r, FinishReason reason, const std::string& error = {});
+  void release(Request& r);
+  void preempt(size_t running_index);
+  void publish_stats();
+
+  Model& model_;
+  PagedKvCache& cache_;
+  SchedulerOptions opts_;
+  int64_t vocab_ = 0;
+
+  mutable std::mutex mu_;  // guards queue_, stats_, stop_
+  std::condition_variable cv_, idle_cv_;
+  std::deque<RequestPtr> queue_;
+  SchedulerStats stats_;
+  int64_t submitted_ = 0;  // accepted by submit()
+  bool stop_ = false;
+
+  // Engine-thread state.
+  std::vector<RequestPtr> running_;  // admission order
+  int64_t reserved_pages_ = 0;
+  // Set by a preemption, cleared when a request finishes: re-admitting at once would hit the
+  // same wall again (livelock), so admission waits for pages to come back.
+  bool hold_admission_ = false;
+  SeqId next_seq_ = 1;
+  SchedulerStats counters_;
+
+  std::thread thread_;
+};
+
+}  // namespace redknot

@@ -1,0 +1,58 @@
+// The accuracy harness: runs a RAG dataset through one prefill mode, answers greedily, and
+// scores EM/F1 per task family, first-token agreement with full prefill (top-1, logits
+// cosine), TTFT percentiles and the FLOPs ledger against full prefill.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "engine/flops.h"
+#include "engine/kv_setup.h"
+#include "eval/rag_dataset.h"
+#include "loader/checkpoint.h"
+#include "model/model.h"
+#include "reuse/chunk_store.h"
+#include "reuse/reuse_prefill.h"
+#include "tokenizer/tokenizer.h"
+
+namespace redknot {
+
+struct EvalOptions {
+  ReuseOptions reuse;             // mode and its parameters
+  int32_t max_answer_tokens = 16;
+  KvOptions kv;                   // page size, head profile (used by redknot mode)
+  int64_t chunk_store_bytes = 0;  // pool share of the chunk store; 0: 4 prompts' worth
+};
+
+struct TaskStats {
+  int64_t n = 0;
+  double em = 0, f1 = 0, top1_match = 0, logits_cos = 0;
+};
+
+struct EvalReport {
+  std::string mode;
+  int64_t n = 0;
+  double em = 0, f1 = 0, top1_match = 0, logits_cos = 0;
+  double ttft_ms_p50 = 0, ttft_ms_p90 = 0;
+  double flops = 0, flops_full = 0;
+  FlopsLedger ledger;
+  int64_t reused_tokens = 0, prompt_tokens = 0;
+  ChunkStoreStats chunk_store;
+  std::map<std::string, TaskStats> per_task;
+  nlohmann::json to_json() const;
+};
+
+// Runs every sample through opts.reuse.mode. Segments are cached offline first (prefilled alone,
+// untimed, as SPEC §4's offline phase); prefix mode caches each finished request's chain for
+// the next ones. Full prefill runs too (unless the mode is full) for the agreement metrics.
+// progress(done, total) is called after each sample.
+EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& tok,
+                        const std::vector<RagSample>& samples, const EvalOptions& opts,
+                        const std::function<void(int64_t, int64_t)>& progress = nullptr);
+
+double cosine(const std::vector<float>& a, const std::vector<float>& b);
+
+}  // namespace redknot

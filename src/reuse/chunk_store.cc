@@ -1,0 +1,1057 @@
+#include "reuse/chunk_store.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <string>
+#include <system_error>
+#include <utility>
+
+#include "core/error.h"
+#include "kv/device_util.h"
+#include "model/batch.h"
+
+namespace redknot {
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr char kMagic[8] = {'R', 'K', 'V', 'C', 'H', 'N', 'K', '\0'};
+constexpr uint32_t kVersion = 1;
+constexpr int64_t kFixedHeader = 48;  // magic .. len, see encode_header
+constexpr int64_t kSampleBytes = 4096;
+constexpr int32_t kMaxSegmentTokens = 1 << 26;  // sanity bound when parsing headers
+
+// XXH3 streaming state with RAII.
+class Hasher {
+ public:
+  Hasher() : st_(XXH3_createState()) {
+    if (st_ == nullptr) throw Error("xxhash: out of memory");
+    XXH3_64bits_reset(st_);
+  }
+  ~Hasher() { XXH3_freeState(st_); }
+  Hasher(const Hasher&) = delete;
+  Hasher& operator=(const Hasher&) = delete;
+  void bytes(const void* p, size_t n) { XXH3_64bits_update(st_, p, n); }
+  template <typename T>
+  void pod(const T& v) {
+    bytes(&v, sizeof(v));
+  }
+  void str(const std::string& s) {
+    pod(static_cast<uint64_t>(s.size()));
+    bytes(s.data(), s.size());
+  }
+  uint64_t digest() const { return XXH3_64bits_digest(st_); }
+
+ private:
+  XXH3_state_t* st_;
+};
+
+template <typename T>
+T get_at(const uint8_t* p, int64_t off) {
+  T v;
+  std::memcpy(&v, p + off, sizeof(T));
+  return v;
+}
+
+std::string key_hex(uint64_t key) {
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016" PRIx64, key);
+  return buf;
+}
+
+// The parsed header of a spill file.
+struct FileHeader {
+  uint32_t version = 0, dtype = 0, layers = 0, kv_heads = 0, head_dim = 0, len = 0;
+  uint64_t model_fp = 0, key = 0;
+  std::vector<int32_t> tokens;
+  std::vector<uint64_t> block_sums;
+};
+
+enum class HeaderStatus { Ok, Foreign, Bad };
+
+// Reads and checks the header from an open file. Foreign: a valid file this store must leave
+// alone (other model, dtype, geometry or version); Bad: not a readable spill file.
+HeaderStatus read_header(int fd, FileHeader& h) {
+  uint8_t fixed[kFixedHeader];
+  if (pread(fd, fixed, kFixedHeader, 0) != kFixedHeader) return HeaderStatus::Bad;
+  if (std::memcmp(fixed, kMagic, sizeof(kMagic)) != 0) return HeaderStatus::Bad;
+  h.version = get_at<uint32_t>(fixed, 8);
+  if (h.version != kVersion) return HeaderStatus::Foreign;
+  h.dtype = get_at<uint32_t>(fixed, 12);
+  h.model_fp = get_at<uint64_t>(fixed, 16);
+  h.key = get_at<uint64_t>(fixed, 24);
+  h.layers = get_at<uint32_t>(fixed, 32);
+  h.kv_heads = get_at<uint32_t>(fixed, 36);
+  h.head_dim = get_at<uint32_t>(fixed, 40);
+  h.len = get_at<uint32_t>(fixed, 44);
+  if (h.len == 0 || h.len > kMaxSegmentTokens || h.layers == 0 || h.layers > 4096 ||
+      h.kv_heads == 0 || h.kv_heads > 4096 || h.head_dim == 0 || h.head_dim > 65536)
+    return HeaderStatus::Bad;
+  const int64_t blocks = int64_t{h.layers} * h.kv_heads;
+  const int64_t rest = int64_t{h.len} * 4 + blocks * 8 + 8;
+  std::vector<uint8_t> buf(kFixedHeader + rest);
+  std::memcpy(buf.data(), fixed, kFixedHeader);
+  if (pread(fd, buf.data() + kFixedHeader, rest, kFixedHeader) != rest) return HeaderStatus::Bad;
+  const int64_t sum_off = kFixedHeader + rest - 8;
+  if (XXH3_64bits(buf.data(), sum_off) != get_at<uint64_t>(buf.data(), sum_off))
+    return HeaderStatus::Bad;
+  h.tokens.resize(h.len);
+  std::memcpy(h.tokens.data(), buf.data() + kFixedHeader, int64_t{h.len} * 4);
+  h.block_sums.resize(blocks);
+  std::memcpy(h.block_sums.data(), buf.data() + kFixedHeader + int64_t{h.len} * 4, blocks * 8);
+  return HeaderStatus::Ok;
+}
+
+int64_t file_size(int fd) {
+  const off_t end = lseek(fd, 0, SEEK_END);
+  return end < 0 ? -1 : static_cast<int64_t>(end);
+}
+
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_;
+};
+
+bool write_all(int fd, const uint8_t* p, int64_t n) {
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, static_cast<size_t>(std::min<int64_t>(n, 1 << 30)));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    p += w;
+    n -= w;
+  }
+  return true;
+}
+
+bool read_all(int fd, uint8_t* p, int64_t n, int64_t off) {
+  while (n > 0) {
+    const ssize_t r = pread(fd, p, static_cast<size_t>(std::min<int64_t>(n, 1 << 30)), off);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= r;
+    off += r;
+  }
+  return true;
+}
+
+// Raw act-dtype bytes of a device tensor, on the host. Device tensors round-trip through f32,
+// which is exact for f32/bf16/f16.
+void device_bytes(Backend& backend, const Tensor& t, DType dtype, std::vector<uint8_t>& out) {
+  out.resize(static_cast<size_t>(dtype_bytes(dtype, t.numel())));
+  if (t.device() == Device::Host) {
+    std::memcpy(out.data(), t.raw(), out.size());
+    return;
+  }
+  Tensor f = backend.to_host_f32(t);
+  convert_from_f32(f.data<float>(), dtype, out.data(), t.numel());
+}
+
+}  // namespace
+
+const char* chunk_tier_name(ChunkTier t) {
+  switch (t) {
+    case ChunkTier::Pool:
+      return "pool";
+    case ChunkTier::Host:
+      return "host";
+    case ChunkTier::Disk:
+      return "disk";
+    default:
+      return "none";
+  }
+}
+
+uint64_t model_fingerprint(const ModelConfig& cfg, const Checkpoint& ckpt) {
+  Hasher h;
+  h.str("redknot-model-fp-v1");
+  h.pod(static_cast<int32_t>(cfg.arch));
+  for (int64_t v : {cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
+                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_position_embeddings,
+                    cfg.sliding_window, cfg.rope_scaling.original_max_position})
+    h.pod(v);
+  for (double v : {cfg.rms_norm_eps, cfg.rope_theta, cfg.rope_scaling.factor,
+                   cfg.rope_scaling.low_freq_factor, cfg.rope_scaling.high_freq_factor})
+    h.pod(v);
+  h.str(cfg.rope_scaling.type);
+  h.pod(static_cast<uint8_t>(cfg.tie_word_embeddings));
+  h.pod(static_cast<uint8_t>(cfg.attention_bias));
+  h.pod(static_cast<uint8_t>(cfg.qk_norm));
+  for (const auto& [name, t] : ckpt.tensors) {
+    h.str(name);
+    h.pod(static_cast<uint8_t>(t.dtype()));
+    for (int64_t d : t.shape()) h.pod(d);
+  }
+  // Weight bytes of a few tensors: two fine-tunes of one architecture differ here.
+  const std::string last = "model.layers." + std::to_string(cfg.num_layers - 1);
+  for (const std::string& name :
+       {std::string("model.embed_tokens.weight"), std::string("lm_head.weight"),
+        std::string("model.norm.weight"), std::string("model.layers.0.self_attn.q_proj.weight"),
+        std::string("model.layers.0.self_attn.k_proj.weight"),
+        std::string("model.layers.0.self_attn.v_proj.weight"), last + ".self_attn.k_proj.weight",
+        last + ".mlp.down_proj.weight"}) {
+    auto it = ckpt.tensors.find(name);
+    if (it == ckpt.tensors.end() || it->second.raw() == nullptr ||
+        it->second.device() != Device::Host)
+      continue;
+    const auto* p = static_cast<const uint8_t*>(it->second.raw());
+    const int64_t n = it->second.nbytes();
+    const int64_t head = std::min(n, kSampleBytes);
+    h.str(name);
+    h.bytes(p, head);
+    if (n > head)
+      h.bytes(p + n - std::min(n - head, kSampleBytes), std::min(n - head, kSampleBytes));
+  }
+  return h.digest();
+}
+
+uint64_t segment_key(uint64_t model_fp, std::span<const int32_t> tokens) {
+  Hasher h;
+  h.pod(model_fp);
+  h.bytes(tokens.data(), tokens.size_bytes());
+  return h.digest();
+}
+
+// ---- Handle ----
+
+ChunkStore::Handle::Handle(Handle&& o) noexcept
+    : store_(std::exchange(o.store_, nullptr)),
+      entry_(std::exchange(o.entry_, nullptr)),
+      source_(o.source_) {}
+
+ChunkStore::Handle& ChunkStore::Handle::operator=(Handle&& o) noexcept {
+  if (this != &o) {
+    reset();
+    store_ = std::exchange(o.store_, nullptr);
+    entry_ = std::exchange(o.entry_, nullptr);
+    source_ = o.source_;
+  }
+  return *this;
+}
+
+void ChunkStore::Handle::reset() {
+  if (store_ != nullptr && entry_ != nullptr) store_->unpin(entry_);
+  store_ = nullptr;
+  entry_ = nullptr;
+}
+
+ChunkTier ChunkStore::Handle::tier() const { return entry_ ? entry_->tier : ChunkTier::None; }
+uint64_t ChunkStore::Handle::key() const {
+  RK_CHECK(entry_, "empty chunk handle");
+  return entry_->key;
+}
+const std::vector<int32_t>& ChunkStore::Handle::tokens() const {
+  RK_CHECK(entry_, "empty chunk handle");
+  return entry_->tokens;
+}
+int32_t ChunkStore::Handle::length() const {
+  return entry_ ? static_cast<int32_t>(entry_->tokens.size()) : 0;
+}
+const std::vector<int32_t>& ChunkStore::Handle::rows(int layer, int kv_head) const {
+  RK_CHECK(entry_ && entry_->tier == ChunkTier::Pool, "chunk rows need a pool entry");
+  return entry_->rows.at(static_cast<size_t>(layer) * store_->kv_heads_ + kv_head);
+}
+const std::vector<std::vector<int32_t>>& ChunkStore::Handle::all_rows() const {
+  RK_CHECK(entry_ && entry_->tier == ChunkTier::Pool, "chunk rows need a pool entry");
+  return entry_->rows;
+}
+const std::vector<int32_t>& ChunkStore::Handle::positions() const {
+  RK_CHECK(entry_ && entry_->tier == ChunkTier::Pool, "chunk positions need a pool entry");
+  return entry_->positions;
+}
+
+// ---- construction ----
+
+ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
+    : model_(model),
+      pool_(pool),
+      backend_(pool.backend()),
+      opts_(std::move(options)),
+      layers_(static_cast<int32_t>(model.config().num_layers)),
+      kv_heads_(static_cast<int32_t>(model.config().num_kv_heads)),
+      head_dim_(static_cast<int32_t>(model.config().head_dim)),
+      dtype_(pool.backend().act_dtype()) {
+  if (pool.head_dim() != head_dim_) throw Error("chunk store: pool head_dim does not match model");
+  if (!pool.has_storage()) throw Error("chunk store: the page pool has no storage");
+  if (opts_.pool_budget_bytes < 0 || opts_.host_budget_bytes < 0 || opts_.disk_budget_bytes < 0)
+    throw Error("chunk store: budgets must be >= 0");
+  if (opts_.prefill_chunk <= 0) throw Error("chunk store: prefill_chunk must be positive");
+  if (opts_.key_bits < 1 || opts_.key_bits > 64) throw Error("chunk store: key_bits in [1, 64]");
+  PagedKvOptions po;
+  po.scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+  cache_ =
+      std::make_unique<PagedKvCache>(pool_, HeadProfile(layers_, kv_heads_), po, model.inv_freq());
+  if (opts_.disk_budget_bytes > 0) {
+    if (opts_.disk_dir.empty()) throw Error("chunk store: the disk tier needs a directory");
+    if (opts_.model_fp == 0)
+      throw Error("chunk store: the disk tier needs a model fingerprint (model_fingerprint())");
+    std::error_code ec;
+    fs::create_directories(opts_.disk_dir, ec);
+    if (ec || !fs::is_directory(opts_.disk_dir))
+      throw Error(opts_.disk_dir + ": cannot create the chunk store directory: " + ec.message());
+    scan_disk();
+  }
+}
+
+ChunkStore::~ChunkStore() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (opts_.disk_budget_bytes > 0 && opts_.flush_on_destroy) {
+    try {
+      flush_locked();
+    } catch (...) {
+      // Best effort: a failed flush only loses cache entries.
+    }
+  }
+  for (Entry& e : entries_)
+    if (e.pins > 0)
+      std::fprintf(stderr, "chunk store: destroyed with a pinned entry (%s)\n",
+                   key_hex(e.key).c_str());
+  entries_.clear();
+  cache_.reset();  // returns every page to the pool
+}
+
+// ---- geometry ----
+
+int64_t ChunkStore::head_block_bytes(int32_t len) const {
+  return 2 * dtype_bytes(dtype_, int64_t{len} * head_dim_);
+}
+int64_t ChunkStore::payload_bytes(int32_t len) const {
+  return int64_t{layers_} * kv_heads_ * head_block_bytes(len);
+}
+int64_t ChunkStore::pool_pages_for(int32_t len) const {
+  const int32_t ps = pool_.page_size();
+  return int64_t{layers_} * kv_heads_ * ((int64_t{len} + ps - 1) / ps);
+}
+int64_t ChunkStore::header_bytes(int32_t len) const {
+  return kFixedHeader + int64_t{len} * 4 + int64_t{layers_} * kv_heads_ * 8 + 8;
+}
+std::string ChunkStore::file_path(uint64_t key) const {
+  return (fs::path(opts_.disk_dir) / (key_hex(key) + ".rkv")).string();
+}
+
+// ---- index and policy ----
+
+uint64_t ChunkStore::key_of(std::span<const int32_t> tokens) const {
+  const uint64_t k = segment_key(opts_.model_fp, tokens);
+  return opts_.key_bits >= 64 ? k : (k & ((uint64_t{1} << opts_.key_bits) - 1));
+}
+
+ChunkStore::Entry* ChunkStore::find(uint64_t key, std::span<const int32_t> tokens) {
+  auto [lo, hi] = index_.equal_range(key);
+  bool other = false;
+  for (auto it = lo; it != hi; ++it) {
+    Entry* e = it->second;
+    if (std::equal(e->tokens.begin(), e->tokens.end(), tokens.begin(), tokens.end())) {
+      if (!e->dead) return e;
+    } else {
+      other = true;
+    }
+  }
+  if (other) ++stats_.collisions;
+  return nullptr;
+}
+
+double ChunkStore::score_of(double accesses, uint64_t last_access) const {
+  const double age = static_cast<double>(clock_ - std::min(clock_, last_access));
+  return accesses / std::pow(1.0 + age, opts_.alpha);
+}
+double ChunkStore::score(const Entry& e) const { return score_of(e.accesses, e.last_access); }
+
+void ChunkStore::touch(Entry& e) {
+  e.accesses += 1;
+  e.last_access = clock_;
+}
+
+double ChunkStore::take_ghost(uint64_t key) {
+  auto it = ghosts_.find(key);
+  if (it == ghosts_.end()) return 0;
+  const double a = it->second.accesses;
+  ghosts_.erase(it);
+  return a;
+}
+
+void ChunkStore::remember(uint64_t key, double accesses, uint64_t last_access) {
+  if (opts_.ghost_capacity <= 0) return;
+  ghosts_[key] = Ghost{accesses, last_access};
+  if (static_cast<int64_t>(ghosts_.size()) <= opts_.ghost_capacity) return;
+  // Forget the older half (amortised O(1) per insertion).
+  std::vector<uint64_t> times;
+  times.reserve(ghosts_.size());
+  for (const auto& [k, g] : ghosts_) times.push_back(g.last_access);
+  auto mid = times.begin() + times.size() / 2;
+  std::nth_element(times.begin(), mid, times.end());
+  const uint64_t cut = *mid;
+  std::erase_if(ghosts_, [&](const auto& kv) { return kv.second.last_access < cut; });
+  if (static_cast<int64_t>(ghosts_.size()) > opts_.ghost_capacity) ghosts_.clear();
+}
+
+ChunkStore::Handle ChunkStore::make_handle(Entry& e, ChunkTier source) {
+  ++e.pins;
+  Handle h;
+  h.store_ = this;
+  h.entry_ = &e;
+  h.source_ = source;
+  return h;
+}
+
+void ChunkStore::unpin(Entry* e) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (--e->pins == 0 && e->dead) erase(*e, /*evicted=*/false);
+}
+
+ChunkStore::Entry* ChunkStore::victim(ChunkTier tier, double limit, bool disk_copy) {
+  Entry* best = nullptr;
+  double best_score = limit;
+  for (Entry& e : entries_) {
+    if (e.pins > 0 || e.dead) continue;
+    if (disk_copy ? !e.on_disk : e.tier != tier) continue;
+    const double s = score(e);
+    // Ties: the least recently used goes first.
+    if (s < best_score || (best && s == best_score && e.last_access < best->last_access)) {
+      best = &e;
+      best_score = s;
+    }
+  }
+  return best;
+}
+
+// ---- tier moves ----
+
+int64_t ChunkStore::reclaimable(ChunkTier tier, double limit, bool disk_copy) const {
+  int64_t n = 0;
+  for (const Entry& e : entries_) {
+    if (e.pins > 0 || e.dead || score(e) >= limit) continue;
+    if (disk_copy) {
+      if (e.on_disk) n += e.file_bytes;
+    } else if (e.tier == tier) {
+      n += tier == ChunkTier::Pool ? e.pool_bytes : static_cast<int64_t>(e.blob.size());
+    }
+  }
+  return n;
+}
+
+bool ChunkStore::make_room_pool(int64_t pages, double limit) {
+  const int64_t bytes = pages * pool_.bytes_per_page();
+  if (bytes > opts_.pool_budget_bytes) return false;
+  // Demote nothing unless the eligible victims can make enough room.
+  const int64_t free_bytes = reclaimable(ChunkTier::Pool, limit, false);
+  if (pool_bytes_ - free_bytes + bytes > opts_.pool_budget_bytes ||
+      pool_.num_free() + free_bytes / pool_.bytes_per_page() < pages)
+    return false;
+  while (pool_bytes_ + bytes > opts_.pool_budget_bytes || pool_.num_free() < pages) {
+    Entry* v = victim(ChunkTier::Pool, limit, false);
+    if (v == nullptr) return false;
+    demote_from_pool(*v);
+  }
+  return true;
+}
+
+bool ChunkStore::make_room_host(int64_t bytes, double limit) {
+  if (bytes > opts_.host_budget_bytes ||
+      host_bytes_ - reclaimable(ChunkTier::Host, limit, false) + bytes > opts_.host_budget_bytes)
+    return false;
+  while (host_bytes_ + bytes > opts_.host_budget_bytes) {
+    Entry* v = victim(ChunkTier::Host, limit, false);
+    if (v == nullptr) return false;
+    std::vector<uint8_t> blob = std::move(v->blob);
+    v->blob = {};
+    host_bytes_ -= static_cast<int64_t>(blob.size());
+    v->tier = ChunkTier::None;
+    place_on_disk(*v, blob);
+  }
+  return true;
+}
+
+bool ChunkStore::make_room_disk(int64_t bytes, double limit) {
+  if (bytes > opts_.disk_budget_bytes ||
+      disk_bytes_ - reclaimable(ChunkTier::None, limit, true) + bytes > opts_.disk_budget_bytes)
+    return false;
+  while (disk_bytes_ + bytes > opts_.disk_budget_bytes) {
+    Entry* v = victim(ChunkTier::None, limit, true);
+    if (v == nullptr) return false;
+    drop_disk_copy(*v);
+    if (v->tier == ChunkTier::Disk) erase(*v, /*evicted=*/true);
+  }
+  return true;
+}
+
+void ChunkStore::demote_from_pool(Entry& e) {
+  std::vector<uint8_t> blob = serialize_pool(e);
+  release_pool(e);
+  place_in_host(e, std::move(blob));
+}
+
+void ChunkStore::place_in_host(Entry& e, std::vector<uint8_t> blob) {
+  const int64_t n = static_cast<int64_t>(blob.size());
+  if (opts_.host_budget_bytes > 0 && make_room_host(n, score(e))) {
+    e.blob = std::move(blob);
+    e.tier = ChunkTier::Host;
+    host_bytes_ += n;
+    ++stats_.demotions_to_host;
+    return;
+  }
+  place_on_disk(e, blob);
+}
+
+void ChunkStore::place_on_disk(Entry& e, const std::vector<uint8_t>& blob) {
+  if (e.on_disk) {  // a clean copy is already there
+    e.tier = ChunkTier::Disk;
+    ++stats_.demotions_to_disk;
+    return;
+  }
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  if (opts_.disk_budget_bytes > 0 &&
+      make_room_disk(header_bytes(len) + payload_bytes(len), score(e)) && write_file(e, blob)) {
+    e.tier = ChunkTier::Disk;
+    ++stats_.demotions_to_disk;
+    return;
+  }
+  erase(e, /*evicted=*/true);
+}
+
+void ChunkStore::drop_disk_copy(Entry& e) {
+  if (!e.on_disk) return;
+  std::error_code ec;
+  fs::remove(file_path(e.key), ec);
+  disk_bytes_ -= e.file_bytes;
+  e.on_disk = false;
+  e.file_bytes = 0;
+  e.block_sums.clear();
+}
+
+void ChunkStore::erase(Entry& e, bool evicted) {
+  if (e.tier == ChunkTier::Pool) release_pool(e);
+  if (e.tier == ChunkTier::Host) host_bytes_ -= static_cast<int64_t>(e.blob.size());
+  drop_disk_copy(e);
+  if (evicted) ++stats_.evictions;
+  remember(e.key, e.accesses, e.last_access);
+  auto [lo, hi] = index_.equal_range(e.key);
+  for (auto it = lo; it != hi; ++it)
+    if (it->second == &e) {
+      index_.erase(it);
+      break;
+    }
+  entries_.erase(e.self);
+}
+
+void ChunkStore::release_pool(Entry& e) {
+  if (e.seq >= 0) cache_->remove_sequence(e.seq);
+  pool_bytes_ -= e.pool_bytes;
+  e.seq = -1;
+  e.pool_bytes = 0;
+  e.rows.clear();
+  e.positions.clear();
+  e.tier = ChunkTier::None;
+}
+
+void ChunkStore::set_pool_rows(Entry& e, SeqId seq) {
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  e.seq = seq;
+  e.rows.resize(static_cast<size_t>(layers_) * kv_heads_);
+  for (int l = 0; l < layers_; ++l)
+    for (int h = 0; h < kv_heads_; ++h)
+      e.rows[static_cast<size_t>(l) * kv_heads_ + h] = cache_->slot_rows(seq, l, h);
+  e.positions.resize(len);
+  for (int32_t i = 0; i < len; ++i) e.positions[i] = i;
+  e.pool_bytes = pool_pages_for(len) * pool_.bytes_per_page();
+  pool_bytes_ += e.pool_bytes;
+  e.tier = ChunkTier::Pool;
+}
+
+std::vector<uint8_t> ChunkStore::serialize_pool(const Entry& e) {
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  const int64_t rb = dtype_bytes(dtype_, head_dim_), hb = head_block_bytes(len);
+  std::vector<uint8_t> blob(static_cast<size_t>(payload_bytes(len)));
+  std::vector<uint8_t> kb, vb;
+  for (int l = 0; l < layers_; ++l) {
+    // One gather per layer for all heads: rows of head h are [h * len, (h + 1) * len).
+    std::vector<int32_t> idx;
+    idx.reserve(static_cast<size_t>(kv_heads_) * len);
+    for (int h = 0; h < kv_heads_; ++h) {
+      const auto& r = e.rows[static_cast<size_t>(l) * kv_heads_ + h];
+      idx.insert(idx.end(), r.begin(), r.end());
+    }
+    const int64_t n = static_cast<int64_t>(idx.size());
+    Tensor di = upload_i32(backend_, idx);
+    Tensor kd = backend_.alloc(dtype_, {n, head_dim_});  // [kv_heads * len, head_dim]
+    Tensor vd = backend_.alloc(dtype_, {n, head_dim_});
+    backend_.gather_rows(pool_.k(), di, kd);
+    backend_.gather_rows(pool_.v(), di, vd);
+    device_bytes(backend_, kd, dtype_, kb);
+    device_bytes(backend_, vd, dtype_, vb);
+    for (int h = 0; h < kv_heads_; ++h) {
+      uint8_t* dst = blob.data() + (int64_t{l} * kv_heads_ + h) * hb;
+      std::memcpy(dst, kb.data() + int64_t{h} * len * rb, len * rb);
+      std::memcpy(dst + len * rb, vb.data() + int64_t{h} * len * rb, len * rb);
+    }
+  }
+  return blob;
+}
+
+bool ChunkStore::load_into_pool(Entry& e, const std::vector<uint8_t>& blob) {
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  const int64_t rb = dtype_bytes(dtype_, head_dim_), hb = head_block_bytes(len);
+  RK_CHECK(static_cast<int64_t>(blob.size()) == payload_bytes(len), "chunk blob size");
+  const SeqId seq = next_seq_++;
+  cache_->add_sequence(seq);
+  // The cache's own write path assigns the pages and positions 0..len-1, as a prefill would.
+  Batch b;
+  b.add_sequence(seq, e.tokens, 0, /*last_logits=*/false);
+  std::vector<int32_t> pos(len);
+  for (int32_t i = 0; i < len; ++i) pos[i] = i;
+  try {
+    cache_->begin_forward(b, upload_i32(backend_, pos));
+  } catch (const OutOfKvMemory&) {
+    cache_->remove_sequence(seq);
+    return false;
+  }
+  try {
+    Tensor kh = Tensor::host(dtype_, {len, kv_heads_, head_dim_});
+    Tensor vh = Tensor::host(dtype_, {len, kv_heads_, head_dim_});
+    Tensor kd = backend_.alloc(dtype_, {len, kv_heads_, head_dim_});
+    Tensor vd = backend_.alloc(dtype_, {len, kv_heads_, head_dim_});
+    auto* kp = static_cast<uint8_t*>(kh.raw());
+    auto* vp = static_cast<uint8_t*>(vh.raw());
+    for (int l = 0; l < layers_; ++l) {
+      for (int h = 0; h < kv_heads_; ++h) {
+        const uint8_t* src = blob.data() + (int64_t{l} * kv_heads_ + h) * hb;
+        for (int32_t t = 0; t < len; ++t) {
+          const int64_t dst = (int64_t{t} * kv_heads_ + h) * rb;
+          std::memcpy(kp + dst, src + t * rb, rb);
+          std::memcpy(vp + dst, src + (int64_t{len} + t) * rb, rb);
+        }
+      }
+      backend_.copy_from_host(kd, kh);
+      backend_.copy_from_host(vd, vh);
+      cache_->write(l, kd, vd);
+    }
+    cache_->end_forward();
+  } catch (...) {
+    cache_->end_forward();
+    cache_->remove_sequence(seq);
+    throw;
+  }
+  set_pool_rows(e, seq);
+  return true;
+}
+
+bool ChunkStore::prefill_into_pool(Entry& e) {
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  const SeqId seq = next_seq_++;
+  cache_->add_sequence(seq);
+  try {
+    for (int32_t s = 0; s < len; s += opts_.prefill_chunk) {
+      const int32_t end = std::min(len, s + opts_.prefill_chunk);
+      Batch b;
+      b.add_sequence(seq, std::vector<int32_t>(e.tokens.begin() + s, e.tokens.begin() + end), s,
+                     /*last_logits=*/false);
+      model_.forward(b, *cache_);
+    }
+  } catch (const OutOfKvMemory&) {
+    cache_->remove_sequence(seq);
+    return false;
+  } catch (...) {
+    cache_->remove_sequence(seq);
+    throw;
+  }
+  set_pool_rows(e, seq);
+  return true;
+}
+
+// ---- public API ----
+
+ChunkStore::Handle ChunkStore::acquire(std::span<const int32_t> tokens, bool prefill_on_miss) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (tokens.empty()) return {};
+  ++clock_;
+  const uint64_t key = key_of(tokens);
+  if (Entry* e = find(key, tokens)) {
+    touch(*e);
+    const ChunkTier source = e->tier;
+    if (source == ChunkTier::Pool) {
+      ++stats_.pool_hits;
+      return make_handle(*e, source);
+    }
+    ++e->pins;  // so that making room below cannot move it
+    std::optional<std::vector<uint8_t>> disk_blob;
+    if (source == ChunkTier::Disk) disk_blob = read_file(*e);
+    if (source == ChunkTier::Host || disk_blob) {
+      bool ok = false;
+      try {
+        ok = make_room_pool(pool_pages_for(static_cast<int32_t>(e->tokens.size())), score(*e)) &&
+             load_into_pool(*e, source == ChunkTier::Host ? e->blob : *disk_blob);
+      } catch (...) {
+        --e->pins;
+        throw;
+      }
+      --e->pins;
+      if (!ok) {
+        ++stats_.bypasses;
+        return {};
+      }
+      if (source == ChunkTier::Host) {
+        host_bytes_ -= static_cast<int64_t>(e->blob.size());
+        e->blob = {};
+        ++stats_.host_hits;
+      } else {
+        ++stats_.disk_hits;
+      }
+      ++stats_.promotions;
+      return make_handle(*e, source);
+    }
+    // The disk copy was corrupt (deleted and counted): recompute it as a miss, keeping its
+    // access count (through the ghost history) but not counting this access twice.
+    e->accesses -= 1;
+    if (--e->pins == 0)
+      erase(*e, /*evicted=*/false);
+    else
+      remember(key, e->accesses, e->last_access);
+  }
+  ++stats_.misses;
+  const double prior = take_ghost(key);
+  if (!prefill_on_miss) {
+    remember(key, prior + 1, clock_);
+    return {};
+  }
+  const int32_t len = static_cast<int32_t>(tokens.size());
+  Entry& e = entries_.emplace_back();
+  e.self = std::prev(entries_.end());
+  e.key = key;
+  e.tokens.assign(tokens.begin(), tokens.end());
+  e.accesses = prior + 1;
+  e.last_access = clock_;
+  e.pins = 1;  // not a victim of its own room making
+  bool ok = false;
+  try {
+    ok = make_room_pool(pool_pages_for(len), score(e)) && prefill_into_pool(e);
+  } catch (...) {
+    e.pins = 0;
+    erase(e, false);
+    throw;
+  }
+  e.pins = 0;
+  if (!ok) {
+    ++stats_.bypasses;
+    erase(e, /*evicted=*/false);
+    return {};
+  }
+  index_.emplace(key, &e);
+  ++stats_.prefills;
+  return make_handle(e, ChunkTier::None);
+}
+
+ChunkStore::Handle ChunkStore::lookup(std::span<const int32_t> tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (tokens.empty()) return {};
+  ++clock_;
+  const uint64_t key = key_of(tokens);
+  Entry* e = find(key, tokens);
+  if (e == nullptr) {
+    ++stats_.misses;
+    remember(key, take_ghost(key) + 1, clock_);
+    return {};
+  }
+  touch(*e);
+  if (e->tier == ChunkTier::Pool) ++stats_.pool_hits;
+  if (e->tier == ChunkTier::Host) ++stats_.host_hits;
+  if (e->tier == ChunkTier::Disk) ++stats_.disk_hits;
+  return make_handle(*e, e->tier);
+}
+
+std::optional<ChunkHeadRows> ChunkStore::read_head_rows(const Handle& handle, int layer,
+                                                        int kv_head, int32_t token_begin,
+                                                        int32_t token_end) {
+  std::lock_guard<std::mutex> lock(mu_);
+  RK_CHECK(handle.ok() && handle.store_ == this, "read_head_rows needs a handle of this store");
+  Entry& e = *handle.entry_;
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  if (layer < 0 || layer >= layers_ || kv_head < 0 || kv_head >= kv_heads_ || token_begin < 0 ||
+      token_end > len || token_begin > token_end)
+    throw Error("read_head_rows: (layer " + std::to_string(layer) + ", head " +
+                std::to_string(kv_head) + ", tokens [" + std::to_string(token_begin) + ", " +
+                std::to_string(token_end) + ")) out of range for a segment of " +
+                std::to_string(len) + " tokens");
+  const int64_t n = token_end - token_begin, rb = dtype_bytes(dtype_, head_dim_);
+  ChunkHeadRows out{Tensor::host(dtype_, {n, head_dim_}), Tensor::host(dtype_, {n, head_dim_})};
+  const size_t block = static_cast<size_t>(layer) * kv_heads_ + kv_head;
+  auto from_block = [&](const uint8_t* blk) {
+    std::memcpy(out.k.raw(), blk + token_begin * rb, n * rb);
+    std::memcpy(out.v.raw(), blk + (int64_t{len} + token_begin) * rb, n * rb);
+  };
+  switch (e.tier) {
+    case ChunkTier::Pool: {
+      if (n == 0) break;
+      const auto& r = e.rows[block];
+      Tensor di = upload_i32(backend_,
+                             std::vector<int32_t>(r.begin() + token_begin, r.begin() + token_end));
+      std::vector<uint8_t> bytes;
+      for (auto [src, dst] : {std::pair{&pool_.k(), &out.k}, std::pair{&pool_.v(), &out.v}}) {
+        Tensor t = backend_.alloc(dtype_, {n, head_dim_});
+        backend_.gather_rows(*src, di, t);
+        device_bytes(backend_, t, dtype_, bytes);
+        std::memcpy(dst->raw(), bytes.data(), bytes.size());
+      }
+      break;
+    }
+    case ChunkTier::Host:
+      from_block(e.blob.data() + block * head_block_bytes(len));
+      break;
+    case ChunkTier::Disk: {
+      const int64_t hb = head_block_bytes(len);
+      std::vector<uint8_t> buf(static_cast<size_t>(hb));
+      Fd fd(open(file_path(e.key).c_str(), O_RDONLY | O_CLOEXEC));
+      const bool ok = fd.get() >= 0 && block < e.block_sums.size() &&
+                      read_all(fd.get(), buf.data(), hb, header_bytes(len) + block * hb) &&
+                      XXH3_64bits(buf.data(), hb) == e.block_sums[block];
+      if (!ok) {
+        mark_corrupt(e);
+        return std::nullopt;
+      }
+      from_block(buf.data());
+      break;
+    }
+    default:  // its disk data proved corrupt earlier
+      return std::nullopt;
+  }
+  return out;
+}
+
+void ChunkStore::flush_to_disk() {
+  std::lock_guard<std::mutex> lock(mu_);
+  flush_locked();
+}
+
+void ChunkStore::flush_locked() {
+  if (opts_.disk_budget_bytes <= 0) return;
+  std::vector<Entry*> todo;
+  for (Entry& e : entries_)
+    if (!e.on_disk && !e.dead && (e.tier == ChunkTier::Pool || e.tier == ChunkTier::Host))
+      todo.push_back(&e);
+  std::stable_sort(todo.begin(), todo.end(),
+                   [&](Entry* a, Entry* b) { return score(*a) > score(*b); });
+  for (Entry* e : todo) {
+    const int32_t len = static_cast<int32_t>(e->tokens.size());
+    ++e->pins;  // room making must not drop the entry being written
+    if (make_room_disk(header_bytes(len) + payload_bytes(len), score(*e))) {
+      if (e->tier == ChunkTier::Host)
+        write_file(*e, e->blob);
+      else
+        write_file(*e, serialize_pool(*e));
+    }
+    --e->pins;
+  }
+}
+
+ChunkStoreStats ChunkStore::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  ChunkStoreStats s = stats_;
+  for (const Entry& e : entries_) {
+    if (e.tier == ChunkTier::Pool) ++s.pool.entries;
+    if (e.tier == ChunkTier::Host) ++s.host.entries;
+    if (e.on_disk) ++s.disk.entries;
+  }
+  s.pool.bytes = pool_bytes_;
+  s.host.bytes = host_bytes_;
+  s.disk.bytes = disk_bytes_;
+  return s;
+}
+
+// ---- disk format ----
+// Header (host byte order): magic[8] "RKVCHNK\0", u32 version, u32 dtype, u64 model_fp, u64 key,
+// u32 layers, u32 kv_heads, u32 head_dim, u32 len, i32 tokens[len], u64 block_sums[layers *
+// kv_heads] (XXH3 of each head's K|V block), u64 XXH3 of all the preceding header bytes.
+// Then the payload (the host blob). The file size must be exactly header + payload.
+
+std::vector<uint8_t> ChunkStore::encode_header(const Entry& e,
+                                               const std::vector<uint64_t>& sums) const {
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  std::vector<uint8_t> h(static_cast<size_t>(header_bytes(len)));
+  size_t off = 0;
+  auto put_bytes = [&](const void* p, size_t n) {
+    std::memcpy(h.data() + off, p, n);
+    off += n;
+  };
+  auto put32 = [&](uint32_t v) { put_bytes(&v, 4); };
+  put_bytes(kMagic, sizeof(kMagic));
+  put32(kVersion);
+  put32(static_cast<uint32_t>(dtype_));
+  put_bytes(&opts_.model_fp, 8);
+  put_bytes(&e.key, 8);
+  put32(static_cast<uint32_t>(layers_));
+  put32(static_cast<uint32_t>(kv_heads_));
+  put32(static_cast<uint32_t>(head_dim_));
+  put32(static_cast<uint32_t>(len));
+  put_bytes(e.tokens.data(), e.tokens.size() * 4);
+  put_bytes(sums.data(), sums.size() * 8);
+  const uint64_t sum = XXH3_64bits(h.data(), off);
+  put_bytes(&sum, 8);
+  RK_CHECK(off == h.size(), "chunk file header size");
+  return h;
+}
+
+bool ChunkStore::write_file(Entry& e, const std::vector<uint8_t>& blob) {
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  // Another segment with the same key owns the file name: its copy goes (collisions are rare).
+  std::vector<Entry*> same;
+  auto [lo, hi] = index_.equal_range(e.key);
+  for (auto it = lo; it != hi; ++it)
+    if (it->second != &e && it->second->on_disk) same.push_back(it->second);
+  for (Entry* o : same) {
+    if (o->pins > 0 && o->tier == ChunkTier::Disk) return false;
+    drop_disk_copy(*o);
+    if (o->tier == ChunkTier::Disk) erase(*o, /*evicted=*/true);
+  }
+  const int64_t hb = head_block_bytes(len);
+  std::vector<uint64_t> sums(static_cast<size_t>(layers_) * kv_heads_);
+  for (size_t b = 0; b < sums.size(); ++b) sums[b] = XXH3_64bits(blob.data() + b * hb, hb);
+  const std::vector<uint8_t> header = encode_header(e, sums);
+  const std::string path = file_path(e.key);
+  const std::string tmp =
+      path + ".tmp." + std::to_string(getpid()) + "." + std::to_string(tmp_counter_++);
+  bool ok;
+  {
+    Fd fd(open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    ok = fd.get() >= 0 && write_all(fd.get(), header.data(), static_cast<int64_t>(header.size())) &&
+         write_all(fd.get(), blob.data(), static_cast<int64_t>(blob.size())) &&
+         (!opts_.fsync_files || fsync(fd.get()) == 0);
+    if (fd.get() >= 0 && close(fd.release()) != 0) ok = false;
+  }
+  if (ok) ok = std::rename(tmp.c_str(), path.c_str()) == 0;
+  if (!ok) {
+    std::remove(tmp.c_str());
+    return false;
+  }
+  e.on_disk = true;
+  e.file_bytes = static_cast<int64_t>(header.size() + blob.size());
+  e.block_sums = std::move(sums);
+  disk_bytes_ += e.file_bytes;
+  return true;
+}
+
+std::optional<std::vector<uint8_t>> ChunkStore::read_file(Entry& e) {
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  const int64_t hbytes = header_bytes(len), pbytes = payload_bytes(len), hb = head_block_bytes(len);
+  Fd fd(open(file_path(e.key).c_str(), O_RDONLY | O_CLOEXEC));
+  FileHeader h;
+  bool ok = fd.get() >= 0 && read_header(fd.get(), h) == HeaderStatus::Ok &&
+            h.model_fp == opts_.model_fp && h.key == e.key && h.tokens == e.tokens &&
+            h.dtype == static_cast<uint32_t>(dtype_) && h.layers == uint32_t(layers_) &&
+            h.kv_heads == uint32_t(kv_heads_) && h.head_dim == uint32_t(head_dim_) &&
+            file_size(fd.get()) == hbytes + pbytes;
+  std::vector<uint8_t> blob;
+  if (ok) {
+    blob.resize(static_cast<size_t>(pbytes));
+    ok = read_all(fd.get(), blob.data(), pbytes, hbytes);
+    for (size_t b = 0; ok && b < h.block_sums.size(); ++b)
+      ok = XXH3_64bits(blob.data() + b * hb, hb) == h.block_sums[b];
+  }
+  if (!ok) {
+    mark_corrupt(e);
+    return std::nullopt;
+  }
+  return blob;
+}
+
+void ChunkStore::mark_corrupt(Entry& e) {
+  ++stats_.corrupt_files;
+  drop_disk_copy(e);
+  if (e.tier == ChunkTier::Disk) {
+    // No valid copy left. A pinned entry is dropped by its last unpin.
+    e.tier = ChunkTier::None;
+    e.dead = true;
+    if (e.pins == 0) erase(e, /*evicted=*/false);
+  }
+}
+
+void ChunkStore::scan_disk() {
+  struct Found {
+    fs::file_time_type mtime;
+    FileHeader h;
+    int64_t size;
+  };
+  std::vector<Found> found;
+  std::error_code ec;
+  for (const auto& de : fs::directory_iterator(opts_.disk_dir, ec)) {
+    const fs::path& p = de.path();
+    if (!de.is_regular_file(ec)) continue;
+    // Leftovers of writers that died before their rename (live writers finish in seconds).
+    if (p.filename().string().find(".rkv.tmp.") != std::string::npos) {
+      std::error_code tec;
+      const auto mtime = de.last_write_time(tec);
+      if (!tec && mtime < fs::file_time_type::clock::now() - std::chrono::minutes(10))
+        fs::remove(p, tec);
+      continue;
+    }
+    if (p.extension() != ".rkv") continue;
+    const std::string stem = p.stem().string();
+    auto bad = [&] {
+      ++stats_.corrupt_files;
+      std::error_code rm;
+      fs::remove(p, rm);
+    };
+    Fd fd(open(p.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.get() < 0) continue;
+    FileHeader h;
+    const HeaderStatus st = read_header(fd.get(), h);
+    if (st == HeaderStatus::Bad) {
+      bad();
+      continue;
+    }
+    // Another model's (or backend dtype's, or format version's) files stay for their owner.
+    if (st == HeaderStatus::Foreign || h.model_fp != opts_.model_fp ||
+        h.dtype != static_cast<uint32_t>(dtype_) || h.layers != uint32_t(layers_) ||
+        h.kv_heads != uint32_t(kv_heads_) || h.head_dim != uint32_t(head_dim_))
+      continue;
+    const int32_t len = static_cast<int32_t>(h.len);
+    const int64_t size = file_size(fd.get());
+    if (size != header_bytes(len) + payload_bytes(len) || h.key != key_of(h.tokens) ||
+        stem != key_hex(h.key)) {
+      bad();  // truncated, or renamed/overwritten by something else
+      continue;
+    }
+    found.push_back({de.last_write_time(ec), std::move(h), size});
+  }
+  // Older files count as less recently used.
+  std::sort(found.begin(), found.end(),
+            [](const Found& a, const Found& b) { return a.mtime < b.mtime; });
+  for (Found& f : found) {
+    Entry& e = entries_.emplace_back();
+    e.self = std::prev(entries_.end());
+    e.key = f.h.key;
+    e.tokens = std::move(f.h.tokens);
+    e.tier = ChunkTier::Disk;
+    e.on_disk = true;
+    e.file_bytes = f.size;
+    e.block_sums = std::move(f.h.block_sums);
+    e.accesses = 1;
+    e.last_access = ++clock_;
+    disk_bytes_ += f.size;
+    index_.emplace(e.key, &e);
+  }
+  // A smaller budget than last time: drop the coldest files.
+  make_room_disk(0, std::numeric_limits<double>::infinity());
+}
+
+}  // namespace redknot

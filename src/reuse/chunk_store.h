@@ -1,0 +1,261 @@
+// The segment KV cache (SPEC §4 "Offline"): each segment's K (rotated at positions [0, len)) and V,
+// prefilled alone, kept in three tiers keyed by a hash of (model, token ids):
+//   tier 0 "pool": pages of the engine's PagePool, owned by an internal all-global PagedKvCache
+//                  (one sequence per segment). Requests copy them into their own sequence with
+//                  PagedKvCache::append_relocated(seq, handle.all_rows(), handle.positions(), d).
+//   tier 1 "host": the same K/V serialized head-major in host RAM.
+//   tier 2 "disk": that serialization in `<disk_dir>/<key hex>.rkv` with a checksummed header
+//                  and one XXH3 per head block; written to a temp file then renamed; survives
+//                  restarts. Corrupt files are detected at startup or load, counted, deleted and
+//                  treated as misses: never served.
+//
+// Serialization (host blob = disk payload), in the backend's act dtype: for each layer, for each
+// kv head, a block of K rows [len, head_dim] then V rows [len, head_dim]. Positions are 0..len-1.
+// One head's rows can be read without the rest (read_head_rows).
+//
+// Policy. Every entry has a score  accesses / (1 + age)^alpha, where `accesses` counts acquire()
+// and lookup() calls for the segment (including ones that happened while it was not cached, kept in
+// a bounded "ghost" history) and `age` is the number of acquire/lookup calls since its last access.
+// It is a decayed frequency: an entry used 10 times outlives a burst of about 10x the tier's
+// capacity of one-off segments, while plain LRU would drop it after one tier's worth. No size
+// term: the prefill a hit saves grows with the bytes the entry holds. A tier over budget demotes
+// its lowest-score unpinned entries one tier down (pool -> host -> disk -> dropped); an entry
+// moving down may only displace entries of a lower score than its own in the next tier, else it
+// moves further down. Admission filter: an entry coming into the pool (a prefill or a promotion)
+// may use free budget freely, but may only demote entries with a lower score than its own; when
+// that cannot make room it is not cached in the pool and acquire() returns an empty handle (a
+// one-off segment cannot push out hotter ones; its access is remembered, so a second use gets in).
+// Disk files are a copy that stays when an entry is promoted back to memory (demoting it again is
+// free); the destructor writes memory-only entries to disk (best effort) when the disk tier is on.
+//
+// Not thread-safe beyond an internal mutex around its own state: acquire() runs model.forward on
+// the pool, so call it from the thread that runs the model. Handles must be released before the
+// store is destroyed.
+#pragma once
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/model_config.h"
+#include "core/tensor.h"
+#include "kv/page_pool.h"
+#include "kv/paged_kv_cache.h"
+#include "loader/checkpoint.h"
+#include "model/model.h"
+
+namespace redknot {
+
+// Hash of the config fields that change KV and of a sample of the weight bytes (names, shapes,
+// dtypes of every tensor; first/last 4 KiB of a few). Mix in anything else that changes KV bits
+// (e.g. the backend) before passing it to the store.
+uint64_t model_fingerprint(const ModelConfig& cfg, const Checkpoint& ckpt);
+// XXH3 over the fingerprint and the token ids.
+uint64_t segment_key(uint64_t model_fp, std::span<const int32_t> tokens);
+
+enum class ChunkTier : uint8_t { None, Pool, Host, Disk };
+const char* chunk_tier_name(ChunkTier t);
+
+struct ChunkStoreOptions {
+  int64_t pool_budget_bytes = 0;  // pages held in the PagePool * bytes_per_page
+  int64_t host_budget_bytes = 0;  // serialized bytes in RAM; 0 disables the host tier
+  int64_t disk_budget_bytes = 0;  // file bytes; 0 disables the disk tier
+  std::string disk_dir;           // created if missing; required when the disk tier is on
+  uint64_t model_fp = 0;          // model_fingerprint(); required (non-zero) for the disk tier
+  int32_t prefill_chunk = 2048;   // tokens per model.forward when prefilling a miss
+  double alpha = 1.0;             // recency exponent of the score
+  int32_t ghost_capacity = 4096;  // segments whose accesses are remembered while uncached
+  bool fsync_files = true;        // fsync spill files before the rename (crash safety)
+  bool flush_on_destroy = true;   // write memory-only entries to disk in the destructor
+  int key_bits = 64;              // tests only: fewer bits force hash collisions
+};
+
+struct ChunkTierUsage {
+  int64_t entries = 0, bytes = 0;
+};
+
+struct ChunkStoreStats {
+  int64_t pool_hits = 0, host_hits = 0, disk_hits = 0, misses = 0;
+  int64_t prefills = 0;    // misses prefilled and admitted
+  int64_t bypasses = 0;    // acquires that returned empty: no room / admission refused
+  int64_t promotions = 0;  // host/disk -> pool
+  int64_t demotions_to_host = 0, demotions_to_disk = 0;
+  int64_t evictions = 0;            // entries dropped from every tier
+  int64_t corrupt_files = 0;        // spill files found bad (checksum, truncation, header); deleted
+  int64_t collisions = 0;           // lookups whose key matched an entry of other tokens
+  ChunkTierUsage pool, host, disk;  // disk counts every indexed file, including copies
+};
+
+// One (layer, kv head)'s rows of a cached segment, host tensors [n, head_dim] in act dtype.
+struct ChunkHeadRows {
+  Tensor k, v;
+};
+
+class ChunkStore {
+  struct Entry;
+
+ public:
+  // A pin on one entry: while it lives the entry stays in its tier (never demoted or evicted).
+  // Empty (ok() false) when acquire could not provide the segment.
+  class Handle {
+   public:
+    Handle() = default;
+    Handle(Handle&& o) noexcept;
+    Handle& operator=(Handle&& o) noexcept;
+    Handle(const Handle&) = delete;
+    Handle& operator=(const Handle&) = delete;
+    ~Handle() { reset(); }
+    void reset();  // unpins
+
+    bool ok() const { return entry_ != nullptr; }
+    explicit operator bool() const { return ok(); }
+    // Found cached (in `source()`), as opposed to prefilled by this acquire.
+    bool hit() const { return source_ != ChunkTier::None; }
+    // Where the entry was found (None: prefilled now); tier(): where it is now.
+    ChunkTier source() const { return source_; }
+    ChunkTier tier() const;
+    uint64_t key() const;
+    const std::vector<int32_t>& tokens() const;
+    int32_t length() const;
+    // Pool rows of one (layer, kv head), in token order (only when tier() == Pool).
+    const std::vector<int32_t>& rows(int layer, int kv_head) const;
+    // rows of every (layer, kv head) as [layer * kv_heads + head], for append_relocated.
+    const std::vector<std::vector<int32_t>>& all_rows() const;
+    // 0..len-1: the source positions for append_relocated.
+    const std::vector<int32_t>& positions() const;
+
+   private:
+    friend class ChunkStore;
+    ChunkStore* store_ = nullptr;
+    Entry* entry_ = nullptr;
+    ChunkTier source_ = ChunkTier::None;
+  };
+
+  // `model` and `pool` must outlive the store. Scans `disk_dir` when the disk tier is on: files of
+  // this model and geometry are indexed, files of another model (or dtype/geometry) are left alone,
+  // unreadable/corrupt ones are deleted and counted.
+  ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options);
+  ~ChunkStore();
+  ChunkStore(const ChunkStore&) = delete;
+  ChunkStore& operator=(const ChunkStore&) = delete;
+
+  // The segment in the pool, pinned: a pool hit; a host/disk hit promoted to the pool; or, on a
+  // miss with prefill_on_miss, prefilled alone at [0, len) (in chunks) and admitted. Empty when
+  // the pool has no room for it under the policy, on a miss without prefill, or for an empty
+  // span. Cache problems (no room, corrupt files) never throw; model errors (bad token ids) do.
+  Handle acquire(std::span<const int32_t> tokens, bool prefill_on_miss = true);
+  // Pins the segment wherever it is, without promotion or prefill (counts a hit or a miss).
+  Handle lookup(std::span<const int32_t> tokens);
+  // Token rows [token_begin, token_end) of one (layer, kv head) of a pinned entry in any tier
+  // (a disk entry reads and verifies only that head's block). nullopt when the disk block is
+  // corrupt: the file is deleted and counted, and the entry is dropped once unpinned.
+  std::optional<ChunkHeadRows> read_head_rows(const Handle& h, int layer, int kv_head,
+                                              int32_t token_begin, int32_t token_end);
+  // Writes memory entries that have no disk copy to disk, hottest first, within the disk budget.
+  void flush_to_disk();
+
+  ChunkStoreStats stats() const;
+  const ChunkStoreOptions& options() const { return opts_; }
+
+ private:
+  struct Entry {
+    uint64_t key = 0;
+    std::vector<int32_t> tokens;
+    ChunkTier tier = ChunkTier::None;
+    int32_t pins = 0;
+    bool dead = false;  // its disk data proved corrupt: drop when unpinned
+    // Pool tier.
+    SeqId seq = -1;
+    int64_t pool_bytes = 0;
+    std::vector<std::vector<int32_t>> rows;  // [layer * kv_heads + head]
+    std::vector<int32_t> positions;          // 0..len-1
+    // Host tier.
+    std::vector<uint8_t> blob;
+    // Disk copy (any tier).
+    bool on_disk = false;
+    int64_t file_bytes = 0;
+    std::vector<uint64_t> block_sums;  // per (layer, head) block, from the file header
+    // Policy.
+    double accesses = 0;
+    uint64_t last_access = 0;
+    std::list<Entry>::iterator self;
+  };
+  struct Ghost {
+    double accesses = 0;
+    uint64_t last_access = 0;
+  };
+  using EntryList = std::list<Entry>;
+
+  uint64_t key_of(std::span<const int32_t> tokens) const;
+  // The live entry holding exactly `tokens` (counts a collision when only others share the key).
+  Entry* find(uint64_t key, std::span<const int32_t> tokens);
+  double score(const Entry& e) const;
+  double score_of(double accesses, uint64_t last_access) const;
+  void touch(Entry& e);
+  double take_ghost(uint64_t key);
+  void remember(uint64_t key, double accesses, uint64_t last_access);
+  Handle make_handle(Entry& e, ChunkTier source);
+  void unpin(Entry* e);
+  // Lowest-score unpinned entry below `limit` in `tier` (or holding a disk copy when disk_copy).
+  Entry* victim(ChunkTier tier, double limit, bool disk_copy);
+  // Bytes that demoting every such entry would free in that tier.
+  int64_t reclaimable(ChunkTier tier, double limit, bool disk_copy) const;
+
+  // Geometry.
+  int64_t head_block_bytes(int32_t len) const;  // K + V rows of one head
+  int64_t payload_bytes(int32_t len) const;
+  int64_t pool_pages_for(int32_t len) const;
+  int64_t header_bytes(int32_t len) const;
+  std::string file_path(uint64_t key) const;
+
+  // Tier moves (mutex held). make_room_* demote unpinned entries of score < `limit` and return
+  // whether `pages`/`bytes` more now fit the tier's budget. Entries may be erased on the way.
+  bool make_room_pool(int64_t pages, double limit);
+  bool make_room_host(int64_t bytes, double limit);
+  bool make_room_disk(int64_t bytes, double limit);
+  void demote_from_pool(Entry& e);
+  void place_in_host(Entry& e, std::vector<uint8_t> blob);
+  void place_on_disk(Entry& e, const std::vector<uint8_t>& blob);
+  void drop_disk_copy(Entry& e);
+  void erase(Entry& e, bool evicted);
+  // Puts a serialized segment into the pool (a new sequence of the internal cache).
+  bool load_into_pool(Entry& e, const std::vector<uint8_t>& blob);
+  bool prefill_into_pool(Entry& e);
+  void set_pool_rows(Entry& e, SeqId seq);
+  void release_pool(Entry& e);
+  std::vector<uint8_t> serialize_pool(const Entry& e);
+  void flush_locked();
+
+  // Disk format.
+  std::vector<uint8_t> encode_header(const Entry& e, const std::vector<uint64_t>& sums) const;
+  bool write_file(Entry& e, const std::vector<uint8_t>& blob);
+  // Reads and verifies the whole payload; nullopt (file deleted, counted) when corrupt.
+  std::optional<std::vector<uint8_t>> read_file(Entry& e);
+  void scan_disk();
+  void mark_corrupt(Entry& e);
+
+  Model& model_;
+  PagePool& pool_;
+  Backend& backend_;
+  ChunkStoreOptions opts_;
+  int32_t layers_, kv_heads_, head_dim_;
+  DType dtype_;
+  std::unique_ptr<PagedKvCache> cache_;  // all-global profile, one sequence per pool entry
+  SeqId next_seq_ = 0;
+
+  mutable std::mutex mu_;
+  EntryList entries_;
+  std::unordered_multimap<uint64_t, Entry*> index_;
+  std::unordered_map<uint64_t, Ghost> ghosts_;
+  uint64_t clock_ = 0;
+  int64_t pool_bytes_ = 0, host_bytes_ = 0, disk_bytes_ = 0;  // what the budgets bound
+  uint64_t tmp_counter_ = 0;
+  ChunkStoreStats stats_;  // counters; usage filled in by stats()
+};
+
+}  // namespace redknot

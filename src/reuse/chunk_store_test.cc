@@ -1,0 +1,555 @@
+// ChunkStore over a random tiny model on the CPU backend (no files from ../shared): hit/miss
+// counting, cached KV equal to a fresh prefill of the segment alone, budgets of every tier, the
+// frequency+recency policy and admission filter, bit-exact demotion/promotion, restarts,
+// corrupted spill files, pins, hash collisions and pages returned on destruction.
+#include "reuse/chunk_store.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/builtin.h"
+#include "core/error.h"
+#include "kv/device_util.h"
+#include "kv/head_profile.h"
+#include "model/random_checkpoint.h"
+
+namespace redknot {
+namespace {
+namespace fs = std::filesystem;
+
+constexpr int32_t kPageSize = 16;
+constexpr int32_t kLen = 40;  // 3 pages per (layer, head)
+
+// Host f32 K and V of every (layer, kv head) of a segment: [layer * kv_heads + head].
+struct SegKv {
+  std::vector<std::vector<float>> k, v;
+};
+
+std::vector<float> to_vec(const Tensor& t) {
+  return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
+}
+
+class ChunkStoreTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    register_builtin_backends();
+    backend_ = create_backend("cpu").release();
+    cfg_ = new ModelConfig(preset_config("tiny"));
+    ckpt_ = new Checkpoint(random_checkpoint(*cfg_, DType::F32, 7));
+    model_ = new Model(*ckpt_, *backend_);
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    delete ckpt_;
+    delete cfg_;
+    delete backend_;
+  }
+
+  void SetUp() override {
+    pool_ = std::make_unique<PagePool>(*backend_, 1024, kPageSize,
+                                       static_cast<int32_t>(cfg_->head_dim));
+    dir_ = fs::path(::testing::TempDir()) /
+           ("chunk_store_" +
+            std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
+    fs::remove_all(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  int32_t layers() const { return static_cast<int32_t>(cfg_->num_layers); }
+  int32_t heads() const { return static_cast<int32_t>(cfg_->num_kv_heads); }
+  int64_t seg_pool_bytes(int32_t len = kLen) const {
+    return int64_t{layers()} * heads() * ((len + kPageSize - 1) / kPageSize) *
+           pool_->bytes_per_page();
+  }
+  int64_t seg_payload_bytes(int32_t len = kLen) const {
+    return int64_t{layers()} * heads() * 2 * len * cfg_->head_dim * 4;
+  }
+  int64_t seg_file_bytes(int32_t len = kLen) const {
+    return 48 + 4 * len + 8 * layers() * heads() + 8 + seg_payload_bytes(len);
+  }
+
+  ChunkStoreOptions Opts(int64_t pool_segs, int64_t host_segs = 0, int64_t disk_segs = 0) {
+    ChunkStoreOptions o;
+    o.pool_budget_bytes = pool_segs * seg_pool_bytes();
+    o.host_budget_bytes = host_segs * seg_payload_bytes();
+    o.disk_budget_bytes = disk_segs * seg_file_bytes();
+    o.disk_dir = dir_.string();
+    o.model_fp = model_fingerprint(*cfg_, *ckpt_);
+    o.fsync_files = false;
+    return o;
+  }
+
+  static std::vector<int32_t> Seg(int id, int32_t len = kLen) {
+    std::mt19937 rng(1000 + id);
+    std::vector<int32_t> t(len);
+    for (auto& x : t) x = static_cast<int32_t>(rng() % 512);
+    return t;
+  }
+
+  // The segment prefilled alone in a fresh cache (own pool), one forward per `chunk` tokens.
+  SegKv Fresh(const std::vector<int32_t>& tokens, int32_t chunk = 2048) {
+    PagePool pool(*backend_, 256, kPageSize, static_cast<int32_t>(cfg_->head_dim));
+    PagedKvCache kv(pool, HeadProfile(layers(), heads()),
+                    PagedKvOptions{1.0f / std::sqrt(static_cast<float>(cfg_->head_dim))},
+                    model_->inv_freq());
+    kv.add_sequence(0);
+    for (size_t s = 0; s < tokens.size(); s += chunk) {
+      Batch b;
+      const size_t e = std::min(tokens.size(), s + chunk);
+      b.add_sequence(0, std::vector<int32_t>(tokens.begin() + s, tokens.begin() + e),
+                     static_cast<int32_t>(s), false);
+      model_->forward(b, kv);
+    }
+    SegKv out;
+    for (int l = 0; l < layers(); ++l)
+      for (int h = 0; h < heads(); ++h) {
+        Tensor k, v;
+        std::vector<int32_t> pos;
+        kv.read(0, l, h, k, v, pos);
+        for (size_t i = 0; i < pos.size(); ++i) EXPECT_EQ(pos[i], static_cast<int32_t>(i));
+        out.k.push_back(to_vec(k));
+        out.v.push_back(to_vec(v));
+      }
+    return out;
+  }
+
+  // What a pool handle's rows hold.
+  SegKv FromHandle(const ChunkStore::Handle& h) {
+    EXPECT_EQ(h.tier(), ChunkTier::Pool);
+    SegKv out;
+    for (int l = 0; l < layers(); ++l)
+      for (int hd = 0; hd < heads(); ++hd) {
+        const auto& rows = h.rows(l, hd);
+        EXPECT_EQ(static_cast<int32_t>(rows.size()), h.length());
+        Tensor idx = upload_i32(*backend_, rows);
+        const int64_t n = static_cast<int64_t>(rows.size());
+        Tensor k = backend_->alloc(backend_->act_dtype(), {n, cfg_->head_dim});
+        Tensor v = backend_->alloc(backend_->act_dtype(), {n, cfg_->head_dim});
+        backend_->gather_rows(pool_->k(), idx, k);
+        backend_->gather_rows(pool_->v(), idx, v);
+        out.k.push_back(to_vec(backend_->to_host_f32(k)));
+        out.v.push_back(to_vec(backend_->to_host_f32(v)));
+        Tensor p = backend_->alloc(DType::I32, {n, 1});
+        backend_->gather_rows(pool_->pos(), idx, p);
+        for (int64_t i = 0; i < n; ++i) EXPECT_EQ(p.data<int32_t>()[i], i);
+      }
+    return out;
+  }
+
+  static void ExpectSame(const SegKv& a, const SegKv& b) {
+    ASSERT_EQ(a.k.size(), b.k.size());
+    for (size_t i = 0; i < a.k.size(); ++i) {
+      ASSERT_EQ(a.k[i], b.k[i]) << "K of table " << i;
+      ASSERT_EQ(a.v[i], b.v[i]) << "V of table " << i;
+    }
+  }
+
+  void ExpectBudgets(const ChunkStore& store) {
+    const ChunkStoreStats s = store.stats();
+    const ChunkStoreOptions& o = store.options();
+    EXPECT_LE(s.pool.bytes, o.pool_budget_bytes);
+    EXPECT_LE(s.host.bytes, o.host_budget_bytes);
+    EXPECT_LE(s.disk.bytes, o.disk_budget_bytes);
+    EXPECT_EQ(s.pool.bytes, s.pool.entries * seg_pool_bytes());
+    EXPECT_EQ(s.host.bytes, s.host.entries * seg_payload_bytes());
+    EXPECT_EQ(pool_->num_pages() - pool_->num_free(), s.pool.bytes / pool_->bytes_per_page());
+    int64_t on_disk = 0, files = 0;
+    if (fs::exists(dir_))
+      for (const auto& de : fs::directory_iterator(dir_))
+        if (de.path().extension() == ".rkv") {
+          on_disk += static_cast<int64_t>(de.file_size());
+          ++files;
+        }
+    EXPECT_EQ(on_disk, s.disk.bytes);
+    EXPECT_EQ(files, s.disk.entries);
+  }
+
+  std::string FileOf(const std::vector<int32_t>& tokens) {
+    char buf[17];
+    std::snprintf(
+        buf, sizeof(buf), "%016llx",
+        static_cast<unsigned long long>(segment_key(model_fingerprint(*cfg_, *ckpt_), tokens)));
+    return (dir_ / (std::string(buf) + ".rkv")).string();
+  }
+
+  static Backend* backend_;
+  static ModelConfig* cfg_;
+  static Checkpoint* ckpt_;
+  static Model* model_;
+  std::unique_ptr<PagePool> pool_;
+  fs::path dir_;
+};
+
+Backend* ChunkStoreTest::backend_ = nullptr;
+ModelConfig* ChunkStoreTest::cfg_ = nullptr;
+Checkpoint* ChunkStoreTest::ckpt_ = nullptr;
+Model* ChunkStoreTest::model_ = nullptr;
+
+TEST_F(ChunkStoreTest, KeysAndFingerprint) {
+  const uint64_t fp = model_fingerprint(*cfg_, *ckpt_);
+  EXPECT_EQ(fp, model_fingerprint(*cfg_, *ckpt_));
+  Checkpoint other = random_checkpoint(*cfg_, DType::F32, 8);  // same shapes, other weights
+  EXPECT_NE(fp, model_fingerprint(*cfg_, other));
+  ModelConfig cfg2 = *cfg_;
+  cfg2.rope_theta = 500000.0;
+  EXPECT_NE(fp, model_fingerprint(cfg2, *ckpt_));
+  const auto a = Seg(1), b = Seg(2);
+  EXPECT_EQ(segment_key(fp, a), segment_key(fp, a));
+  EXPECT_NE(segment_key(fp, a), segment_key(fp, b));
+  EXPECT_NE(segment_key(fp, a), segment_key(fp + 1, a));
+}
+
+TEST_F(ChunkStoreTest, HitMissCounting) {
+  ChunkStore store(*model_, *pool_, Opts(4));
+  const auto a = Seg(1), b = Seg(2);
+  {
+    ChunkStore::Handle h = store.acquire(a);
+    ASSERT_TRUE(h.ok());
+    EXPECT_FALSE(h.hit());
+    EXPECT_EQ(h.source(), ChunkTier::None);
+    EXPECT_EQ(h.tier(), ChunkTier::Pool);
+    EXPECT_EQ(h.tokens(), a);
+    EXPECT_EQ(h.length(), kLen);
+    EXPECT_EQ(h.all_rows().size(), static_cast<size_t>(layers() * heads()));
+    EXPECT_EQ(h.positions().size(), static_cast<size_t>(kLen));
+  }
+  {
+    ChunkStore::Handle h = store.acquire(a);
+    ASSERT_TRUE(h.ok());
+    EXPECT_TRUE(h.hit());
+    EXPECT_EQ(h.source(), ChunkTier::Pool);
+  }
+  EXPECT_FALSE(store.acquire(b, /*prefill_on_miss=*/false).ok());
+  EXPECT_FALSE(store.lookup(b).ok());
+  EXPECT_TRUE(store.lookup(a).ok());
+  EXPECT_FALSE(store.acquire(std::vector<int32_t>{}).ok());
+  const ChunkStoreStats s = store.stats();
+  EXPECT_EQ(s.pool_hits, 2);
+  EXPECT_EQ(s.misses, 3);
+  EXPECT_EQ(s.prefills, 1);
+  EXPECT_EQ(s.pool.entries, 1);
+  EXPECT_EQ(s.pool.bytes, seg_pool_bytes());
+  EXPECT_EQ(s.host_hits + s.disk_hits + s.corrupt_files + s.evictions, 0);
+  // Bad token ids are the caller's error: thrown, nothing cached, no pages leaked.
+  EXPECT_THROW(store.acquire(std::vector<int32_t>{1, 2, 100000}), Error);
+  ExpectBudgets(store);
+}
+
+TEST_F(ChunkStoreTest, CachedKvEqualsPrefillAlone) {
+  ChunkStoreOptions o = Opts(8);
+  o.prefill_chunk = 16;  // exercises chunked prefill
+  ChunkStore store(*model_, *pool_, o);
+  const auto a = Seg(3), b = Seg(4, 17);
+  ChunkStore::Handle ha = store.acquire(a);
+  ChunkStore::Handle hb = store.acquire(b);
+  ASSERT_TRUE(ha.ok() && hb.ok());
+  ExpectSame(FromHandle(ha), Fresh(a, 16));
+  ExpectSame(FromHandle(hb), Fresh(b, 16));
+  // And close to an unchunked prefill (same math, other accumulation order).
+  const SegKv got = FromHandle(ha), one = Fresh(a);
+  for (size_t i = 0; i < got.k.size(); ++i)
+    for (size_t j = 0; j < got.k[i].size(); ++j) {
+      ASSERT_NEAR(got.k[i][j], one.k[i][j], 1e-4);
+      ASSERT_NEAR(got.v[i][j], one.v[i][j], 1e-4);
+    }
+
+  // The intended use: relocate the rows into a request's sequence of the same pool.
+  PagedKvCache req(*pool_, HeadProfile(layers(), heads()), PagedKvOptions{0.25f},
+                   model_->inv_freq());
+  req.add_sequence(5);
+  req.append_relocated(5, ha.all_rows(), ha.positions(), 0);
+  const SegKv fresh = Fresh(a, 16);
+  for (int l = 0, i = 0; l < layers(); ++l)
+    for (int h = 0; h < heads(); ++h, ++i) {
+      Tensor k, v;
+      std::vector<int32_t> pos;
+      req.read(5, l, h, k, v, pos);
+      EXPECT_EQ(to_vec(k), fresh.k[i]);
+      EXPECT_EQ(to_vec(v), fresh.v[i]);
+    }
+}
+
+TEST_F(ChunkStoreTest, BudgetsRespectedInEveryTier) {
+  ChunkStore store(*model_, *pool_, Opts(3, 4, 5));
+  std::mt19937 rng(42);
+  for (int i = 0; i < 60; ++i) {
+    // A mix of new segments and repeats of a small hot set.
+    const int id = (rng() % 3 == 0) ? static_cast<int>(rng() % 4) : 100 + i;
+    ChunkStore::Handle h = store.acquire(Seg(id));
+    if (h.hit()) ExpectSame(FromHandle(h), Fresh(Seg(id)));  // served after tier moves
+    ExpectBudgets(store);
+  }
+  const ChunkStoreStats s = store.stats();
+  EXPECT_GT(s.demotions_to_host, 0);
+  EXPECT_GT(s.demotions_to_disk, 0);
+  EXPECT_GT(s.evictions, 0);
+  EXPECT_GT(s.host_hits + s.disk_hits, 0);
+  EXPECT_EQ(s.pool.entries, 3);
+  EXPECT_GT(s.host.entries, 0);
+}
+
+TEST_F(ChunkStoreTest, FrequentSegmentOutlivesBurstOfOneOffs) {
+  // Pool only (no lower tiers): what leaves the pool is gone. Room for 4 segments.
+  ChunkStore store(*model_, *pool_, Opts(4));
+  const auto hot = Seg(1);
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(store.acquire(hot).ok());
+  // 12 one-off segments: plain LRU would have evicted `hot` after the 4th.
+  for (int i = 0; i < 12; ++i) ASSERT_TRUE(store.acquire(Seg(100 + i)).ok());
+  ChunkStoreStats s = store.stats();
+  EXPECT_EQ(s.evictions, 9);
+  EXPECT_EQ(s.pool.entries, 4);
+  ChunkStore::Handle h = store.acquire(hot);
+  ASSERT_TRUE(h.ok());
+  EXPECT_EQ(h.source(), ChunkTier::Pool);
+  // The oldest one-offs went first: the newest three are still there.
+  for (int i = 9; i < 12; ++i) EXPECT_EQ(store.lookup(Seg(100 + i)).source(), ChunkTier::Pool) << i;
+  EXPECT_FALSE(store.lookup(Seg(100)).ok());
+  ExpectBudgets(store);
+}
+
+TEST_F(ChunkStoreTest, AdmissionFilterProtectsHotSegments) {
+  ChunkStore store(*model_, *pool_, Opts(2));
+  const auto a = Seg(1), b = Seg(2), c = Seg(3);
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(store.acquire(a).ok());
+    ASSERT_TRUE(store.acquire(b).ok());
+  }
+  // A one-off may not push out segments hotter than itself: it is not cached.
+  EXPECT_FALSE(store.acquire(c).ok());
+  EXPECT_EQ(store.stats().bypasses, 1);
+  EXPECT_EQ(store.stats().evictions, 0);
+  EXPECT_EQ(store.acquire(a).source(), ChunkTier::Pool);
+  EXPECT_EQ(store.acquire(b).source(), ChunkTier::Pool);
+  // Its accesses are remembered: used repeatedly, it gets in (displacing a cooled entry).
+  bool admitted = false;
+  for (int i = 0; i < 8 && !admitted; ++i) admitted = store.acquire(c).ok();
+  EXPECT_TRUE(admitted);
+  EXPECT_EQ(store.stats().evictions, 1);
+  ExpectBudgets(store);
+}
+
+TEST_F(ChunkStoreTest, DemotionAndPromotionAreBitExact) {
+  ChunkStore store(*model_, *pool_, Opts(1, 1, 4));
+  const auto a = Seg(1), b = Seg(2), c = Seg(3);
+  SegKv kv_a, kv_b;
+  {
+    ChunkStore::Handle h = store.acquire(a);
+    kv_a = FromHandle(h);
+  }
+  {
+    ChunkStore::Handle h = store.acquire(b);  // a -> host
+    kv_b = FromHandle(h);
+  }
+  EXPECT_EQ(store.stats().host.entries, 1);
+  ASSERT_TRUE(store.acquire(c).ok());  // b -> host, a (older, colder) -> disk
+  EXPECT_EQ(store.lookup(b).tier(), ChunkTier::Host);
+  {
+    ChunkStore::Handle h = store.lookup(a);
+    ASSERT_EQ(h.tier(), ChunkTier::Disk);
+    // One head's rows straight from the file, and from host RAM for b.
+    auto rows = store.read_head_rows(h, 1, 1, 5, 33);
+    ASSERT_TRUE(rows.has_value());
+    const size_t t = 1 * heads() + 1, d = cfg_->head_dim;
+    EXPECT_EQ(to_vec(rows->k),
+              std::vector<float>(kv_a.k[t].begin() + 5 * d, kv_a.k[t].begin() + 33 * d));
+    EXPECT_EQ(to_vec(rows->v),
+              std::vector<float>(kv_a.v[t].begin() + 5 * d, kv_a.v[t].begin() + 33 * d));
+    ChunkStore::Handle hb = store.lookup(b);
+    auto rb = store.read_head_rows(hb, 0, 1, 0, kLen);
+    ASSERT_TRUE(rb.has_value());
+    EXPECT_EQ(to_vec(rb->k), kv_b.k[1]);
+    EXPECT_EQ(to_vec(rb->v), kv_b.v[1]);
+    EXPECT_THROW(store.read_head_rows(hb, 0, 1, 0, kLen + 1), Error);
+  }
+  const ChunkStoreStats before = store.stats();
+  EXPECT_EQ(before.demotions_to_host, 2);
+  EXPECT_EQ(before.demotions_to_disk, 1);
+  {
+    ChunkStore::Handle h = store.acquire(a);  // disk -> pool
+    ASSERT_TRUE(h.ok());
+    EXPECT_EQ(h.source(), ChunkTier::Disk);
+    ExpectSame(FromHandle(h), kv_a);
+  }
+  {
+    ChunkStore::Handle h = store.acquire(b);  // host -> pool
+    ASSERT_TRUE(h.ok());
+    EXPECT_EQ(h.source(), ChunkTier::Host);
+    ExpectSame(FromHandle(h), kv_b);
+  }
+  const ChunkStoreStats s = store.stats();
+  EXPECT_EQ(s.disk_hits, before.disk_hits + 1);
+  EXPECT_EQ(s.host_hits, before.host_hits + 1);
+  EXPECT_EQ(s.promotions, 2);
+  EXPECT_EQ(s.prefills, 3);
+  ExpectBudgets(store);
+}
+
+TEST_F(ChunkStoreTest, DiskTierSurvivesRestart) {
+  const auto a = Seg(1), b = Seg(2);
+  SegKv kv_a, kv_b;
+  {
+    ChunkStore store(*model_, *pool_, Opts(1, 0, 4));
+    kv_a = FromHandle(store.acquire(a));
+    kv_b = FromHandle(store.acquire(b));  // a -> disk; b stays in the pool
+    EXPECT_EQ(store.stats().disk.entries, 1);
+  }  // the destructor writes b too
+  EXPECT_EQ(pool_->num_free(), pool_->num_pages());
+  ChunkStore store(*model_, *pool_, Opts(1, 0, 4));
+  ChunkStoreStats s = store.stats();
+  EXPECT_EQ(s.disk.entries, 2);
+  EXPECT_EQ(s.corrupt_files, 0);
+  {
+    ChunkStore::Handle h = store.acquire(b);
+    EXPECT_EQ(h.source(), ChunkTier::Disk);
+    ExpectSame(FromHandle(h), kv_b);
+  }
+  {
+    ChunkStore::Handle h = store.acquire(a);
+    EXPECT_EQ(h.source(), ChunkTier::Disk);
+    ExpectSame(FromHandle(h), kv_a);
+  }
+  EXPECT_EQ(store.stats().prefills, 0);
+  ExpectBudgets(store);
+}
+
+TEST_F(ChunkStoreTest, OtherModelsFilesAreLeftAlone) {
+  {
+    ChunkStoreOptions o = Opts(1, 0, 4);
+    o.model_fp ^= 1;
+    ChunkStore store(*model_, *pool_, o);
+    ASSERT_TRUE(store.acquire(Seg(1)).ok());
+  }
+  // Junk with the extension is removed and counted; a dead writer's old temp file is removed,
+  // a recent one (a live writer's) is not.
+  std::ofstream(dir_ / "junk.rkv") << "not a chunk file";
+  const fs::path old_tmp = dir_ / "0123.rkv.tmp.1.0", new_tmp = dir_ / "0123.rkv.tmp.1.1";
+  std::ofstream(old_tmp) << "x";
+  std::ofstream(new_tmp) << "x";
+  fs::last_write_time(old_tmp, fs::file_time_type::clock::now() - std::chrono::hours(1));
+  ChunkStore store(*model_, *pool_, Opts(1, 0, 4));
+  EXPECT_EQ(store.stats().disk.entries, 0);
+  EXPECT_EQ(store.stats().corrupt_files, 1);
+  EXPECT_FALSE(fs::exists(dir_ / "junk.rkv"));
+  EXPECT_FALSE(fs::exists(old_tmp));
+  EXPECT_TRUE(fs::exists(new_tmp));
+  int files = 0;
+  for (const auto& de : fs::directory_iterator(dir_)) files += de.path().extension() == ".rkv";
+  EXPECT_EQ(files, 1);
+  EXPECT_FALSE(store.acquire(Seg(1)).hit());
+}
+
+TEST_F(ChunkStoreTest, CorruptFilesAreDetectedAndRecomputed) {
+  const auto a = Seg(1), b = Seg(2), c = Seg(3), d = Seg(4);
+  {
+    ChunkStore store(*model_, *pool_, Opts(4, 0, 8));
+    for (const auto& s : {a, b, c, d}) ASSERT_TRUE(store.acquire(s).ok());
+  }
+  auto flip = [](const std::string& path, int64_t off) {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(off);
+    char ch;
+    f.read(&ch, 1);
+    ch ^= 0x10;
+    f.seekp(off);
+    f.write(&ch, 1);
+  };
+  flip(FileOf(a), seg_file_bytes() - 100);                      // payload byte
+  fs::resize_file(FileOf(b), seg_file_bytes() - 7);             // truncated
+  flip(FileOf(c), 60);                                          // a token id in the header
+  flip(FileOf(d), seg_file_bytes() - seg_payload_bytes() + 3);  // first K block byte
+
+  ChunkStore store(*model_, *pool_, Opts(4, 0, 8));
+  // b and c fail at the startup scan (size, header checksum) and are deleted.
+  EXPECT_EQ(store.stats().corrupt_files, 2);
+  EXPECT_FALSE(fs::exists(FileOf(b)));
+  EXPECT_FALSE(fs::exists(FileOf(c)));
+  EXPECT_EQ(store.stats().disk.entries, 2);
+  // a passes the header checks; its payload checksum fails at load: never served.
+  for (const auto& s : {a, b, c}) {
+    ChunkStore::Handle h = store.acquire(s);
+    ASSERT_TRUE(h.ok());
+    EXPECT_FALSE(h.hit());
+    ExpectSame(FromHandle(h), Fresh(s));
+  }
+  EXPECT_EQ(store.stats().corrupt_files, 3);
+  EXPECT_EQ(store.stats().prefills, 3);
+  EXPECT_EQ(store.stats().misses, 3);
+  // d's first head block is bad: a one-head read says so, then the entry is gone.
+  {
+    ChunkStore::Handle h = store.lookup(d);
+    ASSERT_EQ(h.tier(), ChunkTier::Disk);
+    EXPECT_TRUE(store.read_head_rows(h, 1, 0, 0, 8).has_value());  // another block is fine
+    EXPECT_FALSE(store.read_head_rows(h, 0, 0, 0, 8).has_value());
+    EXPECT_EQ(store.stats().corrupt_files, 4);
+  }
+  EXPECT_FALSE(fs::exists(FileOf(d)));
+  ChunkStore::Handle h = store.acquire(d);
+  ASSERT_TRUE(h.ok());
+  EXPECT_FALSE(h.hit());
+  ExpectSame(FromHandle(h), Fresh(d));
+  ExpectBudgets(store);
+}
+
+TEST_F(ChunkStoreTest, PinnedEntriesAreNeverEvicted) {
+  ChunkStore store(*model_, *pool_, Opts(2));
+  const auto a = Seg(1);
+  ChunkStore::Handle ha = store.acquire(a);
+  const SegKv kv_a = FromHandle(ha);
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(store.acquire(Seg(100 + i)).ok());
+  EXPECT_EQ(ha.tier(), ChunkTier::Pool);
+  ExpectSame(FromHandle(ha), kv_a);
+  // Everything pinned: no room, an empty handle (not an exception).
+  ChunkStore::Handle hb = store.acquire(Seg(200));
+  ASSERT_TRUE(hb.ok());
+  EXPECT_FALSE(store.acquire(Seg(201)).ok());
+  ha.reset();
+  hb.reset();
+  // The pool shared with requests is full: also no exception.
+  std::vector<int32_t> taken;
+  while (pool_->num_free() > 0) taken.push_back(pool_->allocate());
+  ChunkStoreOptions o = Opts(4);
+  ChunkStore other(*model_, *pool_, o);
+  EXPECT_FALSE(other.acquire(Seg(300)).ok());
+  EXPECT_EQ(other.stats().bypasses, 1);
+  for (int32_t p : taken) pool_->release(p);
+  ExpectBudgets(store);
+}
+
+TEST_F(ChunkStoreTest, HashCollisionsNeverServeWrongKv) {
+  ChunkStoreOptions o = Opts(2, 1, 4);
+  o.key_bits = 1;  // two keys: most segments collide
+  ChunkStore store(*model_, *pool_, o);
+  std::vector<std::vector<int32_t>> segs;
+  for (int i = 0; i < 6; ++i) segs.push_back(Seg(i));
+  for (int round = 0; round < 3; ++round)
+    for (const auto& s : segs) {
+      ChunkStore::Handle h = store.acquire(s);
+      if (!h.ok()) continue;
+      EXPECT_EQ(h.tokens(), s);
+      ExpectSame(FromHandle(h), Fresh(s));
+    }
+  EXPECT_GT(store.stats().collisions, 0);
+  EXPECT_LE(store.stats().disk.entries, 2);  // one file name per key
+}
+
+TEST_F(ChunkStoreTest, PagesReturnedOnDestruction) {
+  {
+    ChunkStore store(*model_, *pool_, Opts(3, 2));
+    for (int i = 0; i < 6; ++i) ASSERT_TRUE(store.acquire(Seg(i)).ok());
+    EXPECT_EQ(pool_->num_pages() - pool_->num_free(),
+              3 * seg_pool_bytes() / pool_->bytes_per_page());
+  }
+  EXPECT_EQ(pool_->num_free(), pool_->num_pages());
+}
+
+}  // namespace
+}  // namespace redknot

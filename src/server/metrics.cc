@@ -1,0 +1,114 @@
+#include "server/metrics.h"
+
+#include <cstdio>
+
+namespace redknot::server {
+
+namespace {
+std::string num(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.9g", v);
+  return buf;
+}
+void gauge(std::string& out, const std::string& name, const std::string& help, double v,
+           const std::string& type = "gauge") {
+  out += "# HELP " + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
+  out += name + " " + num(v) + "\n";
+}
+}  // namespace
+
+Histogram::Histogram(std::vector<double> bounds)
+    : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {}
+
+void Histogram::observe(double v) {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t i = 0;
+  while (i < bounds_.size() && v > bounds_[i]) ++i;
+  ++counts_[i];
+  sum_ += v;
+  ++count_;
+}
+
+void Histogram::render(const std::string& name, const std::string& help, std::string& out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  out += "# HELP " + name + " " + help + "\n# TYPE " + name + " histogram\n";
+  uint64_t cum = 0;
+  for (size_t i = 0; i < bounds_.size(); ++i) {
+    cum += counts_[i];
+    out += name + "_bucket{le=\"" + num(bounds_[i]) + "\"} " + std::to_string(cum) + "\n";
+  }
+  cum += counts_.back();
+  out += name + "_bucket{le=\"+Inf\"} " + std::to_string(cum) + "\n";
+  out += name + "_sum " + num(sum_) + "\n" + name + "_count " + std::to_string(count_) + "\n";
+}
+
+Metrics::Metrics()
+    : ttft_({0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}),
+      itl_({0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}) {}
+
+void Metrics::count_request(const std::string& endpoint, int status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++requests_[{endpoint, status}];
+}
+
+void Metrics::observe_token_gaps(const std::vector<double>& gaps) {
+  for (size_t i = 0; i < gaps.size(); ++i) (i == 0 ? ttft_ : itl_).observe(gaps[i]);
+}
+
+std::string Metrics::render(const SchedulerStats& s) const {
+  std::string out;
+  out += "# HELP redknot_requests_total HTTP requests by endpoint and status.\n";
+  out += "# TYPE redknot_requests_total counter\n";
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [key, n] : requests_)
+      out += "redknot_requests_total{endpoint=\"" + key.first + "\",status=\"" +
+             std::to_string(key.second) + "\"} " + std::to_string(n) + "\n";
+  }
+  ttft_.render("redknot_time_to_first_token_seconds", "Submit to first token.", out);
+  itl_.render("redknot_inter_token_latency_seconds", "Time between streamed tokens.", out);
+  gauge(out, "redknot_queue_depth", "Requests waiting for admission.", s.queued);
+  gauge(out, "redknot_running_requests", "Requests holding a KV sequence.", s.running);
+  out += "# HELP redknot_kv_pages_in_use KV pages in use by head class.\n";
+  out += "# TYPE redknot_kv_pages_in_use gauge\n";
+  out += "redknot_kv_pages_in_use{head_class=\"global\"} " + num(s.usage.global_pages) + "\n";
+  out += "redknot_kv_pages_in_use{head_class=\"local\"} " + num(s.usage.local_pages) + "\n";
+  out += "# HELP redknot_kv_tokens_held KV token slots in use by head class.\n";
+  out += "# TYPE redknot_kv_tokens_held gauge\n";
+  out += "redknot_kv_tokens_held{head_class=\"global\"} " + num(s.usage.global_tokens) + "\n";
+  out += "redknot_kv_tokens_held{head_class=\"local\"} " + num(s.usage.local_tokens) + "\n";
+  gauge(out, "redknot_kv_pool_pages_total", "Pages in the KV pool.", s.pool_pages);
+  gauge(out, "redknot_kv_pool_pages_free", "Free pages in the KV pool.", s.free_pages);
+  gauge(out, "redknot_engine_steps_total", "Engine forward steps.", s.steps, "counter");
+  gauge(out, "redknot_preemptions_total", "Requests preempted for recompute.", s.preemptions,
+        "counter");
+  gauge(out, "redknot_requests_completed_total", "Requests finished normally.", s.completed,
+        "counter");
+  gauge(out, "redknot_requests_cancelled_total", "Requests cancelled (client gone, stop).",
+        s.cancelled, "counter");
+  gauge(out, "redknot_requests_failed_total", "Requests failed in the engine.", s.failed,
+        "counter");
+  gauge(out, "redknot_prompt_tokens_total", "Prompt tokens of finished requests.", s.prompt_tokens,
+        "counter");
+  gauge(out, "redknot_generated_tokens_total", "Generated tokens.", s.generated_tokens, "counter");
+  gauge(out, "redknot_cached_prompt_tokens_total", "Prompt tokens served from the chunk store.",
+        s.cached_tokens, "counter");
+  // Chunk reuse is not wired yet: these stay zero until src/reuse reports into the scheduler.
+  out += "# HELP redknot_chunk_store_hits_total Chunk store hits by tier.\n";
+  out += "# TYPE redknot_chunk_store_hits_total counter\n";
+  out += "# HELP redknot_chunk_store_misses_total Chunk store misses by tier.\n";
+  out += "# TYPE redknot_chunk_store_misses_total counter\n";
+  out += "# HELP redknot_chunk_store_bytes Bytes held by the chunk store by tier.\n";
+  out += "# TYPE redknot_chunk_store_bytes gauge\n";
+  for (const char* tier : {"gpu", "host", "disk"}) {
+    const std::string t = std::string("{tier=\"") + tier + "\"} 0\n";
+    out += "redknot_chunk_store_hits_total" + t + "redknot_chunk_store_misses_total" + t +
+           "redknot_chunk_store_bytes" + t;
+  }
+  gauge(out, "redknot_reuse_recompute_ratio", "Recomputed / total prompt tokens under reuse.", 0);
+  gauge(out, "redknot_reuse_flops_saved_total", "Prefill FLOPs saved by chunk reuse.", 0,
+        "counter");
+  return out;
+}
+
+}  // namespace redknot::server

@@ -1,0 +1,430 @@
+// `redknot serve` end to end with the official openai client, on stories260K (GGUF, no chat
+// template: the plain Question/Answer format). Env: REDKNOT_CLI (binary), REDKNOT_SHARED_DIR.
+import assert from 'node:assert/strict';
+import {spawn} from 'node:child_process';
+import {existsSync} from 'node:fs';
+import net from 'node:net';
+import {after, before, describe, test} from 'node:test';
+import OpenAI from 'openai';
+
+const CLI = process.env.REDKNOT_CLI;
+const MODEL =
+    `${process.env.REDKNOT_SHARED_DIR ?? '../shared'}/models/stories260K/stories260K.gguf`;
+const haveModel = CLI && existsSync(CLI) && existsSync(MODEL);
+
+// Starts a server on a free port; resolves when /health answers.
+async function startServer(extra = []) {
+  const proc = spawn(
+      CLI, ['serve', '--model', MODEL, '--port', '0', ...extra],
+      {stdio: ['ignore', 'pipe', 'pipe']});
+  let log = '';
+  const port = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), 30000);
+    const onData = (d) => {
+      log += d;
+      const m = /listening on http:\/\/[^:]+:(\d+)/.exec(log);
+      if (m) {
+        clearTimeout(timer);
+        resolve(Number(m[1]));
+      }
+    };
+    proc.stdout.on('data', onData);
+    proc.stderr.on('data', (d) => {
+      log += d;
+    });
+    proc.on('exit', (code) => reject(new Error(`server exited (${code}):\n${log}`)));
+  });
+  const base = `http://127.0.0.1:${port}`;
+  for (let i = 0; i < 100; ++i) {
+    try {
+      if ((await fetch(`${base}/health`)).ok) break;
+    } catch {
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {proc, port, base, log: () => log};
+}
+
+async function stopServer(s) {
+  if (!s || s.proc.exitCode !== null) return s?.proc.exitCode;
+  const exited = new Promise((r) => s.proc.on('exit', (code, sig) => r(code ?? sig)));
+  s.proc.kill('SIGTERM');
+  return exited;
+}
+
+async function metrics(base) {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  const get = (re) => Number((re.exec(text) ?? [])[1]);
+  return {
+    text,
+    global: get(/^redknot_kv_pages_in_use\{head_class="global"\} (\S+)/m),
+    local: get(/^redknot_kv_pages_in_use\{head_class="local"\} (\S+)/m),
+    total: get(/^redknot_kv_pool_pages_total (\S+)/m),
+    free: get(/^redknot_kv_pool_pages_free (\S+)/m),
+    running: get(/^redknot_running_requests (\S+)/m),
+    queued: get(/^redknot_queue_depth (\S+)/m),
+  };
+}
+
+// Polls until no KV page is in use (requests cancelled by hang-ups are freed asynchronously).
+async function waitIdle(base) {
+  let m;
+  for (let i = 0; i < 200; ++i) {
+    m = await metrics(base);
+    if (m.global + m.local === 0 && m.free === m.total && m.running === 0 && m.queued === 0)
+      return m;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  assert.fail(`KV pages not back to idle: ${JSON.stringify({...m, text: undefined})}`);
+}
+
+// Raw HTTP/1.1 exchange (for bodies fetch would refuse to send); resolves with the status.
+function rawRequest(port, head, body = Buffer.alloc(0), {timeoutMs = 10000} = {}) {
+  return new Promise((resolve) => {
+    const sock = net.connect(port, '127.0.0.1');
+    let data = '';
+    const done = (v) => {
+      sock.destroy();
+      resolve(v);
+    };
+    sock.setTimeout(timeoutMs, () => done({status: 0, data, timeout: true}));
+    sock.on('data', (d) => {
+      data += d.toString('latin1');
+      const m = /^HTTP\/1\.1 (\d+)/.exec(data);
+      if (m && data.includes('\r\n\r\n') && /\}\s*$/.test(data)) done({status: Number(m[1]), data});
+    });
+    sock.on('error', () => done({status: 0, data, reset: true}));
+    sock.on('end', () => {
+      const m = /^HTTP\/1\.1 (\d+)/.exec(data);
+      done({status: m ? Number(m[1]) : 0, data});
+    });
+    sock.write(head);
+    if (body.length) sock.write(body);
+  });
+}
+
+function post(port, path, body, headers = '') {
+  const buf = Buffer.isBuffer(body) ? body : Buffer.from(body);
+  return rawRequest(
+      port,
+      `POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n` +
+          `Connection: close\r\n${headers}Content-Length: ${buf.length}\r\n\r\n`,
+      buf);
+}
+
+const DOCS = [
+  'Lily had a red ball. She liked to play with it in the park every day.',
+  'Tom was a big dog. He liked to run and jump and bark at the birds.',
+  'The sun was hot. The children went to the lake to swim and eat ice cream.',
+];
+const QUESTIONS = [
+  'Who had a ball?', 'What did Tom like?', 'Where did the children go?', 'What was hot?',
+  'Why did Lily go to the park?', 'Who barked?', 'What did they eat?', 'Tell me a story.'
+];
+
+describe('redknot serve', {skip: haveModel ? false : `needs ${CLI} and ${MODEL}`}, () => {
+  let srv, client;
+  before(async () => {
+    srv = await startServer(['--max-batch', '32', '--max-queue', '256']);
+    client = new OpenAI({baseURL: `${srv.base}/v1`, apiKey: 'unused', maxRetries: 0});
+  });
+  after(async () => {
+    const code = await stopServer(srv);
+    assert.equal(code, 0, `server exit: ${code}\n${srv.log()}`);
+  });
+
+  test('models lists the served model with its metadata', async () => {
+    const list = await client.models.list();
+    assert.equal(list.data.length, 1);
+    assert.equal(list.data[0].id, 'stories260K');
+    assert.equal(list.data[0].meta.chat_format, 'plain');
+    assert.ok('reuse_mode' in list.data[0].meta && 'chunk_store_dir' in list.data[0].meta);
+  });
+
+  test('completion: greedy golden text and usage', async () => {
+    const r = await client.completions.create(
+        {model: 'stories260K', prompt: 'Once upon a time', max_tokens: 20, temperature: 0});
+    assert.match(r.choices[0].text, /^, there was a little girl named Lily/);
+    assert.equal(r.choices[0].finish_reason, 'length');
+    assert.equal(r.usage.completion_tokens, 20);
+    assert.equal(r.usage.prompt_tokens, 5);  // BOS + 4 pieces
+    assert.equal(r.usage.total_tokens, 25);
+    assert.equal(r.usage.prompt_tokens_details.cached_tokens, 0);
+    // Token-id prompts are used as given.
+    const ids = await client.completions.create(
+        {model: 'stories260K', prompt: [1, 403, 407], max_tokens: 3});
+    assert.equal(ids.usage.prompt_tokens, 3);
+  });
+
+  test('streaming deltas concatenate to the non-streamed text', async () => {
+    const body = {
+      model: 'stories260K',
+      max_tokens: 40,
+      temperature: 0,
+      messages: [{role: 'user', content: 'Who is Lily?'}]
+    };
+    const full = await client.chat.completions.create(body);
+    let text = '', finish = null, usage = null, first = true;
+    const stream = await client.chat.completions.create(
+        {...body, stream: true, stream_options: {include_usage: true}});
+    for await (const c of stream) {
+      if (c.usage) usage = c.usage;
+      if (!c.choices.length) continue;
+      if (first) assert.equal(c.choices[0].delta.role, 'assistant');
+      first = false;
+      text += c.choices[0].delta.content ?? '';
+      finish = c.choices[0].finish_reason ?? finish;
+    }
+    assert.equal(text, full.choices[0].message.content);
+    assert.equal(finish, full.choices[0].finish_reason);
+    assert.deepEqual(usage, full.usage);
+
+    const cfull =
+        await client.completions.create({model: 'stories260K', prompt: 'Tom', max_tokens: 30});
+    let ctext = '';
+    for await (const c of await client.completions.create(
+        {model: 'stories260K', prompt: 'Tom', max_tokens: 30, stream: true}))
+      ctext += c.choices[0]?.text ?? '';
+    assert.equal(ctext, cfull.choices[0].text);
+  });
+
+  test('stop sequences cut the text and end with finish_reason stop', async () => {
+    const base = {model: 'stories260K', prompt: 'Once upon a time', max_tokens: 40};
+    const free = (await client.completions.create(base)).choices[0].text;
+    for (const stop of [' girl', ['xyz', 'Lily'], 'park.']) {
+      const first = Math.min(...[stop].flat().map((s) => free.indexOf(s)).filter((i) => i >= 0));
+      const r = await client.completions.create({...base, stop});
+      assert.equal(r.choices[0].text, free.slice(0, first));
+      assert.equal(r.choices[0].finish_reason, 'stop');
+      let s = '';
+      for await (const c of await client.completions.create({...base, stop, stream: true}))
+        s += c.choices[0]?.text ?? '';
+      assert.equal(s, free.slice(0, first));
+    }
+  });
+
+  test('32 concurrent streams over shared documents equal their solo runs', async () => {
+    const reqs = Array.from(
+        {length: 32}, (_, i) => ({
+                        model: 'stories260K',
+                        max_tokens: 24 + (i % 5) * 8,
+                        temperature: 0,
+                        documents: DOCS.slice(0, 1 + (i % 3)),
+                        messages: [
+                          {role: 'system', content: 'Answer from the documents.'},
+                          {role: 'user', content: QUESTIONS[i % QUESTIONS.length] + ` (#${i})`}
+                        ],
+                      }));
+    const solo = [];
+    for (const r of reqs)
+      solo.push((await client.chat.completions.create(r)).choices[0].message.content);
+    const t0 = performance.now();
+    let tokens = 0;
+    const got = await Promise.all(reqs.map(async (r) => {
+      let text = '';
+      const stream = await client.chat.completions.create(
+          {...r, stream: true, stream_options: {include_usage: true}});
+      for await (const c of stream) {
+        if (c.usage) tokens += c.usage.completion_tokens;
+        text += c.choices[0]?.delta?.content ?? '';
+      }
+      return text;
+    }));
+    const secs = (performance.now() - t0) / 1000;
+    for (let i = 0; i < reqs.length; ++i) assert.equal(got[i], solo[i], `request ${i}`);
+    console.log(
+        `# 32 concurrent streams: ${secs.toFixed(2)} s, ${(32 / secs).toFixed(1)} req/s, ` +
+        `${(tokens / secs).toFixed(0)} generated tokens/s`);
+    await waitIdle(srv.base);
+  });
+
+  test('errors are OpenAI-shaped with the right status', async () => {
+    const cases = [
+      [{prompt: 'x', max_tokens: 0}, 400, 'max_tokens'],
+      [{prompt: 'x', max_tokens: 1e12}, 400, 'max_tokens'],
+      [{prompt: 'x', temperature: -1}, 400, 'temperature'],
+      [{prompt: 'x', top_p: 0}, 400, 'top_p'],
+      [{prompt: 'x', top_p: 1.5}, 400, 'top_p'],
+      [{prompt: 'x', n: 2}, 400, 'n'],
+      [{prompt: 'x', stream: 'yes'}, 400, 'stream'],
+      [{prompt: 'x', stop: 5}, 400, 'stop'],
+      [{prompt: 'x', model: 'gpt-4'}, 404, 'model'],
+      [{prompt: Array(2100).fill(5)}, 400, 'prompt'],
+      [{prompt: [1, 99999]}, 400, 'prompt'],
+      [{prompt: {}}, 400, 'prompt'],
+    ];
+    for (const [body, status, param] of cases) {
+      const r = await fetch(`${srv.base}/v1/completions`, {
+        method: 'POST',
+        body: JSON.stringify(body),
+        headers: {'content-type': 'application/json'},
+      });
+      assert.equal(r.status, status, JSON.stringify(body).slice(0, 80));
+      const j = await r.json();
+      assert.equal(typeof j.error.message, 'string');
+      assert.equal(j.error.param, param);
+    }
+    const long = await fetch(
+        `${srv.base}/v1/completions`,
+        {method: 'POST', body: JSON.stringify({prompt: Array(2100).fill(5)})});
+    assert.equal((await long.json()).error.code, 'context_length_exceeded');
+    // The openai client surfaces them as typed errors.
+    await assert.rejects(
+        client.chat.completions.create({
+          model: 'stories260K',
+          messages: [],
+        }),
+        (e) => e.status === 400);
+    await assert.rejects(
+        client.completions.create({model: 'nope', prompt: 'x'}), (e) => e.status === 404);
+  });
+
+  test('hostile and malformed input is refused; server stays healthy, pages return', async () => {
+    const port = srv.port;
+    const statuses = [];
+    const valid = JSON.stringify({prompt: 'Once upon a time', max_tokens: 4});
+    const bodies = [];
+    for (let i = 1; i < valid.length; i += 2) bodies.push(valid.slice(0, i));  // truncations
+    let seed = 7;
+    const rnd = () => (seed = (seed * 1103515245 + 12345) & 0x7fffffff) / 0x7fffffff;
+    for (let i = 0; i < 60; ++i)
+      bodies.push(Buffer.from(
+          Array.from({length: 1 + Math.floor(rnd() * 200)}, () => Math.floor(rnd() * 256))));
+    const fields = [
+      'max_tokens', 'temperature', 'top_p', 'top_k', 'seed', 'n', 'stop', 'stream', 'prompt',
+      'model', 'stream_options', 'max_completion_tokens'
+    ];
+    const values = [
+      null, true, 'str', -1, 1e400 === Infinity ? '1e400' : 0, 1.5, [], {}, [1, [2]],
+      99999999999999999999, -99999999999999999999, '\u0000'
+    ];
+    for (const f of fields)
+      for (const v of values)
+        bodies.push(`{"prompt":"hi","max_tokens":2,"${f}":${
+            typeof v === 'string' && v === '1e400' ? '1e400' : JSON.stringify(v)}}`);
+    bodies.push('['.repeat(100000) + ']'.repeat(100000));  // deep nesting
+    bodies.push(
+        '{"a":'.repeat(5000) + '1' +
+        '}'.repeat(5000));
+    bodies.push('null', '[]', '"str"', '42', '{}', '{"prompt":""}');
+    // Invalid UTF-8 inside a JSON string, and an overlong encoding.
+    bodies.push(
+        Buffer.concat([Buffer.from('{"prompt":"a'), Buffer.from([0xff, 0xfe]), Buffer.from('"}')]));
+    bodies.push(
+        Buffer.concat([Buffer.from('{"prompt":"'), Buffer.from([0xc0, 0xaf]), Buffer.from('"}')]));
+    bodies.push('{"prompt":"\\ud800"}');  // lone surrogate escape
+    const chat = [
+      '{"messages":"hi"}',
+      '{"messages":[{"role":"user"}]}',
+      '{"messages":[{"content":"x"}]}',
+      '{"messages":[{"role":"wizard","content":"x"}]}',
+      '{"messages":[1,2]}',
+      '{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}',
+      '{"messages":[{"role":"user","content":"x"}],"documents":"doc"}',
+      '{"messages":[{"role":"user","content":"x"}],"documents":[1]}',
+    ];
+    const send = async (path, b) => {
+      const r = await post(port, path, b);
+      statuses.push(r.status);
+      assert.ok(
+          r.status >= 400 && r.status < 500 || r.status === 200,
+          `${path} ${String(b).slice(0, 60)} -> ${r.status}\n${r.data.slice(0, 300)}`);
+    };
+    // A few at a time: hostile traffic arrives concurrently.
+    const all = [
+      ...bodies.map((b) => ['/v1/completions', b]),
+      ...bodies.slice(0, 40).map((b) => ['/v1/chat/completions', b]),
+      ...chat.map((b) => ['/v1/chat/completions', b])
+    ];
+    for (let i = 0; i < all.length; i += 8)
+      await Promise.all(all.slice(i, i + 8).map(([p, b]) => send(p, b)));
+    assert.ok(statuses.length > 200, `${statuses.length} requests`);
+    assert.ok(statuses.filter((s) => s === 400).length > 150);
+
+    // Oversized body: 413 (or the server drops the connection before reading it all).
+    const big = await post(port, '/v1/completions', Buffer.alloc(9 << 20, 0x20));
+    assert.ok(big.status === 413 || big.status === 0, `oversized -> ${big.status}`);
+    // Unknown route and a request line that is not HTTP.
+    assert.equal(
+        (await rawRequest(port, 'GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'))
+            .status,
+        404);
+    const junk = await rawRequest(port, 'HELLO\r\n\r\n', Buffer.alloc(0), {timeoutMs: 8000});
+    assert.ok(junk.status === 400 || junk.status === 0);
+
+    // Slow clients: half a request, then silence; they must not block others.
+    const slow = Array.from({length: 6}, (_, i) => {
+      const s = net.connect(port, '127.0.0.1');
+      s.on('error', () => {});
+      s.write(
+          i % 2 ? 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"pro' :
+                  'POST /v1/completions HTTP/1.1\r\nHost:');
+      return s;
+    });
+    const ok =
+        await client.completions.create({model: 'stories260K', prompt: 'Tom', max_tokens: 5});
+    assert.equal(ok.usage.completion_tokens, 5);
+
+    // Clients that hang up mid-stream: their sequences are cancelled and pages freed.
+    await Promise.all(Array.from({length: 10}, async (_, i) => {
+      const ac = new AbortController();
+      const r = await fetch(`${srv.base}/v1/completions`, {
+        method: 'POST',
+        signal: ac.signal,
+        body: JSON.stringify({prompt: `Once upon a time ${i}`, max_tokens: 1500, stream: true}),
+      });
+      const reader = r.body.getReader();
+      await reader.read();
+      ac.abort();
+      await reader.cancel().catch(() => {});
+    }));
+    // A raw client that closes the socket right after sending a streaming request.
+    for (let i = 0; i < 5; ++i) {
+      const s = net.connect(port, '127.0.0.1');
+      s.on('error', () => {});
+      const b = JSON.stringify({prompt: 'Lily', max_tokens: 1500, stream: i % 2 === 0});
+      s.end(`POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ${b.length}\r\n\r\n${b}`);
+      setTimeout(() => s.destroy(), 30);
+    }
+    for (const s of slow) s.destroy();
+
+    assert.ok((await fetch(`${srv.base}/health`)).ok);
+    const m = await waitIdle(srv.base);
+    assert.match(m.text, /redknot_requests_total\{endpoint="\/v1\/completions",status="400"\} \d+/);
+    assert.match(m.text, /redknot_chunk_store_hits_total\{tier="disk"\} 0/);
+    const cancelled = Number(/^redknot_requests_cancelled_total (\d+)/m.exec(m.text)[1]);
+    assert.ok(cancelled >= 10, `only ${cancelled} hung-up streams were cancelled`);
+    const after = await client.completions.create(
+        {model: 'stories260K', prompt: 'Once upon a time', max_tokens: 8});
+    assert.match(after.choices[0].text, /^, there was a little girl/);
+  });
+});
+
+describe('redknot serve with --api-key and a zero-length queue', {skip: !haveModel}, () => {
+  let srv;
+  before(async () => {
+    srv = await startServer(['--api-key', 'sekret', '--max-queue', '0']);
+  });
+  after(async () => {
+    assert.equal(await stopServer(srv), 0);
+  });
+
+  test('401 without or with a wrong key, 429 with Retry-After when the queue is full', async () => {
+    const body = JSON.stringify({prompt: 'x', max_tokens: 2});
+    const h = {'content-type': 'application/json'};
+    let r = await fetch(`${srv.base}/v1/completions`, {method: 'POST', body, headers: h});
+    assert.equal(r.status, 401);
+    assert.equal((await r.json()).error.type, 'authentication_error');
+    r = await fetch(`${srv.base}/v1/models`, {headers: {authorization: 'Bearer wrong'}});
+    assert.equal(r.status, 401);
+    const client = new OpenAI({baseURL: `${srv.base}/v1`, apiKey: 'sekret', maxRetries: 0});
+    assert.equal((await client.models.list()).data[0].id, 'stories260K');
+    r = await fetch(
+        `${srv.base}/v1/completions`,
+        {method: 'POST', body, headers: {...h, authorization: 'Bearer sekret'}});
+    assert.equal(r.status, 429);
+    assert.equal(r.headers.get('retry-after'), '1');
+    assert.equal((await r.json()).error.code, 'rate_limit_exceeded');
+    assert.ok((await fetch(`${srv.base}/health`)).ok);  // no key needed
+  });
+});

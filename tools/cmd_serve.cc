@@ -1,0 +1,128 @@
+// `redknot serve`: the OpenAI-compatible HTTP server over one model (continuous batching).
+#include <CLI/CLI.hpp>
+#include <csignal>
+#include <filesystem>
+#include <iostream>
+
+#include "commands.h"
+#include "common.h"
+#include "core/error.h"
+
+#ifdef REDKNOT_HAS_SERVER
+#include "backend/builtin.h"
+#include "engine/batch_invariant_backend.h"
+#include "engine/kv_setup.h"
+#include "engine/scheduler.h"
+#include "server/server.h"
+#endif
+
+namespace redknot::cli {
+
+namespace {
+struct ServeArgs {
+  std::string model, head_profile, host = "127.0.0.1", api_key, backend = "cpu";
+  std::string chunk_store_dir, reuse_mode = "off", model_id;
+  int port = 8080;
+  int32_t max_batch = 32, max_queue = 256, step_tokens = 512, page_size = 64, threads = 0;
+  int64_t kv_budget = 0;
+  bool batch_invariant = true;
+};
+
+#ifdef REDKNOT_HAS_SERVER
+server::Server* g_server = nullptr;
+
+void on_signal(int) {
+  if (g_server) g_server->stop();
+}
+
+int run_serve(const ServeArgs& a) {
+  std::signal(SIGPIPE, SIG_IGN);  // a client hanging up must not kill the server
+  register_builtin_backends();
+  // Built by hand instead of load_model(): the model may sit on the batch-invariant wrapper.
+  Checkpoint ckpt = load_checkpoint(a.model);
+  std::unique_ptr<Backend> backend = create_backend(a.backend);
+  std::unique_ptr<Backend> wrapped;
+  if (a.batch_invariant) wrapped = std::make_unique<BatchInvariantBackend>(*backend);
+  Model model(ckpt, wrapped ? *wrapped : *backend);
+  std::unique_ptr<Tokenizer> tok = load_tokenizer_for(a.model, &ckpt);
+  if (!tok) throw Error(a.model + ": no tokenizer found; the server needs one");
+
+  KvOptions kvo;
+  kvo.page_size = a.page_size;
+  kvo.budget_bytes = a.kv_budget;
+  // Default pool: every batch slot at full context, all heads global.
+  kvo.tokens = model.config().max_position_embeddings * a.max_batch;
+  kvo.head_profile_path = a.head_profile;
+  KvStore store = make_kv_store(model, kvo);
+
+  SchedulerOptions so;
+  so.max_batch = a.max_batch;
+  so.max_queue = a.max_queue;
+  so.step_tokens = a.step_tokens;
+  Scheduler sched(model, *store.cache, so);
+
+  server::ServerOptions o;
+  o.host = a.host;
+  o.port = a.port;
+  o.api_key = a.api_key;
+  o.threads = a.threads;
+  o.backend = a.backend;
+  o.head_profile = a.head_profile;
+  o.chunk_store_dir = a.chunk_store_dir;
+  o.reuse_mode = a.reuse_mode;
+  o.batch_invariant = a.batch_invariant;
+  std::filesystem::path p(a.model);
+  if (p.filename().empty()) p = p.parent_path();  // "dir/"
+  o.model_id = a.model_id.empty() ? p.stem().string() : a.model_id;
+  server::Server srv(*tok, model.config(), sched, o);
+  const int port = srv.bind();
+  g_server = &srv;
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  std::cout << "redknot serve: model '" << o.model_id << "', " << store.pool->num_pages()
+            << " KV pages of " << a.page_size << " tokens, listening on http://" << a.host << ":"
+            << port << std::endl;
+  srv.serve();
+  g_server = nullptr;
+  std::cout << "redknot serve: stopped" << std::endl;
+  return 0;
+}
+#endif
+}  // namespace
+
+void add_serve_command(CLI::App& app, std::function<int()>& action) {
+  auto a = std::make_shared<ServeArgs>();
+  CLI::App* c = app.add_subcommand("serve", "OpenAI-compatible HTTP server");
+  c->add_option("--model", a->model, "HF model directory or GGUF file")->required();
+  c->add_option("--model-id", a->model_id, "name clients send as \"model\" (default: file stem)");
+  c->add_option("--head-profile", a->head_profile, "head profile JSON");
+  c->add_option("--host", a->host, "address to bind");
+  c->add_option("--port", a->port, "port (0: any free port)")->check(CLI::Range(0, 65535));
+  c->add_option("--max-batch", a->max_batch, "running requests at most")
+      ->check(CLI::Range(1, 4096));
+  c->add_option("--max-queue", a->max_queue, "waiting requests at most (then 429)")
+      ->check(CLI::Range(0, 1 << 20));
+  c->add_option("--step-tokens", a->step_tokens, "tokens per engine step (chunked prefill)")
+      ->check(CLI::Range(1, 1 << 20));
+  c->add_option("--kv-budget", a->kv_budget, "KV pool size in bytes");
+  c->add_option("--page-size", a->page_size, "KV page size in tokens")->check(CLI::Range(1, 4096));
+  c->add_option("--api-key", a->api_key, "require 'Authorization: Bearer KEY'");
+  c->add_option("--backend", a->backend, "cpu | reference | cuda");
+  c->add_option("--threads", a->threads, "HTTP worker threads (0: automatic)");
+  c->add_option("--batch-invariant", a->batch_invariant,
+                "row-at-a-time matmuls so batching never changes a request's output");
+  c->add_option("--chunk-store-dir", a->chunk_store_dir, "chunk store directory (reuse: later)");
+  c->add_option("--reuse-mode", a->reuse_mode, "chunk reuse mode (reuse: later)");
+  c->callback([a, &action] {
+#ifdef REDKNOT_HAS_SERVER
+    action = [a] { return run_serve(*a); };
+#else
+    action = [] {
+      std::cerr << "error: built without the server (REDKNOT_SERVER=OFF)\n";
+      return 1;
+    };
+#endif
+  });
+}
+
+}  // namespace redknot::cli
