@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
+#include <thread>
 
 #include "backend/builtin.h"
 #include "engine/batch_invariant_backend.h"
@@ -192,7 +193,9 @@ TEST_F(SchedulerTest, CancellationFreesPages) {
   // Wait until `a` is decoding, then hang up.
   while (a->wait(std::chrono::milliseconds(100)).tokens.empty()) {
   }
-  EXPECT_LT(sched.stats().free_pages, sched.stats().pool_pages);
+  // Stats are published after each step: wait for the one that shows `a`'s pages.
+  while (sched.stats().free_pages == sched.stats().pool_pages)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   a->cancel();
   RequestStream::Chunk c = a->wait_all();
   EXPECT_EQ(c.reason, FinishReason::kCancelled);

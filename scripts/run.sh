@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job: installs dependencies, builds, and serves the shipped RAG model
+# (models/redknot-rag-8k) with the OpenAI-compatible API on 127.0.0.1:8080.
+# Extra arguments go to `redknot serve` (e.g. --port 9000 --head-profile F).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+"$root/scripts/build.sh"
+echo "RedKnot: serving models/redknot-rag-8k on http://127.0.0.1:8080 (Ctrl-C to stop)"
+exec "$root/build/redknot" serve --model "$root/models/redknot-rag-8k" --host 127.0.0.1 --port 8080 "$@"
