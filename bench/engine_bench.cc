@@ -16,6 +16,7 @@
 
 #ifdef REDKNOT_HAS_OPENBLAS
 #include <cblas.h>
+extern "C" void openblas_set_num_threads(int num_threads);
 #endif
 
 namespace redknot::bench {
@@ -158,7 +159,11 @@ int run_engine_bench(const EngineBenchArgs& a) {
   const double bw = measure_read_bandwidth_gbs(int64_t{1} << 30, threads);
   std::printf("\n| metric | RedKnot | machine ceiling (same run) | ratio |\n|---|---|---|---|\n");
 #ifdef REDKNOT_HAS_OPENBLAS
+  // The ceiling: OpenBLAS with all its own threads (the backend runs it single-threaded inside
+  // its pool, so restore that afterwards).
+  openblas_set_num_threads(threads);
   const double sgemm = sgemm_seconds(gemms, a.prefill_tokens, 2);
+  openblas_set_num_threads(1);
   std::printf("| prefill %d tok: projection GFLOP/s | %.1f (%.1f tok/s, %.1f ms) | OpenBLAS SGEMM same shapes: %.1f GFLOP/s | %.0f%% |\n",
               a.prefill_tokens, prefill_flops / prefill / 1e9, a.prefill_tokens / prefill,
               prefill * 1e3, prefill_flops / sgemm / 1e9, 100.0 * sgemm / prefill);

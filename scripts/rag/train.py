@@ -285,21 +285,31 @@ class Stream(torch.utils.data.IterableDataset):
     documents follow the first answer's EOS (training only), which multiplies the retrieval
     signal per token (the first full run, without them, learned no retrieval in 527M tokens)."""
 
-    def __init__(self, tok, seqlen, mix, seed_tag, world_tokens=200000, extra_qa=0):
+    def __init__(self, tok, seqlen, mix, seed_tag, world_tokens=200000, extra_qa=0, world_samples=0,
+                 qa_frac=6.0, min_scale=0.1):
         self.tok, self.seqlen, self.mix, self.seed_tag, self.world_tokens = tok, seqlen, mix, seed_tag, world_tokens
         self.extra_qa = extra_qa
+        # world_samples > 0: a fresh world (fresh names and facts) every `world_samples` samples, its size
+        # scaled with the sequence length.  world_samples == 0: the old behaviour (one full-size world per
+        # `world_tokens` tokens, i.e. hundreds of samples per world), which lets the model memorise a
+        # world's facts in its weights within a few dozen steps instead of reading them from the context.
+        self.world_samples, self.qa_frac, self.min_scale = world_samples, qa_frac, min_scale
 
     def __iter__(self):
         import array
         wi = torch.utils.data.get_worker_info()
-        wid = wi.id if wi is not None else 0
+        wid = wi.id if wi is not None else getattr(self, "wid", 0)
         rng = random.Random(f"train-{self.seed_tag}-rng-{wid}")
         tok = self.tok
         qcache = {}
         k = 0
         while True:
             L = self.seqlen.value
-            world = G.World(f"train-{self.seed_tag}-w{wid}-{k}")
+            if self.world_samples:
+                scale = min(1.0, max(self.min_scale, L / 8192.0))
+                world = G.World(f"train-{self.seed_tag}-w{wid}-{k}", scale)
+            else:
+                world = G.World(f"train-{self.seed_tag}-w{wid}-{k}")
             k += 1
             dids = tok.encode_batch([d["text"] + "\n\n" for d in world.docs])
             dlen = [len(x) for x in dids]
@@ -320,20 +330,23 @@ class Stream(torch.utils.data.IterableDataset):
             for da, db, q, a, _ in world.pairs:
                 qa_doc[db].append((q, a, da))          # needs doc da right before db
             multi = [(da, db, q, a) for da, db, q, a, _ in world.q_multi]
-            n = max(8, self.world_tokens // L)
+            n = self.world_samples or max(8, self.world_tokens // L)
             for _ in range(n):
-                L = self.seqlen.value
-                reserve = min(40 * self.extra_qa, L // 6) if self.extra_qa else 0
+                if self.seqlen.value != L:
+                    break                               # new length: new world of the right size
+                reserve = min(40 * self.extra_qa, int(L / self.qa_frac)) if self.extra_qa else 0
                 t = rng.choices(range(len(TASKS)), weights=self.mix)[0]
                 s = G.make_sample(world, TASKS[t], L - reserve, rng, doc_len=lambda d: dlen[d], q_len=qlen)
                 ids, a0 = build_ids(tok, None, [dids[d] for d in s["segments"]], s["question"], s["answers"][0])
                 spans = [a0, len(ids)]
                 if self.extra_qa and len(ids) < L + 1:
                     present = set(s["segments"])
+                    pos = {d: i for i, d in enumerate(s["segments"])}
                     cands = []
                     for d in s["segments"]:
                         for x in qa_doc.get(d, ()):
-                            if len(x) == 2 or x[2] in present:
+                            # dependent: only if its first document is right before it (else unanswerable)
+                            if len(x) == 2 or (x[2] in present and pos[x[2]] == pos[d] - 1):
                                 cands.append(x[:2])
                     cands += [(q, a) for da, db, q, a in multi if da in present and db in present]
                     cands = [x for x in cands if x[0] != s["question"]]

@@ -46,8 +46,10 @@ std::vector<float> small_f32(const Tensor& t) {
 
 CpuBackend::CpuBackend(CpuBackendOptions options) : options_(options), pool_(options.n_threads) {
 #ifdef REDKNOT_HAS_OPENBLAS
-  // sgemm runs on OpenBLAS's own threads while ours sleep; same count, no oversubscription.
-  openblas_set_num_threads(pool_.size());
+  // OpenBLAS runs single-threaded inside our pool's threads (each takes a slice of the output
+  // columns). Two thread pools on the same cores fight: OpenBLAS workers spin after each call
+  // and starved our GEMV/conversion threads (measured 3-10x slowdowns on 2 cores).
+  openblas_set_num_threads(1);
 #endif
 }
 
@@ -135,8 +137,11 @@ void CpuBackend::matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Te
 
 #ifdef REDKNOT_HAS_OPENBLAS
   if (w.dtype() == DType::F32 && m_rows >= kSgemmMinRows) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m_rows, n_rows, k_dim, 1.0f, xp, k_dim,
-                w.data<float>(), k_dim, 0.0f, op, n_rows);
+    const float* wp = w.data<float>();
+    parallel_rows(n_rows, m_rows * k_dim, [&](int64_t n0, int64_t n1) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m_rows, n1 - n0, k_dim, 1.0f, xp, k_dim,
+                  wp + n0 * k_dim, k_dim, 0.0f, op + n0, n_rows);
+    });
     if (b)
       for (int64_t m = 0; m < m_rows; ++m)
         for (int64_t n = 0; n < n_rows; ++n) op[m * n_rows + n] += b[n];
@@ -163,19 +168,20 @@ void CpuBackend::matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Te
 void CpuBackend::matmul_bf16_sgemm(const float* x, int64_t m_rows, const uint16_t* w,
                                    int64_t n_rows, int64_t k_dim, const float* bias, float* out) {
 #ifdef REDKNOT_HAS_OPENBLAS
-  // Blocks of ~4 MiB of widened weights: big enough for sgemm efficiency, L3-friendly.
+  // Each pool thread widens its own slice of weight rows in blocks (~4 MiB of f32, cache
+  // friendly) and runs a single-threaded sgemm on it.
   const int64_t block_rows =
       std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, k_dim));
-  weight_tile_.resize(std::min(block_rows, n_rows) * k_dim);
-  for (int64_t n0 = 0; n0 < n_rows; n0 += block_rows) {
-    const int64_t nb = std::min(block_rows, n_rows - n0);
-    float* tile = weight_tile_.data();
-    parallel_rows(nb, k_dim, [&](int64_t r0, int64_t r1) {
-      convert_to_f32(DType::BF16, w + (n0 + r0) * k_dim, tile + r0 * k_dim, (r1 - r0) * k_dim);
-    });
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m_rows, nb, k_dim, 1.0f, x, k_dim, tile,
-                k_dim, 0.0f, out + n0, n_rows);
-  }
+  parallel_rows(n_rows, m_rows * k_dim, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> tile;
+    for (int64_t n0 = r0; n0 < r1; n0 += block_rows) {
+      const int64_t nb = std::min(block_rows, r1 - n0);
+      tile.resize(nb * k_dim);
+      convert_to_f32(DType::BF16, w + n0 * k_dim, tile.data(), nb * k_dim);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m_rows, nb, k_dim, 1.0f, x, k_dim,
+                  tile.data(), k_dim, 0.0f, out + n0, n_rows);
+    }
+  });
   if (bias)
     for (int64_t m = 0; m < m_rows; ++m)
       for (int64_t n = 0; n < n_rows; ++n) out[m * n_rows + n] += bias[n];

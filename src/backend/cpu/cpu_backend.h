@@ -56,7 +56,6 @@ class CpuBackend : public Backend {
 
   CpuBackendOptions options_;
   ThreadPool pool_;
-  std::vector<float> weight_tile_;  // bf16 weights widened for sgemm, one block of rows
 };
 
 }  // namespace redknot

@@ -1,14 +1,21 @@
 // Thin launchers around kernels.cuh plus device memory management and cuBLAS GEMMs.
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/paged_flash.cuh"
 #include "backend/op_checks.h"
 #include "backend/reference/paged_attention_ref.h"
 #include "core/error.h"
@@ -53,6 +60,111 @@ void expect_cuda(const char* op, const char* arg, const Tensor& t) {
   expect_device(op, arg, t, Device::Cuda);
 }
 
+// Caching device allocator: freed blocks go to size-bucketed free lists and are reused by later
+// allocations. All work of a backend runs on its one stream, so a block released by a tensor
+// holder (even while kernels that use it are still queued) is only touched again by work queued
+// after it: stream-ordered reuse, as in PyTorch's caching allocator. After warm-up a forward
+// pass of the same shape does no cudaMalloc/cudaFree. Holders keep the cache alive, so tensors
+// may outlive the backend.
+class DeviceCache {
+ public:
+  ~DeviceCache() {
+    for (auto& [size, ptr] : free_) cudaFree(ptr);
+  }
+
+  // Sizes < 1 MiB round up to 512 B; larger ones to 1/8 of their power of two (<= 12.5% slack).
+  static size_t round_size(size_t bytes) {
+    bytes = std::max<size_t>(bytes, 512);
+    if (bytes < (size_t{1} << 20)) return (bytes + 511) / 512 * 512;
+    size_t pow2 = size_t{1} << 20;
+    while (pow2 * 2 <= bytes) pow2 *= 2;
+    const size_t step = pow2 / 8;
+    return (bytes + step - 1) / step * step;
+  }
+
+  void* get(size_t bytes, cudaStream_t stream) {
+    const size_t size = round_size(bytes);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // Best fit among cached blocks no more than 25% larger.
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= size + size / 4) {
+        void* p = it->second;
+        live_[p] = it->first;
+        free_.erase(it);
+        ++stats_.hits;
+        return p;
+      }
+    }
+    void* p = nullptr;
+    cudaError_t st = cudaMalloc(&p, size);
+    if (st != cudaSuccess) {  // out of memory: give the cached blocks back and retry once
+      cudaGetLastError();
+      cudaStreamSynchronize(stream);
+      release_cached();
+      st = cudaMalloc(&p, size);
+    }
+    cuda_check(st, ("cudaMalloc of " + std::to_string(size) + " bytes").c_str());
+    std::lock_guard<std::mutex> lock(mu_);
+    live_[p] = size;
+    ++stats_.mallocs;
+    stats_.reserved += size;
+    return p;
+  }
+
+  void put(void* p) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(p);
+    if (it == live_.end()) return;
+    free_.emplace(it->second, p);
+    live_.erase(it);
+  }
+
+  void release_cached() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [size, ptr] : free_) {
+      cudaFree(ptr);
+      stats_.reserved -= size;
+      ++stats_.frees;
+    }
+    free_.clear();
+  }
+
+  CudaAllocStats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  std::unordered_map<void*, size_t> live_;
+  CudaAllocStats stats_;
+};
+
+// A holder that returns its block to the cache.
+std::shared_ptr<void> cached_block(const std::shared_ptr<DeviceCache>& cache, size_t bytes,
+                                   cudaStream_t stream) {
+  void* p = cache->get(bytes, stream);
+  return std::shared_ptr<void>(p, [cache](void* q) { cache->put(q); });
+}
+
+// Largest power of two (<= 256) dividing the address: cuBLASLt's alignment preference.
+uint32_t ptr_alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t align = 256;
+  while (align > 1 && a % align != 0) align /= 2;
+  return align;
+}
+
+// One cached cuBLASLt matmul setup per (M, N, K, out dtype, bias, alignment).
+struct LtPlan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool ok = false;
+};
+
 class CudaBackend : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
@@ -65,12 +177,29 @@ class CudaBackend : public Backend {
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cublas_check(cublasCreate(&cublas_), "cublasCreate");
     cublas_check(cublasSetStream(cublas_, stream_), "cublasSetStream");
+    cublas_check(cublasLtCreate(&lt_), "cublasLtCreate");
+    cuda_check(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute");
+    cache_ = std::make_shared<DeviceCache>();
+    lt_workspace_ = cached_block(cache_, kLtWorkspace, stream_);
+    const char* simple = std::getenv("REDKNOT_CUDA_SIMPLE");
+    simple_ = simple != nullptr && simple[0] == '1';
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    for (auto& [key, plan] : lt_plans_) {
+      if (plan.a) cublasLtMatrixLayoutDestroy(plan.a);
+      if (plan.b) cublasLtMatrixLayoutDestroy(plan.b);
+      if (plan.c) cublasLtMatrixLayoutDestroy(plan.c);
+      if (plan.op) cublasLtMatmulDescDestroy(plan.op);
+    }
+    cublasLtDestroy(lt_);
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
   }
+
+  CudaAllocStats alloc_stats() { return cache_->stats(); }
+  cudaStream_t stream() const { return stream_; }
 
   std::string name() const override { return "cuda"; }
   Device device() const override { return Device::Cuda; }
@@ -83,11 +212,9 @@ class CudaBackend : public Backend {
       n *= d;
     }
     const size_t bytes = static_cast<size_t>(dtype_bytes(dtype, n));
-    void* ptr = nullptr;
-    cuda_check(cudaMalloc(&ptr, std::max<size_t>(bytes, 256)),
-               ("cudaMalloc of " + std::to_string(bytes) + " bytes").c_str());
-    std::shared_ptr<void> holder(ptr, [](void* p) { cudaFree(p); });
-    cuda_check(cudaMemsetAsync(ptr, 0, bytes, stream_), "cudaMemsetAsync");
+    std::shared_ptr<void> holder = cached_block(cache_, bytes, stream_);
+    void* ptr = holder.get();
+    if (bytes) cuda_check(cudaMemsetAsync(ptr, 0, bytes, stream_), "cudaMemsetAsync");
     return Tensor::view(ptr, dtype, std::move(shape), std::move(holder), Device::Cuda);
   }
 
@@ -164,7 +291,9 @@ class CudaBackend : public Backend {
     });
   }
 
-  // bf16 x and w, f32 accumulation, bf16 or f32 out; bias (f32) added by a second kernel.
+  // bf16 x and w, f32 accumulation, bf16 or f32 out. cuBLASLt with the f32 bias in the
+  // epilogue and a cached descriptor/heuristic per shape; cublasGemmEx + a bias kernel when
+  // cuBLASLt offers no algorithm (or REDKNOT_CUDA_SIMPLE=1).
   void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) override {
     check_matmul(x, w, bias, out);
     expect_cuda("matmul", "x", x);
@@ -183,6 +312,24 @@ class CudaBackend : public Backend {
       throw Error("matmul: out must be bf16 or f32, got " + out.describe());
     // Row-major out[M,N] = x[M,K]·w[N,K]ᵀ is column-major outᵀ[N,M] = wᵀ(op T)[N,K]·xᵀ[K,M].
     const float alpha = 1.0f, beta = 0.0f;
+    if (!simple_) {
+      const LtPlan& plan = lt_plan(m_rows, n_rows, k_dim, out.dtype(), bias.numel() > 0,
+                                   std::min({ptr_alignment(x.raw()), ptr_alignment(w.raw()),
+                                             ptr_alignment(out.raw())}));
+      if (plan.ok) {
+        if (bias.numel()) {
+          const void* bias_ptr = bias.raw();
+          cublas_check(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                      &bias_ptr, sizeof(bias_ptr)),
+                       "cublasLt bias pointer");
+        }
+        cublas_check(cublasLtMatmul(lt_, plan.op, &alpha, w.raw(), plan.a, x.raw(), plan.b, &beta,
+                                    out.raw(), plan.c, out.raw(), plan.c, &plan.algo,
+                                    lt_workspace_.get(), kLtWorkspace, stream_),
+                     "cublasLtMatmul");
+        return;
+      }
+    }
     cublas_check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n_rows),
                               static_cast<int>(m_rows), static_cast<int>(k_dim), &alpha, w.raw(),
                               CUDA_R_16BF, static_cast<int>(k_dim), x.raw(), CUDA_R_16BF,
@@ -317,6 +464,14 @@ class CudaBackend : public Backend {
       throw Error("paged_attention: cuda kernel supports head_dim <= " +
                   std::to_string(32 * cuda::kAttnMaxDimsPerLane) + ", got " + q.describe());
     if (q.dim(0) == 0 || plan.num_seqs == 0) return;
+    if (!simple_ && q.dtype() == DType::BF16 && (d == 64 || d == 128) &&
+        flash_aligned({&q, &k_pool, &v_pool, &out})) {
+      if (d == 64)
+        paged_flash<64>(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+      else
+        paged_flash<128>(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+      return;
+    }
     cuda::PagedParams p{q.dim(1), plan.num_kv_heads, d, plan.page_size, plan.num_seqs, plan.scale};
     const dim3 grid(static_cast<unsigned>(q.dim(0)), static_cast<unsigned>(plan.num_kv_heads));
     const int warps = static_cast<int>(std::clamp<int64_t>(group, 1, cuda::kPagedMaxWarps));
@@ -392,11 +547,138 @@ class CudaBackend : public Backend {
         static_cast<const uint16_t*>(src.raw()), device_rows.data<int32_t>(), row_bytes / 2,
         limit_rows, static_cast<uint16_t*>(dst.raw()));
     launch_check("move_rows_kernel");
-    // The uploaded index buffer is freed on return; let the kernel finish with it first.
-    if (rows.device() == Device::Host) synchronize();
+    // The uploaded index buffer goes back to the stream-ordered cache on return: safe.
   }
 
+  static bool flash_aligned(std::initializer_list<const Tensor*> ts) {
+    for (const Tensor* t : ts)
+      if (reinterpret_cast<uintptr_t>(t->raw()) % 16 != 0) return false;
+    return true;
+  }
+
+  // Tensor-core SegPaged attention (paged_flash.cuh): kWarps = 1 (16-row tiles, split-KV) for
+  // decode-like batches, kWarps = 4 (64-row tiles) for prefill; splits chosen to fill the GPU.
+  template <int D>
+  void paged_flash(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                   const Tensor& pos_pool, const Tensor& q_pos, const PagedAttentionPlan& plan,
+                   Tensor& out) {
+    const int64_t T = q.dim(0), hq = q.dim(1), hkv = plan.num_kv_heads, group = hq / hkv;
+    const int64_t seqs = plan.num_seqs;
+    const bool decode = T * group <= 16 * seqs;
+    const int rows_per_tile = decode ? 16 : 64;
+    const int64_t tiles_bound = (T * group + rows_per_tile - 1) / rows_per_tile + seqs;
+    const int64_t tiles_est = std::max<int64_t>(seqs, (T * group + rows_per_tile - 1) / rows_per_tile);
+    const int64_t items = tiles_est * hkv;
+    const int64_t nnz = plan.page_indices.numel();
+    const int64_t avg_pages = nnz / std::max<int64_t>(1, seqs * hkv);
+    const int64_t target = int64_t{decode ? 8 : 2} * num_sms_;
+    int64_t splits = 1;
+    if (items < target) {
+      splits = (target + items - 1) / items;
+      splits = std::clamp<int64_t>(splits, 1, std::min<int64_t>(64, std::max<int64_t>(1, avg_pages / 2)));
+    }
+    if (const char* env = std::getenv("REDKNOT_FLASH_SPLITS")) splits = std::max(1, std::atoi(env));
+    cuda::FlashParams p{static_cast<int32_t>(hq),
+                        static_cast<int32_t>(hkv),
+                        static_cast<int32_t>(group),
+                        plan.page_size,
+                        plan.num_seqs,
+                        static_cast<int32_t>(splits),
+                        T,
+                        plan.scale * 1.4426950408889634f};
+    std::shared_ptr<void> part_o, part_ml;
+    if (splits > 1) {
+      part_o = cached_block(cache_, sizeof(float) * splits * T * hq * D, stream_);
+      part_ml = cached_block(cache_, sizeof(float) * splits * T * hq * 2, stream_);
+    }
+    const dim3 grid(static_cast<unsigned>(tiles_bound), static_cast<unsigned>(hkv),
+                    static_cast<unsigned>(splits));
+    auto launch = [&](auto kernel, int warps, size_t smem) {
+      // Host-side and cheap; per call so that every device and instantiation is covered.
+      cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)),
+                 "cudaFuncSetAttribute(paged_flash)");
+      kernel<<<grid, 32 * warps, smem, stream_>>>(
+          q.data<bf16>(), k_pool.data<bf16>(), v_pool.data<bf16>(), pos_pool.data<int32_t>(),
+          q_pos.data<int32_t>(), plan.qo_indptr.data<int32_t>(), plan.kv_indptr.data<int32_t>(),
+          plan.page_indices.data<int32_t>(), plan.page_lengths.data<int32_t>(),
+          plan.head_window.data<int32_t>(), plan.head_sink.data<int32_t>(), p, out.data<bf16>(),
+          static_cast<float*>(part_o.get()), static_cast<float*>(part_ml.get()));
+      launch_check("paged_flash_kernel");
+    };
+    if (decode)
+      launch(cuda::paged_flash_kernel<D, 1>, 1, cuda::FlashSmem<D, 1>::kBytes);
+    else
+      launch(cuda::paged_flash_kernel<D, 4>, 4, cuda::FlashSmem<D, 4>::kBytes);
+    if (splits > 1) {
+      const int64_t rows = T * hq;
+      cuda::paged_flash_merge_kernel<D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream_>>>(
+          static_cast<const float*>(part_o.get()), static_cast<const float*>(part_ml.get()),
+          static_cast<int>(splits), rows, out.data<bf16>());
+      launch_check("paged_flash_merge_kernel");
+    }
+  }
+
+  const LtPlan& lt_plan(int64_t m, int64_t n, int64_t k, DType out_dtype, bool has_bias,
+                        uint32_t align) {
+    const auto key = std::make_tuple(m, n, k, static_cast<int>(out_dtype), has_bias, align);
+    auto it = lt_plans_.find(key);
+    if (it != lt_plans_.end()) return it->second;
+    LtPlan plan;
+    const cudaDataType out_type = out_dtype == DType::F32 ? CUDA_R_32F : CUDA_R_16BF;
+    bool ok = cublasLtMatmulDescCreate(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ==
+              CUBLAS_STATUS_SUCCESS;
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    ok = ok && cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta,
+                                              sizeof(ta)) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb,
+                                              sizeof(tb)) == CUBLAS_STATUS_SUCCESS;
+    if (has_bias) {
+      const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+      const cudaDataType bias_type = CUDA_R_32F;
+      ok = ok && cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
+                                                sizeof(epi)) == CUBLAS_STATUS_SUCCESS;
+      ok = ok && cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                                                &bias_type,
+                                                sizeof(bias_type)) == CUBLAS_STATUS_SUCCESS;
+    }
+    ok = ok && cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, k, n, k) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, k, m, k) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatrixLayoutCreate(&plan.c, out_type, n, m, n) == CUBLAS_STATUS_SUCCESS;
+    if (ok) {
+      cublasLtMatmulPreference_t pref = nullptr;
+      ok = cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
+      const size_t ws = kLtWorkspace;
+      ok = ok && cublasLtMatmulPreferenceSetAttribute(pref,
+                                                      CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                      &ws, sizeof(ws)) == CUBLAS_STATUS_SUCCESS;
+      for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+        ok = ok && cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)) ==
+                       CUBLAS_STATUS_SUCCESS;
+      cublasLtMatmulHeuristicResult_t result{};
+      int found = 0;
+      ok = ok && cublasLtMatmulAlgoGetHeuristic(lt_, plan.op, plan.a, plan.b, plan.c, plan.c, pref,
+                                                1, &result, &found) == CUBLAS_STATUS_SUCCESS &&
+           found > 0;
+      if (ok) plan.algo = result.algo;
+      if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    }
+    plan.ok = ok;
+    return lt_plans_.emplace(key, plan).first->second;
+  }
+
+  static constexpr size_t kLtWorkspace = size_t{32} << 20;
+
   int device_;
+  int num_sms_ = 132;
+  bool simple_ = false;
+  std::shared_ptr<DeviceCache> cache_;
+  std::shared_ptr<void> lt_workspace_;
+  cublasLtHandle_t lt_ = nullptr;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, uint32_t>, LtPlan> lt_plans_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
 };
@@ -405,6 +687,18 @@ class CudaBackend : public Backend {
 
 std::unique_ptr<Backend> make_cuda_backend(int device) {
   return std::make_unique<CudaBackend>(device);
+}
+
+CudaAllocStats cuda_alloc_stats(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr) throw Error("cuda_alloc_stats: backend " + backend.name() + " is not cuda");
+  return cuda->alloc_stats();
+}
+
+void* cuda_stream(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr) throw Error("cuda_stream: backend " + backend.name() + " is not cuda");
+  return cuda->stream();
 }
 
 }  // namespace redknot
