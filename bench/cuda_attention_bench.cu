@@ -160,8 +160,16 @@ Inputs put(Backend& b, const Layout& L, int64_t hq, int64_t d) {
 }
 
 // Host check of a few (row, head) outputs against f64 attention over the same bf16 data.
-double spot_check(Backend& b, const Layout& L, Inputs& in, int64_t hq, int64_t d, int samples) {
-  Tensor q = b.to_host_f32(in.q), k = b.to_host_f32(in.k), v = b.to_host_f32(in.v);
+struct HostCopy {
+  Tensor q, k, v;
+};
+HostCopy host_copy(Backend& b, Inputs& in) {
+  return {b.to_host_f32(in.q), b.to_host_f32(in.k), b.to_host_f32(in.v)};
+}
+
+double spot_check(Backend& b, const Layout& L, Inputs& in, const HostCopy& hc, int64_t hq,
+                  int64_t d, int samples) {
+  const Tensor &q = hc.q, &k = hc.k, &v = hc.v;
   Tensor o = b.to_host_f32(in.out);
   const int64_t T = L.qo.back(), group = hq / L.hkv;
   std::mt19937 rng(5);
@@ -228,8 +236,10 @@ int main() {
   std::vector<std::string> table;
   char line[512];
 
-  // ---- prefill ----
+  // ---- prefill (64-row tiles, then 128-row tiles via REDKNOT_FLASH_ROWS) ----
+  for (int rows_tile : {64, 128})
   for (int32_t T : {8192, 32768}) {
+    if (rows_tile == 128) setenv("REDKNOT_FLASH_ROWS", "128", 1);
     for (int profile = 0; profile < 2; ++profile) {
       const bool mixed = profile == 1;
       Layout L = make_layout(1, hkv, T, T, mixed ? 1 : hkv, 4096, 4, false, d);
@@ -240,29 +250,59 @@ int main() {
       const double ms = time_ms(b, run, T > 10000 ? 10 : 20);
       const double flops = 4.0 * d * visible_pairs(L, hq / hkv);
       double err = -1;
-      if (T == 8192) err = spot_check(b, L, in, hq, d, 24);
-      std::snprintf(line, sizeof line, "| prefill T=%d | %s | %.3f ms | %.0f TFLOP/s (visible) | rel err %.2e |",
-                    T, mixed ? "1/8 global, W=4096" : "all global", ms, flops / ms / 1e9, err);
+      if (T == 8192) err = spot_check(b, L, in, host_copy(b, in), hq, d, 24);
+      std::snprintf(line, sizeof line,
+                    "| prefill T=%d (%d-row tiles) | %s | %.3f ms | %.0f TFLOP/s (visible) | rel err %.2e |",
+                    T, rows_tile, mixed ? "1/8 global, W=4096" : "all global", ms,
+                    flops / ms / 1e9, err);
+      table.push_back(line);
+      std::printf("%s\n", line);
+    }
+    unsetenv("REDKNOT_FLASH_ROWS");
+  }
+
+  // ---- decode (automatic split count, then a sweep via REDKNOT_FLASH_SPLITS) ----
+  for (int profile = 0; profile < 2; ++profile) {
+    const bool mixed = profile == 1;
+    Layout L = make_layout(16, hkv, 32768, 1, mixed ? 1 : hkv, 512, 4, true, d);
+    Inputs in = put(b, L, hq, d);
+    const HostCopy hc = host_copy(b, in);
+    for (int splits : {0, 4, 8, 16, 32, 64}) {
+      if (splits > 0) setenv("REDKNOT_FLASH_SPLITS", std::to_string(splits).c_str(), 1);
+      auto run = [&] { b.paged_attention(in.q, in.k, in.v, in.pos, in.q_pos, in.plan, in.out); };
+      const double ms = time_ms(b, run, 50);
+      const double err = spot_check(b, L, in, hc, hq, d, splits == 0 ? 24 : 8);
+      unsetenv("REDKNOT_FLASH_SPLITS");
+      const double bytes = double(L.kv_bytes_read) + 2.0 * 16 * hq * d * 2;
+      const std::string sp = splits == 0 ? "auto" : std::to_string(splits);
+      std::snprintf(line, sizeof line,
+                    "| decode 32K x16 (splits %s) | %s | %.3f ms | %.0f GB/s of %.1f MB | rel err %.2e |",
+                    sp.c_str(), mixed ? "1/8 global, W=512" : "all global", ms, bytes / ms / 1e6,
+                    bytes / 1e6, err);
       table.push_back(line);
       std::printf("%s\n", line);
     }
   }
 
-  // ---- decode ----
-  for (int profile = 0; profile < 2; ++profile) {
-    const bool mixed = profile == 1;
-    Layout L = make_layout(16, hkv, 32768, 1, mixed ? 1 : hkv, 512, 4, true, d);
-    Inputs in = put(b, L, hq, d);
-    auto run = [&] { b.paged_attention(in.q, in.k, in.v, in.pos, in.q_pos, in.plan, in.out); };
-    const double ms = time_ms(b, run, 50);
-    const double err = spot_check(b, L, in, hq, d, 24);
-    const double bytes = double(L.kv_bytes_read) + 2.0 * 16 * hq * d * 2;
-    std::snprintf(line, sizeof line,
-                  "| decode 32K x16 | %s | %.3f ms | %.0f GB/s of %.1f MB | rel err %.2e |",
-                  mixed ? "1/8 global, W=512" : "all global", ms, bytes / ms / 1e6, bytes / 1e6,
-                  err);
-    table.push_back(line);
-    std::printf("%s\n", line);
+  // ---- decode through the previous scalar kernel (REDKNOT_CUDA_SIMPLE=1), for before/after ----
+  {
+    setenv("REDKNOT_CUDA_SIMPLE", "1", 1);
+    auto simple_be = make_cuda_backend(0);
+    unsetenv("REDKNOT_CUDA_SIMPLE");
+    Backend& sb = *simple_be;
+    for (int profile = 0; profile < 2; ++profile) {
+      const bool mixed = profile == 1;
+      Layout L = make_layout(16, hkv, 32768, 1, mixed ? 1 : hkv, 512, 4, true, d);
+      Inputs in = put(sb, L, hq, d);
+      auto run = [&] { sb.paged_attention(in.q, in.k, in.v, in.pos, in.q_pos, in.plan, in.out); };
+      const double ms = time_ms(sb, run, 5);
+      const double bytes = double(L.kv_bytes_read) + 2.0 * 16 * hq * d * 2;
+      std::snprintf(line, sizeof line,
+                    "| decode 32K x16 (old scalar kernel) | %s | %.3f ms | %.0f GB/s of %.1f MB | |",
+                    mixed ? "1/8 global, W=512" : "all global", ms, bytes / ms / 1e6, bytes / 1e6);
+      table.push_back(line);
+      std::printf("%s\n", line);
+    }
   }
 
   // ---- matmul (cuBLASLt, bias epilogue) ----

@@ -104,12 +104,12 @@ int run_engine_bench(const EngineBenchArgs& a) {
   if (a.layers > 0) cfg.num_layers = a.layers;
   DType dt = a.dtype == "f32" ? DType::F32 : a.dtype == "bf16" ? DType::BF16 : DType::I32;
   if (dt == DType::I32) throw Error("--dtype must be bf16 or f32");
-  std::printf("# redknot bench: shape %s (%lld layers, hidden %lld, ffn %lld, heads %lld/%lld), "
-              "%s weights, backend %s, %u hardware threads\n",
-              a.shape.c_str(), (long long)cfg.num_layers, (long long)cfg.hidden_size,
-              (long long)cfg.intermediate_size, (long long)cfg.num_heads,
-              (long long)cfg.num_kv_heads, a.dtype.c_str(), a.backend.c_str(),
-              std::thread::hardware_concurrency());
+  std::printf(
+      "# redknot bench: shape %s (%lld layers, hidden %lld, ffn %lld, heads %lld/%lld), "
+      "%s weights, backend %s, %u hardware threads\n",
+      a.shape.c_str(), (long long)cfg.num_layers, (long long)cfg.hidden_size,
+      (long long)cfg.intermediate_size, (long long)cfg.num_heads, (long long)cfg.num_kv_heads,
+      a.dtype.c_str(), a.backend.c_str(), std::thread::hardware_concurrency());
   auto t_init = Clock::now();
   Checkpoint ck = random_checkpoint(cfg, dt, 1234);
   auto backend = create_backend(a.backend);
@@ -164,18 +164,25 @@ int run_engine_bench(const EngineBenchArgs& a) {
   openblas_set_num_threads(threads);
   const double sgemm = sgemm_seconds(gemms, a.prefill_tokens, 2);
   openblas_set_num_threads(1);
-  std::printf("| prefill %d tok: projection GFLOP/s | %.1f (%.1f tok/s, %.1f ms) | OpenBLAS SGEMM same shapes: %.1f GFLOP/s | %.0f%% |\n",
-              a.prefill_tokens, prefill_flops / prefill / 1e9, a.prefill_tokens / prefill,
-              prefill * 1e3, prefill_flops / sgemm / 1e9, 100.0 * sgemm / prefill);
+  std::printf(
+      "| prefill %d tok: projection GFLOP/s | %.1f (%.1f tok/s, %.1f ms) | OpenBLAS SGEMM same "
+      "shapes: %.1f GFLOP/s | %.0f%% |\n",
+      a.prefill_tokens, prefill_flops / prefill / 1e9, a.prefill_tokens / prefill, prefill * 1e3,
+      prefill_flops / sgemm / 1e9, 100.0 * sgemm / prefill);
 #else
-  std::printf("| prefill %d tok: projection GFLOP/s | %.1f (%.1f tok/s) | (built without OpenBLAS) | - |\n",
-              a.prefill_tokens, prefill_flops / prefill / 1e9, a.prefill_tokens / prefill);
+  std::printf(
+      "| prefill %d tok: projection GFLOP/s | %.1f (%.1f tok/s) | (built without OpenBLAS) | - |\n",
+      a.prefill_tokens, prefill_flops / prefill / 1e9, a.prefill_tokens / prefill);
 #endif
-  std::printf("| decode: weight GB/s | %.1f (%.2f tok/s, %.1f ms/tok, %.2f GB/tok) | read bandwidth: %.1f GB/s | %.0f%% |\n",
-              decode_bytes / decode / 1e9, 1.0 / decode, decode * 1e3, decode_bytes / 1e9, bw,
-              100.0 * decode_bytes / decode / 1e9 / bw);
-  std::printf("\nPrefill GFLOP/s counts only the projection GEMMs (attention and norms excluded,\n"
-              "they run in the measured time). Decode reads every projection weight and lm_head once per token.\n");
+  std::printf(
+      "| decode: weight GB/s | %.1f (%.2f tok/s, %.1f ms/tok, %.2f GB/tok) | read bandwidth: %.1f "
+      "GB/s | %.0f%% |\n",
+      decode_bytes / decode / 1e9, 1.0 / decode, decode * 1e3, decode_bytes / 1e9, bw,
+      100.0 * decode_bytes / decode / 1e9 / bw);
+  std::printf(
+      "\nPrefill GFLOP/s counts only the projection GEMMs (attention and norms excluded,\n"
+      "they run in the measured time). Decode reads every projection weight and lm_head once per "
+      "token.\n");
   return 0;
 }
 

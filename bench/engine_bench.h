@@ -8,8 +8,8 @@
 namespace redknot::bench {
 
 struct EngineBenchArgs {
-  std::string shape = "1b";   // preset_config name
-  int64_t layers = 0;         // 0: the preset's
+  std::string shape = "1b";    // preset_config name
+  int64_t layers = 0;          // 0: the preset's
   std::string dtype = "bf16";  // weights: bf16 | f32
   std::string backend = "cpu";
   int32_t prefill_tokens = 256;

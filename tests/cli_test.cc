@@ -37,7 +37,8 @@ RunResult run_cli(const std::string& args, const std::string& stdin_text = "") {
 std::string last_line(const std::string& s) {
   size_t end = s.find_last_not_of('\n');
   size_t start = s.rfind('\n', end);
-  return s.substr(start == std::string::npos ? 0 : start + 1, end - (start == std::string::npos ? 0 : start + 1) + 1);
+  return s.substr(start == std::string::npos ? 0 : start + 1,
+                  end - (start == std::string::npos ? 0 : start + 1) + 1);
 }
 
 TEST(Cli, GenerateJsonFromGguf) {
@@ -97,26 +98,26 @@ TEST(Cli, BadInputsAreClearErrors) {
   RunResult missing = run_cli("generate --model /nonexistent/model --prompt-ids 1");
   EXPECT_EQ(missing.status, 1) << missing.out;
   EXPECT_NE(missing.out.find("/nonexistent/model"), std::string::npos) << missing.out;
-  RunResult bad_ids = run_cli("generate --model " + shared_path("refs/qwen2-tiny") +
-                              " --prompt-ids 1,x,3");
+  RunResult bad_ids =
+      run_cli("generate --model " + shared_path("refs/qwen2-tiny") + " --prompt-ids 1,x,3");
   EXPECT_EQ(bad_ids.status, 1) << bad_ids.out;
-  RunResult oov = run_cli("generate --model " + shared_path("refs/qwen2-tiny") +
-                          " --prompt-ids 1,99999");
+  RunResult oov =
+      run_cli("generate --model " + shared_path("refs/qwen2-tiny") + " --prompt-ids 1,99999");
   EXPECT_EQ(oov.status, 1) << oov.out;
   EXPECT_NE(oov.out.find("99999"), std::string::npos) << oov.out;
   RunResult bad_temp = run_cli("generate --model " + shared_path("refs/qwen2-tiny") +
                                " --prompt-ids 1 --temperature -1");
   EXPECT_EQ(bad_temp.status, 1) << bad_temp.out;
-  RunResult bad_json = run_cli("tokenize --decode --model " +
-                                   shared_path("tokenizers/qwen3/tokenizer.json"),
-                               "[1, 2");
+  RunResult bad_json = run_cli(
+      "tokenize --decode --model " + shared_path("tokenizers/qwen3/tokenizer.json"), "[1, 2");
   EXPECT_EQ(bad_json.status, 1) << bad_json.out;
 }
 
 TEST(Cli, SamplingIsReproducibleBySeed) {
   RK_REQUIRE_SHARED("models/stories260K/stories260K.gguf");
-  std::string base = "generate --model " + shared_path("models/stories260K/stories260K.gguf") +
-                     " --prompt-ids 1 --max-tokens 30 --json --temperature 1.0 --top-p 0.9 --top-k 40";
+  std::string base =
+      "generate --model " + shared_path("models/stories260K/stories260K.gguf") +
+      " --prompt-ids 1 --max-tokens 30 --json --temperature 1.0 --top-p 0.9 --top-k 40";
   RunResult a = run_cli(base + " --seed 7"), b = run_cli(base + " --seed 7"),
             c = run_cli(base + " --seed 8");
   ASSERT_EQ(a.status, 0) << a.out;

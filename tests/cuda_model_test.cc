@@ -54,7 +54,8 @@ TEST_P(CudaRefs, LogitsAndGreedy) {
       double dot = 0, na = 0, nb = 0, lo = want[0], hi = want[0];
       int64_t best = 0, second = -1;
       for (int64_t v = 0; v < V; ++v) {
-        dot += double(got[v]) * want[v], na += double(got[v]) * got[v], nb += double(want[v]) * want[v];
+        dot += double(got[v]) * want[v], na += double(got[v]) * got[v],
+            nb += double(want[v]) * want[v];
         lo = std::min<double>(lo, want[v]), hi = std::max<double>(hi, want[v]);
         if (want[v] > want[best]) best = v;
       }

@@ -52,8 +52,9 @@ TEST_P(PagedRefsParity, LogitsAndGreedyMatchTransformers) {
       positions = to_ids(ref.tensors.at("positions." + std::to_string(i)));
     }
     for (size_t r = 0; r < positions.size(); ++r)
-      ASSERT_LE(max_abs_diff(logits.data<float>() + positions[r] * V, expected.data<float>() + r * V, V),
-                1e-3)
+      ASSERT_LE(
+          max_abs_diff(logits.data<float>() + positions[r] * V, expected.data<float>() + r * V, V),
+          1e-3)
           << c.model << " seq " << i << " position " << positions[r];
     store.cache->remove_sequence(0);
     EXPECT_EQ(store.pool->num_free(), store.pool->num_pages()) << "pages leaked";
@@ -105,7 +106,8 @@ TEST(PagedLocalHeads, AllLocalProfileReproducesMistralSlidingWindow) {
     for (int h = 0; h < prof.num_kv_heads(); ++h) prof.at(l, h) = {HeadClass::Local, 48, 0};
   std::string path = ::testing::TempDir() + "/swa_profile.json";
   prof.save(path);
-  SafetensorsFile ref = read_safetensors(shared_path("refs/mistral-swa-tiny/reference.safetensors"));
+  SafetensorsFile ref =
+      read_safetensors(shared_path("refs/mistral-swa-tiny/reference.safetensors"));
   const int64_t V = ck.config.vocab_size;
   for (int32_t page : {16, 64}) {
     for (int i = 0; ref.tensors.count("input_ids." + std::to_string(i)); ++i) {

@@ -16,8 +16,8 @@ struct Case {
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-  std::string n = info.param.model + "_" + info.param.backend + "_chunk" +
-                  std::to_string(info.param.chunk);
+  std::string n =
+      info.param.model + "_" + info.param.backend + "_chunk" + std::to_string(info.param.chunk);
   for (char& c : n)
     if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
   return n;
@@ -39,8 +39,8 @@ TEST_P(RefsParity, LogitsMatchTransformers) {
     std::string key = "input_ids." + std::to_string(i);
     if (!ref.tensors.count(key)) break;
     std::vector<int32_t> ids = to_ids(ref.tensors.at(key));
-    ContiguousKvCache kv(*backend, dense_kv_geometry(ck.config),
-                         static_cast<int32_t>(ids.size()), model.inv_freq());
+    ContiguousKvCache kv(*backend, dense_kv_geometry(ck.config), static_cast<int32_t>(ids.size()),
+                         model.inv_freq());
     Tensor logits = run_logits(model, kv, 0, ids, c.chunk);
     std::vector<int32_t> positions;
     Tensor expected;
@@ -56,7 +56,8 @@ TEST_P(RefsParity, LogitsMatchTransformers) {
     for (size_t r = 0; r < positions.size(); ++r) {
       const float* got = logits.data<float>() + positions[r] * V;
       const float* want = expected.data<float>() + r * V;
-      for (int64_t v = 0; v < V; ++v) max_diff = std::max(max_diff, double(std::fabs(got[v] - want[v])));
+      for (int64_t v = 0; v < V; ++v)
+        max_diff = std::max(max_diff, double(std::fabs(got[v] - want[v])));
     }
     EXPECT_LE(max_diff, 1e-3) << c.model << " sequence " << i << " (" << ids.size() << " tokens)";
     ++checked;

@@ -121,7 +121,8 @@ TEST(ReuseModes, FullThroughSegmentsIsBitIdenticalToGenerate) {
   go.prefill_chunk = ro.chunk;
   GenerateResult g = generate(model, *s2.cache, 0, p.flatten(), go);
   ASSERT_EQ(out.last_logits.size(), g.first_logits.size());
-  EXPECT_EQ(std::memcmp(out.last_logits.data(), g.first_logits.data(), g.first_logits.size() * 4), 0);
+  EXPECT_EQ(std::memcmp(out.last_logits.data(), g.first_logits.data(), g.first_logits.size() * 4),
+            0);
   EXPECT_GT(out.flops.total(), 0);
 }
 
@@ -179,7 +180,8 @@ TEST(ReuseModes, AllModesOnRefsModel) {
       EXPECT_GT(cos, 0.5) << reuse_mode_name(m);  // approximate modes, random weights
     }
     if (m != ReuseMode::RedKnot) EXPECT_LT(out.flops.total(), full_flops) << reuse_mode_name(m);
-    if (m == ReuseMode::Naive) EXPECT_EQ(out.reused_tokens, p.total_tokens() - int64_t(p.query.size()));
+    if (m == ReuseMode::Naive)
+      EXPECT_EQ(out.reused_tokens, p.total_tokens() - int64_t(p.query.size()));
     store.cache->remove_sequence(0);
   }
   EXPECT_GT(chunks.stats().pool_hits, 0);

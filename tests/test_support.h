@@ -19,8 +19,8 @@ inline std::string shared_path(const std::string& rel) {
   return std::string(REDKNOT_SHARED_DIR) + "/" + rel;
 }
 
-#define RK_REQUIRE_SHARED(rel)                                                 \
-  if (!std::filesystem::exists(::redknot::testing::shared_path(rel)))          \
+#define RK_REQUIRE_SHARED(rel)                                        \
+  if (!std::filesystem::exists(::redknot::testing::shared_path(rel))) \
   GTEST_SKIP() << "shared test data not found: " << ::redknot::testing::shared_path(rel)
 
 inline const std::vector<std::string>& refs_models() {

@@ -33,12 +33,12 @@ int run_eval(const EvalArgs& a) {
   opts.max_answer_tokens = a.max_answer_tokens;
   opts.kv.page_size = a.page_size;
   opts.kv.head_profile_path = a.head_profile;
-  EvalReport r = run_rag_eval(*m.model, m.ckpt, *m.tokenizer, samples, opts,
-                              [&](int64_t done, int64_t total) {
-                                if (!a.quiet)
-                                  std::fprintf(stderr, "\r[eval %s] %lld/%lld", a.mode.c_str(),
-                                               (long long)done, (long long)total);
-                              });
+  EvalReport r =
+      run_rag_eval(*m.model, m.ckpt, *m.tokenizer, samples, opts, [&](int64_t done, int64_t total) {
+        if (!a.quiet)
+          std::fprintf(stderr, "\r[eval %s] %lld/%lld", a.mode.c_str(), (long long)done,
+                       (long long)total);
+      });
   if (!a.quiet) std::fprintf(stderr, "\n");
   if (a.json) {
     std::cout << r.to_json().dump() << "\n";
@@ -64,7 +64,8 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
   CLI::App* c = app.add_subcommand("eval", "Evaluate a prefill mode on a RAG dataset");
   c->add_option("--model", a->model, "HF model directory or GGUF file")->required();
   c->add_option("--data", a->data, "JSONL dataset (.jsonl or .jsonl.gz)")->required();
-  c->add_option("--n", a->n, "first N samples (0: all)")->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
+  c->add_option("--n", a->n, "first N samples (0: all)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
   c->add_option("--mode", a->mode, "full | prefix | naive | cacheblend | epic | redknot");
   c->add_option("--cacheblend-ratio", a->reuse.cacheblend_ratio)->check(CLI::Range(0.0, 1.0));
   c->add_option("--epic-k", a->reuse.epic_k)->check(CLI::Range(0, 1 << 20));

@@ -607,19 +607,34 @@ def main():
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--rope-theta", type=float, default=100000.0)
     ap.add_argument("--max-len", type=int, default=8192)
-    ap.add_argument("--curriculum", default="512:0.15,1024:0.35,2048:0.55,4096:0.75,8192:1.0",
-                    help="seq_len:end_fraction_of_training_time,...")
+    ap.add_argument("--curriculum", default="512:0.12,1024:0.32,2048:0.47,4096:0.65,8192:1.0",
+                    help="seq_len:end_fraction_of_training_time,... (latest ends; see --advance-em / --hold-em)")
+    ap.add_argument("--probe-every", type=float, default=40.0,
+                    help="seconds between held-out greedy retrieval probes (0 = off)")
+    ap.add_argument("--probe-n", type=int, default=12, help="probe samples per task family")
+    ap.add_argument("--advance-em", type=float, default=80.0,
+                    help="leave a curriculum stage early once probe EM (mean of single and needle) >= this")
+    ap.add_argument("--hold-em", type=float, default=40.0,
+                    help="stay at a stage <= --hold-max-len past its scheduled end while probe single EM < this")
+    ap.add_argument("--hold-max-len", type=int, default=2048)
+    ap.add_argument("--max-hold", type=float, default=0.15, help="total extra fraction of training time for holds")
     ap.add_argument("--batch-tokens", type=int, default=65536)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--wd", type=float, default=0.1)
-    ap.add_argument("--ans-weight", type=float, default=2.0,
+    ap.add_argument("--ans-weight", type=float, default=3.0,
                     help="loss = mean LM loss over all tokens + ans_weight * mean loss over answer tokens")
-    ap.add_argument("--mix", default="0.3,0.25,0.1,0.35", help="task mix single,multihop,needle,dependent")
+    ap.add_argument("--mix", default="0.4,0.25,0.1,0.25", help="task mix single,multihop,needle,dependent")
     ap.add_argument("--workers", type=int, default=14)
-    ap.add_argument("--extra-qa", type=int, default=7,
+    ap.add_argument("--extra-qa", type=int, default=12,
                     help="training only: extra QA pairs about facts in the same documents after the first answer")
+    ap.add_argument("--qa-frac", type=float, default=4.0,
+                    help="tokens reserved for the extra QAs: min(40 * extra_qa, L / qa_frac)")
+    ap.add_argument("--world-samples", type=int, default=4,
+                    help="fresh world (new names/facts) every N samples per worker, sized to the sequence length; "
+                         "0 = old behaviour (one full world per 200K tokens per worker: the model memorised each "
+                         "world's facts in its weights instead of learning retrieval)")
     ap.add_argument("--seed-tag", default="s1")
     ap.add_argument("--tok-worlds", type=int, default=40)
     ap.add_argument("--eval8k", default=os.path.join(HERE, "../../data/eval/rag-8k.jsonl.gz"))
@@ -672,7 +687,8 @@ def main():
     curriculum = [(int(a), float(b)) for a, b in (x.split(":") for x in args.curriculum.split(","))]
     seqlen = mp.Value("i", curriculum[0][0], lock=False)
     mix = [float(x) for x in args.mix.split(",")]
-    ds = Stream(tok, seqlen, mix, args.seed_tag, extra_qa=args.extra_qa)
+    ds = Stream(tok, seqlen, mix, args.seed_tag, extra_qa=args.extra_qa, world_samples=args.world_samples,
+                qa_frac=args.qa_frac)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers,
                                      prefetch_factor=32 if args.workers else None,
                                      persistent_workers=bool(args.workers))
@@ -699,8 +715,8 @@ def main():
         valid = (tgt != -100)
         lm = ce.sum() / valid.sum()
         al = (ce * ans).sum() / ans.sum().clamp(min=1)
-        ok = ((logits.argmax(-1) == tgt) | ~ans_main).all(-1)
-        return lm, al, ok, valid.sum()
+        hit = logits.argmax(-1) == tgt
+        return lm, al, hit, valid.sum()
 
     state = {"fn": torch.compile(loss_fn, dynamic=True) if args.compile and dev.type == "cuda" else loss_fn}
     results["compile"] = state["fn"] is not loss_fn
@@ -713,7 +729,7 @@ def main():
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         try:
-            lm, al, ok, nvalid = state["fn"](inp, tgt, ans, ans_main)
+            lm, al, hit, nvalid = state["fn"](inp, tgt, ans, ans_main)
             loss = lm + args.ans_weight * al
             loss.backward()
         except Exception as e:
@@ -723,7 +739,7 @@ def main():
             results["compile"] = "failed: " + repr(e)[:500]
             state["fn"] = loss_fn
             opt.zero_grad(set_to_none=True)
-            lm, al, ok, nvalid = loss_fn(inp, tgt, ans, ans_main)
+            lm, al, hit, nvalid = loss_fn(inp, tgt, ans, ans_main)
             loss = lm + args.ans_weight * al
             loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -731,8 +747,14 @@ def main():
         st = None
         if want_stats:
             with torch.no_grad():
-                ok = ok.cpu()
-                st = {"lm": lm.item(), "ans": al.item(), "gnorm": float(gn)}
+                hit = hit.cpu()
+                ans_c, am_c = ans.cpu(), ans_main.cpu()
+                ok = (hit | ~am_c).all(-1)
+                # teacher-forced accuracy of the FIRST answer token of every QA (the retrieval decision)
+                first = ans_c & ~torch.cat([torch.zeros_like(ans_c[:, :1]), ans_c[:, :-1]], 1)
+                st = {"lm": lm.item(), "ans": al.item(), "gnorm": float(gn),
+                      "first_tok_acc": float(hit[first].float().mean()) if first.any() else None,
+                      "ans_tok_frac": float(ans_c.sum()) / float(nvalid)}
                 for ti, tn in enumerate(TASKS):
                     m = task == ti
                     st["acc_" + tn] = float(ok[m].float().mean()) if m.any() else None
@@ -770,15 +792,75 @@ def main():
     step, tokens = 0, torch.zeros((), dtype=torch.long, device=dev)
     hist = []
     phase_stats = collections.defaultdict(lambda: collections.defaultdict(list))
+    # held-out retrieval probes: greedy EM on a few generated samples at the current length.  Integer
+    # seeds 70000+L: disjoint from the 'train-*' string seeds and from the committed eval sets (8001, 4001).
+    cpt = 0.95 * results["chars_per_token"] if "chars_per_token" in results else 1.0
+    probe_sets = {}
+    if args.probe_every > 0:
+        for Lc, _ in curriculum:
+            probe_sets[Lc] = G.generate(Lc, args.probe_n, 70000 + Lc, cpt=cpt)
+    probe_hist = []
+    results["probes"] = probe_hist
+    pdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+    def probe(L):
+        model.eval()
+        r, _ = evaluate(model, tok, probe_sets[L], dev, ["full"], pdtype, 2 * args.eval_batch)
+        model.train()
+        em = {k: v["em"] for k, v in r["full"].items()}
+        probe_hist.append({"step": step, "t": round(time.time() - T0, 1), "L": L, "em": em})
+        log(f"probe step {step} L={L}: " + " ".join(f"{k}={v:.0f}" for k, v in em.items()))
+        return em
+
+    lens = [l for l, _ in curriculum]
+    ends = [e for _, e in curriculum]
+    ends[-1] = 1.0
+    si, hold_used, last_probe_t, last_em = 0, 0.0, time.time(), None
+
+    def set_stage_end(i, new_end):
+        """end stage i at new_end; later stages share the rest of the time as originally planned."""
+        shares = [ends[j] - ends[j - 1] for j in range(i + 1, len(ends))]
+        tot = sum(shares) or 1.0
+        ends[i] = new_end
+        acc = new_end
+        for k, j in enumerate(range(i + 1, len(ends))):
+            acc += (1.0 - new_end) * shares[k] / tot
+            ends[j] = acc
+        ends[-1] = 1.0
+
+    results["curriculum_log"] = curr_log = []
     while True:
         now = time.time()
         if now >= train_end:
             break
         frac = (now - t_start) / budget
-        L = next(l for l, e in curriculum if frac < e or e >= 1.0)
+        # ---- adaptive curriculum: probe, then advance early / hold / advance on schedule
+        if probe_sets and now - last_probe_t >= args.probe_every and now < train_end - 5:
+            last_probe_t = now
+            last_em = (lens[si], probe(lens[si]))
+            em = last_em[1]
+            if si < len(lens) - 1 and 0.5 * (em.get("single", 0) + em.get("needle", 0)) >= args.advance_em:
+                set_stage_end(si, frac)
+                curr_log.append({"step": step, "frac": frac, "event": f"early advance from {lens[si]}"})
+                log(f"curriculum: probe EM high enough, leaving {lens[si]} early (frac {frac:.2f})")
+        if si < len(lens) - 1 and frac >= ends[si]:
+            if (lens[si] <= args.hold_max_len and last_em is not None and last_em[0] == lens[si]
+                    and last_em[1].get("single", 0) < args.hold_em and hold_used < args.max_hold - 1e-9):
+                ext = min(0.03, args.max_hold - hold_used)
+                hold_used += ext
+                set_stage_end(si, ends[si] + ext)
+                curr_log.append({"step": step, "frac": frac, "event": f"hold {lens[si]} +{ext:.2f}"})
+                log(f"curriculum: single probe EM {last_em[1].get('single', 0):.0f} < {args.hold_em:.0f}, "
+                    f"holding L={lens[si]} until frac {ends[si]:.2f} (hold used {hold_used:.2f})")
+            else:
+                while si < len(lens) - 1 and frac >= ends[si]:
+                    si += 1
+        L = lens[si]
         if seqlen.value != L:
             seqlen.value = L
-            log(f"curriculum -> seq_len {L} at step {step}")
+            curr_log.append({"step": step, "frac": frac, "event": f"-> {L}"})
+            log(f"curriculum -> seq_len {L} at step {step} (frac {frac:.2f}; planned ends "
+                f"{[round(e, 2) for e in ends]})")
         B = max(1, args.batch_tokens // L)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
             args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
@@ -788,14 +870,18 @@ def main():
         if st is not None:
             st.update(step=step, t=round(time.time() - T0, 1), L=L, lr=lr, tokens=int(tokens))
             hist.append(st)
-            for kk in ("lm", "ans") + tuple("acc_" + t for t in TASKS):
+            for kk in ("lm", "ans", "first_tok_acc") + tuple("acc_" + t for t in TASKS):
                 if st.get(kk) is not None:
                     phase_stats[L][kk].append(st[kk])
             if step % 100 == 0:
                 accs = " ".join(f"{t[:4]}={st['acc_' + t]:.2f}" for t in TASKS if st["acc_" + t] is not None)
+                fta = st["first_tok_acc"]
                 log(f"step {step} L={L} lr={lr:.2e} lm={st['lm']:.3f} ans={st['ans']:.3f} gn={st['gnorm']:.2f} "
-                    f"tok={tokens / 1e6:.1f}M {accs}")
+                    f"tok={tokens / 1e6:.1f}M ans_frac={st['ans_tok_frac']:.3f} "
+                    f"first_tok_acc={'-' if fta is None else f'{fta:.2f}'} {accs}")
         step += 1
+    if probe_sets and time.time() < deadline - 60:
+        probe(lens[si])
     tokens = int(tokens)
     log(f"training done: {step} steps, {tokens / 1e6:.1f}M tokens, {time.time() - t_start:.0f}s")
     results["train"] = {"steps": step, "tokens": tokens, "seconds": time.time() - t_start, "history": hist,

@@ -8,11 +8,16 @@ namespace redknot {
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::F32: return "f32";
-    case DType::F16: return "f16";
-    case DType::BF16: return "bf16";
-    case DType::Q8_0: return "q8_0";
-    case DType::I32: return "i32";
+    case DType::F32:
+      return "f32";
+    case DType::F16:
+      return "f16";
+    case DType::BF16:
+      return "bf16";
+    case DType::Q8_0:
+      return "q8_0";
+    case DType::I32:
+      return "i32";
   }
   return "?";
 }
@@ -20,10 +25,13 @@ const char* dtype_name(DType t) {
 int64_t dtype_bytes(DType t, int64_t n) {
   switch (t) {
     case DType::F32:
-    case DType::I32: return n * 4;
+    case DType::I32:
+      return n * 4;
     case DType::F16:
-    case DType::BF16: return n * 2;
-    case DType::Q8_0: return (n / kQ8Block) * kQ8BlockBytes;
+    case DType::BF16:
+      return n * 2;
+    case DType::Q8_0:
+      return (n / kQ8Block) * kQ8BlockBytes;
   }
   return 0;
 }
@@ -81,7 +89,9 @@ uint16_t f32_to_f16(float f) {
 
 void convert_to_f32(DType src_type, const void* src, float* dst, int64_t n) {
   switch (src_type) {
-    case DType::F32: std::memcpy(dst, src, n * 4); return;
+    case DType::F32:
+      std::memcpy(dst, src, n * 4);
+      return;
     case DType::BF16: {
       auto* s = static_cast<const uint16_t*>(src);
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
@@ -114,7 +124,9 @@ void convert_to_f32(DType src_type, const void* src, float* dst, int64_t n) {
 
 void convert_from_f32(const float* src, DType dst_type, void* dst, int64_t n) {
   switch (dst_type) {
-    case DType::F32: std::memcpy(dst, src, n * 4); return;
+    case DType::F32:
+      std::memcpy(dst, src, n * 4);
+      return;
     case DType::BF16: {
       auto* d = static_cast<uint16_t*>(dst);
       for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
@@ -125,7 +137,8 @@ void convert_from_f32(const float* src, DType dst_type, void* dst, int64_t n) {
       for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
       return;
     }
-    default: throw Error(std::string("cannot convert f32 to ") + dtype_name(dst_type));
+    default:
+      throw Error(std::string("cannot convert f32 to ") + dtype_name(dst_type));
   }
 }
 

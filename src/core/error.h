@@ -1,4 +1,5 @@
-// One exception type for every user-facing failure: the message names the file/input and the problem.
+// One exception type for every user-facing failure: the message names the file/input and the
+// problem.
 #pragma once
 #include <stdexcept>
 #include <string>
@@ -16,10 +17,10 @@ class OutOfKvMemory : public Error {
   explicit OutOfKvMemory(const std::string& msg) : Error(msg) {}
 };
 
-#define RK_CHECK(cond, msg)                                                            \
-  do {                                                                                 \
-    if (!(cond)) throw ::redknot::Error(std::string("internal check failed: ") + #cond + \
-                                        " — " + (msg));                                \
+#define RK_CHECK(cond, msg)                                                                   \
+  do {                                                                                        \
+    if (!(cond))                                                                              \
+      throw ::redknot::Error(std::string("internal check failed: ") + #cond + " — " + (msg)); \
   } while (0)
 
 }  // namespace redknot

@@ -12,8 +12,8 @@ const char* arch_name(Arch a);
 struct RopeScaling {
   std::string type = "none";  // none | linear | dynamic | llama3
   double factor = 1.0;
-  double low_freq_factor = 1.0;     // llama3
-  double high_freq_factor = 4.0;    // llama3
+  double low_freq_factor = 1.0;       // llama3
+  double high_freq_factor = 4.0;      // llama3
   int64_t original_max_position = 0;  // llama3 / dynamic
 };
 

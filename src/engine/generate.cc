@@ -26,7 +26,7 @@ GenerateResult generate(Model& model, KvCache& kv, SeqId seq, const std::vector<
       throw Error("prompt token id " + std::to_string(t) + " outside the vocabulary [0, " +
                   std::to_string(vocab) + ")");
   if (!kv.has_sequence(seq)) kv.add_sequence(seq);
-  Sampler sampler(opts.sampling);
+  opts.sampling.validate();
   GenerateResult res;
   if (opts.keep_prompt_logits)
     res.prompt_logits = Tensor::host(DType::F32, {static_cast<int64_t>(prompt.size()), vocab});
@@ -50,9 +50,24 @@ GenerateResult generate(Model& model, KvCache& kv, SeqId seq, const std::vector<
   res.prefill_ms = ms_since(t0);
   res.first_logits.assign(last_logits.data<float>(), last_logits.data<float>() + vocab);
 
+  GenerateResult dec = decode_from(model, kv, seq, res.first_logits, opts, on_token);
+  res.ids = std::move(dec.ids);
+  res.decode_ms = dec.decode_ms;
+  res.stopped_at_eos = dec.stopped_at_eos;
+  return res;
+}
+
+GenerateResult decode_from(Model& model, KvCache& kv, SeqId seq, std::vector<float> first_logits,
+                           const GenerateOptions& opts, const TokenCallback& on_token) {
+  const ModelConfig& cfg = model.config();
+  const int64_t vocab = cfg.vocab_size;
+  if (static_cast<int64_t>(first_logits.size()) != vocab) throw Error("decode: logits size");
+  Sampler sampler(opts.sampling);
+  GenerateResult res;
+  std::vector<float> logits = std::move(first_logits);
   auto t1 = std::chrono::steady_clock::now();
   for (int32_t i = 0; i < opts.max_tokens; ++i) {
-    int32_t next = sampler.sample(last_logits.data<float>(), vocab);
+    int32_t next = sampler.sample(logits.data(), vocab);
     res.ids.push_back(next);
     bool is_eos = std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), next) !=
                   cfg.eos_token_ids.end();
@@ -64,7 +79,8 @@ GenerateResult generate(Model& model, KvCache& kv, SeqId seq, const std::vector<
     if (i + 1 == opts.max_tokens) break;
     Batch b;
     b.add_sequence(seq, {next}, kv.next_position(seq));
-    last_logits = model.forward(b, kv);
+    Tensor l = model.forward(b, kv);
+    logits.assign(l.data<float>(), l.data<float>() + vocab);
   }
   res.decode_ms = ms_since(t1);
   return res;

@@ -29,8 +29,10 @@ std::string read_maybe_gzip(const std::string& path) {
   return out;
 }
 
-std::vector<std::string> string_list(const nlohmann::json& j, const char* key, const std::string& where) {
-  if (!j.contains(key) || !j[key].is_array()) throw Error(where + ": \"" + key + "\" must be a list of strings");
+std::vector<std::string> string_list(const nlohmann::json& j, const char* key,
+                                     const std::string& where) {
+  if (!j.contains(key) || !j[key].is_array())
+    throw Error(where + ": \"" + key + "\" must be a list of strings");
   std::vector<std::string> out;
   for (const auto& v : j[key]) {
     if (!v.is_string()) throw Error(where + ": \"" + key + "\" must be a list of strings");

@@ -14,7 +14,8 @@ namespace {
 double percentile(std::vector<double> v, double q) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
-  const size_t i = static_cast<size_t>(std::min<double>(v.size() - 1, std::floor(q * (v.size() - 1) + 0.5)));
+  const size_t i =
+      static_cast<size_t>(std::min<double>(v.size() - 1, std::floor(q * (v.size() - 1) + 0.5)));
   return v[i];
 }
 
@@ -51,7 +52,10 @@ double cosine(const std::vector<float>& a, const std::vector<float>& b) {
 nlohmann::json EvalReport::to_json() const {
   nlohmann::json tasks = nlohmann::json::object();
   for (const auto& [name, t] : per_task)
-    tasks[name] = {{"n", t.n}, {"em", t.em}, {"f1", t.f1}, {"top1_match", t.top1_match},
+    tasks[name] = {{"n", t.n},
+                   {"em", t.em},
+                   {"f1", t.f1},
+                   {"top1_match", t.top1_match},
                    {"logits_cos", t.logits_cos}};
   return {{"mode", mode},
           {"n", n},
@@ -68,8 +72,10 @@ nlohmann::json EvalReport::to_json() const {
           {"reused_tokens", reused_tokens},
           {"prompt_tokens", prompt_tokens},
           {"chunk_store",
-           {{"pool_hits", chunk_store.pool_hits}, {"misses", chunk_store.misses},
-            {"prefills", chunk_store.prefills}, {"pool_bytes", chunk_store.pool.bytes}}},
+           {{"pool_hits", chunk_store.pool_hits},
+            {"misses", chunk_store.misses},
+            {"prefills", chunk_store.prefills},
+            {"pool_bytes", chunk_store.pool.bytes}}},
           {"tasks", tasks}};
 }
 

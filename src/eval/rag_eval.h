@@ -21,7 +21,7 @@
 namespace redknot {
 
 struct EvalOptions {
-  ReuseOptions reuse;             // mode and its parameters
+  ReuseOptions reuse;  // mode and its parameters
   int32_t max_answer_tokens = 16;
   KvOptions kv;                   // page size, head profile (used by redknot mode)
   int64_t chunk_store_bytes = 0;  // pool share of the chunk store; 0: 4 prompts' worth

@@ -36,7 +36,10 @@ bool ContiguousKvCache::uniform_masks(int layer) const {
 
 ContiguousKvCache::ContiguousKvCache(Backend& backend, KvGeometry geometry,
                                      int32_t capacity_per_seq, Tensor inv_freq)
-    : backend_(backend), geo_(geometry), capacity_(capacity_per_seq), inv_freq_(std::move(inv_freq)) {
+    : backend_(backend),
+      geo_(geometry),
+      capacity_(capacity_per_seq),
+      inv_freq_(std::move(inv_freq)) {
   if (capacity_ <= 0) throw Error("KV cache capacity must be positive");
 }
 
@@ -181,8 +184,8 @@ void ContiguousKvCache::begin_forward(const Batch& batch, const Tensor& position
     Sequence& s = get(sp.seq);
     if (static_cast<int64_t>(s.positions.size()) + sp.count > capacity_)
       throw OutOfKvMemory("KV cache: sequence " + std::to_string(sp.seq) + " would hold " +
-                          std::to_string(s.positions.size() + sp.count) +
-                          " tokens, capacity is " + std::to_string(capacity_));
+                          std::to_string(s.positions.size() + sp.count) + " tokens, capacity is " +
+                          std::to_string(capacity_));
     if (!s.positions.empty() && batch.positions[sp.begin] <= s.positions.back())
       throw Error("KV cache: new positions of sequence " + std::to_string(sp.seq) +
                   " must follow the cached ones");
@@ -230,10 +233,10 @@ void ContiguousKvCache::attend(int layer, const Tensor& q, Tensor& out) {
     Tensor qpos = pos2.rows_slice(p.begin, p.begin + p.count).reshape({p.count});
     const Tensor& kb = p.seq->k[layer];
     const Tensor& vb = p.seq->v[layer];
-    Tensor kview = Tensor::view(kb.raw(), kb.dtype(), {geo_.num_kv_heads, tk, hd}, kb.holder(),
-                                kb.device());
-    Tensor vview = Tensor::view(vb.raw(), vb.dtype(), {geo_.num_kv_heads, tk, hd}, vb.holder(),
-                                vb.device());
+    Tensor kview =
+        Tensor::view(kb.raw(), kb.dtype(), {geo_.num_kv_heads, tk, hd}, kb.holder(), kb.device());
+    Tensor vview =
+        Tensor::view(vb.raw(), vb.dtype(), {geo_.num_kv_heads, tk, hd}, vb.holder(), vb.device());
     Tensor kpos = Tensor::view(p.seq->positions_dev.raw(), DType::I32, {tk},
                                p.seq->positions_dev.holder(), p.seq->positions_dev.device());
     if (uniform) {
@@ -244,7 +247,8 @@ void ContiguousKvCache::attend(int layer, const Tensor& q, Tensor& out) {
     for (int h = 0; h < geo_.num_kv_heads; ++h) {
       std::vector<int32_t> rows;
       for (int64_t t = 0; t < p.count; ++t)
-        for (int64_t g = 0; g < group; ++g) rows.push_back(static_cast<int32_t>(t * heads + h * group + g));
+        for (int64_t g = 0; g < group; ++g)
+          rows.push_back(static_cast<int32_t>(t * heads + h * group + g));
       Tensor idx = device_i32(rows);
       Tensor qg = backend_.alloc(q.dtype(), {p.count * group, hd});
       Tensor og = backend_.alloc(q.dtype(), {p.count * group, hd});

@@ -9,13 +9,15 @@
 namespace redknot {
 
 HeadProfile::HeadProfile(int32_t num_layers, int32_t num_kv_heads)
-    : num_layers_(num_layers), num_kv_heads_(num_kv_heads),
+    : num_layers_(num_layers),
+      num_kv_heads_(num_kv_heads),
       heads_(static_cast<size_t>(num_layers) * num_kv_heads) {}
 
 HeadProfile HeadProfile::native(const ModelConfig& cfg) {
   HeadProfile p(static_cast<int32_t>(cfg.num_layers), static_cast<int32_t>(cfg.num_kv_heads));
   if (cfg.sliding_window > 0)
-    for (HeadSpec& h : p.heads_) h = {HeadClass::Local, static_cast<int32_t>(cfg.sliding_window), 0};
+    for (HeadSpec& h : p.heads_)
+      h = {HeadClass::Local, static_cast<int32_t>(cfg.sliding_window), 0};
   return p;
 }
 
@@ -73,8 +75,9 @@ HeadProfile HeadProfile::from_json(const nlohmann::json& j, const std::string& s
       if (s.cls == HeadClass::Local && w < 1) fail(where + ": a local head needs window >= 1");
       s.window = s.cls == HeadClass::Local ? static_cast<int32_t>(w) : 0;
       s.sink = s.cls == HeadClass::Local ? static_cast<int32_t>(sk) : 0;
-      for (auto [k, dst] : {std::pair{"score", &s.score}, std::pair{"prefix_shift", &s.prefix_shift},
-                            std::pair{"edge_mass", &s.edge_mass}})
+      for (auto [k, dst] :
+           {std::pair{"score", &s.score}, std::pair{"prefix_shift", &s.prefix_shift},
+            std::pair{"edge_mass", &s.edge_mass}})
         if (e.contains(k) && e[k].is_number()) *dst = e[k].get<double>();
     }
   }
@@ -122,9 +125,9 @@ void HeadProfile::check_matches(const ModelConfig& cfg, const std::string& sourc
 
 double HeadProfile::global_fraction() const {
   if (heads_.empty()) return 1.0;
-  return static_cast<double>(std::count_if(heads_.begin(), heads_.end(), [](const HeadSpec& h) {
-           return h.cls == HeadClass::Global;
-         })) /
+  return static_cast<double>(
+             std::count_if(heads_.begin(), heads_.end(),
+                           [](const HeadSpec& h) { return h.cls == HeadClass::Global; })) /
          heads_.size();
 }
 

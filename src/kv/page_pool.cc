@@ -8,8 +8,12 @@ namespace redknot {
 
 PagePool::PagePool(Backend& backend, int32_t num_pages, int32_t page_size, int32_t head_dim,
                    bool with_storage)
-    : backend_(backend), num_pages_(num_pages), page_size_(page_size), head_dim_(head_dim),
-      with_storage_(with_storage), refcount_(num_pages, 0) {
+    : backend_(backend),
+      num_pages_(num_pages),
+      page_size_(page_size),
+      head_dim_(head_dim),
+      with_storage_(with_storage),
+      refcount_(num_pages, 0) {
   if (num_pages <= 0 || page_size <= 0 || head_dim <= 0)
     throw Error("page pool: pages, page size and head_dim must be positive");
   if (with_storage) {
@@ -48,7 +52,8 @@ int64_t PagePool::bytes_per_page() const {
 }
 
 int32_t PagePool::pages_for_bytes(int64_t bytes, int32_t page_size, int32_t head_dim, DType dtype) {
-  const int64_t per_page = 2 * dtype_bytes(dtype, int64_t{page_size} * head_dim) + int64_t{page_size} * 4;
+  const int64_t per_page =
+      2 * dtype_bytes(dtype, int64_t{page_size} * head_dim) + int64_t{page_size} * 4;
   const int64_t n = bytes / per_page;
   return static_cast<int32_t>(std::min<int64_t>(n, INT32_MAX));
 }

@@ -10,9 +10,14 @@ namespace redknot {
 
 PagedKvCache::PagedKvCache(PagePool& pool, HeadProfile profile, PagedKvOptions options,
                            Tensor inv_freq)
-    : pool_(pool), backend_(pool.backend()), profile_(std::move(profile)), opts_(options),
-      inv_freq_(std::move(inv_freq)), layers_(profile_.num_layers()),
-      heads_(profile_.num_kv_heads()), page_size_(pool.page_size()) {
+    : pool_(pool),
+      backend_(pool.backend()),
+      profile_(std::move(profile)),
+      opts_(options),
+      inv_freq_(std::move(inv_freq)),
+      layers_(profile_.num_layers()),
+      heads_(profile_.num_kv_heads()),
+      page_size_(pool.page_size()) {
   if (layers_ <= 0 || heads_ <= 0) throw Error("paged KV cache: empty head profile");
 }
 
@@ -140,8 +145,8 @@ void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions) {
       for (int64_t i = 0; i < sp.count; ++i) {
         const int32_t p = batch.positions[sp.begin + i];
         if (!std::binary_search(s.positions.begin(), s.positions.end(), p))
-          throw Error("KV cache: overwrite of position " + std::to_string(p) +
-                      " that sequence " + std::to_string(sp.seq) + " does not hold");
+          throw Error("KV cache: overwrite of position " + std::to_string(p) + " that sequence " +
+                      std::to_string(sp.seq) + " does not hold");
       }
       for (int l = 0; l < layers_; ++l)
         for (int h = 0; h < heads_; ++h) {
@@ -191,7 +196,8 @@ void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions) {
 
   // CSR metadata per layer, built once for the whole forward.
   std::vector<int32_t> qo_indptr{0};
-  for (const SeqSpan& sp : batch.spans) qo_indptr.push_back(static_cast<int32_t>(sp.begin + sp.count));
+  for (const SeqSpan& sp : batch.spans)
+    qo_indptr.push_back(static_cast<int32_t>(sp.begin + sp.count));
   Tensor qo = device_i32(qo_indptr);
   plans_.resize(layers_);
   for (int l = 0; l < layers_; ++l) {
@@ -387,7 +393,8 @@ void PagedKvCache::shift(SeqId seq, int32_t p0, int32_t p1, int32_t delta) {
   for (const HeadTable& t : s.tables)
     for (size_t i = 0; i < t.pages.size(); ++i) {
       const auto& ps = t.positions[i];
-      bool touched = std::any_of(ps.begin(), ps.end(), [&](int32_t p) { return p >= p0 && p < p1; });
+      bool touched =
+          std::any_of(ps.begin(), ps.end(), [&](int32_t p) { return p >= p0 && p < p1; });
       if (touched && pool_.refcount(t.pages[i]) > 1) ++cow;
     }
   if (cow > pool_.num_free()) throw OutOfKvMemory("KV pool: shift needs pages to copy shared ones");
@@ -474,8 +481,8 @@ void PagedKvCache::append_relocated(SeqId seq, const std::vector<std::vector<int
   int64_t need = 0;
   for (const HeadTable& t : s.tables) need += table_pages_needed(t, n);
   if (need > pool_.num_free())
-    throw OutOfKvMemory("KV pool: relocating a segment needs " + std::to_string(need) +
-                        " pages, " + std::to_string(pool_.num_free()) + " free");
+    throw OutOfKvMemory("KV pool: relocating a segment needs " + std::to_string(need) + " pages, " +
+                        std::to_string(pool_.num_free()) + " free");
   std::vector<int32_t> new_pos(n), deltas(n, delta);
   for (int64_t i = 0; i < n; ++i) new_pos[i] = src_positions[i] + delta;
   for (int l = 0; l < layers_; ++l) {

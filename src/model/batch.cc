@@ -19,7 +19,8 @@ void Batch::add_sequence(SeqId seq, const std::vector<int32_t>& toks, int32_t st
 }
 
 void Batch::validate(int64_t vocab_size) const {
-  if (tokens.size() != positions.size()) throw Error("batch: tokens and positions differ in length");
+  if (tokens.size() != positions.size())
+    throw Error("batch: tokens and positions differ in length");
   int64_t covered = 0;
   for (size_t s = 0; s < spans.size(); ++s) {
     const SeqSpan& sp = spans[s];

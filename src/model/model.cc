@@ -69,8 +69,8 @@ Model::Model(const Checkpoint& ckpt, Backend& backend) : cfg_(ckpt.config), back
   RopeFreqs rf = rope_frequencies(cfg_);
   rope_scaling_ = rf.attention_scaling;
   inv_freq_ = backend_.alloc(DType::F32, {static_cast<int64_t>(rf.inv_freq.size())});
-  backend_.copy_from_host(inv_freq_,
-                          Tensor::from_f32(rf.inv_freq, {static_cast<int64_t>(rf.inv_freq.size())}));
+  backend_.copy_from_host(
+      inv_freq_, Tensor::from_f32(rf.inv_freq, {static_cast<int64_t>(rf.inv_freq.size())}));
 }
 
 // x: [T, hidden] (normalised input); out: [T, hidden] (o_proj output)
@@ -163,7 +163,8 @@ Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opt
   const HeadProfile* profile = kv.head_profile();
   HeadProfile all_dense;
   if (opts.flops && !profile) {
-    all_dense = HeadProfile(static_cast<int32_t>(cfg_.num_layers), static_cast<int32_t>(cfg_.num_kv_heads));
+    all_dense =
+        HeadProfile(static_cast<int32_t>(cfg_.num_layers), static_cast<int32_t>(cfg_.num_kv_heads));
     profile = &all_dense;
   }
   for (int l = 0; l < num_layers; ++l) {
@@ -181,7 +182,8 @@ Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opt
     }
     if (opts.flops) {
       opts.flops->projections += projection_flops_per_token(cfg_) * T;
-      (sparse ? opts.flops->ffn_sparse : opts.flops->ffn_dense) += ffn_flops_per_token(cfg_) * ffn_rows;
+      (sparse ? opts.flops->ffn_sparse : opts.flops->ffn_dense) +=
+          ffn_flops_per_token(cfg_) * ffn_rows;
       for (int64_t t = 0; t < T; ++t)
         attention_flops_at(cfg_, *profile, l, batch.positions[t], *opts.flops);
     }

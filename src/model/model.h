@@ -15,12 +15,12 @@
 namespace redknot {
 
 struct LayerWeights {
-  Tensor attn_norm;               // [hidden]
-  Tensor wq, wk, wv, wo;          // [heads*hd, hidden], [kv*hd, hidden] x2, [hidden, heads*hd]
-  Tensor bq, bk, bv;              // [heads*hd], [kv*hd] x2 (Qwen2) or empty
-  Tensor q_norm, k_norm;          // [head_dim] (Qwen3) or empty
-  Tensor ffn_norm;                // [hidden]
-  Tensor w_gate, w_up, w_down;    // [ffn, hidden] x2, [hidden, ffn]
+  Tensor attn_norm;             // [hidden]
+  Tensor wq, wk, wv, wo;        // [heads*hd, hidden], [kv*hd, hidden] x2, [hidden, heads*hd]
+  Tensor bq, bk, bv;            // [heads*hd], [kv*hd] x2 (Qwen2) or empty
+  Tensor q_norm, k_norm;        // [head_dim] (Qwen3) or empty
+  Tensor ffn_norm;              // [hidden]
+  Tensor w_gate, w_up, w_down;  // [ffn, hidden] x2, [hidden, ffn]
 };
 
 // Sees every layer's queries and keys after RoPE (the head profiler reads attention maps here).
@@ -36,9 +36,9 @@ struct FlopsLedger;
 // Per-call switches of a forward pass (all off: the plain dense forward).
 struct ForwardOptions {
   ForwardObserver* observer = nullptr;
-  int num_layers = -1;                   // >= 0: stop after that many layers (no logits)
+  int num_layers = -1;  // >= 0: stop after that many layers (no logits)
   const SparseFfnConfig* sparse_ffn = nullptr;
-  FlopsLedger* flops = nullptr;          // accumulates what this forward computed
+  FlopsLedger* flops = nullptr;  // accumulates what this forward computed
 };
 
 class Model {

@@ -38,7 +38,8 @@ ModelConfig preset_config(const std::string& name) {
 }
 
 namespace {
-Tensor random_tensor(std::vector<int64_t> shape, DType dtype, float amplitude, std::mt19937_64& rng) {
+Tensor random_tensor(std::vector<int64_t> shape, DType dtype, float amplitude,
+                     std::mt19937_64& rng) {
   Tensor t = Tensor::host(dtype, std::move(shape));
   std::uniform_real_distribution<float> dist(-amplitude, amplitude);
   const int64_t n = t.numel();

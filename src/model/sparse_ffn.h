@@ -11,13 +11,15 @@
 namespace redknot {
 
 struct SparseFfnConfig {
-  int32_t dense_until = 4;   // layers [0, dense_until) run the FFN on every token
-  double mass = 0.2;         // keep the fewest tokens holding this share of total importance
-  int32_t deep_start = -1;   // layers >= deep_start use mass_deep (-1: never)
+  int32_t dense_until = 4;  // layers [0, dense_until) run the FFN on every token
+  double mass = 0.2;        // keep the fewest tokens holding this share of total importance
+  int32_t deep_start = -1;  // layers >= deep_start use mass_deep (-1: never)
   double mass_deep = 0.1;
-  int32_t recent_n = 128;    // the last recent_n tokens of each sequence always run the FFN
+  int32_t recent_n = 128;  // the last recent_n tokens of each sequence always run the FFN
 
-  double mass_for(int layer) const { return deep_start >= 0 && layer >= deep_start ? mass_deep : mass; }
+  double mass_for(int layer) const {
+    return deep_start >= 0 && layer >= deep_start ? mass_deep : mass;
+  }
   bool dense(int layer) const { return layer < dense_until; }
 };
 

@@ -15,20 +15,22 @@ using Clock = std::chrono::steady_clock;
 
 const std::vector<std::pair<ReuseMode, std::string>>& mode_table() {
   static const std::vector<std::pair<ReuseMode, std::string>> t = {
-      {ReuseMode::Full, "full"},         {ReuseMode::Prefix, "prefix"},
-      {ReuseMode::Naive, "naive"},       {ReuseMode::CacheBlend, "cacheblend"},
-      {ReuseMode::Epic, "epic"},         {ReuseMode::RedKnot, "redknot"}};
+      {ReuseMode::Full, "full"},   {ReuseMode::Prefix, "prefix"},
+      {ReuseMode::Naive, "naive"}, {ReuseMode::CacheBlend, "cacheblend"},
+      {ReuseMode::Epic, "epic"},   {ReuseMode::RedKnot, "redknot"}};
   return t;
 }
 
 // Appends `ids` at the sequence's next positions in chunks; returns the last logits.
-std::vector<float> append_tokens(Model& model, KvCache& kv, SeqId seq, const std::vector<int32_t>& ids,
-                                 int32_t chunk, const ForwardOptions& fo) {
+std::vector<float> append_tokens(Model& model, KvCache& kv, SeqId seq,
+                                 const std::vector<int32_t>& ids, int32_t chunk,
+                                 const ForwardOptions& fo) {
   Tensor logits;
   for (size_t s = 0; s < ids.size(); s += chunk) {
     const size_t e = std::min(ids.size(), s + static_cast<size_t>(chunk));
     Batch b;
-    b.add_sequence(seq, std::vector<int32_t>(ids.begin() + s, ids.begin() + e), kv.next_position(seq));
+    b.add_sequence(seq, std::vector<int32_t>(ids.begin() + s, ids.begin() + e),
+                   kv.next_position(seq));
     logits = model.forward(b, kv, fo);
   }
   return std::vector<float>(logits.data<float>(), logits.data<float>() + logits.numel());
@@ -52,8 +54,8 @@ struct SegmentUnavailable {};
 
 // Every segment's cached KV relocated to its place; returns the number of tokens attached.
 // pins keep the entries resident until the prefill ends.
-int64_t attach_segments(Model& model, PagedKvCache& kv, SeqId seq, const SegmentedPrompt& p, size_t first,
-                        size_t last, const SegmentLookup& lookup,
+int64_t attach_segments(Model& model, PagedKvCache& kv, SeqId seq, const SegmentedPrompt& p,
+                        size_t first, size_t last, const SegmentLookup& lookup,
                         std::vector<std::shared_ptr<void>>& pins) {
   int64_t attached = 0;
   for (size_t i = first; i < last; ++i) {
@@ -173,9 +175,9 @@ PrefillOutcome prefill_full(Model& model, KvCache& kv, SeqId seq, const Segmente
   return out;
 }
 
-PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq,
-                               const SegmentedPrompt& p, const SegmentLookup& lookup,
-                               const ReuseOptions& opts, const PrefixIndex* prefix_index);
+PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const SegmentedPrompt& p,
+                               const SegmentLookup& lookup, const ReuseOptions& opts,
+                               const PrefixIndex* prefix_index);
 
 PrefillOutcome prefill_with_reuse(Model& model, PagedKvCache& kv, SeqId seq,
                                   const SegmentedPrompt& p, const SegmentLookup& lookup,
@@ -191,9 +193,9 @@ PrefillOutcome prefill_with_reuse(Model& model, PagedKvCache& kv, SeqId seq,
   }
 }
 
-PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq,
-                               const SegmentedPrompt& p, const SegmentLookup& lookup,
-                               const ReuseOptions& opts, const PrefixIndex* prefix_index) {
+PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const SegmentedPrompt& p,
+                               const SegmentLookup& lookup, const ReuseOptions& opts,
+                               const PrefixIndex* prefix_index) {
   auto t0 = Clock::now();
   if (!kv.has_sequence(seq)) kv.add_sequence(seq);
   PrefillOutcome out;

@@ -87,6 +87,7 @@ PrefillOutcome prefill_full(Model& model, KvCache& kv, SeqId seq, const Segmente
 // (unused by full); `prefix_index` is used by prefix mode (may be null otherwise).
 PrefillOutcome prefill_with_reuse(Model& model, PagedKvCache& kv, SeqId seq,
                                   const SegmentedPrompt& prompt, const SegmentLookup& lookup,
-                                  const ReuseOptions& opts, const PrefixIndex* prefix_index = nullptr);
+                                  const ReuseOptions& opts,
+                                  const PrefixIndex* prefix_index = nullptr);
 
 }  // namespace redknot

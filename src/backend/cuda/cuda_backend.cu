@@ -565,7 +565,10 @@ class CudaBackend : public Backend {
     const int64_t T = q.dim(0), hq = q.dim(1), hkv = plan.num_kv_heads, group = hq / hkv;
     const int64_t seqs = plan.num_seqs;
     const bool decode = T * group <= 16 * seqs;
-    const int rows_per_tile = decode ? 16 : 64;
+    // Prefill row tile: 64 (4 warps, default) or 128 (8 warps) with REDKNOT_FLASH_ROWS=128.
+    const char* rows_env = std::getenv("REDKNOT_FLASH_ROWS");
+    const bool wide = rows_env != nullptr && std::atoi(rows_env) == 128;
+    const int rows_per_tile = decode ? 16 : wide ? 128 : 64;
     const int64_t tiles_bound = (T * group + rows_per_tile - 1) / rows_per_tile + seqs;
     const int64_t tiles_est = std::max<int64_t>(seqs, (T * group + rows_per_tile - 1) / rows_per_tile);
     const int64_t items = tiles_est * hkv;
@@ -573,7 +576,13 @@ class CudaBackend : public Backend {
     const int64_t avg_pages = nnz / std::max<int64_t>(1, seqs * hkv);
     const int64_t target = int64_t{decode ? 8 : 2} * num_sms_;
     int64_t splits = 1;
-    if (items < target) {
+    if (decode) {
+      // Balance by the longest table, estimated as one sequence's pages over all its heads
+      // (exact for a lone global head among trimmed local ones): ~2048 keys per block.
+      const int64_t max_pages = nnz / std::max<int64_t>(1, seqs);
+      const int64_t chunk = std::max<int64_t>(1, 2048 / std::max(1, plan.page_size));
+      splits = std::clamp<int64_t>((max_pages + chunk - 1) / chunk, 1, 32);
+    } else if (items < target) {
       splits = (target + items - 1) / items;
       splits = std::clamp<int64_t>(splits, 1, std::min<int64_t>(64, std::max<int64_t>(1, avg_pages / 2)));
     }
@@ -608,6 +617,8 @@ class CudaBackend : public Backend {
     };
     if (decode)
       launch(cuda::paged_flash_kernel<D, 1>, 1, cuda::FlashSmem<D, 1>::kBytes);
+    else if (wide)
+      launch(cuda::paged_flash_kernel<D, 8>, 8, cuda::FlashSmem<D, 8>::kBytes);
     else
       launch(cuda::paged_flash_kernel<D, 4>, 4, cuda::FlashSmem<D, 4>::kBytes);
     if (splits > 1) {

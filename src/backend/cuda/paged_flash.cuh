@@ -40,6 +40,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
                "r"(src_bytes));
 }
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -110,21 +113,34 @@ __global__ void __launch_bounds__(32 * kWarps)
   const int h = blockIdx.y, split = blockIdx.z;
   const int group = p.group;
 
-  // ---- which sequence and row tile: walk the sequences' tile counts ----
-  if (tid == 0) {
-    int32_t remaining = blockIdx.x, seq = -1, tile = 0;
-    for (int32_t s = 0; s < p.num_seqs; ++s) {
-      const int32_t rows = (qo_indptr[s + 1] - qo_indptr[s]) * group;
-      const int32_t tiles = (rows + kRows - 1) / kRows;
-      if (remaining < tiles) {
-        seq = s;
-        tile = remaining;
+  // ---- which sequence and row tile: a warp-wide scan of the sequences' tile counts ----
+  if (warp == 0) {
+    // Reversed so that the last tiles of a sequence (the most keys under causality) start first.
+    int32_t remaining = gridDim.x - 1 - blockIdx.x, seq = -1, tile = 0;
+    for (int32_t s0 = 0; s0 < p.num_seqs; s0 += 32) {
+      const int32_t s = s0 + lane;
+      int32_t tiles = 0;
+      if (s < p.num_seqs) tiles = ((qo_indptr[s + 1] - qo_indptr[s]) * group + kRows - 1) / kRows;
+      int32_t incl = tiles;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      const int32_t excl = incl - tiles;
+      const unsigned hit = __ballot_sync(0xffffffffu, remaining >= excl && remaining < incl);
+      if (hit != 0) {
+        const int src = __ffs(hit) - 1;
+        seq = s0 + src;
+        tile = remaining - __shfl_sync(0xffffffffu, excl, src);
         break;
       }
-      remaining -= tiles;
+      remaining -= __shfl_sync(0xffffffffu, incl, 31);
     }
-    meta_s[4] = seq;
-    meta_s[5] = tile;
+    if (lane == 0) {
+      meta_s[4] = seq;
+      meta_s[5] = tile;
+    }
   }
   __syncthreads();
   const int32_t seq = meta_s[4];
@@ -178,18 +194,40 @@ __global__ void __launch_bounds__(32 * kWarps)
   const int32_t e_end = min(eb, e + per);
   int32_t off = 0;
 
-  // Warp 0 lists the next tile's visible slots into buffer b; returns via meta_s.
+  // Page metadata window of warp 0: lane i holds entry w_base + i (length, page, first and
+  // last position), refreshed every 32 entries, so listing a tile costs no global latency.
+  int32_t w_base = INT_MIN / 2, m_len = 0, m_page = 0, m_first = 0, m_last = 0;
+  auto refresh = [&](int32_t at) {
+    w_base = at;
+    const int32_t ee = at + lane;
+    m_len = 0;
+    if (ee < e_end) {
+      m_len = page_lengths[ee];
+      m_page = page_indices[ee];
+      if (m_len > 0) {
+        const int64_t base = static_cast<int64_t>(m_page) * p.page_size;
+        m_first = pos_pool[base];
+        m_last = pos_pool[base + m_len - 1];
+      }
+    }
+  };
+  // Warp 0 lists the next tile's slots into buffer b (meta_s: count, fully-visible flag). The
+  // visibility flag uses whole-page position bounds: conservative, never wrong.
   auto fill = [&](int b) {
     int32_t n = 0, k_first = INT_MAX, k_last = INT_MIN;
     while (n < kFlashKeys && e < e_end) {
-      const int32_t len = page_lengths[e];
-      const int64_t base = static_cast<int64_t>(page_indices[e]) * p.page_size;
+      if (e - w_base >= 32) refresh(e);
+      const int src = e - w_base;
+      const int32_t len = __shfl_sync(0xffffffffu, m_len, src);
+      const int32_t page = __shfl_sync(0xffffffffu, m_page, src);
+      const int32_t first = __shfl_sync(0xffffffffu, m_first, src);
+      const int32_t last = __shfl_sync(0xffffffffu, m_last, src);
+      if (len <= 0) {
+        ++e;
+        off = 0;
+        continue;
+      }
       if (off == 0) {
-        if (len <= 0) {
-          ++e;
-          continue;
-        }
-        const int32_t first = pos_pool[base], last = pos_pool[base + len - 1];
         if (first > q_hi) {  // positions increase along the list: nothing later is visible
           e = e_end;
           break;
@@ -199,14 +237,12 @@ __global__ void __launch_bounds__(32 * kWarps)
           continue;
         }
       }
+      const int64_t base = static_cast<int64_t>(page) * p.page_size;
       const int32_t take = min(len - off, kFlashKeys - n);
-      for (int i = lane; i < take; i += 32) {
-        const int64_t slot = base + off + i;
-        slot_s[b * kFlashKeys + n + i] = static_cast<int32_t>(slot);
-        kpos_s[b * kFlashKeys + n + i] = pos_pool[slot];
-      }
-      k_first = min(k_first, pos_pool[base + off]);
-      k_last = max(k_last, pos_pool[base + off + take - 1]);
+      for (int i = lane; i < take; i += 32)
+        slot_s[b * kFlashKeys + n + i] = static_cast<int32_t>(base + off + i);
+      k_first = min(k_first, first);
+      k_last = max(k_last, last);
       n += take;
       off += take;
       if (off == len) {
@@ -216,7 +252,7 @@ __global__ void __launch_bounds__(32 * kWarps)
     }
     for (int i = n + lane; i < kFlashKeys; i += 32) {
       slot_s[b * kFlashKeys + i] = -1;
-      kpos_s[b * kFlashKeys + i] = INT_MAX;
+      kpos_s[b * kFlashKeys + i] = INT_MAX;  // never visible
     }
     if (lane == 0) {
       meta_s[b] = n;
@@ -226,6 +262,7 @@ __global__ void __launch_bounds__(32 * kWarps)
       meta_s[2 + b] = all ? 1 : 0;
     }
   };
+  // K, V rows and the slots' positions of buffer b, asynchronously.
   auto load = [&](int b) {
     for (int i = tid; i < kFlashKeys * kChunks; i += kThreads) {
       const int r = i / kChunks, c = i % kChunks;
@@ -234,6 +271,10 @@ __global__ void __launch_bounds__(32 * kWarps)
       const int bytes = slot >= 0 ? 16 : 0;
       cp_async16(k_s + (b * kFlashKeys + r) * kStride + c * 8, k_pool + src, bytes);
       cp_async16(v_s + (b * kFlashKeys + r) * kStride + c * 8, v_pool + src, bytes);
+    }
+    for (int r = tid; r < kFlashKeys; r += kThreads) {
+      const int32_t slot = slot_s[b * kFlashKeys + r];
+      if (slot >= 0) cp_async4(kpos_s + b * kFlashKeys + r, pos_pool + slot);
     }
   };
 
