@@ -11,29 +11,6 @@
 namespace redknot::testing {
 namespace {
 
-struct RunResult {
-  int status = -1;
-  std::string out;  // stdout and stderr together
-};
-
-RunResult run_cli(const std::string& args, const std::string& stdin_text = "") {
-  std::string in_path = ::testing::TempDir() + "/cli_stdin.txt";
-  {
-    std::ofstream f(in_path, std::ios::binary);
-    f << stdin_text;
-  }
-  std::string cmd = std::string(REDKNOT_CLI_PATH) + " " + args + " < " + in_path + " 2>&1";
-  RunResult r;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
-
 std::string last_line(const std::string& s) {
   size_t end = s.find_last_not_of('\n');
   size_t start = s.rfind('\n', end);
@@ -43,7 +20,7 @@ std::string last_line(const std::string& s) {
 
 TEST(Cli, GenerateJsonFromGguf) {
   RK_REQUIRE_SHARED("models/stories260K/stories260K.gguf");
-  RunResult r = run_cli("generate --model " + shared_path("models/stories260K/stories260K.gguf") +
+  CliResult r = run_cli("generate --model " + shared_path("models/stories260K/stories260K.gguf") +
                         " --prompt-ids 1 --max-tokens 20 --json");
   ASSERT_EQ(r.status, 0) << r.out;
   auto j = nlohmann::json::parse(last_line(r.out));
@@ -58,7 +35,7 @@ TEST(Cli, LogitsOutMatchesReference) {
   std::string list;
   for (size_t i = 0; i < ids.size(); ++i) list += (i ? "," : "") + std::to_string(ids[i]);
   std::string out = ::testing::TempDir() + "/logits.safetensors";
-  RunResult r = run_cli("generate --model " + shared_path("refs/qwen2-tiny") + " --prompt-ids " +
+  CliResult r = run_cli("generate --model " + shared_path("refs/qwen2-tiny") + " --prompt-ids " +
                         list + " --max-tokens 1 --json --logits-out " + out);
   ASSERT_EQ(r.status, 0) << r.out;
   SafetensorsFile got = read_safetensors(out);
@@ -75,19 +52,19 @@ TEST(Cli, TokenizeRoundTrip) {
   RK_REQUIRE_SHARED("tokenizers/qwen3/tokenizer.json");
   const std::string tj = shared_path("tokenizers/qwen3/tokenizer.json");
   const std::string text = "Hello, wörld! 你好 <|im_end|>";
-  RunResult enc = run_cli("tokenize --model " + tj, text);
+  CliResult enc = run_cli("tokenize --model " + tj, text);
   ASSERT_EQ(enc.status, 0) << enc.out;
   auto ids = nlohmann::json::parse(enc.out).get<std::vector<int32_t>>();
   auto tok = Tokenizer::from_hf_file(tj);
   EXPECT_EQ(ids, tok->encode(text));
-  RunResult dec = run_cli("tokenize --decode --model " + tj, nlohmann::json(ids).dump());
+  CliResult dec = run_cli("tokenize --decode --model " + tj, nlohmann::json(ids).dump());
   ASSERT_EQ(dec.status, 0) << dec.out;
   EXPECT_EQ(dec.out, text);
 }
 
 TEST(Cli, InvalidUtf8PromptIsAClearError) {
   RK_REQUIRE_SHARED("models/stories260K/stories260K.gguf");
-  RunResult r = run_cli("generate --model " + shared_path("models/stories260K/stories260K.gguf") +
+  CliResult r = run_cli("generate --model " + shared_path("models/stories260K/stories260K.gguf") +
                         " --prompt \"$(printf 'abc\\377\\376')\" --max-tokens 2");
   EXPECT_EQ(r.status, 1) << r.out;
   EXPECT_NE(r.out.find("UTF-8"), std::string::npos) << r.out;
@@ -95,20 +72,20 @@ TEST(Cli, InvalidUtf8PromptIsAClearError) {
 
 TEST(Cli, BadInputsAreClearErrors) {
   RK_REQUIRE_SHARED("refs/qwen2-tiny");
-  RunResult missing = run_cli("generate --model /nonexistent/model --prompt-ids 1");
+  CliResult missing = run_cli("generate --model /nonexistent/model --prompt-ids 1");
   EXPECT_EQ(missing.status, 1) << missing.out;
   EXPECT_NE(missing.out.find("/nonexistent/model"), std::string::npos) << missing.out;
-  RunResult bad_ids =
+  CliResult bad_ids =
       run_cli("generate --model " + shared_path("refs/qwen2-tiny") + " --prompt-ids 1,x,3");
   EXPECT_EQ(bad_ids.status, 1) << bad_ids.out;
-  RunResult oov =
+  CliResult oov =
       run_cli("generate --model " + shared_path("refs/qwen2-tiny") + " --prompt-ids 1,99999");
   EXPECT_EQ(oov.status, 1) << oov.out;
   EXPECT_NE(oov.out.find("99999"), std::string::npos) << oov.out;
-  RunResult bad_temp = run_cli("generate --model " + shared_path("refs/qwen2-tiny") +
+  CliResult bad_temp = run_cli("generate --model " + shared_path("refs/qwen2-tiny") +
                                " --prompt-ids 1 --temperature -1");
   EXPECT_EQ(bad_temp.status, 1) << bad_temp.out;
-  RunResult bad_json = run_cli(
+  CliResult bad_json = run_cli(
       "tokenize --decode --model " + shared_path("tokenizers/qwen3/tokenizer.json"), "[1, 2");
   EXPECT_EQ(bad_json.status, 1) << bad_json.out;
 }
@@ -118,7 +95,7 @@ TEST(Cli, SamplingIsReproducibleBySeed) {
   std::string base =
       "generate --model " + shared_path("models/stories260K/stories260K.gguf") +
       " --prompt-ids 1 --max-tokens 30 --json --temperature 1.0 --top-p 0.9 --top-k 40";
-  RunResult a = run_cli(base + " --seed 7"), b = run_cli(base + " --seed 7"),
+  CliResult a = run_cli(base + " --seed 7"), b = run_cli(base + " --seed 7"),
             c = run_cli(base + " --seed 8");
   ASSERT_EQ(a.status, 0) << a.out;
   auto ja = nlohmann::json::parse(last_line(a.out)), jb = nlohmann::json::parse(last_line(b.out)),

@@ -39,15 +39,7 @@ TEST_P(CudaRefs, LogitsAndGreedy) {
     ContiguousKvCache kv(*backend, dense_kv_geometry(ck.config), static_cast<int32_t>(ids.size()),
                          model.inv_freq());
     Tensor logits = run_logits(model, kv, 0, ids, 512);
-    std::vector<int32_t> positions;
-    Tensor expected;
-    if (ref.tensors.count("logits." + std::to_string(i))) {
-      expected = ref.tensors.at("logits." + std::to_string(i));
-      for (int32_t p = 0; p < static_cast<int32_t>(ids.size()); ++p) positions.push_back(p);
-    } else {
-      expected = ref.tensors.at("logits_at." + std::to_string(i));
-      positions = to_ids(ref.tensors.at("positions." + std::to_string(i)));
-    }
+    const auto [positions, expected] = reference_logits(ref, i, static_cast<int64_t>(ids.size()));
     for (size_t r = 0; r < positions.size(); ++r) {
       const float* got = logits.data<float>() + positions[r] * V;
       const float* want = expected.data<float>() + r * V;

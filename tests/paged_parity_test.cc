@@ -42,15 +42,7 @@ TEST_P(PagedRefsParity, LogitsAndGreedyMatchTransformers) {
     kvo.tokens = static_cast<int64_t>(ids.size());
     KvStore store = make_kv_store(model, kvo);
     Tensor logits = run_logits(model, *store.cache, 0, ids, c.chunk);
-    std::vector<int32_t> positions;
-    Tensor expected;
-    if (ref.tensors.count("logits." + std::to_string(i))) {
-      expected = ref.tensors.at("logits." + std::to_string(i));
-      for (int32_t p = 0; p < static_cast<int32_t>(ids.size()); ++p) positions.push_back(p);
-    } else {
-      expected = ref.tensors.at("logits_at." + std::to_string(i));
-      positions = to_ids(ref.tensors.at("positions." + std::to_string(i)));
-    }
+    const auto [positions, expected] = reference_logits(ref, i, static_cast<int64_t>(ids.size()));
     for (size_t r = 0; r < positions.size(); ++r)
       ASSERT_LE(
           max_abs_diff(logits.data<float>() + positions[r] * V, expected.data<float>() + r * V, V),
@@ -118,15 +110,7 @@ TEST(PagedLocalHeads, AllLocalProfileReproducesMistralSlidingWindow) {
       kvo.head_profile_path = path;
       KvStore store = make_kv_store(model, kvo);
       Tensor logits = run_logits(model, *store.cache, 0, ids, 23);
-      std::vector<int32_t> positions;
-      Tensor expected;
-      if (ref.tensors.count("logits." + std::to_string(i))) {
-        expected = ref.tensors.at("logits." + std::to_string(i));
-        for (int32_t p = 0; p < static_cast<int32_t>(ids.size()); ++p) positions.push_back(p);
-      } else {
-        expected = ref.tensors.at("logits_at." + std::to_string(i));
-        positions = to_ids(ref.tensors.at("positions." + std::to_string(i)));
-      }
+      const auto [positions, expected] = reference_logits(ref, i, static_cast<int64_t>(ids.size()));
       for (size_t r = 0; r < positions.size(); ++r)
         ASSERT_LE(max_abs_diff(logits.data<float>() + positions[r] * V,
                                expected.data<float>() + r * V, V),

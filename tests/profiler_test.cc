@@ -18,24 +18,6 @@
 namespace redknot::testing {
 namespace {
 
-struct RunResult {
-  int status = -1;
-  std::string out;  // stdout and stderr together
-};
-
-RunResult run_cli(const std::string& args) {
-  std::string cmd = std::string(REDKNOT_CLI_PATH) + " " + args + " 2>&1";
-  RunResult r;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
-
 std::string write_temp(const std::string& name, const std::string& text) {
   std::string path = ::testing::TempDir() + "/" + name;
   std::ofstream(path, std::ios::binary) << text;
@@ -273,7 +255,7 @@ TEST(ProfileCli, Stories260KWithTextAndGenerate) {
   const std::string model = shared_path("models/stories260K/stories260K.gguf");
   const std::string calib = write_temp("stories_calib.txt", kStories);
   const std::string out = ::testing::TempDir() + "/stories_profile.json";
-  RunResult r = run_cli("profile --model " + model + " --calib " + calib + " --out " + out +
+  CliResult r = run_cli("profile --model " + model + " --calib " + calib + " --out " + out +
                         " --ratio 0.15 --window 32 --sink 4 --max-tokens 256");
   ASSERT_EQ(r.status, 0) << r.out;
   EXPECT_NE(r.out.find("L0: "), std::string::npos) << r.out;
@@ -286,7 +268,7 @@ TEST(ProfileCli, Stories260KWithTextAndGenerate) {
   EXPECT_EQ(p.params["calibration"]["files"][0]["path"], calib);
   EXPECT_GT(p.params["calibration"]["files"][0]["tokens"].get<int>(), 300);
 
-  RunResult g = run_cli("generate --model " + model + " --head-profile " + out +
+  CliResult g = run_cli("generate --model " + model + " --head-profile " + out +
                         " --prompt \"Once upon a time\" --max-tokens 40 --json");
   EXPECT_EQ(g.status, 0) << g.out;
 }
@@ -299,19 +281,19 @@ TEST(ProfileCli, RefsModelWithIdsAndGenerate) {
   for (int32_t& id : ids) id = static_cast<int32_t>(rng() % 512);
   const std::string calib = write_temp("llama3_calib_ids.json", nlohmann::json(ids).dump());
   const std::string out = ::testing::TempDir() + "/llama3_profile.json";
-  RunResult r = run_cli("profile --model " + model + " --calib-ids " + calib + " --out " + out +
+  CliResult r = run_cli("profile --model " + model + " --calib-ids " + calib + " --out " + out +
                         " --window 32 --sink 4 --max-tokens 256 --dense-layers 0");
   ASSERT_EQ(r.status, 0) << r.out;
   Checkpoint ck = load_checkpoint(model);
   check_profile_file(out, static_cast<int>(ck.config.num_layers),
                      static_cast<int>(ck.config.num_kv_heads), 0.15);
 
-  RunResult g = run_cli("generate --model " + model + " --head-profile " + out +
+  CliResult g = run_cli("generate --model " + model + " --head-profile " + out +
                         " --prompt-ids 1,5,9,200,17,300 --max-tokens 40 --ignore-eos --json");
   EXPECT_EQ(g.status, 0) << g.out;
 
   // Dense layers come on top of the ratio.
-  RunResult d = run_cli("profile --model " + model + " --calib-ids " + calib + " --out " + out +
+  CliResult d = run_cli("profile --model " + model + " --calib-ids " + calib + " --out " + out +
                         " --window 32 --max-tokens 256 --dense-layers 1 --quiet");
   ASSERT_EQ(d.status, 0) << d.out;
   HeadProfile p = HeadProfile::load(out);
@@ -326,19 +308,19 @@ TEST(ProfileCli, BadInputsAreClearErrors) {
   const std::string llama = shared_path("refs/llama3-tiny");
   const std::string out = ::testing::TempDir() + "/bad_profile.json";
 
-  RunResult missing =
+  CliResult missing =
       run_cli("profile --model " + stories + " --calib /nonexistent/calib.txt" + " --out " + out);
   EXPECT_EQ(missing.status, 1) << missing.out;
   EXPECT_NE(missing.out.find("/nonexistent/calib.txt"), std::string::npos) << missing.out;
   EXPECT_NE(missing.out.find("cannot open"), std::string::npos) << missing.out;
 
   const std::string text = write_temp("bad_calib.txt", kStories);
-  RunResult no_tok = run_cli("profile --model " + llama + " --calib " + text + " --out " + out);
+  CliResult no_tok = run_cli("profile --model " + llama + " --calib " + text + " --out " + out);
   EXPECT_EQ(no_tok.status, 1) << no_tok.out;
   EXPECT_NE(no_tok.out.find("no tokenizer"), std::string::npos) << no_tok.out;
 
   const std::string bad_ids = write_temp("bad_ids.json", "[1, 2, \"x\"]");
-  RunResult ids = run_cli("profile --model " + llama + " --calib-ids " + bad_ids + " --out " + out);
+  CliResult ids = run_cli("profile --model " + llama + " --calib-ids " + bad_ids + " --out " + out);
   EXPECT_EQ(ids.status, 1) << ids.out;
   EXPECT_NE(ids.out.find("bad_ids.json"), std::string::npos) << ids.out;
 
@@ -346,7 +328,7 @@ TEST(ProfileCli, BadInputsAreClearErrors) {
   HeadProfile other(3, 2);
   const std::string other_path = ::testing::TempDir() + "/other_shape_profile.json";
   other.save(other_path);
-  RunResult shape = run_cli("generate --model " + stories + " --head-profile " + other_path +
+  CliResult shape = run_cli("generate --model " + stories + " --head-profile " + other_path +
                             " --prompt-ids 1 --max-tokens 2");
   EXPECT_EQ(shape.status, 1) << shape.out;
   EXPECT_NE(shape.out.find("head profile is for 3 layers x 2 kv heads"), std::string::npos)

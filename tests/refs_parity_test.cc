@@ -42,15 +42,7 @@ TEST_P(RefsParity, LogitsMatchTransformers) {
     ContiguousKvCache kv(*backend, dense_kv_geometry(ck.config), static_cast<int32_t>(ids.size()),
                          model.inv_freq());
     Tensor logits = run_logits(model, kv, 0, ids, c.chunk);
-    std::vector<int32_t> positions;
-    Tensor expected;
-    if (ref.tensors.count("logits." + std::to_string(i))) {
-      expected = ref.tensors.at("logits." + std::to_string(i));
-      for (int32_t p = 0; p < static_cast<int32_t>(ids.size()); ++p) positions.push_back(p);
-    } else {
-      expected = ref.tensors.at("logits_at." + std::to_string(i));
-      positions = to_ids(ref.tensors.at("positions." + std::to_string(i)));
-    }
+    const auto [positions, expected] = reference_logits(ref, i, static_cast<int64_t>(ids.size()));
     ASSERT_EQ(expected.dim(0), static_cast<int64_t>(positions.size()));
     double max_diff = 0;
     for (size_t r = 0; r < positions.size(); ++r) {

@@ -2,7 +2,11 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -49,6 +53,49 @@ inline Tensor run_logits(Model& model, KvCache& kv, SeqId seq, const std::vector
     std::memcpy(out.data<float>() + s * V, l.data<float>(), l.nbytes());
   }
   return out;
+}
+
+// The reference logits of sequence i: every position (`logits.i`) or the stored positions of long
+// sequences (`logits_at.i` at `positions.i`). logits: [positions, vocab]
+struct RefLogits {
+  std::vector<int32_t> positions;
+  Tensor logits;
+};
+inline RefLogits reference_logits(const SafetensorsFile& ref, int i, int64_t num_ids) {
+  RefLogits r;
+  const std::string n = std::to_string(i);
+  if (ref.tensors.count("logits." + n)) {
+    r.logits = ref.tensors.at("logits." + n);
+    for (int32_t p = 0; p < static_cast<int32_t>(num_ids); ++p) r.positions.push_back(p);
+  } else {
+    r.logits = ref.tensors.at("logits_at." + n);
+    r.positions = to_ids(ref.tensors.at("positions." + n));
+  }
+  return r;
+}
+
+// Runs the `redknot` binary (REDKNOT_CLI_PATH) with `args`, stdin from `stdin_text`.
+struct CliResult {
+  int status = -1;
+  std::string out;  // stdout and stderr together
+};
+inline CliResult run_cli(const std::string& args, const std::string& stdin_text = "") {
+#ifdef REDKNOT_CLI_PATH
+  const std::string in_path = ::testing::TempDir() + "/cli_stdin.txt";
+  std::ofstream(in_path, std::ios::binary) << stdin_text;
+  const std::string cmd = std::string(REDKNOT_CLI_PATH) + " " + args + " < " + in_path + " 2>&1";
+  CliResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+#else
+  return {-1, "built without the CLI"};
+#endif
 }
 
 }  // namespace redknot::testing
