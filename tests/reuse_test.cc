@@ -147,6 +147,8 @@ TEST(ReuseModes, AllModesOnRefsModel) {
   SegmentLookup lookup = chunk_store_lookup(chunks);
   PrefixIndex prefix;
 
+  // Offline phase: every segment cached alone (the modes then hit).
+  for (const auto& seg : p.segments) ASSERT_TRUE(lookup(seg, true).found);
   ReuseOptions ro;
   ro.mode = ReuseMode::Full;
   PrefillOutcome full = prefill_with_reuse(model, *store.cache, 0, p, lookup, ro);

@@ -13,6 +13,8 @@
 #include "engine/batch_invariant_backend.h"
 #include "engine/kv_setup.h"
 #include "engine/scheduler.h"
+#include "reuse/chunk_store.h"
+#include "reuse/segment_lookup.h"
 #include "server/server.h"
 #endif
 
@@ -21,7 +23,8 @@ namespace redknot::cli {
 namespace {
 struct ServeArgs {
   std::string model, head_profile, host = "127.0.0.1", api_key, backend = "cpu";
-  std::string chunk_store_dir, reuse_mode = "off", model_id;
+  std::string chunk_store_dir, reuse_mode = "redknot", model_id;
+  int64_t chunk_store_bytes = 0;
   int port = 8080;
   int32_t max_batch = 32, max_queue = 256, step_tokens = 512, page_size = 64, threads = 0;
   int64_t kv_budget = 0;
@@ -53,12 +56,41 @@ int run_serve(const ServeArgs& a) {
   // Default pool: every batch slot at full context, all heads global.
   kvo.tokens = model.config().max_position_embeddings * a.max_batch;
   kvo.head_profile_path = a.head_profile;
+  // Chunk reuse: cached segments live in the same pool, beside the requests' KV.
+  const ReuseMode mode = a.reuse_mode == "off" ? ReuseMode::Full : parse_reuse_mode(a.reuse_mode);
+  const bool reuse = mode != ReuseMode::Full;
+  if (reuse && kvo.budget_bytes <= 0) {
+    PagePool probe(model.backend(), 1, kvo.page_size, static_cast<int32_t>(model.config().head_dim),
+                   false);
+    const int64_t per_token = model.config().num_layers * model.config().num_kv_heads *
+                              probe.bytes_per_page() / kvo.page_size;
+    const int64_t request_bytes = per_token * (kvo.tokens + a.max_batch * 2 * kvo.page_size);
+    kvo.budget_bytes =
+        request_bytes + (a.chunk_store_bytes > 0 ? a.chunk_store_bytes : request_bytes / 2);
+  }
   KvStore store = make_kv_store(model, kvo);
+  std::unique_ptr<ChunkStore> chunks;
+  if (reuse) {
+    ChunkStoreOptions cso;
+    const int64_t pool_bytes = int64_t{store.pool->num_pages()} * store.pool->bytes_per_page();
+    cso.pool_budget_bytes = a.chunk_store_bytes > 0 ? a.chunk_store_bytes : pool_bytes / 3;
+    cso.host_budget_bytes = int64_t{1} << 30;
+    cso.model_fp = model_fingerprint(model.config(), ckpt);
+    if (!a.chunk_store_dir.empty()) {
+      cso.disk_dir = a.chunk_store_dir;
+      cso.disk_budget_bytes = int64_t{16} << 30;
+    }
+    chunks = std::make_unique<ChunkStore>(model, *store.pool, cso);
+  }
 
   SchedulerOptions so;
   so.max_batch = a.max_batch;
   so.max_queue = a.max_queue;
   so.step_tokens = a.step_tokens;
+  if (chunks) {
+    so.reuse.mode = mode;
+    so.lookup = chunk_store_lookup(*chunks);
+  }
   Scheduler sched(model, *store.cache, so);
 
   server::ServerOptions o;
@@ -71,6 +103,7 @@ int run_serve(const ServeArgs& a) {
   o.chunk_store_dir = a.chunk_store_dir;
   o.reuse_mode = a.reuse_mode;
   o.batch_invariant = a.batch_invariant;
+  if (chunks) o.chunk_stats = [&chunks] { return chunks->stats(); };
   std::filesystem::path p(a.model);
   if (p.filename().empty()) p = p.parent_path();  // "dir/"
   o.model_id = a.model_id.empty() ? p.stem().string() : a.model_id;
@@ -111,8 +144,12 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--threads", a->threads, "HTTP worker threads (0: automatic)");
   c->add_option("--batch-invariant", a->batch_invariant,
                 "row-at-a-time matmuls so batching never changes a request's output");
-  c->add_option("--chunk-store-dir", a->chunk_store_dir, "chunk store directory (reuse: later)");
-  c->add_option("--reuse-mode", a->reuse_mode, "chunk reuse mode (reuse: later)");
+  c->add_option("--chunk-store-dir", a->chunk_store_dir,
+                "disk tier of the chunk store (cached segments survive restarts)");
+  c->add_option("--chunk-store-bytes", a->chunk_store_bytes,
+                "KV pool bytes for cached segments (default: a third of the pool)");
+  c->add_option("--reuse-mode", a->reuse_mode,
+                "default chunk reuse mode: redknot | naive | cacheblend | epic | full | off");
   c->callback([a, &action] {
 #ifdef REDKNOT_HAS_SERVER
     action = [a] { return run_serve(*a); };

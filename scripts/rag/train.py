@@ -11,12 +11,34 @@ EM/F1 per task family with greedy decoding (full attention and "naive reuse":
 document tokens attend only to their own document + BOS, true positions), and
 profile per-head attention edge mass.
 
-GPU run (run 1, the model in models/redknot-rag-8k, used the settings of the older defaults:
-  --extra-qa 0 --lr 2e-3 --curriculum 1024:0.3,2048:0.5,4096:0.7,8192:1.0; it learned NO retrieval,
-  see models/redknot-rag-8k/README.md).  Current defaults = the proposed run 2:
-  PYTHONUNBUFFERED=1 timeout 592 python3 scripts/rag/train.py --out $OUT --time-budget 578 2>&1 | tee $OUT/train_log.txt
-Local CPU smoke test (no HF tokenizers: byte-level stub tokenizer):
-  /usr/bin/python3 scripts/rag/train.py --smoke --device cpu --out /tmp/rag_smoke
+Runs 1 and 2 (models/redknot-rag-8k/README.md) learned NO retrieval.  Diagnosis (run 2's loss history):
+each DataLoader worker drew ~200K tokens (hundreds of samples) from ONE world, and the 14 workers switched
+worlds in step, every 14*200K/65536 = 42.7 steps at every length.  The answer loss (and the LM loss) show a
+sawtooth with exactly that period (answer CE ~4.1 right after a switch -> ~2.2 before the next, LM 1.8 ->
+1.5): the model memorised the current worlds' documents and facts in its weights, which paid off faster
+than learning to read them from the context.  Run 3 changes (now the defaults):
+  --world-samples 4   a fresh world (new names, new facts) every 4 samples per worker, sized to the length
+                      (scale = L/8192, min 0.1), so nothing can be memorised and only retrieval lowers the loss
+  --extra-qa 12 --qa-frac 4   denser QA supervision (up to L/4 tokens of extra QAs)
+  --mix 0.4,0.25,0.1,0.25 --ans-weight 3   more single-fact retrieval, more weight on answers
+  adaptive curriculum (512:0.12,1024:0.32,2048:0.47,4096:0.65,8192:1.0 = latest stage ends): every
+  --probe-every 40 s a held-out greedy probe (12 samples per family at the current length, seeds 70000+L);
+  a stage ends early when mean(single, needle) EM >= --advance-em 80; a stage <= 2048 is held past its end
+  while single EM < --hold-em 40 (at most --max-hold 0.15 of the time).  The probes are logged
+  ("probe step ...") and kept in results.json ("probes", "curriculum_log").
+GPU run (one <= 600 s device call):
+  export PYTHONUNBUFFERED=1; set -o pipefail
+  timeout 592 python3 scripts/rag/train.py --out $OUT --time-budget 578 2>&1 | tee $OUT/train_log.txt
+Old behaviour: --world-samples 0 --extra-qa 7 --qa-frac 6 --mix 0.3,0.25,0.1,0.35 --ans-weight 2
+  --probe-every 0 --curriculum 512:0.15,1024:0.35,2048:0.55,4096:0.75,8192:1.0
+Local CPU smoke test (no HF tokenizers: byte-level stub tokenizer; byte prompts are ~4x longer, so use
+lengths >= 2048 and a small eval file):
+  /usr/bin/python3 scripts/rag/gen_data.py --tokens 300 --per-task 2 --seed 5 --cpt 1.0 --out /tmp/tiny.jsonl.gz
+  /usr/bin/python3 scripts/rag/train.py --smoke --device cpu --out /tmp/rag_smoke --hidden 64 --layers 2 \
+    --heads 4 --kv-heads 2 --head-dim 16 --ffn 128 --curriculum 2048:0.3,4096:1.0 --batch-tokens 8192 \
+    --workers 2 --time-budget 150 --eval-reserve 40 --eval-limit 8 --probe-every 20 --probe-n 2 \
+    --no-compile --warmup 10 --eval8k /tmp/tiny.jsonl.gz --eval4k /tmp/tiny.jsonl.gz
+CPU recipe experiments: scripts/rag/cpu_exp.py (word/chunk tokenizer scripts/rag/cpu_tok.py).
 """
 import argparse
 import gzip
@@ -846,8 +868,10 @@ def main():
         if si < len(lens) - 1 and frac >= ends[si]:
             if (lens[si] <= args.hold_max_len and last_em is not None and last_em[0] == lens[si]
                     and last_em[1].get("single", 0) < args.hold_em and hold_used < args.max_hold - 1e-9):
-                ext = min(0.03, args.max_hold - hold_used)
+                # long enough for the next probe to decide again; each extension needs a fresh probe
+                ext = min(max(0.03, 1.25 * args.probe_every / budget), args.max_hold - hold_used)
                 hold_used += ext
+                last_em = None
                 set_stage_end(si, ends[si] + ext)
                 curr_log.append({"step": step, "frac": frac, "event": f"hold {lens[si]} +{ext:.2f}"})
                 log(f"curriculum: single probe EM {last_em[1].get('single', 0):.0f} < {args.hold_em:.0f}, "

@@ -4,6 +4,8 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "engine/flops.h"
+#include "kv/head_profile.h"
 
 namespace redknot {
 
@@ -183,6 +185,7 @@ void Scheduler::publish_stats() {
   s.running = static_cast<int64_t>(running_.size());
   s.pool_pages = cache_.pool().num_pages();
   s.free_pages = cache_.pool().num_free();
+  s.page_bytes = cache_.pool().bytes_per_page();
   s.usage = cache_.usage();
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -295,8 +298,41 @@ void Scheduler::admit() {
     next_seq_ = next_seq_ == INT32_MAX ? 1 : next_seq_ + 1;
     cache_.add_sequence(r->seq);
     r->fed = 0;
-    r->stream->cached_tokens_.store(0);  // chunk reuse will report its hits here
+    r->stream->cached_tokens_.store(0);
+    if (r->generated == 0) reuse_prefill(*r);
     running_.push_back(std::move(r));
+  }
+}
+
+bool Scheduler::reuse_prefill(Request& r) {
+  const ReuseMode mode = r.spec.reuse_mode.value_or(opts_.reuse.mode);
+  // Prefix needs a cache of whole chains (the eval harness has one); here it is dense prefill.
+  if (!opts_.lookup || mode == ReuseMode::Full || mode == ReuseMode::Prefix ||
+      r.spec.segments.empty() || r.spec.query.empty())
+    return false;
+  SegmentedPrompt p;
+  p.segments = r.spec.segments;
+  p.query.assign(r.spec.query.begin(), r.spec.query.end() - 1);
+  ReuseOptions ro = opts_.reuse;
+  ro.mode = mode;
+  try {
+    PrefillOutcome out = prefill_with_reuse(model_, cache_, r.seq, p, opts_.lookup, ro);
+    r.fed = p.total_tokens();
+    r.stream->cached_tokens_.store(static_cast<int32_t>(out.reused_tokens));
+    ++counters_.reuse_prefills;
+    counters_.cached_tokens += out.reused_tokens;
+    counters_.recomputed_tokens += p.total_tokens() - out.reused_tokens;
+    counters_.flops_done += out.flops.total();
+    counters_.flops_full +=
+        prefill_flops(model_.config(), HeadProfile::native(model_.config()), 0, p.total_tokens(), 1)
+            .total();
+    return true;
+  } catch (const std::exception&) {
+    // Out of pages (or a cache problem): start over densely; the normal steps may preempt.
+    cache_.remove_sequence(r.seq);
+    cache_.add_sequence(r.seq);
+    r.fed = 0;
+    return false;
   }
 }
 

@@ -15,6 +15,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "engine/sampler.h"
 #include "kv/paged_kv_cache.h"
 #include "model/model.h"
+#include "reuse/reuse_prefill.h"
 
 namespace redknot {
 
@@ -37,6 +39,8 @@ struct RequestSpec {
   SamplingParams sampling;
   int32_t max_tokens = 16;
   std::vector<int32_t> stop_ids;  // generation ends after emitting one of these (kept in output)
+  // Chunk reuse mode of this request (unset: the scheduler's default).
+  std::optional<ReuseMode> reuse_mode;
 
   std::vector<int32_t> prompt() const;
 };
@@ -95,15 +99,22 @@ struct SchedulerOptions {
   // Fraction of a request's head-aware KV estimate reserved at admission: 1 never over-commits,
   // lower values admit more and rely on preemption when pages run out.
   double reserve_fraction = 1.0;
+  // Chunk reuse: with a lookup (the chunk store), a request of segments is prefilled in its
+  // reuse mode when admitted (cached segments relocated, SPEC §4) instead of densely.
+  ReuseOptions reuse;    // reuse.mode is the default mode; Full disables reuse
+  SegmentLookup lookup;  // empty: no chunk store
 };
 
 // A consistent view of the engine for /metrics and tests.
 struct SchedulerStats {
   int64_t queued = 0, running = 0;
-  int64_t pool_pages = 0, free_pages = 0;
+  int64_t pool_pages = 0, free_pages = 0, page_bytes = 0;
   KvUsage usage;
   int64_t steps = 0, preemptions = 0, completed = 0, cancelled = 0, failed = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0, cached_tokens = 0;
+  int64_t reuse_prefills = 0;             // requests prefilled through chunk reuse
+  int64_t recomputed_tokens = 0;          // prompt tokens those prefills computed
+  double flops_done = 0, flops_full = 0;  // their FLOPs, and a dense prefill's
 };
 
 class QueueFull : public Error {
@@ -150,6 +161,9 @@ class Scheduler {
   bool step();
   void drop_cancelled();
   void admit();
+  // Prefills a just-admitted request through chunk reuse (all but its last prompt token, which
+  // the next step feeds to get logits). Returns false (cache unchanged) when it cannot.
+  bool reuse_prefill(Request& r);
   void finish(Request& r, FinishReason reason, const std::string& error = {});
   void release(Request& r);
   void preempt(size_t running_index);

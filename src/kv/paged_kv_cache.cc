@@ -281,6 +281,10 @@ void PagedKvCache::end_forward() {
   }
   plans_.clear();
   batch_seqs_.clear();
+  if (scratch_page_ >= 0) {  // only held during a selective-recompute forward
+    pool_.release(scratch_page_);
+    scratch_page_ = -1;
+  }
 }
 
 void PagedKvCache::fork(SeqId src, SeqId dst) {

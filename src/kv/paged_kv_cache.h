@@ -106,7 +106,9 @@ class PagedKvCache : public KvCache {
   std::vector<SeqId> batch_seqs_;
   Tensor batch_positions_;
   Tensor token_positions_;     // [T * kv_heads, 1] i32: position of each written row
-  int32_t scratch_page_ = -1;  // target of overwrite writes a local head no longer keeps
+  // Target of overwrite writes a local head no longer keeps; held from begin_forward of a
+  // selective-recompute batch to its end_forward.
+  int32_t scratch_page_ = -1;
   // Pool row holding `pos` in table t, or -1.
   int32_t find_row(const HeadTable& t, int32_t pos) const;
 };

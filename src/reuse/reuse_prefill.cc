@@ -52,7 +52,8 @@ void recompute(Model& model, KvCache& kv, SeqId seq, const std::vector<int32_t>&
 // to a dense prefill rather than failing.
 struct SegmentUnavailable {};
 
-// Every segment's cached KV relocated to its place; returns the number of tokens attached.
+// Every segment's cached KV relocated to its place; returns the number of tokens that came from
+// the cache (hits).
 // pins keep the entries resident until the prefill ends.
 int64_t attach_segments(Model& model, PagedKvCache& kv, SeqId seq, const SegmentedPrompt& p,
                         size_t first, size_t last, const SegmentLookup& lookup,
@@ -67,7 +68,8 @@ int64_t attach_segments(Model& model, PagedKvCache& kv, SeqId seq, const Segment
     if (!ref.found) throw SegmentUnavailable();
     kv.append_relocated(seq, ref.rows, src_pos, kv.next_position(seq));
     pins.push_back(ref.pin);
-    attached += static_cast<int64_t>(seg.size());
+    // Only hits count as reused: a miss was just prefilled (alone) for this request.
+    if (ref.was_cached) attached += static_cast<int64_t>(seg.size());
   }
   return attached;
 }
@@ -256,7 +258,8 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
         offset += static_cast<int32_t>(seg.size());
       }
       recompute(model, kv, seq, pos, toks, fo);
-      out.reused_tokens -= static_cast<int64_t>(pos.size());
+      out.reused_tokens =
+          std::max<int64_t>(0, out.reused_tokens - static_cast<int64_t>(pos.size()));
       out.last_logits = append_tokens(model, kv, seq, p.query, opts.chunk, fo);
       break;
     }
@@ -309,7 +312,8 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
           sel_tok.push_back(toks[i]);
         }
         recompute(model, kv, seq, sel_pos, sel_tok, fo);
-        out.reused_tokens -= static_cast<int64_t>(sel_pos.size());
+        out.reused_tokens =
+            std::max<int64_t>(0, out.reused_tokens - static_cast<int64_t>(sel_pos.size()));
       }
       out.last_logits = append_tokens(model, kv, seq, p.query, opts.chunk, fo);
       break;

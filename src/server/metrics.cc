@@ -55,7 +55,7 @@ void Metrics::observe_token_gaps(const std::vector<double>& gaps) {
   for (size_t i = 0; i < gaps.size(); ++i) (i == 0 ? ttft_ : itl_).observe(gaps[i]);
 }
 
-std::string Metrics::render(const SchedulerStats& s) const {
+std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chunks) const {
   std::string out;
   out += "# HELP redknot_requests_total HTTP requests by endpoint and status.\n";
   out += "# TYPE redknot_requests_total counter\n";
@@ -93,21 +93,34 @@ std::string Metrics::render(const SchedulerStats& s) const {
   gauge(out, "redknot_generated_tokens_total", "Generated tokens.", s.generated_tokens, "counter");
   gauge(out, "redknot_cached_prompt_tokens_total", "Prompt tokens served from the chunk store.",
         s.cached_tokens, "counter");
-  // Chunk reuse is not wired yet: these stay zero until src/reuse reports into the scheduler.
+  const ChunkStoreStats cs = chunks ? *chunks : ChunkStoreStats{};
   out += "# HELP redknot_chunk_store_hits_total Chunk store hits by tier.\n";
   out += "# TYPE redknot_chunk_store_hits_total counter\n";
-  out += "# HELP redknot_chunk_store_misses_total Chunk store misses by tier.\n";
-  out += "# TYPE redknot_chunk_store_misses_total counter\n";
+  out += "redknot_chunk_store_hits_total{tier=\"pool\"} " + num(cs.pool_hits) + "\n";
+  out += "redknot_chunk_store_hits_total{tier=\"host\"} " + num(cs.host_hits) + "\n";
+  out += "redknot_chunk_store_hits_total{tier=\"disk\"} " + num(cs.disk_hits) + "\n";
+  gauge(out, "redknot_chunk_store_misses_total", "Chunk store misses (segment not cached).",
+        cs.misses, "counter");
   out += "# HELP redknot_chunk_store_bytes Bytes held by the chunk store by tier.\n";
   out += "# TYPE redknot_chunk_store_bytes gauge\n";
-  for (const char* tier : {"gpu", "host", "disk"}) {
-    const std::string t = std::string("{tier=\"") + tier + "\"} 0\n";
-    out += "redknot_chunk_store_hits_total" + t + "redknot_chunk_store_misses_total" + t +
-           "redknot_chunk_store_bytes" + t;
-  }
-  gauge(out, "redknot_reuse_recompute_ratio", "Recomputed / total prompt tokens under reuse.", 0);
-  gauge(out, "redknot_reuse_flops_saved_total", "Prefill FLOPs saved by chunk reuse.", 0,
-        "counter");
+  out += "redknot_chunk_store_bytes{tier=\"pool\"} " + num(cs.pool.bytes) + "\n";
+  out += "redknot_chunk_store_bytes{tier=\"host\"} " + num(cs.host.bytes) + "\n";
+  out += "redknot_chunk_store_bytes{tier=\"disk\"} " + num(cs.disk.bytes) + "\n";
+  gauge(out, "redknot_chunk_store_pool_pages", "KV pool pages held by cached segments.",
+        s.page_bytes > 0 ? cs.pool.bytes / s.page_bytes : 0);
+  gauge(out, "redknot_chunk_store_entries", "Segments cached (all tiers).",
+        cs.pool.entries + cs.host.entries + cs.disk.entries);
+  gauge(out, "redknot_chunk_store_evictions_total", "Segments dropped from every tier.",
+        cs.evictions, "counter");
+  gauge(out, "redknot_chunk_store_corrupt_files_total", "Spill files found corrupt.",
+        cs.corrupt_files, "counter");
+  gauge(out, "redknot_reuse_prefills_total", "Requests prefilled through chunk reuse.",
+        s.reuse_prefills, "counter");
+  const double prompt_reused = double(s.cached_tokens + s.recomputed_tokens);
+  gauge(out, "redknot_reuse_recompute_ratio", "Recomputed / total prompt tokens under reuse.",
+        prompt_reused > 0 ? s.recomputed_tokens / prompt_reused : 0.0);
+  gauge(out, "redknot_reuse_flops_saved_total", "Prefill FLOPs saved by chunk reuse.",
+        s.flops_full - s.flops_done, "counter");
   return out;
 }
 

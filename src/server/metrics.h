@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 #include <vector>
+#include "reuse/chunk_store.h"
 
 #include "engine/scheduler.h"
 
@@ -32,7 +33,8 @@ class Metrics {
   void count_request(const std::string& endpoint, int status);
   // gaps[0]: submit to first token; the rest: between tokens (seconds).
   void observe_token_gaps(const std::vector<double>& gaps);
-  std::string render(const SchedulerStats& s) const;
+  // chunks: the chunk store's counters, or null when the server has none.
+  std::string render(const SchedulerStats& s, const ChunkStoreStats* chunks = nullptr) const;
 
  private:
   mutable std::mutex mu_;

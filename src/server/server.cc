@@ -388,7 +388,10 @@ void Server::routes() {
   });
 
   s.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(metrics_.render(sched_.stats()), "text/plain; version=0.0.4");
+    ChunkStoreStats cs;
+    if (opts_.chunk_stats) cs = opts_.chunk_stats();
+    res.set_content(metrics_.render(sched_.stats(), opts_.chunk_stats ? &cs : nullptr),
+                    "text/plain; version=0.0.4");
   });
 
   s.Get("/v1/models",
@@ -405,7 +408,7 @@ void Server::routes() {
                        {"batch_invariant", opts_.batch_invariant},
                        {"chunk_store_dir", opts_.chunk_store_dir},
                        {"reuse_mode", opts_.reuse_mode},
-                       {"chunk_reuse", "not available yet"}};
+                       {"chunk_reuse", opts_.chunk_stats ? "on" : "off"}};
           json model = {{"id", opts_.model_id},
                         {"object", "model"},
                         {"created", 0},
@@ -431,6 +434,14 @@ void Server::routes() {
       GenParams g = parse_gen(body);
 
       RequestSpec spec;
+      // RedKnot extension: a request may choose its chunk reuse mode.
+      if (present(body, "reuse_mode")) {
+        try {
+          spec.reuse_mode = parse_reuse_mode(get_str(body["reuse_mode"], "reuse_mode"));
+        } catch (const Error& e) {
+          throw bad(e.what(), "reuse_mode");
+        }
+      }
       try {
         if (chat) {
           if (!body.contains("messages") || !body["messages"].is_array() ||

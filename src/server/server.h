@@ -3,9 +3,12 @@
 // HTTP threads parse and validate, tokenize, submit to the Scheduler and wait on the request's
 // stream; the engine thread alone touches the model and the KV cache.
 #pragma once
+#include <functional>
+
 #include <cstdint>
 #include <memory>
 #include <string>
+#include "reuse/chunk_store.h"
 
 #include "engine/scheduler.h"
 #include "server/chat_format.h"
@@ -30,6 +33,8 @@ struct ServerOptions {
   // Reported in /v1/models metadata.
   std::string backend, head_profile, chunk_store_dir, reuse_mode;
   bool batch_invariant = false;
+  // The chunk store's counters for /metrics (null: no chunk store).
+  std::function<ChunkStoreStats()> chunk_stats;
 };
 
 class Server {
