@@ -13,7 +13,7 @@ ctest --test-dir "$root/build" -j"$jobs" --output-on-failure
 
 if [ "${REDKNOT_SKIP_SANITIZERS:-0}" != "1" ]; then
   echo "== ASan/UBSan build and tests"
-  cmake -S "$root" -B "$root/build-asan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  cmake -S "$root" -B "$root/build-asan" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DREDKNOT_SANITIZE=ON >/dev/null
   cmake --build "$root/build-asan" -j"$jobs"
   # Every test except the long numeric parity sweeps, which run the same code paths as the
