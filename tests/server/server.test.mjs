@@ -1,7 +1,7 @@
 // `redknot serve` end to end with the official openai client, on stories260K (GGUF, no chat
 // template: the plain Question/Answer format). Env: REDKNOT_CLI (binary), REDKNOT_SHARED_DIR.
 import assert from 'node:assert/strict';
-import {spawn} from 'node:child_process';
+import {execFileSync, spawn} from 'node:child_process';
 import {existsSync} from 'node:fs';
 import net from 'node:net';
 import {after, before, describe, test} from 'node:test';
@@ -248,7 +248,7 @@ describe('redknot serve', {skip: haveModel ? false : `needs ${CLI} and ${MODEL}`
       model: 'stories260K', messages: [{role: 'user', content: 'Who had a ball?'}], documents,
       reuse_mode: mode, max_tokens: 8, temperature: 0,
     });
-    for (const mode of ['naive', 'cacheblend', 'epic']) {
+    for (const mode of ['naive', 'cacheblend', 'epic', 'redknot']) {
       const docA = `Anna had a ${mode} kite. She flew it over the hill with her dad.`;
       const before = await metrics(srv.base);
       // The first document carries BOS (its own cache key), so docA moves from 2nd to 3rd place.
@@ -262,6 +262,14 @@ describe('redknot serve', {skip: haveModel ? false : `needs ${CLI} and ${MODEL}`
       // The same request again takes the same path and gives the same answer.
       const again = await ask([DOCS[2], DOCS[0], docA], mode);
       assert.equal(again.choices[0].message.content, second.choices[0].message.content);
+      // And it is the mode's offline output: `redknot generate` with the same segments.
+      const offline = JSON.parse(execFileSync(CLI, [
+        'generate', '--model', MODEL, '--mode', mode, '--max-tokens', '8', '--json',
+        '--segment', `${DOCS[2]}\n\n`, '--segment', `${DOCS[0]}\n\n`, '--segment', `${docA}\n\n`,
+        '--prompt', 'Question: Who had a ball?\nAnswer:',
+      ], {encoding: 'utf8'}).trim().split('\n').pop());
+      assert.equal(second.choices[0].message.content, offline.text,
+                   `${mode}: server answer differs from the offline output`);
       assert.ok(first.choices[0].message.content.length > 0);
     }
     await waitIdle(srv.base);
