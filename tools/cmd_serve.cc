@@ -28,6 +28,7 @@ struct ServeArgs {
   int port = 8080;
   int32_t max_batch = 32, max_queue = 256, step_tokens = 512, page_size = 64, threads = 0;
   int64_t kv_budget = 0;
+  double gpu_memory_fraction = 0;
   bool batch_invariant = true;
 };
 
@@ -53,6 +54,12 @@ int run_serve(const ServeArgs& a) {
   KvOptions kvo;
   kvo.page_size = a.page_size;
   kvo.budget_bytes = a.kv_budget;
+  if (a.gpu_memory_fraction > 0) {
+    // Weights are on the device already: the pool takes this share of what is left.
+    kvo.budget_bytes = static_cast<int64_t>(
+        a.gpu_memory_fraction * static_cast<double>(model.backend().free_memory_bytes()));
+    if (kvo.budget_bytes <= 0) throw Error("--gpu-memory-fraction: no free device memory reported");
+  }
   // Default pool: every batch slot at full context, all heads global.
   kvo.tokens = model.config().max_position_embeddings * a.max_batch;
   kvo.head_profile_path = a.head_profile;
@@ -137,7 +144,11 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
       ->check(CLI::Range(0, 1 << 20));
   c->add_option("--step-tokens", a->step_tokens, "tokens per engine step (chunked prefill)")
       ->check(CLI::Range(1, 1 << 20));
-  c->add_option("--kv-budget", a->kv_budget, "KV pool size in bytes");
+  auto* kvb = c->add_option("--kv-budget", a->kv_budget, "KV pool size in bytes");
+  c->add_option("--gpu-memory-fraction", a->gpu_memory_fraction,
+                "KV pool = this share of the device memory left after the weights")
+      ->check(CLI::Range(0.0, 1.0))
+      ->excludes(kvb);
   c->add_option("--page-size", a->page_size, "KV page size in tokens")->check(CLI::Range(1, 4096));
   c->add_option("--api-key", a->api_key, "require 'Authorization: Bearer KEY'");
   c->add_option("--backend", a->backend, "cpu | reference | cuda");

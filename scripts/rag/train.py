@@ -871,11 +871,11 @@ def main():
                 # long enough for the next probe to decide again; each extension needs a fresh probe
                 ext = min(max(0.03, 1.25 * args.probe_every / budget), args.max_hold - hold_used)
                 hold_used += ext
-                last_em = None
                 set_stage_end(si, ends[si] + ext)
                 curr_log.append({"step": step, "frac": frac, "event": f"hold {lens[si]} +{ext:.2f}"})
                 log(f"curriculum: single probe EM {last_em[1].get('single', 0):.0f} < {args.hold_em:.0f}, "
                     f"holding L={lens[si]} until frac {ends[si]:.2f} (hold used {hold_used:.2f})")
+                last_em = None
             else:
                 while si < len(lens) - 1 and frac >= ends[si]:
                     si += 1

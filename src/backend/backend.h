@@ -62,6 +62,9 @@ class Backend {
   virtual Tensor to_host_f32(const Tensor& src) = 0;
   // Waits for queued work (no-op on CPU).
   virtual void synchronize() {}
+  // Bytes of device memory still free (host backends: available RAM). Sizes the KV pool from
+  // --gpu-memory-fraction.
+  virtual int64_t free_memory_bytes() const;
 
   // ---- ops; all tensors on this device, activations in act_dtype() unless said ----
   // out[t, :] = table[ids[t], :]

@@ -1,5 +1,7 @@
 // Host-memory defaults of the data-movement ops; device backends override them.
+#include <unistd.h>
 #include <cmath>
+
 #include <cstring>
 
 #include "backend/backend.h"
@@ -21,6 +23,11 @@ void Backend::paged_attention(const Tensor& q, const Tensor& k_pool, const Tenso
   if (q.device() != Device::Host || q.dtype() != DType::F32)
     throw Error("backend '" + name() + "' has no paged attention");
   reference_paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+}
+
+int64_t Backend::free_memory_bytes() const {
+  const long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? int64_t{pages} * page : 0;
 }
 
 void Backend::row_l2norm(const Tensor& x, Tensor& out) {

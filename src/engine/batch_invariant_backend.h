@@ -24,6 +24,7 @@ class BatchInvariantBackend : public Backend {
   void copy_from_host(Tensor& dst, const Tensor& src) override { inner_.copy_from_host(dst, src); }
   Tensor to_host_f32(const Tensor& src) override { return inner_.to_host_f32(src); }
   void synchronize() override { inner_.synchronize(); }
+  int64_t free_memory_bytes() const override { return inner_.free_memory_bytes(); }
   void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override {
     inner_.embedding(table, ids, out);
   }

@@ -271,6 +271,11 @@ class CudaBackend : public Backend {
   }
 
   void synchronize() override { cuda_check(cudaStreamSynchronize(stream_), "synchronize"); }
+  int64_t free_memory_bytes() const override {
+    size_t free_b = 0, total_b = 0;
+    cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    return static_cast<int64_t>(free_b);
+  }
 
   void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override {
     expect_rank("embedding", "table", table, 2);
