@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 log="$(mktemp)"
 "$root/build/redknot" serve --model "$root/models/redknot-rag-8k" --port 0 \
-  --head-profile "$root/models/redknot-rag-8k/head_profile.json" >"$log" 2>&1 &
+  >"$log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
 for _ in $(seq 100); do

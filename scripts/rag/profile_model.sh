@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates models/redknot-rag-8k/head_profile.json: calibration text from the data generator
-# (seed 777, never used for training or evaluation), then `redknot profile`.
+# Regenerates models/redknot-rag-8k/head_profile.json: calibration prompts from the data generator
+# (seed 777, never used for training or evaluation; documents + question + answer), then
+# `redknot profile`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 tmp="$(mktemp -d)"
@@ -9,9 +10,13 @@ python3 - "$tmp/calib.jsonl" "$tmp/calib.txt" <<'PY'
 import json, sys
 with open(sys.argv[2], "w") as out:
     for line in open(sys.argv[1]):
-        out.write("\n\n".join(json.loads(line)["segments"]) + "\n\n")
+        # Whole RAG prompts with their answers: retrieval heads only look far when a question
+        # asks about an earlier document, so documents alone would hide them.
+        s = json.loads(line)
+        out.write("".join(seg + "\n\n" for seg in s["segments"]) + "Question: " + s["question"]
+                  + "\nAnswer: " + s["answers"][0] + "\n\n")
 PY
 "$root/build/redknot" profile --model "$root/models/redknot-rag-8k" --calib "$tmp/calib.txt" \
-  --out "$root/models/redknot-rag-8k/head_profile.json" --ratio 0.15 --window 512 --sink 4 \
+  --out "$root/models/redknot-rag-8k/head_profile.json" --ratio "${RATIO:-0.15}" --window "${WINDOW:-512}" --sink 4 \
   --max-tokens 2048
 rm -rf "$tmp"
