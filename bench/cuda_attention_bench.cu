@@ -218,7 +218,8 @@ double visible_pairs(const Layout& L, int64_t group) {
       for (int32_t t = L.qo[s]; t < L.qo[s + 1]; ++t) {
         const int64_t qp = L.q_pos[t], W = L.window[h], sk = L.sink[h];
         int64_t n = qp + 1;
-        if (W > 0) n = std::min<int64_t>(n, W) + std::min<int64_t>(sk, std::max<int64_t>(0, qp + 1 - W));
+        if (W > 0)
+          n = std::min<int64_t>(n, W) + std::min<int64_t>(sk, std::max<int64_t>(0, qp + 1 - W));
         pairs += double(n) * group;
       }
   return pairs;
@@ -238,28 +239,27 @@ int main() {
 
   // ---- prefill (64-row tiles, then 128-row tiles via REDKNOT_FLASH_ROWS) ----
   for (int rows_tile : {64, 128})
-  for (int32_t T : {8192, 32768}) {
-    if (rows_tile == 128) setenv("REDKNOT_FLASH_ROWS", "128", 1);
-    for (int profile = 0; profile < 2; ++profile) {
-      const bool mixed = profile == 1;
-      Layout L = make_layout(1, hkv, T, T, mixed ? 1 : hkv, 4096, 4, false, d);
-      Inputs in = put(b, L, hq, d);
-      auto run = [&] {
-        b.paged_attention(in.q, in.k, in.v, in.pos, in.q_pos, in.plan, in.out);
-      };
-      const double ms = time_ms(b, run, T > 10000 ? 10 : 20);
-      const double flops = 4.0 * d * visible_pairs(L, hq / hkv);
-      double err = -1;
-      if (T == 8192) err = spot_check(b, L, in, host_copy(b, in), hq, d, 24);
-      std::snprintf(line, sizeof line,
-                    "| prefill T=%d (%d-row tiles) | %s | %.3f ms | %.0f TFLOP/s (visible) | rel err %.2e |",
-                    T, rows_tile, mixed ? "1/8 global, W=4096" : "all global", ms,
-                    flops / ms / 1e9, err);
-      table.push_back(line);
-      std::printf("%s\n", line);
+    for (int32_t T : {8192, 32768}) {
+      if (rows_tile == 128) setenv("REDKNOT_FLASH_ROWS", "128", 1);
+      for (int profile = 0; profile < 2; ++profile) {
+        const bool mixed = profile == 1;
+        Layout L = make_layout(1, hkv, T, T, mixed ? 1 : hkv, 4096, 4, false, d);
+        Inputs in = put(b, L, hq, d);
+        auto run = [&] { b.paged_attention(in.q, in.k, in.v, in.pos, in.q_pos, in.plan, in.out); };
+        const double ms = time_ms(b, run, T > 10000 ? 10 : 20);
+        const double flops = 4.0 * d * visible_pairs(L, hq / hkv);
+        double err = -1;
+        if (T == 8192) err = spot_check(b, L, in, host_copy(b, in), hq, d, 24);
+        std::snprintf(line, sizeof line,
+                      "| prefill T=%d (%d-row tiles) | %s | %.3f ms | %.0f TFLOP/s (visible) | rel "
+                      "err %.2e |",
+                      T, rows_tile, mixed ? "1/8 global, W=4096" : "all global", ms,
+                      flops / ms / 1e9, err);
+        table.push_back(line);
+        std::printf("%s\n", line);
+      }
+      unsetenv("REDKNOT_FLASH_ROWS");
     }
-    unsetenv("REDKNOT_FLASH_ROWS");
-  }
 
   // ---- decode (automatic split count, then a sweep via REDKNOT_FLASH_SPLITS) ----
   for (int profile = 0; profile < 2; ++profile) {
@@ -275,10 +275,11 @@ int main() {
       unsetenv("REDKNOT_FLASH_SPLITS");
       const double bytes = double(L.kv_bytes_read) + 2.0 * 16 * hq * d * 2;
       const std::string sp = splits == 0 ? "auto" : std::to_string(splits);
-      std::snprintf(line, sizeof line,
-                    "| decode 32K x16 (splits %s) | %s | %.3f ms | %.0f GB/s of %.1f MB | rel err %.2e |",
-                    sp.c_str(), mixed ? "1/8 global, W=512" : "all global", ms, bytes / ms / 1e6,
-                    bytes / 1e6, err);
+      std::snprintf(
+          line, sizeof line,
+          "| decode 32K x16 (splits %s) | %s | %.3f ms | %.0f GB/s of %.1f MB | rel err %.2e |",
+          sp.c_str(), mixed ? "1/8 global, W=512" : "all global", ms, bytes / ms / 1e6, bytes / 1e6,
+          err);
       table.push_back(line);
       std::printf("%s\n", line);
     }
@@ -297,9 +298,10 @@ int main() {
       auto run = [&] { sb.paged_attention(in.q, in.k, in.v, in.pos, in.q_pos, in.plan, in.out); };
       const double ms = time_ms(sb, run, 5);
       const double bytes = double(L.kv_bytes_read) + 2.0 * 16 * hq * d * 2;
-      std::snprintf(line, sizeof line,
-                    "| decode 32K x16 (old scalar kernel) | %s | %.3f ms | %.0f GB/s of %.1f MB | |",
-                    mixed ? "1/8 global, W=512" : "all global", ms, bytes / ms / 1e6, bytes / 1e6);
+      std::snprintf(
+          line, sizeof line,
+          "| decode 32K x16 (old scalar kernel) | %s | %.3f ms | %.0f GB/s of %.1f MB | |",
+          mixed ? "1/8 global, W=512" : "all global", ms, bytes / ms / 1e6, bytes / 1e6);
       table.push_back(line);
       std::printf("%s\n", line);
     }
@@ -315,7 +317,8 @@ int main() {
     fill(w, 2);
     auto run = [&] { b.matmul(x, w, bias, o); };
     const double ms = time_ms(b, run, 20);
-    std::snprintf(line, sizeof line, "| matmul+bias %ldx%ldx%ld | bf16 | %.3f ms | %.0f TFLOP/s | |",
+    std::snprintf(line, sizeof line,
+                  "| matmul+bias %ldx%ldx%ld | bf16 | %.3f ms | %.0f TFLOP/s | |",
                   static_cast<long>(m), static_cast<long>(n), static_cast<long>(k), ms,
                   2.0 * m * n * k / ms / 1e9);
     table.push_back(line);
@@ -334,9 +337,10 @@ int main() {
   const CudaAllocStats s0 = cuda_alloc_stats(b);
   pattern();
   const CudaAllocStats s1 = cuda_alloc_stats(b);
-  std::printf("allocator: warm-up %ld cudaMalloc; steady-state pass: %ld cudaMalloc, %ld cache hits\n",
-              static_cast<long>(s0.mallocs), static_cast<long>(s1.mallocs - s0.mallocs),
-              static_cast<long>(s1.hits - s0.hits));
+  std::printf(
+      "allocator: warm-up %ld cudaMalloc; steady-state pass: %ld cudaMalloc, %ld cache hits\n",
+      static_cast<long>(s0.mallocs), static_cast<long>(s1.mallocs - s0.mallocs),
+      static_cast<long>(s1.hits - s0.hits));
 
   std::printf("\n| case | profile | time | rate | check |\n|---|---|---|---|---|\n");
   for (const auto& l : table) std::printf("%s\n", l.c_str());

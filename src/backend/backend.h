@@ -34,8 +34,8 @@ struct PagedAttentionPlan {
   int32_t num_kv_heads = 0;
   int32_t page_size = 0;
   float scale = 1.0f;
-  Tensor qo_indptr;     // [num_seqs + 1]: query rows of sequence s are [qo_indptr[s], qo_indptr[s+1])
-  Tensor kv_indptr;     // [num_seqs * num_kv_heads + 1]: CSR row pointers into page_indices
+  Tensor qo_indptr;  // [num_seqs + 1]: query rows of sequence s are [qo_indptr[s], qo_indptr[s+1])
+  Tensor kv_indptr;  // [num_seqs * num_kv_heads + 1]: CSR row pointers into page_indices
   Tensor page_indices;  // [nnz]: physical page of each table entry, in position order
   Tensor page_lengths;  // [nnz]: used slots of each page (slots [0, len) are valid)
   Tensor head_window;   // [num_kv_heads]: 0 = global, else the sliding window W

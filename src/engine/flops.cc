@@ -15,9 +15,13 @@ FlopsLedger& FlopsLedger::operator+=(const FlopsLedger& o) {
 }
 
 nlohmann::json FlopsLedger::to_json() const {
-  return {{"projections", projections}, {"attention_global", attention_global},
-          {"attention_local", attention_local}, {"ffn_dense", ffn_dense},
-          {"ffn_sparse", ffn_sparse}, {"lm_head", lm_head}, {"total", total()}};
+  return {{"projections", projections},
+          {"attention_global", attention_global},
+          {"attention_local", attention_local},
+          {"ffn_dense", ffn_dense},
+          {"ffn_sparse", ffn_sparse},
+          {"lm_head", lm_head},
+          {"total", total()}};
 }
 
 int64_t visible_keys(const HeadSpec& spec, int64_t pos) {

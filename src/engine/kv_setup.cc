@@ -26,11 +26,13 @@ KvStore make_kv_store(Model& model, const KvOptions& opts) {
   } else {
     if (opts.tokens <= 0) throw Error("KV store needs a byte budget or a token count");
     // One page of slack per head for copy-on-write and partially used pages.
-    pages = cfg.num_layers * cfg.num_kv_heads * ((opts.tokens + opts.page_size - 1) / opts.page_size + 1);
+    pages = cfg.num_layers * cfg.num_kv_heads *
+            ((opts.tokens + opts.page_size - 1) / opts.page_size + 1);
   }
   if (pages <= 0) throw Error("KV budget is smaller than one page");
   if (pages > INT32_MAX) throw Error("KV budget too large");
-  s.pool = std::make_unique<PagePool>(model.backend(), static_cast<int32_t>(pages), opts.page_size, hd);
+  s.pool =
+      std::make_unique<PagePool>(model.backend(), static_cast<int32_t>(pages), opts.page_size, hd);
   PagedKvOptions po;
   po.scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
   s.cache = std::make_unique<PagedKvCache>(*s.pool, s.profile, po, model.inv_freq());

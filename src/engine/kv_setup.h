@@ -13,9 +13,9 @@ namespace redknot {
 
 struct KvOptions {
   int32_t page_size = 64;
-  int64_t budget_bytes = 0;        // pool size; 0: enough for `tokens` tokens all-global
-  int64_t tokens = 0;              // used when budget_bytes == 0
-  std::string head_profile_path;   // empty: the model's own attention (dense or its window)
+  int64_t budget_bytes = 0;       // pool size; 0: enough for `tokens` tokens all-global
+  int64_t tokens = 0;             // used when budget_bytes == 0
+  std::string head_profile_path;  // empty: the model's own attention (dense or its window)
 };
 
 struct KvStore {

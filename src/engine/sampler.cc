@@ -45,7 +45,8 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   const float max_logit = scratch_.front().first;
   double total = 0.0;
   std::vector<double> probs(scratch_.size());
-  for (size_t i = 0; i < scratch_.size(); ++i) total += probs[i] = std::exp(scratch_[i].first - max_logit);
+  for (size_t i = 0; i < scratch_.size(); ++i)
+    total += probs[i] = std::exp(scratch_[i].first - max_logit);
   size_t n = scratch_.size();
   if (params_.top_p < 1.0f) {
     double cum = 0.0;

@@ -105,7 +105,7 @@ class PagedKvCache : public KvCache {
   std::vector<LayerPlan> plans_;  // valid between begin_forward and end_forward
   std::vector<SeqId> batch_seqs_;
   Tensor batch_positions_;
-  Tensor token_positions_;     // [T * kv_heads, 1] i32: position of each written row
+  Tensor token_positions_;  // [T * kv_heads, 1] i32: position of each written row
   // Target of overwrite writes a local head no longer keeps; held from begin_forward of a
   // selective-recompute batch to its end_forward.
   int32_t scratch_page_ = -1;

@@ -318,9 +318,9 @@ class CudaBackend : public Backend {
     // Row-major out[M,N] = x[M,K]·w[N,K]ᵀ is column-major outᵀ[N,M] = wᵀ(op T)[N,K]·xᵀ[K,M].
     const float alpha = 1.0f, beta = 0.0f;
     if (!simple_) {
-      const LtPlan& plan = lt_plan(m_rows, n_rows, k_dim, out.dtype(), bias.numel() > 0,
-                                   std::min({ptr_alignment(x.raw()), ptr_alignment(w.raw()),
-                                             ptr_alignment(out.raw())}));
+      const LtPlan& plan = lt_plan(
+          m_rows, n_rows, k_dim, out.dtype(), bias.numel() > 0,
+          std::min({ptr_alignment(x.raw()), ptr_alignment(w.raw()), ptr_alignment(out.raw())}));
       if (plan.ok) {
         if (bias.numel()) {
           const void* bias_ptr = bias.raw();
@@ -575,7 +575,8 @@ class CudaBackend : public Backend {
     const bool wide = rows_env != nullptr && std::atoi(rows_env) == 128;
     const int rows_per_tile = decode ? 16 : wide ? 128 : 64;
     const int64_t tiles_bound = (T * group + rows_per_tile - 1) / rows_per_tile + seqs;
-    const int64_t tiles_est = std::max<int64_t>(seqs, (T * group + rows_per_tile - 1) / rows_per_tile);
+    const int64_t tiles_est =
+        std::max<int64_t>(seqs, (T * group + rows_per_tile - 1) / rows_per_tile);
     const int64_t items = tiles_est * hkv;
     const int64_t nnz = plan.page_indices.numel();
     const int64_t avg_pages = nnz / std::max<int64_t>(1, seqs * hkv);
@@ -589,7 +590,8 @@ class CudaBackend : public Backend {
       splits = std::clamp<int64_t>((max_pages + chunk - 1) / chunk, 1, 32);
     } else if (items < target) {
       splits = (target + items - 1) / items;
-      splits = std::clamp<int64_t>(splits, 1, std::min<int64_t>(64, std::max<int64_t>(1, avg_pages / 2)));
+      splits = std::clamp<int64_t>(splits, 1,
+                                   std::min<int64_t>(64, std::max<int64_t>(1, avg_pages / 2)));
     }
     if (const char* env = std::getenv("REDKNOT_FLASH_SPLITS")) splits = std::max(1, std::atoi(env));
     cuda::FlashParams p{static_cast<int32_t>(hq),
@@ -642,8 +644,8 @@ class CudaBackend : public Backend {
     if (it != lt_plans_.end()) return it->second;
     LtPlan plan;
     const cudaDataType out_type = out_dtype == DType::F32 ? CUDA_R_32F : CUDA_R_16BF;
-    bool ok = cublasLtMatmulDescCreate(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ==
-              CUBLAS_STATUS_SUCCESS;
+    bool ok =
+        cublasLtMatmulDescCreate(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS;
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     ok = ok && cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta,
                                               sizeof(ta)) == CUBLAS_STATUS_SUCCESS;
@@ -654,9 +656,9 @@ class CudaBackend : public Backend {
       const cudaDataType bias_type = CUDA_R_32F;
       ok = ok && cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
                                                 sizeof(epi)) == CUBLAS_STATUS_SUCCESS;
-      ok = ok && cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                                                &bias_type,
-                                                sizeof(bias_type)) == CUBLAS_STATUS_SUCCESS;
+      ok = ok &&
+           cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                          sizeof(bias_type)) == CUBLAS_STATUS_SUCCESS;
     }
     ok = ok && cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, k, n, k) == CUBLAS_STATUS_SUCCESS;
     ok = ok && cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, k, m, k) == CUBLAS_STATUS_SUCCESS;
@@ -665,19 +667,19 @@ class CudaBackend : public Backend {
       cublasLtMatmulPreference_t pref = nullptr;
       ok = cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
       const size_t ws = kLtWorkspace;
-      ok = ok && cublasLtMatmulPreferenceSetAttribute(pref,
-                                                      CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                      &ws, sizeof(ws)) == CUBLAS_STATUS_SUCCESS;
-      for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+      ok =
+          ok && cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                     &ws, sizeof(ws)) == CUBLAS_STATUS_SUCCESS;
+      for (auto attr :
+           {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
         ok = ok && cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)) ==
                        CUBLAS_STATUS_SUCCESS;
       cublasLtMatmulHeuristicResult_t result{};
       int found = 0;
-      ok = ok && cublasLtMatmulAlgoGetHeuristic(lt_, plan.op, plan.a, plan.b, plan.c, plan.c, pref,
-                                                1, &result, &found) == CUBLAS_STATUS_SUCCESS &&
+      ok = ok &&
+           cublasLtMatmulAlgoGetHeuristic(lt_, plan.op, plan.a, plan.b, plan.c, plan.c, pref, 1,
+                                          &result, &found) == CUBLAS_STATUS_SUCCESS &&
            found > 0;
       if (ok) plan.algo = result.algo;
       if (pref) cublasLtMatmulPreferenceDestroy(pref);

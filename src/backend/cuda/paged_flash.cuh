@@ -49,8 +49,8 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                            uint32_t& r3, const void* p) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                            const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(smem_u32(p)));
@@ -87,17 +87,14 @@ struct FlashSmem {
 };
 
 template <int D, int kWarps>
-__global__ void __launch_bounds__(32 * kWarps)
-    paged_flash_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
-                       const __nv_bfloat16* __restrict__ v_pool,
-                       const int32_t* __restrict__ pos_pool, const int32_t* __restrict__ q_pos,
-                       const int32_t* __restrict__ qo_indptr, const int32_t* __restrict__ kv_indptr,
-                       const int32_t* __restrict__ page_indices,
-                       const int32_t* __restrict__ page_lengths,
-                       const int32_t* __restrict__ head_window,
-                       const int32_t* __restrict__ head_sink, FlashParams p,
-                       __nv_bfloat16* __restrict__ out, float* __restrict__ part_o,
-                       float* __restrict__ part_ml) {
+__global__ void __launch_bounds__(32 * kWarps) paged_flash_kernel(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
+    const __nv_bfloat16* __restrict__ v_pool, const int32_t* __restrict__ pos_pool,
+    const int32_t* __restrict__ q_pos, const int32_t* __restrict__ qo_indptr,
+    const int32_t* __restrict__ kv_indptr, const int32_t* __restrict__ page_indices,
+    const int32_t* __restrict__ page_lengths, const int32_t* __restrict__ head_window,
+    const int32_t* __restrict__ head_sink, FlashParams p, __nv_bfloat16* __restrict__ out,
+    float* __restrict__ part_o, float* __restrict__ part_ml) {
   using S = FlashSmem<D, kWarps>;
   constexpr int kRows = S::kRows, kStride = S::kStride, kThreads = 32 * kWarps;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -106,7 +103,7 @@ __global__ void __launch_bounds__(32 * kWarps)
   __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem_raw + S::kQ);
   __nv_bfloat16* v_s = reinterpret_cast<__nv_bfloat16*>(smem_raw + S::kQ + 2 * S::kKV);
   int32_t* slot_s = reinterpret_cast<int32_t*>(smem_raw + S::kQ + 4 * S::kKV);  // [2][kKeys]
-  int32_t* kpos_s = slot_s + 2 * kFlashKeys;                                     // [2][kKeys]
+  int32_t* kpos_s = slot_s + 2 * kFlashKeys;                                    // [2][kKeys]
   int32_t* meta_s = kpos_s + 2 * kFlashKeys;  // [0..1] count, [2..3] fully visible, [4..8] tile
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -325,8 +322,8 @@ __global__ void __launch_bounds__(32 * kWarps)
 #pragma unroll
       for (int jp = 0; jp < kFlashKeys / 16; ++jp) {
         uint32_t b0, b1, b2, b3;
-        const __nv_bfloat16* ptr = kb + (jp * 16 + (lane / 16) * 8 + lane % 8) * kStride +
-                                   kk * 16 + ((lane / 8) % 2) * 8;
+        const __nv_bfloat16* ptr =
+            kb + (jp * 16 + (lane / 16) * 8 + lane % 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8;
         ldmatrix_x4(b0, b1, b2, b3, ptr);
         mma_bf16(s_acc[2 * jp], q_frag[kk], b0, b1);
         mma_bf16(s_acc[2 * jp + 1], q_frag[kk], b2, b3);
@@ -343,8 +340,8 @@ __global__ void __launch_bounds__(32 * kWarps)
           const int col = j * 8 + 2 * (lane % 4) + (c & 1);
           const int32_t kp = kpos_s[cur * kFlashKeys + col];
           const int32_t qq = qp[c >> 1];
-          const bool vis = kp <= qq && (window == 0 || static_cast<int64_t>(qq) - kp < window ||
-                                        kp < sink);
+          const bool vis =
+              kp <= qq && (window == 0 || static_cast<int64_t>(qq) - kp < window || kp < sink);
           if (!vis) v = -INFINITY;
         }
         s_acc[j][c] = v;
@@ -355,7 +352,8 @@ __global__ void __launch_bounds__(32 * kWarps)
     for (int i = 0; i < 2; ++i) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < kFlashKeys / 8; ++j) mx = fmaxf(mx, fmaxf(s_acc[j][2 * i], s_acc[j][2 * i + 1]));
+      for (int j = 0; j < kFlashKeys / 8; ++j)
+        mx = fmaxf(mx, fmaxf(s_acc[j][2 * i], s_acc[j][2 * i + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m_run[i], mx);
@@ -463,7 +461,8 @@ __global__ void paged_flash_merge_kernel(const float* __restrict__ part_o,
   }
   const float inv_l = l_all > 0.0f ? 1.0f / l_all : 0.0f;
 #pragma unroll
-  for (int i = 0; i < D / 32; ++i) out[row * D + lane + 32 * i] = __float2bfloat16_rn(acc[i] * inv_l);
+  for (int i = 0; i < D / 32; ++i)
+    out[row * D + lane + 32 * i] = __float2bfloat16_rn(acc[i] * inv_l);
 }
 
 }  // namespace redknot::cuda
