@@ -20,7 +20,7 @@ if [ "${REDKNOT_SKIP_SANITIZERS:-0}" != "1" ]; then
   # KV/loader/op tests here and take 10x longer under ASan (they ran in the Release pass above).
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir "$root/build-asan" -j"$jobs" --output-on-failure \
-      -E '^(refs_parity_test|paged_parity_test|mixed_profile_test)$'
+      -E '^(refs_parity_test|paged_parity_test|mixed_profile_test|rag_model_test)$'
   # One model of the parity sweep still runs under the sanitizers, whole and chunked.
   "$root/build-asan/src/refs_parity_test" --gtest_filter='*qwen3_tiny_cpu*' --gtest_brief=1
 fi
