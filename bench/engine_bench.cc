@@ -1,5 +1,7 @@
 #include "engine_bench.h"
 
+#include "bench_util.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -22,15 +24,6 @@ extern "C" void openblas_set_num_threads(int num_threads);
 namespace redknot::bench {
 
 namespace {
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 struct GemmShape {
   int64_t n, k, count;  // out features, in features, how many per layer (or per model)

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "backend/cpu/cpu_backend.h"
+#include "bench_util.h"
 #include "core/error.h"
 #include "kv/device_util.h"
 #include "kv/page_pool.h"
@@ -16,16 +17,6 @@
 
 namespace redknot::bench {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/paged_attention_kernel.h"  // accumulate_pv_kv
 #include "backend/cpu/simd.h"
 
 namespace redknot::cpu {
@@ -62,31 +63,6 @@ inline int visible_ranges(const AttentionArgs& a, int32_t qp, int64_t begin[2], 
 inline bool visible(const AttentionArgs& a, int32_t qp, int32_t kp) {
   if (kp > qp) return false;
   return a.mask.window <= 0 || static_cast<int64_t>(qp) - kp < a.mask.window || kp < a.mask.sink;
-}
-
-// acc[c] += sum_j p[j] * v[j, c] over a block of nb keys. Each vector of acc stays in a
-// register across the keys (four independent FMA chains) instead of a load/store per key.
-// p: [nb]; v: [nb, d]; acc: [d]
-inline void accumulate_pv(const float* p, const float* v, int64_t nb, int64_t d, float* acc) {
-  constexpr int kW = Simd::kWidth;
-  int64_t c = 0;
-  for (; c + kW <= d; c += kW) {
-    Simd::V a0 = Simd::load(acc + c), a1 = Simd::zero(), a2 = Simd::zero(), a3 = Simd::zero();
-    int64_t j = 0;
-    for (; j + 4 <= nb; j += 4) {
-      a0 = Simd::fma(Simd::set1(p[j]), Simd::load(v + j * d + c), a0);
-      a1 = Simd::fma(Simd::set1(p[j + 1]), Simd::load(v + (j + 1) * d + c), a1);
-      a2 = Simd::fma(Simd::set1(p[j + 2]), Simd::load(v + (j + 2) * d + c), a2);
-      a3 = Simd::fma(Simd::set1(p[j + 3]), Simd::load(v + (j + 3) * d + c), a3);
-    }
-    for (; j < nb; ++j) a0 = Simd::fma(Simd::set1(p[j]), Simd::load(v + j * d + c), a0);
-    Simd::store(acc + c, Simd::add(Simd::add(a0, a1), Simd::add(a2, a3)));
-  }
-  for (; c < d; ++c) {
-    float a = acc[c];
-    for (int64_t j = 0; j < nb; ++j) a += p[j] * v[j * d + c];
-    acc[c] = a;
-  }
 }
 
 // Output of query token i for the query heads of kv head g.
@@ -142,7 +118,7 @@ inline void attention_task(const AttentionArgs& a, int64_t i, int64_t g, Attenti
           sc[j] = std::exp(sc[j] - new_max);
           sum += sc[j];
         }
-        accumulate_pv(sc, vh + j0 * d, nb, d, acc);
+        accumulate_pv_kv(sc, vh + j0 * d, nb, d, acc);
         s.row_sum[h] = sum;
       }
     }
