@@ -53,10 +53,7 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m) {
   kvo.page_size = a.page_size;
   kvo.head_profile_path = ro.mode == ReuseMode::RedKnot ? a.head_profile : "";
   const int64_t tokens = p.total_tokens() + a.max_tokens + 1;
-  PagePool probe(*m.backend, 1, kvo.page_size, static_cast<int32_t>(cfg.head_dim), false);
-  const int64_t request_bytes = cfg.num_layers * cfg.num_kv_heads *
-                                ((tokens + kvo.page_size - 1) / kvo.page_size + 2) *
-                                probe.bytes_per_page();
+  const int64_t request_bytes = kv_bytes_for(*m.model, kvo.page_size, tokens);
   kvo.budget_bytes = a.kv_budget > 0 ? a.kv_budget : 2 * request_bytes + a.chunk_store_bytes;
   KvStore store = make_kv_store(*m.model, kvo);
   ChunkStoreOptions cso;

@@ -67,11 +67,9 @@ int run_serve(const ServeArgs& a) {
   const ReuseMode mode = a.reuse_mode == "off" ? ReuseMode::Full : parse_reuse_mode(a.reuse_mode);
   const bool reuse = mode != ReuseMode::Full;
   if (reuse && kvo.budget_bytes <= 0) {
-    PagePool probe(model.backend(), 1, kvo.page_size, static_cast<int32_t>(model.config().head_dim),
-                   false);
-    const int64_t per_token = model.config().num_layers * model.config().num_kv_heads *
-                              probe.bytes_per_page() / kvo.page_size;
-    const int64_t request_bytes = per_token * (kvo.tokens + a.max_batch * 2 * kvo.page_size);
+    // Every batch slot at full context (kvo.tokens spans them all), plus page slack per slot.
+    const int64_t request_bytes =
+        kv_bytes_for(model, kvo.page_size, kvo.tokens / a.max_batch, a.max_batch);
     kvo.budget_bytes =
         request_bytes + (a.chunk_store_bytes > 0 ? a.chunk_store_bytes : request_bytes / 2);
   }

@@ -13,6 +13,15 @@ HeadProfile load_head_profile(const Model& model, const std::string& path) {
   return p;
 }
 
+int64_t kv_bytes_for(const Model& model, int32_t page_size, int64_t tokens, int64_t sequences) {
+  const ModelConfig& cfg = model.config();
+  const int64_t page_bytes =
+      2 * dtype_bytes(model.backend().act_dtype(), int64_t{page_size} * cfg.head_dim) +
+      int64_t{page_size} * 4;  // K, V and positions (PagePool layout)
+  const int64_t pages_per_head = (tokens + page_size - 1) / page_size + 2;
+  return sequences * cfg.num_layers * cfg.num_kv_heads * pages_per_head * page_bytes;
+}
+
 KvStore make_kv_store(Model& model, const KvOptions& opts) {
   const ModelConfig& cfg = model.config();
   if (opts.page_size <= 0 || opts.page_size > 4096) throw Error("page size must be in [1, 4096]");

@@ -28,4 +28,8 @@ struct KvStore {
 HeadProfile load_head_profile(const Model& model, const std::string& path);
 KvStore make_kv_store(Model& model, const KvOptions& opts);
 
+// Pool bytes that hold `sequences` sequences of `tokens` tokens with every head global,
+// including two pages of slack per (layer, kv head) for copy-on-write and partial pages.
+int64_t kv_bytes_for(const Model& model, int32_t page_size, int64_t tokens, int64_t sequences = 1);
+
 }  // namespace redknot

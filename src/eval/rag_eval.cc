@@ -102,13 +102,11 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
   // redknot the head profile.
   const int32_t ps = opts.kv.page_size;
   const int64_t tokens = longest + opts.max_answer_tokens + 1;
-  const int64_t request_pages = cfg.num_layers * cfg.num_kv_heads * ((tokens + ps - 1) / ps + 2);
-  PagePool probe(model.backend(), 1, ps, static_cast<int32_t>(cfg.head_dim), false);
-  const int64_t page_bytes = probe.bytes_per_page();
+  const int64_t request_bytes = kv_bytes_for(model, ps, tokens);
   const int64_t store_bytes =
-      opts.chunk_store_bytes > 0 ? opts.chunk_store_bytes : 4 * request_pages * page_bytes;
+      opts.chunk_store_bytes > 0 ? opts.chunk_store_bytes : 4 * request_bytes;
   KvOptions kvo = opts.kv;
-  kvo.budget_bytes = (2 * request_pages) * page_bytes + store_bytes;
+  kvo.budget_bytes = 2 * request_bytes + store_bytes;
   if (mode != ReuseMode::RedKnot) kvo.head_profile_path.clear();
   KvStore store = make_kv_store(model, kvo);
   ChunkStoreOptions cso;
