@@ -1,49 +1,50 @@
 // `redknot eval`: accuracy, agreement with full prefill, TTFT and FLOPs of a prefill mode on a
 // RAG dataset (JSONL or .jsonl.gz).
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
+#include <fstream>
 #include <iostream>
+#include <string>
+#include <vector>
 
 #include "commands.h"
 #include "common.h"
 #include "core/error.h"
 #include "eval/rag_eval.h"
+#include "reuse/chunk_store.h"
 
 namespace redknot::cli {
 
 namespace {
 struct EvalArgs {
-  std::string model, data, mode = "full", head_profile, backend = "cpu";
+  std::string model, data, mode = "full", head_profile, backend = "cpu", reference;
   int64_t n = 0, chunk_store_bytes = 0;
   int32_t page_size = 64, max_answer_tokens = 16;
   ReuseOptions reuse;
   bool json = false, quiet = false, no_sparse_ffn = false;
 };
 
-int run_eval(const EvalArgs& a) {
-  ReuseOptions reuse = a.reuse;
-  reuse.mode = parse_reuse_mode(a.mode);
-  reuse.sparse_ffn_enabled = !a.no_sparse_ffn;
-  LoadedModel m = load_model(a.model, a.backend);
-  if (!m.tokenizer) throw Error(a.model + ": no tokenizer found (eval builds prompts from text)");
-  std::vector<RagSample> samples = load_rag_dataset(a.data, a.n);
-  EvalOptions opts;
-  opts.reuse = reuse;
-  opts.chunk_store_bytes = a.chunk_store_bytes;
-  opts.max_answer_tokens = a.max_answer_tokens;
-  opts.kv.page_size = a.page_size;
-  opts.kv.head_profile_path = a.head_profile;
-  EvalReport r =
-      run_rag_eval(*m.model, m.ckpt, *m.tokenizer, samples, opts, [&](int64_t done, int64_t total) {
-        if (!a.quiet)
-          std::fprintf(stderr, "\r[eval %s] %lld/%lld", a.mode.c_str(), (long long)done,
-                       (long long)total);
-      });
-  if (!a.quiet) std::fprintf(stderr, "\n");
-  if (a.json) {
-    std::cout << r.to_json().dump() << "\n";
-    return 0;
+std::vector<std::string> parse_modes(const std::string& spec) {
+  if (spec == "all") return {"full", "prefix", "naive", "cacheblend", "epic", "redknot"};
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= spec.size()) {
+    const size_t comma = spec.find(',', start);
+    const std::string m = spec.substr(start, comma == std::string::npos ? comma : comma - start);
+    if (!m.empty()) {
+      parse_reuse_mode(m);  // validates: a clear error names the bad mode
+      out.push_back(m);
+    }
+    if (comma == std::string::npos) break;
+    start = comma + 1;
   }
+  if (out.empty()) throw Error("--mode: no mode given");
+  return out;
+}
+
+void print_report(const EvalReport& r) {
   std::printf("| task | n | EM | F1 | top-1 | logits cos |\n|---|---|---|---|---|---|\n");
   for (const auto& [name, t] : r.per_task)
     std::printf("| %s | %lld | %.1f | %.1f | %.3f | %.4f |\n", name.c_str(), (long long)t.n,
@@ -55,6 +56,136 @@ int run_eval(const EvalArgs& a) {
   std::printf("mode %s: TTFT p50 %.1f ms, p90 %.1f ms; FLOPs %.3g vs full %.3g (%.1f%% saved)\n",
               r.mode.c_str(), r.ttft_ms_p50, r.ttft_ms_p90, r.flops, r.flops_full,
               r.flops_full > 0 ? 100.0 * (1 - r.flops / r.flops_full) : 0.0);
+}
+
+// One row per mode, then EM per task family per mode: the comparison table of docs/benchmarks.md.
+void print_comparison(const std::vector<EvalReport>& reports) {
+  const double full_ttft = reports.front().mode == "full" ? reports.front().ttft_ms_p50 : 0;
+  std::printf(
+      "| mode | n | EM | F1 | top-1 | logits cos | TTFT p50 ms | TTFT vs full | FLOPs saved |\n"
+      "|---|---|---|---|---|---|---|---|---|\n");
+  for (const EvalReport& r : reports)
+    std::printf("| %s | %lld | %.1f | %.1f | %.3f | %.4f | %.1f | %s | %.1f%% |\n", r.mode.c_str(),
+                (long long)r.n, 100 * r.em, 100 * r.f1, r.top1_match, r.logits_cos, r.ttft_ms_p50,
+                full_ttft > 0 && r.ttft_ms_p50 > 0
+                    ? (std::to_string(full_ttft / r.ttft_ms_p50).substr(0, 4) + "x").c_str()
+                    : "-",
+                r.flops_full > 0 ? 100.0 * (1 - r.flops / r.flops_full) : 0.0);
+  std::printf("\n| EM by task | ");
+  for (const EvalReport& r : reports) std::printf("%s | ", r.mode.c_str());
+  std::printf("\n|---|");
+  for (size_t i = 0; i < reports.size(); ++i) std::printf("---|");
+  std::printf("\n");
+  for (const auto& [name, t0] : reports.front().per_task) {
+    std::printf("| %s (n=%lld) | ", name.c_str(), (long long)t0.n);
+    for (const EvalReport& r : reports) {
+      auto it = r.per_task.find(name);
+      std::printf("%.1f | ", it == r.per_task.end() ? 0.0 : 100 * it->second.em);
+    }
+    std::printf("\n");
+  }
+}
+
+// The full-prefill reference logits of a run, kept in a file so that sweeps over one mode's
+// parameters do not recompute them: "RKREF1\n", then model fingerprint, samples hash, n and
+// vocab (u64 each), then n x vocab floats. A file that does not match is ignored (and replaced).
+uint64_t samples_hash(const std::vector<RagSample>& samples) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over every field, with separators
+  auto mix = [&](const std::string& s) {
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    h = (h ^ 0xff) * 1099511628211ull;
+  };
+  for (const RagSample& r : samples) {
+    for (const auto& seg : r.segments) mix(seg);
+    mix(r.question);
+  }
+  return h;
+}
+
+constexpr char kRefMagic[8] = {'R', 'K', 'R', 'E', 'F', '1', '\n', 0};
+
+bool load_reference(const std::string& path, uint64_t fp, uint64_t hash, uint64_t n, uint64_t V,
+                    std::vector<std::vector<float>>& out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return false;
+  char magic[8] = {};
+  uint64_t hdr[4] = {};
+  f.read(magic, 7);
+  f.read(reinterpret_cast<char*>(hdr), sizeof(hdr));
+  if (!f || std::memcmp(magic, kRefMagic, 7) != 0 || hdr[0] != fp || hdr[1] != hash ||
+      hdr[2] != n || hdr[3] != V)
+    return false;
+  std::vector<std::vector<float>> rows(n, std::vector<float>(V));
+  for (auto& r : rows) f.read(reinterpret_cast<char*>(r.data()), V * sizeof(float));
+  if (!f) return false;
+  out = std::move(rows);
+  return true;
+}
+
+void save_reference(const std::string& path, uint64_t fp, uint64_t hash, uint64_t V,
+                    const std::vector<std::vector<float>>& rows) {
+  const std::string tmp = path + ".tmp";
+  std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+  const uint64_t hdr[4] = {fp, hash, rows.size(), V};
+  f.write(kRefMagic, 7);
+  f.write(reinterpret_cast<const char*>(hdr), sizeof(hdr));
+  for (const auto& r : rows) f.write(reinterpret_cast<const char*>(r.data()), V * sizeof(float));
+  f.close();
+  if (!f || std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw Error(path + ": cannot write the reference logits");
+}
+
+int run_eval(const EvalArgs& a) {
+  const std::vector<std::string> modes = parse_modes(a.mode);
+  LoadedModel m = load_model(a.model, a.backend);
+  if (!m.tokenizer) throw Error(a.model + ": no tokenizer found (eval builds prompts from text)");
+  std::vector<RagSample> samples = load_rag_dataset(a.data, a.n);
+  std::vector<std::vector<float>> full_logits;  // the reference, computed once for all modes
+  const uint64_t fp = model_fingerprint(m.model->config(), m.ckpt), hash = samples_hash(samples);
+  const uint64_t V = static_cast<uint64_t>(m.model->config().vocab_size);
+  const bool have_ref =
+      !a.reference.empty() && load_reference(a.reference, fp, hash, samples.size(), V, full_logits);
+  if (!a.reference.empty() && !a.quiet)
+    std::fprintf(stderr, "reference logits: %s %s\n", have_ref ? "read from" : "will be written to",
+                 a.reference.c_str());
+  std::vector<EvalReport> reports;
+  for (const std::string& mode : modes) {
+    EvalOptions opts;
+    opts.reuse = a.reuse;
+    opts.reuse.mode = parse_reuse_mode(mode);
+    opts.reuse.sparse_ffn_enabled = !a.no_sparse_ffn;
+    opts.chunk_store_bytes = a.chunk_store_bytes;
+    opts.max_answer_tokens = a.max_answer_tokens;
+    opts.kv.page_size = a.page_size;
+    opts.kv.head_profile_path = a.head_profile;
+    opts.full_logits = &full_logits;
+    reports.push_back(run_rag_eval(*m.model, m.ckpt, *m.tokenizer, samples, opts,
+                                   [&](int64_t done, int64_t total) {
+                                     if (!a.quiet)
+                                       std::fprintf(stderr, "\r[eval %s] %lld/%lld", mode.c_str(),
+                                                    (long long)done, (long long)total);
+                                   }));
+    if (!a.quiet) std::fprintf(stderr, "\n");
+  }
+  const bool complete = full_logits.size() == samples.size() &&
+                        std::all_of(full_logits.begin(), full_logits.end(),
+                                    [](const std::vector<float>& r) { return !r.empty(); });
+  if (!a.reference.empty() && !have_ref && complete)
+    save_reference(a.reference, fp, hash, V, full_logits);
+  if (a.json) {
+    if (reports.size() == 1) {
+      std::cout << reports.front().to_json().dump() << "\n";
+    } else {
+      nlohmann::json arr = nlohmann::json::array();
+      for (const EvalReport& r : reports) arr.push_back(r.to_json());
+      std::cout << arr.dump() << "\n";
+    }
+    return 0;
+  }
+  if (reports.size() == 1)
+    print_report(reports.front());
+  else
+    print_comparison(reports);
   return 0;
 }
 }  // namespace
@@ -66,7 +197,9 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--data", a->data, "JSONL dataset (.jsonl or .jsonl.gz)")->required();
   c->add_option("--n", a->n, "first N samples (0: all)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
-  c->add_option("--mode", a->mode, "full | prefix | naive | cacheblend | epic | redknot");
+  c->add_option("--mode", a->mode,
+                "full | prefix | naive | cacheblend | epic | redknot, a comma list of them, or all "
+                "(modes share the full-prefill reference; --json then prints an array)");
   c->add_option("--cacheblend-ratio", a->reuse.cacheblend_ratio)->check(CLI::Range(0.0, 1.0));
   c->add_option("--epic-k", a->reuse.epic_k)->check(CLI::Range(0, 1 << 20));
   c->add_option("--dense-until", a->reuse.sparse_ffn.dense_until, "Sparse FFN: dense layers below");
@@ -78,10 +211,13 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
   c->add_flag("--no-sparse-ffn", a->no_sparse_ffn, "redknot mode without Sparse FFN");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes, "pool bytes for cached segments");
   c->add_option("--head-profile", a->head_profile, "head profile JSON");
+  c->add_option("--reference", a->reference,
+                "file caching full prefill's logits for these samples (read when it matches the "
+                "model and samples, else written)");
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   c->add_option("--page-size", a->page_size)->check(CLI::Range(1, 4096));
   c->add_option("--max-answer-tokens", a->max_answer_tokens)->check(CLI::Range(1, 1024));
-  c->add_flag("--json", a->json, "print one JSON object");
+  c->add_flag("--json", a->json, "print one JSON object (an array for several modes)");
   c->add_flag("--quiet", a->quiet, "no progress on stderr");
   c->callback([a, &action] { action = [a] { return run_eval(*a); }; });
 }

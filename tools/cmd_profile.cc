@@ -25,6 +25,7 @@ struct ProfileArgs {
   int32_t window = 512, sink = 4, dense_layers = 0, max_tokens = 2048, prefixes = 2, max_chunks = 8,
           threads = 0;
   std::optional<double> score_threshold;
+  std::string bos = "auto";  // auto | always | never
   bool quiet = false;
 };
 
@@ -85,8 +86,17 @@ int run_profile(const ProfileArgs& a) {
       docs.push_back(m.tokenizer->encode(texts[i], /*add_special=*/false));
       files.push_back({{"path", a.calib[i]}, {"tokens", docs.back().size()}});
     }
-    // Runs start the way the model sees text: with BOS when its tokenizer adds one.
-    if (m.tokenizer->add_bos() && m.tokenizer->bos_id() >= 0) o.bos_id = m.tokenizer->bos_id();
+    // Runs start the way the model sees text: with BOS when its tokenizer adds one (auto), or
+    // when the application adds it by hand (always; e.g. the RAG model's prompts). Without its
+    // sink token a run's first tokens become the sink, which inflates the prefix-shift score of
+    // sink-heavy local heads.
+    if (a.bos == "always" || (a.bos == "auto" && m.tokenizer->add_bos())) {
+      if (m.tokenizer->bos_id() < 0) {
+        if (a.bos == "always") throw Error(a.model + ": --bos always but the tokenizer has no BOS");
+      } else {
+        o.bos_id = m.tokenizer->bos_id();
+      }
+    }
   }
   for (size_t i = 0; i < a.calib_ids.size(); ++i) files.push_back({{"path", a.calib_ids[i]}});
   o.calibration_info = {{"files", files}};
@@ -142,6 +152,10 @@ void add_profile_command(CLI::App& app, std::function<int()>& action) {
                 "heads scoring at least this are global whatever the ratio");
   c->add_option("--threads", a->threads, "host threads for attention maps (0: all)");
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
+  c->add_option(
+       "--bos", a->bos,
+       "start each calibration run with BOS: auto (as the tokenizer adds it) | always | never")
+      ->check(CLI::IsMember({"auto", "always", "never"}));
   c->add_flag("--quiet", a->quiet, "no progress lines");
   c->callback([a, &action] {
     if (a->calib.empty() && a->calib_ids.empty())

@@ -7,6 +7,7 @@
 #include "commands.h"
 #include "common.h"
 #include "core/error.h"
+#include "model/sparse_ffn.h"
 
 #ifdef REDKNOT_HAS_SERVER
 #include "backend/builtin.h"
@@ -30,6 +31,8 @@ struct ServeArgs {
   int64_t kv_budget = 0;
   double gpu_memory_fraction = 0;
   bool batch_invariant = true;
+  bool sparse_ffn = true;      // redknot mode's Sparse FFN (SPEC §4)
+  SparseFfnConfig sparse_cfg;  // its tiers
 };
 
 #ifdef REDKNOT_HAS_SERVER
@@ -94,6 +97,8 @@ int run_serve(const ServeArgs& a) {
   so.step_tokens = a.step_tokens;
   if (chunks) {
     so.reuse.mode = mode;
+    so.reuse.sparse_ffn_enabled = a.sparse_ffn;
+    so.reuse.sparse_ffn = a.sparse_cfg;
     so.lookup = chunk_store_lookup(*chunks);
   }
   Scheduler sched(model, *store.cache, so);
@@ -157,6 +162,13 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "disk tier of the chunk store (cached segments survive restarts)");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes,
                 "KV pool bytes for cached segments (default: a third of the pool)");
+  c->add_option("--sparse-ffn", a->sparse_ffn,
+                "redknot mode runs the FFN only for important tokens (true | false)");
+  c->add_option("--dense-until", a->sparse_cfg.dense_until, "Sparse FFN: dense layers below");
+  c->add_option("--mass", a->sparse_cfg.mass, "Sparse FFN: importance mass kept")
+      ->check(CLI::Range(0.0, 1.0));
+  c->add_option("--recent-n", a->sparse_cfg.recent_n, "Sparse FFN: last tokens always kept")
+      ->check(CLI::Range(0, 1 << 20));
   c->add_option("--reuse-mode", a->reuse_mode,
                 "default chunk reuse mode: redknot | naive | cacheblend | epic | full | off");
   c->callback([a, &action] {

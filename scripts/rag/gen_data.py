@@ -414,10 +414,12 @@ def est_len(text, cpt=DEFAULT_CPT):
     return int(math.ceil((len(text) + 2) / cpt))
 
 
-def make_sample(world, task, budget, rng, doc_len=None, q_len=None):
+def make_sample(world, task, budget, rng, doc_len=None, q_len=None, prefer=None):
     """Build one sample of `task` with at most ~`budget` tokens.
 
     doc_len(doc_idx) -> tokens of tok(doc + "\\n\\n"); default: chars/DEFAULT_CPT.
+    prefer: training only, distractor documents tried before the shuffled pool (None: the eval sets'
+    behaviour, unchanged random draws).
     Returns dict(segments=[doc_idx...], question, answers, task, subtype, gold=[segment indices]).
     """
     if doc_len is None:
@@ -468,6 +470,8 @@ def make_sample(world, task, budget, rng, doc_len=None, q_len=None):
             # other distractor pairs of different roles are also fine
             pool += [d for d in world.plain_fact_docs if world.docs[d]["kind"] == "biography"]
     rng.shuffle(pool)
+    if prefer:
+        pool = list(prefer) + pool
     fails = 0
     for d in pool:
         if d in used:

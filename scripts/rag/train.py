@@ -26,9 +26,14 @@ than learning to read them from the context.  Run 3 changes (now the defaults):
   a stage ends early when mean(single, needle) EM >= --advance-em 80; a stage <= 2048 is held past its end
   while single EM < --hold-em 40 (at most --max-hold 0.15 of the time).  The probes are logged
   ("probe step ...") and kept in results.json ("probes", "curriculum_log").
+Run 4 (the shipped weights) adds a locality loss (--global-heads 2:0,4:0,6:0 --local-window 256 --local-weight 2):
+every KV head except the listed ones pays for its attention mass outside sink(4) U window(256) at 64 random
+query positions per step (an eager forward on 1/8 of the batch, under ordinary full attention), so 13 of the
+16 KV heads end up local the way SPEC §1 describes real models, while inference stays plain full attention.
+Each probe also checks that the forward is causal.
 GPU run (one <= 600 s device call):
   export PYTHONUNBUFFERED=1; set -o pipefail
-  timeout 592 python3 scripts/rag/train.py --out $OUT --time-budget 578 2>&1 | tee $OUT/train_log.txt
+  timeout 572 python3 scripts/rag/train.py --out $OUT --time-budget 560 --eval-reserve 140 2>&1 | tee $OUT/train_log.txt
 Old behaviour: --world-samples 0 --extra-qa 7 --qa-frac 6 --mix 0.3,0.25,0.1,0.35 --ans-weight 2
   --probe-every 0 --curriculum 512:0.15,1024:0.35,2048:0.55,4096:0.75,8192:1.0
 Local CPU smoke test (no HF tokenizers: byte-level stub tokenizer; byte prompts are ~4x longer, so use
@@ -185,7 +190,7 @@ class Attn(nn.Module):
         self.v_proj = nn.Linear(hs, self.kv * self.d, bias=False)
         self.o_proj = nn.Linear(self.h * self.d, hs, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=None, capture=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=None, capture=None, loc=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv, self.d).transpose(1, 2)
@@ -205,11 +210,34 @@ class Attn(nn.Module):
                 k, v = kc, vc
         if capture is not None:
             capture.append((q.detach(), k.detach()))
+        edge = None
+        if loc is not None:
+            edge = locality_edge_mass(q, k, *loc)
         rep = self.h // self.kv
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         o = sdpa(q, k, v, mask=mask, causal=mask is None)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))
+        out = self.o_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))
+        return out if loc is None else (out, edge)
+
+
+def locality_edge_mass(q, k, qidx, window, sink):
+    """Attention mass outside sink ∪ window, per KV head, for the sampled query positions.
+
+    q: [B, H, T, D] (rotated), k: [B, KV, T, D] (rotated), qidx: [R] query positions >= sink + window.
+    Returns [KV]: mean over batch, the group's query heads and the R queries.  The window counts the
+    query itself (position i sees i-W+1 .. i), as SPEC §2 and HF's sliding_window.  This is the
+    profiler's edge-mass statistic, made differentiable, so that a locality loss on the designated
+    local heads trains them to be local under plain full attention (no mask at inference)."""
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    qs = q[:, :, qidx].float().view(B, KV, H // KV, qidx.numel(), D)      # [B, KV, rep, R, D]
+    sc = torch.einsum("bgrqd,bgkd->bgrqk", qs, k.float()) / math.sqrt(D)    # [B, KV, rep, R, T]
+    kj = torch.arange(T, device=q.device)
+    causal = kj[None, :] <= qidx[:, None]                                   # [R, T]
+    inside = (kj[None, :] < sink) | (kj[None, :] > qidx[:, None] - window)
+    p = sc.masked_fill(~causal, float("-inf")).softmax(-1)
+    return (p * (causal & ~inside)).sum(-1).mean(dim=(0, 2, 3))
 
 
 class MLP(nn.Module):
@@ -232,9 +260,14 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
         self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=None, capture=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos, capture)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=None, capture=None, loc=None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos, capture, loc)
+        edge = None
+        if loc is not None:
+            a, edge = a
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x if loc is None else (x, edge)
 
 
 class Inner(nn.Module):
@@ -270,18 +303,27 @@ class Llama(nn.Module):
             cos, sin = cos[:, None], sin[:, None]
         return cos, sin
 
-    def forward(self, idx, pos=None, mask=None, caches=None, cache_pos=None, capture=None, last_only=None):
+    def forward(self, idx, pos=None, mask=None, caches=None, cache_pos=None, capture=None, last_only=None,
+                loc=None, loc_only=False):
+        """loc = (qidx [R], window, sink): also return the edge mass per (layer, kv head), [layers, KV]."""
         B, T = idx.shape
         if pos is None:
             pos = torch.arange(T, device=idx.device)
         cos, sin = self.rope(pos)
         x = self.model.embed_tokens(idx)
+        edges = []
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_pos, capture)
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_pos, capture, loc)
+            if loc is not None:
+                x, e = x
+                edges.append(e)
+        if loc_only:
+            return torch.stack(edges)
         if last_only is not None:      # [B] indices of the positions whose logits are needed
             x = x[torch.arange(B, device=x.device), last_only][:, None]
         x = self.model.norm(x)
-        return x @ self.model.embed_tokens.weight.t()
+        logits = x @ self.model.embed_tokens.weight.t()
+        return logits if loc is None else (logits, torch.stack(edges))
 
 
 def param_count(m):
@@ -308,7 +350,7 @@ class Stream(torch.utils.data.IterableDataset):
     signal per token (the first full run, without them, learned no retrieval in 527M tokens)."""
 
     def __init__(self, tok, seqlen, mix, seed_tag, world_tokens=200000, extra_qa=0, world_samples=0,
-                 qa_frac=6.0, min_scale=0.1):
+                 qa_frac=6.0, min_scale=0.1, chain_distractors=0):
         self.tok, self.seqlen, self.mix, self.seed_tag, self.world_tokens = tok, seqlen, mix, seed_tag, world_tokens
         self.extra_qa = extra_qa
         # world_samples > 0: a fresh world (fresh names and facts) every `world_samples` samples, its size
@@ -316,6 +358,7 @@ class Stream(torch.utils.data.IterableDataset):
         # `world_tokens` tokens, i.e. hundreds of samples per world), which lets the model memorise a
         # world's facts in its weights within a few dozen steps instead of reading them from the context.
         self.world_samples, self.qa_frac, self.min_scale = world_samples, qa_frac, min_scale
+        self.chain_distractors = chain_distractors
 
     def __iter__(self):
         import array
@@ -358,7 +401,14 @@ class Stream(torch.utils.data.IterableDataset):
                     break                               # new length: new world of the right size
                 reserve = min(40 * self.extra_qa, int(L / self.qa_frac)) if self.extra_qa else 0
                 t = rng.choices(range(len(TASKS)), weights=self.mix)[0]
-                s = G.make_sample(world, TASKS[t], L - reserve, rng, doc_len=lambda d: dlen[d], q_len=qlen)
+                prefer = None
+                if self.chain_distractors and TASKS[t] in ("multihop", "single"):
+                    # other chains' document pairs as distractors: harder multi-hop (the bridge entity
+                    # must be matched, not just its kind) and several multi-hop extra QAs per sample
+                    ch = rng.sample(world.q_multi, min(len(world.q_multi), rng.randint(1, self.chain_distractors)))
+                    prefer = [d for c in ch for d in c[:2]]
+                s = G.make_sample(world, TASKS[t], L - reserve, rng, doc_len=lambda d: dlen[d], q_len=qlen,
+                                  prefer=prefer)
                 ids, a0 = build_ids(tok, None, [dids[d] for d in s["segments"]], s["question"], s["answers"][0])
                 spans = [a0, len(ids)]
                 if self.extra_qa and len(ids) < L + 1:
@@ -370,9 +420,18 @@ class Stream(torch.utils.data.IterableDataset):
                             # dependent: only if its first document is right before it (else unanswerable)
                             if len(x) == 2 or (x[2] in present and pos[x[2]] == pos[d] - 1):
                                 cands.append(x[:2])
-                    cands += [(q, a) for da, db, q, a in multi if da in present and db in present]
+                    mh = [(q, a) for da, db, q, a in multi if da in present and db in present]
                     cands = [x for x in cands if x[0] != s["question"]]
+                    mh = [x for x in mh if x[0] != s["question"]]
                     rng.shuffle(cands)
+                    rng.shuffle(mh)
+                    if self.chain_distractors:
+                        # multi-hop first (the family that lags), at most half of the extra QAs
+                        k = min(len(mh), self.extra_qa // 2)
+                        cands = mh[:k] + cands + mh[k:]
+                    else:                                   # run 3's order
+                        cands = cands + mh
+                        rng.shuffle(cands)
                     for q, a in cands[:self.extra_qa]:
                         qi = tok.encode("Question: " + q + "\nAnswer:")
                         ai = tok.encode(" " + a) + [tok.eos]
@@ -657,6 +716,20 @@ def main():
                     help="fresh world (new names/facts) every N samples per worker, sized to the sequence length; "
                          "0 = old behaviour (one full world per 200K tokens per worker: the model memorised each "
                          "world's facts in its weights instead of learning retrieval)")
+    ap.add_argument("--global-heads", default="2:0,4:0,6:0",
+                    help="layer:kv_head pairs left free; every other KV head gets the locality loss ('' = none)")
+    ap.add_argument("--local-window", type=int, default=256, help="locality loss: window W (counts the query)")
+    ap.add_argument("--local-sink", type=int, default=4, help="locality loss: sink tokens")
+    ap.add_argument("--local-weight", type=float, default=2.0, help="locality loss weight (0 = off)")
+    ap.add_argument("--local-queries", type=int, default=64, help="query positions sampled per step")
+    ap.add_argument("--local-sub", type=int, default=8, help="locality loss on batch/N sequences per step")
+    ap.add_argument("--chain-distractors", type=int, default=0,
+                    help="training only: up to N other multi-hop chains' documents placed as distractors "
+                         "first, and multi-hop extra QAs first.  Tried in run 4 (with --mix 0.3,0.4,0.1,0.2): "
+                         "training answer accuracy 0.99 but held-out EM 0 at every length (a shortcut in the "
+                         "training distribution; the forward was checked causal), so off by default")
+    ap.add_argument("--abort-on-mismatch", action="store_true",
+                    help="stop when training answer accuracy > 0.9 but the held-out probe is 0 (L >= 2048)")
     ap.add_argument("--seed-tag", default="s1")
     ap.add_argument("--tok-worlds", type=int, default=40)
     ap.add_argument("--eval8k", default=os.path.join(HERE, "../../data/eval/rag-8k.jsonl.gz"))
@@ -710,7 +783,7 @@ def main():
     seqlen = mp.Value("i", curriculum[0][0], lock=False)
     mix = [float(x) for x in args.mix.split(",")]
     ds = Stream(tok, seqlen, mix, args.seed_tag, extra_qa=args.extra_qa, world_samples=args.world_samples,
-                qa_frac=args.qa_frac)
+                qa_frac=args.qa_frac, chain_distractors=args.chain_distractors)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers,
                                      prefetch_factor=32 if args.workers else None,
                                      persistent_workers=bool(args.workers))
@@ -728,6 +801,19 @@ def main():
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if fused else {}))
     amp = dev.type == "cuda"
 
+    # Locality: every (layer, kv head) not in --global-heads gets a loss on its attention mass outside
+    # sink ∪ window (at --local-queries random query positions per step), so most heads become local
+    # the way SPEC §1 says real models' heads are, while inference stays plain full attention.
+    local_mask = torch.ones(args.layers, args.kv_heads)
+    if args.global_heads:
+        for x in args.global_heads.split(","):
+            l_, h_ = (int(v) for v in x.split(":"))
+            local_mask[l_, h_] = 0.0
+    use_loc = bool(args.global_heads) and args.local_weight > 0
+    local_mask = local_mask.to(dev)
+    results["locality"] = {"global_heads": args.global_heads, "window": args.local_window,
+                           "sink": args.local_sink, "weight": args.local_weight, "queries": args.local_queries}
+
     def loss_fn(inp, tgt, ans, ans_main):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(inp)
@@ -740,19 +826,49 @@ def main():
         hit = logits.argmax(-1) == tgt
         return lm, al, hit, valid.sum()
 
+    def locality_loss(inp, qidx):
+        """Eager, on a sub-batch, outside the compiled loss: a first attempt computed it inside the
+        torch.compile'd graph and training leaked the future (teacher-forced answer accuracy 0.99,
+        greedy EM 0; the eager model is causal), so the compiled graph is kept exactly as before."""
+        if not use_loc:
+            return torch.zeros((), device=dev), torch.zeros_like(local_mask)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            edges = model(inp, loc=(qidx, args.local_window, args.local_sink), loc_only=True)
+        edges = edges.float()
+        return (edges * local_mask).sum() / local_mask.sum().clamp(min=1), edges.detach()
+
     state = {"fn": torch.compile(loss_fn, dynamic=True) if args.compile and dev.type == "cuda" else loss_fn}
     results["compile"] = state["fn"] is not loss_fn
+
+    @torch.no_grad()
+    def causality_check(inp):
+        """Logits before position T/2 must not change when the tokens after it change."""
+        x = inp[:4].clone()
+        T = x.shape[1]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            a = model(x).float()
+            y = x.clone()
+            y[:, T // 2:] = torch.randint(3, vocab, y[:, T // 2:].shape, device=dev)
+            b = model(y).float()
+        d = (a[:, :T // 2] - b[:, :T // 2]).abs().max().item()
+        log(f"causality check: max |logit change| before T/2 = {d:.3g} (must be ~0)")
+        results.setdefault("causality", []).append(d)
 
     def train_step(L, B, lr, want_stats):
         samples = [next(it) for _ in range(B)]
         inp, tgt, ans, ans_main, task = make_batch(samples, L, tok.pad)
         inp, tgt, ans, ans_main = (t.to(dev, non_blocking=True) for t in (inp, tgt, ans, ans_main))
+        state["last_inp"] = inp
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
+        lo = min(L - 1, args.local_window + args.local_sink)
+        qidx = torch.randint(lo, L, (args.local_queries,), device=dev)
+        sub = inp[:max(1, B // args.local_sub)]
         try:
             lm, al, hit, nvalid = state["fn"](inp, tgt, ans, ans_main)
-            loss = lm + args.ans_weight * al
+            loc, edges = locality_loss(sub, qidx)
+            loss = lm + args.ans_weight * al + args.local_weight * loc
             loss.backward()
         except Exception as e:
             if state["fn"] is loss_fn:
@@ -762,7 +878,8 @@ def main():
             state["fn"] = loss_fn
             opt.zero_grad(set_to_none=True)
             lm, al, hit, nvalid = loss_fn(inp, tgt, ans, ans_main)
-            loss = lm + args.ans_weight * al
+            loc, edges = locality_loss(sub, qidx)
+            loss = lm + args.ans_weight * al + args.local_weight * loc
             loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -774,7 +891,10 @@ def main():
                 ok = (hit | ~am_c).all(-1)
                 # teacher-forced accuracy of the FIRST answer token of every QA (the retrieval decision)
                 first = ans_c & ~torch.cat([torch.zeros_like(ans_c[:, :1]), ans_c[:, :-1]], 1)
-                st = {"lm": lm.item(), "ans": al.item(), "gnorm": float(gn),
+                gm = 1.0 - local_mask
+                st = {"lm": lm.item(), "ans": al.item(), "gnorm": float(gn), "edge_local": loc.item(),
+                      "edge_global": float((edges * gm).sum() / gm.sum().clamp(min=1)),
+                      "edge_max_local": float((edges * local_mask).max()),
                       "first_tok_acc": float(hit[first].float().mean()) if first.any() else None,
                       "ans_tok_frac": float(ans_c.sum()) / float(nvalid)}
                 for ti, tn in enumerate(TASKS):
@@ -861,6 +981,16 @@ def main():
             last_probe_t = now
             last_em = (lens[si], probe(lens[si]))
             em = last_em[1]
+            if state.get("last_inp") is not None:
+                causality_check(state["last_inp"])
+            fta = [h["first_tok_acc"] for h in hist[-4:] if h.get("first_tok_acc") is not None and h["L"] == lens[si]]
+            if em.get("all", 0) == 0 and len(fta) >= 2 and min(fta) > 0.9:
+                # teacher forcing right, greedy wrong: a shortcut in the training data (or a leak)
+                log("WARNING: teacher-forced first-token accuracy", fta, "but greedy probe EM 0")
+                if args.abort_on_mismatch and lens[si] >= 2048:
+                    results["aborted"] = "train/probe mismatch"
+                    dump()
+                    sys.exit(3)
             if si < len(lens) - 1 and 0.5 * (em.get("single", 0) + em.get("needle", 0)) >= args.advance_em:
                 set_stage_end(si, frac)
                 curr_log.append({"step": step, "frac": frac, "event": f"early advance from {lens[si]}"})
@@ -894,13 +1024,15 @@ def main():
         if st is not None:
             st.update(step=step, t=round(time.time() - T0, 1), L=L, lr=lr, tokens=int(tokens))
             hist.append(st)
-            for kk in ("lm", "ans", "first_tok_acc") + tuple("acc_" + t for t in TASKS):
+            for kk in ("lm", "ans", "first_tok_acc", "edge_local", "edge_global") + tuple("acc_" + t for t in TASKS):
                 if st.get(kk) is not None:
                     phase_stats[L][kk].append(st[kk])
             if step % 100 == 0:
                 accs = " ".join(f"{t[:4]}={st['acc_' + t]:.2f}" for t in TASKS if st["acc_" + t] is not None)
                 fta = st["first_tok_acc"]
                 log(f"step {step} L={L} lr={lr:.2e} lm={st['lm']:.3f} ans={st['ans']:.3f} gn={st['gnorm']:.2f} "
+                    f"edge local={st['edge_local']:.4f} (max {st['edge_max_local']:.4f}) "
+                    f"global={st['edge_global']:.3f} "
                     f"tok={tokens / 1e6:.1f}M ans_frac={st['ans_tok_frac']:.3f} "
                     f"first_tok_acc={'-' if fta is None else f'{fta:.2f}'} {accs}")
         step += 1
@@ -978,7 +1110,7 @@ def main():
     # ---------------- head profile
     try:
         if e8 and time.time() < deadline - 5:
-            hp = head_profile(model, tok, e8[0], dev)
+            hp = head_profile(model, tok, e8[0], dev, sink=args.local_sink, window=args.local_window)
             kv = args.heads // args.kv_heads
             em = hp["edge_mass"]
             hp["edge_mass_kv_max"] = [[max(row[j * kv:(j + 1) * kv]) for j in range(args.kv_heads)] for row in em]

@@ -151,11 +151,23 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
     FlopsLedger full_flops =
         prefill_flops(cfg, HeadProfile::native(cfg), 0, prompt.total_tokens(), 1);
     double top1 = 1, cos = 1;
+    std::vector<float>* cached = nullptr;
+    if (opts.full_logits) {
+      if (opts.full_logits->size() < samples.size()) opts.full_logits->resize(samples.size());
+      cached = &(*opts.full_logits)[i];
+      if (is_full && cached->empty()) *cached = got.last_logits;
+    }
     if (!is_full) {
-      PrefillOutcome ref = prefill_full(model, *full_store.cache, 0, prompt);
-      full_store.cache->remove_sequence(0);
-      top1 = argmax(ref.last_logits.data(), V) == argmax(got.last_logits.data(), V) ? 1 : 0;
-      cos = cosine(ref.last_logits, got.last_logits);
+      std::vector<float> ref_logits;
+      if (cached && !cached->empty()) {
+        ref_logits = *cached;
+      } else {
+        ref_logits = prefill_full(model, *full_store.cache, 0, prompt).last_logits;
+        full_store.cache->remove_sequence(0);
+        if (cached) *cached = ref_logits;
+      }
+      top1 = argmax(ref_logits.data(), V) == argmax(got.last_logits.data(), V) ? 1 : 0;
+      cos = cosine(ref_logits, got.last_logits);
     }
     const std::string pred = tok.decode(answer, true);
     const double em = exact_match(pred, s.answers), f1 = f1_score(pred, s.answers);

@@ -25,6 +25,9 @@ struct EvalOptions {
   int32_t max_answer_tokens = 16;
   KvOptions kv;                   // page size, head profile (used by redknot mode)
   int64_t chunk_store_bytes = 0;  // pool share of the chunk store; 0: 4 prompts' worth
+  // Full prefill's last-token logits per sample ([samples][vocab]), shared between the runs of
+  // several modes over the same samples so the reference is computed once; filled on first use.
+  std::vector<std::vector<float>>* full_logits = nullptr;
 };
 
 struct TaskStats {
