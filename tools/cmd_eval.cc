@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "eval/rag_eval.h"
 #include "reuse/chunk_store.h"
+#include "reuse/hasher.h"
 
 namespace redknot::cli {
 
@@ -61,16 +62,19 @@ void print_report(const EvalReport& r) {
 // One row per mode, then EM per task family per mode: the comparison table of docs/benchmarks.md.
 void print_comparison(const std::vector<EvalReport>& reports) {
   const double full_ttft = reports.front().mode == "full" ? reports.front().ttft_ms_p50 : 0;
+  auto speedup = [&](const EvalReport& r) {
+    char buf[32] = "-";
+    if (full_ttft > 0 && r.ttft_ms_p50 > 0)
+      std::snprintf(buf, sizeof buf, "%.2fx", full_ttft / r.ttft_ms_p50);
+    return std::string(buf);
+  };
   std::printf(
       "| mode | n | EM | F1 | top-1 | logits cos | TTFT p50 ms | TTFT vs full | FLOPs saved |\n"
       "|---|---|---|---|---|---|---|---|---|\n");
   for (const EvalReport& r : reports)
     std::printf("| %s | %lld | %.1f | %.1f | %.3f | %.4f | %.1f | %s | %.1f%% |\n", r.mode.c_str(),
                 (long long)r.n, 100 * r.em, 100 * r.f1, r.top1_match, r.logits_cos, r.ttft_ms_p50,
-                full_ttft > 0 && r.ttft_ms_p50 > 0
-                    ? (std::to_string(full_ttft / r.ttft_ms_p50).substr(0, 4) + "x").c_str()
-                    : "-",
-                r.flops_full > 0 ? 100.0 * (1 - r.flops / r.flops_full) : 0.0);
+                speedup(r).c_str(), r.flops_full > 0 ? 100.0 * (1 - r.flops / r.flops_full) : 0.0);
   std::printf("\n| EM by task | ");
   for (const EvalReport& r : reports) std::printf("%s | ", r.mode.c_str());
   std::printf("\n|---|");
@@ -90,16 +94,13 @@ void print_comparison(const std::vector<EvalReport>& reports) {
 // parameters do not recompute them: "RKREF1\n", then model fingerprint, samples hash, n and
 // vocab (u64 each), then n x vocab floats. A file that does not match is ignored (and replaced).
 uint64_t samples_hash(const std::vector<RagSample>& samples) {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a over every field, with separators
-  auto mix = [&](const std::string& s) {
-    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-    h = (h ^ 0xff) * 1099511628211ull;
-  };
+  Hasher h;
   for (const RagSample& r : samples) {
-    for (const auto& seg : r.segments) mix(seg);
-    mix(r.question);
+    h.pod(static_cast<uint64_t>(r.segments.size()));
+    for (const auto& seg : r.segments) h.str(seg);
+    h.str(r.question);
   }
-  return h;
+  return h.digest();
 }
 
 constexpr char kRefMagic[8] = {'R', 'K', 'R', 'E', 'F', '1', '\n', 0};

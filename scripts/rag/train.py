@@ -304,8 +304,9 @@ class Llama(nn.Module):
         return cos, sin
 
     def forward(self, idx, pos=None, mask=None, caches=None, cache_pos=None, capture=None, last_only=None,
-                loc=None, loc_only=False):
-        """loc = (qidx [R], window, sink): also return the edge mass per (layer, kv head), [layers, KV]."""
+                loc=None):
+        """loc = (qidx [R], window, sink): return the edge mass per (layer, kv head), [layers, KV], instead of
+        the logits (the locality loss; see locality_edge_mass)."""
         B, T = idx.shape
         if pos is None:
             pos = torch.arange(T, device=idx.device)
@@ -317,13 +318,12 @@ class Llama(nn.Module):
             if loc is not None:
                 x, e = x
                 edges.append(e)
-        if loc_only:
+        if loc is not None:
             return torch.stack(edges)
         if last_only is not None:      # [B] indices of the positions whose logits are needed
             x = x[torch.arange(B, device=x.device), last_only][:, None]
         x = self.model.norm(x)
-        logits = x @ self.model.embed_tokens.weight.t()
-        return logits if loc is None else (logits, torch.stack(edges))
+        return x @ self.model.embed_tokens.weight.t()
 
 
 def param_count(m):
@@ -833,7 +833,7 @@ def main():
         if not use_loc:
             return torch.zeros((), device=dev), torch.zeros_like(local_mask)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            edges = model(inp, loc=(qidx, args.local_window, args.local_sink), loc_only=True)
+            edges = model(inp, loc=(qidx, args.local_window, args.local_sink))
         edges = edges.float()
         return (edges * local_mask).sum() / local_mask.sum().clamp(min=1), edges.detach()
 

@@ -19,6 +19,7 @@
 #include "core/error.h"
 #include "kv/device_util.h"
 #include "model/batch.h"
+#include "reuse/hasher.h"
 
 namespace redknot {
 namespace fs = std::filesystem;
@@ -30,31 +31,6 @@ constexpr uint32_t kVersion = 1;
 constexpr int64_t kFixedHeader = 48;  // magic .. len, see encode_header
 constexpr int64_t kSampleBytes = 4096;
 constexpr int32_t kMaxSegmentTokens = 1 << 26;  // sanity bound when parsing headers
-
-// XXH3 streaming state with RAII.
-class Hasher {
- public:
-  Hasher() : st_(XXH3_createState()) {
-    if (st_ == nullptr) throw Error("xxhash: out of memory");
-    XXH3_64bits_reset(st_);
-  }
-  ~Hasher() { XXH3_freeState(st_); }
-  Hasher(const Hasher&) = delete;
-  Hasher& operator=(const Hasher&) = delete;
-  void bytes(const void* p, size_t n) { XXH3_64bits_update(st_, p, n); }
-  template <typename T>
-  void pod(const T& v) {
-    bytes(&v, sizeof(v));
-  }
-  void str(const std::string& s) {
-    pod(static_cast<uint64_t>(s.size()));
-    bytes(s.data(), s.size());
-  }
-  uint64_t digest() const { return XXH3_64bits_digest(st_); }
-
- private:
-  XXH3_state_t* st_;
-};
 
 template <typename T>
 T get_at(const uint8_t* p, int64_t off) {
