@@ -80,6 +80,23 @@ HeadProfile spread_profile(int32_t layers, int32_t kv_heads, double global_fract
   return p;
 }
 
+int64_t fill_sessions(PagedKvCache& cache, Backend& backend, int64_t tokens, int32_t chunk,
+                      const Tensor& k, const Tensor& v) {
+  for (SeqId seq = 0;; ++seq) {
+    cache.add_sequence(seq);
+    try {
+      for (int64_t done = 0; done < tokens; done += chunk) {
+        const int32_t n = static_cast<int32_t>(std::min<int64_t>(chunk, tokens - done));
+        append(cache, backend, seq, static_cast<int32_t>(done), n,
+               k.empty() ? k : first_tokens(k, n), v.empty() ? v : first_tokens(v, n));
+      }
+    } catch (const OutOfKvMemory&) {
+      cache.remove_sequence(seq);
+      return seq;
+    }
+  }
+}
+
 int run_capacity_bench(const CapacityBenchArgs& a) {
   const KvShape& s = a.shape;
   const int64_t budget = static_cast<int64_t>(a.budget_gib * kGiB);
@@ -120,24 +137,7 @@ int run_capacity_bench(const CapacityBenchArgs& a) {
     const auto t0 = Clock::now();
     PagePool pool(backend, pages, s.page_size, s.head_dim, /*with_storage=*/false);
     PagedKvCache cache(pool, profile, {}, Tensor());
-    r.measured = 0;
-    for (SeqId seq = 0;; ++seq) {
-      cache.add_sequence(seq);
-      bool full = false;
-      try {
-        for (int64_t done = 0; done < a.tokens; done += a.chunk)
-          append(cache, backend, seq, static_cast<int32_t>(done),
-                 static_cast<int32_t>(std::min<int64_t>(a.chunk, a.tokens - done)), Tensor(),
-                 Tensor());
-      } catch (const OutOfKvMemory&) {
-        full = true;
-      }
-      if (full) {
-        cache.remove_sequence(seq);
-        break;
-      }
-      ++r.measured;
-    }
+    r.measured = fill_sessions(cache, backend, a.tokens, a.chunk, Tensor(), Tensor());
     r.seconds = seconds_since(t0);
     r.pages_per_session = r.measured > 0 ? (pool.num_pages() - pool.num_free()) / r.measured : 0;
     rows.push_back(r);

@@ -10,6 +10,12 @@
 
 #include "kv/head_profile.h"
 
+namespace redknot {
+class Backend;
+class PagedKvCache;
+class Tensor;
+}  // namespace redknot
+
 namespace redknot::bench {
 
 // Shared model/KV geometry; defaults are Llama-3-8B.
@@ -44,6 +50,15 @@ struct AttentionBenchArgs {
 // over the flattened (layer, kv head) index; every other head is local (window, sink).
 HeadProfile spread_profile(int32_t layers, int32_t kv_heads, double global_fraction, int32_t window,
                            int32_t sink);
+
+// The capacity count: adds sessions of `tokens` tokens to `cache`, each prefilled in chunks of
+// `chunk` as the engine would (begin_forward, a write per layer when the pool has storage,
+// end_forward), until the pool refuses one (OutOfKvMemory; that session is removed). Sessions
+// take ids 0, 1, ... (the cache must hold none of them). Returns how many fit; they stay in the
+// cache. k, v: [chunk, kv_heads, head_dim] on the pool's
+// backend (the values written), or empty for an accounting-only pool.
+int64_t fill_sessions(PagedKvCache& cache, Backend& backend, int64_t tokens, int32_t chunk,
+                      const Tensor& k, const Tensor& v);
 
 int run_capacity_bench(const CapacityBenchArgs& args);
 int run_attention_bench(const AttentionBenchArgs& args);

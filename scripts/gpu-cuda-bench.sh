@@ -7,19 +7,12 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="${1:-$ROOT/build-gpu}"
-DEPS="$ROOT/.devdeps"
 LOG="${OUT:-/tmp}"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
+source "$ROOT/scripts/gpu-common.sh"
+gpu_card_info
 date -u
-GEN=()
-command -v ninja >/dev/null && GEN=(-G Ninja)
-cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
-  -DREDKNOT_CUDA=ON -DREDKNOT_OPENBLAS=OFF -DREDKNOT_TOKENIZER=OFF -DREDKNOT_NATIVE=OFF \
-  -DREDKNOT_SERVER=OFF -DREDKNOT_BENCH=OFF \
-  -DREDKNOT_GTEST_SOURCE_DIR="$DEPS/googletest" -DREDKNOT_JSON_INCLUDE_DIR="$DEPS" \
-  -DREDKNOT_SHARED_DIR="$DEPS/shared" >"$LOG/cmake.log" 2>&1 || { tail -30 "$LOG/cmake.log"; exit 1; }
-cmake --build "$BUILD" --target op_parity_test cuda_model_test -j"$(nproc)" >"$LOG/build.log" 2>&1 \
-  || { grep -E "error|FAILED" "$LOG/build.log" | head -40; exit 1; }
+gpu_configure "$BUILD" "$LOG/cmake.log" || exit 1
+gpu_build "$BUILD" "$LOG/build.log" op_parity_test cuda_model_test || exit 1
 B="$BUILD/src"
 nvcc -std=c++20 -O2 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I"$ROOT/src" \
   "$ROOT/bench/cuda_attention_bench.cu" -o "$BUILD/cuda_attention_bench" -Xlinker --start-group \

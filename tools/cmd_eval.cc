@@ -24,7 +24,7 @@ struct EvalArgs {
   int64_t n = 0, chunk_store_bytes = 0;
   int32_t page_size = 64, max_answer_tokens = 16;
   ReuseOptions reuse;
-  bool json = false, quiet = false, no_sparse_ffn = false;
+  bool json = false, quiet = false, no_sparse_ffn = false, no_skip_dead_rows = false;
 };
 
 std::vector<std::string> parse_modes(const std::string& spec) {
@@ -155,6 +155,7 @@ int run_eval(const EvalArgs& a) {
     opts.reuse = a.reuse;
     opts.reuse.mode = parse_reuse_mode(mode);
     opts.reuse.sparse_ffn_enabled = !a.no_sparse_ffn;
+    opts.reuse.skip_dead_rows = !a.no_skip_dead_rows;
     opts.chunk_store_bytes = a.chunk_store_bytes;
     opts.max_answer_tokens = a.max_answer_tokens;
     opts.kv.page_size = a.page_size;
@@ -210,6 +211,8 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--mass-deep", a->reuse.sparse_ffn.mass_deep)->check(CLI::Range(0.0, 1.0));
   c->add_option("--recent-n", a->reuse.sparse_ffn.recent_n)->check(CLI::Range(0, 1 << 20));
   c->add_flag("--no-sparse-ffn", a->no_sparse_ffn, "redknot mode without Sparse FFN");
+  c->add_flag("--no-skip-dead-rows", a->no_skip_dead_rows,
+              "redknot mode as the paper: every recomputed row through every layer");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes, "pool bytes for cached segments");
   c->add_option("--head-profile", a->head_profile, "head profile JSON");
   c->add_option("--reference", a->reference,

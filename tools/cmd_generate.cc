@@ -29,6 +29,7 @@ struct GenerateArgs {
   int32_t top_k = 0;
   uint64_t seed = 0;
   bool json = false, ignore_eos = false;
+  bool skip_dead_rows = true;  // redknot mode: dead-row skipping past the last global layer
 };
 
 // The prompt as reuse units: each --segment tokenized alone (BOS, if the tokenizer adds one, in
@@ -47,6 +48,7 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m) {
   if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; segments are text");
   ReuseOptions ro;
   ro.mode = parse_reuse_mode(a.mode);
+  ro.skip_dead_rows = a.skip_dead_rows;
   const SegmentedPrompt p = segmented_prompt(a, *m.tokenizer);
   const ModelConfig& cfg = m.model->config();
   KvOptions kvo;
@@ -184,6 +186,8 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
                 "a reuse unit (document, system prompt) before --prompt; repeatable");
   c->add_option("--mode", a->mode, "full | prefix | naive | cacheblend | epic | redknot");
   c->add_option("--chunk-store-dir", a->chunk_store_dir, "disk tier of the chunk store");
+  c->add_option("--skip-dead-rows", a->skip_dead_rows,
+                "redknot mode skips rows no later token reads past the last global layer (exact)");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes, "pool bytes for cached segments");
   c->add_option("--head-profile", a->head_profile,
                 "head profile JSON (default: the model's own attention)");

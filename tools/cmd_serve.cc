@@ -32,6 +32,7 @@ struct ServeArgs {
   double gpu_memory_fraction = 0;
   bool batch_invariant = true;
   bool sparse_ffn = true;      // redknot mode's Sparse FFN (SPEC §4)
+  bool skip_dead_rows = true;  // redknot mode: dead-row skipping past the last global layer
   SparseFfnConfig sparse_cfg;  // its tiers
 };
 
@@ -98,6 +99,7 @@ int run_serve(const ServeArgs& a) {
   if (chunks) {
     so.reuse.mode = mode;
     so.reuse.sparse_ffn_enabled = a.sparse_ffn;
+    so.reuse.skip_dead_rows = a.skip_dead_rows;
     so.reuse.sparse_ffn = a.sparse_cfg;
     so.lookup = chunk_store_lookup(*chunks);
   }
@@ -164,6 +166,9 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "KV pool bytes for cached segments (default: a third of the pool)");
   c->add_option("--sparse-ffn", a->sparse_ffn,
                 "redknot mode runs the FFN only for important tokens (true | false)");
+  c->add_option("--skip-dead-rows", a->skip_dead_rows,
+                "redknot mode skips rows no later token reads past the last global layer (exact; "
+                "true | false)");
   c->add_option("--dense-until", a->sparse_cfg.dense_until, "Sparse FFN: dense layers below");
   c->add_option("--mass", a->sparse_cfg.mass, "Sparse FFN: importance mass kept")
       ->check(CLI::Range(0.0, 1.0));

@@ -138,6 +138,23 @@ def train_tokenizer(vocab_size, n_worlds):
     return tk
 
 
+def load_safetensors(path):
+    """{name: float32 tensor} from a .safetensors file (stdlib parser: works without the safetensors package)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        blob = f.read()
+    kinds = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = meta["data_offsets"]
+        t = torch.frombuffer(bytearray(blob[a:b]), dtype=kinds[meta["dtype"]])
+        out[name] = t.reshape(meta["shape"]).float()
+    return out
+
+
 def save_tokenizer(tk, d, max_len):
     tk.save(os.path.join(d, "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
@@ -367,15 +384,15 @@ class Stream(torch.utils.data.IterableDataset):
         rng = random.Random(f"train-{self.seed_tag}-rng-{wid}")
         tok = self.tok
         qcache = {}
-        k = 0
+        world_k = 0
         while True:
             L = self.seqlen.value
             if self.world_samples:
                 scale = min(1.0, max(self.min_scale, L / 8192.0))
-                world = G.World(f"train-{self.seed_tag}-w{wid}-{k}", scale)
+                world = G.World(f"train-{self.seed_tag}-w{wid}-{world_k}", scale)
             else:
-                world = G.World(f"train-{self.seed_tag}-w{wid}-{k}")
-            k += 1
+                world = G.World(f"train-{self.seed_tag}-w{wid}-{world_k}")
+            world_k += 1
             dids = tok.encode_batch([d["text"] + "\n\n" for d in world.docs])
             dlen = [len(x) for x in dids]
 
@@ -427,8 +444,11 @@ class Stream(torch.utils.data.IterableDataset):
                     rng.shuffle(mh)
                     if self.chain_distractors:
                         # multi-hop first (the family that lags), at most half of the extra QAs
-                        k = min(len(mh), self.extra_qa // 2)
-                        cands = mh[:k] + cands + mh[k:]
+                        # (n_first, not k: k counts this worker's worlds, and reusing it here
+                        # made every worker cycle through the same few worlds, which the model
+                        # memorised -- the "shortcut" of the first chain-distractor runs)
+                        n_first = min(len(mh), self.extra_qa // 2)
+                        cands = mh[:n_first] + cands + mh[n_first:]
                     else:                                   # run 3's order
                         cands = cands + mh
                         rng.shuffle(cands)
@@ -730,6 +750,8 @@ def main():
                          "training distribution; the forward was checked causal), so off by default")
     ap.add_argument("--abort-on-mismatch", action="store_true",
                     help="stop when training answer accuracy > 0.9 but the held-out probe is 0 (L >= 2048)")
+    ap.add_argument("--init-from", default="",
+                    help="HF model dir to continue from (its weights and tokenizer.json; fresh optimizer)")
     ap.add_argument("--seed-tag", default="s1")
     ap.add_argument("--tok-worlds", type=int, default=40)
     ap.add_argument("--eval8k", default=os.path.join(HERE, "../../data/eval/rag-8k.jsonl.gz"))
@@ -757,7 +779,11 @@ def main():
 
     # ---------------- tokenizer
     try:
-        tk = train_tokenizer(args.vocab, args.tok_worlds if not args.smoke else 4)
+        if args.init_from:  # continue a run: its tokenizer, not a fresh one
+            from tokenizers import Tokenizer
+            tk = Tokenizer.from_file(os.path.join(args.init_from, "tokenizer.json"))
+        else:
+            tk = train_tokenizer(args.vocab, args.tok_worlds if not args.smoke else 4)
         tok = HFTok(tk)
         save_tokenizer(tk, mdir, args.max_len)
         # chars per token on fresh text (for gen_data length estimates)
@@ -790,6 +816,11 @@ def main():
     it = iter(dl)
 
     model = Llama(c).to(dev)
+    if args.init_from:
+        sd0 = load_safetensors(os.path.join(args.init_from, "model.safetensors"))
+        model.load_state_dict(sd0, strict=True)
+        results["init_from"] = {"dir": args.init_from, "tensors": len(sd0)}
+        log(f"initialised from {args.init_from} ({len(sd0)} tensors)")
     n_params = param_count(model)
     results["params"] = n_params
     results["config"] = c

@@ -51,8 +51,14 @@ class Backend {
   virtual DType act_dtype() const = 0;
 
   // ---- memory ----
-  // Uninitialised-or-zeroed storage on this backend's device.
+  // Zero-filled storage on this backend's device.
   virtual Tensor alloc(DType dtype, std::vector<int64_t> shape) = 0;
+  // Storage with unspecified contents, for a tensor that ops overwrite in full before anything
+  // reads it (GEMM, norm, attention outputs; copy_from_host targets). Skips alloc's fill where
+  // that is a cost (CUDA: a memset per allocation). The default is alloc. With
+  // REDKNOT_POISON_UNINIT=1 every backend fills it with 0xFF bytes (NaN floats, -1 ints), so a
+  // read before the first write shows up in tests.
+  virtual Tensor alloc_uninit(DType dtype, std::vector<int64_t> shape);
   // Moves a host weight tensor to this backend, converting to a dtype its GEMM supports
   // (e.g. Q8_0/F16 -> F32 on CPU). May return a view of `host` when no conversion is needed.
   virtual Tensor upload_weight(const Tensor& host) = 0;
@@ -125,6 +131,9 @@ class Backend {
   // Index of the largest value per row (ties: lowest index). logits: [R, V] f32; out: [R] i32
   virtual void argmax(const Tensor& logits, Tensor& out) = 0;
 };
+
+// True when REDKNOT_POISON_UNINIT=1 (read once): alloc_uninit fills with 0xFF bytes.
+bool poison_uninit_allocs();
 
 // ---- registry: the only global state in RedKnot ----
 using BackendFactory = std::function<std::unique_ptr<Backend>()>;

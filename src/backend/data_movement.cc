@@ -2,6 +2,7 @@
 #include <unistd.h>
 #include <cmath>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "backend/backend.h"
@@ -23,6 +24,21 @@ void Backend::paged_attention(const Tensor& q, const Tensor& k_pool, const Tenso
   if (q.device() != Device::Host || q.dtype() != DType::F32)
     throw Error("backend '" + name() + "' has no paged attention");
   reference_paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+}
+
+bool poison_uninit_allocs() {
+  static const bool poison = [] {
+    const char* env = std::getenv("REDKNOT_POISON_UNINIT");
+    return env != nullptr && env[0] == '1';
+  }();
+  return poison;
+}
+
+Tensor Backend::alloc_uninit(DType dtype, std::vector<int64_t> shape) {
+  Tensor t = alloc(dtype, std::move(shape));
+  if (poison_uninit_allocs() && t.device() == Device::Host)
+    std::memset(t.raw(), 0xFF, static_cast<size_t>(t.nbytes()));
+  return t;
 }
 
 int64_t Backend::free_memory_bytes() const {

@@ -37,6 +37,10 @@ double projection_flops_per_token(const ModelConfig& c) {
   return 2.0 * c.hidden_size * (q + 2 * kv) + 2.0 * q * c.hidden_size;
 }
 
+double kv_projection_flops_per_token(const ModelConfig& c) {
+  return 2.0 * c.hidden_size * 2.0 * double(c.num_kv_heads) * c.head_dim;
+}
+
 double ffn_flops_per_token(const ModelConfig& c) {
   return 2.0 * 3.0 * c.hidden_size * c.intermediate_size;
 }

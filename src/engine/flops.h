@@ -33,8 +33,9 @@ FlopsLedger prefill_flops(const ModelConfig& cfg, const HeadProfile& profile, in
                           int64_t n, int64_t logit_rows);
 
 // Per-token pieces, for modes that skip work (reuse, Sparse FFN).
-double projection_flops_per_token(const ModelConfig& cfg);  // one layer
-double ffn_flops_per_token(const ModelConfig& cfg);         // one layer
+double projection_flops_per_token(const ModelConfig& cfg);     // one layer
+double kv_projection_flops_per_token(const ModelConfig& cfg);  // k and v alone, one layer
+double ffn_flops_per_token(const ModelConfig& cfg);            // one layer
 // QKᵀ + PV of one query token at `pos` for one layer, split by class.
 void attention_flops_at(const ModelConfig& cfg, const HeadProfile& profile, int layer, int64_t pos,
                         FlopsLedger& ledger);

@@ -30,7 +30,7 @@ Tensor Model::upload(const Checkpoint& ckpt, const std::string& name) {
 
 Tensor Model::upload_norm(const Checkpoint& ckpt, const std::string& name) {
   Tensor host = to_f32_host(ckpt.get(name));
-  Tensor t = backend_.alloc(DType::F32, host.shape());
+  Tensor t = backend_.alloc_uninit(DType::F32, host.shape());  // copy_from_host fills it
   backend_.copy_from_host(t, host);
   weight_bytes_ += t.nbytes();
   return t;
@@ -68,9 +68,23 @@ Model::Model(const Checkpoint& ckpt, Backend& backend) : cfg_(ckpt.config), back
   }
   RopeFreqs rf = rope_frequencies(cfg_);
   rope_scaling_ = rf.attention_scaling;
-  inv_freq_ = backend_.alloc(DType::F32, {static_cast<int64_t>(rf.inv_freq.size())});
+  inv_freq_ = backend_.alloc_uninit(DType::F32, {static_cast<int64_t>(rf.inv_freq.size())});
   backend_.copy_from_host(
       inv_freq_, Tensor::from_f32(rf.inv_freq, {static_cast<int64_t>(rf.inv_freq.size())}));
+}
+
+// x: [T, hidden] (normalised input); pos: [T]; k, v: [T, kv_heads, head_dim] (outputs; k rotated)
+void Model::project_kv(int layer, const Tensor& x, const Tensor& pos, Tensor& k, Tensor& v) {
+  const LayerWeights& w = layers_[layer];
+  const int64_t T = x.dim(0), hd = cfg_.head_dim, nkv = cfg_.num_kv_heads;
+  Tensor k2 = k.reshape({T, nkv * hd}), v2 = v.reshape({T, nkv * hd});
+  backend_.matmul(x, w.wk, w.bk, k2);
+  backend_.matmul(x, w.wv, w.bv, v2);
+  if (cfg_.qk_norm) {  // Qwen3: RMSNorm over each head's vector before RoPE
+    Tensor kr = k.reshape({T * nkv, hd});
+    backend_.rmsnorm(kr, w.k_norm, static_cast<float>(cfg_.rms_norm_eps), kr);
+  }
+  backend_.rope(k, pos, inv_freq_, rope_scaling_);
 }
 
 // x: [T, hidden] (normalised input); out: [T, hidden] (o_proj output)
@@ -79,23 +93,22 @@ Tensor Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& 
   const LayerWeights& w = layers_[layer];
   const int64_t T = x.dim(0), hd = cfg_.head_dim, nh = cfg_.num_heads, nkv = cfg_.num_kv_heads;
   const DType act = backend_.act_dtype();
-  Tensor q = backend_.alloc(act, {T, nh * hd});
-  Tensor k = backend_.alloc(act, {T, nkv * hd});
-  Tensor v = backend_.alloc(act, {T, nkv * hd});
+  // Every activation below is written in full before it is read (GEMM outputs; rmsnorm and
+  // rope work in place on them; attend writes every row of every head): no zero fill.
+  Tensor q = backend_.alloc_uninit(act, {T, nh * hd});
+  Tensor k3 = backend_.alloc_uninit(act, {T, nkv, hd});
+  Tensor v3 = backend_.alloc_uninit(act, {T, nkv, hd});
   backend_.matmul(x, w.wq, w.bq, q);
-  backend_.matmul(x, w.wk, w.bk, k);
-  backend_.matmul(x, w.wv, w.bv, v);
-  Tensor q3 = q.reshape({T, nh, hd}), k3 = k.reshape({T, nkv, hd}), v3 = v.reshape({T, nkv, hd});
-  if (cfg_.qk_norm) {  // Qwen3: RMSNorm over each head's vector before RoPE
-    Tensor qr = q.reshape({T * nh, hd}), kr = k.reshape({T * nkv, hd});
+  project_kv(layer, x, pos, k3, v3);
+  Tensor q3 = q.reshape({T, nh, hd});
+  if (cfg_.qk_norm) {
+    Tensor qr = q.reshape({T * nh, hd});
     backend_.rmsnorm(qr, w.q_norm, static_cast<float>(cfg_.rms_norm_eps), qr);
-    backend_.rmsnorm(kr, w.k_norm, static_cast<float>(cfg_.rms_norm_eps), kr);
   }
   backend_.rope(q3, pos, inv_freq_, rope_scaling_);
-  backend_.rope(k3, pos, inv_freq_, rope_scaling_);
   if (observer) observer->on_attention_inputs(layer, q3, k3);
   kv.write(layer, k3, v3);
-  Tensor attn = backend_.alloc(act, {T, nh, hd});
+  Tensor attn = backend_.alloc_uninit(act, {T, nh, hd});
   kv.attend(layer, q3, attn);
   Tensor attn2 = attn.reshape({T, nh * hd});
   backend_.matmul(attn2, w.wo, Tensor(), out);
@@ -105,18 +118,19 @@ Tensor Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& 
 int64_t Model::sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& normed, Tensor& x,
                                    const Batch& batch, const SparseFfnConfig& cfg) {
   const int64_t T = x.dim(0), H = cfg_.hidden_size;
-  Tensor norms = backend_.alloc(DType::F32, {T});
+  Tensor norms = backend_.alloc_uninit(DType::F32, {T});
   backend_.row_l2norm(attn, norms);
   Tensor host = backend_.to_host_f32(norms);
   std::vector<float> importance(host.data<float>(), host.data<float>() + T);
   std::vector<int32_t> rows = select_ffn_rows(cfg, layer, importance, batch);
   const int64_t R = static_cast<int64_t>(rows.size());
   if (R == 0) return 0;
-  Tensor idx = backend_.alloc(DType::I32, {R});
+  Tensor idx = backend_.alloc_uninit(DType::I32, {R});
   backend_.copy_from_host(idx, Tensor::from_i32(rows, {R}));
   const DType act = backend_.act_dtype();
-  Tensor sub_in = backend_.alloc(act, {R, H}), sub_out = backend_.alloc(act, {R, H});
-  Tensor sub_x = backend_.alloc(act, {R, H});
+  // rows are in [0, T), so both gathers write every row; sub_out is a GEMM output.
+  Tensor sub_in = backend_.alloc_uninit(act, {R, H}), sub_out = backend_.alloc_uninit(act, {R, H});
+  Tensor sub_x = backend_.alloc_uninit(act, {R, H});
   backend_.gather_rows(normed, idx, sub_in);
   ffn_block(layer, sub_in, sub_out);
   backend_.gather_rows(x, idx, sub_x);
@@ -129,33 +143,46 @@ int64_t Model::sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& 
 void Model::ffn_block(int layer, const Tensor& x, Tensor& out) {
   const LayerWeights& w = layers_[layer];
   const int64_t T = x.dim(0), F = cfg_.intermediate_size;
-  Tensor gate = backend_.alloc(backend_.act_dtype(), {T, F});
-  Tensor up = backend_.alloc(backend_.act_dtype(), {T, F});
+  Tensor gate = backend_.alloc_uninit(backend_.act_dtype(), {T, F});  // GEMM outputs
+  Tensor up = backend_.alloc_uninit(backend_.act_dtype(), {T, F});
   backend_.matmul(x, w.w_gate, Tensor(), gate);
   backend_.matmul(x, w.w_up, Tensor(), up);
   backend_.swiglu(gate, up, gate);
   backend_.matmul(gate, w.w_down, Tensor(), out);
 }
 
+void Model::check_kv_only(int from_layer, const HeadProfile* profile) const {
+  if (from_layer >= cfg_.num_layers) throw Error("kv_only_from_layer past the last layer");
+  for (int l = from_layer + 1; l < cfg_.num_layers; ++l)
+    for (int h = 0; h < cfg_.num_kv_heads; ++h)
+      if (!profile || profile->at(l, h).cls == HeadClass::Global)
+        throw Error("kv_only_from_layer " + std::to_string(from_layer) + ": layer " +
+                    std::to_string(l) + " has a global head, whose K/V every later token reads");
+}
+
 Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opts) {
   batch.validate(cfg_.vocab_size);
   const int64_t T = batch.size(), H = cfg_.hidden_size;
   const DType act = backend_.act_dtype();
-  Tensor ids = backend_.alloc(DType::I32, {T});
+  // Activations and uploads are written in full before they are read: no zero fill.
+  Tensor ids = backend_.alloc_uninit(DType::I32, {T});
   backend_.copy_from_host(ids, Tensor::from_i32(batch.tokens, {T}));
-  Tensor pos = backend_.alloc(DType::I32, {T});
+  Tensor pos = backend_.alloc_uninit(DType::I32, {T});
   backend_.copy_from_host(pos, Tensor::from_i32(batch.positions, {T}));
 
+  // Refused before begin_forward, so a bad request leaves the cache as it was.
+  if (opts.kv_only_from_layer >= 0) check_kv_only(opts.kv_only_from_layer, kv.head_profile());
   kv.begin_forward(batch, pos);
   struct EndForward {  // leave the cache consistent on exceptions too
     KvCache& kv;
     ~EndForward() { kv.end_forward(); }
   } end_forward{kv};
 
-  Tensor x = backend_.alloc(act, {T, H});
+  Tensor x = backend_.alloc_uninit(act, {T, H});  // embedding writes every row
   backend_.embedding(embed_, ids, x);
-  Tensor normed = backend_.alloc(act, {T, H});
-  Tensor block_out = backend_.alloc(act, {T, H});
+  // Each layer writes normed (rmsnorm) and block_out (o_proj / down_proj GEMM) before reading.
+  Tensor normed = backend_.alloc_uninit(act, {T, H});
+  Tensor block_out = backend_.alloc_uninit(act, {T, H});
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   const int num_layers = opts.num_layers >= 0
                              ? std::min<int>(opts.num_layers, static_cast<int>(cfg_.num_layers))
@@ -167,7 +194,24 @@ Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opt
         HeadProfile(static_cast<int32_t>(cfg_.num_layers), static_cast<int32_t>(cfg_.num_kv_heads));
     profile = &all_dense;
   }
+  const int kv_only = opts.kv_only_from_layer;
+  Tensor zero_kv;  // K/V placeholders of the layers past kv_only (local heads only)
   for (int l = 0; l < num_layers; ++l) {
+    if (kv_only >= 0 && l >= kv_only) {
+      const int64_t nkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+      if (l == kv_only) {
+        backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
+        Tensor k3 = backend_.alloc_uninit(act, {T, nkv, hd});
+        Tensor v3 = backend_.alloc_uninit(act, {T, nkv, hd});
+        project_kv(l, normed, pos, k3, v3);
+        kv.write(l, k3, v3);
+        if (opts.flops) opts.flops->projections += kv_projection_flops_per_token(cfg_) * T;
+      } else {
+        if (zero_kv.numel() == 0) zero_kv = backend_.alloc(act, {T, nkv, hd});  // zero-filled
+        kv.write(l, zero_kv, zero_kv);
+      }
+      continue;
+    }
     backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
     Tensor attn = attention_block(l, normed, block_out, kv, pos, opts.observer);
     backend_.add(x, block_out);
@@ -191,15 +235,16 @@ Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opt
 
   // Logits only for the rows asked for.
   const int64_t R = static_cast<int64_t>(batch.logit_rows.size());
-  if (R == 0 || num_layers < cfg_.num_layers) return Tensor::host(DType::F32, {0, cfg_.vocab_size});
+  if (R == 0 || num_layers < cfg_.num_layers || kv_only >= 0)
+    return Tensor::host(DType::F32, {0, cfg_.vocab_size});
   if (opts.flops) opts.flops->lm_head += 2.0 * cfg_.hidden_size * cfg_.vocab_size * R;
   std::vector<int32_t> rows(batch.logit_rows.begin(), batch.logit_rows.end());
-  Tensor rows_dev = backend_.alloc(DType::I32, {R});
+  Tensor rows_dev = backend_.alloc_uninit(DType::I32, {R});
   backend_.copy_from_host(rows_dev, Tensor::from_i32(rows, {R}));
-  Tensor last = backend_.alloc(act, {R, H});
+  Tensor last = backend_.alloc_uninit(act, {R, H});  // logit rows are validated in [0, T)
   backend_.gather_rows(x, rows_dev, last);
   backend_.rmsnorm(last, final_norm_, eps, last);
-  Tensor logits = backend_.alloc(DType::F32, {R, cfg_.vocab_size});
+  Tensor logits = backend_.alloc_uninit(DType::F32, {R, cfg_.vocab_size});
   backend_.matmul(last, lm_head_, Tensor(), logits);
   return backend_.to_host_f32(logits);
 }

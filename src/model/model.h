@@ -32,6 +32,7 @@ class ForwardObserver {
 };
 
 struct FlopsLedger;
+class HeadProfile;
 
 // Per-call switches of a forward pass (all off: the plain dense forward).
 struct ForwardOptions {
@@ -39,6 +40,11 @@ struct ForwardOptions {
   int num_layers = -1;  // >= 0: stop after that many layers (no logits)
   const SparseFfnConfig* sparse_ffn = nullptr;
   FlopsLedger* flops = nullptr;  // accumulates what this forward computed
+  // >= 0: no later token reads these rows' outputs, only their K/V (dead-row skipping in reuse):
+  // this layer computes K/V alone (no queries, attention, o_proj or FFN) and the deeper layers,
+  // which must hold only local heads, store zero K/V placeholders. The caller keeps every later
+  // query far enough away that no local window reaches a placeholder it needs. No logits.
+  int kv_only_from_layer = -1;
 };
 
 class Model {
@@ -70,6 +76,10 @@ class Model {
   Tensor attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv, const Tensor& pos,
                          ForwardObserver* observer);
   void ffn_block(int layer, const Tensor& x, Tensor& out);
+  // x: [T, hidden] (normalised input); pos: [T]; k, v: [T, kv_heads, head_dim] (k rotated)
+  void project_kv(int layer, const Tensor& x, const Tensor& pos, Tensor& k, Tensor& v);
+  // Throws unless every layer after from_layer holds only local heads.
+  void check_kv_only(int from_layer, const HeadProfile* profile) const;
   // Sparse FFN: runs the FFN on the selected rows of `normed` and adds it to those rows of x.
   // Returns the number of rows that ran. attn: [T, heads*hd] (importance source)
   int64_t sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& normed, Tensor& x,

@@ -163,6 +163,29 @@ void PrefixIndex::record(const SegmentedPrompt& p) {
   }
 }
 
+DeadRowSplit dead_row_split(const ModelConfig& cfg, const HeadProfile& profile, int64_t start,
+                            int64_t rows) {
+  const int L = static_cast<int>(cfg.num_layers);
+  int g = -1;
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < profile.num_kv_heads(); ++h)
+      if (profile.at(l, h).cls == HeadClass::Global) g = l;
+  if (g == L - 1) return {};
+  int64_t window = 1, sink = 0;
+  for (int l = g + 1; l < L; ++l)
+    for (int h = 0; h < profile.num_kv_heads(); ++h) {
+      window = std::max<int64_t>(window, profile.at(l, h).window);
+      sink = std::max<int64_t>(sink, profile.at(l, h).sink);
+    }
+  DeadRowSplit s;
+  s.kv_only_from_layer = std::max(g, 0);
+  // With no global head, layer 0 is "g": its K/V alone for the split rows, nothing deeper.
+  const int deep = L - 1 - s.kv_only_from_layer;
+  s.tail = int64_t{deep} * (window - 1) + window + 1;
+  if (s.tail >= rows || start < sink) return {};
+  return s;
+}
+
 PrefillOutcome prefill_full(Model& model, KvCache& kv, SeqId seq, const SegmentedPrompt& prompt,
                             int32_t chunk) {
   const std::vector<int32_t> ids = prompt.flatten();
@@ -326,6 +349,19 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
       // One causal pass over S1..Sn + query: the store applies the head classes (local heads
       // read sink ∪ window only); Sparse FFN skips unimportant rows in deep layers.
       std::vector<int32_t> ids = rest_after(1);
+      const int64_t n = static_cast<int64_t>(ids.size());
+      const DeadRowSplit split = opts.skip_dead_rows
+                                     ? dead_row_split(cfg, kv.profile(), kv.next_position(seq), n)
+                                     : DeadRowSplit{};
+      if (split.tail > 0) {
+        // Rows whose outputs nothing reads past layer g: layers <= g only (K/V alone at g).
+        const std::vector<int32_t> head(ids.begin(), ids.end() - split.tail);
+        const std::vector<int32_t> tail(ids.end() - split.tail, ids.end());
+        ForwardOptions f1 = fr;
+        f1.kv_only_from_layer = split.kv_only_from_layer;
+        append_tokens(model, kv, seq, head, static_cast<int32_t>(head.size()), f1);
+        ids = tail;
+      }
       out.last_logits = append_tokens(model, kv, seq, ids, static_cast<int32_t>(ids.size()), fr);
       break;
     }

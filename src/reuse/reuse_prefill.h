@@ -54,7 +54,12 @@ struct ReuseOptions {
   int32_t epic_k = 32;
   SparseFfnConfig sparse_ffn;
   bool sparse_ffn_enabled = true;  // redknot mode only
-  int32_t chunk = 4096;            // tokens per forward pass
+  // redknot mode, beyond the paper: rows whose outputs no later token reads are not computed
+  // past the last layer with a global head (see dead_row_split). Exact without Sparse FFN; with
+  // it, the two passes rank FFN rows separately, so the kept rows differ a little (measured in
+  // docs/benchmarks.md).
+  bool skip_dead_rows = true;
+  int32_t chunk = 4096;  // tokens per forward pass
 };
 
 // What a prefill produced: the sequence holds the prompt's KV, ready to decode.
@@ -78,6 +83,21 @@ class PrefixIndex {
  private:
   std::map<std::vector<int32_t>, std::pair<std::vector<int32_t>, int64_t>> chains_;
 };
+
+// Dead rows of a recomputation pass (redknot mode). Past the last layer g holding a global head,
+// only local heads remain: a row's output there matters only if a later row's local window (or
+// the logits) reaches it, and each such layer widens that reach by one window. So of N rows
+// appended at position `start`, the first N - tail need layers <= g only (and at layer g only
+// their K/V, which global heads read from every later token); the last `tail` rows need every
+// layer. tail = (L - 1 - g) * (W - 1) + W + 1 with W the widest window past g. Returns 0 (no
+// split) when a global head sits in the last layer, when the rows are too few, or when a sink
+// position falls inside the split rows.
+struct DeadRowSplit {
+  int64_t tail = 0;             // rows that run every layer (0: no split)
+  int kv_only_from_layer = -1;  // g (or 0 when no head is global)
+};
+DeadRowSplit dead_row_split(const ModelConfig& cfg, const HeadProfile& profile, int64_t start,
+                            int64_t rows);
 
 // Dense prefill through `kv` (any store), logits of the last token.
 PrefillOutcome prefill_full(Model& model, KvCache& kv, SeqId seq, const SegmentedPrompt& prompt,

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <string>
@@ -72,10 +74,14 @@ class DeviceCache {
     for (auto& [size, ptr] : free_) cudaFree(ptr);
   }
 
-  // Sizes < 1 MiB round up to 512 B; larger ones to 1/8 of their power of two (<= 12.5% slack).
+  // Sizes < 1 MiB round up to 512 B; larger ones to 1/8 of their power of two (<= 12.5% slack);
+  // blocks of 1 GiB and more (the KV page pool, sized from free memory) only to 2 MiB: a 1/8
+  // bucket would waste GiBs there and can push a pool sized at 90% of free memory past 100%.
   static size_t round_size(size_t bytes) {
     bytes = std::max<size_t>(bytes, 512);
     if (bytes < (size_t{1} << 20)) return (bytes + 511) / 512 * 512;
+    constexpr size_t kHuge = size_t{1} << 30, kGranule = size_t{2} << 20;
+    if (bytes >= kHuge) return (bytes + kGranule - 1) / kGranule * kGranule;
     size_t pow2 = size_t{1} << 20;
     while (pow2 * 2 <= bytes) pow2 *= 2;
     const size_t step = pow2 / 8;
@@ -187,6 +193,10 @@ class CudaBackend : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    for (Stage& st : stages_) {
+      if (st.ptr) cudaFreeHost(st.ptr);
+      if (st.done) cudaEventDestroy(st.done);
+    }
     for (auto& [key, plan] : lt_plans_) {
       if (plan.a) cublasLtMatrixLayoutDestroy(plan.a);
       if (plan.b) cublasLtMatrixLayoutDestroy(plan.b);
@@ -206,28 +216,26 @@ class CudaBackend : public Backend {
   DType act_dtype() const override { return DType::BF16; }
 
   Tensor alloc(DType dtype, std::vector<int64_t> shape) override {
-    int64_t n = 1;
-    for (int64_t d : shape) {
-      if (d < 0) throw Error("alloc: negative dimension in " + shape_str(shape));
-      n *= d;
-    }
-    const size_t bytes = static_cast<size_t>(dtype_bytes(dtype, n));
-    std::shared_ptr<void> holder = cached_block(cache_, bytes, stream_);
-    void* ptr = holder.get();
-    if (bytes) cuda_check(cudaMemsetAsync(ptr, 0, bytes, stream_), "cudaMemsetAsync");
-    return Tensor::view(ptr, dtype, std::move(shape), std::move(holder), Device::Cuda);
+    return allocate(dtype, std::move(shape), 0);
+  }
+
+  // No memset: a cached block holds whatever its last owner left (at 8K tokens the per-layer
+  // activations of an 8B model are ~0.6 GB, so zeroing them all cost ~20 GB of writes).
+  Tensor alloc_uninit(DType dtype, std::vector<int64_t> shape) override {
+    return allocate(dtype, std::move(shape), poison_uninit_allocs() ? 0xFF : -1);
   }
 
   // Matrices become bf16 (the GEMM dtype); vectors (norm weights, biases) stay f32.
   Tensor upload_weight(const Tensor& host) override {
     expect_device("upload_weight", "host", host, Device::Host);
+    // copy_from_host writes every byte: no zero fill needed.
     if (host.dtype() == DType::I32) {
-      Tensor t = alloc(DType::I32, host.shape());
+      Tensor t = alloc_uninit(DType::I32, host.shape());
       copy_from_host(t, host);
       return t;
     }
     const DType target = host.rank() >= 2 ? DType::BF16 : DType::F32;
-    Tensor t = alloc(target, host.shape());
+    Tensor t = alloc_uninit(target, host.shape());
     copy_from_host(t, host);
     return t;
   }
@@ -238,20 +246,45 @@ class CudaBackend : public Backend {
     if (dst.numel() != src.numel())
       throw Error("copy_from_host: element count differs: " + dst.describe() + " <- " +
                   src.describe());
-    const void* data = src.raw();
-    std::vector<uint8_t> converted;
-    if (dst.dtype() != src.dtype()) {  // e.g. f32 host values into a bf16 device tensor
-      if (dst.dtype() == DType::Q8_0 || dst.dtype() == DType::I32 || src.dtype() == DType::I32)
-        throw Error("copy_from_host: cannot convert " + src.describe() + " to " + dst.describe());
+    const bool convert = dst.dtype() != src.dtype();  // e.g. f32 host values into bf16
+    if (convert &&
+        (dst.dtype() == DType::Q8_0 || dst.dtype() == DType::I32 || src.dtype() == DType::I32))
+      throw Error("copy_from_host: cannot convert " + src.describe() + " to " + dst.describe());
+    const size_t bytes = static_cast<size_t>(dst.nbytes());
+    if (bytes == 0) return;
+    // Writes dst's bytes (converted when the dtypes differ) to `buf`.
+    auto fill = [&](void* buf) {
+      if (!convert) {
+        std::memcpy(buf, src.raw(), bytes);
+        return;
+      }
       std::vector<float> f32(src.numel());
       convert_to_f32(src.dtype(), src.raw(), f32.data(), src.numel());
-      converted.resize(dst.nbytes());
-      convert_from_f32(f32.data(), dst.dtype(), converted.data(), dst.numel());
+      convert_from_f32(f32.data(), dst.dtype(), buf, dst.numel());
+    };
+    if (bytes <= kStageMax) {
+      // Small uploads (token ids, positions, the paged plans: several per layer per forward) go
+      // through a pinned staging block: the copy is a true async DMA, ordered on the stream, and
+      // the host neither waits for the stream nor needs `src` after we return.
+      Stage st = take_stage(bytes);
+      stages_.push_back(st);  // owned by the pool from here on, also if a call below throws
+      fill(st.ptr);
+      cuda_check(cudaMemcpyAsync(dst.raw(), st.ptr, bytes, cudaMemcpyHostToDevice, stream_),
+                 "copy_from_host");
+      cuda_check(cudaEventRecord(st.done, stream_), "copy_from_host event");
+      return;
+    }
+    // Large uploads (weights): straight from `src` (DMA speed when the caller pinned it), then
+    // wait, as the host buffer may die after we return.
+    const void* data = src.raw();
+    std::vector<uint8_t> converted;
+    if (convert) {
+      converted.resize(bytes);
+      fill(converted.data());
       data = converted.data();
     }
-    cuda_check(cudaMemcpyAsync(dst.raw(), data, dst.nbytes(), cudaMemcpyHostToDevice, stream_),
+    cuda_check(cudaMemcpyAsync(dst.raw(), data, bytes, cudaMemcpyHostToDevice, stream_),
                "copy_from_host");
-    // The host buffer may die after we return.
     cuda_check(cudaStreamSynchronize(stream_), "copy_from_host sync");
   }
 
@@ -534,6 +567,68 @@ class CudaBackend : public Backend {
   }
 
  private:
+  // Device storage of `shape`; fill >= 0: every byte set to it (alloc: 0), < 0: left as is.
+  Tensor allocate(DType dtype, std::vector<int64_t> shape, int fill) {
+    int64_t n = 1;
+    for (int64_t d : shape) {
+      if (d < 0) throw Error("alloc: negative dimension in " + shape_str(shape));
+      n *= d;
+    }
+    const size_t bytes = static_cast<size_t>(dtype_bytes(dtype, n));
+    std::shared_ptr<void> holder = cached_block(cache_, bytes, stream_);
+    void* ptr = holder.get();
+    if (bytes && fill >= 0)
+      cuda_check(cudaMemsetAsync(ptr, fill, bytes, stream_), "cudaMemsetAsync");
+    return Tensor::view(ptr, dtype, std::move(shape), std::move(holder), Device::Cuda);
+  }
+
+  // Pinned host staging block of copy_from_host; `done` fires when its last copy has run.
+  struct Stage {
+    void* ptr = nullptr;
+    size_t cap = 0;
+    cudaEvent_t done = nullptr;
+  };
+
+  // A staging block of at least `bytes` (<= kStageMax), taken out of the pool. Blocks are used
+  // in FIFO order: the oldest is reused once its copy has run. While it is still queued (the
+  // stream busy with earlier kernels, e.g. the previous prefill chunk) the pool grows instead,
+  // so the host keeps queueing work; past kStagePinnedMax pinned bytes it waits for the oldest.
+  Stage take_stage(size_t bytes) {
+    size_t cap = kStageMin;
+    while (cap < bytes) cap *= 2;
+    if (!stages_.empty()) {
+      Stage st = stages_.front();
+      cudaError_t q = cudaEventQuery(st.done);
+      if (q == cudaErrorNotReady) {
+        cudaGetLastError();  // not an error; clear it as PyTorch's allocator does
+        if (staged_bytes_ + cap > kStagePinnedMax) {
+          cuda_check(cudaEventSynchronize(st.done), "staging block wait");
+          q = cudaSuccess;
+        }
+      } else {
+        cuda_check(q, "staging block query");
+      }
+      if (q == cudaSuccess) {
+        stages_.pop_front();
+        if (st.cap >= bytes) return st;
+        // Too small (only while upload sizes still rise): replaced by a new block below.
+        cudaFreeHost(st.ptr);
+        cudaEventDestroy(st.done);
+        staged_bytes_ -= st.cap;
+      }
+    }
+    Stage st;
+    cuda_check(cudaEventCreateWithFlags(&st.done, cudaEventDisableTiming), "cudaEventCreate");
+    if (cudaMallocHost(&st.ptr, cap) != cudaSuccess) {
+      cudaGetLastError();
+      cudaEventDestroy(st.done);
+      throw Error("cudaMallocHost of " + std::to_string(cap) + " staging bytes failed");
+    }
+    st.cap = cap;
+    staged_bytes_ += cap;
+    return st;
+  }
+
   // Shared body of scatter_rows/gather_rows; host row indices are uploaded first.
   template <bool kScatter>
   void move_rows(const char* op, const Tensor& src, const Tensor& rows, Tensor& dst,
@@ -545,7 +640,7 @@ class CudaBackend : public Backend {
     if (row_bytes % 2 != 0) throw Error(std::string(op) + ": odd row size in " + src.describe());
     Tensor device_rows = rows;
     if (rows.device() == Device::Host) {
-      device_rows = alloc(DType::I32, {rows.numel()});
+      device_rows = alloc_uninit(DType::I32, {rows.numel()});
       copy_from_host(device_rows, rows);
     }
     cuda::move_rows_kernel<kScatter><<<rows.numel(), 256, 0, stream_>>>(
@@ -689,11 +784,17 @@ class CudaBackend : public Backend {
   }
 
   static constexpr size_t kLtWorkspace = size_t{32} << 20;
+  // copy_from_host staging: uploads up to kStageMax bytes go through pinned blocks (powers of
+  // two from kStageMin), kStagePinnedMax bytes of them at most.
+  static constexpr size_t kStageMax = size_t{4} << 20, kStageMin = size_t{64} << 10;
+  static constexpr size_t kStagePinnedMax = size_t{256} << 20;
 
   int device_;
   int num_sms_ = 132;
   bool simple_ = false;
   std::shared_ptr<DeviceCache> cache_;
+  std::deque<Stage> stages_;  // FIFO: front = the block whose copy was queued first
+  size_t staged_bytes_ = 0;   // pinned bytes held by stages_
   std::shared_ptr<void> lt_workspace_;
   cublasLtHandle_t lt_ = nullptr;
   std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, uint32_t>, LtPlan> lt_plans_;

@@ -1,0 +1,533 @@
+// Whole-model CUDA benchmark on real model shapes with random bf16 weights (issue 6):
+//  ttft:     dense prefill of one T-token prompt (every head global, batch 1, logits of the last
+//            token only) through Model::forward on the CUDA backend and the paged KV store, in
+//            chunks of --chunks tokens (4096: the engine's prefill_full default; 0: the whole
+//            prompt in one forward). Wall time from the first forward to the host logits, after
+//            --warmup runs, median of --reps. The peer is scripts/gpu-model-peer.py.
+//  capacity: sessions of --capacity-tokens tokens that fit next to the weights: the device KV
+//            page pool is sized as --gpu-memory-fraction of the free memory once the weights
+//            are loaded (what `serve --gpu-memory-fraction` does), then filled through
+//            PagedKvCache (real pages, K/V written every layer) until OutOfKvMemory, dense
+//            all-global vs the head-aware profile of bench/kv_bench (15% global, W=512, s=4);
+//            beside the ideal count of sessions_that_fit.
+// Each phase of each shape loads the weights into its own backend, freed (weights, pool, cached
+// blocks) before the next. --cpu runs the same code on the CPU backend (a logic check here).
+// Built by CMake (target cuda_model_bench, REDKNOT_CUDA=ON); run by scripts/gpu-model-bench.sh.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/builtin.h"
+#include "backend/cuda/cuda_backend.h"
+#include "bench_util.h"
+#include "core/error.h"
+#include "engine/flops.h"
+#include "engine/kv_setup.h"
+#include "kv/head_profile.h"
+#include "kv/page_pool.h"
+#include "kv/paged_kv_cache.h"
+#include "kv_bench.h"
+#include "model/model.h"
+#include "model/random_checkpoint.h"
+
+using namespace redknot;
+using namespace redknot::bench;
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+struct Args {
+  std::vector<std::string> shapes = {"llama3-8b", "mistral-7b"};
+  std::vector<int64_t> lengths = {8192, 32768};
+  std::vector<int64_t> chunks = {4096, 0};  // 0: the whole prompt in one forward
+  int64_t layers = 0;                       // > 0: override the preset's layer count
+  int warmup = 2, reps = 3;
+  std::string capacity_shape = "llama3-8b";  // "none": skip the capacity mode
+  int64_t capacity_tokens = 32768;
+  int32_t capacity_chunk = 4096;
+  double gpu_memory_fraction = 0.90;
+  KvShape kv;        // page size and the head-aware profile (global fraction, W, sink)
+  bool cpu = false;  // debugging: the same code on the CPU backend (try --shapes tiny)
+};
+
+[[noreturn]] void usage() {
+  std::fprintf(stderr,
+               "usage: cuda_model_bench [--shapes llama3-8b,mistral-7b] [--lengths 8192,32768]\n"
+               "  [--chunks 4096,0] [--layers N] [--warmup 2] [--reps 3]\n"
+               "  [--capacity SHAPE|none] [--capacity-tokens 32768] [--capacity-chunk 4096]\n"
+               "  [--gpu-memory-fraction 0.9] [--global-fraction 0.15] [--window 512] "
+               "[--sink 4] [--cpu]\n");
+  std::exit(2);
+}
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+std::vector<int64_t> split_ints(const std::string& s) {
+  std::vector<int64_t> out;
+  for (const std::string& x : split(s)) out.push_back(std::stoll(x));
+  return out;
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    if (k == "-h" || k == "--help") usage();
+    if (k == "--cpu") {
+      a.cpu = true;
+      continue;
+    }
+    if (i + 1 >= argc) usage();
+    const std::string v = argv[++i];
+    if (k == "--shapes")
+      a.shapes = split(v);
+    else if (k == "--lengths")
+      a.lengths = split_ints(v);
+    else if (k == "--chunks")
+      a.chunks = split_ints(v);
+    else if (k == "--layers")
+      a.layers = std::stoll(v);
+    else if (k == "--warmup")
+      a.warmup = std::stoi(v);
+    else if (k == "--reps")
+      a.reps = std::stoi(v);
+    else if (k == "--capacity")
+      a.capacity_shape = v;
+    else if (k == "--capacity-tokens")
+      a.capacity_tokens = std::stoll(v);
+    else if (k == "--capacity-chunk")
+      a.capacity_chunk = std::stoi(v);
+    else if (k == "--gpu-memory-fraction")
+      a.gpu_memory_fraction = std::stod(v);
+    else if (k == "--global-fraction")
+      a.kv.global_fraction = std::stod(v);
+    else if (k == "--window")
+      a.kv.window = std::stoi(v);
+    else if (k == "--sink")
+      a.kv.sink = std::stoi(v);
+    else
+      usage();
+  }
+  if (a.reps < 1 || a.warmup < 0 || a.capacity_chunk <= 0) usage();
+  return a;
+}
+
+void cuda_ok(cudaError_t st, const char* what) {
+  if (st != cudaSuccess) throw Error(std::string(what) + ": " + cudaGetErrorString(st));
+}
+
+struct MemInfo {
+  double free_gib = 0, total_gib = 0;
+};
+MemInfo mem_info() {
+  size_t f = 0, t = 0;
+  if (cudaMemGetInfo(&f, &t) != cudaSuccess) cudaGetLastError();  // --cpu: no device
+  return {static_cast<double>(f) / kGiB, static_cast<double>(t) / kGiB};
+}
+
+// ---- random weights, fast ----
+// random_checkpoint() draws 8B values on one host thread (minutes). Instead every matrix is a
+// view into one of a few host buffers of U(-a, a) bf16 values (a = 1/sqrt(fan_in) as in
+// random_checkpoint; the embedding a = 1), filled by all host threads and pinned so that the
+// upload runs at DMA speed. Each tensor starts at its own offset, so layers differ; the
+// values only have to be finite and varied for timing.
+class RandomWeights {
+ public:
+  explicit RandomWeights(const ModelConfig& cfg) : cfg_(cfg) {
+    const int64_t H = cfg.hidden_size, F = cfg.intermediate_size;
+    const int64_t q = cfg.num_heads * cfg.head_dim;
+    // Largest matrix per fan-in (lm_head and embedding are [vocab, H]).
+    need(H, std::max({cfg.vocab_size * H, F * H, q * H}));
+    need(q, H * q);
+    need(F, H * F);
+    need(0, cfg.vocab_size * H);  // the embedding, amplitude 1
+    uint64_t seed = 1;
+    for (auto& [fan_in, buf] : bufs_) {
+      buf.data = std::shared_ptr<uint16_t[]>(new uint16_t[buf.n + kMargin]);
+      fill(buf.data.get(), buf.n + kMargin,
+           fan_in > 0 ? 1.0f / std::sqrt(static_cast<float>(fan_in)) : 1.0f, seed++);
+      // Pinned: cudaMemcpy from pageable memory stages through a bounce buffer (~3x slower).
+      pinned_.push_back(cudaHostRegister(buf.data.get(), (buf.n + kMargin) * 2,
+                                         cudaHostRegisterDefault) == cudaSuccess);
+      if (!pinned_.back()) cudaGetLastError();
+    }
+    ones_ = std::shared_ptr<float[]>(new float[std::max(H, cfg.head_dim)]);
+    std::fill(ones_.get(), ones_.get() + std::max(H, cfg.head_dim), 1.0f);
+  }
+  ~RandomWeights() {
+    size_t i = 0;
+    for (auto& [fan_in, buf] : bufs_)
+      if (pinned_[i++]) cudaHostUnregister(buf.data.get());
+  }
+  RandomWeights(const RandomWeights&) = delete;
+  RandomWeights& operator=(const RandomWeights&) = delete;
+
+  // The checkpoint random_checkpoint() would make (same names and shapes), as views.
+  Checkpoint checkpoint() {
+    next_ = 0;  // the same weights every call
+    Checkpoint ck;
+    ck.path = "random model (bench)";
+    ck.config = cfg_;
+    const int64_t H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
+    const int64_t q = cfg_.num_heads * hd, kv = cfg_.num_kv_heads * hd;
+    ck.tensors["model.embed_tokens.weight"] = mat(0, cfg_.vocab_size, H);
+    ck.tensors["model.norm.weight"] = ones(H);
+    if (!cfg_.tie_word_embeddings) ck.tensors["lm_head.weight"] = mat(H, cfg_.vocab_size, H);
+    for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      ck.tensors[p + "input_layernorm.weight"] = ones(H);
+      ck.tensors[p + "post_attention_layernorm.weight"] = ones(H);
+      ck.tensors[p + "self_attn.q_proj.weight"] = mat(H, q, H);
+      ck.tensors[p + "self_attn.k_proj.weight"] = mat(H, kv, H);
+      ck.tensors[p + "self_attn.v_proj.weight"] = mat(H, kv, H);
+      ck.tensors[p + "self_attn.o_proj.weight"] = mat(q, H, q);
+      ck.tensors[p + "mlp.gate_proj.weight"] = mat(H, F, H);
+      ck.tensors[p + "mlp.up_proj.weight"] = mat(H, F, H);
+      ck.tensors[p + "mlp.down_proj.weight"] = mat(F, H, F);
+      if (cfg_.attention_bias || cfg_.qk_norm)
+        throw Error("bench: biases / qk norm not generated (llama3-8b and mistral-7b have none)");
+    }
+    return ck;
+  }
+
+ private:
+  static constexpr int64_t kMargin = int64_t{1} << 22;  // offsets spread over 4M elements
+  struct Buf {
+    int64_t n = 0;
+    std::shared_ptr<uint16_t[]> data;
+  };
+
+  void need(int64_t fan_in, int64_t n) { bufs_[fan_in].n = std::max(bufs_[fan_in].n, n); }
+
+  static void fill(uint16_t* p, int64_t n, float amp, uint64_t seed) {
+    const int threads = std::max(1u, std::min(32u, std::thread::hardware_concurrency()));
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([=] {
+        const int64_t b = n * t / threads, e = n * (t + 1) / threads;
+        uint64_t x = (seed * 0x9E3779B97F4A7C15ull) ^ (uint64_t(t + 1) * 0xD1B54A32D192ED03ull);
+        for (int64_t i = b; i < e; ++i) {
+          x ^= x << 13;
+          x ^= x >> 7;
+          x ^= x << 17;
+          const float u =
+              static_cast<float>(static_cast<int32_t>(x >> 32)) * (1.0f / 2147483648.0f);
+          p[i] = f32_to_bf16(amp * u);
+        }
+      });
+    for (auto& th : pool) th.join();
+  }
+
+  // [rows, cols] bf16 view of the fan_in buffer at the next offset.
+  Tensor mat(int64_t fan_in, int64_t rows, int64_t cols) {
+    Buf& b = bufs_.at(fan_in);
+    const int64_t off = (next_++ * 104729 * 64) % kMargin;  // 128-byte aligned, varied
+    if (rows * cols + off > b.n + kMargin) throw Error("bench: weight buffer too small");
+    return Tensor::view(b.data.get() + off, DType::BF16, {rows, cols},
+                        std::shared_ptr<void>(b.data, b.data.get()));
+  }
+  // [n] f32 ones (norm weights).
+  Tensor ones(int64_t n) {
+    return Tensor::view(ones_.get(), DType::F32, {n}, std::shared_ptr<void>(ones_, ones_.get()));
+  }
+
+  ModelConfig cfg_;
+  std::map<int64_t, Buf> bufs_;
+  std::vector<bool> pinned_;
+  std::shared_ptr<float[]> ones_;
+  int64_t next_ = 0;
+};
+
+int64_t param_count(const ModelConfig& c) {
+  const int64_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  const int64_t per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size +
+                            3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size;
+  return c.num_layers * per_layer + c.vocab_size * c.hidden_size * (c.tie_word_embeddings ? 1 : 2) +
+         c.hidden_size;
+}
+
+std::string chunk_name(int64_t chunk) { return chunk > 0 ? std::to_string(chunk) : "whole"; }
+
+struct TtftRow {
+  std::string shape;
+  int64_t T = 0, chunk = 0;
+  double ms = 0, min_ms = 0, tflops = 0;
+  std::string error;
+};
+
+struct CapacityRow {
+  std::string shape, profile;
+  double global_share = 0, pool_gib = 0, free_gib = 0, bytes_per_session = 0, fill_s = 0;
+  int64_t measured = 0, ideal = 0, pages = 0;
+};
+
+// One prefill of `ids` into sequence 0 of `kv` in chunks (0: one forward); returns ms to the
+// host logits of the last token. The sequence is removed afterwards.
+double prefill_ms(Model& model, PagedKvCache& kv, const std::vector<int32_t>& ids, int64_t chunk) {
+  const int64_t T = static_cast<int64_t>(ids.size());
+  const int64_t step = chunk > 0 ? chunk : T;
+  model.backend().synchronize();
+  kv.add_sequence(0);
+  const auto t0 = Clock::now();
+  Tensor logits;
+  for (int64_t s = 0; s < T; s += step) {
+    const int64_t e = std::min(T, s + step);
+    Batch b;
+    b.add_sequence(0, std::vector<int32_t>(ids.begin() + s, ids.begin() + e),
+                   static_cast<int32_t>(s), /*last_logits=*/e == T);
+    logits = model.forward(b, kv);
+  }
+  const double ms = seconds_since(t0) * 1e3;  // forward returns host logits: the work is done
+  kv.remove_sequence(0);
+  if (logits.numel() != model.config().vocab_size) throw Error("bench: no logits returned");
+  for (int64_t i = 0; i < logits.numel(); ++i)
+    if (!std::isfinite(logits.data<float>()[i])) throw Error("bench: non-finite logits");
+  return ms;
+}
+
+// Appends a row per (length, chunk) to `rows` as it goes (a failure keeps the rows before it).
+void run_ttft(Model& model, const std::string& shape, const Args& a, std::vector<TtftRow>& rows) {
+  const ModelConfig& cfg = model.config();
+  Backend& backend = model.backend();
+  const int32_t ps = a.kv.page_size, hd = static_cast<int32_t>(cfg.head_dim);
+  const HeadProfile dense(static_cast<int32_t>(cfg.num_layers),
+                          static_cast<int32_t>(cfg.num_kv_heads));
+  for (int64_t T : a.lengths) {
+    std::vector<int32_t> ids(T);
+    uint64_t x = 88172645463325252ull + T;
+    for (auto& id : ids) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      id = static_cast<int32_t>(x % static_cast<uint64_t>(cfg.vocab_size));
+    }
+    const double flops = prefill_flops(cfg, dense, 0, T, 1).total();
+    // The pool holds one T-token session, all heads global (kv_bytes_for adds page slack).
+    const int32_t n_pages =
+        PagePool::pages_for_bytes(kv_bytes_for(model, ps, T), ps, hd, backend.act_dtype());
+    PagePool pool(backend, n_pages, ps, hd);
+    PagedKvOptions po;
+    po.scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+    PagedKvCache kv(pool, dense, po, model.inv_freq());
+    for (int64_t chunk : a.chunks) {
+      TtftRow r;
+      r.shape = shape, r.T = T, r.chunk = chunk;
+      try {
+        for (int i = 0; i < a.warmup; ++i) prefill_ms(model, kv, ids, chunk);
+        std::vector<double> t;
+        for (int i = 0; i < a.reps; ++i) t.push_back(prefill_ms(model, kv, ids, chunk));
+        r.ms = median(t);
+        r.min_ms = *std::min_element(t.begin(), t.end());
+        r.tflops = flops / (r.ms * 1e-3) / 1e12;
+      } catch (const std::exception& e) {
+        r.error = e.what();
+        if (kv.has_sequence(0)) kv.remove_sequence(0);
+      }
+      std::printf("ttft %s T=%lld chunk=%s: %s%.1f ms (min %.1f), %.0f TFLOP/s\n", shape.c_str(),
+                  static_cast<long long>(T), chunk_name(chunk).c_str(),
+                  r.error.empty() ? "" : ("FAILED: " + r.error + " ").c_str(), r.ms, r.min_ms,
+                  r.tflops);
+      std::fflush(stdout);
+      rows.push_back(r);
+    }
+  }
+}
+
+std::vector<CapacityRow> run_capacity(Model& model, const std::string& shape, const Args& a) {
+  const ModelConfig& cfg = model.config();
+  Backend& backend = model.backend();
+  const int32_t ps = a.kv.page_size, hd = static_cast<int32_t>(cfg.head_dim);
+  const int32_t L = static_cast<int32_t>(cfg.num_layers),
+                Hkv = static_cast<int32_t>(cfg.num_kv_heads);
+  backend.synchronize();
+  const double free_b = static_cast<double>(backend.free_memory_bytes());
+  const int64_t budget = static_cast<int64_t>(a.gpu_memory_fraction * free_b);
+  const int32_t pages = PagePool::pages_for_bytes(budget, ps, hd, backend.act_dtype());
+  PagePool pool(backend, pages, ps, hd);  // device storage: K, V and positions of every page
+  const int64_t pool_bytes = int64_t{pool.num_pages()} * pool.bytes_per_page();
+  // What every layer writes per chunk; zeros (the values do not change what fits).
+  Tensor k = backend.alloc(backend.act_dtype(), {a.capacity_chunk, Hkv, hd});
+  Tensor v = backend.alloc(backend.act_dtype(), {a.capacity_chunk, Hkv, hd});
+  std::vector<CapacityRow> rows;
+  for (int variant = 0; variant < 2; ++variant) {
+    HeadProfile profile =
+        variant == 0 ? HeadProfile(L, Hkv)
+                     : spread_profile(L, Hkv, a.kv.global_fraction, a.kv.window, a.kv.sink);
+    CapacityRow r;
+    r.shape = shape;
+    r.profile = variant == 0 ? "all-global"
+                             : "head-aware W=" + std::to_string(a.kv.window) +
+                                   " s=" + std::to_string(a.kv.sink);
+    r.global_share = profile.global_fraction();
+    r.free_gib = free_b / kGiB;
+    r.pool_gib = static_cast<double>(pool_bytes) / kGiB;
+    r.pages = pool.num_pages();
+    r.ideal =
+        sessions_that_fit(profile, a.capacity_tokens, pool_bytes, ps, hd, backend.act_dtype());
+    PagedKvOptions po;
+    po.scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+    PagedKvCache cache(pool, profile, po, model.inv_freq());
+    const auto t0 = Clock::now();
+    r.measured = fill_sessions(cache, backend, a.capacity_tokens, a.capacity_chunk, k, v);
+    backend.synchronize();
+    r.fill_s = seconds_since(t0);
+    const KvUsage u = cache.usage();
+    r.bytes_per_session = r.measured > 0 ? static_cast<double>(u.global_pages + u.local_pages) *
+                                               pool.bytes_per_page() / r.measured
+                                         : 0;
+    std::printf("capacity %s %s: %lld sessions (ideal %lld) in %.1f s\n", shape.c_str(),
+                r.profile.c_str(), static_cast<long long>(r.measured),
+                static_cast<long long>(r.ideal), r.fill_s);
+    std::fflush(stdout);
+    rows.push_back(r);
+  }  // the cache returns its pages before the next profile fills the same pool
+  return rows;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args a = parse(argc, argv);
+  int count = 0;
+  if (!a.cpu && (cudaGetDeviceCount(&count) != cudaSuccess || count == 0)) {
+    std::fprintf(stderr, "cuda_model_bench: no CUDA device\n");
+    return 2;
+  }
+  cudaDeviceProp prop{};
+  if (a.cpu)
+    std::snprintf(prop.name, sizeof(prop.name), "CPU backend (--cpu: a logic check only)");
+  else
+    cuda_ok(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  register_builtin_backends();
+  const MemInfo m0 = mem_info();
+  std::printf("# cuda_model_bench: %s (sm_%d%d, %d SMs), %.1f GiB total, %.1f GiB free at start\n",
+              prop.name, prop.major, prop.minor, prop.multiProcessorCount, m0.total_gib,
+              m0.free_gib);
+  std::printf(
+      "# bf16 random weights; ttft: all heads global, batch 1, last-token logits, warm-up %d, "
+      "median of %d; page %d\n",
+      a.warmup, a.reps, a.kv.page_size);
+
+  std::vector<std::string> shapes = a.shapes;
+  if (a.capacity_shape != "none" &&
+      std::find(shapes.begin(), shapes.end(), a.capacity_shape) == shapes.end())
+    shapes.push_back(a.capacity_shape);
+  const std::set<std::string> ttft_shapes(a.shapes.begin(), a.shapes.end());
+
+  std::vector<TtftRow> ttft;
+  std::vector<CapacityRow> cap;
+  std::vector<std::string> errors;
+  for (const std::string& shape : shapes) {
+    try {
+      ModelConfig cfg = preset_config(shape);
+      if (a.layers > 0) cfg.num_layers = a.layers;
+      auto t0 = Clock::now();
+      RandomWeights rw(cfg);  // host buffers, reused by both phases
+      std::printf(
+          "## %s: %lld layers, hidden %lld, %lld q / %lld kv heads x %lld, ffn %lld, vocab %lld, "
+          "rope theta %g%s; %.2fB params (host weights made in %.1f s)\n",
+          shape.c_str(), static_cast<long long>(cfg.num_layers),
+          static_cast<long long>(cfg.hidden_size), static_cast<long long>(cfg.num_heads),
+          static_cast<long long>(cfg.num_kv_heads), static_cast<long long>(cfg.head_dim),
+          static_cast<long long>(cfg.intermediate_size), static_cast<long long>(cfg.vocab_size),
+          cfg.rope_theta,
+          cfg.rope_scaling.type == "none" ? "" : (" " + cfg.rope_scaling.type).c_str(),
+          static_cast<double>(param_count(cfg)) / 1e9, seconds_since(t0));
+      // Each phase gets a fresh backend, so that neither sees the other's cached blocks: the
+      // capacity pool is sized from what the weights alone leave, as serve does at start.
+      auto phase = [&](const char* what, auto&& body) {
+        try {
+          const auto t1 = Clock::now();
+          std::unique_ptr<Backend> backend = a.cpu ? create_backend("cpu") : make_cuda_backend(0);
+          {
+            std::unique_ptr<Model> model;
+            {
+              Checkpoint ck = rw.checkpoint();
+              model = std::make_unique<Model>(ck, *backend);
+              backend->synchronize();
+            }
+            const MemInfo m = mem_info();
+            std::printf("# %s %s: weights %.2f GiB uploaded in %.1f s, %.1f of %.1f GiB free\n",
+                        shape.c_str(), what, static_cast<double>(model->weight_bytes()) / kGiB,
+                        seconds_since(t1), m.free_gib, m.total_gib);
+            std::fflush(stdout);
+            body(*model);
+            const CudaAllocStats st = a.cpu ? CudaAllocStats{} : cuda_alloc_stats(*backend);
+            std::printf("# %s %s: the backend held %.2f GiB at the end (%lld cudaMalloc)\n",
+                        shape.c_str(), what, static_cast<double>(st.reserved) / kGiB,
+                        static_cast<long long>(st.mallocs));
+          }  // the model (weights) goes first, then the backend with its cached blocks
+        } catch (const std::exception& e) {
+          errors.push_back(shape + " " + what + ": " + e.what());
+          std::printf("%s %s FAILED: %s\n", shape.c_str(), what, e.what());
+        }
+        std::fflush(stdout);
+      };
+      if (shape == a.capacity_shape)
+        phase("capacity", [&](Model& model) {
+          for (CapacityRow& r : run_capacity(model, shape, a)) cap.push_back(r);
+        });
+      if (ttft_shapes.count(shape))
+        phase("ttft", [&](Model& model) {
+          const size_t first = ttft.size();
+          run_ttft(model, shape, a, ttft);
+          for (size_t i = first; i < ttft.size(); ++i)
+            if (!ttft[i].error.empty()) errors.push_back(shape + " ttft: " + ttft[i].error);
+        });
+    } catch (const std::exception& e) {
+      errors.push_back(shape + ": " + e.what());
+      std::printf("%s FAILED: %s\n", shape.c_str(), e.what());
+    }
+    std::fflush(stdout);
+  }
+
+  std::printf("\n## TTFT (RedKnot, CUDA backend, paged KV, all heads global)\n\n");
+  std::printf("| shape | T | chunk | TTFT ms | TFLOP/s |\n|---|---|---|---|---|\n");
+  for (const TtftRow& r : ttft) {
+    if (!r.error.empty()) continue;
+    std::printf("| %s | %lld | %s | %.1f | %.0f |\n", r.shape.c_str(), static_cast<long long>(r.T),
+                chunk_name(r.chunk).c_str(), r.ms, r.tflops);
+  }
+  if (!cap.empty()) {
+    std::printf(
+        "\n## Capacity (RedKnot, device page pool = %.2f x free after weights; sessions of %lld "
+        "tokens, prefilled in chunks of %d)\n\n",
+        a.gpu_memory_fraction, static_cast<long long>(a.capacity_tokens), a.capacity_chunk);
+    std::printf(
+        "| shape | profile | global heads | free GiB | pool GiB | measured sessions | ideal "
+        "sessions | measured/ideal | GiB/session | fill s |\n|---|---|---|---|---|---|---|---|---|"
+        "---|\n");
+    for (const CapacityRow& r : cap)
+      std::printf("| %s | %s | %.1f%% | %.1f | %.1f | %lld | %lld | %.3f | %.3f | %.1f |\n",
+                  r.shape.c_str(), r.profile.c_str(), 100.0 * r.global_share, r.free_gib,
+                  r.pool_gib, static_cast<long long>(r.measured), static_cast<long long>(r.ideal),
+                  r.ideal > 0 ? static_cast<double>(r.measured) / r.ideal : 0.0,
+                  r.bytes_per_session / kGiB, r.fill_s);
+    if (cap.size() == 2 && cap[0].measured > 0 && cap[0].ideal > 0)
+      std::printf(
+          "\ncapacity ratio head-aware / all-global: measured %.2fx (%lld / %lld), ideal %.2fx "
+          "(bar >= 5x)\n",
+          static_cast<double>(cap[1].measured) / cap[0].measured,
+          static_cast<long long>(cap[1].measured), static_cast<long long>(cap[0].measured),
+          static_cast<double>(cap[1].ideal) / cap[0].ideal);
+  }
+  for (const std::string& e : errors) std::printf("ERROR %s\n", e.c_str());
+  return errors.empty() ? 0 : 1;
+}
