@@ -10,6 +10,17 @@
 //            PagedKvCache (real pages, K/V written every layer) until OutOfKvMemory, dense
 //            all-global vs the head-aware profile of bench/kv_bench (15% global, W=512, s=4);
 //            beside the ideal count of sessions_that_fit.
+//  reuse:    RedKnot TTFT on a segmented prompt (issue 6 reuse bar): --reuse-segments cached
+//            documents of --reuse-segment-tokens random ids + a --reuse-query-token query, on
+//            the shape --reuse (llama3-8b; "none" skips). One device pool holds the head-aware
+//            request store (the kv_bench profile) and a ChunkStore (all-global, room for every
+//            segment); the segments are cached offline (untimed), then prefill_with_reuse in
+//            redknot mode (Sparse FFN off, then on) runs on a fresh sequence each repetition,
+//            against our full mode (prefill_full, chunks of 4096) on an all-global cache of the
+//            same pool. Wall time to the host logits after a device sync, --warmup runs, median
+//            of --reps; FLOPs from PrefillOutcome::flops vs prefill_flops of the full prompt.
+//            --reuse-profile front packs the same global heads into the first layers (the
+//            spread profile has one in the last layer, where dead-row skipping does nothing).
 // Each phase of each shape loads the weights into its own backend, freed (weights, pool, cached
 // blocks) before the next. --cpu runs the same code on the CPU backend (a logic check here).
 // Built by CMake (target cuda_model_bench, REDKNOT_CUDA=ON); run by scripts/gpu-model-bench.sh.
@@ -41,6 +52,9 @@
 #include "kv_bench.h"
 #include "model/model.h"
 #include "model/random_checkpoint.h"
+#include "reuse/chunk_store.h"
+#include "reuse/reuse_prefill.h"
+#include "reuse/segment_lookup.h"
 
 using namespace redknot;
 using namespace redknot::bench;
@@ -59,6 +73,14 @@ struct Args {
   int64_t capacity_tokens = 32768;
   int32_t capacity_chunk = 4096;
   double gpu_memory_fraction = 0.90;
+  std::string reuse_shape = "llama3-8b";  // "none": skip the reuse mode
+  int32_t reuse_segments = 8;
+  int32_t reuse_segment_tokens = 4096;
+  int32_t reuse_query_tokens = 64;
+  bool reuse_sparse = true;  // also time redknot with Sparse FFN
+  // spread: bench::spread_profile (a global head in the last layer); front: as many global
+  // heads, in the first layers
+  std::string reuse_profile = "spread";
   KvShape kv;        // page size and the head-aware profile (global fraction, W, sink)
   bool cpu = false;  // debugging: the same code on the CPU backend (try --shapes tiny)
 };
@@ -69,7 +91,10 @@ struct Args {
                "  [--chunks 4096,0] [--layers N] [--warmup 2] [--reps 3]\n"
                "  [--capacity SHAPE|none] [--capacity-tokens 32768] [--capacity-chunk 4096]\n"
                "  [--gpu-memory-fraction 0.9] [--global-fraction 0.15] [--window 512] "
-               "[--sink 4] [--cpu]\n");
+               "[--sink 4]\n"
+               "  [--reuse SHAPE|none] [--reuse-segments 8] [--reuse-segment-tokens 4096]\n"
+               "  [--reuse-query-tokens 64] [--reuse-sparse 1|0] [--reuse-profile spread|front] "
+               "[--cpu]\n");
   std::exit(2);
 }
 
@@ -124,10 +149,23 @@ Args parse(int argc, char** argv) {
       a.kv.window = std::stoi(v);
     else if (k == "--sink")
       a.kv.sink = std::stoi(v);
+    else if (k == "--reuse")
+      a.reuse_shape = v;
+    else if (k == "--reuse-segments")
+      a.reuse_segments = std::stoi(v);
+    else if (k == "--reuse-segment-tokens")
+      a.reuse_segment_tokens = std::stoi(v);
+    else if (k == "--reuse-query-tokens")
+      a.reuse_query_tokens = std::stoi(v);
+    else if (k == "--reuse-profile")
+      a.reuse_profile = v;
+    else if (k == "--reuse-sparse")
+      a.reuse_sparse = std::stoi(v) != 0;
     else
       usage();
   }
   if (a.reps < 1 || a.warmup < 0 || a.capacity_chunk <= 0) usage();
+  if (a.reuse_segments < 1 || a.reuse_segment_tokens < 1 || a.reuse_query_tokens < 1) usage();
   return a;
 }
 
@@ -401,6 +439,204 @@ std::vector<CapacityRow> run_capacity(Model& model, const std::string& shape, co
   return rows;
 }
 
+// ---- reuse: RedKnot vs our full mode on a segmented prompt ----
+struct ReuseRow {
+  std::string shape, profile;
+  int64_t T = 0, segments = 0, segment_tokens = 0, query_tokens = 0, reused = 0;
+  double global_share = 0;
+  int64_t layers = 0;
+  int last_global_layer = -1;  // the profile's deepest layer with a global head
+  int64_t dead_tail = 0;       // dead_row_split().tail of the recomputed rows (0: no split)
+  double offline_s = 0;
+  // Medians over --reps: PrefillOutcome::ms and our own timer (sync before, host logits after).
+  double redknot_ms = 0, redknot_wall_ms = 0, sparse_ms = 0, sparse_wall_ms = 0;
+  double full_ms = 0, full_wall_ms = 0;
+  double redknot_flops = 0, sparse_flops = 0, full_flops = 0;  // online work, one prefill
+  double top1_redknot = -1, top1_sparse = -1;  // argmax equal to full's (random weights)
+  std::vector<std::string> errors;
+};
+
+int argmax_of(const std::vector<float>& v) {
+  return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+void check_logits(const std::vector<float>& l, int64_t vocab) {
+  if (static_cast<int64_t>(l.size()) != vocab) throw Error("bench: no logits returned");
+  for (float x : l)
+    if (!std::isfinite(x)) throw Error("bench: non-finite logits");
+}
+
+// Each part (redknot, redknot + sparse, full) runs under its own try, so one failing leaves the
+// others' numbers; the pool, caches and chunk store go when this returns.
+ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
+  const ModelConfig& cfg = model.config();
+  Backend& backend = model.backend();
+  const int32_t ps = a.kv.page_size, hd = static_cast<int32_t>(cfg.head_dim);
+  const int32_t L = static_cast<int32_t>(cfg.num_layers),
+                Hkv = static_cast<int32_t>(cfg.num_kv_heads);
+  ReuseRow r;
+  r.shape = shape, r.layers = L;
+  r.segments = a.reuse_segments, r.segment_tokens = a.reuse_segment_tokens;
+  r.query_tokens = a.reuse_query_tokens;
+
+  // The prompt: segment 0 starts with BOS (id 1); ids < vocab, fixed seed.
+  SegmentedPrompt prompt;
+  uint64_t x = 0x2545F4914F6CDD1Dull;
+  auto next_id = [&] {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    return static_cast<int32_t>(2 + x % static_cast<uint64_t>(cfg.vocab_size - 2));
+  };
+  for (int32_t s = 0; s < a.reuse_segments; ++s) {
+    std::vector<int32_t> seg(a.reuse_segment_tokens);
+    for (auto& id : seg) id = next_id();
+    if (s == 0) seg[0] = 1;
+    prompt.segments.push_back(std::move(seg));
+  }
+  prompt.query.resize(a.reuse_query_tokens);
+  for (auto& id : prompt.query) id = next_id();
+  r.T = prompt.total_tokens();
+
+  HeadProfile profile = spread_profile(L, Hkv, a.kv.global_fraction, a.kv.window, a.kv.sink);
+  if (a.reuse_profile == "front") {
+    // The same number of global heads, packed into the first layers (dead-row skipping applies).
+    const int64_t n_global = std::llround(a.kv.global_fraction * L * Hkv);
+    for (int64_t i = 0; i < int64_t{L} * Hkv; ++i) {
+      HeadSpec& h = profile.at(static_cast<int32_t>(i / Hkv), static_cast<int32_t>(i % Hkv));
+      h = HeadSpec{};
+      if (i >= n_global) h.cls = HeadClass::Local, h.window = a.kv.window, h.sink = a.kv.sink;
+    }
+  } else if (a.reuse_profile != "spread") {
+    throw Error("bench: --reuse-profile is spread or front");
+  }
+  r.global_share = profile.global_fraction();
+  r.profile =
+      a.reuse_profile + " W=" + std::to_string(a.kv.window) + " s=" + std::to_string(a.kv.sink);
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < Hkv; ++h)
+      if (profile.at(l, h).cls == HeadClass::Global) r.last_global_layer = l;
+  r.dead_tail =
+      dead_row_split(cfg, profile, a.reuse_segment_tokens, r.T - a.reuse_segment_tokens).tail;
+  const std::string split_note =
+      r.dead_tail > 0
+          ? ", dead-row split: the last " + std::to_string(r.dead_tail) + " rows run every layer"
+      : r.last_global_layer == L - 1
+          ? " (a global head in the last layer: no dead-row split, skip_dead_rows does nothing)"
+          : " (too few rows for a dead-row split)";
+  std::printf(
+      "# reuse %s: T=%lld (%d x %d + %d query), %s, %.1f%% global heads, last global layer %d of "
+      "%d%s\n",
+      shape.c_str(), static_cast<long long>(r.T), a.reuse_segments, a.reuse_segment_tokens,
+      a.reuse_query_tokens, r.profile.c_str(), 100.0 * r.global_share, r.last_global_layer, L,
+      split_note.c_str());
+  std::fflush(stdout);
+
+  // One pool: the chunk store (all-global, every segment), the head-aware request and the
+  // all-global full request (kv_bytes_for adds page slack).
+  const int64_t store_bytes = kv_bytes_for(model, ps, a.reuse_segment_tokens, a.reuse_segments);
+  const int64_t request_bytes = kv_bytes_for(model, ps, r.T);
+  const int32_t n_pages =
+      PagePool::pages_for_bytes(store_bytes + 2 * request_bytes, ps, hd, backend.act_dtype());
+  PagePool pool(backend, n_pages, ps, hd);
+  PagedKvOptions po;
+  po.scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+  PagedKvCache kv(pool, profile, po, model.inv_freq());
+  PagedKvCache dense_kv(pool, HeadProfile(L, Hkv), po, model.inv_freq());
+  ChunkStoreOptions cso;
+  cso.pool_budget_bytes = store_bytes;
+  ChunkStore chunks(model, pool, cso);
+  const SegmentLookup lookup = chunk_store_lookup(chunks);
+  std::printf("# reuse %s: pool %.2f GiB (%d pages; chunk store %.2f GiB)\n", shape.c_str(),
+              static_cast<double>(n_pages) * pool.bytes_per_page() / kGiB, n_pages,
+              static_cast<double>(store_bytes) / kGiB);
+
+  // Offline (untimed): every segment prefilled alone into the chunk store.
+  {
+    const auto t0 = Clock::now();
+    for (const auto& seg : prompt.segments) {
+      SegmentRef ref = lookup(seg, true);
+      if (!ref.found) throw Error("bench: the chunk store did not admit a segment");
+    }
+    backend.synchronize();
+    r.offline_s = seconds_since(t0);
+    const ChunkStoreStats st = chunks.stats();
+    std::printf(
+        "# reuse %s: %lld segments cached offline in %.1f s (pool tier %lld entries, "
+        "%.2f GiB)\n",
+        shape.c_str(), static_cast<long long>(st.pool.entries), r.offline_s,
+        static_cast<long long>(st.pool.entries), static_cast<double>(st.pool.bytes) / kGiB);
+    std::fflush(stdout);
+  }
+
+  const FlopsLedger full_ledger = prefill_flops(cfg, HeadProfile::native(cfg), 0, r.T, 1);
+  r.full_flops = full_ledger.total();
+
+  // One timed prefill into a fresh sequence 0 of `cache`; the sequence is removed afterwards.
+  auto once = [&](PagedKvCache& cache, const ReuseOptions& ro, double* wall_ms) {
+    backend.synchronize();
+    const auto t0 = Clock::now();
+    PrefillOutcome got = prefill_with_reuse(model, cache, 0, prompt, lookup, ro);
+    backend.synchronize();
+    *wall_ms = seconds_since(t0) * 1e3;
+    cache.remove_sequence(0);
+    check_logits(got.last_logits, cfg.vocab_size);
+    return got;
+  };
+  std::vector<float> full_logits;
+  auto part = [&](const char* name, PagedKvCache& cache, const ReuseOptions& ro, double& ms,
+                  double& wall_ms, double& flops) {
+    try {
+      PrefillOutcome got;
+      double w = 0;
+      for (int i = 0; i < a.warmup; ++i) once(cache, ro, &w);
+      std::vector<double> t, tw;
+      for (int i = 0; i < a.reps; ++i) {
+        got = once(cache, ro, &w);
+        t.push_back(got.ms);
+        tw.push_back(w);
+      }
+      ms = median(t), wall_ms = median(tw), flops = got.flops.total();
+      if (ro.mode == ReuseMode::Full) {
+        full_logits = got.last_logits;
+      } else {
+        // prefill_with_reuse falls back to a dense prefill when a segment is unavailable.
+        if (got.reused_tokens != a.reuse_segment_tokens)
+          throw Error("reused " + std::to_string(got.reused_tokens) + " tokens, expected " +
+                      std::to_string(a.reuse_segment_tokens) + " (fell back to full?)");
+        r.reused = got.reused_tokens;
+        const double top1 =
+            full_logits.empty() ? -1 : (argmax_of(full_logits) == argmax_of(got.last_logits));
+        (ro.sparse_ffn_enabled ? r.top1_sparse : r.top1_redknot) = top1;
+      }
+      std::printf("reuse %s %s T=%lld: %.1f ms (wall %.1f ms), %.3g FLOPs (%.1f%% of full)\n",
+                  shape.c_str(), name, static_cast<long long>(r.T), ms, wall_ms, flops,
+                  100.0 * flops / r.full_flops);
+    } catch (const std::exception& e) {
+      if (cache.has_sequence(0)) cache.remove_sequence(0);
+      r.errors.push_back(std::string(name) + ": " + e.what());
+      std::printf("reuse %s %s FAILED: %s\n", shape.c_str(), name, e.what());
+    }
+    std::fflush(stdout);
+  };
+  ReuseOptions full_opts;
+  full_opts.mode = ReuseMode::Full;
+  full_opts.chunk = 4096;
+  part("full", dense_kv, full_opts, r.full_ms, r.full_wall_ms, r.full_flops);
+  r.full_flops = full_ledger.total();  // the analytic count of the whole prompt
+  ReuseOptions rk;
+  rk.mode = ReuseMode::RedKnot;
+  rk.sparse_ffn_enabled = false;
+  part("redknot", kv, rk, r.redknot_ms, r.redknot_wall_ms, r.redknot_flops);
+  if (a.reuse_sparse) {
+    rk.sparse_ffn_enabled = true;
+    part("redknot+sparse-ffn", kv, rk, r.sparse_ms, r.sparse_wall_ms, r.sparse_flops);
+  }
+  const ChunkStoreStats st = chunks.stats();
+  std::printf("# reuse %s: chunk store pool hits %lld, misses %lld, bypasses %lld\n", shape.c_str(),
+              static_cast<long long>(st.pool_hits), static_cast<long long>(st.misses),
+              static_cast<long long>(st.bypasses));
+  return r;  // chunk store, caches, then the pool go in reverse order of construction
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -429,10 +665,14 @@ int main(int argc, char** argv) {
   if (a.capacity_shape != "none" &&
       std::find(shapes.begin(), shapes.end(), a.capacity_shape) == shapes.end())
     shapes.push_back(a.capacity_shape);
+  if (a.reuse_shape != "none" &&
+      std::find(shapes.begin(), shapes.end(), a.reuse_shape) == shapes.end())
+    shapes.push_back(a.reuse_shape);
   const std::set<std::string> ttft_shapes(a.shapes.begin(), a.shapes.end());
 
   std::vector<TtftRow> ttft;
   std::vector<CapacityRow> cap;
+  std::vector<ReuseRow> reuse;
   std::vector<std::string> errors;
   for (const std::string& shape : shapes) {
     try {
@@ -491,6 +731,11 @@ int main(int argc, char** argv) {
           for (size_t i = first; i < ttft.size(); ++i)
             if (!ttft[i].error.empty()) errors.push_back(shape + " ttft: " + ttft[i].error);
         });
+      if (shape == a.reuse_shape)
+        phase("reuse", [&](Model& model) {
+          reuse.push_back(run_reuse(model, shape, a));
+          for (const std::string& e : reuse.back().errors) errors.push_back(shape + " reuse " + e);
+        });
     } catch (const std::exception& e) {
       errors.push_back(shape + ": " + e.what());
       std::printf("%s FAILED: %s\n", shape.c_str(), e.what());
@@ -527,6 +772,53 @@ int main(int argc, char** argv) {
           static_cast<double>(cap[1].measured) / cap[0].measured,
           static_cast<long long>(cap[1].measured), static_cast<long long>(cap[0].measured),
           static_cast<double>(cap[1].ideal) / cap[0].ideal);
+  }
+  if (!reuse.empty()) {
+    std::printf(
+        "\n## Reuse TTFT (RedKnot mode vs our full mode, CUDA backend; segments cached offline; "
+        "full: all heads global, chunks of 4096; redknot: S0 reused, the rest recomputed in one "
+        "pass on the head-aware store, Sparse FFN off unless noted)\n\n");
+    std::printf(
+        "| shape | T | segments | profile | last global layer | redknot ms | redknot+sparse ms | "
+        "our full ms | speedup vs own full | speedup (sparse) | FLOPs saved | FLOPs saved "
+        "(sparse) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    auto num = [](double v, const char* fmt) {
+      if (v <= 0) return std::string("n/a");
+      char b[64];
+      std::snprintf(b, sizeof(b), fmt, v);
+      return std::string(b);
+    };
+    for (const ReuseRow& r : reuse) {
+      const bool have_full = r.full_wall_ms > 0;
+      std::printf(
+          "| %s | %lld | %lld x %lld + %lld | %s, %.1f%% global | %d of %lld | %s | %s | %s | %s "
+          "| %s | %s | %s |\n",
+          r.shape.c_str(), static_cast<long long>(r.T), static_cast<long long>(r.segments),
+          static_cast<long long>(r.segment_tokens), static_cast<long long>(r.query_tokens),
+          r.profile.c_str(), 100.0 * r.global_share, r.last_global_layer,
+          static_cast<long long>(r.layers), num(r.redknot_wall_ms, "%.1f").c_str(),
+          num(r.sparse_wall_ms, "%.1f").c_str(), num(r.full_wall_ms, "%.1f").c_str(),
+          num(have_full && r.redknot_wall_ms > 0 ? r.full_wall_ms / r.redknot_wall_ms : 0, "%.2fx")
+              .c_str(),
+          num(have_full && r.sparse_wall_ms > 0 ? r.full_wall_ms / r.sparse_wall_ms : 0, "%.2fx")
+              .c_str(),
+          num(r.redknot_flops > 0 ? 100.0 * (1.0 - r.redknot_flops / r.full_flops) : 0, "%.1f%%")
+              .c_str(),
+          num(r.sparse_flops > 0 ? 100.0 * (1.0 - r.sparse_flops / r.full_flops) : 0, "%.1f%%")
+              .c_str());
+    }
+    for (const ReuseRow& r : reuse) {
+      // Machine-readable, for the redknot/peer ratio in scripts/gpu-model-bench.sh.
+      std::printf(
+          "reuse-row shape=%s T=%lld redknot_ms=%.1f sparse_ms=%.1f full_ms=%.1f "
+          "redknot_flops=%.4g sparse_flops=%.4g full_flops=%.4g top1_redknot=%g top1_sparse=%g\n",
+          r.shape.c_str(), static_cast<long long>(r.T), r.redknot_wall_ms, r.sparse_wall_ms,
+          r.full_wall_ms, r.redknot_flops, r.sparse_flops, r.full_flops, r.top1_redknot,
+          r.top1_sparse);
+    }
+    std::printf(
+        "(bar: redknot >= 3x faster than our full, >= 3.5x faster than the peer's full "
+        "prefill of the same T)\n");
   }
   for (const std::string& e : errors) std::printf("ERROR %s\n", e.c_str());
   return errors.empty() ? 0 : 1;

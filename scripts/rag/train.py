@@ -31,6 +31,10 @@ every KV head except the listed ones pays for its attention mass outside sink(4)
 query positions per step (an eager forward on 1/8 of the batch, under ordinary full attention), so 13 of the
 16 KV heads end up local the way SPEC §1 describes real models, while inference stays plain full attention.
 Each probe also checks that the forward is causal.
+Runs 5-6 (the shipped weights) continue run 4 with --init-from (its weights and tokenizer, fresh AdamW) and
+--chain-distractors 4 (other multi-hop chains' documents as distractors); the commands are in the model card.
+The first chain-distractor runs "learned a shortcut": the multi-hop extra-QA ordering reused the variable
+that numbers a worker's worlds, so workers cycled through ~7 worlds and the model memorised them (fixed).
 GPU run (one <= 600 s device call):
   export PYTHONUNBUFFERED=1; set -o pipefail
   timeout 572 python3 scripts/rag/train.py --out $OUT --time-budget 560 --eval-reserve 140 2>&1 | tee $OUT/train_log.txt

@@ -402,6 +402,17 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
       p.expect_close("rmsnorm", str({rows, cols}) + " in-place", x_dut, x_ref);
     }
 
+    // ---- row_l2norm (Sparse FFN importance) ----
+    for (auto [rows, cols] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 64}, {37, 173}, {5, 4096}}) {
+      auto [x_ref, x_dut] = p.act_pair(p.random(rows * cols, -3.0f, 3.0f), {rows, cols});
+      Tensor out_ref = ref->alloc(DType::F32, {rows});
+      Tensor out_dut = p.poisoned(*dut, DType::F32, {rows});
+      ref->row_l2norm(x_ref, out_ref);
+      dut->row_l2norm(x_dut, out_dut);
+      p.expect_close("row_l2norm", str({rows, cols}), out_dut, out_ref);
+    }
+
     // ---- add, swiglu ----
     for (auto [rows, cols] :
          std::vector<std::pair<int64_t, int64_t>>{{1, 4096}, {37, 173}, {64, 1100}}) {

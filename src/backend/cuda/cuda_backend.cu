@@ -402,6 +402,21 @@ class CudaBackend : public Backend {
     });
   }
 
+  // x: [rows, cols] (act dtype); out: [rows] f32
+  void row_l2norm(const Tensor& x, Tensor& out) override {
+    expect_cuda("row_l2norm", "x", x);
+    expect_cuda("row_l2norm", "out", out);
+    if (out.numel() != x.rows() || out.dtype() != DType::F32)
+      throw Error("row_l2norm: " + x.describe() + " -> " + out.describe());
+    if (x.rows() == 0) return;
+    dispatch_act("row_l2norm", x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      cuda::row_l2norm_kernel<T>
+          <<<x.rows(), 256, 0, stream_>>>(x.data<T>(), x.cols(), out.data<float>());
+      launch_check("row_l2norm_kernel");
+    });
+  }
+
   void add(Tensor& x, const Tensor& y) override {
     expect_cuda("add", "x", x);
     expect_cuda("add", "y", y);

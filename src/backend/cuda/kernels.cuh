@@ -87,6 +87,20 @@ __global__ void rmsnorm_kernel(const T* x, const TW* w, float eps, int64_t cols,
     yr[c] = from_f32<T>(to_f32(xr[c]) * inv_rms * to_f32(w[c]));
 }
 
+// out[r] = ||x[r, :]||_2 in f32 (Sparse FFN token importance); one block per row.
+template <typename T>
+__global__ void row_l2norm_kernel(const T* x, int64_t cols, float* out) {
+  __shared__ float scratch[32];
+  const T* xr = x + blockIdx.x * cols;
+  float sum_sq = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float v = to_f32(xr[c]);
+    sum_sq += v * v;
+  }
+  sum_sq = block_sum(sum_sq, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = sqrtf(sum_sq);
+}
+
 // x += y over n elements.
 template <typename T>
 __global__ void add_kernel(T* x, const T* y, int64_t n) {
