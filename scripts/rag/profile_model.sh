@@ -17,6 +17,6 @@ with open(sys.argv[2], "w") as out:
                   + "\nAnswer: " + s["answers"][0] + "\n\n")
 PY
 "$root/build/redknot" profile --model "$root/models/redknot-rag-8k" --calib "$tmp/calib.txt" \
-  --out "$root/models/redknot-rag-8k/head_profile.json" --ratio "${RATIO:-0.15}" --window "${WINDOW:-256}" --sink 4 \
+  --out "$root/models/redknot-rag-8k/head_profile.json" --ratio "${RATIO:-0.25}" --window "${WINDOW:-256}" --sink 4 \
   --max-tokens "${MAX_TOKENS:-8192}" --bos always
 rm -rf "$tmp"
