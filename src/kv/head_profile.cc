@@ -133,6 +133,13 @@ double HeadProfile::global_fraction() const {
 
 bool HeadProfile::all_global() const { return global_fraction() == 1.0; }
 
+int32_t HeadProfile::last_global_layer() const {
+  for (int32_t l = num_layers_ - 1; l >= 0; --l)
+    for (int32_t h = 0; h < num_kv_heads_; ++h)
+      if (at(l, h).cls == HeadClass::Global) return l;
+  return -1;
+}
+
 int64_t head_tokens_kept(const HeadSpec& h, int64_t tokens) {
   if (h.cls == HeadClass::Global) return tokens;
   return std::min<int64_t>(tokens, int64_t{h.sink} + h.window);

@@ -46,6 +46,8 @@ class HeadProfile {
   }
   double global_fraction() const;
   bool all_global() const;
+  // The deepest layer holding a global head; -1 when every head is local.
+  int32_t last_global_layer() const;
 
   nlohmann::json params;  // the profiling parameters that produced it
 

@@ -153,11 +153,11 @@ void Model::ffn_block(int layer, const Tensor& x, Tensor& out) {
 
 void Model::check_kv_only(int from_layer, const HeadProfile* profile) const {
   if (from_layer >= cfg_.num_layers) throw Error("kv_only_from_layer past the last layer");
-  for (int l = from_layer + 1; l < cfg_.num_layers; ++l)
-    for (int h = 0; h < cfg_.num_kv_heads; ++h)
-      if (!profile || profile->at(l, h).cls == HeadClass::Global)
-        throw Error("kv_only_from_layer " + std::to_string(from_layer) + ": layer " +
-                    std::to_string(l) + " has a global head, whose K/V every later token reads");
+  // No profile: every head is global.
+  const int last = profile ? profile->last_global_layer() : static_cast<int>(cfg_.num_layers) - 1;
+  if (last > from_layer)
+    throw Error("kv_only_from_layer " + std::to_string(from_layer) + ": layer " +
+                std::to_string(last) + " has a global head, whose K/V every later token reads");
 }
 
 Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opts) {

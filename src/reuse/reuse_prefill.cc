@@ -166,10 +166,7 @@ void PrefixIndex::record(const SegmentedPrompt& p) {
 DeadRowSplit dead_row_split(const ModelConfig& cfg, const HeadProfile& profile, int64_t start,
                             int64_t rows) {
   const int L = static_cast<int>(cfg.num_layers);
-  int g = -1;
-  for (int l = 0; l < L; ++l)
-    for (int h = 0; h < profile.num_kv_heads(); ++h)
-      if (profile.at(l, h).cls == HeadClass::Global) g = l;
+  const int g = profile.last_global_layer();
   if (g == L - 1) return {};
   int64_t window = 1, sink = 0;
   for (int l = g + 1; l < L; ++l)
