@@ -1,7 +1,8 @@
 // CUDA micro-benchmark of the SegPaged attention kernels and the cuBLASLt matmul, through the
 // Backend API (so it times exactly what the model runs). Built by scripts/gpu-cuda-bench.sh with
 // nvcc against the static libraries (no CMake target: bench/ is linked into the CLI).
-//   prefill: one sequence of T tokens, 32 q / 8 kv heads, d 128, pages of 64; all heads global
+//   prefill: one sequence of T tokens, 32 q / 8 kv heads, d 128, pages of 64, through the
+//            mma.sync kernel and each wgmma tile shape; all heads global
 //            vs 1 of 8 global (12.5%, the closest to 15% with 8 kv heads) and the rest W = 4096,
 //            sink 4 (local tables hold every page; the kernel skips the invisible ones);
 //   decode:  16 sequences x 32K tokens, one query row each; all global vs 1 of 8 global and
@@ -237,10 +238,21 @@ int main() {
   std::vector<std::string> table;
   char line[512];
 
-  // ---- prefill (64-row tiles, then 128-row tiles via REDKNOT_FLASH_ROWS) ----
-  for (int rows_tile : {64, 128})
+  // ---- prefill: the mma.sync kernel (REDKNOT_FLASH_SM90=0) and the wgmma kernel's tile shapes
+  // (keys x stages; REDKNOT_BENCH_SM90 narrows the list, e.g. "0,128x2") ----
+  std::vector<std::string> kernels = {"0", "128x2", "64x4", "64x3"};
+  if (const char* only = std::getenv("REDKNOT_BENCH_SM90")) {
+    kernels.clear();
+    for (std::string rest = only; !rest.empty();) {
+      const size_t comma = rest.find(',');
+      kernels.push_back(rest.substr(0, comma));
+      rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+    }
+  }
+  for (const std::string& kern : kernels)
     for (int32_t T : {8192, 32768}) {
-      if (rows_tile == 128) setenv("REDKNOT_FLASH_ROWS", "128", 1);
+      setenv("REDKNOT_FLASH_SM90", kern.c_str(), 1);
+      const std::string name = kern == "0" ? "mma.sync 64-row" : "wgmma " + kern;
       for (int profile = 0; profile < 2; ++profile) {
         const bool mixed = profile == 1;
         Layout L = make_layout(1, hkv, T, T, mixed ? 1 : hkv, 4096, 4, false, d);
@@ -251,14 +263,14 @@ int main() {
         double err = -1;
         if (T == 8192) err = spot_check(b, L, in, host_copy(b, in), hq, d, 24);
         std::snprintf(line, sizeof line,
-                      "| prefill T=%d (%d-row tiles) | %s | %.3f ms | %.0f TFLOP/s (visible) | rel "
+                      "| prefill T=%d (%s) | %s | %.3f ms | %.0f TFLOP/s (visible) | rel "
                       "err %.2e |",
-                      T, rows_tile, mixed ? "1/8 global, W=4096" : "all global", ms,
+                      T, name.c_str(), mixed ? "1/8 global, W=4096" : "all global", ms,
                       flops / ms / 1e9, err);
         table.push_back(line);
         std::printf("%s\n", line);
       }
-      unsetenv("REDKNOT_FLASH_ROWS");
+      unsetenv("REDKNOT_FLASH_SM90");
     }
 
   // ---- decode (automatic split count, then a sweep via REDKNOT_FLASH_SPLITS) ----

@@ -307,6 +307,9 @@ const PagedSpec kPagedSpecs[] = {
     {"prefill whole seq gqa1 d16", 2, 2, 2, 16, 8, 7, 2, true, 9, 60, 60, false, true, true},
     {"mixed batch gqa4 d64", 7, 16, 4, 64, 32, 96, 4, true, 40, 900, 24, true, true, true},
     {"decode gqa2 d128 sink0", 4, 8, 4, 128, 64, 200, 0, true, 100, 1500, 1, false, false, false},
+    // Several 128-row x 128-key tiles of the Hopper prefill kernel: local heads whose pages of 16
+    // are skipped, ragged pages, and rows that start mid-sequence.
+    {"prefill gqa4 d128 local", 2, 8, 2, 128, 16, 100, 4, true, 200, 700, 150, false, true, true},
 };
 
 const DType kWeightDtypes[] = {DType::F32, DType::BF16, DType::F16, DType::Q8_0};

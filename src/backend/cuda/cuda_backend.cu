@@ -18,6 +18,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/paged_flash.cuh"
+#include "backend/cuda/paged_flash_sm90.cuh"
 #include "backend/op_checks.h"
 #include "backend/reference/paged_attention_ref.h"
 #include "core/error.h"
@@ -40,6 +41,12 @@ void cublas_check(cublasStatus_t status, const char* what) {
 
 // After every launch: configuration errors surface here, not at the next sync.
 void launch_check(const char* kernel) { cuda_check(cudaGetLastError(), kernel); }
+
+// A tuning switch from the environment (benchmarks and layout probes), or its default.
+std::string env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? std::string(v) : std::string(fallback);
+}
 
 // Grid for grid-stride elementwise kernels.
 unsigned elementwise_blocks(int64_t n) {
@@ -671,8 +678,11 @@ class CudaBackend : public Backend {
     return true;
   }
 
-  // Tensor-core SegPaged attention (paged_flash.cuh): kWarps = 1 (16-row tiles, split-KV) for
-  // decode-like batches, kWarps = 4 (64-row tiles) for prefill; splits chosen to fill the GPU.
+  // Tensor-core SegPaged attention. Decode-like batches: paged_flash.cuh with kWarps = 1 (16-row
+  // tiles, split-KV). Prefill: the warp-specialised Hopper wgmma kernel (paged_flash_sm90.cuh),
+  // 128-row tiles; REDKNOT_FLASH_SM90 = 128x2 (default) | 64x4 | 64x3 picks keys per tile x
+  // stages, 0 the mma.sync kernel (kWarps = 4: 64-row tiles, or 8 with REDKNOT_FLASH_ROWS=128).
+  // Splits are chosen to fill the GPU.
   template <int D>
   void paged_flash(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
                    const Tensor& pos_pool, const Tensor& q_pos, const PagedAttentionPlan& plan,
@@ -680,10 +690,10 @@ class CudaBackend : public Backend {
     const int64_t T = q.dim(0), hq = q.dim(1), hkv = plan.num_kv_heads, group = hq / hkv;
     const int64_t seqs = plan.num_seqs;
     const bool decode = T * group <= 16 * seqs;
-    // Prefill row tile: 64 (4 warps, default) or 128 (8 warps) with REDKNOT_FLASH_ROWS=128.
-    const char* rows_env = std::getenv("REDKNOT_FLASH_ROWS");
-    const bool wide = rows_env != nullptr && std::atoi(rows_env) == 128;
-    const int rows_per_tile = decode ? 16 : wide ? 128 : 64;
+    const std::string sm90 = env_or("REDKNOT_FLASH_SM90", "128x2");
+    const bool use_sm90 = !decode && sm90 != "0";
+    const bool wide = env_or("REDKNOT_FLASH_ROWS", "64") == "128";
+    const int rows_per_tile = decode ? 16 : use_sm90 || wide ? 128 : 64;
     const int64_t tiles_bound = (T * group + rows_per_tile - 1) / rows_per_tile + seqs;
     const int64_t tiles_est =
         std::max<int64_t>(seqs, (T * group + rows_per_tile - 1) / rows_per_tile);
@@ -732,8 +742,26 @@ class CudaBackend : public Backend {
           static_cast<float*>(part_o.get()), static_cast<float*>(part_ml.get()));
       launch_check("paged_flash_kernel");
     };
+    auto launch_sm90 = [&](auto kernel, size_t smem) {
+      cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)),
+                 "cudaFuncSetAttribute(paged_flash_sm90)");
+      kernel<<<grid, 256 + 128, smem, stream_>>>(
+          q.data<bf16>(), k_pool.data<bf16>(), v_pool.data<bf16>(), pos_pool.data<int32_t>(),
+          q_pos.data<int32_t>(), plan.qo_indptr.data<int32_t>(), plan.kv_indptr.data<int32_t>(),
+          plan.page_indices.data<int32_t>(), plan.page_lengths.data<int32_t>(),
+          plan.head_window.data<int32_t>(), plan.head_sink.data<int32_t>(), p, out.data<bf16>(),
+          static_cast<float*>(part_o.get()), static_cast<float*>(part_ml.get()));
+      launch_check("paged_flash_sm90_kernel");
+    };
     if (decode)
       launch(cuda::paged_flash_kernel<D, 1>, 1, cuda::FlashSmem<D, 1>::kBytes);
+    else if (use_sm90 && sm90 == "64x4")
+      launch_sm90(cuda::paged_flash_sm90_kernel<D, 64, 4>, cuda::Sm90FlashSmem<D, 64, 4>::kBytes);
+    else if (use_sm90 && sm90 == "64x3")
+      launch_sm90(cuda::paged_flash_sm90_kernel<D, 64, 3>, cuda::Sm90FlashSmem<D, 64, 3>::kBytes);
+    else if (use_sm90)
+      launch_sm90(cuda::paged_flash_sm90_kernel<D, 128, 2>, cuda::Sm90FlashSmem<D, 128, 2>::kBytes);
     else if (wide)
       launch(cuda::paged_flash_kernel<D, 8>, 8, cuda::FlashSmem<D, 8>::kBytes);
     else

@@ -21,6 +21,8 @@
 #include <climits>
 #include <cstdint>
 
+#include "backend/cuda/ptx.cuh"
+
 namespace redknot::cuda {
 
 struct FlashParams {
@@ -31,50 +33,152 @@ struct FlashParams {
 
 inline constexpr int kFlashKeys = 64;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+// Which (sequence, row tile) block x serves, by a warp-wide scan of the sequences' tile counts
+// (kRows = `rows` query rows per tile). Reversed so that the last tiles of a sequence (the most
+// keys under causality) start first. Called by one whole warp; lane 0 writes out[0] = sequence
+// (-1 past the last tile) and out[1] = tile.
+__device__ __forceinline__ void find_row_tile(const int32_t* __restrict__ qo_indptr,
+                                              int32_t num_seqs, int group, int rows, int lane,
+                                              int32_t* out) {
+  int32_t remaining = gridDim.x - 1 - blockIdx.x, seq = -1, tile = 0;
+  for (int32_t s0 = 0; s0 < num_seqs; s0 += 32) {
+    const int32_t s = s0 + lane;
+    int32_t tiles = 0;
+    if (s < num_seqs) tiles = ((qo_indptr[s + 1] - qo_indptr[s]) * group + rows - 1) / rows;
+    int32_t incl = tiles;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    const int32_t excl = incl - tiles;
+    const unsigned hit = __ballot_sync(0xffffffffu, remaining >= excl && remaining < incl);
+    if (hit != 0) {
+      const int src = __ffs(hit) - 1;
+      seq = s0 + src;
+      tile = remaining - __shfl_sync(0xffffffffu, excl, src);
+      break;
+    }
+    remaining -= __shfl_sync(0xffffffffu, incl, 31);
+  }
+  if (lane == 0) {
+    out[0] = seq;
+    out[1] = tile;
+  }
 }
 
-// 16-byte async copy; src_bytes = 0 writes zeros (keeps garbage out of masked slots).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+// Warp 0's walk over one block's run of a (sequence, kv head)'s page entries (split `split` of
+// p.splits equal runs), listing the slots of the next key tile. Lane i caches entry w_base + i
+// (length, page, first and last position), refreshed every 32 entries, so listing a tile costs
+// no global latency. Pages no row of the tile can see are skipped from positions alone: those
+// starting past the tile's last query (positions increase along the list), and a local head's
+// pages wholly outside sink ∪ window.
+struct PageCursor {
+  const int32_t* __restrict__ page_indices;
+  const int32_t* __restrict__ page_lengths;
+  const int32_t* __restrict__ pos_pool;
+  int32_t page_size, e, e_end, off = 0;
+  int32_t w_base = INT_MIN / 2, m_len = 0, m_page = 0, m_first = 0, m_last = 0;
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
-                                            const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                                  uint32_t& r3, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(smem_u32(p)));
-}
+  __device__ PageCursor(const int32_t* indices, const int32_t* lengths, const int32_t* pos,
+                        const FlashParams& p, int32_t seq, int h, int split,
+                        const int32_t* __restrict__ kv_indptr)
+      : page_indices(indices), page_lengths(lengths), pos_pool(pos), page_size(p.page_size) {
+    const int64_t item = int64_t{seq} * p.hkv + h;
+    const int32_t ea = kv_indptr[item], eb = kv_indptr[item + 1];
+    const int32_t per = (eb - ea + p.splits - 1) / p.splits;
+    e = min(eb, ea + split * per);
+    e_end = min(eb, e + per);
+  }
 
-// D = A·B + D, m16n8k16, bf16 inputs, f32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+  __device__ void refresh(int32_t at, int lane) {
+    w_base = at;
+    const int32_t ee = at + lane;
+    m_len = 0;
+    if (ee < e_end) {
+      m_len = page_lengths[ee];
+      m_page = page_indices[ee];
+      if (m_len > 0) {
+        const int64_t base = static_cast<int64_t>(m_page) * page_size;
+        m_first = pos_pool[base];
+        m_last = pos_pool[base + m_len - 1];
+      }
+    }
+  }
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+  // Lists up to kKeys slots into slot_s (unused ones -1, their kpos_s INT_MAX: never visible);
+  // lane 0 writes *count and *all_visible (every real row of the tile sees every slot, from
+  // whole-page position bounds: conservative, never wrong). q_lo, q_hi: the tile's query
+  // position range.
+  template <int kKeys>
+  __device__ void fill(int32_t* slot_s, int32_t* kpos_s, int32_t* count, int32_t* all_visible,
+                       int lane, int32_t q_lo, int32_t q_hi, int32_t window, int32_t sink) {
+    const int64_t window_lo = static_cast<int64_t>(q_lo) - window + 1;
+    int32_t n = 0, k_first = INT_MAX, k_last = INT_MIN;
+    while (n < kKeys && e < e_end) {
+      if (e - w_base >= 32) refresh(e, lane);
+      const int src = e - w_base;
+      const int32_t len = __shfl_sync(0xffffffffu, m_len, src);
+      const int32_t page = __shfl_sync(0xffffffffu, m_page, src);
+      const int32_t first = __shfl_sync(0xffffffffu, m_first, src);
+      const int32_t last = __shfl_sync(0xffffffffu, m_last, src);
+      if (len <= 0) {
+        ++e;
+        off = 0;
+        continue;
+      }
+      if (off == 0) {
+        if (first > q_hi) {  // positions increase along the list: nothing later is visible
+          e = e_end;
+          break;
+        }
+        if (window > 0 && first >= sink && last < window_lo) {
+          ++e;
+          continue;
+        }
+      }
+      const int64_t base = static_cast<int64_t>(page) * page_size;
+      const int32_t take = min(len - off, kKeys - n);
+      for (int i = lane; i < take; i += 32) slot_s[n + i] = static_cast<int32_t>(base + off + i);
+      k_first = min(k_first, first);
+      k_last = max(k_last, last);
+      n += take;
+      off += take;
+      if (off == len) {
+        ++e;
+        off = 0;
+      }
+    }
+    for (int i = n + lane; i < kKeys; i += 32) {
+      slot_s[i] = -1;
+      kpos_s[i] = INT_MAX;
+    }
+    if (lane == 0) {
+      *count = n;
+      *all_visible = n == kKeys && k_last <= q_lo &&
+                     (window == 0 || static_cast<int64_t>(q_hi) - k_first < window);
+    }
+  }
+};
+
+// Query position range [lo, hi] of the rows [r0, r0 + rows) of a sequence (seq_rows rows in
+// all, token = row / group), reduced over warp 0 (every lane gets it).
+__device__ __forceinline__ void tile_query_range(const int32_t* __restrict__ q_pos, int32_t tok0,
+                                                 int32_t r0, int rows, int32_t seq_rows, int group,
+                                                 int lane, int32_t& q_lo, int32_t& q_hi) {
+  q_lo = INT_MAX;
+  q_hi = INT_MIN;
+  const int32_t t_first = r0 / group;
+  const int32_t t_last = (min(r0 + rows, seq_rows) - 1) / group;
+  for (int32_t t = t_first + lane; t <= t_last; t += 32) {
+    const int32_t v = q_pos[tok0 + t];
+    q_lo = min(q_lo, v);
+    q_hi = max(q_hi, v);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    q_lo = min(q_lo, __shfl_xor_sync(0xffffffffu, q_lo, o));
+    q_hi = max(q_hi, __shfl_xor_sync(0xffffffffu, q_hi, o));
+  }
 }
 
 template <int D, int kWarps>
@@ -110,35 +214,8 @@ __global__ void __launch_bounds__(32 * kWarps) paged_flash_kernel(
   const int h = blockIdx.y, split = blockIdx.z;
   const int group = p.group;
 
-  // ---- which sequence and row tile: a warp-wide scan of the sequences' tile counts ----
-  if (warp == 0) {
-    // Reversed so that the last tiles of a sequence (the most keys under causality) start first.
-    int32_t remaining = gridDim.x - 1 - blockIdx.x, seq = -1, tile = 0;
-    for (int32_t s0 = 0; s0 < p.num_seqs; s0 += 32) {
-      const int32_t s = s0 + lane;
-      int32_t tiles = 0;
-      if (s < p.num_seqs) tiles = ((qo_indptr[s + 1] - qo_indptr[s]) * group + kRows - 1) / kRows;
-      int32_t incl = tiles;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int32_t v = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += v;
-      }
-      const int32_t excl = incl - tiles;
-      const unsigned hit = __ballot_sync(0xffffffffu, remaining >= excl && remaining < incl);
-      if (hit != 0) {
-        const int src = __ffs(hit) - 1;
-        seq = s0 + src;
-        tile = remaining - __shfl_sync(0xffffffffu, excl, src);
-        break;
-      }
-      remaining -= __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) {
-      meta_s[4] = seq;
-      meta_s[5] = tile;
-    }
-  }
+  // ---- which sequence and row tile ----
+  if (warp == 0) find_row_tile(qo_indptr, p.num_seqs, group, kRows, lane, meta_s + 4);
   __syncthreads();
   const int32_t seq = meta_s[4];
   if (seq < 0) return;
@@ -168,96 +245,12 @@ __global__ void __launch_bounds__(32 * kWarps) paged_flash_kernel(
   }
   // Tile-wide query position range (for page skipping), by warp 0.
   int32_t q_lo = INT_MAX, q_hi = INT_MIN;
-  if (warp == 0) {
-    const int32_t t_first = r0 / group;
-    const int32_t t_last = (min(r0 + kRows, seq_rows) - 1) / group;
-    for (int32_t t = t_first + lane; t <= t_last; t += 32) {
-      const int32_t v = q_pos[tok0 + t];
-      q_lo = min(q_lo, v);
-      q_hi = max(q_hi, v);
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      q_lo = min(q_lo, __shfl_xor_sync(0xffffffffu, q_lo, o));
-      q_hi = max(q_hi, __shfl_xor_sync(0xffffffffu, q_hi, o));
-    }
-  }
-  const int64_t window_lo = static_cast<int64_t>(q_lo) - window + 1;
-
+  if (warp == 0) tile_query_range(q_pos, tok0, r0, kRows, seq_rows, group, lane, q_lo, q_hi);
   // ---- this block's run of page entries ----
-  const int64_t item = int64_t{seq} * p.hkv + h;
-  const int32_t ea = kv_indptr[item], eb = kv_indptr[item + 1];
-  const int32_t per = (eb - ea + p.splits - 1) / p.splits;
-  int32_t e = min(eb, ea + split * per);
-  const int32_t e_end = min(eb, e + per);
-  int32_t off = 0;
-
-  // Page metadata window of warp 0: lane i holds entry w_base + i (length, page, first and
-  // last position), refreshed every 32 entries, so listing a tile costs no global latency.
-  int32_t w_base = INT_MIN / 2, m_len = 0, m_page = 0, m_first = 0, m_last = 0;
-  auto refresh = [&](int32_t at) {
-    w_base = at;
-    const int32_t ee = at + lane;
-    m_len = 0;
-    if (ee < e_end) {
-      m_len = page_lengths[ee];
-      m_page = page_indices[ee];
-      if (m_len > 0) {
-        const int64_t base = static_cast<int64_t>(m_page) * p.page_size;
-        m_first = pos_pool[base];
-        m_last = pos_pool[base + m_len - 1];
-      }
-    }
-  };
-  // Warp 0 lists the next tile's slots into buffer b (meta_s: count, fully-visible flag). The
-  // visibility flag uses whole-page position bounds: conservative, never wrong.
+  PageCursor cur_pages(page_indices, page_lengths, pos_pool, p, seq, h, split, kv_indptr);
   auto fill = [&](int b) {
-    int32_t n = 0, k_first = INT_MAX, k_last = INT_MIN;
-    while (n < kFlashKeys && e < e_end) {
-      if (e - w_base >= 32) refresh(e);
-      const int src = e - w_base;
-      const int32_t len = __shfl_sync(0xffffffffu, m_len, src);
-      const int32_t page = __shfl_sync(0xffffffffu, m_page, src);
-      const int32_t first = __shfl_sync(0xffffffffu, m_first, src);
-      const int32_t last = __shfl_sync(0xffffffffu, m_last, src);
-      if (len <= 0) {
-        ++e;
-        off = 0;
-        continue;
-      }
-      if (off == 0) {
-        if (first > q_hi) {  // positions increase along the list: nothing later is visible
-          e = e_end;
-          break;
-        }
-        if (window > 0 && first >= sink && last < window_lo) {
-          ++e;
-          continue;
-        }
-      }
-      const int64_t base = static_cast<int64_t>(page) * p.page_size;
-      const int32_t take = min(len - off, kFlashKeys - n);
-      for (int i = lane; i < take; i += 32)
-        slot_s[b * kFlashKeys + n + i] = static_cast<int32_t>(base + off + i);
-      k_first = min(k_first, first);
-      k_last = max(k_last, last);
-      n += take;
-      off += take;
-      if (off == len) {
-        ++e;
-        off = 0;
-      }
-    }
-    for (int i = n + lane; i < kFlashKeys; i += 32) {
-      slot_s[b * kFlashKeys + i] = -1;
-      kpos_s[b * kFlashKeys + i] = INT_MAX;  // never visible
-    }
-    if (lane == 0) {
-      meta_s[b] = n;
-      // Every (real) row sees every slot: no per-element mask needed.
-      const bool all = n == kFlashKeys && k_last <= q_lo &&
-                       (window == 0 || static_cast<int64_t>(q_hi) - k_first < window);
-      meta_s[2 + b] = all ? 1 : 0;
-    }
+    cur_pages.fill<kFlashKeys>(slot_s + b * kFlashKeys, kpos_s + b * kFlashKeys, meta_s + b,
+                               meta_s + 2 + b, lane, q_lo, q_hi, window, sink);
   };
   // K, V rows and the slots' positions of buffer b, asynchronously.
   auto load = [&](int b) {
