@@ -48,10 +48,13 @@ fi
 echo "== peer (torch)"
 PYTHONUNBUFFERED=1 python3 "$ROOT/scripts/gpu-attn-peer.py" 2>&1 | tee "$LOG/peer.log" || status=1
 if command -v compute-sanitizer >/dev/null && [ "${MEMCHECK:-1}" = 1 ]; then
-  echo "== compute-sanitizer memcheck: paged tests"
+  echo "== compute-sanitizer memcheck: op_parity_test (paged), cuda_model_test"
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$B/op_parity_test" \
     --gtest_brief=1 --gtest_filter='*Paged*' > "$LOG/memcheck.log" 2>&1 || status=1
   tail -4 "$LOG/memcheck.log"
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$B/cuda_model_test" \
+    --gtest_brief=1 > "$LOG/memcheck_model.log" 2>&1 || status=1
+  tail -4 "$LOG/memcheck_model.log"
 fi
 echo "== tables"
 grep -E "^\|" "$LOG/bench.log" | tail -12
