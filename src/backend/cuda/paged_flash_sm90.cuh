@@ -200,62 +200,14 @@ __global__ void __launch_bounds__(256 + 128, 1) paged_flash_sm90_kernel(
     wgmma_wait<0>();
     wgmma_fence_operand(s_acc);
 
-    // Mask by positions unless the whole tile is visible (raw scores; the scale is folded
-    // into the exponent below, as it is positive the row max commutes with it).
-    if (!all_visible) {
-#pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int col = j * 8 + 2 * (lane % 4) + (c & 1);
-          const int32_t kp = kpos_s[st * kKeys + col];
-          const int32_t qq = qp[c >> 1];
-          const bool vis =
-              kp <= qq && (window == 0 || static_cast<int64_t>(qq) - kp < window || kp < sink);
-          if (!vis) s_acc[4 * j + c] = -INFINITY;
-        }
-    }
-    // Online softmax per row in log2 units (the 4 lanes of a quad share a row).
+    if (!all_visible) mask_scores<kKeys>(s_acc, kpos_s + st * kKeys, qp, window, sink, lane);
     float corr[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j)
-        mx = fmaxf(mx, fmaxf(s_acc[4 * j + 2 * i], s_acc[4 * j + 2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[i], mx * p.scale_log2);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-      corr[i] = exp2f(m_run[i] - m_use);
-      m_run[i] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j) {
-        const float p0 = exp2f(fmaf(s_acc[4 * j + 2 * i], p.scale_log2, -m_use));
-        const float p1 = exp2f(fmaf(s_acc[4 * j + 2 * i + 1], p.scale_log2, -m_use));
-        s_acc[4 * j + 2 * i] = p0;
-        s_acc[4 * j + 2 * i + 1] = p1;
-        sum += p0 + p1;
-      }
-      l_run[i] = l_run[i] * corr[i] + sum;  // quad-partial sum; reduced at the end
-    }
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      o_acc[4 * j] *= corr[0];
-      o_acc[4 * j + 1] *= corr[0];
-      o_acc[4 * j + 2] *= corr[1];
-      o_acc[4 * j + 3] *= corr[1];
-    }
+    online_softmax<kKeys>(s_acc, m_run, l_run, p.scale_log2, corr);
+    rescale_rows<D>(o_acc, corr);
     // O += P V over the tile's keys in k steps of 16 (P's A fragment from two S n-tiles).
     uint32_t a[kKeys / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      a[kk][0] = pack_bf16(s_acc[8 * kk], s_acc[8 * kk + 1]);
-      a[kk][1] = pack_bf16(s_acc[8 * kk + 2], s_acc[8 * kk + 3]);
-      a[kk][2] = pack_bf16(s_acc[8 * kk + 4], s_acc[8 * kk + 5]);
-      a[kk][3] = pack_bf16(s_acc[8 * kk + 6], s_acc[8 * kk + 7]);
-    }
+    for (int kk = 0; kk < kKeys / 16; ++kk) p_fragment<kKeys>(s_acc, kk, a[kk]);
     wgmma_fence();
     const uint64_t desc_v = wgmma_desc_advance(desc_v0, st * kStageBytes);
 #pragma unroll
@@ -268,41 +220,8 @@ __global__ void __launch_bounds__(256 + 128, 1) paged_flash_sm90_kernel(
   }
   if (wg == 0) named_barrier_sync(3, 256);  // warpgroup 1's last hand-over
 
-    // ---- epilogue ----
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int32_t row = r0 + wg * 64 + wrow + lane / 4 + 8 * i;
-    if (row >= seq_rows) continue;
-    const int64_t t = tok0 + row / group;
-    const int64_t head = int64_t{h} * group + row % group;
-    const int64_t orow = t * p.hq + head;
-    if (p.splits == 1) {
-      const float inv_l = l_run[i] > 0.0f ? 1.0f / l_run[i] : 0.0f;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        const int col = j * 8 + 2 * (lane % 4);
-        *reinterpret_cast<__nv_bfloat162*>(out + orow * D + col) =
-            __floats2bfloat162_rn(o_acc[4 * j + 2 * i] * inv_l, o_acc[4 * j + 2 * i + 1] * inv_l);
-      }
-    } else {
-      const int64_t prow = int64_t{split} * p.total_rows * p.hq + orow;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        const int col = j * 8 + 2 * (lane % 4);
-        *reinterpret_cast<float2*>(part_o + prow * D + col) =
-            make_float2(o_acc[4 * j + 2 * i], o_acc[4 * j + 2 * i + 1]);
-      }
-      if (lane % 4 == 0) {
-        part_ml[prow * 2] = m_run[i];
-        part_ml[prow * 2 + 1] = l_run[i];
-      }
-    }
-  }
+  store_rows<D>(o_acc, m_run, l_run, p, tok0, r0 + wg * 64 + wrow + lane / 4, seq_rows, h, split,
+                lane, out, part_o, part_ml);
 }
 
 }  // namespace redknot::cuda
