@@ -24,7 +24,7 @@ struct GenerateArgs {
   int64_t chunk_store_bytes = int64_t{256} << 20;
   int32_t page_size = 64;
   int64_t kv_budget = 0;
-  int32_t max_tokens = 32, prefill_chunk = 512;
+  int32_t max_tokens = 32, prefill_chunk = 0;  // 0: default_prefill_chunk(backend)
   float temperature = 0.0f, top_p = 1.0f;
   int32_t top_k = 0;
   uint64_t seed = 0;
@@ -129,7 +129,7 @@ int run_generate(const GenerateArgs& a) {
   GenerateOptions opts;
   opts.max_tokens = a.max_tokens;
   opts.sampling = {a.temperature, a.top_p, a.top_k, a.seed};
-  opts.prefill_chunk = a.prefill_chunk;
+  opts.prefill_chunk = a.prefill_chunk > 0 ? a.prefill_chunk : default_prefill_chunk(a.backend);
   opts.stop_at_eos = !a.ignore_eos;
   opts.keep_prompt_logits = !a.logits_out.empty();
 
@@ -179,8 +179,9 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--top-p", a->top_p);
   c->add_option("--top-k", a->top_k);
   c->add_option("--seed", a->seed);
-  c->add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens per forward pass")
-      ->check(CLI::Range(1, 1 << 20));
+  c->add_option("--prefill-chunk", a->prefill_chunk,
+                "prompt tokens per forward pass (0: 512 on the CPU, 4096 on CUDA)")
+      ->check(CLI::Range(0, 1 << 20));
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   c->add_option("--segment", a->segments,
                 "a reuse unit (document, system prompt) before --prompt; repeatable");

@@ -27,7 +27,7 @@ struct ServeArgs {
   std::string chunk_store_dir, reuse_mode = "redknot", model_id;
   int64_t chunk_store_bytes = 0;
   int port = 8080;
-  int32_t max_batch = 32, max_queue = 256, step_tokens = 512, page_size = 64, threads = 0;
+  int32_t max_batch = 32, max_queue = 256, step_tokens = 0, page_size = 64, threads = 0;
   int64_t kv_budget = 0;
   double gpu_memory_fraction = 0;
   bool batch_invariant = true;
@@ -95,7 +95,7 @@ int run_serve(const ServeArgs& a) {
   SchedulerOptions so;
   so.max_batch = a.max_batch;
   so.max_queue = a.max_queue;
-  so.step_tokens = a.step_tokens;
+  so.step_tokens = a.step_tokens > 0 ? a.step_tokens : default_prefill_chunk(a.backend);
   if (chunks) {
     so.reuse.mode = mode;
     so.reuse.sparse_ffn_enabled = a.sparse_ffn;
@@ -147,8 +147,9 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
       ->check(CLI::Range(1, 4096));
   c->add_option("--max-queue", a->max_queue, "waiting requests at most (then 429)")
       ->check(CLI::Range(0, 1 << 20));
-  c->add_option("--step-tokens", a->step_tokens, "tokens per engine step (chunked prefill)")
-      ->check(CLI::Range(1, 1 << 20));
+  c->add_option("--step-tokens", a->step_tokens,
+                "tokens per engine step, chunked prefill (0: 512 on the CPU, 4096 on CUDA)")
+      ->check(CLI::Range(0, 1 << 20));
   auto* kvb = c->add_option("--kv-budget", a->kv_budget, "KV pool size in bytes");
   c->add_option("--gpu-memory-fraction", a->gpu_memory_fraction,
                 "KV pool = this share of the device memory left after the weights")

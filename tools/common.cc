@@ -65,4 +65,6 @@ std::string read_stdin() {
   return std::string(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
 }
 
+int32_t default_prefill_chunk(const std::string& backend) { return backend == "cuda" ? 4096 : 512; }
+
 }  // namespace redknot::cli
