@@ -38,6 +38,7 @@ struct Sm90FlashSmem {
   static constexpr size_t kBytes = kBarOffset + 2 * kStages * 8 + 1024;
 };
 
+// s: [64 rows, N keys] of the warpgroup (accumulator layout) = Q [64, 16] · K [N, 16]ᵀ, one k step.
 template <int N, bool kFirst>
 __device__ __forceinline__ void wgmma_qk(float (&s)[N / 2], uint64_t desc_q, uint64_t desc_k) {
   if constexpr (N == 128 && kFirst)
@@ -49,6 +50,7 @@ __device__ __forceinline__ void wgmma_qk(float (&s)[N / 2], uint64_t desc_q, uin
   else
     wgmma_ss_n64(s, desc_q, desc_k);
 }
+// o: [64 rows, D] += P [64, 16 keys] (a: bf16 A fragments) · V [16 keys, D], one k step.
 template <int D>
 __device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[4],
                                          uint64_t desc_v) {
