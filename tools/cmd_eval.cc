@@ -213,6 +213,8 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
   c->add_flag("--no-sparse-ffn", a->no_sparse_ffn, "redknot mode without Sparse FFN");
   c->add_flag("--no-skip-dead-rows", a->no_skip_dead_rows,
               "redknot mode as the paper: every recomputed row through every layer");
+  c->add_flag("--query-full-attention", a->reuse.query_full_attention,
+              "redknot mode: the query's rows attend with every head global (beyond the paper)");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes, "pool bytes for cached segments");
   c->add_option("--head-profile", a->head_profile, "head profile JSON");
   c->add_option("--reference", a->reference,

@@ -29,7 +29,8 @@ struct GenerateArgs {
   int32_t top_k = 0;
   uint64_t seed = 0;
   bool json = false, ignore_eos = false;
-  bool skip_dead_rows = true;  // redknot mode: dead-row skipping past the last global layer
+  bool skip_dead_rows = true;         // redknot mode: dead-row skipping past the last global layer
+  bool query_full_attention = false;  // redknot mode: the query's rows attend with every head
 };
 
 // The prompt as reuse units: each --segment tokenized alone (BOS, if the tokenizer adds one, in
@@ -49,6 +50,7 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m) {
   ReuseOptions ro;
   ro.mode = parse_reuse_mode(a.mode);
   ro.skip_dead_rows = a.skip_dead_rows;
+  ro.query_full_attention = a.query_full_attention;
   const SegmentedPrompt p = segmented_prompt(a, *m.tokenizer);
   const ModelConfig& cfg = m.model->config();
   KvOptions kvo;
@@ -189,6 +191,9 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--chunk-store-dir", a->chunk_store_dir, "disk tier of the chunk store");
   c->add_option("--skip-dead-rows", a->skip_dead_rows,
                 "redknot mode skips rows no later token reads past the last global layer (exact)");
+  c->add_option("--query-full-attention", a->query_full_attention,
+                "redknot mode: the query's rows attend with every head global, local heads over "
+                "the whole prompt (beyond the paper; true | false)");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes, "pool bytes for cached segments");
   c->add_option("--head-profile", a->head_profile,
                 "head profile JSON (default: the model's own attention)");

@@ -31,9 +31,10 @@ struct ServeArgs {
   int64_t kv_budget = 0;
   double gpu_memory_fraction = 0;
   bool batch_invariant = true;
-  bool sparse_ffn = true;      // redknot mode's Sparse FFN (SPEC §4)
-  bool skip_dead_rows = true;  // redknot mode: dead-row skipping past the last global layer
-  SparseFfnConfig sparse_cfg;  // its tiers
+  bool sparse_ffn = true;             // redknot mode's Sparse FFN (SPEC §4)
+  bool skip_dead_rows = true;         // redknot mode: dead-row skipping past the last global layer
+  bool query_full_attention = false;  // redknot mode: the query's rows attend with every head
+  SparseFfnConfig sparse_cfg;         // its tiers
 };
 
 #ifdef REDKNOT_HAS_SERVER
@@ -100,6 +101,7 @@ int run_serve(const ServeArgs& a) {
     so.reuse.mode = mode;
     so.reuse.sparse_ffn_enabled = a.sparse_ffn;
     so.reuse.skip_dead_rows = a.skip_dead_rows;
+    so.reuse.query_full_attention = a.query_full_attention;
     so.reuse.sparse_ffn = a.sparse_cfg;
     so.lookup = chunk_store_lookup(*chunks);
   }
@@ -170,6 +172,9 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--skip-dead-rows", a->skip_dead_rows,
                 "redknot mode skips rows no later token reads past the last global layer (exact; "
                 "true | false)");
+  c->add_option("--query-full-attention", a->query_full_attention,
+                "redknot mode: the query's rows attend with every head global, local heads over "
+                "the whole prompt (beyond the paper; true | false)");
   c->add_option("--dense-until", a->sparse_cfg.dense_until, "Sparse FFN: dense layers below");
   c->add_option("--mass", a->sparse_cfg.mass, "Sparse FFN: importance mass kept")
       ->check(CLI::Range(0.0, 1.0));

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/error.h"
 #include "core/model_config.h"
 #include "kv/head_profile.h"
 #include "kv/kv_cache.h"
@@ -49,6 +50,13 @@ class ContiguousKvCache : public KvCache {
   void read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
             std::vector<int32_t>& positions) override;
   const HeadProfile* head_profile() const override { return &geo_.heads; }
+  // Replaces the head classes for the next forwards: the oracle of passes whose masks change
+  // between calls (reuse recovery's query pass).
+  void set_head_profile(const HeadProfile& heads) {
+    if (heads.num_layers() != geo_.num_layers || heads.num_kv_heads() != geo_.num_kv_heads)
+      throw Error("ContiguousKvCache::set_head_profile: profile shape does not match");
+    geo_.heads = heads;
+  }
 
  private:
   struct Sequence {

@@ -200,11 +200,19 @@ void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions) {
     qo_indptr.push_back(static_cast<int32_t>(sp.begin + sp.count));
   Tensor qo = device_i32(qo_indptr);
   plans_.resize(layers_);
+  int32_t full_until = -1;  // set_full_attention of the batch's (single) sequence
+  for (const SeqSpan& sp : batch.spans)
+    if (get(sp.seq).full_until >= 0) {
+      if (batch.spans.size() != 1)
+        throw Error("paged KV cache: a full-attention pass must run its sequence alone");
+      full_until = get(sp.seq).full_until;
+    }
   for (int l = 0; l < layers_; ++l) {
     std::vector<int32_t> indptr{0}, pages, lengths, window(heads_), sink(heads_);
     for (int h = 0; h < heads_; ++h) {
-      window[h] = spec(l, h).cls == HeadClass::Local ? spec(l, h).window : 0;
-      sink[h] = spec(l, h).cls == HeadClass::Local ? spec(l, h).sink : 0;
+      const bool local = spec(l, h).cls == HeadClass::Local && l > full_until;
+      window[h] = local ? spec(l, h).window : 0;
+      sink[h] = local ? spec(l, h).sink : 0;
     }
     for (const SeqSpan& sp : batch.spans) {
       const Sequence& s = get(sp.seq);
@@ -271,13 +279,23 @@ void PagedKvCache::trim(HeadTable& t, const HeadSpec& hs, int32_t next_pos) {
   t = std::move(kept);
 }
 
+void PagedKvCache::trim_sequence(Sequence& s) {
+  if (s.keep_local_pages) return;
+  for (int l = 0; l < layers_; ++l)
+    for (int h = 0; h < heads_; ++h) trim(s.tables[l * heads_ + h], spec(l, h), s.next_pos());
+}
+
+void PagedKvCache::set_full_attention(SeqId seq, int32_t full_until_layer, bool keep_local_pages) {
+  Sequence& s = get(seq);
+  s.full_until = full_until_layer;
+  s.keep_local_pages = keep_local_pages;
+  trim_sequence(s);
+}
+
 void PagedKvCache::end_forward() {
   for (SeqId id : batch_seqs_) {
     auto it = seqs_.find(id);
-    if (it == seqs_.end()) continue;
-    Sequence& s = it->second;
-    for (int l = 0; l < layers_; ++l)
-      for (int h = 0; h < heads_; ++h) trim(s.tables[l * heads_ + h], spec(l, h), s.next_pos());
+    if (it != seqs_.end()) trim_sequence(it->second);
   }
   plans_.clear();
   batch_seqs_.clear();
@@ -523,8 +541,7 @@ void PagedKvCache::append_relocated(SeqId seq, const std::vector<std::vector<int
     backend_.scatter_rows(device_i32(dst_pos).reshape({m, 1}), di, pool_.pos());
   }
   s.positions.insert(s.positions.end(), new_pos.begin(), new_pos.end());
-  for (int l = 0; l < layers_; ++l)
-    for (int h = 0; h < heads_; ++h) trim(s.tables[l * heads_ + h], spec(l, h), s.next_pos());
+  trim_sequence(s);
 }
 
 KvUsage PagedKvCache::usage(SeqId seq) const {

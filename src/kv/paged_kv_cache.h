@@ -55,6 +55,13 @@ class PagedKvCache : public KvCache {
   // positions src_positions[i] + delta and their keys are re-rotated by delta (RoPE relocation,
   // no attention scaling re-applied). Local heads keep only sink ∪ window afterwards.
   // Throws OutOfKvMemory, changing nothing, when the pool cannot hold the copies.
+  // Reuse recovery's query pass (ReuseOptions::query_full_attention): while keep_local_pages is
+  // set, the sequence's local heads keep every page (no trimming at the end of a forward or after
+  // a relocation); forwards of this sequence attend with every head global in layers
+  // <= full_until_layer (-1: the profile's classes). Clearing keep_local_pages trims at once.
+  // A forward must not mix this sequence with others while full_until_layer >= 0.
+  void set_full_attention(SeqId seq, int32_t full_until_layer, bool keep_local_pages);
+
   void append_relocated(SeqId seq, const std::vector<std::vector<int32_t>>& rows,
                         const std::vector<int32_t>& src_positions, int32_t delta);
 
@@ -76,6 +83,10 @@ class PagedKvCache : public KvCache {
   struct Sequence {
     std::vector<HeadTable> tables;   // [layer * kv_heads + head]
     std::vector<int32_t> positions;  // every logical token's position (what a global head holds)
+    // set_full_attention: local heads keep every page, and layers <= full_until attend with
+    // every head global (-1: none).
+    bool keep_local_pages = false;
+    int32_t full_until = -1;
     int32_t next_pos() const { return positions.empty() ? 0 : positions.back() + 1; }
   };
   struct LayerPlan {
@@ -92,6 +103,7 @@ class PagedKvCache : public KvCache {
   void release_table(HeadTable& table);
   // Drops the pages of a local head that no future query can see.
   void trim(HeadTable& table, const HeadSpec& spec, int32_t next_pos);
+  void trim_sequence(Sequence& s);
   Tensor device_i32(const std::vector<int32_t>& values);
   int64_t table_pages_needed(const HeadTable& t, int64_t count) const;
 

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "kv/head_profile.h"
+#include "kv/paged_kv_cache.h"
 
 namespace redknot {
 
@@ -339,6 +340,13 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
       break;
     }
     case ReuseMode::RedKnot: {
+      PagedKvCache* query_full = nullptr;
+      if (opts.query_full_attention) {
+        query_full = dynamic_cast<PagedKvCache*>(&kv);
+        if (query_full == nullptr)
+          throw Error("reuse: query_full_attention needs the paged KV cache");
+        query_full->set_full_attention(seq, -1, /*keep_local_pages=*/true);
+      }
       // S0's positions are already right: its cached KV is exactly full prefill's.
       out.reused_tokens = attach_segments(model, kv, seq, p, 0, 1, lookup, pins);
       ForwardOptions fr = fo;
@@ -359,7 +367,20 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
         append_tokens(model, kv, seq, head, static_cast<int32_t>(head.size()), f1);
         ids = tail;
       }
-      out.last_logits = append_tokens(model, kv, seq, ids, static_cast<int32_t>(ids.size()), fr);
+      if (query_full == nullptr) {
+        out.last_logits = append_tokens(model, kv, seq, ids, static_cast<int32_t>(ids.size()), fr);
+        break;
+      }
+      // The query rows last, alone, with every head global where every row's K/V exists.
+      const size_t q = std::min(ids.size(), p.query.size());
+      const std::vector<int32_t> docs(ids.begin(), ids.end() - q), query(ids.end() - q, ids.end());
+      if (!docs.empty()) append_tokens(model, kv, seq, docs, static_cast<int32_t>(docs.size()), fr);
+      const int32_t full_until =
+          split.tail > 0 ? split.kv_only_from_layer : static_cast<int32_t>(cfg.num_layers) - 1;
+      query_full->set_full_attention(seq, full_until, /*keep_local_pages=*/true);
+      out.last_logits =
+          append_tokens(model, kv, seq, query, static_cast<int32_t>(query.size()), fr);
+      query_full->set_full_attention(seq, -1, /*keep_local_pages=*/false);
       break;
     }
     case ReuseMode::Full:

@@ -3,7 +3,8 @@
 // last-token logits, the same greedy decode and the same KV that decoding reads as the one-pass
 // redknot prefill) and does less work (FLOPs ledger, to the exact amount skipped); with a global
 // head in the last layer it is a no-op; Model::forward refuses kv_only_from_layer when a deeper
-// layer holds a global head.
+// layer holds a global head. Query full attention (ReuseOptions::query_full_attention) against
+// the dense + mask store with its head classes switched between passes.
 #include "reuse/reuse_prefill.h"
 
 #include <gtest/gtest.h>
@@ -19,6 +20,7 @@
 #include "backend/builtin.h"
 #include "core/error.h"
 #include "engine/flops.h"
+#include "kv/contiguous_kv_cache.h"
 #include "kv/head_profile.h"
 #include "kv/page_pool.h"
 #include "kv/paged_kv_cache.h"
@@ -180,7 +182,12 @@ class DeadRowSkipping : public ::testing::Test {
     ro.sparse_ffn_enabled = false;
     ro.skip_dead_rows = skip;
     r.out = prefill_with_reuse(*model_, *r.kv, 0, p, lookup_, ro);
-    // Greedy decode, one token per forward.
+    Decode(r);
+    return r;
+  }
+
+  // Greedy decode, one token per forward.
+  void Decode(RunResult& r) {
     std::vector<float> logits = r.out.last_logits;
     for (int i = 0; i < kDecode; ++i) {
       const int32_t next = Argmax(logits);
@@ -190,7 +197,6 @@ class DeadRowSkipping : public ::testing::Test {
       logits = ToVec(model_->forward(b, *r.kv));
       r.logits.push_back(logits);
     }
-    return r;
   }
 
   // The KV every later query can read: for each (layer, kv head), the positions a query at the
@@ -379,6 +385,106 @@ TEST_F(DeadRowSkipping, KvOnlyRefusesAGlobalHeadInADeeperLayer) {
   Tensor logits = forward_kv_only(3);
   EXPECT_EQ(logits.numel(), 0);
   EXPECT_EQ(kv.num_tokens(0), static_cast<int32_t>(ids.size()));
+}
+
+// ---- query_full_attention: the query's rows attend with every head global ----
+
+// Against the dense + mask oracle with its head classes switched between passes: S0 prefilled
+// alone with every head global (what the chunk store caches), S1..Sn under the profile, the
+// query with every head global in layers <= full_until (the profile above). Paged store, page
+// retention, relocation and the paged kernel against the dense store and its masks.
+class QueryFullAttention : public DeadRowSkipping {
+ protected:
+  std::vector<float> DenseOracle(const HeadProfile& profile, const SegmentedPrompt& p,
+                                 int full_until) {
+    const HeadProfile all_global(cfg_.num_layers, cfg_.num_kv_heads);
+    HeadProfile query_profile = profile;
+    for (int l = 0; l <= full_until; ++l)
+      for (int h = 0; h < cfg_.num_kv_heads; ++h) query_profile.at(l, h).cls = HeadClass::Global;
+    ContiguousKvCache dense(*backend_, dense_kv_geometry(cfg_, &all_global),
+                            static_cast<int32_t>(p.total_tokens()) + 8, model_->inv_freq());
+    dense.add_sequence(0);
+    auto pass = [&](const std::vector<int32_t>& ids) {
+      Batch b;
+      b.add_sequence(0, ids, dense.next_position(0));
+      return ToVec(model_->forward(b, dense));
+    };
+    pass(p.segments[0]);
+    dense.set_head_profile(profile);
+    std::vector<int32_t> docs;
+    for (size_t i = 1; i < p.segments.size(); ++i)
+      docs.insert(docs.end(), p.segments[i].begin(), p.segments[i].end());
+    pass(docs);
+    dense.set_head_profile(query_profile);
+    return pass(p.query);
+  }
+
+  RunResult PrefillQueryFull(const HeadProfile& profile, const SegmentedPrompt& p, bool skip) {
+    RunResult r;
+    r.kv = std::make_unique<PagedKvCache>(
+        *pool_, profile, PagedKvOptions{1.0f / std::sqrt(static_cast<float>(cfg_.head_dim))},
+        model_->inv_freq());
+    ReuseOptions ro;
+    ro.mode = ReuseMode::RedKnot;
+    ro.sparse_ffn_enabled = false;
+    ro.skip_dead_rows = skip;
+    ro.query_full_attention = true;
+    r.out = prefill_with_reuse(*model_, *r.kv, 0, p, lookup_, ro);
+    Decode(r);  // local heads read sink ∪ window again
+    return r;
+  }
+};
+
+TEST_F(QueryFullAttention, MatchesTheDenseOracleInEveryLayer) {
+  MakeModel(kLayers);
+  const HeadProfile profile = LocalProfile(kLayers, 2, 10, 4, {{1, 0}});
+  const SegmentedPrompt p = Prompt();
+  ASSERT_TRUE(lookup_(p.segments[0], true).found);  // S0 cached, as the paged run sees it
+  RunResult r = PrefillQueryFull(profile, p, /*skip=*/false);
+  const std::vector<float> oracle = DenseOracle(profile, p, kLayers - 1);
+  EXPECT_LE(RelErr(r.out.last_logits, oracle), kTol);
+  // The flag matters here: without it the query's local heads see only sink ∪ window.
+  RunResult plain = Prefill(profile, p, /*skip=*/false);
+  EXPECT_GT(RelErr(plain.out.last_logits, oracle), 100 * kTol);
+  // Afterwards (and after decoding) the local heads hold the same positions as without the flag:
+  // the pages kept for the query pass went back to the pool.
+  ASSERT_EQ(r.kv->next_position(0), plain.kv->next_position(0));
+  for (int l = 0; l < kLayers; ++l)
+    for (int h = 0; h < 2; ++h) {
+      Tensor k, v;
+      std::vector<int32_t> held, held_plain;
+      r.kv->read(0, l, h, k, v, held);
+      plain.kv->read(0, l, h, k, v, held_plain);
+      EXPECT_EQ(held, held_plain) << "layer " << l << " head " << h;
+    }
+  EXPECT_EQ(r.kv->usage(0).local_pages, plain.kv->usage(0).local_pages);
+  EXPECT_EQ(r.kv->usage(0).local_tokens, plain.kv->usage(0).local_tokens);
+}
+
+// With dead-row skipping the query's rows see every head globally up to the last global layer
+// (the dead rows' K/V exist up to it) and keep the profile above.
+TEST_F(QueryFullAttention, WithDeadRowSkippingFullUpToTheLastGlobalLayer) {
+  MakeModel(kLayers);
+  const HeadProfile profile = LocalProfile(kLayers, 2, 10, 4, {{1, 0}});
+  const SegmentedPrompt p = Prompt();
+  ASSERT_TRUE(lookup_(p.segments[0], true).found);
+  const int64_t start = static_cast<int64_t>(p.segments[0].size());
+  const DeadRowSplit split = dead_row_split(cfg_, profile, start, p.total_tokens() - start);
+  ASSERT_GT(split.tail, 0);
+  ASSERT_EQ(split.kv_only_from_layer, 1);
+  RunResult r = PrefillQueryFull(profile, p, /*skip=*/true);
+  EXPECT_LE(RelErr(r.out.last_logits, DenseOracle(profile, p, split.kv_only_from_layer)), kTol);
+}
+
+// Every head global: the flag changes nothing.
+TEST_F(QueryFullAttention, NoOpWhenEveryHeadIsGlobal) {
+  MakeModel(kLayers);
+  const HeadProfile profile(kLayers, 2);
+  const SegmentedPrompt p = Prompt();
+  ASSERT_TRUE(lookup_(p.segments[0], true).found);
+  RunResult with = PrefillQueryFull(profile, p, true);
+  RunResult without = Prefill(profile, p, true);
+  EXPECT_LE(RelErr(with.out.last_logits, without.out.last_logits), kTol);
 }
 
 }  // namespace
