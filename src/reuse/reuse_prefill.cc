@@ -378,8 +378,11 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
       const int32_t full_until =
           split.tail > 0 ? split.kv_only_from_layer : static_cast<int32_t>(cfg.num_layers) - 1;
       query_full->set_full_attention(seq, full_until, /*keep_local_pages=*/true);
+      // ... and a dense FFN: ranked alone, the few query rows would lose FFNs they all need.
+      ForwardOptions fq = fr;
+      fq.sparse_ffn = nullptr;
       out.last_logits =
-          append_tokens(model, kv, seq, query, static_cast<int32_t>(query.size()), fr);
+          append_tokens(model, kv, seq, query, static_cast<int32_t>(query.size()), fq);
       query_full->set_full_attention(seq, -1, /*keep_local_pages=*/false);
       break;
     }
