@@ -172,7 +172,8 @@ class DeadRowSkipping : public ::testing::Test {
     return p;
   }
 
-  RunResult Prefill(const HeadProfile& profile, const SegmentedPrompt& p, bool skip) {
+  RunResult Prefill(const HeadProfile& profile, const SegmentedPrompt& p, bool skip,
+                    bool query_full = false) {
     RunResult r;
     r.kv = std::make_unique<PagedKvCache>(
         *pool_, profile, PagedKvOptions{1.0f / std::sqrt(static_cast<float>(cfg_.head_dim))},
@@ -181,8 +182,9 @@ class DeadRowSkipping : public ::testing::Test {
     ro.mode = ReuseMode::RedKnot;
     ro.sparse_ffn_enabled = false;
     ro.skip_dead_rows = skip;
+    ro.query_full_attention = query_full;
     r.out = prefill_with_reuse(*model_, *r.kv, 0, p, lookup_, ro);
-    Decode(r);
+    Decode(r);  // with query_full, local heads read sink ∪ window again
     return r;
   }
 
@@ -418,21 +420,6 @@ class QueryFullAttention : public DeadRowSkipping {
     dense.set_head_profile(query_profile);
     return pass(p.query);
   }
-
-  RunResult PrefillQueryFull(const HeadProfile& profile, const SegmentedPrompt& p, bool skip) {
-    RunResult r;
-    r.kv = std::make_unique<PagedKvCache>(
-        *pool_, profile, PagedKvOptions{1.0f / std::sqrt(static_cast<float>(cfg_.head_dim))},
-        model_->inv_freq());
-    ReuseOptions ro;
-    ro.mode = ReuseMode::RedKnot;
-    ro.sparse_ffn_enabled = false;
-    ro.skip_dead_rows = skip;
-    ro.query_full_attention = true;
-    r.out = prefill_with_reuse(*model_, *r.kv, 0, p, lookup_, ro);
-    Decode(r);  // local heads read sink ∪ window again
-    return r;
-  }
 };
 
 TEST_F(QueryFullAttention, MatchesTheDenseOracleInEveryLayer) {
@@ -440,7 +427,7 @@ TEST_F(QueryFullAttention, MatchesTheDenseOracleInEveryLayer) {
   const HeadProfile profile = LocalProfile(kLayers, 2, 10, 4, {{1, 0}});
   const SegmentedPrompt p = Prompt();
   ASSERT_TRUE(lookup_(p.segments[0], true).found);  // S0 cached, as the paged run sees it
-  RunResult r = PrefillQueryFull(profile, p, /*skip=*/false);
+  RunResult r = Prefill(profile, p, /*skip=*/false, /*query_full=*/true);
   const std::vector<float> oracle = DenseOracle(profile, p, kLayers - 1);
   EXPECT_LE(RelErr(r.out.last_logits, oracle), kTol);
   // The flag matters here: without it the query's local heads see only sink ∪ window.
@@ -472,7 +459,7 @@ TEST_F(QueryFullAttention, WithDeadRowSkippingFullUpToTheLastGlobalLayer) {
   const DeadRowSplit split = dead_row_split(cfg_, profile, start, p.total_tokens() - start);
   ASSERT_GT(split.tail, 0);
   ASSERT_EQ(split.kv_only_from_layer, 1);
-  RunResult r = PrefillQueryFull(profile, p, /*skip=*/true);
+  RunResult r = Prefill(profile, p, /*skip=*/true, /*query_full=*/true);
   EXPECT_LE(RelErr(r.out.last_logits, DenseOracle(profile, p, split.kv_only_from_layer)), kTol);
 }
 
@@ -482,7 +469,7 @@ TEST_F(QueryFullAttention, NoOpWhenEveryHeadIsGlobal) {
   const HeadProfile profile(kLayers, 2);
   const SegmentedPrompt p = Prompt();
   ASSERT_TRUE(lookup_(p.segments[0], true).found);
-  RunResult with = PrefillQueryFull(profile, p, true);
+  RunResult with = Prefill(profile, p, true, /*query_full=*/true);
   RunResult without = Prefill(profile, p, true);
   EXPECT_LE(RelErr(with.out.last_logits, without.out.last_logits), kTol);
 }
