@@ -50,11 +50,6 @@ class PagedKvCache : public KvCache {
 
   // Pool rows (of the K, V and position pools) of one (layer, kv head)'s slots, in position order.
   std::vector<int32_t> slot_rows(SeqId seq, int layer, int kv_head) const;
-  // Appends n tokens whose K/V already sit in the pool (a cached segment prefilled at
-  // src_positions): rows[layer * kv_heads + head][i] is token i's source row. The copies take
-  // positions src_positions[i] + delta and their keys are re-rotated by delta (RoPE relocation,
-  // no attention scaling re-applied). Local heads keep only sink ∪ window afterwards.
-  // Throws OutOfKvMemory, changing nothing, when the pool cannot hold the copies.
   // Reuse recovery's query pass (ReuseOptions::query_full_attention): while keep_local_pages is
   // set, the sequence's local heads keep every page (no trimming at the end of a forward or after
   // a relocation); forwards of this sequence attend with every head global in layers
@@ -62,6 +57,11 @@ class PagedKvCache : public KvCache {
   // A forward must not mix this sequence with others while full_until_layer >= 0.
   void set_full_attention(SeqId seq, int32_t full_until_layer, bool keep_local_pages);
 
+  // Appends n tokens whose K/V already sit in the pool (a cached segment prefilled at
+  // src_positions): rows[layer * kv_heads + head][i] is token i's source row. The copies take
+  // positions src_positions[i] + delta and their keys are re-rotated by delta (RoPE relocation,
+  // no attention scaling re-applied). Local heads keep only sink ∪ window afterwards.
+  // Throws OutOfKvMemory, changing nothing, when the pool cannot hold the copies.
   void append_relocated(SeqId seq, const std::vector<std::vector<int32_t>>& rows,
                         const std::vector<int32_t>& src_positions, int32_t delta);
 

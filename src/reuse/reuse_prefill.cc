@@ -7,7 +7,6 @@
 
 #include "core/error.h"
 #include "kv/head_profile.h"
-#include "kv/paged_kv_cache.h"
 
 namespace redknot {
 
@@ -340,13 +339,16 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
       break;
     }
     case ReuseMode::RedKnot: {
-      PagedKvCache* query_full = nullptr;
-      if (opts.query_full_attention) {
-        query_full = dynamic_cast<PagedKvCache*>(&kv);
-        if (query_full == nullptr)
-          throw Error("reuse: query_full_attention needs the paged KV cache");
-        query_full->set_full_attention(seq, -1, /*keep_local_pages=*/true);
-      }
+      // Query full attention keeps the local heads' pages until the query has run; the guard
+      // restores the head classes and trims however the passes end (an error included).
+      struct FullAttentionGuard {
+        PagedKvCache* kv;
+        SeqId seq;
+        ~FullAttentionGuard() {
+          if (kv != nullptr && kv->has_sequence(seq)) kv->set_full_attention(seq, -1, false);
+        }
+      } guard{opts.query_full_attention ? &kv : nullptr, seq};
+      if (opts.query_full_attention) kv.set_full_attention(seq, -1, /*keep_local_pages=*/true);
       // S0's positions are already right: its cached KV is exactly full prefill's.
       out.reused_tokens = attach_segments(model, kv, seq, p, 0, 1, lookup, pins);
       ForwardOptions fr = fo;
@@ -367,7 +369,7 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
         append_tokens(model, kv, seq, head, static_cast<int32_t>(head.size()), f1);
         ids = tail;
       }
-      if (query_full == nullptr) {
+      if (!opts.query_full_attention) {
         out.last_logits = append_tokens(model, kv, seq, ids, static_cast<int32_t>(ids.size()), fr);
         break;
       }
@@ -377,13 +379,12 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
       if (!docs.empty()) append_tokens(model, kv, seq, docs, static_cast<int32_t>(docs.size()), fr);
       const int32_t full_until =
           split.tail > 0 ? split.kv_only_from_layer : static_cast<int32_t>(cfg.num_layers) - 1;
-      query_full->set_full_attention(seq, full_until, /*keep_local_pages=*/true);
+      kv.set_full_attention(seq, full_until, /*keep_local_pages=*/true);
       // ... and a dense FFN: ranked alone, the few query rows would lose FFNs they all need.
       ForwardOptions fq = fr;
       fq.sparse_ffn = nullptr;
       out.last_logits =
           append_tokens(model, kv, seq, query, static_cast<int32_t>(query.size()), fq);
-      query_full->set_full_attention(seq, -1, /*keep_local_pages=*/false);
       break;
     }
     case ReuseMode::Full:

@@ -62,8 +62,7 @@ struct ReuseOptions {
   // redknot mode, beyond the paper: the query's rows attend with every head global (local heads
   // too, over every token of the prompt) in the layers where every row's K/V exists (all, or up
   // to the last global layer with dead-row skipping), with a dense FFN; the document rows keep
-  // the head classes (and Sparse FFN).
-  // Needs a PagedKvCache (local heads keep their pages until the query pass is done).
+  // the head classes (and Sparse FFN); local heads keep their pages until the query has run.
   bool query_full_attention = false;
   int32_t chunk = 4096;  // tokens per forward pass
 };
