@@ -746,7 +746,7 @@ class CudaBackend : public Backend {
       cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)),
                  "cudaFuncSetAttribute(paged_flash_sm90)");
-      kernel<<<grid, 256 + 128, smem, stream_>>>(
+      kernel<<<grid, cuda::kSm90FlashThreads, smem, stream_>>>(
           q.data<bf16>(), k_pool.data<bf16>(), v_pool.data<bf16>(), pos_pool.data<int32_t>(),
           q_pos.data<int32_t>(), plan.qo_indptr.data<int32_t>(), plan.kv_indptr.data<int32_t>(),
           plan.page_indices.data<int32_t>(), plan.page_lengths.data<int32_t>(),

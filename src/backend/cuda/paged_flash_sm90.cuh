@@ -25,10 +25,12 @@
 
 namespace redknot::cuda {
 
+// Two consumer warpgroups and the producer warpgroup.
+inline constexpr int kSm90FlashThreads = 256 + 128;
+
 template <int D, int kKeys, int kStages>
 struct Sm90FlashSmem {
-  static constexpr int kRows = 128;           // two consumer warpgroups x 64 rows
-  static constexpr int kThreads = 256 + 128;  // + the producer warpgroup
+  static constexpr int kRows = 128;  // two consumer warpgroups x 64 rows
   static constexpr size_t kQ = size_t{kRows} * D * 2;
   static constexpr size_t kKV = size_t{kKeys} * D * 2;  // one stage of K (or of V)
   // kpos [kStages][kKeys], slots [kStages][kKeys], meta [kStages][2] (count, all visible), tile [2]
@@ -63,7 +65,7 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[
 // q: [T, Hq, D]; k_pool, v_pool: [slots, D] of this layer; pos_pool: [slots]; q_pos: [T];
 // plan arrays as paged_flash_kernel; out: [T, Hq, D]; part_o/part_ml: split-KV workspace.
 template <int D, int kKeys, int kStages>
-__global__ void __launch_bounds__(256 + 128, 1) paged_flash_sm90_kernel(
+__global__ void __launch_bounds__(kSm90FlashThreads, 1) paged_flash_sm90_kernel(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
     const __nv_bfloat16* __restrict__ v_pool, const int32_t* __restrict__ pos_pool,
     const int32_t* __restrict__ q_pos, const int32_t* __restrict__ qo_indptr,
