@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU machine, in one call: builds the CUDA backend and its tests (as gpu-op-parity.sh),
 # runs op_parity_test and cuda_model_test, builds and runs bench/cuda_attention_bench.cu, then
-# the torch peer (scripts/gpu-attn-peer.py) on the same card, and memcheck on the paged tests.
-# Needs `carry: [".devdeps"]`. Logs go to $OUT when set.
-# Usage: scripts/gpu-cuda-bench.sh [build-dir]
+# the torch peer (scripts/gpu-attn-peer.py) on the same card, and memcheck on the paged op-parity
+# and model tests. Needs `carry: [".devdeps"]`. Logs go to $LOG_DIR, else $OUT, else /tmp.
+# Usage: [MEMCHECK=0] [NCU=1] [REDKNOT_BENCH_SM90=0,128x2] scripts/gpu-cuda-bench.sh [build-dir]
+#   NCU=1: Nsight Compute sections for one launch of each prefill kernel;
+#   REDKNOT_BENCH_SM90: which prefill kernels the bench times (default: all tile shapes).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="${1:-$ROOT/build-gpu}"
@@ -23,7 +25,7 @@ echo "== op_parity_test"
 "$B/op_parity_test" --gtest_brief=1 2>&1 | tee "$LOG/op_parity.log" | grep -E "parity \]|paged=dense|FAIL|PASSED|OK \]|rel err" | grep -v "^\[ parity \] cpu" | head -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 command -v cuobjdump >/dev/null && echo "HGMMA instructions in librk_cuda.a: $(cuobjdump -sass "$B/librk_cuda.a" | grep -c HGMMA)"
-# The prefill kernel's other tile shapes (the default 2x128 ran above) and the mma.sync kernel.
+# The prefill kernel's other tile shapes (the default 128x2 ran above) and the mma.sync kernel.
 for cfg in 64x4 64x3 0; do
   echo "== op_parity_test paged, REDKNOT_FLASH_SM90=$cfg"
   REDKNOT_FLASH_SM90=$cfg "$B/op_parity_test" --gtest_brief=1 --gtest_filter='*Paged*' > "$LOG/op_parity_$cfg.log" 2>&1 || status=1
