@@ -729,43 +729,38 @@ class CudaBackend : public Backend {
     }
     const dim3 grid(static_cast<unsigned>(tiles_bound), static_cast<unsigned>(hkv),
                     static_cast<unsigned>(splits));
-    auto launch = [&](auto kernel, int warps, size_t smem) {
+    // Both kernels take the same arguments; threads and shared memory are the instance's.
+    auto launch = [&](auto kernel, int threads, size_t smem, const char* name) {
       // Host-side and cheap; per call so that every device and instantiation is covered.
       cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)),
-                 "cudaFuncSetAttribute(paged_flash)");
-      kernel<<<grid, 32 * warps, smem, stream_>>>(
+                 name);
+      kernel<<<grid, threads, smem, stream_>>>(
           q.data<bf16>(), k_pool.data<bf16>(), v_pool.data<bf16>(), pos_pool.data<int32_t>(),
           q_pos.data<int32_t>(), plan.qo_indptr.data<int32_t>(), plan.kv_indptr.data<int32_t>(),
           plan.page_indices.data<int32_t>(), plan.page_lengths.data<int32_t>(),
           plan.head_window.data<int32_t>(), plan.head_sink.data<int32_t>(), p, out.data<bf16>(),
           static_cast<float*>(part_o.get()), static_cast<float*>(part_ml.get()));
-      launch_check("paged_flash_kernel");
+      launch_check(name);
     };
-    auto launch_sm90 = [&](auto kernel, size_t smem) {
-      cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)),
-                 "cudaFuncSetAttribute(paged_flash_sm90)");
-      kernel<<<grid, cuda::kSm90FlashThreads, smem, stream_>>>(
-          q.data<bf16>(), k_pool.data<bf16>(), v_pool.data<bf16>(), pos_pool.data<int32_t>(),
-          q_pos.data<int32_t>(), plan.qo_indptr.data<int32_t>(), plan.kv_indptr.data<int32_t>(),
-          plan.page_indices.data<int32_t>(), plan.page_lengths.data<int32_t>(),
-          plan.head_window.data<int32_t>(), plan.head_sink.data<int32_t>(), p, out.data<bf16>(),
-          static_cast<float*>(part_o.get()), static_cast<float*>(part_ml.get()));
-      launch_check("paged_flash_sm90_kernel");
-    };
+    constexpr int kWs = cuda::kSm90FlashThreads;
+    constexpr const char* kMma = "paged_flash_kernel";
+    constexpr const char* kWgmma = "paged_flash_sm90_kernel";
     if (decode)
-      launch(cuda::paged_flash_kernel<D, 1>, 1, cuda::FlashSmem<D, 1>::kBytes);
+      launch(cuda::paged_flash_kernel<D, 1>, 32, cuda::FlashSmem<D, 1>::kBytes, kMma);
     else if (use_sm90 && sm90 == "64x4")
-      launch_sm90(cuda::paged_flash_sm90_kernel<D, 64, 4>, cuda::Sm90FlashSmem<D, 64, 4>::kBytes);
+      launch(cuda::paged_flash_sm90_kernel<D, 64, 4>, kWs, cuda::Sm90FlashSmem<D, 64, 4>::kBytes,
+             kWgmma);
     else if (use_sm90 && sm90 == "64x3")
-      launch_sm90(cuda::paged_flash_sm90_kernel<D, 64, 3>, cuda::Sm90FlashSmem<D, 64, 3>::kBytes);
+      launch(cuda::paged_flash_sm90_kernel<D, 64, 3>, kWs, cuda::Sm90FlashSmem<D, 64, 3>::kBytes,
+             kWgmma);
     else if (use_sm90)
-      launch_sm90(cuda::paged_flash_sm90_kernel<D, 128, 2>, cuda::Sm90FlashSmem<D, 128, 2>::kBytes);
+      launch(cuda::paged_flash_sm90_kernel<D, 128, 2>, kWs, cuda::Sm90FlashSmem<D, 128, 2>::kBytes,
+             kWgmma);
     else if (wide)
-      launch(cuda::paged_flash_kernel<D, 8>, 8, cuda::FlashSmem<D, 8>::kBytes);
+      launch(cuda::paged_flash_kernel<D, 8>, 32 * 8, cuda::FlashSmem<D, 8>::kBytes, kMma);
     else
-      launch(cuda::paged_flash_kernel<D, 4>, 4, cuda::FlashSmem<D, 4>::kBytes);
+      launch(cuda::paged_flash_kernel<D, 4>, 32 * 4, cuda::FlashSmem<D, 4>::kBytes, kMma);
     if (splits > 1) {
       const int64_t rows = T * hq;
       cuda::paged_flash_merge_kernel<D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream_>>>(
