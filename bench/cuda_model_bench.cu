@@ -77,7 +77,14 @@ struct Args {
   int32_t reuse_segments = 8;
   int32_t reuse_segment_tokens = 4096;
   int32_t reuse_query_tokens = 64;
-  bool reuse_sparse = true;  // also time redknot with Sparse FFN
+  bool reuse_sparse = true;    // also time redknot with Sparse FFN
+  bool stage_profile = false;  // reuse: one more prefill per part with per-stage wall times
+  // decode: ms per batched decode step, recorded (CUDA graphs) vs eager, after a prefill of
+  // decode_context tokens per sequence; "none" skips it
+  std::vector<std::string> decode_shapes;
+  std::vector<int64_t> decode_batches = {1, 16};
+  int64_t decode_context = 4096;
+  int decode_steps = 32;
   // spread: bench::spread_profile (a global head in the last layer); front: as many global
   // heads, in the first layers
   std::string reuse_profile = "spread";
@@ -94,7 +101,9 @@ struct Args {
                "[--sink 4]\n"
                "  [--reuse SHAPE|none] [--reuse-segments 8] [--reuse-segment-tokens 4096]\n"
                "  [--reuse-query-tokens 64] [--reuse-sparse 1|0] [--reuse-profile spread|front] "
-               "[--cpu]\n");
+               "[--stage-profile 0|1]\n"
+               "  [--decode SHAPE,...|none] [--decode-batch 1,16] [--decode-context 4096] "
+               "[--decode-steps 32] [--cpu]\n");
   std::exit(2);
 }
 
@@ -161,10 +170,23 @@ Args parse(int argc, char** argv) {
       a.reuse_profile = v;
     else if (k == "--reuse-sparse")
       a.reuse_sparse = std::stoi(v) != 0;
+    else if (k == "--stage-profile")
+      a.stage_profile = std::stoi(v) != 0;
+    else if (k == "--decode")
+      a.decode_shapes = v == "none" ? std::vector<std::string>{} : split(v);
+    else if (k == "--decode-batch")
+      a.decode_batches = split_ints(v);
+    else if (k == "--decode-context")
+      a.decode_context = std::stoll(v);
+    else if (k == "--decode-steps")
+      a.decode_steps = std::stoi(v);
     else
       usage();
   }
   if (a.reps < 1 || a.warmup < 0 || a.capacity_chunk <= 0) usage();
+  if (a.decode_context < 1 || a.decode_steps < 1) usage();
+  for (int64_t b : a.decode_batches)
+    if (b < 1) usage();
   if (a.reuse_segments < 1 || a.reuse_segment_tokens < 1 || a.reuse_query_tokens < 1) usage();
   return a;
 }
@@ -595,6 +617,19 @@ ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
         tw.push_back(w);
       }
       ms = median(t), wall_ms = median(tw), flops = got.flops.total();
+      if (a.stage_profile) {  // after the timed reps: the syncs per stage slow this one down
+        StageTimes st;
+        ReuseOptions po = ro;
+        po.stage_times = &st;
+        double pw = 0;
+        once(cache, po, &pw);
+        std::printf("stages %s %s T=%lld (wall %.1f ms, a sync after each stage):\n", shape.c_str(),
+                    name, static_cast<long long>(r.T), pw);
+        for (const auto& [stage, v] : st.ms)
+          std::printf("  %-20s %8.1f ms  %5.1f%%  (%lld marks)\n", stage.c_str(), v, 100.0 * v / pw,
+                      static_cast<long long>(st.calls[stage]));
+        std::printf("  %-20s %8.1f ms\n", "(outside stages)", pw - st.total());
+      }
       if (ro.mode == ReuseMode::Full) {
         full_logits = got.last_logits;
       } else {
@@ -637,6 +672,125 @@ ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
   return r;  // chunk store, caches, then the pool go in reverse order of construction
 }
 
+// ---- decode: recorded steps (CUDA graphs) vs eager ----
+struct DecodeRow {
+  std::string shape;
+  int64_t batch = 0, context = 0, steps = 0;
+  double eager_ms = 0, graph_ms = 0;  // medians per step (host logits of every sequence)
+  double max_diff = 0;                // |logits| difference of one step run both ways
+  bool argmax_equal = false;
+  int64_t recorded = 0;
+  std::string error;
+};
+
+std::vector<DecodeRow> run_decode(Model& model, const std::string& shape, const Args& a) {
+  const ModelConfig& cfg = model.config();
+  Backend& backend = model.backend();
+  const int32_t ps = a.kv.page_size, hd = static_cast<int32_t>(cfg.head_dim);
+  const HeadProfile dense(static_cast<int32_t>(cfg.num_layers),
+                          static_cast<int32_t>(cfg.num_kv_heads));
+  const int64_t vocab = cfg.vocab_size;
+  std::vector<DecodeRow> rows;
+  for (int64_t B : a.decode_batches) {
+    DecodeRow r;
+    r.shape = shape, r.batch = B, r.context = a.decode_context, r.steps = a.decode_steps;
+    try {
+      const int64_t tokens = a.decode_context + 4 * int64_t{a.decode_steps} + 64;
+      const int32_t n_pages = PagePool::pages_for_bytes(kv_bytes_for(model, ps, tokens) * B, ps, hd,
+                                                        backend.act_dtype());
+      PagePool pool(backend, n_pages, ps, hd);
+      PagedKvOptions po;
+      po.scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+      PagedKvCache kv(pool, dense, po, model.inv_freq());
+      std::vector<int32_t> next(B);
+      uint64_t x = 0x2545F4914F6CDD1Dull;
+      auto argmax_row = [&](const Tensor& l, int64_t i) {
+        const float* p = l.data<float>() + i * vocab;
+        return static_cast<int32_t>(std::max_element(p, p + vocab) - p);
+      };
+      for (int64_t s = 0; s < B; ++s) {
+        std::vector<int32_t> ids(a.decode_context);
+        for (auto& id : ids) {
+          x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+          id = static_cast<int32_t>(x % static_cast<uint64_t>(vocab));
+        }
+        kv.add_sequence(static_cast<SeqId>(s));
+        Tensor l;
+        for (int64_t c = 0; c < a.decode_context; c += 4096) {
+          const int64_t e = std::min<int64_t>(a.decode_context, c + 4096);
+          Batch b;
+          b.add_sequence(static_cast<SeqId>(s),
+                         std::vector<int32_t>(ids.begin() + c, ids.begin() + e),
+                         static_cast<int32_t>(c), e == a.decode_context);
+          l = model.forward(b, kv);
+        }
+        next[s] = argmax_row(l, 0);
+      }
+      auto batch = [&] {
+        Batch b;
+        for (int64_t s = 0; s < B; ++s)
+          b.add_sequence(static_cast<SeqId>(s), {next[s]}, kv.next_position(static_cast<SeqId>(s)));
+        return b;
+      };
+      // One step (greedy: next becomes its argmax); returns ms to the host logits.
+      auto step = [&](bool graphs, Tensor* logits) {
+        model.set_decode_graphs(graphs);
+        const Batch b = batch();
+        backend.synchronize();
+        const auto t0 = Clock::now();
+        Tensor l = model.forward(b, kv);
+        const double ms = seconds_since(t0) * 1e3;
+        for (int64_t s = 0; s < B; ++s) next[s] = argmax_row(l, s);
+        if (logits) *logits = l;
+        return ms;
+      };
+      // The same step both ways: eager, then its token removed and the step replayed.
+      {
+        const Batch b = batch();
+        Tensor le, lg;
+        model.set_decode_graphs(false);
+        le = model.forward(b, kv);
+        for (int64_t s = 0; s < B; ++s) {
+          const int32_t p = b.positions[s];
+          kv.remove(static_cast<SeqId>(s), p, p + 1);
+        }
+        model.set_decode_graphs(true);
+        lg = model.forward(b, kv);
+        r.argmax_equal = true;
+        for (int64_t s = 0; s < B; ++s) {
+          r.argmax_equal = r.argmax_equal && argmax_row(le, s) == argmax_row(lg, s);
+          next[s] = argmax_row(lg, s);
+        }
+        for (int64_t i = 0; i < le.numel(); ++i) {
+          const double d = std::fabs(double(le.data<float>()[i]) - lg.data<float>()[i]);
+          if (!std::isfinite(d)) throw Error("bench: non-finite decode logits");
+          r.max_diff = std::max(r.max_diff, d);
+        }
+      }
+      for (const bool graphs : {false, true}) {
+        for (int i = 0; i < 3; ++i) step(graphs, nullptr);  // warm-up (and any re-recording)
+        std::vector<double> t;
+        for (int i = 0; i < a.decode_steps; ++i) t.push_back(step(graphs, nullptr));
+        (graphs ? r.graph_ms : r.eager_ms) = median(t);
+      }
+      r.recorded = model.decode_graph_stats().recorded;
+      model.set_decode_graphs(false);  // drops the recordings (their plan storage) with the cache
+    } catch (const std::exception& e) {
+      r.error = e.what();
+      model.set_decode_graphs(false);
+    }
+    std::printf(
+        "decode %s batch=%lld context=%lld: %seager %.3f ms/step, graphs %.3f ms/step, "
+        "max |dlogit| %.3g, argmax %s\n",
+        shape.c_str(), static_cast<long long>(B), static_cast<long long>(r.context),
+        r.error.empty() ? "" : ("FAILED: " + r.error + " ").c_str(), r.eager_ms, r.graph_ms,
+        r.max_diff, r.argmax_equal ? "equal" : "DIFFERS");
+    std::fflush(stdout);
+    rows.push_back(r);
+  }
+  return rows;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -668,11 +822,14 @@ int main(int argc, char** argv) {
   if (a.reuse_shape != "none" &&
       std::find(shapes.begin(), shapes.end(), a.reuse_shape) == shapes.end())
     shapes.push_back(a.reuse_shape);
+  for (const std::string& d : a.decode_shapes)
+    if (std::find(shapes.begin(), shapes.end(), d) == shapes.end()) shapes.push_back(d);
   const std::set<std::string> ttft_shapes(a.shapes.begin(), a.shapes.end());
 
   std::vector<TtftRow> ttft;
   std::vector<CapacityRow> cap;
   std::vector<ReuseRow> reuse;
+  std::vector<DecodeRow> decode;
   std::vector<std::string> errors;
   for (const std::string& shape : shapes) {
     try {
@@ -735,6 +892,13 @@ int main(int argc, char** argv) {
         phase("reuse", [&](Model& model) {
           reuse.push_back(run_reuse(model, shape, a));
           for (const std::string& e : reuse.back().errors) errors.push_back(shape + " reuse " + e);
+        });
+      if (std::find(a.decode_shapes.begin(), a.decode_shapes.end(), shape) != a.decode_shapes.end())
+        phase("decode", [&](Model& model) {
+          for (DecodeRow& r : run_decode(model, shape, a)) {
+            if (!r.error.empty()) errors.push_back(shape + " decode: " + r.error);
+            decode.push_back(r);
+          }
         });
     } catch (const std::exception& e) {
       errors.push_back(shape + ": " + e.what());
@@ -819,6 +983,23 @@ int main(int argc, char** argv) {
     std::printf(
         "(bar: redknot >= 3x faster than our full, >= 3.5x faster than the peer's full "
         "prefill of the same T)\n");
+  }
+  if (!decode.empty()) {
+    std::printf(
+        "\n## Decode steps: recorded (CUDA graphs) vs eager (RedKnot, CUDA backend, all heads "
+        "global, greedy, median of %d steps, ms to the host logits of every sequence)\n\n",
+        a.decode_steps);
+    std::printf(
+        "| shape | batch | context | eager ms/step | graphs ms/step | speedup | max abs logit diff "
+        "| argmax equal | recordings |\n|---|---|---|---|---|---|---|---|---|\n");
+    for (const DecodeRow& r : decode) {
+      if (!r.error.empty()) continue;
+      std::printf("| %s | %lld | %lld | %.3f | %.3f | %.2fx | %.3g | %s | %lld |\n",
+                  r.shape.c_str(), static_cast<long long>(r.batch),
+                  static_cast<long long>(r.context), r.eager_ms, r.graph_ms,
+                  r.graph_ms > 0 ? r.eager_ms / r.graph_ms : 0.0, r.max_diff,
+                  r.argmax_equal ? "yes" : "no", static_cast<long long>(r.recorded));
+    }
   }
   for (const std::string& e : errors) std::printf("ERROR %s\n", e.c_str());
   return errors.empty() ? 0 : 1;

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "engine/generate.h"
+#include "engine/kv_setup.h"
 #include "test_support.h"
 
 namespace redknot::testing {
@@ -78,6 +79,73 @@ TEST_P(CudaRefs, LogitsAndGreedy) {
     GenerateResult r = generate(model, kv, 0, prompt, opts);
     EXPECT_EQ(r.ids, std::vector<int32_t>(want.begin(), want.begin() + 8)) << name;
   }
+}
+
+// Decode steps as CUDA graphs (the default on CUDA) on the paged store: two sequences decoded
+// together, greedy, each step's logits against the same steps run eagerly on a second store;
+// on the f32 refs the greedy tokens of sequence 0 equal the reference's.
+TEST_P(CudaRefs, DecodeGraphsEqualEagerSteps) {
+  const std::string name = GetParam();
+  RK_REQUIRE_SHARED("refs/" + name);
+  auto backend = try_cuda();
+  if (!backend) GTEST_SKIP() << "no CUDA backend/GPU";
+  Checkpoint ck = load_checkpoint(shared_path("refs/" + name));
+  SafetensorsFile ref = read_safetensors(shared_path("refs/" + name + "/reference.safetensors"));
+  const std::vector<int32_t> prompt = to_ids(ref.tensors.at("greedy.prompt"));
+  const std::vector<int32_t> want = to_ids(ref.tensors.at("greedy.output"));
+  const int64_t V = ck.config.vocab_size;
+  constexpr int kSteps = 8;
+  // steps[mode][step]: logits of both sequences; tokens[mode]: sequence 0's greedy tokens.
+  std::vector<std::vector<float>> steps[2];
+  std::vector<int32_t> tokens[2];
+  Model::DecodeGraphStats graph_stats;
+  for (int mode = 0; mode < 2; ++mode) {
+    Model model(ck, *backend);
+    model.set_decode_graphs(mode == 1);
+    KvOptions ko;
+    ko.page_size = 16;
+    ko.tokens = static_cast<int64_t>(prompt.size()) + 64;
+    ko.budget_bytes = kv_bytes_for(model, ko.page_size, ko.tokens, 2);
+    KvStore store = make_kv_store(model, ko);
+    PagedKvCache& kv = *store.cache;
+    std::vector<int32_t> next(2);
+    for (int s = 0; s < 2; ++s) {  // sequence 1: the prompt without its first 3 tokens
+      const std::vector<int32_t> ids(prompt.begin() + 3 * s, prompt.end());
+      kv.add_sequence(s);
+      Batch b;
+      b.add_sequence(s, ids, 0);
+      Tensor l = model.forward(b, kv);
+      next[s] = static_cast<int32_t>(std::max_element(l.data<float>(), l.data<float>() + V) -
+                                     l.data<float>());
+    }
+    for (int i = 0; i < kSteps; ++i) {
+      tokens[mode].push_back(next[0]);
+      Batch b;
+      for (int s = 0; s < 2; ++s) b.add_sequence(s, {next[s]}, kv.next_position(s));
+      Tensor l = model.forward(b, kv);
+      steps[mode].emplace_back(l.data<float>(), l.data<float>() + 2 * V);
+      for (int s = 0; s < 2; ++s) {
+        const float* row = l.data<float>() + s * V;
+        next[s] = static_cast<int32_t>(std::max_element(row, row + V) - row);
+      }
+    }
+    if (mode == 1) graph_stats = model.decode_graph_stats();
+  }
+  EXPECT_EQ(graph_stats.replayed, kSteps) << "decode steps did not run as graphs";
+  EXPECT_GE(graph_stats.recorded, 1);
+  double worst = 0;
+  for (int i = 0; i < kSteps; ++i)
+    for (int64_t v = 0; v < 2 * V; ++v)
+      worst = std::max(worst, std::fabs(double(steps[0][i][v]) - steps[1][i][v]));
+  // The same kernels on the same inputs, except that the recorded step's plan arrays have a
+  // fixed capacity, which may change the split-KV count: a few bf16 ulps of the logits at most.
+  EXPECT_LE(worst, 0.05) << name;
+  EXPECT_EQ(tokens[0], tokens[1]) << name;
+  if (ck.tensors.begin()->second.dtype() == DType::F32)
+    EXPECT_EQ(tokens[1], std::vector<int32_t>(want.begin(), want.begin() + kSteps)) << name;
+  std::printf("[cuda] %s: decode graphs %lld recorded, %lld replayed, max |logit diff| %.3g\n",
+              name.c_str(), static_cast<long long>(graph_stats.recorded),
+              static_cast<long long>(graph_stats.replayed), worst);
 }
 
 INSTANTIATE_TEST_SUITE_P(AllModels, CudaRefs, ::testing::ValuesIn(refs_models()),

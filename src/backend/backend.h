@@ -42,6 +42,14 @@ struct PagedAttentionPlan {
   Tensor head_sink;     // [num_kv_heads]: sink tokens of local heads
 };
 
+// Device work recorded once and replayed (CUDA graphs): replay() runs the same kernels on the
+// same buffers, with whatever those buffers hold at that time.
+class RecordedWork {
+ public:
+  virtual ~RecordedWork() = default;
+  virtual void replay() = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -130,6 +138,13 @@ class Backend {
 
   // Index of the largest value per row (ties: lowest index). logits: [R, V] f32; out: [R] i32
   virtual void argmax(const Tensor& logits, Tensor& out) = 0;
+
+  // ---- recording (decode steps as CUDA graphs) ----
+  // Records the device work `body` queues, without running it: replay() runs it. Inside `body`
+  // nothing may copy between host and device or wait for the device (the backend throws), and
+  // buffers allocated there belong to the recording (kept for its replays). Returns null when
+  // this backend cannot record; callers then run `body` directly.
+  virtual std::unique_ptr<RecordedWork> record(const std::function<void()>& body);
 };
 
 // True when REDKNOT_POISON_UNINIT=1 (read once): alloc_uninit fills with 0xFF bytes.

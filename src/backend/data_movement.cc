@@ -41,6 +41,8 @@ Tensor Backend::alloc_uninit(DType dtype, std::vector<int64_t> shape) {
   return t;
 }
 
+std::unique_ptr<RecordedWork> Backend::record(const std::function<void()>&) { return nullptr; }
+
 int64_t Backend::free_memory_bytes() const {
   const long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
   return pages > 0 && page > 0 ? int64_t{pages} * page : 0;

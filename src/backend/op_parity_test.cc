@@ -310,6 +310,11 @@ const PagedSpec kPagedSpecs[] = {
     // Several 128-row x 128-key tiles of the Hopper prefill kernel: local heads whose pages of 16
     // are skipped, ragged pages, and rows that start mid-sequence.
     {"prefill gqa4 d128 local", 2, 8, 2, 128, 16, 100, 4, true, 200, 700, 150, false, true, true},
+    // head_dim 32 (the shape of models/redknot-rag-8k: 8 q / 2 kv heads): prefill on the mma.sync
+    // kernel (no wgmma instance) over several 64-row tiles of three sequences, split over pages;
+    // decode with ~5K-token histories, so the global heads' page lists split (split-KV merge).
+    {"prefill gqa4 d32 local", 3, 8, 2, 32, 16, 100, 4, true, 200, 700, 150, false, true, true},
+    {"decode gqa4 d32 long", 4, 8, 2, 32, 64, 256, 4, true, 3000, 6000, 1, false, true, true},
 };
 
 const DType kWeightDtypes[] = {DType::F32, DType::BF16, DType::F16, DType::Q8_0};
@@ -567,7 +572,7 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
 
 // SegPaged attention of every backend against the oracle over random page pools: several
 // sequences of different lengths, a page shared by two sequences, partly used pages, positions
-// with an offset and a gap, GQA 1/2/4, head_dim 16/64/128, global and local heads, prefill,
+// with an offset and a gap, GQA 1/2/4, head_dim 16/32/64/128, global and local heads, prefill,
 // decode and mixed batches.
 TEST_F(OpParityTest, PagedAttentionMatchesReference) {
   auto ref = create_backend("reference");

@@ -20,6 +20,9 @@ class BatchInvariantBackend : public Backend {
   Tensor alloc(DType dtype, std::vector<int64_t> shape) override {
     return inner_.alloc(dtype, std::move(shape));
   }
+  Tensor alloc_uninit(DType dtype, std::vector<int64_t> shape) override {
+    return inner_.alloc_uninit(dtype, std::move(shape));
+  }
   Tensor upload_weight(const Tensor& host) override { return inner_.upload_weight(host); }
   void copy_from_host(Tensor& dst, const Tensor& src) override { inner_.copy_from_host(dst, src); }
   Tensor to_host_f32(const Tensor& src) override { return inner_.to_host_f32(src); }
@@ -58,6 +61,9 @@ class BatchInvariantBackend : public Backend {
     inner_.gather_rows(src, rows, out);
   }
   void argmax(const Tensor& logits, Tensor& out) override { inner_.argmax(logits, out); }
+  std::unique_ptr<RecordedWork> record(const std::function<void()>& body) override {
+    return inner_.record(body);
+  }
   // x: [R, C]; out: [R] f32
   void row_l2norm(const Tensor& x, Tensor& out) override { inner_.row_l2norm(x, out); }
 

@@ -55,14 +55,42 @@ void attention_flops_at(const ModelConfig& c, const HeadProfile& p, int layer, i
   }
 }
 
+namespace {
+// Σ_{c=1..n} min(c, cap): the prefix sums behind visible_keys_sum.
+int64_t sum_capped(int64_t n, int64_t cap) {
+  if (n <= 0) return 0;
+  if (n <= cap) return n * (n + 1) / 2;
+  return cap * (cap + 1) / 2 + (n - cap) * cap;
+}
+// Σ visible_keys(spec, pos) for pos in [0, n).
+int64_t visible_keys_prefix(const HeadSpec& spec, int64_t n) {
+  if (spec.cls == HeadClass::Global) return sum_capped(n, n);
+  // visible(c = pos + 1) = min(c, W) + min(max(c - W, 0), sink)
+  return sum_capped(n, spec.window) + sum_capped(n - spec.window, spec.sink);
+}
+}  // namespace
+
+int64_t visible_keys_sum(const HeadSpec& spec, int64_t pos, int64_t n) {
+  return visible_keys_prefix(spec, pos + n) - visible_keys_prefix(spec, pos);
+}
+
+void attention_flops_span(const ModelConfig& c, const HeadProfile& p, int layer, int64_t pos,
+                          int64_t n, FlopsLedger& l) {
+  const int64_t group = c.num_heads / c.num_kv_heads;
+  for (int32_t h = 0; h < p.num_kv_heads(); ++h) {
+    const HeadSpec& s = p.at(layer, h);
+    const double f = 4.0 * double(visible_keys_sum(s, pos, n)) * c.head_dim * group;
+    (s.cls == HeadClass::Global ? l.attention_global : l.attention_local) += f;
+  }
+}
+
 FlopsLedger prefill_flops(const ModelConfig& c, const HeadProfile& p, int64_t start, int64_t n,
                           int64_t logit_rows) {
   FlopsLedger l;
   l.projections = projection_flops_per_token(c) * c.num_layers * n;
   l.ffn_dense = ffn_flops_per_token(c) * c.num_layers * n;
   l.lm_head = 2.0 * c.hidden_size * c.vocab_size * logit_rows;
-  for (int layer = 0; layer < c.num_layers; ++layer)
-    for (int64_t pos = start; pos < start + n; ++pos) attention_flops_at(c, p, layer, pos, l);
+  for (int layer = 0; layer < c.num_layers; ++layer) attention_flops_span(c, p, layer, start, n, l);
   return l;
 }
 

@@ -39,5 +39,10 @@ double ffn_flops_per_token(const ModelConfig& cfg);            // one layer
 // QKᵀ + PV of one query token at `pos` for one layer, split by class.
 void attention_flops_at(const ModelConfig& cfg, const HeadProfile& profile, int layer, int64_t pos,
                         FlopsLedger& ledger);
+// The same for the n query tokens at positions [pos, pos + n), in closed form.
+void attention_flops_span(const ModelConfig& cfg, const HeadProfile& profile, int layer,
+                          int64_t pos, int64_t n, FlopsLedger& ledger);
+// Σ visible_keys(spec, p) for p in [pos, pos + n).
+int64_t visible_keys_sum(const HeadSpec& spec, int64_t pos, int64_t n);
 
 }  // namespace redknot

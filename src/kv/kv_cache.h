@@ -4,6 +4,7 @@
 // add, remove a position range, fork (share a prefix), shift (relocate positions).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "core/tensor.h"
@@ -12,6 +13,15 @@
 namespace redknot {
 
 class HeadProfile;
+
+// Device buffers for the attention metadata of decode steps of a fixed number of sequences
+// (one new token each) up to a fixed capacity: every forward planned into the same storage
+// sees the same device pointers and shapes, so a recorded step (a CUDA graph) replays with the
+// new contents. Made by the cache that fills it.
+class PlanStorage {
+ public:
+  virtual ~PlanStorage() = default;
+};
 
 class KvCache {
  public:
@@ -44,6 +54,27 @@ class KvCache {
   // q: [T, heads, head_dim]; out: [T, heads, head_dim]
   virtual void attend(int layer, const Tensor& q, Tensor& out) = 0;
   virtual void end_forward() = 0;
+
+  // ---- planning into storage (recorded decode steps) ----
+  // Metadata capacity `batch` needs (any positive unit the store defines), or -1 when the store
+  // cannot plan into storage or the batch is not one new token per sequence.
+  virtual int64_t plan_capacity(const Batch& batch) const {
+    (void)batch;
+    return -1;
+  }
+  // Storage for batches of `seqs` sequences up to `capacity` (from plan_capacity); null when
+  // unsupported. It stays valid for this cache while plan_storage_fits says so.
+  virtual std::shared_ptr<PlanStorage> make_plan_storage(int32_t seqs, int64_t capacity) {
+    (void)seqs, (void)capacity;
+    return nullptr;
+  }
+  // True when forwards of this cache may plan into `storage` and replay work recorded with it.
+  virtual bool plan_storage_fits(const PlanStorage& storage) const {
+    (void)storage;
+    return false;
+  }
+  // begin_forward that writes the metadata into `storage` (plan_capacity(batch) must fit).
+  virtual void begin_forward(const Batch& batch, const Tensor& positions, PlanStorage& storage);
 
   // Per-(layer, kv head) classes the store applies (for FLOPs accounting); null: all dense.
   virtual const HeadProfile* head_profile() const { return nullptr; }

@@ -126,10 +126,29 @@ int64_t PagedKvCache::pages_needed(const Batch& batch) const {
 }
 
 void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions) {
+  begin_forward_into(batch, positions, nullptr);
+}
+
+void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions,
+                                 PlanStorage& storage) {
+  auto* st = dynamic_cast<PagedPlanStorage*>(&storage);
+  if (st == nullptr || !plan_storage_fits(storage))
+    throw Error("paged KV cache: plan storage made for another cache");
+  const int64_t need = plan_capacity(batch);
+  if (need < 0 || batch.size() != st->seqs || need > st->capacity)
+    throw Error("paged KV cache: batch does not fit its plan storage (" + std::to_string(need) +
+                " of " + std::to_string(st->capacity) + " entries, " +
+                std::to_string(batch.size()) + " of " + std::to_string(st->seqs) + " sequences)");
+  begin_forward_into(batch, positions, st);
+}
+
+void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& positions,
+                                      PagedPlanStorage* storage) {
   plans_.clear();
   batch_seqs_.clear();
   const int64_t T = batch.size();
-  std::vector<std::vector<int32_t>> rows(layers_, std::vector<int32_t>(T * heads_));
+  std::vector<std::vector<int32_t>>& rows = rows_;  // pool row of each (token, head), per layer
+  rows.assign(layers_, std::vector<int32_t>(T * heads_));
   if (batch.overwrite) {
     // Selective recompute: the positions exist; write in place (copy-on-write shared pages).
     int64_t cow = 1;  // the scratch page, when first needed
@@ -181,25 +200,120 @@ void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions) {
         HeadTable& t = s.tables[l * heads_ + h];
         if (!t.pages.empty() && static_cast<int32_t>(t.positions.back().size()) < page_size_)
           make_private(t, t.pages.size() - 1);
-        for (int64_t i = 0; i < sp.count; ++i) {
+        // A page at a time: this loop runs for every (layer, head, token) of a prompt.
+        int32_t* out = rows[l].data() + h;
+        for (int64_t i = 0; i < sp.count;) {
           if (t.pages.empty() || static_cast<int32_t>(t.positions.back().size()) == page_size_) {
             t.pages.push_back(pool_.allocate());  // counted above, cannot fail
-            t.positions.emplace_back();
+            t.positions.emplace_back().reserve(page_size_);
           }
-          const int32_t slot = static_cast<int32_t>(t.positions.back().size());
-          t.positions.back().push_back(batch.positions[sp.begin + i]);
-          rows[l][(sp.begin + i) * heads_ + h] = t.pages.back() * page_size_ + slot;
+          std::vector<int32_t>& slots = t.positions.back();
+          const int64_t n = std::min<int64_t>(sp.count - i, page_size_ - int64_t(slots.size()));
+          const int32_t base = t.pages.back() * page_size_ + static_cast<int32_t>(slots.size());
+          const int32_t* p = batch.positions.data() + sp.begin + i;
+          slots.insert(slots.end(), p, p + n);
+          for (int64_t j = 0; j < n; ++j)
+            out[(sp.begin + i + j) * heads_] = base + static_cast<int32_t>(j);
+          i += n;
         }
       }
     for (int64_t i = 0; i < sp.count; ++i) s.positions.push_back(batch.positions[sp.begin + i]);
   }
 
-  // CSR metadata per layer, built once for the whole forward.
-  std::vector<int32_t> qo_indptr{0};
+  build_plans(batch, storage);
+  batch_positions_ = positions;
+}
+
+namespace {
+// Offsets (in i32 words) of the plan arrays in one packed buffer, each array 16-byte aligned:
+// the batch-wide qo_indptr and token positions, then per layer its CSR arrays (page entries
+// sized by that layer's capacity) and the pool rows of the tokens it writes.
+struct PlanLayout {
+  struct Layer {
+    int64_t indptr, pages, lengths, window, sink, rows, capacity;
+  };
+  int64_t qo = 0, token_pos = 0, words = 0;
+  std::vector<Layer> layers;
+
+  PlanLayout(int64_t seqs, int64_t tokens, int32_t heads, const std::vector<int64_t>& capacity) {
+    auto take = [&](int64_t n) {
+      const int64_t at = words;
+      words += (n + 3) / 4 * 4;
+      return at;
+    };
+    qo = take(seqs + 1);
+    token_pos = take(tokens * heads);
+    for (int64_t cap : capacity) {
+      Layer l;
+      l.capacity = cap;
+      l.indptr = take(seqs * heads + 1);
+      l.pages = take(cap);
+      l.lengths = take(cap);
+      l.window = take(heads);
+      l.sink = take(heads);
+      l.rows = take(tokens * heads);
+      layers.push_back(l);
+    }
+  }
+};
+
+// Copies host words [0, n) into device buffer `dst` ([>= n] i32) in pieces small enough for the
+// backend's asynchronous staged uploads.
+void upload_words(Backend& backend, const std::vector<int32_t>& host, int64_t n, Tensor& dst) {
+  constexpr int64_t kPiece = int64_t{1} << 20;  // 4 MiB
+  Tensor col = dst.reshape({dst.numel(), 1});
+  for (int64_t at = 0; at < n; at += kPiece) {
+    const int64_t len = std::min(kPiece, n - at);
+    Tensor piece = col.rows_slice(at, at + len);
+    backend.copy_from_host(
+        piece, Tensor::view(const_cast<int32_t*>(host.data()) + at, DType::I32, {len, 1}, nullptr));
+  }
+}
+}  // namespace
+
+int64_t PagedKvCache::plan_capacity(const Batch& batch) const {
+  if (batch.overwrite || batch.size() == 0) return -1;
   for (const SeqSpan& sp : batch.spans)
-    qo_indptr.push_back(static_cast<int32_t>(sp.begin + sp.count));
-  Tensor qo = device_i32(qo_indptr);
-  plans_.resize(layers_);
+    if (sp.count != 1 || !has_sequence(sp.seq) || get(sp.seq).full_until >= 0) return -1;
+  int64_t most = 0;  // page entries of the fullest layer once the batch's slots exist
+  for (int l = 0; l < layers_; ++l) {
+    int64_t entries = 0;
+    for (const SeqSpan& sp : batch.spans)
+      for (int h = 0; h < heads_; ++h) {
+        const HeadTable& t = get(sp.seq).tables[l * heads_ + h];
+        // A copy-on-write of the last page replaces it: it is counted once, as a page held.
+        entries += static_cast<int64_t>(t.pages.size()) + table_pages_needed(t, sp.count);
+      }
+    most = std::max(most, entries);
+  }
+  return most;
+}
+
+std::shared_ptr<PlanStorage> PagedKvCache::make_plan_storage(int32_t seqs, int64_t capacity) {
+  if (seqs <= 0 || capacity <= 0 || !pool_.has_storage()) return nullptr;
+  auto st = std::make_shared<PagedPlanStorage>();
+  st->seqs = seqs;
+  st->capacity = capacity;
+  const PlanLayout layout(seqs, seqs, heads_, std::vector<int64_t>(layers_, capacity));
+  st->buffer = backend_.alloc(DType::I32, {layout.words});
+  st->host.assign(static_cast<size_t>(layout.words), 0);
+  st->fingerprint = fingerprint();
+  return st;
+}
+
+bool PagedKvCache::plan_storage_fits(const PlanStorage& storage) const {
+  const auto* st = dynamic_cast<const PagedPlanStorage*>(&storage);
+  return st != nullptr && st->fingerprint == fingerprint();
+}
+
+PagedKvCache::Fingerprint PagedKvCache::fingerprint() const {
+  if (!pool_.has_storage()) return {};
+  return {pool_.k().raw(), pool_.v().raw(), pool_.pos().raw(), opts_.scale, page_size_,
+          layers_,         heads_};
+}
+
+void PagedKvCache::build_plans(const Batch& batch, PagedPlanStorage* storage) {
+  const int64_t T = batch.size(), seqs = static_cast<int64_t>(batch.spans.size());
   int32_t full_until = -1;  // set_full_attention of the batch's (single) sequence
   for (const SeqSpan& sp : batch.spans)
     if (get(sp.seq).full_until >= 0) {
@@ -207,42 +321,80 @@ void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions) {
         throw Error("paged KV cache: a full-attention pass must run its sequence alone");
       full_until = get(sp.seq).full_until;
     }
+  std::vector<int64_t> capacity(layers_, 0);
   for (int l = 0; l < layers_; ++l) {
-    std::vector<int32_t> indptr{0}, pages, lengths, window(heads_), sink(heads_);
-    for (int h = 0; h < heads_; ++h) {
-      const bool local = spec(l, h).cls == HeadClass::Local && l > full_until;
-      window[h] = local ? spec(l, h).window : 0;
-      sink[h] = local ? spec(l, h).sink : 0;
+    if (storage) {
+      capacity[l] = storage->capacity;
+      continue;
     }
+    for (const SeqSpan& sp : batch.spans)
+      for (int h = 0; h < heads_; ++h)
+        capacity[l] += static_cast<int64_t>(get(sp.seq).tables[l * heads_ + h].pages.size());
+  }
+  const PlanLayout layout(seqs, T, heads_, capacity);
+  std::vector<int32_t> local;
+  std::vector<int32_t>& w = storage ? storage->host : local;
+  w.resize(static_cast<size_t>(layout.words));
+  int32_t* words = w.data();
+
+  words[layout.qo] = 0;
+  for (int64_t i = 0; i < seqs; ++i)
+    words[layout.qo + i + 1] = static_cast<int32_t>(batch.spans[i].begin + batch.spans[i].count);
+  for (int64_t t = 0; t < T; ++t)
+    for (int h = 0; h < heads_; ++h) words[layout.token_pos + t * heads_ + h] = batch.positions[t];
+  for (int l = 0; l < layers_; ++l) {
+    const PlanLayout::Layer& pl = layout.layers[l];
+    int64_t n = 0;
+    words[pl.indptr] = 0;
+    int64_t item = 0;
     for (const SeqSpan& sp : batch.spans) {
       const Sequence& s = get(sp.seq);
       for (int h = 0; h < heads_; ++h) {
         const HeadTable& t = s.tables[l * heads_ + h];
-        for (size_t i = 0; i < t.pages.size(); ++i) {
-          pages.push_back(t.pages[i]);
-          lengths.push_back(static_cast<int32_t>(t.positions[i].size()));
+        for (size_t i = 0; i < t.pages.size(); ++i, ++n) {
+          words[pl.pages + n] = t.pages[i];
+          words[pl.lengths + n] = static_cast<int32_t>(t.positions[i].size());
         }
-        indptr.push_back(static_cast<int32_t>(pages.size()));
+        words[pl.indptr + ++item] = static_cast<int32_t>(n);
       }
     }
+    for (int h = 0; h < heads_; ++h) {
+      const bool local_head = spec(l, h).cls == HeadClass::Local && l > full_until;
+      words[pl.window + h] = local_head ? spec(l, h).window : 0;
+      words[pl.sink + h] = local_head ? spec(l, h).sink : 0;
+    }
+    std::copy(rows_[l].begin(), rows_[l].end(), words + pl.rows);
+  }
+
+  // One upload for every layer's metadata (a storage's buffer keeps its device address).
+  Tensor buffer;
+  if (storage) {
+    buffer = storage->buffer;
+  } else {
+    buffer = backend_.alloc_uninit(DType::I32, {layout.words});  // every word uploaded below
+  }
+  upload_words(backend_, w, layout.words, buffer);
+  auto view = [&](int64_t at, int64_t n) {
+    return Tensor::view(buffer.data<int32_t>() + at, DType::I32, {n}, buffer.holder(),
+                        buffer.device());
+  };
+  plans_.assign(layers_, LayerPlan{});
+  for (int l = 0; l < layers_; ++l) {
+    const PlanLayout::Layer& pl = layout.layers[l];
     PagedAttentionPlan& p = plans_[l].plan;
-    p.num_seqs = static_cast<int32_t>(batch.spans.size());
+    p.num_seqs = static_cast<int32_t>(seqs);
     p.num_kv_heads = heads_;
     p.page_size = page_size_;
     p.scale = opts_.scale;
-    p.qo_indptr = qo;
-    p.kv_indptr = device_i32(indptr);
-    p.page_indices = device_i32(pages);
-    p.page_lengths = device_i32(lengths);
-    p.head_window = device_i32(window);
-    p.head_sink = device_i32(sink);
-    plans_[l].rows = device_i32(rows[l]);
+    p.qo_indptr = view(layout.qo, seqs + 1);
+    p.kv_indptr = view(pl.indptr, seqs * heads_ + 1);
+    p.page_indices = view(pl.pages, pl.capacity);
+    p.page_lengths = view(pl.lengths, pl.capacity);
+    p.head_window = view(pl.window, heads_);
+    p.head_sink = view(pl.sink, heads_);
+    plans_[l].rows = view(pl.rows, T * heads_);
   }
-  std::vector<int32_t> token_pos(T * heads_);
-  for (int64_t t = 0; t < T; ++t)
-    for (int h = 0; h < heads_; ++h) token_pos[t * heads_ + h] = batch.positions[t];
-  token_positions_ = device_i32(token_pos).reshape({T * heads_, 1});
-  batch_positions_ = positions;
+  token_positions_ = view(layout.token_pos, T * heads_).reshape({T * heads_, 1});
 }
 
 void PagedKvCache::write(int layer, const Tensor& k, const Tensor& v) {
@@ -265,18 +417,22 @@ void PagedKvCache::trim(HeadTable& t, const HeadSpec& hs, int32_t next_pos) {
   if (hs.cls != HeadClass::Local) return;
   // Future queries have positions >= next_pos and see keys >= next_pos - W + 1 or < sink.
   const int64_t lo = int64_t{next_pos} - hs.window + 1;
-  HeadTable kept;
+  size_t kept = 0;  // compacts in place: runs after every forward, for every local head
   for (size_t i = 0; i < t.pages.size(); ++i) {
     const auto& ps = t.positions[i];
     const bool dead = !ps.empty() && ps.front() >= hs.sink && ps.back() < lo;
     if (dead) {
       pool_.release(t.pages[i]);
-    } else {
-      kept.pages.push_back(t.pages[i]);
-      kept.positions.push_back(ps);
+      continue;
     }
+    if (kept != i) {
+      t.pages[kept] = t.pages[i];
+      t.positions[kept] = std::move(t.positions[i]);
+    }
+    ++kept;
   }
-  t = std::move(kept);
+  t.pages.resize(kept);
+  t.positions.resize(kept);
 }
 
 void PagedKvCache::trim_sequence(Sequence& s) {
@@ -505,35 +661,41 @@ void PagedKvCache::append_relocated(SeqId seq, const std::vector<std::vector<int
   if (need > pool_.num_free())
     throw OutOfKvMemory("KV pool: relocating a segment needs " + std::to_string(need) + " pages, " +
                         std::to_string(pool_.num_free()) + " free");
-  std::vector<int32_t> new_pos(n), deltas(n, delta);
+  std::vector<int32_t> new_pos(n);
   for (int64_t i = 0; i < n; ++i) new_pos[i] = src_positions[i] + delta;
+  const int64_t next_pos = int64_t{new_pos.back()} + 1;
   for (int l = 0; l < layers_; ++l) {
-    std::vector<int32_t> src, dst, dst_pos, dst_delta;
+    std::vector<int32_t> src, dst, dst_pos;
     for (int h = 0; h < heads_; ++h) {
       HeadTable& t = s.tables[l * heads_ + h];
+      // A local head keeps sink ∪ window: tokens that trim would drop right after this call
+      // are not copied at all (most of a long segment).
+      const HeadSpec& hs = spec(l, h);
+      const bool skip_dead = hs.cls == HeadClass::Local && !s.keep_local_pages;
+      const int64_t lo = next_pos - hs.window + 1;
       if (!t.pages.empty() && static_cast<int32_t>(t.positions.back().size()) < page_size_)
         make_private(t, t.pages.size() - 1);
       for (int64_t i = 0; i < n; ++i) {
+        if (skip_dead && new_pos[i] >= hs.sink && new_pos[i] < lo) continue;
         if (t.pages.empty() || static_cast<int32_t>(t.positions.back().size()) == page_size_) {
           t.pages.push_back(pool_.allocate());
-          t.positions.emplace_back();
+          t.positions.emplace_back().reserve(page_size_);
         }
         const int32_t slot = static_cast<int32_t>(t.positions.back().size());
         t.positions.back().push_back(new_pos[i]);
         src.push_back(rows[l * heads_ + h][i]);
         dst.push_back(t.pages.back() * page_size_ + slot);
         dst_pos.push_back(new_pos[i]);
-        dst_delta.push_back(delta);
       }
     }
-    if (!pool_.has_storage()) continue;
+    if (!pool_.has_storage() || src.empty()) continue;
     const int64_t m = static_cast<int64_t>(src.size());
     Tensor si = device_i32(src), di = device_i32(dst);
-    Tensor tmp = backend_.alloc(backend_.act_dtype(), {m, pool_.head_dim()});
+    Tensor tmp = backend_.alloc_uninit(backend_.act_dtype(), {m, pool_.head_dim()});  // gathered
     backend_.gather_rows(pool_.k(), si, tmp);
     if (delta != 0) {
       Tensor as_heads = tmp.reshape({m, 1, pool_.head_dim()});
-      backend_.rope(as_heads, device_i32(dst_delta), inv_freq_, 1.0f);
+      backend_.rope(as_heads, device_i32(std::vector<int32_t>(m, delta)), inv_freq_, 1.0f);
     }
     backend_.scatter_rows(tmp, di, pool_.k());
     backend_.gather_rows(pool_.v(), si, tmp);

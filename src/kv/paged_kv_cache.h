@@ -41,6 +41,11 @@ class PagedKvCache : public KvCache {
   int32_t next_position(SeqId seq) const override;
 
   void begin_forward(const Batch& batch, const Tensor& positions) override;
+  // Decode steps planned into storage (recorded CUDA graphs): page entries per layer.
+  int64_t plan_capacity(const Batch& batch) const override;
+  std::shared_ptr<PlanStorage> make_plan_storage(int32_t seqs, int64_t capacity) override;
+  bool plan_storage_fits(const PlanStorage& storage) const override;
+  void begin_forward(const Batch& batch, const Tensor& positions, PlanStorage& storage) override;
   void write(int layer, const Tensor& k, const Tensor& v) override;
   void attend(int layer, const Tensor& q, Tensor& out) override;
   void end_forward() override;
@@ -93,7 +98,31 @@ class PagedKvCache : public KvCache {
     PagedAttentionPlan plan;
     Tensor rows;  // [T * kv_heads] i32: pool row of each (token, head) written this forward
   };
+  // What recorded work bakes in besides the plan buffer (pool addresses, kernel parameters):
+  // storage fits every cache with the same.
+  struct Fingerprint {
+    const void* k = nullptr;
+    const void* v = nullptr;
+    const void* pos = nullptr;
+    float scale = 0;
+    int32_t page_size = 0, layers = 0, heads = 0;
+    bool operator==(const Fingerprint&) const = default;
+  };
+  // The plan arrays of every layer in one device buffer at a fixed capacity (page entries per
+  // layer), and the host words staged into it.
+  struct PagedPlanStorage : PlanStorage {
+    int32_t seqs = 0;
+    int64_t capacity = 0;
+    Tensor buffer;  // [words] i32 on the pool's backend
+    std::vector<int32_t> host;
+    Fingerprint fingerprint;
+  };
 
+  void begin_forward_into(const Batch& batch, const Tensor& positions, PagedPlanStorage* storage);
+  // The CSR plans of every layer and the write rows (rows_), uploaded at once into a fresh
+  // buffer, or into `storage` at its capacity.
+  void build_plans(const Batch& batch, PagedPlanStorage* storage);
+  Fingerprint fingerprint() const;
   Sequence& get(SeqId seq);
   const Sequence& get(SeqId seq) const;
   const HeadSpec& spec(int layer, int head) const { return profile_.at(layer, head); }
@@ -114,7 +143,8 @@ class PagedKvCache : public KvCache {
   Tensor inv_freq_;
   int32_t layers_, heads_, page_size_;
   std::map<SeqId, Sequence> seqs_;
-  std::vector<LayerPlan> plans_;  // valid between begin_forward and end_forward
+  std::vector<LayerPlan> plans_;            // valid between begin_forward and end_forward
+  std::vector<std::vector<int32_t>> rows_;  // [layer][token * kv_heads + head]: write rows
   std::vector<SeqId> batch_seqs_;
   Tensor batch_positions_;
   Tensor token_positions_;  // [T * kv_heads, 1] i32: position of each written row

@@ -1,5 +1,7 @@
 #include "model/model.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "core/error.h"
@@ -38,6 +40,8 @@ Tensor Model::upload_norm(const Checkpoint& ckpt, const std::string& name) {
 
 Model::Model(const Checkpoint& ckpt, Backend& backend) : cfg_(ckpt.config), backend_(backend) {
   cfg_.validate(ckpt.path);
+  const char* graphs = std::getenv("REDKNOT_CUDA_GRAPHS");
+  graphs_on_ = graphs == nullptr || std::string(graphs) != "0";
   embed_ = upload(ckpt, "model.embed_tokens.weight");
   final_norm_ = upload_norm(ckpt, "model.norm.weight");
   if (cfg_.tie_word_embeddings && !ckpt.has("lm_head.weight"))
@@ -89,7 +93,7 @@ void Model::project_kv(int layer, const Tensor& x, const Tensor& pos, Tensor& k,
 
 // x: [T, hidden] (normalised input); out: [T, hidden] (o_proj output)
 Tensor Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv,
-                              const Tensor& pos, ForwardObserver* observer) {
+                              const Tensor& pos, ForwardObserver* observer, StageClock& clock) {
   const LayerWeights& w = layers_[layer];
   const int64_t T = x.dim(0), hd = cfg_.head_dim, nh = cfg_.num_heads, nkv = cfg_.num_kv_heads;
   const DType act = backend_.act_dtype();
@@ -106,17 +110,22 @@ Tensor Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& 
     backend_.rmsnorm(qr, w.q_norm, static_cast<float>(cfg_.rms_norm_eps), qr);
   }
   backend_.rope(q3, pos, inv_freq_, rope_scaling_);
+  clock.mark("qkv_proj+rope");
   if (observer) observer->on_attention_inputs(layer, q3, k3);
   kv.write(layer, k3, v3);
+  clock.mark("kv_write");
   Tensor attn = backend_.alloc_uninit(act, {T, nh, hd});
   kv.attend(layer, q3, attn);
+  clock.mark("attention");
   Tensor attn2 = attn.reshape({T, nh * hd});
   backend_.matmul(attn2, w.wo, Tensor(), out);
+  clock.mark("o_proj");
   return attn2;
 }
 
 int64_t Model::sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& normed, Tensor& x,
-                                   const Batch& batch, const SparseFfnConfig& cfg) {
+                                   const Batch& batch, const SparseFfnConfig& cfg,
+                                   StageClock& clock) {
   const int64_t T = x.dim(0), H = cfg_.hidden_size;
   Tensor norms = backend_.alloc_uninit(DType::F32, {T});
   backend_.row_l2norm(attn, norms);
@@ -132,10 +141,13 @@ int64_t Model::sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& 
   Tensor sub_in = backend_.alloc_uninit(act, {R, H}), sub_out = backend_.alloc_uninit(act, {R, H});
   Tensor sub_x = backend_.alloc_uninit(act, {R, H});
   backend_.gather_rows(normed, idx, sub_in);
+  clock.mark("sparse_ffn_select");
   ffn_block(layer, sub_in, sub_out);
+  clock.mark("ffn");
   backend_.gather_rows(x, idx, sub_x);
   backend_.add(sub_x, sub_out);
   backend_.scatter_rows(sub_x, idx, x);
+  clock.mark("sparse_ffn_select");
   return R;
 }
 
@@ -160,10 +172,34 @@ void Model::check_kv_only(int from_layer, const HeadProfile* profile) const {
                 std::to_string(last) + " has a global head, whose K/V every later token reads");
 }
 
+void Model::account_layer(int layer, const Batch& batch, const HeadProfile& profile,
+                          int64_t ffn_rows, bool sparse, FlopsLedger& ledger) const {
+  const int64_t T = batch.size();
+  ledger.projections += projection_flops_per_token(cfg_) * T;
+  (sparse ? ledger.ffn_sparse : ledger.ffn_dense) += ffn_flops_per_token(cfg_) * ffn_rows;
+  // By runs of consecutive positions (a prompt chunk is one run).
+  for (int64_t t = 0; t < T;) {
+    int64_t n = 1;
+    while (t + n < T && batch.positions[t + n] == batch.positions[t] + n) ++n;
+    attention_flops_span(cfg_, profile, layer, batch.positions[t], n, ledger);
+    t += n;
+  }
+}
+
+namespace {
+bool logits_for_every_row(const Batch& batch) {
+  if (batch.size() != static_cast<int64_t>(batch.logit_rows.size())) return false;
+  for (size_t i = 0; i < batch.logit_rows.size(); ++i)
+    if (batch.logit_rows[i] != static_cast<int64_t>(i)) return false;
+  return true;
+}
+}  // namespace
+
 Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opts) {
   batch.validate(cfg_.vocab_size);
-  const int64_t T = batch.size(), H = cfg_.hidden_size;
-  const DType act = backend_.act_dtype();
+  if (recordable(batch, kv, opts)) return forward_recorded(batch, kv, opts);
+  StageClock clock(backend_, opts.stage_times);
+  const int64_t T = batch.size();
   // Activations and uploads are written in full before they are read: no zero fill.
   Tensor ids = backend_.alloc_uninit(DType::I32, {T});
   backend_.copy_from_host(ids, Tensor::from_i32(batch.tokens, {T}));
@@ -177,9 +213,26 @@ Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opt
     KvCache& kv;
     ~EndForward() { kv.end_forward(); }
   } end_forward{kv};
+  clock.mark("plan");
+  Tensor logits = run_layers(batch, kv, ids, pos, opts, clock);
+  if (logits.empty()) {
+    clock.mark("flops_ledger");
+    return Tensor::host(DType::F32, {0, cfg_.vocab_size});
+  }
+  Tensor host_logits = backend_.to_host_f32(logits);
+  clock.mark("lm_head");
+  return host_logits;
+}
 
+// ids, pos: [T] i32 on the backend; returns the logits of batch.logit_rows on the backend
+// ([R, vocab] f32), or an empty tensor when none are computed.
+Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, const Tensor& pos,
+                         const ForwardOptions& opts, StageClock& clock) {
+  const int64_t T = batch.size(), H = cfg_.hidden_size;
+  const DType act = backend_.act_dtype();
   Tensor x = backend_.alloc_uninit(act, {T, H});  // embedding writes every row
   backend_.embedding(embed_, ids, x);
+  clock.mark("embed");
   // Each layer writes normed (rmsnorm) and block_out (o_proj / down_proj GEMM) before reading.
   Tensor normed = backend_.alloc_uninit(act, {T, H});
   Tensor block_out = backend_.alloc_uninit(act, {T, H});
@@ -204,49 +257,160 @@ Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opt
         Tensor k3 = backend_.alloc_uninit(act, {T, nkv, hd});
         Tensor v3 = backend_.alloc_uninit(act, {T, nkv, hd});
         project_kv(l, normed, pos, k3, v3);
+        clock.mark("qkv_proj+rope");
         kv.write(l, k3, v3);
+        clock.mark("kv_write");
         if (opts.flops) opts.flops->projections += kv_projection_flops_per_token(cfg_) * T;
       } else {
         if (zero_kv.numel() == 0) zero_kv = backend_.alloc(act, {T, nkv, hd});  // zero-filled
         kv.write(l, zero_kv, zero_kv);
+        clock.mark("kv_write");
       }
       continue;
     }
     backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
-    Tensor attn = attention_block(l, normed, block_out, kv, pos, opts.observer);
+    clock.mark("norm+add");
+    Tensor attn = attention_block(l, normed, block_out, kv, pos, opts.observer, clock);
     backend_.add(x, block_out);
     backend_.rmsnorm(x, layers_[l].ffn_norm, eps, normed);
+    clock.mark("norm+add");
     int64_t ffn_rows = T;
     const bool sparse = opts.sparse_ffn && !opts.sparse_ffn->dense(l);
     if (sparse) {
-      ffn_rows = sparse_ffn_residual(l, attn, normed, x, batch, *opts.sparse_ffn);
+      ffn_rows = sparse_ffn_residual(l, attn, normed, x, batch, *opts.sparse_ffn, clock);
     } else {
       ffn_block(l, normed, block_out);
+      clock.mark("ffn");
       backend_.add(x, block_out);
+      clock.mark("norm+add");
     }
     if (opts.flops) {
-      opts.flops->projections += projection_flops_per_token(cfg_) * T;
-      (sparse ? opts.flops->ffn_sparse : opts.flops->ffn_dense) +=
-          ffn_flops_per_token(cfg_) * ffn_rows;
-      for (int64_t t = 0; t < T; ++t)
-        attention_flops_at(cfg_, *profile, l, batch.positions[t], *opts.flops);
+      account_layer(l, batch, *profile, ffn_rows, sparse, *opts.flops);
+      clock.mark("flops_ledger");
     }
   }
 
   // Logits only for the rows asked for.
   const int64_t R = static_cast<int64_t>(batch.logit_rows.size());
-  if (R == 0 || num_layers < cfg_.num_layers || kv_only >= 0)
-    return Tensor::host(DType::F32, {0, cfg_.vocab_size});
+  if (R == 0 || num_layers < cfg_.num_layers || kv_only >= 0) return Tensor();
   if (opts.flops) opts.flops->lm_head += 2.0 * cfg_.hidden_size * cfg_.vocab_size * R;
-  std::vector<int32_t> rows(batch.logit_rows.begin(), batch.logit_rows.end());
-  Tensor rows_dev = backend_.alloc_uninit(DType::I32, {R});
-  backend_.copy_from_host(rows_dev, Tensor::from_i32(rows, {R}));
   Tensor last = backend_.alloc_uninit(act, {R, H});  // logit rows are validated in [0, T)
-  backend_.gather_rows(x, rows_dev, last);
-  backend_.rmsnorm(last, final_norm_, eps, last);
+  if (logits_for_every_row(batch)) {                 // decode steps: no row list to upload
+    backend_.rmsnorm(x, final_norm_, eps, last);
+  } else {
+    std::vector<int32_t> rows(batch.logit_rows.begin(), batch.logit_rows.end());
+    Tensor rows_dev = backend_.alloc_uninit(DType::I32, {R});
+    backend_.copy_from_host(rows_dev, Tensor::from_i32(rows, {R}));
+    backend_.gather_rows(x, rows_dev, last);
+    backend_.rmsnorm(last, final_norm_, eps, last);
+  }
   Tensor logits = backend_.alloc_uninit(DType::F32, {R, cfg_.vocab_size});
   backend_.matmul(last, lm_head_, Tensor(), logits);
-  return backend_.to_host_f32(logits);
+  return logits;
+}
+
+// ---- decode steps as recorded device work ----
+
+// One recorded decode step: `seqs` sequences of one new token each, KV metadata planned into
+// `storage` (capacity page entries), token ids and positions read from `ids` and `pos`.
+struct Model::DecodeGraph {
+  int64_t seqs = 0, capacity = 0;
+  std::shared_ptr<PlanStorage> storage;
+  Tensor ids, pos;  // [seqs] i32 on the backend: the step's inputs, refilled before each replay
+  Tensor logits;    // [seqs, vocab] f32 on the backend: written by each replay
+  KvCache* kv = nullptr;  // the step's cache (the recorded body's host code reads it)
+  std::unique_ptr<RecordedWork> work;
+  int64_t last_use = 0;
+};
+
+Model::~Model() = default;
+
+void Model::set_decode_graphs(bool on) {
+  graphs_on_ = on;
+  if (!on) graphs_.clear();
+}
+
+bool Model::recordable(const Batch& batch, const KvCache& kv, const ForwardOptions& opts) const {
+  if (!graphs_on_ || opts.observer || opts.num_layers >= 0 || opts.kv_only_from_layer >= 0 ||
+      opts.stage_times || opts.sparse_ffn)
+    return false;
+  const int64_t T = batch.size();
+  if (T == 0 || T > kMaxRecordedSeqs || !logits_for_every_row(batch)) return false;
+  return kv.plan_capacity(batch) > 0;
+}
+
+Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts) {
+  const int64_t T = batch.size();
+  // Capacity in powers of two: a sequence growing by a token a step re-records rarely.
+  int64_t capacity = 64;
+  for (const int64_t need = kv.plan_capacity(batch); capacity < need;) capacity *= 2;
+  DecodeGraph* g = nullptr;
+  for (auto it = graphs_.begin(); it != graphs_.end();) {
+    if (!(*it)->storage || !kv.plan_storage_fits(*(*it)->storage)) {
+      it = graphs_.erase(it);  // made for a cache that is gone or changed
+      continue;
+    }
+    if ((*it)->seqs == T && (*it)->capacity == capacity) g = it->get();
+    ++it;
+  }
+  if (g == nullptr) {
+    if (graphs_.size() >= kMaxDecodeGraphs) {  // least recently used goes
+      auto oldest = std::min_element(graphs_.begin(), graphs_.end(),
+                                     [](auto& a, auto& b) { return a->last_use < b->last_use; });
+      graphs_.erase(oldest);
+    }
+    auto fresh = std::make_unique<DecodeGraph>();
+    fresh->seqs = T;
+    fresh->capacity = capacity;
+    fresh->storage = kv.make_plan_storage(static_cast<int32_t>(T), capacity);
+    if (!fresh->storage) {
+      graphs_on_ = false;
+      return forward(batch, kv, opts);
+    }
+    fresh->ids = backend_.alloc(DType::I32, {T});
+    fresh->pos = backend_.alloc(DType::I32, {T});
+    graphs_.push_back(std::move(fresh));
+    g = graphs_.back().get();
+  }
+  g->last_use = ++graph_clock_;
+  backend_.copy_from_host(g->ids, Tensor::from_i32(batch.tokens, {T}));
+  backend_.copy_from_host(g->pos, Tensor::from_i32(batch.positions, {T}));
+  kv.begin_forward(batch, g->pos, *g->storage);
+  g->kv = &kv;
+  struct EndForward {
+    KvCache& kv;
+    ~EndForward() { kv.end_forward(); }
+  } end_forward{kv};
+  if (!g->work) {
+    // Host code runs once, here; replays run only its device work, so the body reads the step's
+    // inputs from g's buffers and the plan storage, never from `batch` (copied: same shape).
+    g->work = backend_.record([this, g, shape = batch] {
+      StageClock none(backend_, nullptr);
+      g->logits = run_layers(shape, *g->kv, g->ids, g->pos, ForwardOptions{}, none);
+    });
+    if (!g->work) {  // this backend cannot record: this step and the later ones run eagerly
+      graphs_on_ = false;
+      StageClock none(backend_, nullptr);
+      ForwardOptions plain;
+      plain.flops = opts.flops;
+      const Tensor ids = g->ids, pos = g->pos;
+      Tensor logits = run_layers(batch, kv, ids, pos, plain, none);
+      graphs_.clear();
+      return backend_.to_host_f32(logits);
+    }
+    ++graph_stats_.recorded;
+  }
+  g->work->replay();
+  ++graph_stats_.replayed;
+  if (opts.flops) {
+    const HeadProfile all_dense(static_cast<int32_t>(cfg_.num_layers),
+                                static_cast<int32_t>(cfg_.num_kv_heads));
+    const HeadProfile& profile = kv.head_profile() ? *kv.head_profile() : all_dense;
+    for (int l = 0; l < cfg_.num_layers; ++l)
+      account_layer(l, batch, profile, T, false, *opts.flops);
+    opts.flops->lm_head += 2.0 * cfg_.hidden_size * cfg_.vocab_size * T;
+  }
+  return backend_.to_host_f32(g->logits);
 }
 
 }  // namespace redknot

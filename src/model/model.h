@@ -11,6 +11,7 @@
 #include "loader/checkpoint.h"
 #include "model/batch.h"
 #include "model/sparse_ffn.h"
+#include "model/stage_times.h"
 
 namespace redknot {
 
@@ -45,6 +46,7 @@ struct ForwardOptions {
   // which must hold only local heads, store zero K/V placeholders. The caller keeps every later
   // query far enough away that no local window reaches a placeholder it needs. No logits.
   int kv_only_from_layer = -1;
+  StageTimes* stage_times = nullptr;  // profiling: wall time per stage (synchronises each stage)
 };
 
 class Model {
@@ -71,10 +73,35 @@ class Model {
   // Size in bytes of the weights as stored on the backend.
   int64_t weight_bytes() const { return weight_bytes_; }
 
+  // Decode steps (one new token per sequence, logits for each) run as recorded device work
+  // (CUDA graphs: one launch instead of ~15 per layer) where the backend can record and the KV
+  // store can plan into fixed storage. On by default unless REDKNOT_CUDA_GRAPHS=0; one recording
+  // per (sequences, metadata capacity), the least recently used of kMaxDecodeGraphs dropped.
+  void set_decode_graphs(bool on);
+  bool decode_graphs() const { return graphs_on_; }
+  struct DecodeGraphStats {
+    int64_t recorded = 0, replayed = 0;
+  };
+  DecodeGraphStats decode_graph_stats() const { return graph_stats_; }
+  static constexpr int64_t kMaxRecordedSeqs = 256;
+  static constexpr size_t kMaxDecodeGraphs = 16;
+
+  ~Model();
+
  private:
+  struct DecodeGraph;
+  // The layers from the embedding to the logits of batch.logit_rows ([R, vocab] f32 on the
+  // backend; empty when none are computed). ids, pos: [T] i32 on the backend.
+  Tensor run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, const Tensor& pos,
+                    const ForwardOptions& opts, StageClock& clock);
+  bool recordable(const Batch& batch, const KvCache& kv, const ForwardOptions& opts) const;
+  Tensor forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts);
+  // FLOPs of one layer over `batch` (ffn_rows rows through the FFN).
+  void account_layer(int layer, const Batch& batch, const HeadProfile& profile, int64_t ffn_rows,
+                     bool sparse, FlopsLedger& ledger) const;
   // Returns the attention output before o_proj ([T, heads*hd]) for Sparse FFN importance.
   Tensor attention_block(int layer, const Tensor& x, Tensor& out, KvCache& kv, const Tensor& pos,
-                         ForwardObserver* observer);
+                         ForwardObserver* observer, StageClock& clock);
   void ffn_block(int layer, const Tensor& x, Tensor& out);
   // x: [T, hidden] (normalised input); pos: [T]; k, v: [T, kv_heads, head_dim] (k rotated)
   void project_kv(int layer, const Tensor& x, const Tensor& pos, Tensor& k, Tensor& v);
@@ -83,7 +110,7 @@ class Model {
   // Sparse FFN: runs the FFN on the selected rows of `normed` and adds it to those rows of x.
   // Returns the number of rows that ran. attn: [T, heads*hd] (importance source)
   int64_t sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& normed, Tensor& x,
-                              const Batch& batch, const SparseFfnConfig& cfg);
+                              const Batch& batch, const SparseFfnConfig& cfg, StageClock& clock);
   Tensor upload(const Checkpoint& ckpt, const std::string& name);
   Tensor upload_norm(const Checkpoint& ckpt, const std::string& name);
 
@@ -94,6 +121,10 @@ class Model {
   Tensor inv_freq_;
   float rope_scaling_ = 1.0f;
   int64_t weight_bytes_ = 0;
+  bool graphs_on_ = true;
+  std::vector<std::unique_ptr<DecodeGraph>> graphs_;
+  int64_t graph_clock_ = 0;
+  DecodeGraphStats graph_stats_;
 };
 
 }  // namespace redknot

@@ -27,12 +27,18 @@ ModelConfig preset_config(const std::string& name) {
     c.vocab_size = 32000, c.hidden_size = 2048, c.intermediate_size = 8192;
     c.num_layers = 16, c.num_heads = 32, c.num_kv_heads = 8, c.head_dim = 64;
     c.rope_theta = 500000.0, c.max_position_embeddings = 131072;
+  } else if (name == "rag-7m") {  // the shape of models/redknot-rag-8k (head_dim 32)
+    c.vocab_size = 4096, c.hidden_size = 256, c.intermediate_size = 768;
+    c.num_layers = 8, c.num_heads = 8, c.num_kv_heads = 2, c.head_dim = 32;
+    c.rope_theta = 100000.0, c.max_position_embeddings = 8192;
+    c.tie_word_embeddings = true;
   } else if (name == "tiny") {
     c.vocab_size = 512, c.hidden_size = 128, c.intermediate_size = 352;
     c.num_layers = 2, c.num_heads = 8, c.num_kv_heads = 2, c.head_dim = 16;
     c.rope_theta = 10000.0, c.max_position_embeddings = 4096;
   } else {
-    throw Error("unknown model shape '" + name + "' (known: llama3-8b, mistral-7b, 1b, tiny)");
+    throw Error("unknown model shape '" + name +
+                "' (known: llama3-8b, mistral-7b, 1b, rag-7m, tiny)");
   }
   return c;
 }

@@ -9,7 +9,8 @@
 
 namespace redknot {
 
-// Named shapes: "llama3-8b", "mistral-7b", "1b" (Llama-3.2-1B-like, 32K vocab), "tiny".
+// Named shapes: "llama3-8b", "mistral-7b", "1b" (Llama-3.2-1B-like, 32K vocab), "rag-7m" (the
+// shipped test model's shape), "tiny".
 // Throws Error listing the names when unknown.
 ModelConfig preset_config(const std::string& name);
 

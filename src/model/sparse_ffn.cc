@@ -1,7 +1,7 @@
 #include "model/sparse_ffn.h"
 
 #include <algorithm>
-#include <numeric>
+#include <cstring>
 
 namespace redknot {
 
@@ -10,19 +10,27 @@ std::vector<int32_t> select_ffn_rows(const SparseFfnConfig& cfg, int layer,
   const int64_t T = static_cast<int64_t>(importance.size());
   std::vector<char> keep(T, 0);
   // Top-p by importance: sort descending, take rows until `mass` of the total is covered.
-  std::vector<int32_t> order(T);
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-    return importance[a] > importance[b] || (importance[a] == importance[b] && a < b);
-  });
+  // Importances are L2 norms (>= 0), whose float bits order like the values: one 64-bit key
+  // per row, (inverted bits, row), sorts descending with ties to the lower row, and sorts
+  // several times faster than an index sort with a comparator (this runs per layer, on the
+  // host, while the GPU waits).
+  std::vector<uint64_t> order(T);
+  for (int64_t r = 0; r < T; ++r) {
+    const float v = importance[r] > 0 ? importance[r] : 0.0f;  // also maps NaN and -0 to 0
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    order[r] = (uint64_t{~bits} << 32) | static_cast<uint32_t>(r);
+  }
+  std::sort(order.begin(), order.end());
   double total = 0;
-  for (float v : importance) total += v;
+  for (float v : importance) total += v > 0 ? v : 0.0f;
   const double target = cfg.mass_for(layer) * total;
   double acc = 0;
-  for (int32_t r : order) {
+  for (uint64_t key : order) {
     if (acc >= target) break;
+    const int64_t r = static_cast<int64_t>(key & 0xffffffffu);
     keep[r] = 1;
-    acc += importance[r];
+    acc += importance[r] > 0 ? importance[r] : 0.0f;
   }
   for (const SeqSpan& sp : batch.spans)
     for (int64_t i = std::max<int64_t>(0, sp.count - cfg.recent_n); i < sp.count; ++i)

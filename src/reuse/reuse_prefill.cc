@@ -184,7 +184,7 @@ DeadRowSplit dead_row_split(const ModelConfig& cfg, const HeadProfile& profile, 
 }
 
 PrefillOutcome prefill_full(Model& model, KvCache& kv, SeqId seq, const SegmentedPrompt& prompt,
-                            int32_t chunk) {
+                            int32_t chunk, StageTimes* stage_times) {
   const std::vector<int32_t> ids = prompt.flatten();
   if (ids.empty()) throw Error("empty prompt");
   auto t0 = Clock::now();
@@ -192,6 +192,7 @@ PrefillOutcome prefill_full(Model& model, KvCache& kv, SeqId seq, const Segmente
   PrefillOutcome out;
   ForwardOptions fo;
   fo.flops = &out.flops;
+  fo.stage_times = stage_times;
   out.last_logits = append_tokens(model, kv, seq, ids, chunk, fo);
   out.ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   return out;
@@ -205,13 +206,13 @@ PrefillOutcome prefill_with_reuse(Model& model, PagedKvCache& kv, SeqId seq,
                                   const SegmentedPrompt& p, const SegmentLookup& lookup,
                                   const ReuseOptions& opts, const PrefixIndex* prefix_index) {
   if (opts.mode == ReuseMode::Full || p.segments.empty())
-    return prefill_full(model, kv, seq, p, opts.chunk);
+    return prefill_full(model, kv, seq, p, opts.chunk, opts.stage_times);
   const bool fresh = !kv.has_sequence(seq);
   try {
     return prefill_reusing(model, kv, seq, p, lookup, opts, prefix_index);
   } catch (const SegmentUnavailable&) {
     if (fresh && kv.has_sequence(seq)) kv.remove_sequence(seq);
-    return prefill_full(model, kv, seq, p, opts.chunk);
+    return prefill_full(model, kv, seq, p, opts.chunk, opts.stage_times);
   }
 }
 
@@ -223,6 +224,8 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
   PrefillOutcome out;
   ForwardOptions fo;
   fo.flops = &out.flops;
+  fo.stage_times = opts.stage_times;
+  StageClock clock(model.backend(), opts.stage_times);
   std::vector<std::shared_ptr<void>> pins;
   const ModelConfig& cfg = model.config();
   const int kv_heads = static_cast<int>(cfg.num_kv_heads);
@@ -351,6 +354,7 @@ PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const 
       if (opts.query_full_attention) kv.set_full_attention(seq, -1, /*keep_local_pages=*/true);
       // S0's positions are already right: its cached KV is exactly full prefill's.
       out.reused_tokens = attach_segments(model, kv, seq, p, 0, 1, lookup, pins);
+      clock.mark("attach_segments");
       ForwardOptions fr = fo;
       if (opts.sparse_ffn_enabled) fr.sparse_ffn = &opts.sparse_ffn;
       // One causal pass over S1..Sn + query: the store applies the head classes (local heads

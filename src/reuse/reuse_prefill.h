@@ -64,7 +64,8 @@ struct ReuseOptions {
   // to the last global layer with dead-row skipping), with a dense FFN; the document rows keep
   // the head classes (and Sparse FFN); local heads keep their pages until the query has run.
   bool query_full_attention = false;
-  int32_t chunk = 4096;  // tokens per forward pass
+  int32_t chunk = 4096;               // tokens per forward pass
+  StageTimes* stage_times = nullptr;  // profiling: wall time per stage (see model/stage_times.h)
 };
 
 // What a prefill produced: the sequence holds the prompt's KV, ready to decode.
@@ -106,7 +107,7 @@ DeadRowSplit dead_row_split(const ModelConfig& cfg, const HeadProfile& profile, 
 
 // Dense prefill through `kv` (any store), logits of the last token.
 PrefillOutcome prefill_full(Model& model, KvCache& kv, SeqId seq, const SegmentedPrompt& prompt,
-                            int32_t chunk = 4096);
+                            int32_t chunk = 4096, StageTimes* stage_times = nullptr);
 
 // Runs `prompt` into sequence `seq` of `kv` in opts.mode. `lookup` serves cached segments
 // (unused by full); `prefix_index` is used by prefix mode (may be null otherwise).

@@ -433,19 +433,29 @@ TEST_F(QueryFullAttention, MatchesTheDenseOracleInEveryLayer) {
   // The flag matters here: without it the query's local heads see only sink ∪ window.
   RunResult plain = Prefill(profile, p, /*skip=*/false);
   EXPECT_GT(RelErr(plain.out.last_logits, oracle), 100 * kTol);
-  // Afterwards (and after decoding) the local heads hold the same positions as without the flag:
-  // the pages kept for the query pass went back to the pool.
-  ASSERT_EQ(r.kv->next_position(0), plain.kv->next_position(0));
+  // Afterwards (and after decoding) the local heads hold what a later query can see, as without
+  // the flag, and the pages kept for the query pass went back to the pool: at most the sink's
+  // pages, the window's and one partly used page per local head. (Which dead tokens share a page
+  // with live ones may differ: without the flag, relocation never copies the dead tokens.)
+  const int32_t next = r.kv->next_position(0), window = 10, sink = 4;
+  ASSERT_EQ(next, plain.kv->next_position(0));
+  auto visible = [&](std::vector<int32_t> held) {
+    std::erase_if(held, [&](int32_t pos) { return pos >= sink && pos < next - window + 1; });
+    return held;
+  };
+  int local_heads = 0;
   for (int l = 0; l < kLayers; ++l)
     for (int h = 0; h < 2; ++h) {
       Tensor k, v;
       std::vector<int32_t> held, held_plain;
       r.kv->read(0, l, h, k, v, held);
       plain.kv->read(0, l, h, k, v, held_plain);
-      EXPECT_EQ(held, held_plain) << "layer " << l << " head " << h;
+      EXPECT_EQ(visible(held), visible(held_plain)) << "layer " << l << " head " << h;
+      local_heads += profile.at(l, h).cls == HeadClass::Local;
     }
-  EXPECT_EQ(r.kv->usage(0).local_pages, plain.kv->usage(0).local_pages);
-  EXPECT_EQ(r.kv->usage(0).local_tokens, plain.kv->usage(0).local_tokens);
+  const int64_t per_head = (sink + kPageSize - 1) / kPageSize + (window - 1) / kPageSize + 2;
+  EXPECT_LE(r.kv->usage(0).local_pages, local_heads * per_head);
+  EXPECT_LE(plain.kv->usage(0).local_pages, local_heads * per_head);
 }
 
 // With dead-row skipping the query's rows see every head globally up to the last global layer

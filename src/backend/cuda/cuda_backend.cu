@@ -248,6 +248,7 @@ class CudaBackend : public Backend {
   }
 
   void copy_from_host(Tensor& dst, const Tensor& src) override {
+    refuse_while_recording("copy_from_host");
     expect_cuda("copy_from_host", "dst", dst);
     expect_device("copy_from_host", "src", src, Device::Host);
     if (dst.numel() != src.numel())
@@ -296,6 +297,7 @@ class CudaBackend : public Backend {
   }
 
   Tensor to_host_f32(const Tensor& src) override {
+    refuse_while_recording("to_host_f32");
     Tensor out = Tensor::host(DType::F32, src.shape());
     if (src.device() == Device::Host) {
       convert_to_f32(src.dtype(), src.raw(), out.data<float>(), src.numel());
@@ -310,7 +312,43 @@ class CudaBackend : public Backend {
     return out;
   }
 
-  void synchronize() override { cuda_check(cudaStreamSynchronize(stream_), "synchronize"); }
+  void synchronize() override {
+    refuse_while_recording("synchronize");
+    cuda_check(cudaStreamSynchronize(stream_), "synchronize");
+  }
+
+  // Stream capture into a CUDA graph. Buffers allocated while capturing come from a private
+  // cache that the graph keeps: its replays write them, so nothing else may ever get them (as
+  // PyTorch's graph memory pools). Relaxed mode: a first-time cudaMalloc may happen inside.
+  std::unique_ptr<RecordedWork> record(const std::function<void()>& body) override {
+    if (recording_) throw Error("cuda record: already recording");
+    auto graph_cache = std::make_shared<DeviceCache>();
+    std::shared_ptr<DeviceCache> main_cache = cache_;
+    cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "begin capture");
+    cache_ = graph_cache;
+    recording_ = true;
+    cudaGraph_t graph = nullptr;
+    try {
+      body();
+    } catch (...) {
+      recording_ = false;
+      cache_ = main_cache;
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      cudaGetLastError();
+      throw;
+    }
+    recording_ = false;
+    cache_ = main_cache;
+    cuda_check(cudaStreamEndCapture(stream_, &graph), "end capture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t st = cudaGraphInstantiate(&exec, graph, 0);
+    if (st != cudaSuccess) {
+      cudaGraphDestroy(graph);
+      cuda_check(st, "cudaGraphInstantiate");
+    }
+    return std::make_unique<CudaGraphWork>(graph, exec, stream_, std::move(graph_cache));
+  }
   int64_t free_memory_bytes() const override {
     size_t free_b = 0, total_b = 0;
     cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
@@ -524,9 +562,11 @@ class CudaBackend : public Backend {
       throw Error("paged_attention: cuda kernel supports head_dim <= " +
                   std::to_string(32 * cuda::kAttnMaxDimsPerLane) + ", got " + q.describe());
     if (q.dim(0) == 0 || plan.num_seqs == 0) return;
-    if (!simple_ && q.dtype() == DType::BF16 && (d == 64 || d == 128) &&
+    if (!simple_ && q.dtype() == DType::BF16 && (d == 32 || d == 64 || d == 128) &&
         flash_aligned({&q, &k_pool, &v_pool, &out})) {
-      if (d == 64)
+      if (d == 32)
+        paged_flash<32>(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+      else if (d == 64)
         paged_flash<64>(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
       else
         paged_flash<128>(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
@@ -682,6 +722,7 @@ class CudaBackend : public Backend {
   // tiles, split-KV). Prefill: the warp-specialised Hopper wgmma kernel (paged_flash_sm90.cuh),
   // 128-row tiles; REDKNOT_FLASH_SM90 = 128x2 (default) | 64x4 | 64x3 picks keys per tile x
   // stages, 0 the mma.sync kernel (kWarps = 4: 64-row tiles, or 8 with REDKNOT_FLASH_ROWS=128).
+  // D = 32 always prefills on the mma.sync kernel: wgmma's swizzled rows are 64 wide.
   // Splits are chosen to fill the GPU.
   template <int D>
   void paged_flash(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
@@ -691,7 +732,8 @@ class CudaBackend : public Backend {
     const int64_t seqs = plan.num_seqs;
     const bool decode = T * group <= 16 * seqs;
     const std::string sm90 = env_or("REDKNOT_FLASH_SM90", "128x2");
-    const bool use_sm90 = !decode && sm90 != "0";
+    constexpr bool kHasSm90 = D % 64 == 0;
+    const bool use_sm90 = kHasSm90 && !decode && sm90 != "0";
     const bool wide = env_or("REDKNOT_FLASH_ROWS", "64") == "128";
     const int rows_per_tile = decode ? 16 : use_sm90 || wide ? 128 : 64;
     const int64_t tiles_bound = (T * group + rows_per_tile - 1) / rows_per_tile + seqs;
@@ -746,21 +788,25 @@ class CudaBackend : public Backend {
     constexpr int kWs = cuda::kSm90FlashThreads;
     constexpr const char* kMma = "paged_flash_kernel";
     constexpr const char* kWgmma = "paged_flash_sm90_kernel";
-    if (decode)
+    if (decode) {
       launch(cuda::paged_flash_kernel<D, 1>, 32, cuda::FlashSmem<D, 1>::kBytes, kMma);
-    else if (use_sm90 && sm90 == "64x4")
-      launch(cuda::paged_flash_sm90_kernel<D, 64, 4>, kWs, cuda::Sm90FlashSmem<D, 64, 4>::kBytes,
-             kWgmma);
-    else if (use_sm90 && sm90 == "64x3")
-      launch(cuda::paged_flash_sm90_kernel<D, 64, 3>, kWs, cuda::Sm90FlashSmem<D, 64, 3>::kBytes,
-             kWgmma);
-    else if (use_sm90)
-      launch(cuda::paged_flash_sm90_kernel<D, 128, 2>, kWs, cuda::Sm90FlashSmem<D, 128, 2>::kBytes,
-             kWgmma);
-    else if (wide)
+    } else if (use_sm90) {
+      if constexpr (kHasSm90) {  // not instantiated for D = 32
+        if (sm90 == "64x4")
+          launch(cuda::paged_flash_sm90_kernel<D, 64, 4>, kWs,
+                 cuda::Sm90FlashSmem<D, 64, 4>::kBytes, kWgmma);
+        else if (sm90 == "64x3")
+          launch(cuda::paged_flash_sm90_kernel<D, 64, 3>, kWs,
+                 cuda::Sm90FlashSmem<D, 64, 3>::kBytes, kWgmma);
+        else
+          launch(cuda::paged_flash_sm90_kernel<D, 128, 2>, kWs,
+                 cuda::Sm90FlashSmem<D, 128, 2>::kBytes, kWgmma);
+      }
+    } else if (wide) {
       launch(cuda::paged_flash_kernel<D, 8>, 32 * 8, cuda::FlashSmem<D, 8>::kBytes, kMma);
-    else
+    } else {
       launch(cuda::paged_flash_kernel<D, 4>, 32 * 4, cuda::FlashSmem<D, 4>::kBytes, kMma);
+    }
     if (splits > 1) {
       const int64_t rows = T * hq;
       cuda::paged_flash_merge_kernel<D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream_>>>(
@@ -827,7 +873,34 @@ class CudaBackend : public Backend {
   static constexpr size_t kStageMax = size_t{4} << 20, kStageMin = size_t{64} << 10;
   static constexpr size_t kStagePinnedMax = size_t{256} << 20;
 
+  // A captured graph and the private cache holding the buffers its kernels use.
+  class CudaGraphWork : public RecordedWork {
+   public:
+    CudaGraphWork(cudaGraph_t graph, cudaGraphExec_t exec, cudaStream_t stream,
+                  std::shared_ptr<DeviceCache> cache)
+        : graph_(graph), exec_(exec), stream_(stream), cache_(std::move(cache)) {}
+    ~CudaGraphWork() override {
+      cudaStreamSynchronize(stream_);  // a queued replay may still use the buffers
+      cudaGraphExecDestroy(exec_);
+      cudaGraphDestroy(graph_);
+    }
+    void replay() override { cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch"); }
+
+   private:
+    cudaGraph_t graph_;
+    cudaGraphExec_t exec_;
+    cudaStream_t stream_;
+    std::shared_ptr<DeviceCache> cache_;
+  };
+
+  void refuse_while_recording(const char* op) const {
+    if (recording_)
+      throw Error(std::string("cuda: ") + op + " while recording a graph (recorded work must " +
+                  "stay on the device)");
+  }
+
   int device_;
+  bool recording_ = false;
   int num_sms_ = 132;
   bool simple_ = false;
   std::shared_ptr<DeviceCache> cache_;

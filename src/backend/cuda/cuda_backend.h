@@ -1,7 +1,7 @@
 // The CUDA backend (sm_90a): bf16 activations and weights in device memory, f32 math, one stream
 // per backend. Memory comes from a stream-ordered caching allocator (no cudaMalloc in steady
 // state); matmul is cuBLASLt with the bias in the epilogue; paged_attention is the tensor-core
-// kernel of paged_flash.cuh for bf16 and head_dim 64/128 (split-KV for decode), the scalar
+// kernel of paged_flash.cuh for bf16 and head_dim 32/64/128 (split-KV for decode), the scalar
 // kernels of kernels.cuh otherwise. Environment knobs: REDKNOT_CUDA_SIMPLE=1 (cublasGemmEx and
 // the scalar attention kernels), REDKNOT_FLASH_SPLITS=n (force the split-KV count),
 // REDKNOT_FLASH_ROWS=128 (128-row prefill tiles). Plain C++ header so that host code can create

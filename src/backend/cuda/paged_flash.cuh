@@ -1,4 +1,4 @@
-// Tensor-core SegPaged attention (FlashAttention-2 style) for bf16, head_dim 64 or 128.
+// Tensor-core SegPaged attention (FlashAttention-2 style) for bf16, head_dim 32, 64 or 128.
 //
 // One block serves one (sequence, kv head) and a tile of kRows = 16 * kWarps query rows, where
 // the rows of a sequence are its (token, GQA query head) pairs: row r is token r / group, query
@@ -323,6 +323,9 @@ __global__ void __launch_bounds__(32 * kWarps) paged_flash_kernel(
     const int32_t* __restrict__ page_lengths, const int32_t* __restrict__ head_window,
     const int32_t* __restrict__ head_sink, FlashParams p, __nv_bfloat16* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml) {
+  // Q·Kᵀ walks D in k-steps of 16 and P·V covers it in pairs of 8-wide n-tiles (one
+  // ldmatrix_x4 each): D = 32 is 2 k-steps and 4 n-tiles.
+  static_assert(D % 16 == 0, "paged_flash_kernel: head_dim must be a multiple of 16");
   using S = FlashSmem<D, kWarps>;
   constexpr int kRows = S::kRows, kStride = S::kStride, kThreads = 32 * kWarps;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -559,6 +562,7 @@ template <int D>
 __global__ void paged_flash_merge_kernel(const float* __restrict__ part_o,
                                          const float* __restrict__ part_ml, int splits,
                                          int64_t rows, __nv_bfloat16* __restrict__ out) {
+  static_assert(D % 32 == 0, "paged_flash_merge_kernel: D / 32 columns per lane");
   const int64_t row = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;

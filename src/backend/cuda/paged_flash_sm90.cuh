@@ -73,6 +73,9 @@ __global__ void __launch_bounds__(kSm90FlashThreads, 1) paged_flash_sm90_kernel(
     const int32_t* __restrict__ page_lengths, const int32_t* __restrict__ head_window,
     const int32_t* __restrict__ head_sink, FlashParams p, __nv_bfloat16* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml) {
+  // 128-byte swizzled rows hold 64 bf16, and wgmma_pv has n64 / n128 only: head_dim 32 runs on
+  // paged_flash_kernel instead.
+  static_assert(D == 64 || D == 128, "paged_flash_sm90_kernel: head_dim 64 or 128 only");
   using S = Sm90FlashSmem<D, kKeys, kStages>;
   constexpr int kRows = S::kRows, kChunks = D / 8;
   extern __shared__ __align__(16) unsigned char smem_dyn[];

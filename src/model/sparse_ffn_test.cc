@@ -1,0 +1,73 @@
+#include "model/sparse_ffn.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+
+namespace redknot {
+namespace {
+
+// The definition, written plainly: rows by importance descending (ties: lower row first), taken
+// until `mass` of the total is covered; plus each sequence's last recent_n rows and logit rows.
+std::vector<int32_t> oracle(const SparseFfnConfig& cfg, int layer, const std::vector<float>& imp,
+                            const Batch& b) {
+  std::vector<int32_t> order(imp.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t x, int32_t y) { return imp[x] > imp[y]; });
+  double total = 0, acc = 0;
+  for (float v : imp) total += v;
+  std::vector<char> keep(imp.size(), 0);
+  for (int32_t r : order) {
+    if (acc >= cfg.mass_for(layer) * total) break;
+    keep[r] = 1;
+    acc += imp[r];
+  }
+  for (const SeqSpan& sp : b.spans)
+    for (int64_t i = std::max<int64_t>(0, sp.count - cfg.recent_n); i < sp.count; ++i)
+      keep[sp.begin + i] = 1;
+  for (int64_t r : b.logit_rows) keep[r] = 1;
+  std::vector<int32_t> rows;
+  for (size_t r = 0; r < keep.size(); ++r)
+    if (keep[r]) rows.push_back(static_cast<int32_t>(r));
+  return rows;
+}
+
+TEST(SparseFfn, SelectsTopMassRecentAndLogitRows) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 50; ++trial) {
+    Batch b;
+    const int n1 = 1 + static_cast<int>(rng() % 300), n2 = static_cast<int>(rng() % 50);
+    b.add_sequence(0, std::vector<int32_t>(n1, 1), 0);
+    if (n2 > 0) b.add_sequence(1, std::vector<int32_t>(n2, 1), 10);
+    std::vector<float> imp(b.size());
+    // Few distinct values, so ties are common.
+    for (float& v : imp) v = static_cast<float>(rng() % 9) * 0.25f;
+    SparseFfnConfig cfg;
+    cfg.mass = 0.05 * (trial % 10);
+    cfg.recent_n = static_cast<int32_t>(rng() % 20);
+    cfg.deep_start = 3;
+    cfg.mass_deep = 0.1;
+    for (int layer : {0, 5}) {
+      const std::vector<int32_t> got = select_ffn_rows(cfg, layer, imp, b);
+      EXPECT_EQ(got, oracle(cfg, layer, imp, b)) << "trial " << trial << " layer " << layer;
+    }
+  }
+}
+
+TEST(SparseFfn, MassOneKeepsEveryRowWithImportance) {
+  Batch b;
+  b.add_sequence(0, std::vector<int32_t>(6, 1), 0, /*last_logits=*/false);
+  SparseFfnConfig cfg;
+  cfg.mass = 1.0;
+  cfg.recent_n = 0;
+  const std::vector<float> imp = {0.5f, 0.0f, 2.0f, 1.0f, 0.0f, 0.25f};
+  EXPECT_EQ(select_ffn_rows(cfg, 9, imp, b), (std::vector<int32_t>{0, 2, 3, 5}));
+  cfg.mass = 0.5;  // 2.0 alone covers 2.0 / 3.75 >= 0.5
+  EXPECT_EQ(select_ffn_rows(cfg, 9, imp, b), (std::vector<int32_t>{2}));
+}
+
+}  // namespace
+}  // namespace redknot
