@@ -96,6 +96,13 @@ class Backend {
   // x += y (residual add). x, y: [R, C]
   virtual void add(Tensor& x, const Tensor& y) = 0;
 
+  // The residual add and the next RMSNorm in one pass: x += y, then out = rmsnorm(x) * weight,
+  // with out computed from x as stored (the same values as add then rmsnorm). out must not
+  // alias x or y. The default runs the two ops; device backends fuse them.
+  // x, y, out: [R, C]; weight: [C] f32
+  virtual void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                           Tensor& out);
+
   // out = silu(gate) * up. gate, up, out: [R, F]
   virtual void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
 

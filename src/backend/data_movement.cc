@@ -41,6 +41,14 @@ Tensor Backend::alloc_uninit(DType dtype, std::vector<int64_t> shape) {
   return t;
 }
 
+void Backend::add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                          Tensor& out) {
+  if (out.raw() == x.raw() || out.raw() == y.raw())
+    throw Error("add_rmsnorm: out must not alias x or y (" + out.describe() + ")");
+  add(x, y);
+  rmsnorm(x, weight, eps, out);
+}
+
 std::unique_ptr<RecordedWork> Backend::record(const std::function<void()>&) { return nullptr; }
 
 int64_t Backend::free_memory_bytes() const {

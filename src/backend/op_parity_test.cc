@@ -410,6 +410,22 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
       p.expect_close("rmsnorm", str({rows, cols}) + " in-place", x_dut, x_ref);
     }
 
+    // ---- add_rmsnorm (residual add + the next norm, fused on device backends) ----
+    for (auto [rows, cols] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 64}, {37, 173}, {5, 4096}}) {
+      Tensor w = Tensor::from_f32(p.random(cols, 0.5f, 1.5f), {cols});
+      Tensor w_ref = ref->upload_weight(w), w_dut = dut->upload_weight(w);
+      auto [x_ref, x_dut] = p.act_pair(p.random(rows * cols, -3.0f, 3.0f), {rows, cols});
+      auto [y_ref, y_dut] = p.act_pair(p.random(rows * cols, -3.0f, 3.0f), {rows, cols});
+      Tensor out_ref = ref->alloc(DType::F32, {rows, cols});
+      Tensor out_dut = p.poisoned(*dut, act, {rows, cols});
+      ref->add_rmsnorm(x_ref, y_ref, w_ref, 1e-5f, out_ref);
+      dut->add_rmsnorm(x_dut, y_dut, w_dut, 1e-5f, out_dut);
+      p.expect_close("add_rmsnorm", str({rows, cols}) + " sum", x_dut, x_ref);
+      p.expect_close("add_rmsnorm", str({rows, cols}) + " norm", out_dut, out_ref);
+      EXPECT_THROW(dut->add_rmsnorm(x_dut, y_dut, w_dut, 1e-5f, x_dut), Error);
+    }
+
     // ---- row_l2norm (Sparse FFN importance) ----
     for (auto [rows, cols] :
          std::vector<std::pair<int64_t, int64_t>>{{1, 64}, {37, 173}, {5, 4096}}) {

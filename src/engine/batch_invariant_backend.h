@@ -37,6 +37,10 @@ class BatchInvariantBackend : public Backend {
     inner_.rmsnorm(x, weight, eps, out);
   }
   void add(Tensor& x, const Tensor& y) override { inner_.add(x, y); }
+  void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                   Tensor& out) override {
+    inner_.add_rmsnorm(x, y, weight, eps, out);
+  }
   void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override {
     inner_.swiglu(gate, up, out);
   }

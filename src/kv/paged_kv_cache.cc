@@ -120,7 +120,9 @@ int64_t PagedKvCache::pages_needed(const Batch& batch) const {
   int64_t need = 0;
   for (const SeqSpan& sp : batch.spans) {
     const Sequence& s = get(sp.seq);
-    for (const HeadTable& t : s.tables) need += table_pages_needed(t, sp.count);
+    for (int l = 0; l < stored_layers(batch); ++l)
+      for (int h = 0; h < heads_; ++h)
+        need += table_pages_needed(s.tables[l * heads_ + h], sp.count);
   }
   return need;
 }
@@ -148,7 +150,8 @@ void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& position
   batch_seqs_.clear();
   const int64_t T = batch.size();
   std::vector<std::vector<int32_t>>& rows = rows_;  // pool row of each (token, head), per layer
-  rows.assign(layers_, std::vector<int32_t>(T * heads_));
+  rows.assign(layers_, {});
+  for (int l = 0; l < stored_layers(batch); ++l) rows[l].resize(T * heads_);
   if (batch.overwrite) {
     // Selective recompute: the positions exist; write in place (copy-on-write shared pages).
     int64_t cow = 1;  // the scratch page, when first needed
@@ -180,6 +183,14 @@ void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& position
     }
   }
   // Validate and count first: a refused batch leaves everything unchanged.
+  if (batch.last_stored_layer >= 0) {
+    if (batch.overwrite) throw Error("KV cache: an overwrite batch must store every layer");
+    for (int l = batch.last_stored_layer + 1; l < layers_; ++l)
+      for (int h = 0; h < heads_; ++h)
+        if (spec(l, h).cls == HeadClass::Global)
+          throw Error("KV cache: layer " + std::to_string(l) +
+                      " has a global head; it must store every token");
+  }
   for (const SeqSpan& sp : batch.spans) {
     const Sequence& s = get(sp.seq);
     if (!batch.overwrite && batch.positions[sp.begin] < s.next_pos())
@@ -195,7 +206,7 @@ void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& position
     if (batch.overwrite) break;
     Sequence& s = get(sp.seq);
     batch_seqs_.push_back(sp.seq);
-    for (int l = 0; l < layers_; ++l)
+    for (int l = 0; l < stored_layers(batch); ++l)
       for (int h = 0; h < heads_; ++h) {
         HeadTable& t = s.tables[l * heads_ + h];
         if (!t.pages.empty() && static_cast<int32_t>(t.positions.back().size()) < page_size_)
@@ -222,6 +233,7 @@ void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& position
 
   build_plans(batch, storage);
   batch_positions_ = positions;
+  stored_layers_ = stored_layers(batch);
 }
 
 namespace {
@@ -230,12 +242,14 @@ namespace {
 // sized by that layer's capacity) and the pool rows of the tokens it writes.
 struct PlanLayout {
   struct Layer {
-    int64_t indptr, pages, lengths, window, sink, rows, capacity;
+    int64_t indptr, pages, lengths, window, sink, rows, row_count, capacity;
   };
   int64_t qo = 0, token_pos = 0, words = 0;
   std::vector<Layer> layers;
 
-  PlanLayout(int64_t seqs, int64_t tokens, int32_t heads, const std::vector<int64_t>& capacity) {
+  // rows_in: layers [0, rows_in) have write rows (Batch::last_stored_layer).
+  PlanLayout(int64_t seqs, int64_t tokens, int32_t heads, const std::vector<int64_t>& capacity,
+             int rows_in) {
     auto take = [&](int64_t n) {
       const int64_t at = words;
       words += (n + 3) / 4 * 4;
@@ -246,12 +260,14 @@ struct PlanLayout {
     for (int64_t cap : capacity) {
       Layer l;
       l.capacity = cap;
+      const int64_t row_count = static_cast<int64_t>(layers.size()) < rows_in ? tokens * heads : 0;
       l.indptr = take(seqs * heads + 1);
       l.pages = take(cap);
       l.lengths = take(cap);
       l.window = take(heads);
       l.sink = take(heads);
-      l.rows = take(tokens * heads);
+      l.rows = take(row_count);
+      l.row_count = row_count;
       layers.push_back(l);
     }
   }
@@ -294,7 +310,7 @@ std::shared_ptr<PlanStorage> PagedKvCache::make_plan_storage(int32_t seqs, int64
   auto st = std::make_shared<PagedPlanStorage>();
   st->seqs = seqs;
   st->capacity = capacity;
-  const PlanLayout layout(seqs, seqs, heads_, std::vector<int64_t>(layers_, capacity));
+  const PlanLayout layout(seqs, seqs, heads_, std::vector<int64_t>(layers_, capacity), layers_);
   st->buffer = backend_.alloc(DType::I32, {layout.words});
   st->host.assign(static_cast<size_t>(layout.words), 0);
   st->fingerprint = fingerprint();
@@ -331,7 +347,7 @@ void PagedKvCache::build_plans(const Batch& batch, PagedPlanStorage* storage) {
       for (int h = 0; h < heads_; ++h)
         capacity[l] += static_cast<int64_t>(get(sp.seq).tables[l * heads_ + h].pages.size());
   }
-  const PlanLayout layout(seqs, T, heads_, capacity);
+  const PlanLayout layout(seqs, T, heads_, capacity, stored_layers(batch));
   std::vector<int32_t> local;
   std::vector<int32_t>& w = storage ? storage->host : local;
   w.resize(static_cast<size_t>(layout.words));
@@ -392,13 +408,14 @@ void PagedKvCache::build_plans(const Batch& batch, PagedPlanStorage* storage) {
     p.page_lengths = view(pl.lengths, pl.capacity);
     p.head_window = view(pl.window, heads_);
     p.head_sink = view(pl.sink, heads_);
-    plans_[l].rows = view(pl.rows, T * heads_);
+    plans_[l].rows = view(pl.rows, pl.row_count);
   }
   token_positions_ = view(layout.token_pos, T * heads_).reshape({T * heads_, 1});
 }
 
 void PagedKvCache::write(int layer, const Tensor& k, const Tensor& v) {
   if (!pool_.has_storage()) return;
+  if (layer >= stored_layers_) return;  // the batch's tokens are not kept in this layer
   const int64_t hd = pool_.head_dim();
   const Tensor& rows = plans_.at(layer).rows;
   backend_.scatter_rows(k.reshape({k.numel() / hd, hd}), rows, pool_.k());

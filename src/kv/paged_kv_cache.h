@@ -4,6 +4,7 @@
 // Attention metadata (CSR page tables) is built once per forward in begin_forward, when the
 // new tokens' slots are assigned, and reused by every layer's attend().
 #pragma once
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <vector>
@@ -123,6 +124,10 @@ class PagedKvCache : public KvCache {
   // buffer, or into `storage` at its capacity.
   void build_plans(const Batch& batch, PagedPlanStorage* storage);
   Fingerprint fingerprint() const;
+  // Layers [0, n) keep the batch's tokens (Batch::last_stored_layer).
+  int stored_layers(const Batch& b) const {
+    return b.last_stored_layer >= 0 ? std::min(b.last_stored_layer + 1, layers_) : layers_;
+  }
   Sequence& get(SeqId seq);
   const Sequence& get(SeqId seq) const;
   const HeadSpec& spec(int layer, int head) const { return profile_.at(layer, head); }
@@ -145,6 +150,7 @@ class PagedKvCache : public KvCache {
   std::map<SeqId, Sequence> seqs_;
   std::vector<LayerPlan> plans_;            // valid between begin_forward and end_forward
   std::vector<std::vector<int32_t>> rows_;  // [layer][token * kv_heads + head]: write rows
+  int stored_layers_ = 0;  // of the current forward: write() of deeper layers keeps nothing
   std::vector<SeqId> batch_seqs_;
   Tensor batch_positions_;
   Tensor token_positions_;  // [T * kv_heads, 1] i32: position of each written row

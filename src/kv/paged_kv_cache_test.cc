@@ -673,3 +673,49 @@ TEST(PagedKvCache, ForkSharesPagesAndCopiesOnWrite) {
 
 }  // namespace
 }  // namespace redknot
+
+namespace redknot {
+namespace {
+
+// Batch::last_stored_layer: deeper layers (local heads only) keep no slot for the batch's tokens
+// and take no pages for them; a global head past the limit refuses the batch, changing nothing.
+TEST(PagedKvCache, LastStoredLayerKeepsDeeperLayersEmpty) {
+  register_builtin_backends();
+  auto backend = create_backend("cpu");
+  HeadProfile p(kLayers, kKvHeads);
+  for (int h = 0; h < kKvHeads; ++h) p.at(1, h) = {HeadClass::Local, 4, 0};
+  PagePool pool(*backend, 64, 4, kDim);
+  PagedKvCache kv(pool, p, {0.5f}, Tensor::from_f32(InvFreq(), {kDim / 2}));
+  kv.add_sequence(0);
+  Batch b;
+  b.add_sequence(0, std::vector<int32_t>(10, 1), 0, false);
+  b.last_stored_layer = 0;
+  Tensor pos = Tensor::from_i32(b.positions, {10});
+  const int free_before = pool.num_free();
+  kv.begin_forward(b, pos);
+  kv.end_forward();
+  EXPECT_EQ(kv.next_position(0), 10);
+  EXPECT_EQ(pool.num_free(), free_before - kKvHeads * 3);  // layer 0 only: 10 tokens, pages of 4
+  for (int h = 0; h < kKvHeads; ++h) {
+    EXPECT_EQ(kv.slot_rows(0, 0, h).size(), 10u);
+    EXPECT_TRUE(kv.slot_rows(0, 1, h).empty()) << "head " << h;
+  }
+  // The next tokens are stored everywhere again.
+  Batch next;
+  next.add_sequence(0, {1, 1}, 10);
+  Tensor pos2 = Tensor::from_i32(next.positions, {2});
+  kv.begin_forward(next, pos2);
+  kv.end_forward();
+  for (int h = 0; h < kKvHeads; ++h) EXPECT_EQ(kv.slot_rows(0, 1, h).size(), 2u);
+  // A global head past the limit: refused before anything changes.
+  HeadProfile g(kLayers, kKvHeads);
+  PagedKvCache kv_g(pool, g, {0.5f}, Tensor::from_f32(InvFreq(), {kDim / 2}));
+  kv_g.add_sequence(0);
+  const int free_g = pool.num_free();
+  EXPECT_THROW(kv_g.begin_forward(b, pos), Error);
+  EXPECT_EQ(pool.num_free(), free_g);
+  EXPECT_EQ(kv_g.next_position(0), 0);
+}
+
+}  // namespace
+}  // namespace redknot

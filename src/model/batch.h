@@ -24,6 +24,10 @@ struct Batch {
   // Selective recompute: every position is already cached in its sequence; the forward
   // replaces those tokens' K/V in place instead of appending (CacheBlend, EPIC).
   bool overwrite = false;
+  // >= 0: no later token reads these tokens' K/V past this layer (dead-row skipping,
+  // ForwardOptions::kv_only_from_layer), so a store may keep nothing for them in deeper layers
+  // (which hold only local heads). -1: every layer.
+  int32_t last_stored_layer = -1;
 
   int64_t size() const { return static_cast<int64_t>(tokens.size()); }
 

@@ -207,8 +207,15 @@ Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opt
   backend_.copy_from_host(pos, Tensor::from_i32(batch.positions, {T}));
 
   // Refused before begin_forward, so a bad request leaves the cache as it was.
-  if (opts.kv_only_from_layer >= 0) check_kv_only(opts.kv_only_from_layer, kv.head_profile());
-  kv.begin_forward(batch, pos);
+  if (opts.kv_only_from_layer >= 0) {
+    check_kv_only(opts.kv_only_from_layer, kv.head_profile());
+    // Deeper layers need not keep these rows at all (their placeholders are never read).
+    Batch limited = batch;
+    limited.last_stored_layer = opts.kv_only_from_layer;
+    kv.begin_forward(limited, pos);
+  } else {
+    kv.begin_forward(batch, pos);
+  }
   struct EndForward {  // leave the cache consistent on exceptions too
     KvCache& kv;
     ~EndForward() { kv.end_forward(); }
@@ -249,11 +256,18 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
   }
   const int kv_only = opts.kv_only_from_layer;
   Tensor zero_kv;  // K/V placeholders of the layers past kv_only (local heads only)
+  // A dense FFN's output waits in block_out to be added to x by the next norm (fused add +
+  // RMSNorm: one pass over x fewer per layer).
+  bool pending = false;
   for (int l = 0; l < num_layers; ++l) {
     if (kv_only >= 0 && l >= kv_only) {
       const int64_t nkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
       if (l == kv_only) {
-        backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
+        if (pending)
+          backend_.add_rmsnorm(x, block_out, layers_[l].attn_norm, eps, normed);
+        else
+          backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
+        pending = false;
         Tensor k3 = backend_.alloc_uninit(act, {T, nkv, hd});
         Tensor v3 = backend_.alloc_uninit(act, {T, nkv, hd});
         project_kv(l, normed, pos, k3, v3);
@@ -268,11 +282,14 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
       }
       continue;
     }
-    backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
+    if (pending)
+      backend_.add_rmsnorm(x, block_out, layers_[l].attn_norm, eps, normed);
+    else
+      backend_.rmsnorm(x, layers_[l].attn_norm, eps, normed);
+    pending = false;
     clock.mark("norm+add");
     Tensor attn = attention_block(l, normed, block_out, kv, pos, opts.observer, clock);
-    backend_.add(x, block_out);
-    backend_.rmsnorm(x, layers_[l].ffn_norm, eps, normed);
+    backend_.add_rmsnorm(x, block_out, layers_[l].ffn_norm, eps, normed);
     clock.mark("norm+add");
     int64_t ffn_rows = T;
     const bool sparse = opts.sparse_ffn && !opts.sparse_ffn->dense(l);
@@ -281,8 +298,7 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
     } else {
       ffn_block(l, normed, block_out);
       clock.mark("ffn");
-      backend_.add(x, block_out);
-      clock.mark("norm+add");
+      pending = true;
     }
     if (opts.flops) {
       account_layer(l, batch, *profile, ffn_rows, sparse, *opts.flops);
@@ -296,8 +312,12 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
   if (opts.flops) opts.flops->lm_head += 2.0 * cfg_.hidden_size * cfg_.vocab_size * R;
   Tensor last = backend_.alloc_uninit(act, {R, H});  // logit rows are validated in [0, T)
   if (logits_for_every_row(batch)) {                 // decode steps: no row list to upload
-    backend_.rmsnorm(x, final_norm_, eps, last);
+    if (pending)
+      backend_.add_rmsnorm(x, block_out, final_norm_, eps, last);
+    else
+      backend_.rmsnorm(x, final_norm_, eps, last);
   } else {
+    if (pending) backend_.add(x, block_out);
     std::vector<int32_t> rows(batch.logit_rows.begin(), batch.logit_rows.end());
     Tensor rows_dev = backend_.alloc_uninit(DType::I32, {R});
     backend_.copy_from_host(rows_dev, Tensor::from_i32(rows, {R}));
@@ -341,9 +361,14 @@ bool Model::recordable(const Batch& batch, const KvCache& kv, const ForwardOptio
 
 Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts) {
   const int64_t T = batch.size();
-  // Capacity in powers of two: a sequence growing by a token a step re-records rarely.
-  int64_t capacity = 64;
-  for (const int64_t need = kv.plan_capacity(batch); capacity < need;) capacity *= 2;
+  // Capacity rounded up to 1/8 of its power of two: sequences growing by a token a step
+  // re-record rarely (every ~12% of growth), and the decode kernel, which sizes its split-KV
+  // from the capacity, does at most ~12% more splits than the eager step would.
+  const int64_t need = kv.plan_capacity(batch);
+  int64_t pow2 = 64;
+  while (pow2 * 2 <= need) pow2 *= 2;
+  const int64_t step = std::max<int64_t>(8, pow2 / 8);
+  const int64_t capacity = std::max<int64_t>(64, (need + step - 1) / step * step);
   DecodeGraph* g = nullptr;
   for (auto it = graphs_.begin(); it != graphs_.end();) {
     if (!(*it)->storage || !kv.plan_storage_fits(*(*it)->storage)) {

@@ -447,6 +447,32 @@ class CudaBackend : public Backend {
     });
   }
 
+  // x, y, out: [R, C] (act dtype); weight: [C]
+  void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                   Tensor& out) override {
+    expect_cuda("add_rmsnorm", "x", x);
+    expect_cuda("add_rmsnorm", "y", y);
+    expect_cuda("add_rmsnorm", "weight", weight);
+    expect_shape("add_rmsnorm", "y", y, x.shape());
+    expect_dtype("add_rmsnorm", "y", y, x.dtype());
+    expect_shape("add_rmsnorm", "out", out, x.shape());
+    expect_dtype("add_rmsnorm", "out", out, x.dtype());
+    if (weight.numel() != x.cols())
+      throw Error("add_rmsnorm: weight " + weight.describe() + " does not match x " + x.describe());
+    if (out.raw() == x.raw() || out.raw() == y.raw())
+      throw Error("add_rmsnorm: out must not alias x or y (" + out.describe() + ")");
+    if (x.rows() == 0) return;
+    dispatch_act("add_rmsnorm", x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      dispatch_act("add_rmsnorm", weight.dtype(), [&](auto w_tag) {
+        using TW = decltype(w_tag);
+        cuda::add_rmsnorm_kernel<T, TW><<<x.rows(), 256, 0, stream_>>>(
+            x.data<T>(), y.data<T>(), weight.data<TW>(), eps, x.cols(), out.data<T>());
+        launch_check("add_rmsnorm_kernel");
+      });
+    });
+  }
+
   // x: [rows, cols] (act dtype); out: [rows] f32
   void row_l2norm(const Tensor& x, Tensor& out) override {
     expect_cuda("row_l2norm", "x", x);

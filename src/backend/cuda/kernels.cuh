@@ -87,6 +87,29 @@ __global__ void rmsnorm_kernel(const T* x, const TW* w, float eps, int64_t cols,
     yr[c] = from_f32<T>(to_f32(xr[c]) * inv_rms * to_f32(w[c]));
 }
 
+// One block per row: x += y (stored as T), then out = x * rsqrt(mean(x^2) + eps) * w from the
+// stored values: bit-identical to add_kernel then rmsnorm_kernel (same rounding, same per-thread
+// summation order), one pass fewer over x. Each thread re-reads only the elements it wrote.
+// x, y, out: [R, C]; w: [C]
+template <typename T, typename TW>
+__global__ void add_rmsnorm_kernel(T* x, const T* y, const TW* w, float eps, int64_t cols, T* out) {
+  __shared__ float scratch[32];
+  T* xr = x + blockIdx.x * cols;
+  const T* yr = y + blockIdx.x * cols;
+  T* orow = out + blockIdx.x * cols;
+  float sum_sq = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const T s = from_f32<T>(to_f32(xr[c]) + to_f32(yr[c]));
+    xr[c] = s;
+    const float v = to_f32(s);
+    sum_sq += v * v;
+  }
+  sum_sq = block_sum(sum_sq, scratch);
+  const float inv_rms = rsqrtf(sum_sq / static_cast<float>(cols) + eps);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+    orow[c] = from_f32<T>(to_f32(xr[c]) * inv_rms * to_f32(w[c]));
+}
+
 // out[r] = ||x[r, :]||_2 in f32 (Sparse FFN token importance); one block per row.
 template <typename T>
 __global__ void row_l2norm_kernel(const T* x, int64_t cols, float* out) {
