@@ -30,7 +30,10 @@ struct ServeArgs {
   int32_t max_batch = 32, max_queue = 256, step_tokens = 0, page_size = 64, threads = 0;
   int64_t kv_budget = 0;
   double gpu_memory_fraction = 0;
-  bool batch_invariant = true;
+  // "auto": on for the CPU backend, off for CUDA, whose attention kernels pick split-KV and
+  // tile shapes per batch (row-at-a-time matmuls there would cost ~100x and still not make a
+  // request's logits independent of its batch).
+  std::string batch_invariant = "auto";
   bool sparse_ffn = true;             // redknot mode's Sparse FFN (SPEC §4)
   bool skip_dead_rows = true;         // redknot mode: dead-row skipping past the last global layer
   bool query_full_attention = false;  // redknot mode: the query's rows attend with every head
@@ -51,7 +54,9 @@ int run_serve(const ServeArgs& a) {
   Checkpoint ckpt = load_checkpoint(a.model);
   std::unique_ptr<Backend> backend = create_backend(a.backend);
   std::unique_ptr<Backend> wrapped;
-  if (a.batch_invariant) wrapped = std::make_unique<BatchInvariantBackend>(*backend);
+  const bool batch_invariant =
+      a.batch_invariant == "auto" ? a.backend != "cuda" : a.batch_invariant == "true";
+  if (batch_invariant) wrapped = std::make_unique<BatchInvariantBackend>(*backend);
   Model model(ckpt, wrapped ? *wrapped : *backend);
   std::unique_ptr<Tokenizer> tok = load_tokenizer_for(a.model, &ckpt);
   if (!tok) throw Error(a.model + ": no tokenizer found; the server needs one");
@@ -116,7 +121,7 @@ int run_serve(const ServeArgs& a) {
   o.head_profile = a.head_profile;
   o.chunk_store_dir = a.chunk_store_dir;
   o.reuse_mode = a.reuse_mode;
-  o.batch_invariant = a.batch_invariant;
+  o.batch_invariant = batch_invariant;
   if (chunks) o.chunk_stats = [&chunks] { return chunks->stats(); };
   std::filesystem::path p(a.model);
   if (p.filename().empty()) p = p.parent_path();  // "dir/"
@@ -162,7 +167,9 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   c->add_option("--threads", a->threads, "HTTP worker threads (0: automatic)");
   c->add_option("--batch-invariant", a->batch_invariant,
-                "row-at-a-time matmuls so batching never changes a request's output");
+                "auto | true | false: row-at-a-time matmuls so that batching never changes a "
+                "request's output (auto: on for cpu, off for cuda)")
+      ->check(CLI::IsMember({"auto", "true", "false"}));
   c->add_option("--chunk-store-dir", a->chunk_store_dir,
                 "disk tier of the chunk store (cached segments survive restarts)");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes,
