@@ -288,7 +288,7 @@ void upload_words(Backend& backend, const std::vector<int32_t>& host, int64_t n,
 }  // namespace
 
 int64_t PagedKvCache::plan_capacity(const Batch& batch) const {
-  if (batch.overwrite || batch.size() == 0) return -1;
+  if (batch.overwrite || batch.size() == 0 || batch.last_stored_layer >= 0) return -1;
   for (const SeqSpan& sp : batch.spans)
     if (sp.count != 1 || !has_sequence(sp.seq) || get(sp.seq).full_until >= 0) return -1;
   int64_t most = 0;  // page entries of the fullest layer once the batch's slots exist

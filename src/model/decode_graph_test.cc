@@ -188,6 +188,9 @@ TEST_F(DecodeGraphs, PlanStorageRefusesOtherShapes) {
   model.forward(prompt, kv);
   Batch step;
   step.add_sequence(0, {5}, kv.next_position(0));
+  Batch dead_rows = step;
+  dead_rows.last_stored_layer = 0;
+  EXPECT_EQ(kv.plan_capacity(dead_rows), -1);  // stores fewer layers: not a decode step
   const int64_t need = kv.plan_capacity(step);
   EXPECT_EQ(need, int64_t{3} * cfg_.num_kv_heads);  // 21 tokens in pages of 8, per head
   auto small = kv.make_plan_storage(1, need - 1);
