@@ -677,6 +677,7 @@ struct DecodeRow {
   std::string shape;
   int64_t batch = 0, context = 0, steps = 0;
   double eager_ms = 0, graph_ms = 0;  // medians per step (host logits of every sequence)
+  double greedy_ms = 0;               // graphs, argmax on the device (ids to the host)
   double max_diff = 0;                // |logits| difference of one step run both ways
   bool argmax_equal = false;
   int64_t recorded = 0;
@@ -732,16 +733,22 @@ std::vector<DecodeRow> run_decode(Model& model, const std::string& shape, const 
           b.add_sequence(static_cast<SeqId>(s), {next[s]}, kv.next_position(static_cast<SeqId>(s)));
         return b;
       };
-      // One step (greedy: next becomes its argmax); returns ms to the host logits.
-      auto step = [&](bool graphs, Tensor* logits) {
-        model.set_decode_graphs(graphs);
+      // One greedy step (mode 0: eager, 1: graphs, 2: graphs + device argmax); returns ms to
+      // the host logits (or ids).
+      auto step = [&](int mode) {
+        model.set_decode_graphs(mode >= 1);
         const Batch b = batch();
         backend.synchronize();
         const auto t0 = Clock::now();
+        if (mode == 2) {
+          const std::vector<int32_t> ids = model.forward_greedy(b, kv);
+          const double ms = seconds_since(t0) * 1e3;
+          for (int64_t s = 0; s < B; ++s) next[s] = ids.at(s);
+          return ms;
+        }
         Tensor l = model.forward(b, kv);
         const double ms = seconds_since(t0) * 1e3;
         for (int64_t s = 0; s < B; ++s) next[s] = argmax_row(l, s);
-        if (logits) *logits = l;
         return ms;
       };
       // The same step both ways: eager, then its token removed and the step replayed.
@@ -767,11 +774,11 @@ std::vector<DecodeRow> run_decode(Model& model, const std::string& shape, const 
           r.max_diff = std::max(r.max_diff, d);
         }
       }
-      for (const bool graphs : {false, true}) {
-        for (int i = 0; i < 3; ++i) step(graphs, nullptr);  // warm-up (and any re-recording)
+      for (int mode = 0; mode < 3; ++mode) {
+        for (int i = 0; i < 3; ++i) step(mode);  // warm-up (and any re-recording)
         std::vector<double> t;
-        for (int i = 0; i < a.decode_steps; ++i) t.push_back(step(graphs, nullptr));
-        (graphs ? r.graph_ms : r.eager_ms) = median(t);
+        for (int i = 0; i < a.decode_steps; ++i) t.push_back(step(mode));
+        (mode == 0 ? r.eager_ms : mode == 1 ? r.graph_ms : r.greedy_ms) = median(t);
       }
       r.recorded = model.decode_graph_stats().recorded;
       model.set_decode_graphs(false);  // drops the recordings (their plan storage) with the cache
@@ -780,11 +787,11 @@ std::vector<DecodeRow> run_decode(Model& model, const std::string& shape, const 
       model.set_decode_graphs(false);
     }
     std::printf(
-        "decode %s batch=%lld context=%lld: %seager %.3f ms/step, graphs %.3f ms/step, "
-        "max |dlogit| %.3g, argmax %s\n",
+        "decode %s batch=%lld context=%lld: %seager %.3f ms/step, graphs %.3f ms/step, graphs + "
+        "device argmax %.3f ms/step, max |dlogit| %.3g, argmax %s\n",
         shape.c_str(), static_cast<long long>(B), static_cast<long long>(r.context),
         r.error.empty() ? "" : ("FAILED: " + r.error + " ").c_str(), r.eager_ms, r.graph_ms,
-        r.max_diff, r.argmax_equal ? "equal" : "DIFFERS");
+        r.greedy_ms, r.max_diff, r.argmax_equal ? "equal" : "DIFFERS");
     std::fflush(stdout);
     rows.push_back(r);
   }
@@ -990,14 +997,16 @@ int main(int argc, char** argv) {
         "global, greedy, median of %d steps, ms to the host logits of every sequence)\n\n",
         a.decode_steps);
     std::printf(
-        "| shape | batch | context | eager ms/step | graphs ms/step | speedup | max abs logit diff "
-        "| argmax equal | recordings |\n|---|---|---|---|---|---|---|---|---|\n");
+        "| shape | batch | context | eager ms/step | graphs ms/step | speedup | graphs + device "
+        "argmax ms/step | speedup | max abs logit diff | argmax equal | recordings |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const DecodeRow& r : decode) {
       if (!r.error.empty()) continue;
-      std::printf("| %s | %lld | %lld | %.3f | %.3f | %.2fx | %.3g | %s | %lld |\n",
+      std::printf("| %s | %lld | %lld | %.3f | %.3f | %.2fx | %.3f | %.2fx | %.3g | %s | %lld |\n",
                   r.shape.c_str(), static_cast<long long>(r.batch),
                   static_cast<long long>(r.context), r.eager_ms, r.graph_ms,
-                  r.graph_ms > 0 ? r.eager_ms / r.graph_ms : 0.0, r.max_diff,
+                  r.graph_ms > 0 ? r.eager_ms / r.graph_ms : 0.0, r.greedy_ms,
+                  r.greedy_ms > 0 ? r.eager_ms / r.greedy_ms : 0.0, r.max_diff,
                   r.argmax_equal ? "yes" : "no", static_cast<long long>(r.recorded));
     }
   }

@@ -96,12 +96,13 @@ TEST_P(CudaRefs, DecodeGraphsEqualEagerSteps) {
   const int64_t V = ck.config.vocab_size;
   constexpr int kSteps = 8;
   // steps[mode][step]: logits of both sequences; tokens[mode]: sequence 0's greedy tokens.
-  std::vector<std::vector<float>> steps[2];
-  std::vector<int32_t> tokens[2];
+  // Mode 2: graphs again, with the argmax taken on the device (forward_greedy).
+  std::vector<std::vector<float>> steps[3];
+  std::vector<int32_t> tokens[3];
   Model::DecodeGraphStats graph_stats;
-  for (int mode = 0; mode < 2; ++mode) {
+  for (int mode = 0; mode < 3; ++mode) {
     Model model(ck, *backend);
-    model.set_decode_graphs(mode == 1);
+    model.set_decode_graphs(mode >= 1);
     KvOptions ko;
     ko.page_size = 16;
     ko.tokens = static_cast<int64_t>(prompt.size()) + 64;
@@ -122,6 +123,11 @@ TEST_P(CudaRefs, DecodeGraphsEqualEagerSteps) {
       tokens[mode].push_back(next[0]);
       Batch b;
       for (int s = 0; s < 2; ++s) b.add_sequence(s, {next[s]}, kv.next_position(s));
+      if (mode == 2) {
+        const std::vector<int32_t> ids = model.forward_greedy(b, kv);
+        next.assign(ids.begin(), ids.end());
+        continue;
+      }
       Tensor l = model.forward(b, kv);
       steps[mode].emplace_back(l.data<float>(), l.data<float>() + 2 * V);
       for (int s = 0; s < 2; ++s) {
@@ -130,7 +136,9 @@ TEST_P(CudaRefs, DecodeGraphsEqualEagerSteps) {
       }
     }
     if (mode == 1) graph_stats = model.decode_graph_stats();
+    if (mode == 2) EXPECT_EQ(model.decode_graph_stats().replayed, kSteps) << name;
   }
+  EXPECT_EQ(tokens[2], tokens[0]) << name << ": device argmax differs from the host's";
   EXPECT_EQ(graph_stats.replayed, kSteps) << "decode steps did not run as graphs";
   EXPECT_GE(graph_stats.recorded, 1);
   double worst = 0;

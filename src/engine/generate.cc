@@ -63,11 +63,12 @@ GenerateResult decode_from(Model& model, KvCache& kv, SeqId seq, std::vector<flo
   const int64_t vocab = cfg.vocab_size;
   if (static_cast<int64_t>(first_logits.size()) != vocab) throw Error("decode: logits size");
   Sampler sampler(opts.sampling);
+  // Greedy steps take the argmax on the device: the ids come back, not [vocab] logits.
+  const bool greedy = opts.sampling.temperature == 0.0f;
   GenerateResult res;
-  std::vector<float> logits = std::move(first_logits);
   auto t1 = std::chrono::steady_clock::now();
+  int32_t next = sampler.sample(first_logits.data(), vocab);
   for (int32_t i = 0; i < opts.max_tokens; ++i) {
-    int32_t next = sampler.sample(logits.data(), vocab);
     res.ids.push_back(next);
     bool is_eos = std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), next) !=
                   cfg.eos_token_ids.end();
@@ -79,8 +80,12 @@ GenerateResult decode_from(Model& model, KvCache& kv, SeqId seq, std::vector<flo
     if (i + 1 == opts.max_tokens) break;
     Batch b;
     b.add_sequence(seq, {next}, kv.next_position(seq));
-    Tensor l = model.forward(b, kv);
-    logits.assign(l.data<float>(), l.data<float>() + vocab);
+    if (greedy) {
+      next = model.forward_greedy(b, kv).at(0);
+    } else {
+      Tensor l = model.forward(b, kv);
+      next = sampler.sample(l.data<float>(), vocab);
+    }
   }
   res.decode_ms = ms_since(t1);
   return res;

@@ -378,9 +378,18 @@ bool Scheduler::step() {
   }
   if (rows.empty()) return false;
 
+  // When every row that samples is greedy, the argmax runs on the device and only the ids come
+  // back ([rows, vocab] logits stay there).
+  bool all_greedy = true;
+  for (const Row& row : rows)
+    if (row.logits && row.r->spec.sampling.temperature != 0.0f) all_greedy = false;
   Tensor logits;
+  std::vector<int32_t> greedy_ids;
   try {
-    logits = model_.forward(batch, cache_);
+    if (all_greedy)
+      greedy_ids = model_.forward_greedy(batch, cache_);
+    else
+      logits = model_.forward(batch, cache_);
   } catch (const OutOfKvMemory& e) {
     // The cache is unchanged: drop the newest request and let the next step retry without it.
     if (running_.size() == 1) {
@@ -411,9 +420,10 @@ bool Scheduler::step() {
     Request& r = *row.r;
     r.fed += row.count;
     if (!row.logits) continue;
-    const float* lp = logits.data<float>() + logit_row * vocab_;
+    const int32_t tok = all_greedy
+                            ? greedy_ids.at(static_cast<size_t>(logit_row))
+                            : r.sampler->sample(logits.data<float>() + logit_row * vocab_, vocab_);
     ++logit_row;
-    const int32_t tok = r.sampler->sample(lp, vocab_);
     r.tokens.push_back(tok);
     ++r.generated;
     ++counters_.generated_tokens;

@@ -201,3 +201,44 @@ TEST_F(DecodeGraphs, PlanStorageRefusesOtherShapes) {
 
 }  // namespace
 }  // namespace redknot
+
+namespace redknot {
+namespace {
+
+// forward_greedy (argmax on the device, recorded or eager) picks what the argmax of forward's
+// host logits picks, for every sequence of every step.
+TEST_F(DecodeGraphs, GreedyIdsEqualArgmaxOfLogits) {
+  for (const bool graphs : {true, false}) {
+    Model with_ids(*ckpt_, *backend_), with_logits(*ckpt_, *backend_);
+    with_ids.set_decode_graphs(graphs);
+    with_logits.set_decode_graphs(false);
+    const HeadProfile profile = Profile();
+    PagePool pool_a(*backend_, 128, 8, static_cast<int32_t>(cfg_.head_dim));
+    PagePool pool_b(*backend_, 128, 8, static_cast<int32_t>(cfg_.head_dim));
+    PagedKvCache kv_a(pool_a, profile, {0.25f}, with_ids.inv_freq());
+    PagedKvCache kv_b(pool_b, profile, {0.25f}, with_logits.inv_freq());
+    std::vector<int32_t> next = {7, 300};
+    for (SeqId s = 0; s < 2; ++s) {
+      kv_a.add_sequence(s);
+      kv_b.add_sequence(s);
+      Batch b;
+      b.add_sequence(s, std::vector<int32_t>(20 + 13 * s, 5 + s), 0);
+      EXPECT_EQ(with_ids.forward_greedy(b, kv_a).at(0), Argmax(with_logits.forward(b, kv_b), 0));
+    }
+    for (int step = 0; step < 12; ++step) {
+      Batch b;
+      for (SeqId s = 0; s < 2; ++s) b.add_sequence(s, {next[s]}, kv_a.next_position(s));
+      const std::vector<int32_t> ids = with_ids.forward_greedy(b, kv_a);
+      const Tensor logits = with_logits.forward(b, kv_b);
+      ASSERT_EQ(ids.size(), 2u);
+      for (int s = 0; s < 2; ++s) {
+        EXPECT_EQ(ids[s], Argmax(logits, s)) << "step " << step << " seq " << s;
+        next[s] = ids[s];
+      }
+    }
+    EXPECT_EQ(with_ids.decode_graph_stats().replayed, graphs ? 12 : 0);
+  }
+}
+
+}  // namespace
+}  // namespace redknot

@@ -196,8 +196,27 @@ bool logits_for_every_row(const Batch& batch) {
 }  // namespace
 
 Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opts) {
+  return step(batch, kv, opts, /*greedy=*/false);
+}
+
+std::vector<int32_t> Model::forward_greedy(const Batch& batch, KvCache& kv,
+                                           const ForwardOptions& opts) {
+  const Tensor ids = step(batch, kv, opts, /*greedy=*/true);  // [R] f32 holding token ids
+  std::vector<int32_t> out(static_cast<size_t>(ids.numel()));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<int32_t>(ids.data<float>()[i]);
+  return out;
+}
+
+// The argmax of each logits row on the device, as a host f32 tensor (ids < 2^24 are exact).
+// logits: [R, vocab] f32 on the backend; out: [R] i32 on the backend (written)
+Tensor Model::device_argmax(const Tensor& logits, Tensor& out) {
+  backend_.argmax(logits, out);
+  return out;
+}
+
+Tensor Model::step(const Batch& batch, KvCache& kv, const ForwardOptions& opts, bool greedy) {
   batch.validate(cfg_.vocab_size);
-  if (recordable(batch, kv, opts)) return forward_recorded(batch, kv, opts);
+  if (recordable(batch, kv, opts)) return forward_recorded(batch, kv, opts, greedy);
   StageClock clock(backend_, opts.stage_times);
   const int64_t T = batch.size();
   // Activations and uploads are written in full before they are read: no zero fill.
@@ -224,7 +243,11 @@ Tensor Model::forward(const Batch& batch, KvCache& kv, const ForwardOptions& opt
   Tensor logits = run_layers(batch, kv, ids, pos, opts, clock);
   if (logits.empty()) {
     clock.mark("flops_ledger");
-    return Tensor::host(DType::F32, {0, cfg_.vocab_size});
+    return greedy ? Tensor::host(DType::F32, {0}) : Tensor::host(DType::F32, {0, cfg_.vocab_size});
+  }
+  if (greedy) {
+    Tensor best = backend_.alloc_uninit(DType::I32, {logits.dim(0)});
+    return backend_.to_host_f32(device_argmax(logits, best));
   }
   Tensor host_logits = backend_.to_host_f32(logits);
   clock.mark("lm_head");
@@ -336,8 +359,10 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
 struct Model::DecodeGraph {
   int64_t seqs = 0, capacity = 0;
   std::shared_ptr<PlanStorage> storage;
-  Tensor ids, pos;  // [seqs] i32 on the backend: the step's inputs, refilled before each replay
-  Tensor logits;    // [seqs, vocab] f32 on the backend: written by each replay
+  Tensor ids, pos;      // [seqs] i32 on the backend: the step's inputs, refilled before each replay
+  bool greedy = false;  // the recording ends with the argmax of each row into `best`
+  Tensor logits;        // [seqs, vocab] f32 on the backend: written by each replay
+  Tensor best;          // [seqs] i32 on the backend (greedy recordings)
   KvCache* kv = nullptr;  // the step's cache (the recorded body's host code reads it)
   std::unique_ptr<RecordedWork> work;
   int64_t last_use = 0;
@@ -359,7 +384,8 @@ bool Model::recordable(const Batch& batch, const KvCache& kv, const ForwardOptio
   return kv.plan_capacity(batch) > 0;
 }
 
-Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts) {
+Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts,
+                               bool greedy) {
   const int64_t T = batch.size();
   // Capacity rounded up to 1/8 of its power of two: sequences growing by a token a step
   // re-record rarely (every ~12% of growth), and the decode kernel, which sizes its split-KV
@@ -367,15 +393,15 @@ Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOpt
   const int64_t need = kv.plan_capacity(batch);
   int64_t pow2 = 64;
   while (pow2 * 2 <= need) pow2 *= 2;
-  const int64_t step = std::max<int64_t>(8, pow2 / 8);
-  const int64_t capacity = std::max<int64_t>(64, (need + step - 1) / step * step);
+  const int64_t granule = std::max<int64_t>(8, pow2 / 8);
+  const int64_t capacity = std::max<int64_t>(64, (need + granule - 1) / granule * granule);
   DecodeGraph* g = nullptr;
   for (auto it = graphs_.begin(); it != graphs_.end();) {
     if (!(*it)->storage || !kv.plan_storage_fits(*(*it)->storage)) {
       it = graphs_.erase(it);  // made for a cache that is gone or changed
       continue;
     }
-    if ((*it)->seqs == T && (*it)->capacity == capacity) g = it->get();
+    if ((*it)->seqs == T && (*it)->capacity == capacity && (*it)->greedy == greedy) g = it->get();
     ++it;
   }
   if (g == nullptr) {
@@ -387,13 +413,15 @@ Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOpt
     auto fresh = std::make_unique<DecodeGraph>();
     fresh->seqs = T;
     fresh->capacity = capacity;
+    fresh->greedy = greedy;
     fresh->storage = kv.make_plan_storage(static_cast<int32_t>(T), capacity);
     if (!fresh->storage) {
       graphs_on_ = false;
-      return forward(batch, kv, opts);
+      return step(batch, kv, opts, greedy);
     }
     fresh->ids = backend_.alloc(DType::I32, {T});
     fresh->pos = backend_.alloc(DType::I32, {T});
+    if (greedy) fresh->best = backend_.alloc(DType::I32, {T});
     graphs_.push_back(std::move(fresh));
     g = graphs_.back().get();
   }
@@ -412,6 +440,7 @@ Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOpt
     g->work = backend_.record([this, g, shape = batch] {
       StageClock none(backend_, nullptr);
       g->logits = run_layers(shape, *g->kv, g->ids, g->pos, ForwardOptions{}, none);
+      if (g->greedy) device_argmax(g->logits, g->best);
     });
     if (!g->work) {  // this backend cannot record: this step and the later ones run eagerly
       graphs_on_ = false;
@@ -419,9 +448,10 @@ Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOpt
       ForwardOptions plain;
       plain.flops = opts.flops;
       const Tensor ids = g->ids, pos = g->pos;
+      Tensor best = g->best;
       Tensor logits = run_layers(batch, kv, ids, pos, plain, none);
       graphs_.clear();
-      return backend_.to_host_f32(logits);
+      return backend_.to_host_f32(greedy ? device_argmax(logits, best) : logits);
     }
     ++graph_stats_.recorded;
   }
@@ -435,7 +465,7 @@ Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOpt
       account_layer(l, batch, profile, T, false, *opts.flops);
     opts.flops->lm_head += 2.0 * cfg_.hidden_size * cfg_.vocab_size * T;
   }
-  return backend_.to_host_f32(g->logits);
+  return backend_.to_host_f32(greedy ? g->best : g->logits);
 }
 
 }  // namespace redknot

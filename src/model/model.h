@@ -64,6 +64,10 @@ class Model {
   // batch.logit_rows as a host f32 tensor [logit_rows, vocab]. Throws OutOfKvMemory (KV
   // unchanged) when the cache cannot take the batch, Error on invalid tokens/positions.
   Tensor forward(const Batch& batch, KvCache& kv, const ForwardOptions& opts);
+  // The same forward with the argmax of each logit row taken on the device (greedy decoding):
+  // only the token ids, one per batch.logit_rows entry, come back to the host.
+  std::vector<int32_t> forward_greedy(const Batch& batch, KvCache& kv,
+                                      const ForwardOptions& opts = {});
   Tensor forward(const Batch& batch, KvCache& kv, ForwardObserver* observer = nullptr) {
     ForwardOptions o;
     o.observer = observer;
@@ -94,8 +98,11 @@ class Model {
   // backend; empty when none are computed). ids, pos: [T] i32 on the backend.
   Tensor run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, const Tensor& pos,
                     const ForwardOptions& opts, StageClock& clock);
+  // forward / forward_greedy: host logits [R, vocab], or (greedy) the row argmaxes as [R] f32.
+  Tensor step(const Batch& batch, KvCache& kv, const ForwardOptions& opts, bool greedy);
+  Tensor device_argmax(const Tensor& logits, Tensor& out);
   bool recordable(const Batch& batch, const KvCache& kv, const ForwardOptions& opts) const;
-  Tensor forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts);
+  Tensor forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts, bool greedy);
   // FLOPs of one layer over `batch` (ffn_rows rows through the FFN).
   void account_layer(int layer, const Batch& batch, const HeadProfile& profile, int64_t ffn_rows,
                      bool sparse, FlopsLedger& ledger) const;
