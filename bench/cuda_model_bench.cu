@@ -780,6 +780,22 @@ std::vector<DecodeRow> run_decode(Model& model, const std::string& shape, const 
         for (int i = 0; i < a.decode_steps; ++i) t.push_back(step(mode));
         (mode == 0 ? r.eager_ms : mode == 1 ? r.graph_ms : r.greedy_ms) = median(t);
       }
+      if (a.stage_profile) {  // one eager step with a sync after each stage
+        model.set_decode_graphs(false);
+        StageTimes st;
+        ForwardOptions fo;
+        fo.stage_times = &st;
+        const Batch b = batch();
+        backend.synchronize();
+        const auto t0 = Clock::now();
+        Tensor l = model.forward(b, kv, fo);
+        const double wall = seconds_since(t0) * 1e3;
+        for (int64_t s = 0; s < B; ++s) next[s] = argmax_row(l, s);
+        std::printf("stages decode %s batch=%lld (wall %.3f ms, a sync after each stage):\n",
+                    shape.c_str(), static_cast<long long>(B), wall);
+        for (const auto& [stage, v] : st.ms)
+          std::printf("  %-20s %8.3f ms  %5.1f%%\n", stage.c_str(), v, 100.0 * v / wall);
+      }
       r.recorded = model.decode_graph_stats().recorded;
       model.set_decode_graphs(false);  // drops the recordings (their plan storage) with the cache
     } catch (const std::exception& e) {

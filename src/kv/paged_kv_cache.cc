@@ -337,19 +337,21 @@ void PagedKvCache::build_plans(const Batch& batch, PagedPlanStorage* storage) {
         throw Error("paged KV cache: a full-attention pass must run its sequence alone");
       full_until = get(sp.seq).full_until;
     }
+  std::vector<const Sequence*> in_batch;  // looked up once (this runs every decode step)
+  for (const SeqSpan& sp : batch.spans) in_batch.push_back(&get(sp.seq));
   std::vector<int64_t> capacity(layers_, 0);
   for (int l = 0; l < layers_; ++l) {
     if (storage) {
       capacity[l] = storage->capacity;
       continue;
     }
-    for (const SeqSpan& sp : batch.spans)
+    for (const Sequence* s : in_batch)
       for (int h = 0; h < heads_; ++h)
-        capacity[l] += static_cast<int64_t>(get(sp.seq).tables[l * heads_ + h].pages.size());
+        capacity[l] += static_cast<int64_t>(s->tables[l * heads_ + h].pages.size());
   }
   const PlanLayout layout(seqs, T, heads_, capacity, stored_layers(batch));
-  std::vector<int32_t> local;
-  std::vector<int32_t>& w = storage ? storage->host : local;
+  // Staged in a kept buffer: a fresh one per forward costs its page faults every step.
+  std::vector<int32_t>& w = storage ? storage->host : plan_words_;
   w.resize(static_cast<size_t>(layout.words));
   int32_t* words = w.data();
 
@@ -363,10 +365,9 @@ void PagedKvCache::build_plans(const Batch& batch, PagedPlanStorage* storage) {
     int64_t n = 0;
     words[pl.indptr] = 0;
     int64_t item = 0;
-    for (const SeqSpan& sp : batch.spans) {
-      const Sequence& s = get(sp.seq);
+    for (const Sequence* s : in_batch) {
       for (int h = 0; h < heads_; ++h) {
-        const HeadTable& t = s.tables[l * heads_ + h];
+        const HeadTable& t = s->tables[l * heads_ + h];
         for (size_t i = 0; i < t.pages.size(); ++i, ++n) {
           words[pl.pages + n] = t.pages[i];
           words[pl.lengths + n] = static_cast<int32_t>(t.positions[i].size());

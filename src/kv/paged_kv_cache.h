@@ -151,6 +151,7 @@ class PagedKvCache : public KvCache {
   std::vector<LayerPlan> plans_;            // valid between begin_forward and end_forward
   std::vector<std::vector<int32_t>> rows_;  // [layer][token * kv_heads + head]: write rows
   int stored_layers_ = 0;  // of the current forward: write() of deeper layers keeps nothing
+  std::vector<int32_t> plan_words_;  // host staging of build_plans (kept between forwards)
   std::vector<SeqId> batch_seqs_;
   Tensor batch_positions_;
   Tensor token_positions_;  // [T * kv_heads, 1] i32: position of each written row
