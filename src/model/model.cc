@@ -216,7 +216,8 @@ Tensor Model::device_argmax(const Tensor& logits, Tensor& out) {
 
 Tensor Model::step(const Batch& batch, KvCache& kv, const ForwardOptions& opts, bool greedy) {
   batch.validate(cfg_.vocab_size);
-  if (recordable(batch, kv, opts)) return forward_recorded(batch, kv, opts, greedy);
+  if (const int64_t need = recordable(batch, kv, opts); need > 0)
+    return forward_recorded(batch, kv, opts, greedy, need);
   StageClock clock(backend_, opts.stage_times);
   const int64_t T = batch.size();
   // Activations and uploads are written in full before they are read: no zero fill.
@@ -375,22 +376,21 @@ void Model::set_decode_graphs(bool on) {
   if (!on) graphs_.clear();
 }
 
-bool Model::recordable(const Batch& batch, const KvCache& kv, const ForwardOptions& opts) const {
+int64_t Model::recordable(const Batch& batch, const KvCache& kv, const ForwardOptions& opts) const {
   if (!graphs_on_ || opts.observer || opts.num_layers >= 0 || opts.kv_only_from_layer >= 0 ||
       opts.stage_times || opts.sparse_ffn)
-    return false;
+    return -1;
   const int64_t T = batch.size();
-  if (T == 0 || T > kMaxRecordedSeqs || !logits_for_every_row(batch)) return false;
-  return kv.plan_capacity(batch) > 0;
+  if (T == 0 || T > kMaxRecordedSeqs || !logits_for_every_row(batch)) return -1;
+  return kv.plan_capacity(batch);
 }
 
 Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts,
-                               bool greedy) {
+                               bool greedy, int64_t need) {
   const int64_t T = batch.size();
   // Capacity rounded up to 1/8 of its power of two: sequences growing by a token a step
   // re-record rarely (every ~12% of growth), and the decode kernel, which sizes its split-KV
   // from the capacity, does at most ~12% more splits than the eager step would.
-  const int64_t need = kv.plan_capacity(batch);
   int64_t pow2 = 64;
   while (pow2 * 2 <= need) pow2 *= 2;
   const int64_t granule = std::max<int64_t>(8, pow2 / 8);

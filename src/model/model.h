@@ -101,8 +101,10 @@ class Model {
   // forward / forward_greedy: host logits [R, vocab], or (greedy) the row argmaxes as [R] f32.
   Tensor step(const Batch& batch, KvCache& kv, const ForwardOptions& opts, bool greedy);
   Tensor device_argmax(const Tensor& logits, Tensor& out);
-  bool recordable(const Batch& batch, const KvCache& kv, const ForwardOptions& opts) const;
-  Tensor forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts, bool greedy);
+  // The plan capacity a recorded step of `batch` needs, or <= 0 when it cannot be recorded.
+  int64_t recordable(const Batch& batch, const KvCache& kv, const ForwardOptions& opts) const;
+  Tensor forward_recorded(const Batch& batch, KvCache& kv, const ForwardOptions& opts, bool greedy,
+                          int64_t need);
   // FLOPs of one layer over `batch` (ffn_rows rows through the FFN).
   void account_layer(int layer, const Batch& batch, const HeadProfile& profile, int64_t ffn_rows,
                      bool sparse, FlopsLedger& ledger) const;
