@@ -146,6 +146,15 @@ void PagedKvCache::begin_forward(const Batch& batch, const Tensor& positions,
 
 void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& positions,
                                       PagedPlanStorage* storage) {
+  // Refused before anything (the write rows below included) is sized by it.
+  if (batch.last_stored_layer >= 0) {
+    if (batch.overwrite) throw Error("KV cache: an overwrite batch must store every layer");
+    for (int l = batch.last_stored_layer + 1; l < layers_; ++l)
+      for (int h = 0; h < heads_; ++h)
+        if (spec(l, h).cls == HeadClass::Global)
+          throw Error("KV cache: layer " + std::to_string(l) +
+                      " has a global head; it must store every token");
+  }
   plans_.clear();
   batch_seqs_.clear();
   const int64_t T = batch.size();
@@ -183,14 +192,6 @@ void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& position
     }
   }
   // Validate and count first: a refused batch leaves everything unchanged.
-  if (batch.last_stored_layer >= 0) {
-    if (batch.overwrite) throw Error("KV cache: an overwrite batch must store every layer");
-    for (int l = batch.last_stored_layer + 1; l < layers_; ++l)
-      for (int h = 0; h < heads_; ++h)
-        if (spec(l, h).cls == HeadClass::Global)
-          throw Error("KV cache: layer " + std::to_string(l) +
-                      " has a global head; it must store every token");
-  }
   for (const SeqSpan& sp : batch.spans) {
     const Sequence& s = get(sp.seq);
     if (!batch.overwrite && batch.positions[sp.begin] < s.next_pos())

@@ -707,6 +707,14 @@ TEST(PagedKvCache, LastStoredLayerKeepsDeeperLayersEmpty) {
   kv.begin_forward(next, pos2);
   kv.end_forward();
   for (int h = 0; h < kKvHeads; ++h) EXPECT_EQ(kv.slot_rows(0, 1, h).size(), 2u);
+  // Overwriting (selective recompute) must store every layer.
+  Batch overwrite;
+  overwrite.add_sequence(0, {1}, 3, false);
+  overwrite.overwrite = true;
+  overwrite.last_stored_layer = 0;
+  Tensor pos3 = Tensor::from_i32(overwrite.positions, {1});
+  EXPECT_THROW(kv.begin_forward(overwrite, pos3), Error);
+  EXPECT_EQ(kv.next_position(0), 12);
   // A global head past the limit: refused before anything changes.
   HeadProfile g(kLayers, kKvHeads);
   PagedKvCache kv_g(pool, g, {0.5f}, Tensor::from_f32(InvFreq(), {kDim / 2}));
