@@ -49,10 +49,22 @@ class RagModel : public ::testing::Test {
 
 TEST_F(RagModel, EveryModeKeepsTheTableOrdering) {
   const EvalReport full = run(ReuseMode::Full);
-  // The shipped run scores 81.0 EM on the whole 4K set with full attention (model card).
+  // The shipped run scores 76.5 EM on the whole 4K set with full attention through this engine
+  // (76.0 in the training script); these 8 samples hold 3 multi-hop answers ("bridge, answer").
   EXPECT_GE(full.em, 0.5) << full.to_json().dump();
   EXPECT_EQ(full.n, 8);
   EXPECT_GT(full.flops, 0);
+  // The per-sample rows (`redknot eval --predictions`) add up to the aggregate.
+  ASSERT_EQ(full.samples.size(), 8u);
+  double em_sum = 0;
+  for (size_t i = 0; i < full.samples.size(); ++i) {
+    const SampleResult& s = full.samples[i];
+    EXPECT_EQ(s.id, samples_[i].id);
+    EXPECT_FALSE(s.id.empty());
+    EXPECT_EQ(s.em, exact_match(s.prediction, samples_[i].answers)) << s.prediction;
+    em_sum += s.em;
+  }
+  EXPECT_DOUBLE_EQ(em_sum / 8, full.em);
 
   // prefix: exact-prefix reuse only, so it answers exactly like full prefill.
   const EvalReport prefix = run(ReuseMode::Prefix);

@@ -20,7 +20,7 @@ namespace redknot::cli {
 
 namespace {
 struct EvalArgs {
-  std::string model, data, mode = "full", head_profile, backend = "cpu", reference;
+  std::string model, data, mode = "full", head_profile, backend = "cpu", reference, predictions;
   int64_t n = 0, chunk_store_bytes = 0;
   int32_t page_size = 64, max_answer_tokens = 16;
   ReuseOptions reuse;
@@ -136,6 +136,21 @@ void save_reference(const std::string& path, uint64_t fp, uint64_t hash, uint64_
     throw Error(path + ": cannot write the reference logits");
 }
 
+// One JSON line per (mode, sample): what each mode answered, for per-sample comparisons.
+void save_predictions(const std::string& path, const std::vector<EvalReport>& reports) {
+  const std::string tmp = path + ".tmp";
+  std::ofstream f(tmp, std::ios::trunc);
+  for (const EvalReport& r : reports)
+    for (const SampleResult& s : r.samples) {
+      nlohmann::json j = s.to_json();
+      j["mode"] = r.mode;
+      f << j.dump() << "\n";
+    }
+  f.close();
+  if (!f || std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw Error(path + ": cannot write the predictions");
+}
+
 int run_eval(const EvalArgs& a) {
   const std::vector<std::string> modes = parse_modes(a.mode);
   LoadedModel m = load_model(a.model, a.backend);
@@ -174,6 +189,7 @@ int run_eval(const EvalArgs& a) {
                                     [](const std::vector<float>& r) { return !r.empty(); });
   if (!a.reference.empty() && !have_ref && complete)
     save_reference(a.reference, fp, hash, V, full_logits);
+  if (!a.predictions.empty()) save_predictions(a.predictions, reports);
   if (a.json) {
     if (reports.size() == 1) {
       std::cout << reports.front().to_json().dump() << "\n";
@@ -223,6 +239,8 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   c->add_option("--page-size", a->page_size)->check(CLI::Range(1, 4096));
   c->add_option("--max-answer-tokens", a->max_answer_tokens)->check(CLI::Range(1, 1024));
+  c->add_option("--predictions", a->predictions,
+                "write one JSON line per mode and sample (id, task, prediction, em, top1_match, ...)");
   c->add_flag("--json", a->json, "print one JSON object (an array for several modes)");
   c->add_flag("--quiet", a->quiet, "no progress on stderr");
   c->callback([a, &action] { action = [a] { return run_eval(*a); }; });

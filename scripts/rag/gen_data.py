@@ -10,7 +10,8 @@ across samples at different positions (as in RAG chunk reuse).
 Task families ("task" field):
   single     one fact, stated in one document, among many distractor facts
   multihop   two facts in two different documents (e.g. person -> employer in a
-             biography, employer -> headquarters in a company report)
+             biography, employer -> headquarters in a company report); the answer is
+             "<bridge>, <final>" (e.g. "Nolo Industries, Kelmar"), so both hops are scored
   needle     haystack of filler documents with one "special magic number"
   dependent  document k ends by introducing "a <role> called <Name>", document
              k+1 starts with "The <role> I met at the end of my previous note
@@ -385,24 +386,27 @@ class World:
             b_text = "Diary, continued. " + b_first + " " + " ".join(b_fill)
             da, db = add(a_text, "diary_dep_a"), add(b_text, "diary_dep_b")
             self.pairs.append((da, db, f"Where did {who} later move to?", city, role))
-        # multihop questions
+        # multihop questions.  The answer names the bridge entity first ("<bridge>, <answer>"): the model
+        # reads hop 1 from the question and hop 2 from its own first words, and exact match needs both hops
+        # right.  (Runs 1-6 asked for the final answer alone, a two-hop retrieval inside one forward pass;
+        # this 7M-parameter model never learned that at 8K: 20 EM.)
         for p in persons:
             i = p_info[p]
             c = i["comp"]
             self.q_multi.append((bio_doc[p], comp_doc[c],
                                  f"In which city is the company that {p} works for headquartered?",
-                                 c_info[c]["hq"], "employer_hq"))
+                                 f"{c}, {c_info[c]['hq']}", "employer_hq"))
             self.q_multi.append((bio_doc[p], comp_doc[c],
                                  f"What is the best-selling product of the company that {p} works for?",
-                                 c_info[c]["product"], "employer_product"))
+                                 f"{c}, {c_info[c]['product']}", "employer_product"))
             self.q_multi.append((bio_doc[p], city_doc[i["born"]],
                                  f"Who is the mayor of the city where {p} was born?",
-                                 city_info[i["born"]]["mayor"], "birthplace_mayor"))
+                                 f"{i['born']}, {city_info[i['born']]['mayor']}", "birthplace_mayor"))
         for c in companies:
             f = c_info[c]["founder"]
             self.q_multi.append((comp_doc[c], bio_doc[f],
                                  f"What is the favourite colour of the person who founded {c}?",
-                                 p_info[f]["colour"], "founder_colour"))
+                                 f"{f}, {p_info[f]['colour']}", "founder_colour"))
         self.fact_docs = sorted(set(q[0] for q in self.q_single) - set(n[0] for n in self.needles))
         self.pair_docs = set()
         for a, b, *_ in self.pairs:

@@ -572,7 +572,7 @@ def generate(model, tok, batch, mode, max_new, dev, stop_ids, dtype):
     return out
 
 
-def evaluate(model, tok, data, dev, modes, dtype, batch_size, max_new=12, deadline=None, tag=""):
+def evaluate(model, tok, data, dev, modes, dtype, batch_size, max_new=16, deadline=None, tag=""):
     enc = [encode_eval(tok, s) for s in data]
     stop_ids = {tok.eos} | {i for i in range(tok.vocab_size) if "\n" in tok.decode([i])}
     order = list(range(len(data)))

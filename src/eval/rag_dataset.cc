@@ -66,6 +66,7 @@ std::vector<RagSample> load_rag_dataset(const std::string& path, int64_t limit) 
       throw Error(where + ": \"question\" must be a string");
     s.question = j["question"];
     if (j.contains("task") && j["task"].is_string()) s.task = j["task"];
+    if (j.contains("id") && j["id"].is_string()) s.id = j["id"];
     if (s.answers.empty()) throw Error(where + ": \"answers\" is empty");
     out.push_back(std::move(s));
     if (limit > 0 && static_cast<int64_t>(out.size()) >= limit) break;

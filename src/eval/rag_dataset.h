@@ -16,6 +16,7 @@ struct RagSample {
   std::string question;
   std::vector<std::string> answers;
   std::string task;  // task family, "" when absent
+  std::string id;    // the sample's "id", "" when absent (reports name rows by it)
 };
 
 // Reads up to `limit` samples (0: all). A bad line is an Error naming file and line number.

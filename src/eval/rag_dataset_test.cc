@@ -42,13 +42,15 @@ TEST(RagMetrics, F1CountsTokenOverlap) {
 TEST(RagDataset, ReadsPlainAndGzip) {
   const std::string text =
       "{\"segments\": [\"doc one\", \"doc two\"], \"question\": \"q?\", \"answers\": [\"a\"], "
-      "\"task\": \"single\"}\n\n"
+      "\"task\": \"single\", \"id\": \"s-1\"}\n\n"
       "{\"segments\": [], \"question\": \"q2\", \"answers\": [\"b\", \"c\"]}\n";
   for (bool gz : {false, true}) {
     auto samples = load_rag_dataset(write_file(gz ? "d.jsonl.gz" : "d.jsonl", text, gz));
     ASSERT_EQ(samples.size(), 2u);
     EXPECT_EQ(samples[0].segments[1], "doc two");
     EXPECT_EQ(samples[0].task, "single");
+    EXPECT_EQ(samples[0].id, "s-1");
+    EXPECT_EQ(samples[1].id, "");
     EXPECT_EQ(samples[1].answers.size(), 2u);
   }
   EXPECT_EQ(load_rag_dataset(write_file("d2.jsonl", text), 1).size(), 1u);

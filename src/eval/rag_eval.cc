@@ -49,6 +49,12 @@ double cosine(const std::vector<float>& a, const std::vector<float>& b) {
   return (na > 0 && nb > 0) ? dot / std::sqrt(na * nb) : 0.0;
 }
 
+nlohmann::json SampleResult::to_json() const {
+  return {{"id", id},           {"task", task},     {"prediction", prediction},
+          {"em", em},           {"f1", f1},         {"top1_match", top1_match},
+          {"logits_cos", logits_cos}, {"ttft_ms", ttft_ms}};
+}
+
 nlohmann::json EvalReport::to_json() const {
   nlohmann::json tasks = nlohmann::json::object();
   for (const auto& [name, t] : per_task)
@@ -182,6 +188,7 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
     r.reused_tokens += got.reused_tokens;
     r.prompt_tokens += prompt.total_tokens();
     ttft.push_back(got.ms);
+    r.samples.push_back({s.id, s.task, pred, em, f1, top1, cos, got.ms});
     if (progress) progress(static_cast<int64_t>(i + 1), static_cast<int64_t>(samples.size()));
   }
   auto avg = [](double& x, int64_t n) { x = n ? x / n : 0; };

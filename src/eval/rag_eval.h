@@ -35,6 +35,13 @@ struct TaskStats {
   double em = 0, f1 = 0, top1_match = 0, logits_cos = 0;
 };
 
+// One sample's outcome, for per-sample reports (`redknot eval --predictions`).
+struct SampleResult {
+  std::string id, task, prediction;
+  double em = 0, f1 = 0, top1_match = 0, logits_cos = 0, ttft_ms = 0;
+  nlohmann::json to_json() const;
+};
+
 struct EvalReport {
   std::string mode;
   int64_t n = 0;
@@ -45,7 +52,8 @@ struct EvalReport {
   int64_t reused_tokens = 0, prompt_tokens = 0;
   ChunkStoreStats chunk_store;
   std::map<std::string, TaskStats> per_task;
-  nlohmann::json to_json() const;
+  std::vector<SampleResult> samples;  // in dataset order
+  nlohmann::json to_json() const;  // the aggregates (not the per-sample rows)
 };
 
 // Runs every sample through opts.reuse.mode. Segments are cached offline first (prefilled alone,
