@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 "$root/scripts/build.sh"
 echo "RedKnot: serving models/redknot-rag-8k on http://127.0.0.1:8080 (Ctrl-C to stop)"
-# The model's head profile: 12 of 16 KV heads local (KV memory per session and reuse recompute
+# The model's head profile: 13 of 16 KV heads local (KV memory per session and reuse recompute
 # shrink); Sparse FFN off because it costs this small model accuracy (docs/benchmarks.md).
 exec "$root/build/redknot" serve --model "$root/models/redknot-rag-8k" --host 127.0.0.1 --port 8080 \
   --head-profile "$root/models/redknot-rag-8k/head_profile.json" --sparse-ffn false "$@"

@@ -239,8 +239,9 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   c->add_option("--page-size", a->page_size)->check(CLI::Range(1, 4096));
   c->add_option("--max-answer-tokens", a->max_answer_tokens)->check(CLI::Range(1, 1024));
-  c->add_option("--predictions", a->predictions,
-                "write one JSON line per mode and sample (id, task, prediction, em, top1_match, ...)");
+  c->add_option(
+      "--predictions", a->predictions,
+      "write one JSON line per mode and sample (id, task, prediction, em, top1_match, ...)");
   c->add_flag("--json", a->json, "print one JSON object (an array for several modes)");
   c->add_flag("--quiet", a->quiet, "no progress on stderr");
   c->callback([a, &action] { action = [a] { return run_eval(*a); }; });

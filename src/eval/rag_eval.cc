@@ -50,9 +50,14 @@ double cosine(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 nlohmann::json SampleResult::to_json() const {
-  return {{"id", id},           {"task", task},     {"prediction", prediction},
-          {"em", em},           {"f1", f1},         {"top1_match", top1_match},
-          {"logits_cos", logits_cos}, {"ttft_ms", ttft_ms}};
+  return {{"id", id},
+          {"task", task},
+          {"prediction", prediction},
+          {"em", em},
+          {"f1", f1},
+          {"top1_match", top1_match},
+          {"logits_cos", logits_cos},
+          {"ttft_ms", ttft_ms}};
 }
 
 nlohmann::json EvalReport::to_json() const {

@@ -53,7 +53,7 @@ struct EvalReport {
   ChunkStoreStats chunk_store;
   std::map<std::string, TaskStats> per_task;
   std::vector<SampleResult> samples;  // in dataset order
-  nlohmann::json to_json() const;  // the aggregates (not the per-sample rows)
+  nlohmann::json to_json() const;     // the aggregates (not the per-sample rows)
 };
 
 // Runs every sample through opts.reuse.mode. Segments are cached offline first (prefilled alone,
