@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -123,32 +124,37 @@ bool load_reference(const std::string& path, uint64_t fp, uint64_t hash, uint64_
   return true;
 }
 
-void save_reference(const std::string& path, uint64_t fp, uint64_t hash, uint64_t V,
-                    const std::vector<std::vector<float>>& rows) {
+// Writes `path` through a temporary file renamed into place, so a crash never leaves half a file.
+void write_replacing(const std::string& path, const std::string& what,
+                     const std::function<void(std::ofstream&)>& write) {
   const std::string tmp = path + ".tmp";
   std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-  const uint64_t hdr[4] = {fp, hash, rows.size(), V};
-  f.write(kRefMagic, 7);
-  f.write(reinterpret_cast<const char*>(hdr), sizeof(hdr));
-  for (const auto& r : rows) f.write(reinterpret_cast<const char*>(r.data()), V * sizeof(float));
+  write(f);
   f.close();
   if (!f || std::rename(tmp.c_str(), path.c_str()) != 0)
-    throw Error(path + ": cannot write the reference logits");
+    throw Error(path + ": cannot write the " + what);
+}
+
+void save_reference(const std::string& path, uint64_t fp, uint64_t hash, uint64_t V,
+                    const std::vector<std::vector<float>>& rows) {
+  write_replacing(path, "reference logits", [&](std::ofstream& f) {
+    const uint64_t hdr[4] = {fp, hash, rows.size(), V};
+    f.write(kRefMagic, 7);
+    f.write(reinterpret_cast<const char*>(hdr), sizeof(hdr));
+    for (const auto& r : rows) f.write(reinterpret_cast<const char*>(r.data()), V * sizeof(float));
+  });
 }
 
 // One JSON line per (mode, sample): what each mode answered, for per-sample comparisons.
 void save_predictions(const std::string& path, const std::vector<EvalReport>& reports) {
-  const std::string tmp = path + ".tmp";
-  std::ofstream f(tmp, std::ios::trunc);
-  for (const EvalReport& r : reports)
-    for (const SampleResult& s : r.samples) {
-      nlohmann::json j = s.to_json();
-      j["mode"] = r.mode;
-      f << j.dump() << "\n";
-    }
-  f.close();
-  if (!f || std::rename(tmp.c_str(), path.c_str()) != 0)
-    throw Error(path + ": cannot write the predictions");
+  write_replacing(path, "predictions", [&](std::ofstream& f) {
+    for (const EvalReport& r : reports)
+      for (const SampleResult& s : r.samples) {
+        nlohmann::json j = s.to_json();
+        j["mode"] = r.mode;
+        f << j.dump() << "\n";
+      }
+  });
 }
 
 int run_eval(const EvalArgs& a) {
