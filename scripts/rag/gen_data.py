@@ -217,7 +217,7 @@ def _interleave(rng, facts, fillers, keep_first=0):
 class World:
     """A consistent set of entities and their documents."""
 
-    def __init__(self, seed, scale=1.0):
+    def __init__(self, seed, scale=1.0, multihop_answer="bridge"):
         rng = random.Random(seed)
         self.rng = rng
         nm = _Names(rng)
@@ -390,23 +390,28 @@ class World:
         # reads hop 1 from the question and hop 2 from its own first words, and exact match needs both hops
         # right.  (Runs 1-6 asked for the final answer alone, a two-hop retrieval inside one forward pass;
         # this 7M-parameter model never learned that at 8K: 20 EM.)
+        # multihop_answer="final" gives runs 1-6's answers (the final one alone): it reproduces the first
+        # call of the shipped model's training, which started from run 4's weights.
+        if multihop_answer not in ("bridge", "final"):
+            raise ValueError(f"multihop_answer must be bridge or final, not {multihop_answer!r}")
+        hop = (lambda bridge, final: f"{bridge}, {final}") if multihop_answer == "bridge" else (lambda bridge, final: final)
         for p in persons:
             i = p_info[p]
             c = i["comp"]
             self.q_multi.append((bio_doc[p], comp_doc[c],
                                  f"In which city is the company that {p} works for headquartered?",
-                                 f"{c}, {c_info[c]['hq']}", "employer_hq"))
+                                 hop(c, c_info[c]['hq']), "employer_hq"))
             self.q_multi.append((bio_doc[p], comp_doc[c],
                                  f"What is the best-selling product of the company that {p} works for?",
-                                 f"{c}, {c_info[c]['product']}", "employer_product"))
+                                 hop(c, c_info[c]['product']), "employer_product"))
             self.q_multi.append((bio_doc[p], city_doc[i["born"]],
                                  f"Who is the mayor of the city where {p} was born?",
-                                 f"{i['born']}, {city_info[i['born']]['mayor']}", "birthplace_mayor"))
+                                 hop(i['born'], city_info[i['born']]['mayor']), "birthplace_mayor"))
         for c in companies:
             f = c_info[c]["founder"]
             self.q_multi.append((comp_doc[c], bio_doc[f],
                                  f"What is the favourite colour of the person who founded {c}?",
-                                 f"{f}, {p_info[f]['colour']}", "founder_colour"))
+                                 hop(f, p_info[f]['colour']), "founder_colour"))
         self.fact_docs = sorted(set(q[0] for q in self.q_single) - set(n[0] for n in self.needles))
         self.pair_docs = set()
         for a, b, *_ in self.pairs:
@@ -418,12 +423,13 @@ def est_len(text, cpt=DEFAULT_CPT):
     return int(math.ceil((len(text) + 2) / cpt))
 
 
-def make_sample(world, task, budget, rng, doc_len=None, q_len=None, prefer=None):
+def make_sample(world, task, budget, rng, doc_len=None, q_len=None, prefer=None, single_pool=None):
     """Build one sample of `task` with at most ~`budget` tokens.
 
     doc_len(doc_idx) -> tokens of tok(doc + "\\n\\n"); default: chars/DEFAULT_CPT.
     prefer: training only, distractor documents tried before the shuffled pool (None: the eval sets'
     behaviour, unchanged random draws).
+    single_pool: training only, the single-fact questions to draw from (None: all of world.q_single).
     Returns dict(segments=[doc_idx...], question, answers, task, subtype, gold=[segment indices]).
     """
     if doc_len is None:
@@ -431,7 +437,7 @@ def make_sample(world, task, budget, rng, doc_len=None, q_len=None, prefer=None)
     units = []      # list of lists of doc indices (kept contiguous)
     used = set()
     if task == "single":
-        d, q, a, sub = rng.choice(world.q_single)
+        d, q, a, sub = rng.choice(single_pool or world.q_single)
         units.append([d])
         gold_docs = [d]
     elif task == "multihop":
@@ -502,7 +508,7 @@ def sample_to_json(world, s, world_id):
     return out
 
 
-def generate(tokens, per_task, seed, samples_per_world=25, cpt=DEFAULT_CPT, tasks=TASKS):
+def generate(tokens, per_task, seed, samples_per_world=25, cpt=DEFAULT_CPT, tasks=TASKS, multihop_answer="bridge"):
     """Deterministic eval/test set: per_task samples of each family."""
     scale = max(1.0, tokens / 8192.0)
     out = []
@@ -513,7 +519,7 @@ def generate(tokens, per_task, seed, samples_per_world=25, cpt=DEFAULT_CPT, task
     for k, task in enumerate(order):
         if k % samples_per_world == 0:
             wid = f"eval{seed}-w{k // samples_per_world}"
-            world = World(wid, scale)
+            world = World(wid, scale, multihop_answer)
         srng = random.Random(f"eval{seed}-s{k}")
         s = make_sample(world, task, tokens, srng, doc_len=lambda d: est_len(world.docs[d]["text"], cpt))
         j = sample_to_json(world, s, wid)

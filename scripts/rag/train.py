@@ -26,18 +26,28 @@ than learning to read them from the context.  Run 3 changes (now the defaults):
   a stage ends early when mean(single, needle) EM >= --advance-em 80; a stage <= 2048 is held past its end
   while single EM < --hold-em 40 (at most --max-hold 0.15 of the time).  The probes are logged
   ("probe step ...") and kept in results.json ("probes", "curriculum_log").
-Run 4 (the shipped weights) adds a locality loss (--global-heads 2:0,4:0,6:0 --local-window 256 --local-weight 2):
+Run 4 adds a locality loss (--global-heads 2:0,4:0,6:0 --local-window 256 --local-weight 2):
 every KV head except the listed ones pays for its attention mass outside sink(4) U window(256) at 64 random
 query positions per step (an eager forward on 1/8 of the batch, under ordinary full attention), so 13 of the
 16 KV heads end up local the way SPEC §1 describes real models, while inference stays plain full attention.
 Each probe also checks that the forward is causal.
-Runs 5-6 (the shipped weights) continue run 4 with --init-from (its weights and tokenizer, fresh AdamW) and
---chain-distractors 4 (other multi-hop chains' documents as distractors); the commands are in the model card.
-The first chain-distractor runs "learned a shortcut": the multi-hop extra-QA ordering reused the variable
-that numbers a worker's worlds, so workers cycled through ~7 worlds and the model memorised them (fixed).
-GPU run (one <= 600 s device call):
+Runs 5-6 continued run 4 with --init-from (its weights and tokenizer, fresh AdamW) and --chain-distractors 4
+(other multi-hop chains' documents as distractors).  The first chain-distractor runs "learned a shortcut": the
+multi-hop extra-QA ordering reused the variable that numbers a worker's worlds, so workers cycled through ~7
+worlds and the model memorised them (fixed).
+Runs 7-9 trained from scratch on multi-hop answers that name the bridge entity ("<bridge>, <final>"; the eval
+sets' format since run 7): multi-hop 86-90 EM at 8K, but colour answers never (3 of 48; --closed-boost 0.5, which
+asks colour/year questions far more often, did not help): their layer-4 heads stopped reading the question's
+relation word and the layer-6 heads attend to the asked entity's name instead of the colour token.  Run 4 (old
+answer format) had learned that circuit.
+Run 10 (the shipped weights) = run 4, then one --init-from continuation on the new answers; 409 + 417 s of
+training.  Two GPU calls (<= 600 s each); the second needs the first's exported folder:
   export PYTHONUNBUFFERED=1; set -o pipefail
-  timeout 572 python3 scripts/rag/train.py --out $OUT --time-budget 560 --eval-reserve 140 2>&1 | tee $OUT/train_log.txt
+  timeout 572 python3 scripts/rag/train.py --out $OUT --time-budget 560 --eval-reserve 140 \
+    --multihop-answer final 2>&1 | tee $OUT/train_log.txt                                   # = run 4
+  timeout 552 python3 scripts/rag/train.py --out $OUT --init-from RUN4_DIR --time-budget 540 --eval-reserve 110 \
+    --curriculum 4096:0.3,8192:1.0 --advance-em 101 --lr 5e-4 --warmup 50 --probe-every 50 --seed-tag r10 \
+    2>&1 | tee $OUT/train_log.txt
 Old behaviour: --world-samples 0 --extra-qa 7 --qa-frac 6 --mix 0.3,0.25,0.1,0.35 --ans-weight 2
   --probe-every 0 --curriculum 512:0.15,1024:0.35,2048:0.55,4096:0.75,8192:1.0
 Local CPU smoke test (no HF tokenizers: byte-level stub tokenizer; byte prompts are ~4x longer, so use
@@ -72,6 +82,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 TASKS = G.TASKS
+CLOSED_SUBTYPES = {"bio_colour", "city_roof", "lab_compound", "company_founded"}
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -114,10 +125,10 @@ class HFTok:
         return self.tk.decode(ids, skip_special_tokens=True)
 
 
-def tokenizer_corpus(n_worlds):
+def tokenizer_corpus(n_worlds, multihop_answer="bridge"):
     rng = random.Random("tokcorpus")
     for i in range(n_worlds):
-        w = G.World(f"train-tok-{i}")
+        w = G.World(f"train-tok-{i}", multihop_answer=multihop_answer)
         yield [d["text"] + "\n\n" for d in w.docs]
         qs = [q for _, q, _, _ in w.q_single] + [q[2] for q in w.q_multi] + [q[1] for q in w.needles]
         qs += [p[2] for p in w.pairs]
@@ -127,7 +138,7 @@ def tokenizer_corpus(n_worlds):
         rng.random()
 
 
-def train_tokenizer(vocab_size, n_worlds):
+def train_tokenizer(vocab_size, n_worlds, multihop_answer="bridge"):
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, Regex
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([
@@ -138,7 +149,7 @@ def train_tokenizer(vocab_size, n_worlds):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(tokenizer_corpus(n_worlds), trainer)
+    tk.train_from_iterator(tokenizer_corpus(n_worlds, multihop_answer), trainer)
     return tk
 
 
@@ -371,7 +382,7 @@ class Stream(torch.utils.data.IterableDataset):
     signal per token (the first full run, without them, learned no retrieval in 527M tokens)."""
 
     def __init__(self, tok, seqlen, mix, seed_tag, world_tokens=200000, extra_qa=0, world_samples=0,
-                 qa_frac=6.0, min_scale=0.1, chain_distractors=0):
+                 qa_frac=6.0, min_scale=0.1, chain_distractors=0, closed_boost=0.0, multihop_answer="bridge"):
         self.tok, self.seqlen, self.mix, self.seed_tag, self.world_tokens = tok, seqlen, mix, seed_tag, world_tokens
         self.extra_qa = extra_qa
         # world_samples > 0: a fresh world (fresh names and facts) every `world_samples` samples, its size
@@ -380,6 +391,8 @@ class Stream(torch.utils.data.IterableDataset):
         # world's facts in its weights within a few dozen steps instead of reading them from the context.
         self.world_samples, self.qa_frac, self.min_scale = world_samples, qa_frac, min_scale
         self.chain_distractors = chain_distractors
+        self.closed_boost = closed_boost
+        self.multihop_answer = multihop_answer
 
     def __iter__(self):
         import array
@@ -393,9 +406,9 @@ class Stream(torch.utils.data.IterableDataset):
             L = self.seqlen.value
             if self.world_samples:
                 scale = min(1.0, max(self.min_scale, L / 8192.0))
-                world = G.World(f"train-{self.seed_tag}-w{wid}-{world_k}", scale)
+                world = G.World(f"train-{self.seed_tag}-w{wid}-{world_k}", scale, self.multihop_answer)
             else:
-                world = G.World(f"train-{self.seed_tag}-w{wid}-{world_k}")
+                world = G.World(f"train-{self.seed_tag}-w{wid}-{world_k}", multihop_answer=self.multihop_answer)
             world_k += 1
             dids = tok.encode_batch([d["text"] + "\n\n" for d in world.docs])
             dlen = [len(x) for x in dids]
@@ -411,6 +424,9 @@ class Stream(torch.utils.data.IterableDataset):
             qa_doc = collections.defaultdict(list)
             for d, q, a, _ in world.q_single:
                 qa_doc[d].append((q, a))
+            # closed-class questions (an answer from a small fixed set: colours, years), see --closed-boost
+            closed_q = [x for x in world.q_single if x[3] in CLOSED_SUBTYPES]
+            closed_qs = set(x[1] for x in closed_q)
             for d, q, a in world.needles:
                 qa_doc[d].append((q, a))
             for da, db, q, a, _ in world.pairs:
@@ -428,8 +444,11 @@ class Stream(torch.utils.data.IterableDataset):
                     # must be matched, not just its kind) and several multi-hop extra QAs per sample
                     ch = rng.sample(world.q_multi, min(len(world.q_multi), rng.randint(1, self.chain_distractors)))
                     prefer = [d for c in ch for d in c[:2]]
+                single_pool = None
+                if self.closed_boost > 0 and TASKS[t] == "single" and closed_q and rng.random() < self.closed_boost:
+                    single_pool = closed_q
                 s = G.make_sample(world, TASKS[t], L - reserve, rng, doc_len=lambda d: dlen[d], q_len=qlen,
-                                  prefer=prefer)
+                                  prefer=prefer, single_pool=single_pool)
                 ids, a0 = build_ids(tok, None, [dids[d] for d in s["segments"]], s["question"], s["answers"][0])
                 spans = [a0, len(ids)]
                 if self.extra_qa and len(ids) < L + 1:
@@ -456,6 +475,10 @@ class Stream(torch.utils.data.IterableDataset):
                     else:                                   # run 3's order
                         cands = cands + mh
                         rng.shuffle(cands)
+                    if self.closed_boost > 0:
+                        # closed-class questions first, at most half of the extra QAs
+                        cl = [x for x in cands if x[0] in closed_qs][:self.extra_qa // 2]
+                        cands = cl + [x for x in cands if x not in cl]
                     for q, a in cands[:self.extra_qa]:
                         qi = tok.encode("Question: " + q + "\nAnswer:")
                         ai = tok.encode(" " + a) + [tok.eos]
@@ -752,6 +775,14 @@ def main():
                          "first, and multi-hop extra QAs first.  Tried in run 4 (with --mix 0.3,0.4,0.1,0.2): "
                          "training answer accuracy 0.99 but held-out EM 0 at every length (a shortcut in the "
                          "training distribution; the forward was checked causal), so off by default")
+    ap.add_argument("--multihop-answer", choices=["bridge", "final"], default="bridge",
+                    help="multi-hop training answers: 'bridge' = '<bridge>, <final>' (the eval sets' format since "
+                         "run 7), 'final' = the final answer alone (runs 1-6; reproduces run 4, the first call of "
+                         "the shipped model's training)")
+    ap.add_argument("--closed-boost", type=float, default=0.0,
+                    help="training only: probability that a single-fact sample asks a closed-class question "
+                         "(colour or year), and closed-class extra QAs go first (at most half).  Runs 7-8 "
+                         "answered 3 of 48 colour questions on the 8K eval set while 98%% of name-valued ones")
     ap.add_argument("--abort-on-mismatch", action="store_true",
                     help="stop when training answer accuracy > 0.9 but the held-out probe is 0 (L >= 2048)")
     ap.add_argument("--init-from", default="",
@@ -787,7 +818,7 @@ def main():
             from tokenizers import Tokenizer
             tk = Tokenizer.from_file(os.path.join(args.init_from, "tokenizer.json"))
         else:
-            tk = train_tokenizer(args.vocab, args.tok_worlds if not args.smoke else 4)
+            tk = train_tokenizer(args.vocab, args.tok_worlds if not args.smoke else 4, args.multihop_answer)
         tok = HFTok(tk)
         save_tokenizer(tk, mdir, args.max_len)
         # chars per token on fresh text (for gen_data length estimates)
@@ -813,7 +844,8 @@ def main():
     seqlen = mp.Value("i", curriculum[0][0], lock=False)
     mix = [float(x) for x in args.mix.split(",")]
     ds = Stream(tok, seqlen, mix, args.seed_tag, extra_qa=args.extra_qa, world_samples=args.world_samples,
-                qa_frac=args.qa_frac, chain_distractors=args.chain_distractors)
+                qa_frac=args.qa_frac, chain_distractors=args.chain_distractors,
+                closed_boost=args.closed_boost, multihop_answer=args.multihop_answer)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers,
                                      prefetch_factor=32 if args.workers else None,
                                      persistent_workers=bool(args.workers))
@@ -975,7 +1007,7 @@ def main():
     probe_sets = {}
     if args.probe_every > 0:
         for Lc, _ in curriculum:
-            probe_sets[Lc] = G.generate(Lc, args.probe_n, 70000 + Lc, cpt=cpt)
+            probe_sets[Lc] = G.generate(Lc, args.probe_n, 70000 + Lc, cpt=cpt, multihop_answer=args.multihop_answer)
     probe_hist = []
     results["probes"] = probe_hist
     pdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
