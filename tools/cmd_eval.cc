@@ -226,12 +226,7 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
                 "(modes share the full-prefill reference; --json then prints an array)");
   c->add_option("--cacheblend-ratio", a->reuse.cacheblend_ratio)->check(CLI::Range(0.0, 1.0));
   c->add_option("--epic-k", a->reuse.epic_k)->check(CLI::Range(0, 1 << 20));
-  c->add_option("--dense-until", a->reuse.sparse_ffn.dense_until, "Sparse FFN: dense layers below");
-  c->add_option("--mass", a->reuse.sparse_ffn.mass, "Sparse FFN: importance mass kept")
-      ->check(CLI::Range(0.0, 1.0));
-  c->add_option("--deep-start", a->reuse.sparse_ffn.deep_start, "Sparse FFN: first deep layer");
-  c->add_option("--mass-deep", a->reuse.sparse_ffn.mass_deep)->check(CLI::Range(0.0, 1.0));
-  c->add_option("--recent-n", a->reuse.sparse_ffn.recent_n)->check(CLI::Range(0, 1 << 20));
+  add_sparse_ffn_options(c, &a->reuse.sparse_ffn);
   c->add_flag("--no-sparse-ffn", a->no_sparse_ffn, "redknot mode without Sparse FFN");
   c->add_flag("--no-skip-dead-rows", a->no_skip_dead_rows,
               "redknot mode as the paper: every recomputed row through every layer");

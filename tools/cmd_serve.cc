@@ -182,11 +182,7 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--query-full-attention", a->query_full_attention,
                 "redknot mode: the query's rows attend with every head global, local heads over "
                 "the whole prompt (beyond the paper; true | false)");
-  c->add_option("--dense-until", a->sparse_cfg.dense_until, "Sparse FFN: dense layers below");
-  c->add_option("--mass", a->sparse_cfg.mass, "Sparse FFN: importance mass kept")
-      ->check(CLI::Range(0.0, 1.0));
-  c->add_option("--recent-n", a->sparse_cfg.recent_n, "Sparse FFN: last tokens always kept")
-      ->check(CLI::Range(0, 1 << 20));
+  add_sparse_ffn_options(c, &a->sparse_cfg);
   c->add_option("--reuse-mode", a->reuse_mode,
                 "default chunk reuse mode: redknot | naive | cacheblend | epic | full | off");
   c->callback([a, &action] {

@@ -1,5 +1,6 @@
 #include "common.h"
 
+#include <CLI/CLI.hpp>
 #include <filesystem>
 #include <iostream>
 #include <iterator>
@@ -66,5 +67,19 @@ std::string read_stdin() {
 }
 
 int32_t default_prefill_chunk(const std::string& backend) { return backend == "cuda" ? 4096 : 512; }
+
+void add_sparse_ffn_options(CLI::App* c, SparseFfnConfig* cfg) {
+  c->add_option("--dense-until", cfg->dense_until, "Sparse FFN: layers below run the FFN densely")
+      ->check(CLI::Range(0, 1 << 16));
+  c->add_option("--mass", cfg->mass, "Sparse FFN: share of token importance kept")
+      ->check(CLI::Range(0.0, 1.0));
+  c->add_option("--deep-start", cfg->deep_start,
+                "Sparse FFN: first layer that keeps --mass-deep instead (-1: none)")
+      ->check(CLI::Range(-1, 1 << 16));
+  c->add_option("--mass-deep", cfg->mass_deep, "Sparse FFN: importance kept from --deep-start on")
+      ->check(CLI::Range(0.0, 1.0));
+  c->add_option("--recent-n", cfg->recent_n, "Sparse FFN: last tokens that always run the FFN")
+      ->check(CLI::Range(0, 1 << 20));
+}
 
 }  // namespace redknot::cli

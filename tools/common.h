@@ -8,7 +8,12 @@
 #include "backend/backend.h"
 #include "loader/checkpoint.h"
 #include "model/model.h"
+#include "model/sparse_ffn.h"
 #include "tokenizer/tokenizer.h"
+
+namespace CLI {
+class App;
+}
 
 namespace redknot::cli {
 
@@ -36,5 +41,9 @@ std::string read_stdin();
 // chunks stays low, the matmuls are already efficient), 4096 on CUDA (fewer launches and host
 // round trips; H200: 32K TTFT 1502 ms in chunks of 4096 vs 1572 ms whole, docs/benchmarks.md).
 int32_t default_prefill_chunk(const std::string& backend);
+
+// The Sparse FFN tier options (--dense-until, --mass, --deep-start, --mass-deep, --recent-n) of
+// every command that runs redknot reuse, bound to `cfg`.
+void add_sparse_ffn_options(CLI::App* c, SparseFfnConfig* cfg);
 
 }  // namespace redknot::cli
