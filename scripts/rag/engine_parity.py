@@ -26,19 +26,6 @@ import torch  # noqa: E402
 import train as T  # noqa: E402
 
 
-def read_safetensors_f32(path, name):
-    """One tensor of a safetensors file as float32 (the engine writes f32)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        meta = header[name]
-        a, b = meta["data_offsets"]
-        f.seek(8 + n + a)
-        raw = f.read(b - a)
-    assert meta["dtype"] == "F32", meta["dtype"]
-    return torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(meta["shape"])
-
-
 def tokenize(redknot, model, text):
     r = subprocess.run([redknot, "tokenize", "--model", model], input=text.encode(), capture_output=True,
                        check=True)
@@ -87,7 +74,7 @@ def main():
             subprocess.run([args.redknot, "generate", "--model", args.model, "--prompt-ids",
                             ",".join(map(str, ids)), "--max-tokens", "1", "--logits-out", out],
                            check=True, capture_output=True)
-            engine = read_safetensors_f32(out, "logits")                  # [len, vocab]
+            engine = T.load_safetensors(out)["logits"]                    # [len, vocab], f32
             with torch.no_grad():
                 ref = model(torch.tensor([ids]))[0].float()                 # [len, vocab]
             diff = (engine - ref).abs()
