@@ -3,7 +3,10 @@
 #include <array>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "test_support.h"
 #include "tokenizer/tokenizer.h"
@@ -102,6 +105,64 @@ TEST(Cli, SamplingIsReproducibleBySeed) {
        jc = nlohmann::json::parse(last_line(c.out));
   EXPECT_EQ(ja["ids"], jb["ids"]);
   EXPECT_NE(ja["ids"], jc["ids"]);
+}
+
+// The reference-logits file of `eval` holds one record per sample: a run on a subset reads the
+// rows it has and adds the rest; the scores do not depend on whether rows were read or computed;
+// a damaged file is a clear error, never silently recomputed over.
+TEST(Cli, EvalReferenceFileServesAnySubset) {
+  const std::string model = std::string(REDKNOT_SOURCE_DIR) + "/models/redknot-rag-8k";
+  const std::string dir = ::testing::TempDir();
+  auto write_data = [&](const std::string& name, const std::vector<int>& ids) {
+    std::ofstream f(dir + "/" + name);
+    for (int i : ids)
+      f << nlohmann::json{{"id", "s" + std::to_string(i)},
+                          {"task", "single"},
+                          {"segments",
+                           {"The lamp of Orin" + std::to_string(i) + " is blue.",
+                            "Mara lives in Tesk. The bus is late on day " + std::to_string(i) +
+                                "."}},
+                          {"question", "What colour is the lamp of Orin" + std::to_string(i) + "?"},
+                          {"answers", {"blue"}}}
+               .dump()
+        << "\n";
+    return dir + "/" + name;
+  };
+  const std::string ab = write_data("ref_ab.jsonl", {1, 2}),
+                    bc = write_data("ref_bc.jsonl", {2, 3});
+  const std::string ref = dir + "/ref_cache.bin";
+  std::remove(ref.c_str());
+  const std::string base = "eval --model " + model + " --mode naive --json --max-answer-tokens 2";
+  CliResult first = run_cli(base + " --data " + ab + " --reference " + ref);
+  ASSERT_EQ(first.status, 0) << first.out;
+  EXPECT_NE(first.out.find("0 of 2 samples read"), std::string::npos) << first.out;
+  CliResult second = run_cli(base + " --data " + bc + " --reference " + ref);
+  ASSERT_EQ(second.status, 0) << second.out;
+  EXPECT_NE(second.out.find("1 of 2 samples read"), std::string::npos) << second.out;
+  CliResult third = run_cli(base + " --data " + bc + " --reference " + ref);
+  ASSERT_EQ(third.status, 0) << third.out;
+  EXPECT_NE(third.out.find("2 of 2 samples read"), std::string::npos) << third.out;
+  // Scores from read rows equal scores from computed ones (no reference at all).
+  CliResult fresh = run_cli(base + " --data " + bc);
+  ASSERT_EQ(fresh.status, 0) << fresh.out;
+  auto jt = nlohmann::json::parse(last_line(third.out)),
+       jf = nlohmann::json::parse(last_line(fresh.out));
+  EXPECT_EQ(jt["top1_match"], jf["top1_match"]);
+  EXPECT_EQ(jt["logits_cos"], jf["logits_cos"]);
+  EXPECT_EQ(jt["em"], jf["em"]);
+  // A truncated file is an error naming it; the file is left as it was.
+  std::string bytes;
+  {
+    std::ifstream in(ref, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  ASSERT_GT(bytes.size(), 100u);
+  std::ofstream(ref, std::ios::binary | std::ios::trunc) << bytes.substr(0, bytes.size() - 100);
+  CliResult damaged = run_cli(base + " --data " + bc + " --reference " + ref);
+  EXPECT_NE(damaged.status, 0);
+  EXPECT_NE(damaged.out.find("truncated reference logits"), std::string::npos) << damaged.out;
+  std::ifstream in(ref, std::ios::binary | std::ios::ate);
+  EXPECT_EQ(static_cast<size_t>(in.tellg()), bytes.size() - 100);
 }
 
 }  // namespace

@@ -1,12 +1,12 @@
 // `redknot eval`: accuracy, agreement with full prefill, TTFT and FLOPs of a prefill mode on a
 // RAG dataset (JSONL or .jsonl.gz).
 #include <CLI/CLI.hpp>
-#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -91,10 +91,22 @@ void print_comparison(const std::vector<EvalReport>& reports) {
   }
 }
 
-// The full-prefill reference logits of a run, kept in a file so that sweeps over one mode's
-// parameters do not recompute them: "RKREF1\n", then model fingerprint, samples hash, n and
-// vocab (u64 each), then n x vocab floats. A file that does not match is ignored (and replaced).
-uint64_t samples_hash(const std::vector<RagSample>& samples) {
+// The full-prefill reference logits, kept in a file so that sweeps over one mode's parameters
+// do not recompute them. One record per sample, keyed by (model fingerprint, sample hash), so any
+// subset of the samples (one task family, a slice) reads the rows it has and adds the ones it
+// lacks: "RKREF2\n", then records of fp, sample hash, vocab (u64 each) and vocab floats. Two files
+// merge by appending the second's records (everything after its 7-byte magic) to the first.
+// Files of the old whole-run format ("RKREF1\n": fp, hash of all samples, n, vocab, n rows) are
+// read when they match the run exactly and rewritten as RKREF2.
+uint64_t sample_hash(const RagSample& r) {
+  Hasher h;
+  h.pod(static_cast<uint64_t>(r.segments.size()));
+  for (const auto& seg : r.segments) h.str(seg);
+  h.str(r.question);
+  return h.digest();
+}
+
+uint64_t samples_hash(const std::vector<RagSample>& samples) {  // RKREF1's key
   Hasher h;
   for (const RagSample& r : samples) {
     h.pod(static_cast<uint64_t>(r.segments.size()));
@@ -104,24 +116,52 @@ uint64_t samples_hash(const std::vector<RagSample>& samples) {
   return h.digest();
 }
 
-constexpr char kRefMagic[8] = {'R', 'K', 'R', 'E', 'F', '1', '\n', 0};
+constexpr char kRefMagicV1[8] = {'R', 'K', 'R', 'E', 'F', '1', '\n', 0};
+constexpr char kRefMagicV2[8] = {'R', 'K', 'R', 'E', 'F', '2', '\n', 0};
 
-bool load_reference(const std::string& path, uint64_t fp, uint64_t hash, uint64_t n, uint64_t V,
-                    std::vector<std::vector<float>>& out) {
+struct ReferenceFile {
+  std::map<std::pair<uint64_t, uint64_t>, std::vector<float>> rows;  // (fp, sample hash) -> [V]
+  bool changed = false;  // rows added, or read from the old format
+};
+
+// Reads what `path` holds (nothing if it is absent); a truncated or foreign file is an error, so
+// a damaged reference never silently turns into recomputed rows that overwrite it.
+ReferenceFile read_reference(const std::string& path, uint64_t fp, uint64_t V,
+                             const std::vector<RagSample>& samples) {
+  ReferenceFile ref;
   std::ifstream f(path, std::ios::binary);
-  if (!f) return false;
+  if (!f) return ref;
   char magic[8] = {};
-  uint64_t hdr[4] = {};
   f.read(magic, 7);
-  f.read(reinterpret_cast<char*>(hdr), sizeof(hdr));
-  if (!f || std::memcmp(magic, kRefMagic, 7) != 0 || hdr[0] != fp || hdr[1] != hash ||
-      hdr[2] != n || hdr[3] != V)
-    return false;
-  std::vector<std::vector<float>> rows(n, std::vector<float>(V));
-  for (auto& r : rows) f.read(reinterpret_cast<char*>(r.data()), V * sizeof(float));
-  if (!f) return false;
-  out = std::move(rows);
-  return true;
+  if (f && std::memcmp(magic, kRefMagicV1, 7) == 0) {
+    uint64_t hdr[4] = {};
+    f.read(reinterpret_cast<char*>(hdr), sizeof(hdr));
+    if (!f || hdr[0] != fp || hdr[1] != samples_hash(samples) || hdr[2] != samples.size() ||
+        hdr[3] != V)
+      return ref;  // another run's whole-run file: replaced by this run's records
+    for (const RagSample& s : samples) {
+      std::vector<float> row(V);
+      f.read(reinterpret_cast<char*>(row.data()), V * sizeof(float));
+      if (!f) throw Error(path + ": truncated reference logits");
+      ref.rows[{fp, sample_hash(s)}] = std::move(row);
+    }
+    ref.changed = true;
+    return ref;
+  }
+  if (!f || std::memcmp(magic, kRefMagicV2, 7) != 0)
+    throw Error(path + ": not a reference logits file (RKREF1 or RKREF2)");
+  for (;;) {
+    uint64_t hdr[3] = {};
+    f.read(reinterpret_cast<char*>(hdr), sizeof(hdr));
+    if (f.gcount() == 0 && f.eof()) break;
+    if (!f || hdr[2] == 0 || hdr[2] > (uint64_t{1} << 24))
+      throw Error(path + ": damaged reference logits record");
+    std::vector<float> row(hdr[2]);
+    f.read(reinterpret_cast<char*>(row.data()), hdr[2] * sizeof(float));
+    if (!f) throw Error(path + ": truncated reference logits");
+    ref.rows[{hdr[0], hdr[1]}] = std::move(row);
+  }
+  return ref;
 }
 
 // Writes `path` through a temporary file renamed into place, so a crash never leaves half a file.
@@ -135,13 +175,14 @@ void write_replacing(const std::string& path, const std::string& what,
     throw Error(path + ": cannot write the " + what);
 }
 
-void save_reference(const std::string& path, uint64_t fp, uint64_t hash, uint64_t V,
-                    const std::vector<std::vector<float>>& rows) {
+void save_reference(const std::string& path, const ReferenceFile& ref) {
   write_replacing(path, "reference logits", [&](std::ofstream& f) {
-    const uint64_t hdr[4] = {fp, hash, rows.size(), V};
-    f.write(kRefMagic, 7);
-    f.write(reinterpret_cast<const char*>(hdr), sizeof(hdr));
-    for (const auto& r : rows) f.write(reinterpret_cast<const char*>(r.data()), V * sizeof(float));
+    f.write(kRefMagicV2, 7);
+    for (const auto& [key, row] : ref.rows) {
+      const uint64_t hdr[3] = {key.first, key.second, row.size()};
+      f.write(reinterpret_cast<const char*>(hdr), sizeof(hdr));
+      f.write(reinterpret_cast<const char*>(row.data()), row.size() * sizeof(float));
+    }
   });
 }
 
@@ -162,14 +203,24 @@ int run_eval(const EvalArgs& a) {
   LoadedModel m = load_model(a.model, a.backend);
   if (!m.tokenizer) throw Error(a.model + ": no tokenizer found (eval builds prompts from text)");
   std::vector<RagSample> samples = load_rag_dataset(a.data, a.n);
-  std::vector<std::vector<float>> full_logits;  // the reference, computed once for all modes
-  const uint64_t fp = model_fingerprint(m.model->config(), m.ckpt), hash = samples_hash(samples);
+  // The reference, computed once for all modes; rows the reference file has are read from it.
+  std::vector<std::vector<float>> full_logits(samples.size());
+  const uint64_t fp = model_fingerprint(m.model->config(), m.ckpt);
   const uint64_t V = static_cast<uint64_t>(m.model->config().vocab_size);
-  const bool have_ref =
-      !a.reference.empty() && load_reference(a.reference, fp, hash, samples.size(), V, full_logits);
-  if (!a.reference.empty() && !a.quiet)
-    std::fprintf(stderr, "reference logits: %s %s\n", have_ref ? "read from" : "will be written to",
-                 a.reference.c_str());
+  ReferenceFile ref;
+  if (!a.reference.empty()) {
+    ref = read_reference(a.reference, fp, V, samples);
+    int64_t found = 0;
+    for (size_t i = 0; i < samples.size(); ++i) {
+      auto it = ref.rows.find({fp, sample_hash(samples[i])});
+      if (it == ref.rows.end() || it->second.size() != V) continue;
+      full_logits[i] = it->second;
+      ++found;
+    }
+    if (!a.quiet)
+      std::fprintf(stderr, "reference logits: %lld of %zu samples read from %s\n", (long long)found,
+                   samples.size(), a.reference.c_str());
+  }
   std::vector<EvalReport> reports;
   for (const std::string& mode : modes) {
     EvalOptions opts;
@@ -190,11 +241,14 @@ int run_eval(const EvalArgs& a) {
                                    }));
     if (!a.quiet) std::fprintf(stderr, "\n");
   }
-  const bool complete = full_logits.size() == samples.size() &&
-                        std::all_of(full_logits.begin(), full_logits.end(),
-                                    [](const std::vector<float>& r) { return !r.empty(); });
-  if (!a.reference.empty() && !have_ref && complete)
-    save_reference(a.reference, fp, hash, V, full_logits);
+  if (!a.reference.empty()) {
+    for (size_t i = 0; i < samples.size() && i < full_logits.size(); ++i) {
+      if (full_logits[i].empty()) continue;
+      std::vector<float>& slot = ref.rows[{fp, sample_hash(samples[i])}];
+      if (slot.empty()) slot = full_logits[i], ref.changed = true;
+    }
+    if (ref.changed) save_reference(a.reference, ref);
+  }
   if (!a.predictions.empty()) save_predictions(a.predictions, reports);
   if (a.json) {
     if (reports.size() == 1) {
@@ -235,8 +289,8 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes, "pool bytes for cached segments");
   c->add_option("--head-profile", a->head_profile, "head profile JSON");
   c->add_option("--reference", a->reference,
-                "file caching full prefill's logits for these samples (read when it matches the "
-                "model and samples, else written)");
+                "file caching full prefill's logits per (model, sample): rows it has are read, "
+                "missing ones computed and added");
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   c->add_option("--page-size", a->page_size)->check(CLI::Range(1, 4096));
   c->add_option("--max-answer-tokens", a->max_answer_tokens)->check(CLI::Range(1, 1024));

@@ -80,6 +80,11 @@ void add_sparse_ffn_options(CLI::App* c, SparseFfnConfig* cfg) {
       ->check(CLI::Range(0.0, 1.0));
   c->add_option("--recent-n", cfg->recent_n, "Sparse FFN: last tokens that always run the FFN")
       ->check(CLI::Range(0, 1 << 20));
+  c->add_option("--layer-mass", cfg->layer_mass,
+                "Sparse FFN: one mass per layer from layer 0, comma separated (>= 1: dense); "
+                "overrides the tiers for the layers it names")
+      ->delimiter(',')
+      ->check(CLI::Range(0.0, 1e9));
 }
 
 }  // namespace redknot::cli

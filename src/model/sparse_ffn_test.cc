@@ -71,5 +71,31 @@ TEST(SparseFfn, MassOneKeepsEveryRowWithImportance) {
   EXPECT_EQ(select_ffn_rows(cfg, 9, imp, b), (std::vector<int32_t>{2}));
 }
 
+TEST(SparseFfn, LayerMassesOverrideTheTiers) {
+  SparseFfnConfig cfg;
+  cfg.dense_until = 2;
+  cfg.mass = 0.8;
+  cfg.deep_start = 4;
+  cfg.mass_deep = 0.5;
+  cfg.layer_mass = {1.0, 0.3, 0.6, 1.5};  // layer 1 sparse below dense_until, layer 3 dense
+  EXPECT_TRUE(cfg.dense(0));
+  EXPECT_FALSE(cfg.dense(1));
+  EXPECT_DOUBLE_EQ(cfg.mass_for(1), 0.3);
+  EXPECT_FALSE(cfg.dense(2));
+  EXPECT_DOUBLE_EQ(cfg.mass_for(2), 0.6);
+  EXPECT_TRUE(cfg.dense(3));
+  // Past the list: the tiers.
+  EXPECT_FALSE(cfg.dense(4));
+  EXPECT_DOUBLE_EQ(cfg.mass_for(4), 0.5);
+  EXPECT_DOUBLE_EQ(cfg.mass_for(7), 0.5);
+  // Selection uses the layer's own mass: 2.0 of 3.75 covers 0.3 and 0.5 but not 0.6.
+  Batch b;
+  b.add_sequence(0, std::vector<int32_t>(6, 1), 0, /*last_logits=*/false);
+  cfg.recent_n = 0;
+  const std::vector<float> imp = {0.5f, 0.0f, 2.0f, 1.0f, 0.0f, 0.25f};
+  EXPECT_EQ(select_ffn_rows(cfg, 1, imp, b), (std::vector<int32_t>{2}));
+  EXPECT_EQ(select_ffn_rows(cfg, 2, imp, b), (std::vector<int32_t>{2, 3}));
+}
+
 }  // namespace
 }  // namespace redknot
