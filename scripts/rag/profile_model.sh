@@ -3,7 +3,7 @@
 # (seed 777, never used for training or evaluation; documents + question + answer), then
 # `redknot profile`. Ratio 0.1875 = 3 of 16 KV heads global: run 7 was trained with 3 free heads, and a
 # fourth (ratio 0.25 picks (3,1) by a 0.045 prefix shift) costs FLOPs and buys no accuracy
-# (docs/benchmarks.md).
+# (docs/benchmarks.md). RATIO, WINDOW, MAX_TOKENS and OUT override the defaults.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 tmp="$(mktemp -d)"
@@ -19,6 +19,6 @@ with open(sys.argv[2], "w") as out:
                   + "\nAnswer: " + s["answers"][0] + "\n\n")
 PY
 "$root/build/redknot" profile --model "$root/models/redknot-rag-8k" --calib "$tmp/calib.txt" \
-  --out "$root/models/redknot-rag-8k/head_profile.json" --ratio "${RATIO:-0.1875}" --window "${WINDOW:-256}" --sink 4 \
+  --out "${OUT:-$root/models/redknot-rag-8k/head_profile.json}" --ratio "${RATIO:-0.1875}" --window "${WINDOW:-256}" --sink 4 \
   --max-tokens "${MAX_TOKENS:-8192}" --bos always
 rm -rf "$tmp"
