@@ -27,3 +27,10 @@ gpu_build() {
   cmake --build "$build" --target "$@" -j"$(nproc)" >"$log" 2>&1 \
     || { grep -E "error|FAILED" "$log" | head -40; return 1; }
 }
+
+# gpu_carried_cli BIN: the CLI built here by scripts/pack-device-server.sh and carried with its
+# libraries (.devlibs/): puts them on the library path; exits when BIN was not carried.
+gpu_carried_cli() {
+  export LD_LIBRARY_PATH="$ROOT/.devlibs:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  [ -x "$1" ] || { echo "no $1: run scripts/pack-device-server.sh here and carry it" >&2; exit 1; }
+}

@@ -18,8 +18,7 @@ LOG="$DEST/sweep"
 mkdir -p "$LOG"
 source "$ROOT/scripts/gpu-common.sh"
 gpu_card_info
-export LD_LIBRARY_PATH="$ROOT/.devlibs:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-[ -x "$BIN" ] || { echo "no $BIN: run scripts/pack-device-server.sh here and carry it" >&2; exit 1; }
+gpu_carried_cli "$BIN"
 M="$ROOT/models/redknot-rag-8k"
 python3 "$ROOT/scripts/rag/gen_data.py" --seed 9001 --per-task "${CALIB_PER_TASK:-50}" --out "$LOG/calib8k.jsonl" >/dev/null
 declare -A FILE=([eval]="$ROOT/data/eval/rag-8k.jsonl.gz" [calib]="$LOG/calib8k.jsonl")

@@ -13,8 +13,7 @@ LOG="${LOG_DIR:-${OUT:-/tmp}}"
 mkdir -p "$LOG"
 source "$ROOT/scripts/gpu-common.sh"
 gpu_card_info
-export LD_LIBRARY_PATH="$ROOT/.devlibs:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-[ -x "$BIN" ] || { echo "no $BIN: run scripts/pack-device-server.sh here and carry it" >&2; exit 1; }
+gpu_carried_cli "$BIN"
 "$BIN" serve --backend cuda --model "$ROOT/models/redknot-rag-8k" --port 0 \
   --head-profile "$ROOT/models/redknot-rag-8k/head_profile.json" --sparse-ffn false \
   >"$LOG/serve.log" 2>&1 &
