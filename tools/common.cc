@@ -85,6 +85,9 @@ void add_sparse_ffn_options(CLI::App* c, SparseFfnConfig* cfg) {
                 "overrides the tiers for the layers it names")
       ->delimiter(',')
       ->check(CLI::Range(0.0, 1e9));
+  c->add_option("--ffn-dilate", cfg->dilate,
+                "Sparse FFN: also run the rows within this distance of a top-mass row")
+      ->check(CLI::Range(0, 1 << 16));
 }
 
 }  // namespace redknot::cli

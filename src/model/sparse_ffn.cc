@@ -46,6 +46,17 @@ std::vector<int32_t> select_ffn_rows(const SparseFfnConfig& cfg, int layer,
     keep[static_cast<size_t>(order[i] & 0xffffffffu)] = 1;
     acc += value(order[i]);
   }
+  if (cfg.dilate > 0) {
+    // Neighbours of a kept row within its sequence (a word split into several tokens).
+    std::vector<char> top = keep;
+    for (const SeqSpan& sp : batch.spans)
+      for (int64_t i = 0; i < sp.count; ++i) {
+        if (!top[sp.begin + i]) continue;
+        const int64_t lo = std::max<int64_t>(0, i - cfg.dilate);
+        const int64_t hi = std::min<int64_t>(sp.count - 1, i + cfg.dilate);
+        for (int64_t j = lo; j <= hi; ++j) keep[sp.begin + j] = 1;
+      }
+  }
   for (const SeqSpan& sp : batch.spans)
     for (int64_t i = std::max<int64_t>(0, sp.count - cfg.recent_n); i < sp.count; ++i)
       keep[sp.begin + i] = 1;

@@ -20,6 +20,7 @@ struct SparseFfnConfig {
   // Per-layer masses: entry l is layer l's mass, >= 1 runs it dense. Layers past the list use
   // the tiers above. Empty: tiers only.
   std::vector<double> layer_mass;
+  int32_t dilate = 0;  // also keep the rows within this distance of a top-mass row
 
   double mass_for(int layer) const {
     if (layer >= 0 && layer < static_cast<int>(layer_mass.size())) return layer_mass[layer];

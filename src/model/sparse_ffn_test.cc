@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 
@@ -25,6 +26,13 @@ std::vector<int32_t> oracle(const SparseFfnConfig& cfg, int layer, const std::ve
     keep[r] = 1;
     acc += imp[r];
   }
+  // Dilation: every row within `dilate` positions of a top-mass row in the same sequence.
+  std::vector<char> dilated = keep;
+  for (const SeqSpan& sp : b.spans)
+    for (int64_t i = 0; i < sp.count; ++i)
+      for (int64_t j = 0; j < sp.count; ++j)
+        if (keep[sp.begin + j] && std::abs(i - j) <= cfg.dilate) dilated[sp.begin + i] = 1;
+  keep = dilated;
   for (const SeqSpan& sp : b.spans)
     for (int64_t i = std::max<int64_t>(0, sp.count - cfg.recent_n); i < sp.count; ++i)
       keep[sp.begin + i] = 1;
@@ -52,6 +60,7 @@ TEST(SparseFfn, SelectsTopMassRecentAndLogitRows) {
     cfg.recent_n = static_cast<int32_t>(rng() % 20);
     cfg.deep_start = 3;
     cfg.mass_deep = 0.1;
+    cfg.dilate = trial % 3;  // 0, 1, 2
     for (int layer : {0, 5}) {
       const std::vector<int32_t> got = select_ffn_rows(cfg, layer, imp, b);
       EXPECT_EQ(got, oracle(cfg, layer, imp, b)) << "trial " << trial << " layer " << layer;
@@ -95,6 +104,22 @@ TEST(SparseFfn, LayerMassesOverrideTheTiers) {
   const std::vector<float> imp = {0.5f, 0.0f, 2.0f, 1.0f, 0.0f, 0.25f};
   EXPECT_EQ(select_ffn_rows(cfg, 1, imp, b), (std::vector<int32_t>{2}));
   EXPECT_EQ(select_ffn_rows(cfg, 2, imp, b), (std::vector<int32_t>{2, 3}));
+}
+
+TEST(SparseFfn, DilationKeepsNeighboursWithinTheSequence) {
+  Batch b;
+  b.add_sequence(0, std::vector<int32_t>(5, 1), 0, /*last_logits=*/false);
+  b.add_sequence(1, std::vector<int32_t>(4, 1), 0, /*last_logits=*/false);
+  SparseFfnConfig cfg;
+  cfg.mass = 1.0;
+  cfg.recent_n = 0;
+  // Row 4 (the last of sequence 0) and row 7 hold all the importance.
+  const std::vector<float> imp = {0, 0, 0, 0, 4, 0, 0, 1, 0};
+  EXPECT_EQ(select_ffn_rows(cfg, 5, imp, b), (std::vector<int32_t>{4, 7}));
+  cfg.dilate = 1;  // row 5 is sequence 1's first row: not a neighbour of row 4
+  EXPECT_EQ(select_ffn_rows(cfg, 5, imp, b), (std::vector<int32_t>{3, 4, 6, 7, 8}));
+  cfg.dilate = 2;
+  EXPECT_EQ(select_ffn_rows(cfg, 5, imp, b), (std::vector<int32_t>{2, 3, 4, 5, 6, 7, 8}));
 }
 
 }  // namespace
