@@ -98,21 +98,21 @@ void print_comparison(const std::vector<EvalReport>& reports) {
 // merge by appending the second's records (everything after its 7-byte magic) to the first.
 // Files of the old whole-run format ("RKREF1\n": fp, hash of all samples, n, vocab, n rows) are
 // read when they match the run exactly and rewritten as RKREF2.
-uint64_t sample_hash(const RagSample& r) {
-  Hasher h;
+void hash_sample(Hasher& h, const RagSample& r) {
   h.pod(static_cast<uint64_t>(r.segments.size()));
   for (const auto& seg : r.segments) h.str(seg);
   h.str(r.question);
+}
+
+uint64_t sample_hash(const RagSample& r) {  // RKREF2's per-sample key
+  Hasher h;
+  hash_sample(h, r);
   return h.digest();
 }
 
-uint64_t samples_hash(const std::vector<RagSample>& samples) {  // RKREF1's key
+uint64_t samples_hash(const std::vector<RagSample>& samples) {  // RKREF1's whole-run key
   Hasher h;
-  for (const RagSample& r : samples) {
-    h.pod(static_cast<uint64_t>(r.segments.size()));
-    for (const auto& seg : r.segments) h.str(seg);
-    h.str(r.question);
-  }
+  for (const RagSample& r : samples) hash_sample(h, r);
   return h.digest();
 }
 
@@ -127,7 +127,8 @@ struct ReferenceFile {
 // Reads what `path` holds (nothing if it is absent); a truncated or foreign file is an error, so
 // a damaged reference never silently turns into recomputed rows that overwrite it.
 ReferenceFile read_reference(const std::string& path, uint64_t fp, uint64_t V,
-                             const std::vector<RagSample>& samples) {
+                             const std::vector<RagSample>& samples,
+                             const std::vector<uint64_t>& keys) {
   ReferenceFile ref;
   std::ifstream f(path, std::ios::binary);
   if (!f) return ref;
@@ -139,11 +140,11 @@ ReferenceFile read_reference(const std::string& path, uint64_t fp, uint64_t V,
     if (!f || hdr[0] != fp || hdr[1] != samples_hash(samples) || hdr[2] != samples.size() ||
         hdr[3] != V)
       return ref;  // another run's whole-run file: replaced by this run's records
-    for (const RagSample& s : samples) {
+    for (uint64_t key : keys) {
       std::vector<float> row(V);
       f.read(reinterpret_cast<char*>(row.data()), V * sizeof(float));
       if (!f) throw Error(path + ": truncated reference logits");
-      ref.rows[{fp, sample_hash(s)}] = std::move(row);
+      ref.rows[{fp, key}] = std::move(row);
     }
     ref.changed = true;
     return ref;
@@ -208,11 +209,13 @@ int run_eval(const EvalArgs& a) {
   const uint64_t fp = model_fingerprint(m.model->config(), m.ckpt);
   const uint64_t V = static_cast<uint64_t>(m.model->config().vocab_size);
   ReferenceFile ref;
+  std::vector<uint64_t> keys;  // per-sample reference keys
+  for (const RagSample& s : samples) keys.push_back(sample_hash(s));
   if (!a.reference.empty()) {
-    ref = read_reference(a.reference, fp, V, samples);
+    ref = read_reference(a.reference, fp, V, samples, keys);
     int64_t found = 0;
     for (size_t i = 0; i < samples.size(); ++i) {
-      auto it = ref.rows.find({fp, sample_hash(samples[i])});
+      auto it = ref.rows.find({fp, keys[i]});
       if (it == ref.rows.end() || it->second.size() != V) continue;
       full_logits[i] = it->second;
       ++found;
@@ -244,7 +247,7 @@ int run_eval(const EvalArgs& a) {
   if (!a.reference.empty()) {
     for (size_t i = 0; i < samples.size() && i < full_logits.size(); ++i) {
       if (full_logits[i].empty()) continue;
-      std::vector<float>& slot = ref.rows[{fp, sample_hash(samples[i])}];
+      std::vector<float>& slot = ref.rows[{fp, keys[i]}];
       if (slot.empty()) slot = full_logits[i], ref.changed = true;
     }
     if (ref.changed) save_reference(a.reference, ref);
