@@ -52,9 +52,9 @@
 #include "kv_bench.h"
 #include "model/model.h"
 #include "model/random_checkpoint.h"
+#include "reuse/chunk_prefill.h"
 #include "reuse/chunk_store.h"
 #include "reuse/reuse_prefill.h"
-#include "reuse/segment_lookup.h"
 
 using namespace redknot;
 using namespace redknot::bench;
@@ -566,7 +566,6 @@ ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
   ChunkStoreOptions cso;
   cso.pool_budget_bytes = store_bytes;
   ChunkStore chunks(model, pool, cso);
-  const SegmentLookup lookup = chunk_store_lookup(chunks);
   std::printf("# reuse %s: pool %.2f GiB (%d pages; chunk store %.2f GiB)\n", shape.c_str(),
               static_cast<double>(n_pages) * pool.bytes_per_page() / kGiB, n_pages,
               static_cast<double>(store_bytes) / kGiB);
@@ -575,8 +574,8 @@ ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
   {
     const auto t0 = Clock::now();
     for (const auto& seg : prompt.segments) {
-      SegmentRef ref = lookup(seg, true);
-      if (!ref.found) throw Error("bench: the chunk store did not admit a segment");
+      if (!acquire_or_prefill(model, chunks, seg))
+        throw Error("bench: the chunk store did not admit a segment");
     }
     backend.synchronize();
     r.offline_s = seconds_since(t0);
@@ -596,7 +595,7 @@ ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
   auto once = [&](PagedKvCache& cache, const ReuseOptions& ro, double* wall_ms) {
     backend.synchronize();
     const auto t0 = Clock::now();
-    PrefillOutcome got = prefill_with_reuse(model, cache, 0, prompt, lookup, ro);
+    PrefillOutcome got = prefill_with_reuse(model, cache, 0, prompt, &chunks, ro);
     backend.synchronize();
     *wall_ms = seconds_since(t0) * 1e3;
     cache.remove_sequence(0);

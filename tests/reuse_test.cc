@@ -6,9 +6,9 @@
 
 #include "engine/generate.h"
 #include "engine/kv_setup.h"
+#include "reuse/chunk_prefill.h"
 #include "reuse/chunk_store.h"
 #include "reuse/reuse_prefill.h"
-#include "reuse/segment_lookup.h"
 #include "test_support.h"
 
 namespace redknot::testing {
@@ -144,14 +144,13 @@ TEST(ReuseModes, AllModesOnRefsModel) {
   cso.pool_budget_bytes = 16 << 20;
   cso.model_fp = model_fingerprint(ck.config, ck);
   ChunkStore chunks(model, *store.pool, cso);
-  SegmentLookup lookup = chunk_store_lookup(chunks);
   PrefixIndex prefix;
 
   // Offline phase: every segment cached alone (the modes then hit).
-  for (const auto& seg : p.segments) ASSERT_TRUE(lookup(seg, true).found);
+  for (const auto& seg : p.segments) ASSERT_TRUE(acquire_or_prefill(model, chunks, seg).ok());
   ReuseOptions ro;
   ro.mode = ReuseMode::Full;
-  PrefillOutcome full = prefill_with_reuse(model, *store.cache, 0, p, lookup, ro);
+  PrefillOutcome full = prefill_with_reuse(model, *store.cache, 0, p, &chunks, ro);
   store.cache->remove_sequence(0);
   const double full_flops = full.flops.total();
 
@@ -162,10 +161,10 @@ TEST(ReuseModes, AllModesOnRefsModel) {
     if (m == ReuseMode::Prefix) {
       std::vector<int32_t> chain;
       for (auto& s : p.segments) chain.insert(chain.end(), s.begin(), s.end());
-      ASSERT_TRUE(lookup(chain, true).found);
+      ASSERT_TRUE(acquire_or_prefill(model, chunks, chain).ok());
       prefix.record(p);
     }
-    PrefillOutcome out = prefill_with_reuse(model, *store.cache, 0, p, lookup, ro, &prefix);
+    PrefillOutcome out = prefill_with_reuse(model, *store.cache, 0, p, &chunks, ro, &prefix);
     EXPECT_EQ(store.cache->num_tokens(0), p.total_tokens()) << reuse_mode_name(m);
     const double cos = [&] {
       double d = 0, a = 0, b = 0;

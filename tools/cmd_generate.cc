@@ -10,9 +10,9 @@
 #include "engine/generate.h"
 #include "engine/kv_setup.h"
 #include "loader/safetensors.h"
+#include "reuse/chunk_prefill.h"
 #include "reuse/chunk_store.h"
 #include "reuse/reuse_prefill.h"
-#include "reuse/segment_lookup.h"
 
 namespace redknot::cli {
 
@@ -55,7 +55,7 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m) {
   const ModelConfig& cfg = m.model->config();
   KvOptions kvo;
   kvo.page_size = a.page_size;
-  kvo.head_profile_path = ro.mode == ReuseMode::RedKnot ? a.head_profile : "";
+  kvo.head_profile_path = reuse_mode_uses_head_profile(ro.mode) ? a.head_profile : "";
   const int64_t tokens = p.total_tokens() + a.max_tokens + 1;
   const int64_t request_bytes = kv_bytes_for(*m.model, kvo.page_size, tokens);
   kvo.budget_bytes = a.kv_budget > 0 ? a.kv_budget : 2 * request_bytes + a.chunk_store_bytes;
@@ -68,8 +68,7 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m) {
     cso.disk_budget_bytes = int64_t{4} << 30;
   }
   ChunkStore chunks(*m.model, *store.pool, cso);
-  PrefillOutcome pre =
-      prefill_with_reuse(*m.model, *store.cache, 0, p, chunk_store_lookup(chunks), ro);
+  PrefillOutcome pre = prefill_with_reuse(*m.model, *store.cache, 0, p, &chunks, ro);
   GenerateOptions opts;
   opts.max_tokens = a.max_tokens;
   opts.sampling = {a.temperature, a.top_p, a.top_k, a.seed};

@@ -15,7 +15,6 @@
 #include "engine/kv_setup.h"
 #include "engine/scheduler.h"
 #include "reuse/chunk_store.h"
-#include "reuse/segment_lookup.h"
 #include "server/server.h"
 #endif
 
@@ -24,7 +23,8 @@ namespace redknot::cli {
 namespace {
 struct ServeArgs {
   std::string model, head_profile, host = "127.0.0.1", api_key, backend = "cpu";
-  std::string chunk_store_dir, reuse_mode = "redknot", model_id;
+  std::string chunk_store_dir, reuse_mode = "redknot", model_id, reuse_fallback = "wait";
+  int32_t reuse_chunk = 0;  // 0: the step budget
   int64_t chunk_store_bytes = 0;
   int port = 8080;
   int32_t max_batch = 32, max_queue = 256, step_tokens = 0, page_size = 64, threads = 0;
@@ -84,6 +84,8 @@ int run_serve(const ServeArgs& a) {
         request_bytes + (a.chunk_store_bytes > 0 ? a.chunk_store_bytes : request_bytes / 2);
   }
   KvStore store = make_kv_store(model, kvo);
+  // Requests in the baseline modes keep every head's tokens (SPEC §4), beside the head-aware ones.
+  make_baseline_cache(model, store);
   std::unique_ptr<ChunkStore> chunks;
   if (reuse) {
     ChunkStoreOptions cso;
@@ -102,13 +104,18 @@ int run_serve(const ServeArgs& a) {
   so.max_batch = a.max_batch;
   so.max_queue = a.max_queue;
   so.step_tokens = a.step_tokens > 0 ? a.step_tokens : default_prefill_chunk(a.backend);
+  so.baseline_cache = store.baseline.get();
+  so.reuse_fallback = parse_reuse_fallback(a.reuse_fallback);
+  // A reuse prefill's forwards take at most this many rows (one per step, like prefill chunks);
+  // eval and generate give the same answers with the same --reuse-chunk.
+  so.reuse.chunk = a.reuse_chunk > 0 ? a.reuse_chunk : so.step_tokens;
   if (chunks) {
     so.reuse.mode = mode;
     so.reuse.sparse_ffn_enabled = a.sparse_ffn;
     so.reuse.skip_dead_rows = a.skip_dead_rows;
     so.reuse.query_full_attention = a.query_full_attention;
     so.reuse.sparse_ffn = a.sparse_cfg;
-    so.lookup = chunk_store_lookup(*chunks);
+    so.chunk_store = chunks.get();
   }
   Scheduler sched(model, *store.cache, so);
 
@@ -183,6 +190,14 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "redknot mode: the query's rows attend with every head global, local heads over "
                 "the whole prompt (beyond the paper; true | false)");
   add_sparse_ffn_options(c, &a->sparse_cfg);
+  c->add_option("--reuse-fallback", a->reuse_fallback,
+                "when a reuse prefill finds no free KV pages: wait (requeue; answers never depend "
+                "on load) | dense (prefill densely now; reported) | reject (fail the request)")
+      ->check(CLI::IsMember({"wait", "dense", "reject"}));
+  c->add_option("--reuse-chunk", a->reuse_chunk,
+                "rows per forward of a reuse prefill, one forward per step (0: --step-tokens); "
+                "Sparse FFN ranks rows per forward, so eval/generate match with the same value")
+      ->check(CLI::Range(0, 1 << 20));
   c->add_option("--reuse-mode", a->reuse_mode,
                 "default chunk reuse mode: redknot | naive | cacheblend | epic | full | off");
   c->callback([a, &action] {

@@ -48,4 +48,11 @@ KvStore make_kv_store(Model& model, const KvOptions& opts) {
   return s;
 }
 
+void make_baseline_cache(Model& model, KvStore& store) {
+  PagedKvOptions po;
+  po.scale = 1.0f / std::sqrt(static_cast<float>(model.config().head_dim));
+  store.baseline = std::make_unique<PagedKvCache>(*store.pool, HeadProfile::native(model.config()),
+                                                  po, model.inv_freq());
+}
+
 }  // namespace redknot

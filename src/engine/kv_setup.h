@@ -22,11 +22,16 @@ struct KvStore {
   HeadProfile profile;
   std::unique_ptr<PagePool> pool;
   std::unique_ptr<PagedKvCache> cache;
+  // Every head keeping every token (the model's own attention), over the same pool: the cache of
+  // the baseline reuse modes when `cache` follows a head profile (make_baseline_cache).
+  std::unique_ptr<PagedKvCache> baseline;
 };
 
 // Loads/validates the profile against the model; throws Error with a clear message.
 HeadProfile load_head_profile(const Model& model, const std::string& path);
 KvStore make_kv_store(Model& model, const KvOptions& opts);
+// Adds store.baseline (the model's own attention over store.pool).
+void make_baseline_cache(Model& model, KvStore& store);
 
 // Pool bytes that hold `sequences` sequences of `tokens` tokens with every head global,
 // including two pages of slack per (layer, kv head) for copy-on-write and partial pages.

@@ -88,6 +88,30 @@ void RequestStream::finish(FinishReason reason, std::string error) {
   cv_.notify_all();
 }
 
+ReusePath RequestStream::path() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return path_;
+}
+
+ReuseFallback parse_reuse_fallback(const std::string& name) {
+  if (name == "wait") return ReuseFallback::kWait;
+  if (name == "dense") return ReuseFallback::kDense;
+  if (name == "reject") return ReuseFallback::kReject;
+  throw Error("unknown reuse fallback '" + name + "' (available: wait, dense, reject)");
+}
+
+const char* reuse_fallback_name(ReuseFallback f) {
+  switch (f) {
+    case ReuseFallback::kWait:
+      return "wait";
+    case ReuseFallback::kDense:
+      return "dense";
+    case ReuseFallback::kReject:
+      return "reject";
+  }
+  return "?";
+}
+
 // ---- Scheduler ----
 
 Scheduler::Scheduler(Model& model, PagedKvCache& cache, SchedulerOptions options)
@@ -97,6 +121,9 @@ Scheduler::Scheduler(Model& model, PagedKvCache& cache, SchedulerOptions options
   if (opts_.max_queue < 0) throw Error("scheduler: max_queue must be >= 0");
   if (!(opts_.reserve_fraction >= 0.0 && opts_.reserve_fraction <= 1.0))
     throw Error("scheduler: reserve_fraction must be in [0, 1]");
+  if (opts_.baseline_cache && &opts_.baseline_cache->pool() != &cache_.pool())
+    throw Error("scheduler: the baseline cache must share the request cache's pool");
+  if (opts_.reuse.chunk < 0) throw Error("scheduler: reuse chunk must be >= 0");
   publish_stats();
   thread_ = std::thread([this] { loop(); });
 }
@@ -110,8 +137,8 @@ Scheduler::~Scheduler() {
   if (thread_.joinable()) thread_.join();
 }
 
-int64_t Scheduler::estimate_pages(int64_t tokens) const {
-  const HeadProfile& prof = cache_.profile();
+int64_t Scheduler::estimate_pages(int64_t tokens, const PagedKvCache& cache) const {
+  const HeadProfile& prof = cache.profile();
   const int64_t ps = cache_.pool().page_size();
   const int64_t all = (tokens + ps - 1) / ps;
   int64_t pages = 0;
@@ -145,7 +172,19 @@ std::shared_ptr<RequestStream> Scheduler::submit(RequestSpec spec) {
     throw Error("prompt (" + std::to_string(r->tokens.size()) + " tokens) + max_tokens (" +
                 std::to_string(spec.max_tokens) + ") exceeds the context length " +
                 std::to_string(ctx));
-  const int64_t need = estimate_pages(total);
+  // The mode that will run: a reuse mode without a chunk store is served full and told so (or
+  // refused, when the request insists).
+  r->path.requested = spec.reuse_mode.value_or(opts_.reuse.mode);
+  r->path.used = r->path.requested;
+  if (r->path.requested != ReuseMode::Full && opts_.chunk_store == nullptr) {
+    if (spec.strict_reuse_mode)
+      throw Error(std::string("reuse mode '") + reuse_mode_name(r->path.requested) +
+                  "' is not available: the server runs without a chunk store");
+    r->path.used = ReuseMode::Full;
+    r->path.fallback = "reuse_disabled";
+  }
+  r->cache = &cache_for(r->path.used);
+  const int64_t need = estimate_pages(total, *r->cache);
   if (need > cache_.pool().num_pages())
     throw Error("the request needs about " + std::to_string(need) + " KV pages; the pool has " +
                 std::to_string(cache_.pool().num_pages()));
@@ -225,8 +264,14 @@ void Scheduler::loop() {
   publish_stats();
 }
 
+PagedKvCache& Scheduler::cache_for(ReuseMode mode) {
+  if (reuse_mode_uses_head_profile(mode) || opts_.baseline_cache == nullptr) return cache_;
+  return *opts_.baseline_cache;
+}
+
 void Scheduler::release(Request& r) {
-  if (r.seq >= 0 && cache_.has_sequence(r.seq)) cache_.remove_sequence(r.seq);
+  r.job.reset();  // unpins its segments, abandons reserved misses
+  if (r.seq >= 0 && r.cache->has_sequence(r.seq)) r.cache->remove_sequence(r.seq);
   r.seq = -1;
   r.fed = 0;
   reserved_pages_ -= r.reserved_pages;
@@ -234,6 +279,7 @@ void Scheduler::release(Request& r) {
 }
 
 void Scheduler::finish(Request& r, FinishReason reason, const std::string& error) {
+  report_path(r);
   release(r);
   hold_admission_ = false;
   counters_.prompt_tokens += r.prompt_len;
@@ -285,8 +331,8 @@ void Scheduler::admit() {
       if (queue_.empty()) return;
       Request& head = *queue_.front();
       const int64_t total = head.prompt_len + head.spec.max_tokens;
-      const int64_t need = static_cast<int64_t>(
-          std::ceil(static_cast<double>(estimate_pages(total)) * opts_.reserve_fraction));
+      const int64_t need = static_cast<int64_t>(std::ceil(
+          static_cast<double>(estimate_pages(total, *head.cache)) * opts_.reserve_fraction));
       // FIFO: a request that does not fit blocks those behind it (no starvation of big ones).
       if (!running_.empty() && reserved_pages_ + need > pool_pages) return;
       r = std::move(queue_.front());
@@ -296,44 +342,82 @@ void Scheduler::admit() {
     reserved_pages_ += r->reserved_pages;
     r->seq = next_seq_;
     next_seq_ = next_seq_ == INT32_MAX ? 1 : next_seq_ + 1;
-    cache_.add_sequence(r->seq);
+    r->cache->add_sequence(r->seq);
     r->fed = 0;
     r->stream->cached_tokens_.store(0);
-    if (r->generated == 0) reuse_prefill(*r);
+    if (r->path.used != ReuseMode::Full) {
+      const OomAction a = start_reuse(*r);
+      if (a == OomAction::kRequeue) {
+        requeue(std::move(r));
+        return;
+      }
+      if (a == OomAction::kFailed) continue;
+    }
     running_.push_back(std::move(r));
   }
 }
 
-bool Scheduler::reuse_prefill(Request& r) {
-  const ReuseMode mode = r.spec.reuse_mode.value_or(opts_.reuse.mode);
-  // Prefix needs a cache of whole chains (the eval harness has one); here it is dense prefill.
-  if (!opts_.lookup || mode == ReuseMode::Full || mode == ReuseMode::Prefix ||
-      r.spec.segments.empty() || r.spec.query.empty())
-    return false;
+Scheduler::OomAction Scheduler::start_reuse(Request& r) {
   SegmentedPrompt p;
   p.segments = r.spec.segments;
-  p.query.assign(r.spec.query.begin(), r.spec.query.end() - 1);
+  p.query = r.spec.query;
   ReuseOptions ro = opts_.reuse;
-  ro.mode = mode;
-  try {
-    PrefillOutcome out = prefill_with_reuse(model_, cache_, r.seq, p, opts_.lookup, ro);
-    r.fed = p.total_tokens();
-    r.stream->cached_tokens_.store(static_cast<int32_t>(out.reused_tokens));
-    ++counters_.reuse_prefills;
-    counters_.cached_tokens += out.reused_tokens;
-    counters_.recomputed_tokens += p.total_tokens() - out.reused_tokens;
-    counters_.flops_done += out.flops.total();
-    counters_.flops_full +=
-        prefill_flops(model_.config(), HeadProfile::native(model_.config()), 0, p.total_tokens(), 1)
-            .total();
-    return true;
-  } catch (const std::exception&) {
-    // Out of pages (or a cache problem): start over densely; the normal steps may preempt.
-    cache_.remove_sequence(r.seq);
-    cache_.add_sequence(r.seq);
-    r.fed = 0;
-    return false;
+  ro.mode = r.path.used;
+  if (p.segments.empty() && ro.mode == ReuseMode::RedKnot) {
+    // Nothing to reuse: the prompt is prefilled densely in the head-aware cache, which is what
+    // redknot recomputes when nothing is cached (no fallback: the path says 0 segments).
+    return OomAction::kRun;
   }
+  try {
+    r.job = std::make_unique<ReuseJob>(model_, *r.cache, r.seq, p, opts_.chunk_store, ro);
+    // A job with no documents or query plans a dense pass and says so; its mode is what ran.
+    r.path.used = r.job->outcome().path.used;
+    if (r.path.fallback.empty()) r.path.fallback = r.job->outcome().path.fallback;
+    return OomAction::kRun;
+  } catch (const OutOfKvMemory& e) {
+    if (opts_.chunk_store && opts_.chunk_store->yield_pages(r.reserved_pages)) {
+      try {
+        r.job = std::make_unique<ReuseJob>(model_, *r.cache, r.seq, p, opts_.chunk_store, ro);
+        r.path.used = r.job->outcome().path.used;
+        if (r.path.fallback.empty()) r.path.fallback = r.job->outcome().path.fallback;
+        return OomAction::kRun;
+      } catch (const OutOfKvMemory&) {
+      }
+    }
+    return reuse_out_of_pages(r, e.what());
+  }
+}
+
+Scheduler::OomAction Scheduler::reuse_out_of_pages(Request& r, const std::string& what) {
+  r.job.reset();
+  switch (opts_.reuse_fallback) {
+    case ReuseFallback::kDense:
+      // Start over densely in the same cache; the normal steps may still preempt it.
+      r.cache->remove_sequence(r.seq);
+      r.cache->add_sequence(r.seq);
+      r.fed = 0;
+      r.path.used = ReuseMode::Full;
+      r.path.fallback = "out_of_kv_pages";
+      return OomAction::kRun;
+    case ReuseFallback::kReject:
+      ++counters_.fallbacks["rejected_out_of_kv_pages"];
+      finish(r, FinishReason::kError,
+             "the KV cache has no room for this request's reuse prefill now (" + what +
+                 "); --reuse-fallback reject");
+      return OomAction::kFailed;
+    case ReuseFallback::kWait:
+      break;
+  }
+  // Back to the head of the queue, as a preemption: admission holds until pages come back.
+  release(r);
+  ++counters_.reuse_waits;
+  hold_admission_ = true;
+  return OomAction::kRequeue;
+}
+
+void Scheduler::requeue(RequestPtr r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  queue_.push_front(std::move(r));
 }
 
 void Scheduler::preempt(size_t index) {
@@ -347,37 +431,138 @@ void Scheduler::preempt(size_t index) {
   queue_.push_front(std::move(r));
 }
 
+void Scheduler::report_path(Request& r) {
+  if (r.reported) return;
+  r.reported = true;
+  ++counters_.modes_used[reuse_mode_name(r.path.used)];
+  if (!r.path.fallback.empty()) ++counters_.fallbacks[r.path.fallback];
+  std::lock_guard<std::mutex> lock(r.stream->mu_);
+  r.stream->path_ = r.path;
+}
+
+void Scheduler::emit(Request& r, int32_t tok) {
+  report_path(r);
+  r.tokens.push_back(tok);
+  ++r.generated;
+  ++counters_.generated_tokens;
+  r.stream->push(tok);
+  const int64_t ctx = model_.config().max_position_embeddings;
+  if (std::find(r.spec.stop_ids.begin(), r.spec.stop_ids.end(), tok) != r.spec.stop_ids.end()) {
+    finish(r, FinishReason::kStop);
+  } else if (r.generated >= r.spec.max_tokens ||
+             (ctx > 0 && static_cast<int64_t>(r.tokens.size()) >= ctx)) {
+    finish(r, FinishReason::kLength);
+  }
+}
+
+bool Scheduler::run_reuse_forward() {
+  for (size_t i = 0; i < running_.size(); ++i) {
+    Request& r = *running_[i];
+    if (!r.job) continue;
+    try {
+      r.job->run_next();
+    } catch (const OutOfKvMemory& e) {
+      // Cached segments make way first (the job retries next step); then the policy decides.
+      if (opts_.chunk_store && opts_.chunk_store->yield_pages(r.reserved_pages)) return true;
+      const OomAction a = reuse_out_of_pages(r, e.what());
+      if (a == OomAction::kRequeue) {
+        RequestPtr self = std::move(running_[i]);
+        running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(i));
+        requeue(std::move(self));
+      }
+      return true;
+    } catch (const std::exception& e) {
+      finish(r, FinishReason::kError, std::string("reuse prefill failed: ") + e.what());
+      return true;
+    }
+    ++counters_.reuse_steps;
+    if (!r.job->done()) return true;
+    // The whole prompt is in the KV cache; its last row's logits give the first token.
+    PrefillOutcome& out = r.job->outcome();
+    r.fed = r.prompt_len;
+    r.path.segments = out.path.segments;
+    r.path.segments_hit = out.path.segments_hit;
+    r.path.segments_prefilled = out.path.segments_prefilled;
+    r.path.segments_private = out.path.segments_private;
+    r.path.reused_tokens = out.reused_tokens;
+    r.path.prefix_hit_tokens = out.path.prefix_hit_tokens;
+    r.stream->cached_tokens_.store(static_cast<int32_t>(out.reused_tokens));
+    ++counters_.reuse_prefills;
+    counters_.cached_tokens += out.reused_tokens;
+    counters_.recomputed_tokens += r.prompt_len - out.reused_tokens;
+    counters_.segments_hit += out.path.segments_hit;
+    counters_.segments_prefilled += out.path.segments_prefilled;
+    counters_.segments_private += out.path.segments_private;
+    counters_.flops_done += out.flops.total();
+    counters_.flops_full +=
+        prefill_flops(model_.config(), HeadProfile::native(model_.config()), 0, r.prompt_len, 1)
+            .total();
+    const std::vector<float> logits = std::move(out.last_logits);
+    r.job.reset();
+    // A request recomputed after a preemption has its tokens already: they are fed next.
+    if (r.generated == 0) emit(r, r.sampler->sample(logits.data(), vocab_));
+    return true;
+  }
+  return false;
+}
+
 bool Scheduler::step() {
-  Batch batch;
-  struct Row {
-    Request* r;
-    int64_t count;
-    bool logits;
+  // One forward per cache in use: decode rows first (one token each, so that running requests
+  // never stall behind prefills), then dense prefill chunks; one reuse forward runs between.
+  struct Group {
+    PagedKvCache* cache = nullptr;
+    Batch batch;
+    std::vector<Row> rows;
   };
-  std::vector<Row> rows;
+  std::vector<Group> groups;
+  auto group_for = [&](PagedKvCache* c) -> Group& {
+    for (Group& g : groups)
+      if (g.cache == c) return g;
+    groups.push_back(Group{c, {}, {}});
+    return groups.back();
+  };
   int64_t budget = opts_.step_tokens;
-  // Decode rows first (one token each) so that running requests never stall behind prefills.
   for (auto& rp : running_) {
     Request& r = *rp;
     const int64_t left = static_cast<int64_t>(r.tokens.size()) - r.fed;
-    if (left != 1 || budget <= 0) continue;
-    batch.add_sequence(r.seq, {r.tokens.back()}, static_cast<int32_t>(r.fed), true);
-    rows.push_back({&r, 1, true});
+    if (r.job || left != 1 || budget <= 0) continue;
+    Group& g = group_for(r.cache);
+    g.batch.add_sequence(r.seq, {r.tokens.back()}, static_cast<int32_t>(r.fed), true);
+    g.rows.push_back({&r, 1, true});
     --budget;
   }
+  // The oldest reuse prefill's next forward (its own options; at most reuse.chunk rows).
+  bool worked = false;
+  for (auto& rp : running_)
+    if (rp->job) {
+      budget -= rp->job->next_rows();
+      worked = run_reuse_forward();
+      break;
+    }
   for (auto& rp : running_) {
     Request& r = *rp;
     const int64_t left = static_cast<int64_t>(r.tokens.size()) - r.fed;
-    if (left <= 1 || budget <= 0) continue;
+    if (r.job || r.seq < 0 || left <= 1 || budget <= 0) continue;
     const int64_t n = std::min(left, budget);
     const bool last = n == left;
     std::vector<int32_t> chunk(r.tokens.begin() + r.fed, r.tokens.begin() + r.fed + n);
-    batch.add_sequence(r.seq, chunk, static_cast<int32_t>(r.fed), last);
-    rows.push_back({&r, n, last});
+    Group& g = group_for(r.cache);
+    g.batch.add_sequence(r.seq, chunk, static_cast<int32_t>(r.fed), last);
+    g.rows.push_back({&r, n, last});
     budget -= n;
   }
-  if (rows.empty()) return false;
+  for (Group& g : groups) {
+    if (g.rows.empty()) continue;
+    worked = true;
+    if (!run_group(g.batch, *g.cache, g.rows)) break;
+  }
+  running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                [](const RequestPtr& r) { return r->seq < 0; }),
+                 running_.end());
+  return worked;
+}
 
+bool Scheduler::run_group(const Batch& batch, PagedKvCache& cache, const std::vector<Row>& rows) {
   // When every row that samples is greedy, the argmax runs on the device and only the ids come
   // back ([rows, vocab] logits stay there).
   bool all_greedy = true;
@@ -387,34 +572,26 @@ bool Scheduler::step() {
   std::vector<int32_t> greedy_ids;
   try {
     if (all_greedy)
-      greedy_ids = model_.forward_greedy(batch, cache_);
+      greedy_ids = model_.forward_greedy(batch, cache);
     else
-      logits = model_.forward(batch, cache_);
+      logits = model_.forward(batch, cache);
   } catch (const OutOfKvMemory& e) {
-    // The cache is unchanged: drop the newest request and let the next step retry without it.
+    // The cache is unchanged. Cached segments make way for live requests first; else drop the
+    // newest request and let the next step retry without it.
+    if (opts_.chunk_store && opts_.chunk_store->yield_pages(cache.pages_needed(batch)))
+      return false;
     if (running_.size() == 1) {
       finish(*running_[0], FinishReason::kError, std::string("KV cache too small: ") + e.what());
-      running_.clear();
     } else {
       preempt(running_.size() - 1);
     }
-    return true;
+    return false;
   } catch (const std::exception& e) {
     // Not expected (inputs are validated at submit): fail this batch's requests, keep serving.
-    for (const Row& row : rows) row.r->stream->cancel();
-    for (auto it = running_.begin(); it != running_.end();) {
-      if ((*it)->stream->cancelled()) {
-        finish(**it, FinishReason::kError, e.what());
-        it = running_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    return true;
+    for (const Row& row : rows) finish(*row.r, FinishReason::kError, e.what());
+    return false;
   }
   ++counters_.steps;
-
-  const int64_t ctx = model_.config().max_position_embeddings;
   int64_t logit_row = 0;
   for (const Row& row : rows) {
     Request& r = *row.r;
@@ -424,20 +601,8 @@ bool Scheduler::step() {
                             ? greedy_ids.at(static_cast<size_t>(logit_row))
                             : r.sampler->sample(logits.data<float>() + logit_row * vocab_, vocab_);
     ++logit_row;
-    r.tokens.push_back(tok);
-    ++r.generated;
-    ++counters_.generated_tokens;
-    r.stream->push(tok);
-    if (std::find(r.spec.stop_ids.begin(), r.spec.stop_ids.end(), tok) != r.spec.stop_ids.end()) {
-      finish(r, FinishReason::kStop);
-    } else if (r.generated >= r.spec.max_tokens ||
-               (ctx > 0 && static_cast<int64_t>(r.tokens.size()) >= ctx)) {
-      finish(r, FinishReason::kLength);
-    }
+    emit(r, tok);
   }
-  running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                [](const RequestPtr& r) { return r->seq < 0; }),
-                 running_.end());
   return true;
 }
 

@@ -1,7 +1,15 @@
-// The serving engine loop: continuous batching with chunked prefill over one model and one paged
-// KV cache. One engine thread owns the model and the cache; other threads only submit requests
-// and read their token streams. Each step builds ONE Batch that mixes the decode token of every
-// running sequence with prefill chunks of admitted requests, under a per-step token budget.
+// The serving engine loop: continuous batching with chunked prefill over one model and its paged
+// KV caches. One engine thread owns the model and the caches; other threads only submit requests
+// and read their token streams. Each step runs the decode token of every running sequence, at
+// most one forward of a reuse prefill (a ReuseJob: a chunk-store miss's prefill, recomputed rows,
+// the query), and prefill chunks of admitted requests, under a per-step token budget. The
+// scheduler decides what runs; the caches and the chunk store are passive (they never run the
+// model), and admission never runs a forward: a request with documents gets its cached segments
+// pinned and its misses reserved, and everything computed for it is work of later steps.
+//
+// A redknot-mode request keeps its KV by the head profile (`cache`); the baselines (full,
+// prefix, naive, cacheblend, epic) keep every token of every head (`baseline_cache` over the same
+// pool), so a mode name means the same KV here as in eval and generate.
 //
 // Admission is by head-aware KV size (prompt + max_tokens, global heads keep every token, local
 // heads sink ∪ window). When a forward still runs out of pages (admission may over-commit), the
@@ -13,6 +21,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -41,6 +50,9 @@ struct RequestSpec {
   std::vector<int32_t> stop_ids;  // generation ends after emitting one of these (kept in output)
   // Chunk reuse mode of this request (unset: the scheduler's default).
   std::optional<ReuseMode> reuse_mode;
+  // Requests whose reuse mode is unavailable (no chunk store) are refused instead of served in
+  // another mode (the fallback is still reported when this is off).
+  bool strict_reuse_mode = false;
 
   std::vector<int32_t> prompt() const;
 };
@@ -70,6 +82,8 @@ class RequestStream {
   // chunk reuse lands; set by the engine before the first token).
   int32_t cached_tokens() const { return cached_tokens_.load(); }
   int32_t preemptions() const { return preemptions_.load(); }
+  // How the prompt was prefilled (set by the engine before the first token).
+  ReusePath path() const;
   // Time from submit to the first token and between tokens, in seconds (for metrics).
   std::vector<double> token_gaps() const;
 
@@ -88,9 +102,20 @@ class RequestStream {
   std::atomic<bool> cancelled_{false};
   std::atomic<int32_t> cached_tokens_{0}, preemptions_{0};
   int32_t prompt_tokens_ = 0;
+  ReusePath path_;
   std::chrono::steady_clock::time_point submitted_;
   std::vector<std::chrono::steady_clock::time_point> token_times_;
 };
+
+// What the scheduler does when a reuse prefill runs out of KV pages (a miss's prefill, the
+// relocation or a recomputation forward). Errors other than out-of-memory fail the request.
+enum class ReuseFallback {
+  kWait,    // requeue it (pages come back as requests finish): the answer equals its answer alone
+  kDense,   // prefill it densely in its mode's cache now: the answer may differ; reported
+  kReject,  // fail it with an error
+};
+ReuseFallback parse_reuse_fallback(const std::string& name);  // wait | dense | reject
+const char* reuse_fallback_name(ReuseFallback f);
 
 struct SchedulerOptions {
   int32_t max_batch = 32;     // running sequences at most
@@ -99,10 +124,14 @@ struct SchedulerOptions {
   // Fraction of a request's head-aware KV estimate reserved at admission: 1 never over-commits,
   // lower values admit more and rely on preemption when pages run out.
   double reserve_fraction = 1.0;
-  // Chunk reuse: with a lookup (the chunk store), a request of segments is prefilled in its
-  // reuse mode when admitted (cached segments relocated, SPEC §4) instead of densely.
-  ReuseOptions reuse;    // reuse.mode is the default mode; Full disables reuse
-  SegmentLookup lookup;  // empty: no chunk store
+  // Chunk reuse: with a chunk store, a request of segments is prefilled in its reuse mode
+  // (cached segments relocated, SPEC §4) by a ReuseJob whose forwards (reuse.chunk rows each)
+  // run one per step.
+  ReuseOptions reuse;                 // reuse.mode is the default mode
+  ChunkStore* chunk_store = nullptr;  // null: no reuse (requests are served full, and told so)
+  // All-global cache over the same pool for the baseline modes; null: they use `cache`.
+  PagedKvCache* baseline_cache = nullptr;
+  ReuseFallback reuse_fallback = ReuseFallback::kWait;
 };
 
 // A consistent view of the engine for /metrics and tests.
@@ -115,6 +144,11 @@ struct SchedulerStats {
   int64_t reuse_prefills = 0;             // requests prefilled through chunk reuse
   int64_t recomputed_tokens = 0;          // prompt tokens those prefills computed
   double flops_done = 0, flops_full = 0;  // their FLOPs, and a dense prefill's
+  int64_t segments_hit = 0, segments_prefilled = 0, segments_private = 0;
+  int64_t reuse_steps = 0;  // steps that ran a reuse prefill's forward
+  int64_t reuse_waits = 0;  // reuse prefills requeued for pages (fallback policy wait)
+  std::map<std::string, int64_t> fallbacks;   // requests served in another mode, by reason
+  std::map<std::string, int64_t> modes_used;  // requests by the mode that ran
 };
 
 class QueueFull : public Error {
@@ -139,7 +173,8 @@ class Scheduler {
   void wait_idle();
   SchedulerStats stats() const;
   // Head-aware pages a session of `tokens` tokens may need (admission estimate).
-  int64_t estimate_pages(int64_t tokens) const;
+  int64_t estimate_pages(int64_t tokens) const { return estimate_pages(tokens, cache_); }
+  int64_t estimate_pages(int64_t tokens, const PagedKvCache& cache) const;
   const SchedulerOptions& options() const { return opts_; }
 
  private:
@@ -153,24 +188,47 @@ class Scheduler {
     int64_t reserved_pages = 0;
     SeqId seq = -1;
     std::unique_ptr<Sampler> sampler;
+    PagedKvCache* cache = nullptr;  // by its mode: head-aware or all-global
+    ReusePath path;                 // mode asked and used, fallback reason
+    std::unique_ptr<ReuseJob> job;  // the reuse prefill in progress (null: dense or done)
+    bool reported = false;          // path published to the stream and the counters
   };
   using RequestPtr = std::unique_ptr<Request>;
+  // A request's rows in a step's batch: `count` tokens, logits of the last one when `logits`.
+  struct Row {
+    Request* r;
+    int64_t count;
+    bool logits;
+  };
 
   void loop();
   // One engine step; false when there was nothing to do.
   bool step();
+  // Runs one cache's batch of decode rows and prefill chunks and emits their tokens; false when
+  // it failed (out of pages: the newest request was preempted) and the step should end.
+  bool run_group(const Batch& batch, PagedKvCache& cache, const std::vector<Row>& rows);
   void drop_cancelled();
   void admit();
-  // Prefills a just-admitted request through chunk reuse (all but its last prompt token, which
-  // the next step feeds to get logits). Returns false (cache unchanged) when it cannot.
-  bool reuse_prefill(Request& r);
+  // What becomes of a request whose reuse prefill ran out of pages (the fallback policy): it runs
+  // on (dense), goes back to the queue's head (wait; released) or has failed (reject).
+  enum class OomAction { kRun, kRequeue, kFailed };
+  // Starts a just-admitted request's reuse prefill (pins, reservations; no forward).
+  OomAction start_reuse(Request& r);
+  OomAction reuse_out_of_pages(Request& r, const std::string& what);
+  void requeue(RequestPtr r);
+  // Runs one forward of the oldest reuse prefill in progress; false when none is.
+  bool run_reuse_forward();
+  // Samples `r`'s next token from host logits [vocab] and ends it when due.
+  void emit(Request& r, int32_t token);
+  void report_path(Request& r);
+  PagedKvCache& cache_for(ReuseMode mode);
   void finish(Request& r, FinishReason reason, const std::string& error = {});
   void release(Request& r);
   void preempt(size_t running_index);
   void publish_stats();
 
   Model& model_;
-  PagedKvCache& cache_;
+  PagedKvCache& cache_;  // head-aware
   SchedulerOptions opts_;
   int64_t vocab_ = 0;
 

@@ -6,7 +6,7 @@
 
 #include "core/error.h"
 #include "engine/sampler.h"
-#include "reuse/segment_lookup.h"
+#include "reuse/chunk_prefill.h"
 
 namespace redknot {
 
@@ -118,13 +118,12 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
       opts.chunk_store_bytes > 0 ? opts.chunk_store_bytes : 4 * request_bytes;
   KvOptions kvo = opts.kv;
   kvo.budget_bytes = 2 * request_bytes + store_bytes;
-  if (mode != ReuseMode::RedKnot) kvo.head_profile_path.clear();
+  if (!reuse_mode_uses_head_profile(mode)) kvo.head_profile_path.clear();
   KvStore store = make_kv_store(model, kvo);
   ChunkStoreOptions cso;
   cso.pool_budget_bytes = store_bytes;
   cso.model_fp = model_fingerprint(cfg, ckpt);
   ChunkStore chunks(model, *store.pool, cso);
-  SegmentLookup lookup = chunk_store_lookup(chunks);
   PrefixIndex prefix_index;
 
   KvOptions full_kvo = kvo;
@@ -140,14 +139,15 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
     const RagSample& s = samples[i];
     const SegmentedPrompt& prompt = prompts[i];
     // Offline phase (untimed): the segments this mode reuses are in the chunk store.
-    std::vector<SegmentRef> warm;
+    std::vector<ChunkStore::Handle> warm;
     if (mode == ReuseMode::Naive || mode == ReuseMode::CacheBlend || mode == ReuseMode::Epic)
-      for (const auto& seg : prompt.segments) warm.push_back(lookup(seg, true));
+      for (const auto& seg : prompt.segments)
+        warm.push_back(acquire_or_prefill(model, chunks, seg));
     if (mode == ReuseMode::RedKnot && !prompt.segments.empty())
-      warm.push_back(lookup(prompt.segments[0], true));
+      warm.push_back(acquire_or_prefill(model, chunks, prompt.segments[0]));
 
     PrefillOutcome got =
-        prefill_with_reuse(model, *store.cache, 0, prompt, lookup, opts.reuse, &prefix_index);
+        prefill_with_reuse(model, *store.cache, 0, prompt, &chunks, opts.reuse, &prefix_index);
     warm.clear();
     std::vector<int32_t> answer =
         decode_answer(model, *store.cache, 0, tok, got.last_logits, opts.max_answer_tokens, stops);
@@ -156,7 +156,7 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
       // The finished request's prefix chain stays cached for the requests after it.
       std::vector<int32_t> chain;
       for (const auto& seg : prompt.segments) chain.insert(chain.end(), seg.begin(), seg.end());
-      if (lookup(chain, true).found) prefix_index.record(prompt);
+      if (acquire_or_prefill(model, chunks, chain)) prefix_index.record(prompt);
     }
 
     FlopsLedger full_flops =

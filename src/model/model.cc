@@ -125,13 +125,13 @@ Tensor Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& 
 
 int64_t Model::sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& normed, Tensor& x,
                                    const Batch& batch, const SparseFfnConfig& cfg,
-                                   StageClock& clock) {
+                                   int64_t rows_after, StageClock& clock) {
   const int64_t T = x.dim(0), H = cfg_.hidden_size;
   Tensor norms = backend_.alloc_uninit(DType::F32, {T});
   backend_.row_l2norm(attn, norms);
   Tensor host = backend_.to_host_f32(norms);
   std::vector<float> importance(host.data<float>(), host.data<float>() + T);
-  std::vector<int32_t> rows = select_ffn_rows(cfg, layer, importance, batch);
+  std::vector<int32_t> rows = select_ffn_rows(cfg, layer, importance, batch, rows_after);
   const int64_t R = static_cast<int64_t>(rows.size());
   if (R == 0) return 0;
   Tensor idx = backend_.alloc_uninit(DType::I32, {R});
@@ -318,7 +318,8 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
     int64_t ffn_rows = T;
     const bool sparse = opts.sparse_ffn && !opts.sparse_ffn->dense(l);
     if (sparse) {
-      ffn_rows = sparse_ffn_residual(l, attn, normed, x, batch, *opts.sparse_ffn, clock);
+      ffn_rows = sparse_ffn_residual(l, attn, normed, x, batch, *opts.sparse_ffn,
+                                     opts.sparse_rows_after, clock);
     } else {
       ffn_block(l, normed, block_out);
       clock.mark("ffn");

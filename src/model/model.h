@@ -40,7 +40,8 @@ struct ForwardOptions {
   ForwardObserver* observer = nullptr;
   int num_layers = -1;  // >= 0: stop after that many layers (no logits)
   const SparseFfnConfig* sparse_ffn = nullptr;
-  FlopsLedger* flops = nullptr;  // accumulates what this forward computed
+  int64_t sparse_rows_after = 0;  // rows of the same pass after this forward (select_ffn_rows)
+  FlopsLedger* flops = nullptr;   // accumulates what this forward computed
   // >= 0: no later token reads these rows' outputs, only their K/V (dead-row skipping in reuse):
   // this layer computes K/V alone (no queries, attention, o_proj or FFN) and the deeper layers,
   // which must hold only local heads, store zero K/V placeholders. The caller keeps every later
@@ -119,7 +120,8 @@ class Model {
   // Sparse FFN: runs the FFN on the selected rows of `normed` and adds it to those rows of x.
   // Returns the number of rows that ran. attn: [T, heads*hd] (importance source)
   int64_t sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& normed, Tensor& x,
-                              const Batch& batch, const SparseFfnConfig& cfg, StageClock& clock);
+                              const Batch& batch, const SparseFfnConfig& cfg, int64_t rows_after,
+                              StageClock& clock);
   Tensor upload(const Checkpoint& ckpt, const std::string& name);
   Tensor upload_norm(const Checkpoint& ckpt, const std::string& name);
 

@@ -6,7 +6,8 @@
 namespace redknot {
 
 std::vector<int32_t> select_ffn_rows(const SparseFfnConfig& cfg, int layer,
-                                     const std::vector<float>& importance, const Batch& batch) {
+                                     const std::vector<float>& importance, const Batch& batch,
+                                     int64_t rows_after) {
   const int64_t T = static_cast<int64_t>(importance.size());
   std::vector<char> keep(T, 0);
   // Top-p by importance: sort descending, take rows until `mass` of the total is covered.
@@ -58,7 +59,7 @@ std::vector<int32_t> select_ffn_rows(const SparseFfnConfig& cfg, int layer,
       }
   }
   for (const SeqSpan& sp : batch.spans)
-    for (int64_t i = std::max<int64_t>(0, sp.count - cfg.recent_n); i < sp.count; ++i)
+    for (int64_t i = std::max<int64_t>(0, sp.count + rows_after - cfg.recent_n); i < sp.count; ++i)
       keep[sp.begin + i] = 1;
   for (int64_t r : batch.logit_rows) keep[r] = 1;  // rows whose logits are wanted stay exact
   std::vector<int32_t> rows;

@@ -32,8 +32,11 @@ struct SparseFfnConfig {
   }
 };
 
-// Batch rows (ascending) whose FFN runs in a sparse layer. importance: [T]
+// Batch rows (ascending) whose FFN runs in a sparse layer. importance: [T]. rows_after: rows of
+// the same pass that follow this batch in later forwards (a pass run in chunks), so that the
+// recent_n rule counts from the end of the pass rather than of each chunk.
 std::vector<int32_t> select_ffn_rows(const SparseFfnConfig& cfg, int layer,
-                                     const std::vector<float>& importance, const Batch& batch);
+                                     const std::vector<float>& importance, const Batch& batch,
+                                     int64_t rows_after = 0);
 
 }  // namespace redknot

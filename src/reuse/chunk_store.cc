@@ -261,8 +261,7 @@ const std::vector<int32_t>& ChunkStore::Handle::positions() const {
 // ---- construction ----
 
 ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
-    : model_(model),
-      pool_(pool),
+    : pool_(pool),
       backend_(pool.backend()),
       opts_(std::move(options)),
       layers_(static_cast<int32_t>(model.config().num_layers)),
@@ -273,7 +272,6 @@ ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
   if (!pool.has_storage()) throw Error("chunk store: the page pool has no storage");
   if (opts_.pool_budget_bytes < 0 || opts_.host_budget_bytes < 0 || opts_.disk_budget_bytes < 0)
     throw Error("chunk store: budgets must be >= 0");
-  if (opts_.prefill_chunk <= 0) throw Error("chunk store: prefill_chunk must be positive");
   if (opts_.key_bits < 1 || opts_.key_bits > 64) throw Error("chunk store: key_bits in [1, 64]");
   PagedKvOptions po;
   po.scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
@@ -633,32 +631,9 @@ bool ChunkStore::load_into_pool(Entry& e, const std::vector<uint8_t>& blob) {
   return true;
 }
 
-bool ChunkStore::prefill_into_pool(Entry& e) {
-  const int32_t len = static_cast<int32_t>(e.tokens.size());
-  const SeqId seq = next_seq_++;
-  cache_->add_sequence(seq);
-  try {
-    for (int32_t s = 0; s < len; s += opts_.prefill_chunk) {
-      const int32_t end = std::min(len, s + opts_.prefill_chunk);
-      Batch b;
-      b.add_sequence(seq, std::vector<int32_t>(e.tokens.begin() + s, e.tokens.begin() + end), s,
-                     /*last_logits=*/false);
-      model_.forward(b, *cache_);
-    }
-  } catch (const OutOfKvMemory&) {
-    cache_->remove_sequence(seq);
-    return false;
-  } catch (...) {
-    cache_->remove_sequence(seq);
-    throw;
-  }
-  set_pool_rows(e, seq);
-  return true;
-}
-
 // ---- public API ----
 
-ChunkStore::Handle ChunkStore::acquire(std::span<const int32_t> tokens, bool prefill_on_miss) {
+ChunkStore::Handle ChunkStore::acquire(std::span<const int32_t> tokens) {
   std::lock_guard<std::mutex> lock(mu_);
   if (tokens.empty()) return {};
   ++clock_;
@@ -706,36 +681,115 @@ ChunkStore::Handle ChunkStore::acquire(std::span<const int32_t> tokens, bool pre
       remember(key, e->accesses, e->last_access);
   }
   ++stats_.misses;
-  const double prior = take_ghost(key);
-  if (!prefill_on_miss) {
-    remember(key, prior + 1, clock_);
-    return {};
-  }
+  remember(key, take_ghost(key) + 1, clock_);
+  return {};
+}
+
+ChunkStore::Pending ChunkStore::reserve(std::span<const int32_t> tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (tokens.empty()) throw Error("chunk store: cannot reserve an empty segment");
+  const uint64_t key = key_of(tokens);
   const int32_t len = static_cast<int32_t>(tokens.size());
   Entry& e = entries_.emplace_back();
   e.self = std::prev(entries_.end());
   e.key = key;
   e.tokens.assign(tokens.begin(), tokens.end());
-  e.accesses = prior + 1;
+  // acquire() remembered this access in the ghost history.
+  e.accesses = std::max(1.0, take_ghost(key));
   e.last_access = clock_;
   e.pins = 1;  // not a victim of its own room making
-  bool ok = false;
+  e.pending = true;
+  bool admitted = false;
   try {
-    ok = make_room_pool(pool_pages_for(len), score(e)) && prefill_into_pool(e);
+    admitted = make_room_pool(pool_pages_for(len), score(e));
   } catch (...) {
     e.pins = 0;
     erase(e, false);
     throw;
   }
-  e.pins = 0;
-  if (!ok) {
-    ++stats_.bypasses;
-    erase(e, /*evicted=*/false);
-    return {};
+  if (!admitted) ++stats_.bypasses;
+  if (!admitted && pool_.num_free() < pool_pages_for(len)) {
+    e.pins = 0;
+    erase(e, false);
+    throw OutOfKvMemory("chunk store: a segment of " + std::to_string(len) + " tokens needs " +
+                        std::to_string(pool_pages_for(len)) + " pages, " +
+                        std::to_string(pool_.num_free()) + " free");
   }
-  index_.emplace(key, &e);
-  ++stats_.prefills;
+  e.seq = next_seq_++;
+  cache_->add_sequence(e.seq);
+  Pending p;
+  p.store_ = this;
+  p.entry_ = &e;
+  p.admitted_ = admitted;
+  return p;
+}
+
+ChunkStore::Handle ChunkStore::publish(Pending pending) {
+  RK_CHECK(pending.ok() && pending.store_ == this, "chunk store: publish of a foreign prefill");
+  std::lock_guard<std::mutex> lock(mu_);
+  Entry& e = *std::exchange(pending.entry_, nullptr);
+  const SeqId seq = e.seq;
+  RK_CHECK(cache_->num_tokens(seq) == static_cast<int32_t>(e.tokens.size()),
+           "chunk store: a published segment must hold exactly its tokens");
+  e.pending = false;
+  set_pool_rows(e, seq);
+  e.pins = 0;
+  if (pending.admitted_) {
+    index_.emplace(e.key, &e);
+    ++stats_.prefills;
+  } else {
+    e.dead = true;  // served to the request that computed it, dropped when it lets go
+    ++stats_.private_prefills;
+  }
   return make_handle(e, ChunkTier::None);
+}
+
+void ChunkStore::Pending::reset() {
+  if (!entry_) return;
+  std::lock_guard<std::mutex> lock(store_->mu_);
+  Entry& e = *std::exchange(entry_, nullptr);
+  if (e.seq >= 0) store_->cache_->remove_sequence(e.seq);
+  e.seq = -1;
+  e.pins = 0;
+  store_->erase(e, /*evicted=*/false);
+}
+
+ChunkStore::Pending::Pending(Pending&& o) noexcept
+    : store_(o.store_), entry_(std::exchange(o.entry_, nullptr)), admitted_(o.admitted_) {}
+
+ChunkStore::Pending& ChunkStore::Pending::operator=(Pending&& o) noexcept {
+  if (this != &o) {
+    reset();
+    store_ = o.store_;
+    entry_ = std::exchange(o.entry_, nullptr);
+    admitted_ = o.admitted_;
+  }
+  return *this;
+}
+
+SeqId ChunkStore::Pending::seq() const {
+  RK_CHECK(entry_, "empty pending prefill");
+  return entry_->seq;
+}
+
+const std::vector<int32_t>& ChunkStore::Pending::tokens() const {
+  RK_CHECK(entry_, "empty pending prefill");
+  return entry_->tokens;
+}
+
+bool ChunkStore::yield_pages(int64_t pages) {
+  std::lock_guard<std::mutex> lock(mu_);
+  while (pool_.num_free() < pages) {
+    Entry* v = victim(ChunkTier::Pool, std::numeric_limits<double>::infinity(), false);
+    if (v == nullptr) return false;
+    demote_from_pool(*v);
+  }
+  return true;
+}
+
+bool ChunkStore::cached(std::span<const int32_t> tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !tokens.empty() && find(key_of(tokens), tokens) != nullptr;
 }
 
 ChunkStore::Handle ChunkStore::lookup(std::span<const int32_t> tokens) {

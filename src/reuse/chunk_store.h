@@ -28,9 +28,11 @@
 // Disk files are a copy that stays when an entry is promoted back to memory (demoting it again is
 // free); the destructor writes memory-only entries to disk (best effort) when the disk tier is on.
 //
-// Not thread-safe beyond an internal mutex around its own state: acquire() runs model.forward on
-// the pool, so call it from the thread that runs the model. Handles must be released before the
-// store is destroyed.
+// Passive: the store never runs the model. A miss is prefilled by the caller (the scheduler, as
+// ordinary prefill work of the store's own sequence; prefill_segment() for offline use): reserve()
+// gives it a sequence of prefill_cache(), publish() turns the result into an entry. Not
+// thread-safe beyond an internal mutex around its own state: call it from the thread that runs
+// the model. Handles and pending prefills must be released before the store is destroyed.
 #pragma once
 #include <cstdint>
 #include <list>
@@ -67,7 +69,6 @@ struct ChunkStoreOptions {
   int64_t disk_budget_bytes = 0;  // file bytes; 0 disables the disk tier
   std::string disk_dir;           // created if missing; required when the disk tier is on
   uint64_t model_fp = 0;          // model_fingerprint(); required (non-zero) for the disk tier
-  int32_t prefill_chunk = 2048;   // tokens per model.forward when prefilling a miss
   double alpha = 1.0;             // recency exponent of the score
   int32_t ghost_capacity = 4096;  // segments whose accesses are remembered while uncached
   bool fsync_files = true;        // fsync spill files before the rename (crash safety)
@@ -81,9 +82,10 @@ struct ChunkTierUsage {
 
 struct ChunkStoreStats {
   int64_t pool_hits = 0, host_hits = 0, disk_hits = 0, misses = 0;
-  int64_t prefills = 0;    // misses prefilled and admitted
-  int64_t bypasses = 0;    // acquires that returned empty: no room / admission refused
-  int64_t promotions = 0;  // host/disk -> pool
+  int64_t prefills = 0;          // misses prefilled and admitted
+  int64_t private_prefills = 0;  // misses prefilled for one request only (no room under the policy)
+  int64_t bypasses = 0;          // acquires that returned empty: no room / admission refused
+  int64_t promotions = 0;        // host/disk -> pool
   int64_t demotions_to_host = 0, demotions_to_disk = 0;
   int64_t evictions = 0;            // entries dropped from every tier
   int64_t corrupt_files = 0;        // spill files found bad (checksum, truncation, header); deleted
@@ -144,11 +146,53 @@ class ChunkStore {
   ChunkStore(const ChunkStore&) = delete;
   ChunkStore& operator=(const ChunkStore&) = delete;
 
-  // The segment in the pool, pinned: a pool hit; a host/disk hit promoted to the pool; or, on a
-  // miss with prefill_on_miss, prefilled alone at [0, len) (in chunks) and admitted. Empty when
-  // the pool has no room for it under the policy, on a miss without prefill, or for an empty
-  // span. Cache problems (no room, corrupt files) never throw; model errors (bad token ids) do.
-  Handle acquire(std::span<const int32_t> tokens, bool prefill_on_miss = true);
+  // A segment's KV being prefilled by the caller at positions [0, len) into sequence seq() of
+  // prefill_cache() (in chunks, like any prefill); publish() makes it an entry. Destroying an
+  // unpublished one frees its pages.
+  class Pending {
+   public:
+    Pending() = default;
+    Pending(Pending&& o) noexcept;
+    Pending& operator=(Pending&& o) noexcept;
+    Pending(const Pending&) = delete;
+    Pending& operator=(const Pending&) = delete;
+    ~Pending() { reset(); }
+    void reset();  // abandons the prefill
+
+    bool ok() const { return entry_ != nullptr; }
+    SeqId seq() const;
+    const std::vector<int32_t>& tokens() const;
+    // False when the policy gave it no room in the pool: published, it serves the requests that
+    // hold its handle and is dropped when they let go (it never pushes out hotter entries).
+    bool admitted() const { return admitted_; }
+
+   private:
+    friend class ChunkStore;
+    ChunkStore* store_ = nullptr;
+    Entry* entry_ = nullptr;
+    bool admitted_ = false;
+  };
+
+  // The segment in the pool, pinned: a pool hit, or a host/disk hit promoted to the pool. Empty
+  // on a miss (counted; reserve() it and prefill it), for an empty span, or when a host/disk hit
+  // finds no room in the pool under the policy. Cache problems (no room, corrupt files) never
+  // throw.
+  Handle acquire(std::span<const int32_t> tokens);
+  // After acquire() missed: a sequence of prefill_cache() for the caller to prefill the segment
+  // into. Admitted when the policy makes room for it in the pool budget; otherwise private (see
+  // Pending::admitted). Throws OutOfKvMemory when the pool has no free pages for it at all.
+  Pending reserve(std::span<const int32_t> tokens);
+  // The store's all-global cache, where pending prefills run.
+  KvCache& prefill_cache() { return *cache_; }
+  // The prefilled segment as a pinned pool entry (source() None: computed, not a hit).
+  Handle publish(Pending pending);
+  // Demotes unpinned pool entries (lowest score first, to host or disk) until the pool has
+  // `pages` free pages: live requests come before cached segments. False when the unpinned
+  // entries cannot free that many.
+  bool yield_pages(int64_t pages);
+  // Whether the segment is in some tier (no access counted): tells a miss from a hit that found
+  // no room in the pool.
+  bool cached(std::span<const int32_t> tokens);
   // Pins the segment wherever it is, without promotion or prefill (counts a hit or a miss).
   Handle lookup(std::span<const int32_t> tokens);
   // Token rows [token_begin, token_end) of one (layer, kv head) of a pinned entry in any tier
@@ -168,7 +212,8 @@ class ChunkStore {
     std::vector<int32_t> tokens;
     ChunkTier tier = ChunkTier::None;
     int32_t pins = 0;
-    bool dead = false;  // its disk data proved corrupt: drop when unpinned
+    bool dead = false;     // its disk data proved corrupt (or it is private): drop when unpinned
+    bool pending = false;  // reserved, being prefilled by the caller
     // Pool tier.
     SeqId seq = -1;
     int64_t pool_bytes = 0;
@@ -225,7 +270,6 @@ class ChunkStore {
   void erase(Entry& e, bool evicted);
   // Puts a serialized segment into the pool (a new sequence of the internal cache).
   bool load_into_pool(Entry& e, const std::vector<uint8_t>& blob);
-  bool prefill_into_pool(Entry& e);
   void set_pool_rows(Entry& e, SeqId seq);
   void release_pool(Entry& e);
   std::vector<uint8_t> serialize_pool(const Entry& e);
@@ -239,7 +283,6 @@ class ChunkStore {
   void scan_disk();
   void mark_corrupt(Entry& e);
 
-  Model& model_;
   PagePool& pool_;
   Backend& backend_;
   ChunkStoreOptions opts_;

@@ -3,6 +3,7 @@
 // frequency+recency policy and admission filter, bit-exact demotion/promotion, restarts,
 // corrupted spill files, pins, hash collisions and pages returned on destruction.
 #include "reuse/chunk_store.h"
+#include "reuse/chunk_prefill.h"
 
 #include <gtest/gtest.h>
 
@@ -181,6 +182,22 @@ class ChunkStoreTest : public ::testing::Test {
     return (dir_ / (std::string(buf) + ".rkv")).string();
   }
 
+  // A segment's entry as an engine gets it (prefilled here on a miss, in forwards of `chunk`
+  // tokens); empty when the policy gives it no room in the pool (the engine would then use it
+  // privately, see PrivateMissServesItsRequestOnly) or the pool has no free pages.
+  ChunkStore::Handle Acquire(ChunkStore& store, const std::vector<int32_t>& tokens,
+                             int32_t chunk = 2048) {
+    ChunkStore::Handle h = store.acquire(tokens);
+    if (h || tokens.empty() || store.cached(tokens)) return h;
+    try {
+      ChunkStore::Pending p = store.reserve(tokens);
+      if (!p.admitted()) return {};
+      return prefill_pending(*model_, store, std::move(p), chunk);
+    } catch (const OutOfKvMemory&) {
+      return {};
+    }
+  }
+
   static Backend* backend_;
   static ModelConfig* cfg_;
   static Checkpoint* ckpt_;
@@ -212,7 +229,7 @@ TEST_F(ChunkStoreTest, HitMissCounting) {
   ChunkStore store(*model_, *pool_, Opts(4));
   const auto a = Seg(1), b = Seg(2);
   {
-    ChunkStore::Handle h = store.acquire(a);
+    ChunkStore::Handle h = Acquire(store, a);
     ASSERT_TRUE(h.ok());
     EXPECT_FALSE(h.hit());
     EXPECT_EQ(h.source(), ChunkTier::None);
@@ -223,15 +240,15 @@ TEST_F(ChunkStoreTest, HitMissCounting) {
     EXPECT_EQ(h.positions().size(), static_cast<size_t>(kLen));
   }
   {
-    ChunkStore::Handle h = store.acquire(a);
+    ChunkStore::Handle h = Acquire(store, a);
     ASSERT_TRUE(h.ok());
     EXPECT_TRUE(h.hit());
     EXPECT_EQ(h.source(), ChunkTier::Pool);
   }
-  EXPECT_FALSE(store.acquire(b, /*prefill_on_miss=*/false).ok());
+  EXPECT_FALSE(store.acquire(b).ok());
   EXPECT_FALSE(store.lookup(b).ok());
   EXPECT_TRUE(store.lookup(a).ok());
-  EXPECT_FALSE(store.acquire(std::vector<int32_t>{}).ok());
+  EXPECT_FALSE(Acquire(store, std::vector<int32_t>{}).ok());
   const ChunkStoreStats s = store.stats();
   EXPECT_EQ(s.pool_hits, 2);
   EXPECT_EQ(s.misses, 3);
@@ -240,17 +257,16 @@ TEST_F(ChunkStoreTest, HitMissCounting) {
   EXPECT_EQ(s.pool.bytes, seg_pool_bytes());
   EXPECT_EQ(s.host_hits + s.disk_hits + s.corrupt_files + s.evictions, 0);
   // Bad token ids are the caller's error: thrown, nothing cached, no pages leaked.
-  EXPECT_THROW(store.acquire(std::vector<int32_t>{1, 2, 100000}), Error);
+  EXPECT_THROW(Acquire(store, std::vector<int32_t>{1, 2, 100000}), Error);
   ExpectBudgets(store);
 }
 
 TEST_F(ChunkStoreTest, CachedKvEqualsPrefillAlone) {
   ChunkStoreOptions o = Opts(8);
-  o.prefill_chunk = 16;  // exercises chunked prefill
   ChunkStore store(*model_, *pool_, o);
   const auto a = Seg(3), b = Seg(4, 17);
-  ChunkStore::Handle ha = store.acquire(a);
-  ChunkStore::Handle hb = store.acquire(b);
+  ChunkStore::Handle ha = Acquire(store, a, 16);  // chunked prefill
+  ChunkStore::Handle hb = Acquire(store, b, 16);
   ASSERT_TRUE(ha.ok() && hb.ok());
   ExpectSame(FromHandle(ha), Fresh(a, 16));
   ExpectSame(FromHandle(hb), Fresh(b, 16));
@@ -284,7 +300,7 @@ TEST_F(ChunkStoreTest, BudgetsRespectedInEveryTier) {
   for (int i = 0; i < 60; ++i) {
     // A mix of new segments and repeats of a small hot set.
     const int id = (rng() % 3 == 0) ? static_cast<int>(rng() % 4) : 100 + i;
-    ChunkStore::Handle h = store.acquire(Seg(id));
+    ChunkStore::Handle h = Acquire(store, Seg(id));
     if (h.hit()) ExpectSame(FromHandle(h), Fresh(Seg(id)));  // served after tier moves
     ExpectBudgets(store);
   }
@@ -301,13 +317,13 @@ TEST_F(ChunkStoreTest, FrequentSegmentOutlivesBurstOfOneOffs) {
   // Pool only (no lower tiers): what leaves the pool is gone. Room for 4 segments.
   ChunkStore store(*model_, *pool_, Opts(4));
   const auto hot = Seg(1);
-  for (int i = 0; i < 10; ++i) ASSERT_TRUE(store.acquire(hot).ok());
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(Acquire(store, hot).ok());
   // 12 one-off segments: plain LRU would have evicted `hot` after the 4th.
-  for (int i = 0; i < 12; ++i) ASSERT_TRUE(store.acquire(Seg(100 + i)).ok());
+  for (int i = 0; i < 12; ++i) ASSERT_TRUE(Acquire(store, Seg(100 + i)).ok());
   ChunkStoreStats s = store.stats();
   EXPECT_EQ(s.evictions, 9);
   EXPECT_EQ(s.pool.entries, 4);
-  ChunkStore::Handle h = store.acquire(hot);
+  ChunkStore::Handle h = Acquire(store, hot);
   ASSERT_TRUE(h.ok());
   EXPECT_EQ(h.source(), ChunkTier::Pool);
   // The oldest one-offs went first: the newest three are still there.
@@ -320,18 +336,18 @@ TEST_F(ChunkStoreTest, AdmissionFilterProtectsHotSegments) {
   ChunkStore store(*model_, *pool_, Opts(2));
   const auto a = Seg(1), b = Seg(2), c = Seg(3);
   for (int i = 0; i < 5; ++i) {
-    ASSERT_TRUE(store.acquire(a).ok());
-    ASSERT_TRUE(store.acquire(b).ok());
+    ASSERT_TRUE(Acquire(store, a).ok());
+    ASSERT_TRUE(Acquire(store, b).ok());
   }
   // A one-off may not push out segments hotter than itself: it is not cached.
-  EXPECT_FALSE(store.acquire(c).ok());
+  EXPECT_FALSE(Acquire(store, c).ok());
   EXPECT_EQ(store.stats().bypasses, 1);
   EXPECT_EQ(store.stats().evictions, 0);
-  EXPECT_EQ(store.acquire(a).source(), ChunkTier::Pool);
-  EXPECT_EQ(store.acquire(b).source(), ChunkTier::Pool);
+  EXPECT_EQ(Acquire(store, a).source(), ChunkTier::Pool);
+  EXPECT_EQ(Acquire(store, b).source(), ChunkTier::Pool);
   // Its accesses are remembered: used repeatedly, it gets in (displacing a cooled entry).
   bool admitted = false;
-  for (int i = 0; i < 8 && !admitted; ++i) admitted = store.acquire(c).ok();
+  for (int i = 0; i < 8 && !admitted; ++i) admitted = Acquire(store, c).ok();
   EXPECT_TRUE(admitted);
   EXPECT_EQ(store.stats().evictions, 1);
   ExpectBudgets(store);
@@ -342,15 +358,15 @@ TEST_F(ChunkStoreTest, DemotionAndPromotionAreBitExact) {
   const auto a = Seg(1), b = Seg(2), c = Seg(3);
   SegKv kv_a, kv_b;
   {
-    ChunkStore::Handle h = store.acquire(a);
+    ChunkStore::Handle h = Acquire(store, a);
     kv_a = FromHandle(h);
   }
   {
-    ChunkStore::Handle h = store.acquire(b);  // a -> host
+    ChunkStore::Handle h = Acquire(store, b);  // a -> host
     kv_b = FromHandle(h);
   }
   EXPECT_EQ(store.stats().host.entries, 1);
-  ASSERT_TRUE(store.acquire(c).ok());  // b -> host, a (older, colder) -> disk
+  ASSERT_TRUE(Acquire(store, c).ok());  // b -> host, a (older, colder) -> disk
   EXPECT_EQ(store.lookup(b).tier(), ChunkTier::Host);
   {
     ChunkStore::Handle h = store.lookup(a);
@@ -374,13 +390,13 @@ TEST_F(ChunkStoreTest, DemotionAndPromotionAreBitExact) {
   EXPECT_EQ(before.demotions_to_host, 2);
   EXPECT_EQ(before.demotions_to_disk, 1);
   {
-    ChunkStore::Handle h = store.acquire(a);  // disk -> pool
+    ChunkStore::Handle h = Acquire(store, a);  // disk -> pool
     ASSERT_TRUE(h.ok());
     EXPECT_EQ(h.source(), ChunkTier::Disk);
     ExpectSame(FromHandle(h), kv_a);
   }
   {
-    ChunkStore::Handle h = store.acquire(b);  // host -> pool
+    ChunkStore::Handle h = Acquire(store, b);  // host -> pool
     ASSERT_TRUE(h.ok());
     EXPECT_EQ(h.source(), ChunkTier::Host);
     ExpectSame(FromHandle(h), kv_b);
@@ -398,8 +414,8 @@ TEST_F(ChunkStoreTest, DiskTierSurvivesRestart) {
   SegKv kv_a, kv_b;
   {
     ChunkStore store(*model_, *pool_, Opts(1, 0, 4));
-    kv_a = FromHandle(store.acquire(a));
-    kv_b = FromHandle(store.acquire(b));  // a -> disk; b stays in the pool
+    kv_a = FromHandle(Acquire(store, a));
+    kv_b = FromHandle(Acquire(store, b));  // a -> disk; b stays in the pool
     EXPECT_EQ(store.stats().disk.entries, 1);
   }  // the destructor writes b too
   EXPECT_EQ(pool_->num_free(), pool_->num_pages());
@@ -408,12 +424,12 @@ TEST_F(ChunkStoreTest, DiskTierSurvivesRestart) {
   EXPECT_EQ(s.disk.entries, 2);
   EXPECT_EQ(s.corrupt_files, 0);
   {
-    ChunkStore::Handle h = store.acquire(b);
+    ChunkStore::Handle h = Acquire(store, b);
     EXPECT_EQ(h.source(), ChunkTier::Disk);
     ExpectSame(FromHandle(h), kv_b);
   }
   {
-    ChunkStore::Handle h = store.acquire(a);
+    ChunkStore::Handle h = Acquire(store, a);
     EXPECT_EQ(h.source(), ChunkTier::Disk);
     ExpectSame(FromHandle(h), kv_a);
   }
@@ -426,7 +442,7 @@ TEST_F(ChunkStoreTest, OtherModelsFilesAreLeftAlone) {
     ChunkStoreOptions o = Opts(1, 0, 4);
     o.model_fp ^= 1;
     ChunkStore store(*model_, *pool_, o);
-    ASSERT_TRUE(store.acquire(Seg(1)).ok());
+    ASSERT_TRUE(Acquire(store, Seg(1)).ok());
   }
   // Junk with the extension is removed and counted; a dead writer's old temp file is removed,
   // a recent one (a live writer's) is not.
@@ -444,14 +460,14 @@ TEST_F(ChunkStoreTest, OtherModelsFilesAreLeftAlone) {
   int files = 0;
   for (const auto& de : fs::directory_iterator(dir_)) files += de.path().extension() == ".rkv";
   EXPECT_EQ(files, 1);
-  EXPECT_FALSE(store.acquire(Seg(1)).hit());
+  EXPECT_FALSE(Acquire(store, Seg(1)).hit());
 }
 
 TEST_F(ChunkStoreTest, CorruptFilesAreDetectedAndRecomputed) {
   const auto a = Seg(1), b = Seg(2), c = Seg(3), d = Seg(4);
   {
     ChunkStore store(*model_, *pool_, Opts(4, 0, 8));
-    for (const auto& s : {a, b, c, d}) ASSERT_TRUE(store.acquire(s).ok());
+    for (const auto& s : {a, b, c, d}) ASSERT_TRUE(Acquire(store, s).ok());
   }
   auto flip = [](const std::string& path, int64_t off) {
     std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
@@ -475,7 +491,7 @@ TEST_F(ChunkStoreTest, CorruptFilesAreDetectedAndRecomputed) {
   EXPECT_EQ(store.stats().disk.entries, 2);
   // a passes the header checks; its payload checksum fails at load: never served.
   for (const auto& s : {a, b, c}) {
-    ChunkStore::Handle h = store.acquire(s);
+    ChunkStore::Handle h = Acquire(store, s);
     ASSERT_TRUE(h.ok());
     EXPECT_FALSE(h.hit());
     ExpectSame(FromHandle(h), Fresh(s));
@@ -492,25 +508,70 @@ TEST_F(ChunkStoreTest, CorruptFilesAreDetectedAndRecomputed) {
     EXPECT_EQ(store.stats().corrupt_files, 4);
   }
   EXPECT_FALSE(fs::exists(FileOf(d)));
-  ChunkStore::Handle h = store.acquire(d);
+  ChunkStore::Handle h = Acquire(store, d);
   ASSERT_TRUE(h.ok());
   EXPECT_FALSE(h.hit());
   ExpectSame(FromHandle(h), Fresh(d));
   ExpectBudgets(store);
 }
 
+// A miss the policy keeps out of the pool is still computed for the request that needs it (the
+// engine attaches it like any entry), and dropped when the request lets go.
+TEST_F(ChunkStoreTest, PrivateMissServesItsRequestOnly) {
+  ChunkStore store(*model_, *pool_, Opts(2));
+  const auto a = Seg(1), b = Seg(2), c = Seg(3);
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(Acquire(store, a).ok());
+    ASSERT_TRUE(Acquire(store, b).ok());
+  }
+  const int64_t free_before = pool_->num_free();
+  EXPECT_FALSE(store.acquire(c).ok());
+  ChunkStore::Pending p = store.reserve(c);
+  ASSERT_TRUE(p.ok());
+  EXPECT_FALSE(p.admitted());
+  ChunkStore::Handle h = prefill_pending(*model_, store, std::move(p));
+  ASSERT_TRUE(h.ok());
+  EXPECT_FALSE(h.hit());
+  ExpectSame(FromHandle(h), Fresh(c));
+  EXPECT_FALSE(store.cached(c));  // never indexed: nobody else finds it
+  EXPECT_EQ(store.stats().private_prefills, 1);
+  EXPECT_EQ(store.stats().evictions, 0);
+  h.reset();
+  EXPECT_EQ(pool_->num_free(), free_before);
+  EXPECT_EQ(Acquire(store, a).source(), ChunkTier::Pool);
+  ExpectBudgets(store);
+}
+
+// An abandoned reservation (the request was cancelled mid-prefill) frees its pages.
+TEST_F(ChunkStoreTest, AbandonedReservationFreesItsPages) {
+  ChunkStore store(*model_, *pool_, Opts(4));
+  const int64_t free_before = pool_->num_free();
+  {
+    ChunkStore::Pending p = store.reserve(Seg(7));
+    ASSERT_TRUE(p.admitted());
+    Batch b;
+    b.add_sequence(p.seq(), std::vector<int32_t>(p.tokens().begin(), p.tokens().begin() + 5), 0,
+                   false);
+    model_->forward(b, store.prefill_cache(), ForwardOptions{});
+    EXPECT_LT(pool_->num_free(), free_before);
+  }
+  EXPECT_EQ(pool_->num_free(), free_before);
+  EXPECT_FALSE(store.cached(Seg(7)));
+  ExpectBudgets(store);
+}
+
 TEST_F(ChunkStoreTest, PinnedEntriesAreNeverEvicted) {
   ChunkStore store(*model_, *pool_, Opts(2));
   const auto a = Seg(1);
-  ChunkStore::Handle ha = store.acquire(a);
+  ChunkStore::Handle ha = Acquire(store, a);
   const SegKv kv_a = FromHandle(ha);
-  for (int i = 0; i < 10; ++i) ASSERT_TRUE(store.acquire(Seg(100 + i)).ok());
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(Acquire(store, Seg(100 + i)).ok());
   EXPECT_EQ(ha.tier(), ChunkTier::Pool);
   ExpectSame(FromHandle(ha), kv_a);
   // Everything pinned: no room, an empty handle (not an exception).
-  ChunkStore::Handle hb = store.acquire(Seg(200));
+  ChunkStore::Handle hb = Acquire(store, Seg(200));
   ASSERT_TRUE(hb.ok());
-  EXPECT_FALSE(store.acquire(Seg(201)).ok());
+  EXPECT_FALSE(Acquire(store, Seg(201)).ok());
   ha.reset();
   hb.reset();
   // The pool shared with requests is full: also no exception.
@@ -518,7 +579,7 @@ TEST_F(ChunkStoreTest, PinnedEntriesAreNeverEvicted) {
   while (pool_->num_free() > 0) taken.push_back(pool_->allocate());
   ChunkStoreOptions o = Opts(4);
   ChunkStore other(*model_, *pool_, o);
-  EXPECT_FALSE(other.acquire(Seg(300)).ok());
+  EXPECT_FALSE(Acquire(other, Seg(300)).ok());
   EXPECT_EQ(other.stats().bypasses, 1);
   for (int32_t p : taken) pool_->release(p);
   ExpectBudgets(store);
@@ -532,7 +593,7 @@ TEST_F(ChunkStoreTest, HashCollisionsNeverServeWrongKv) {
   for (int i = 0; i < 6; ++i) segs.push_back(Seg(i));
   for (int round = 0; round < 3; ++round)
     for (const auto& s : segs) {
-      ChunkStore::Handle h = store.acquire(s);
+      ChunkStore::Handle h = Acquire(store, s);
       if (!h.ok()) continue;
       EXPECT_EQ(h.tokens(), s);
       ExpectSame(FromHandle(h), Fresh(s));
@@ -544,7 +605,7 @@ TEST_F(ChunkStoreTest, HashCollisionsNeverServeWrongKv) {
 TEST_F(ChunkStoreTest, PagesReturnedOnDestruction) {
   {
     ChunkStore store(*model_, *pool_, Opts(3, 2));
-    for (int i = 0; i < 6; ++i) ASSERT_TRUE(store.acquire(Seg(i)).ok());
+    for (int i = 0; i < 6; ++i) ASSERT_TRUE(Acquire(store, Seg(i)).ok());
     EXPECT_EQ(pool_->num_pages() - pool_->num_free(),
               3 * seg_pool_bytes() / pool_->bytes_per_page());
   }

@@ -36,44 +36,6 @@ std::vector<float> append_tokens(Model& model, KvCache& kv, SeqId seq,
   return std::vector<float>(logits.data<float>(), logits.data<float>() + logits.numel());
 }
 
-// Recomputes the tokens at `positions` (already cached) through `num_layers` layers, in place.
-void recompute(Model& model, KvCache& kv, SeqId seq, const std::vector<int32_t>& positions,
-               const std::vector<int32_t>& tokens, const ForwardOptions& fo) {
-  if (positions.empty()) return;
-  Batch b;
-  b.tokens = tokens;
-  b.positions = positions;
-  b.spans.push_back({seq, 0, static_cast<int64_t>(tokens.size())});
-  b.overwrite = true;
-  model.forward(b, kv, fo);
-}
-
-// The chunk store could not hold a segment (budget, admission filter): the request falls back
-// to a dense prefill rather than failing.
-struct SegmentUnavailable {};
-
-// Every segment's cached KV relocated to its place; returns the number of tokens that came from
-// the cache (hits).
-// pins keep the entries resident until the prefill ends.
-int64_t attach_segments(Model& model, PagedKvCache& kv, SeqId seq, const SegmentedPrompt& p,
-                        size_t first, size_t last, const SegmentLookup& lookup,
-                        std::vector<std::shared_ptr<void>>& pins) {
-  int64_t attached = 0;
-  for (size_t i = first; i < last; ++i) {
-    const auto& seg = p.segments[i];
-    if (seg.empty()) continue;
-    std::vector<int32_t> src_pos(seg.size());
-    std::iota(src_pos.begin(), src_pos.end(), 0);
-    SegmentRef ref = lookup ? lookup(seg, true) : SegmentRef{};
-    if (!ref.found) throw SegmentUnavailable();
-    kv.append_relocated(seq, ref.rows, src_pos, kv.next_position(seq));
-    pins.push_back(ref.pin);
-    // Only hits count as reused: a miss was just prefilled (alone) for this request.
-    if (ref.was_cached) attached += static_cast<int64_t>(seg.size());
-  }
-  return attached;
-}
-
 // Keys of `layer` at the given positions, one host row per (position, kv head) [n * kv, D].
 std::vector<std::vector<float>> read_keys(PagedKvCache& kv, SeqId seq, int layer, int kv_heads,
                                           std::vector<std::vector<int32_t>>& positions) {
@@ -87,14 +49,17 @@ std::vector<std::vector<float>> read_keys(PagedKvCache& kv, SeqId seq, int layer
   return keys;
 }
 
-// Observer capturing one layer's fresh (post-RoPE) keys on the host.
+// Observer capturing one layer's fresh (post-RoPE) keys on the host, over every forward of a
+// pass run in chunks.
 class KeyCapture : public ForwardObserver {
  public:
   KeyCapture(Backend& b, int layer) : backend_(b), layer_(layer) {}
   void on_attention_inputs(int layer, const Tensor& q, const Tensor& k) override {
-    if (layer == layer_) keys = backend_.to_host_f32(k);
+    if (layer != layer_) return;
+    Tensor h = backend_.to_host_f32(k);
+    keys.insert(keys.end(), h.data<float>(), h.data<float>() + h.numel());
   }
-  Tensor keys;  // [T, kv_heads, D]
+  std::vector<float> keys;  // [T, kv_heads, D]
 
  private:
   Backend& backend_;
@@ -198,202 +163,454 @@ PrefillOutcome prefill_full(Model& model, KvCache& kv, SeqId seq, const Segmente
   return out;
 }
 
-PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const SegmentedPrompt& p,
-                               const SegmentLookup& lookup, const ReuseOptions& opts,
-                               const PrefixIndex* prefix_index);
+// ---- ReuseJob ----
 
-PrefillOutcome prefill_with_reuse(Model& model, PagedKvCache& kv, SeqId seq,
-                                  const SegmentedPrompt& p, const SegmentLookup& lookup,
-                                  const ReuseOptions& opts, const PrefixIndex* prefix_index) {
-  if (opts.mode == ReuseMode::Full || p.segments.empty())
-    return prefill_full(model, kv, seq, p, opts.chunk, opts.stage_times);
-  const bool fresh = !kv.has_sequence(seq);
-  try {
-    return prefill_reusing(model, kv, seq, p, lookup, opts, prefix_index);
-  } catch (const SegmentUnavailable&) {
-    if (fresh && kv.has_sequence(seq)) kv.remove_sequence(seq);
-    return prefill_full(model, kv, seq, p, opts.chunk, opts.stage_times);
+struct ReuseJob::Step {
+  // An action runs on the host between forwards and returns steps to run next (before the rest).
+  std::function<std::vector<Step>(ReuseJob&)> action;
+  // Otherwise a forward of `tokens` through `cache`'s sequence `seq`: appended at its next
+  // positions, or (overwrite) recomputed in place at `positions`.
+  KvCache* cache = nullptr;
+  SeqId seq = -1;
+  std::vector<int32_t> tokens, positions;
+  bool overwrite = false;
+  bool logits = false;  // the pass's last row gives the prompt's logits
+  ForwardOptions options;
+};
+
+// The per-mode planning functions and what they share (one function per mode; trait table
+// below). Each turns the prompt into the job's queue at admission.
+struct ModePlanner {
+  ReuseJob& job;
+  using Step = ReuseJob::Step;
+  // Per segment looked up: its pinned entry once cached or published.
+  std::vector<ChunkStore::Handle> handles;
+  std::vector<std::optional<ChunkStore::Pending>> pending;
+
+  const ModelConfig& cfg() const { return job.model_.config(); }
+  ForwardOptions request_options() const {
+    ForwardOptions fo;
+    fo.flops = &job.out_.flops;
+    fo.stage_times = job.opts_.stage_times;
+    return fo;
   }
-}
-
-PrefillOutcome prefill_reusing(Model& model, PagedKvCache& kv, SeqId seq, const SegmentedPrompt& p,
-                               const SegmentLookup& lookup, const ReuseOptions& opts,
-                               const PrefixIndex* prefix_index) {
-  auto t0 = Clock::now();
-  if (!kv.has_sequence(seq)) kv.add_sequence(seq);
-  PrefillOutcome out;
-  ForwardOptions fo;
-  fo.flops = &out.flops;
-  fo.stage_times = opts.stage_times;
-  StageClock clock(model.backend(), opts.stage_times);
-  std::vector<std::shared_ptr<void>> pins;
-  const ModelConfig& cfg = model.config();
-  const int kv_heads = static_cast<int>(cfg.num_kv_heads);
-
+  Step forward(std::vector<int32_t> tokens, ForwardOptions fo, bool logits) const {
+    Step s;
+    s.cache = &job.kv_;
+    s.seq = job.seq_;
+    s.tokens = std::move(tokens);
+    s.logits = logits;
+    s.options = fo;
+    return s;
+  }
+  Step action(std::function<std::vector<Step>(ReuseJob&)> fn) const {
+    Step s;
+    s.action = std::move(fn);
+    return s;
+  }
   // Token ids of segments [first, n) followed by the query.
-  auto rest_after = [&](size_t first) {
+  std::vector<int32_t> rest_after(size_t first) const {
+    const SegmentedPrompt& p = job.prompt_;
     std::vector<int32_t> ids;
     for (size_t i = first; i < p.segments.size(); ++i)
       ids.insert(ids.end(), p.segments[i].begin(), p.segments[i].end());
     ids.insert(ids.end(), p.query.begin(), p.query.end());
     return ids;
-  };
-
-  switch (opts.mode) {
-    case ReuseMode::Prefix: {
-      std::vector<int32_t> entry;
-      int64_t len = 0;
-      const int j = prefix_index ? prefix_index->longest(p, &entry, &len) : -1;
-      if (j >= 0) {
-        SegmentRef ref = lookup(entry, false);
-        if (ref.found) {
-          std::vector<std::vector<int32_t>> rows(ref.rows.size());
-          for (size_t r = 0; r < rows.size(); ++r)
-            rows[r].assign(ref.rows[r].begin(), ref.rows[r].begin() + len);
-          std::vector<int32_t> src(len);
-          std::iota(src.begin(), src.end(), 0);
-          kv.append_relocated(seq, rows, src, 0);
-          pins.push_back(ref.pin);
-          out.reused_tokens = len;
-          out.last_logits = append_tokens(model, kv, seq, rest_after(j + 1), opts.chunk, fo);
-          break;
-        }
-      }
-      out.last_logits = append_tokens(model, kv, seq, p.flatten(), opts.chunk, fo);
-      break;
-    }
-    case ReuseMode::Naive: {
-      out.reused_tokens = attach_segments(model, kv, seq, p, 0, p.segments.size(), lookup, pins);
-      out.last_logits = append_tokens(model, kv, seq, p.query, opts.chunk, fo);
-      break;
-    }
-    case ReuseMode::Epic: {
-      out.reused_tokens = attach_segments(model, kv, seq, p, 0, p.segments.size(), lookup, pins);
-      // The first k tokens of every segment after S0 (S0's KV is already exact).
-      std::vector<int32_t> pos, toks;
-      int32_t offset = static_cast<int32_t>(p.segments[0].size());
-      for (size_t i = 1; i < p.segments.size(); ++i) {
-        const auto& seg = p.segments[i];
-        for (size_t t = 0; t < seg.size() && static_cast<int32_t>(t) < opts.epic_k; ++t) {
-          pos.push_back(offset + static_cast<int32_t>(t));
-          toks.push_back(seg[t]);
-        }
-        offset += static_cast<int32_t>(seg.size());
-      }
-      recompute(model, kv, seq, pos, toks, fo);
-      out.reused_tokens =
-          std::max<int64_t>(0, out.reused_tokens - static_cast<int64_t>(pos.size()));
-      out.last_logits = append_tokens(model, kv, seq, p.query, opts.chunk, fo);
-      break;
-    }
-    case ReuseMode::CacheBlend: {
-      out.reused_tokens = attach_segments(model, kv, seq, p, 0, p.segments.size(), lookup, pins);
-      const int layer = std::min<int>(opts.cacheblend_layer, static_cast<int>(cfg.num_layers) - 1);
-      // Tokens after S0, their cached keys at `layer`, then fresh keys from layers [0, layer].
-      std::vector<int32_t> pos, toks;
-      int32_t offset = static_cast<int32_t>(p.segments[0].size());
-      for (size_t i = 1; i < p.segments.size(); ++i) {
-        for (size_t t = 0; t < p.segments[i].size(); ++t) {
-          pos.push_back(offset + static_cast<int32_t>(t));
-          toks.push_back(p.segments[i][t]);
-        }
-        offset += static_cast<int32_t>(p.segments[i].size());
-      }
-      if (!pos.empty()) {
-        std::vector<std::vector<int32_t>> cached_pos;
-        auto cached = read_keys(kv, seq, layer, kv_heads, cached_pos);
-        KeyCapture cap(model.backend(), layer);
-        ForwardOptions f1 = fo;
-        f1.observer = &cap;
-        f1.num_layers = layer + 1;
-        recompute(model, kv, seq, pos, toks, f1);
-        // Deviation of each token's fresh key from its relocated cached key, summed over heads.
-        const int64_t D = cfg.head_dim;
-        std::vector<double> dev(pos.size(), 0.0);
-        for (int h = 0; h < kv_heads; ++h) {
-          const auto& cp = cached_pos[h];
-          for (size_t t = 0; t < pos.size(); ++t) {
-            auto it = std::lower_bound(cp.begin(), cp.end(), pos[t]);
-            if (it == cp.end() || *it != pos[t]) continue;  // a local head no longer keeps it
-            const float* c = cached[h].data() + (it - cp.begin()) * D;
-            const float* f = cap.keys.data<float>() + (t * kv_heads + h) * D;
-            double d = 0;
-            for (int64_t e = 0; e < D; ++e) d += double(c[e] - f[e]) * (c[e] - f[e]);
-            dev[t] += d;
-          }
-        }
-        const size_t keep = static_cast<size_t>(std::ceil(opts.cacheblend_ratio * pos.size()));
-        std::vector<size_t> order(pos.size());
-        std::iota(order.begin(), order.end(), 0);
-        std::partial_sort(order.begin(), order.begin() + keep, order.end(),
-                          [&](size_t a, size_t b) { return dev[a] > dev[b]; });
-        order.resize(keep);
-        std::sort(order.begin(), order.end());
-        std::vector<int32_t> sel_pos, sel_tok;
-        for (size_t i : order) {
-          sel_pos.push_back(pos[i]);
-          sel_tok.push_back(toks[i]);
-        }
-        recompute(model, kv, seq, sel_pos, sel_tok, fo);
-        out.reused_tokens =
-            std::max<int64_t>(0, out.reused_tokens - static_cast<int64_t>(sel_pos.size()));
-      }
-      out.last_logits = append_tokens(model, kv, seq, p.query, opts.chunk, fo);
-      break;
-    }
-    case ReuseMode::RedKnot: {
-      // Query full attention keeps the local heads' pages until the query has run; the guard
-      // restores the head classes and trims however the passes end (an error included).
-      struct FullAttentionGuard {
-        PagedKvCache* kv;
-        SeqId seq;
-        ~FullAttentionGuard() {
-          if (kv != nullptr && kv->has_sequence(seq)) kv->set_full_attention(seq, -1, false);
-        }
-      } guard{opts.query_full_attention ? &kv : nullptr, seq};
-      if (opts.query_full_attention) kv.set_full_attention(seq, -1, /*keep_local_pages=*/true);
-      // S0's positions are already right: its cached KV is exactly full prefill's.
-      out.reused_tokens = attach_segments(model, kv, seq, p, 0, 1, lookup, pins);
-      clock.mark("attach_segments");
-      ForwardOptions fr = fo;
-      if (opts.sparse_ffn_enabled) fr.sparse_ffn = &opts.sparse_ffn;
-      // One causal pass over S1..Sn + query: the store applies the head classes (local heads
-      // read sink ∪ window only); Sparse FFN skips unimportant rows in deep layers.
-      std::vector<int32_t> ids = rest_after(1);
-      const int64_t n = static_cast<int64_t>(ids.size());
-      const DeadRowSplit split = opts.skip_dead_rows
-                                     ? dead_row_split(cfg, kv.profile(), kv.next_position(seq), n)
-                                     : DeadRowSplit{};
-      if (split.tail > 0) {
-        // Rows whose outputs nothing reads past layer g: layers <= g only (K/V alone at g).
-        const std::vector<int32_t> head(ids.begin(), ids.end() - split.tail);
-        const std::vector<int32_t> tail(ids.end() - split.tail, ids.end());
-        ForwardOptions f1 = fr;
-        f1.kv_only_from_layer = split.kv_only_from_layer;
-        append_tokens(model, kv, seq, head, static_cast<int32_t>(head.size()), f1);
-        ids = tail;
-      }
-      if (!opts.query_full_attention) {
-        out.last_logits = append_tokens(model, kv, seq, ids, static_cast<int32_t>(ids.size()), fr);
-        break;
-      }
-      // The query rows last, alone, with every head global where every row's K/V exists.
-      const size_t q = std::min(ids.size(), p.query.size());
-      const std::vector<int32_t> docs(ids.begin(), ids.end() - q), query(ids.end() - q, ids.end());
-      if (!docs.empty()) append_tokens(model, kv, seq, docs, static_cast<int32_t>(docs.size()), fr);
-      const int32_t full_until =
-          split.tail > 0 ? split.kv_only_from_layer : static_cast<int32_t>(cfg.num_layers) - 1;
-      kv.set_full_attention(seq, full_until, /*keep_local_pages=*/true);
-      // ... and a dense FFN: ranked alone, the few query rows would lose FFNs they all need.
-      ForwardOptions fq = fr;
-      fq.sparse_ffn = nullptr;
-      out.last_logits =
-          append_tokens(model, kv, seq, query, static_cast<int32_t>(query.size()), fq);
-      break;
-    }
-    case ReuseMode::Full:
-      break;
   }
+  int32_t offset_of(size_t segment) const {
+    int64_t o = 0;
+    for (size_t i = 0; i < segment; ++i) o += static_cast<int64_t>(job.prompt_.segments[i].size());
+    return static_cast<int32_t>(o);
+  }
+
+  static void plan_full(ModePlanner& m);
+  static void plan_prefix(ModePlanner& m);
+  static void plan_naive(ModePlanner& m);
+  static void plan_epic(ModePlanner& m);
+  static void plan_cacheblend(ModePlanner& m);
+  static void plan_redknot(ModePlanner& m);
+
+  // Segments [first, last) from the chunk store, relocated into place: hits are pinned now;
+  // misses are reserved now and prefilled alone at [0, len) by the queue's first forwards (in the
+  // store's own sequence), then published; then every one is attached in order.
+  void fetch(size_t first, size_t last) {
+    ChunkStore* store = job.store_;
+    if (store == nullptr)
+      throw Error(std::string("reuse mode ") + reuse_mode_name(job.opts_.mode) +
+                  " needs a chunk store");
+    auto shared = std::make_shared<std::vector<ChunkStore::Handle>>(last);
+    ReusePath& path = job.out_.path;
+    for (size_t i = first; i < last; ++i) {
+      const auto& seg = job.prompt_.segments[i];
+      if (seg.empty()) continue;
+      ++path.segments;
+      ChunkStore::Handle h = store->acquire(seg);
+      if (h) {
+        ++path.segments_hit;
+        job.out_.reused_tokens += static_cast<int64_t>(seg.size());
+        (*shared)[i] = std::move(h);
+        continue;
+      }
+      // A host/disk entry with no room in the pool is recomputed like a miss (privately).
+      ChunkStore::Pending pend = store->reserve(seg);
+      ++path.segments_prefilled;
+      if (!pend.admitted()) ++path.segments_private;
+      Step s;
+      s.cache = &store->prefill_cache();
+      s.seq = pend.seq();
+      s.tokens = seg;
+      job.push(std::move(s));
+      auto holder = std::make_shared<ChunkStore::Pending>(std::move(pend));
+      job.push(action([shared, holder, i](ReuseJob& j) {
+        (*shared)[i] = j.store_->publish(std::move(*holder));
+        return std::vector<Step>{};
+      }));
+    }
+    job.push(action([shared, first, last, this_offset = offset_of(first)](ReuseJob& j) {
+      int32_t dst = this_offset;
+      for (size_t i = first; i < last; ++i) {
+        const ChunkStore::Handle& h = (*shared)[i];
+        const auto& seg = j.prompt_.segments[i];
+        if (seg.empty()) continue;
+        j.kv_.append_relocated(j.seq_, h.all_rows(), h.positions(), dst);
+        dst += static_cast<int32_t>(seg.size());
+      }
+      // The copies are made: the entries may move tiers again.
+      for (size_t i = first; i < last; ++i) j.pins_.push_back(std::move((*shared)[i]));
+      return std::vector<Step>{};
+    }));
+  }
+};
+
+void ModePlanner::plan_full(ModePlanner& m) {
+  m.job.push(m.forward(m.job.prompt_.flatten(), m.request_options(), true));
+}
+
+void ModePlanner::plan_prefix(ModePlanner& m) {
+  // The longest cached chain S0..Sj (exact KV: prefilled in place from position 0), then the rest.
+  m.job.push(m.action([&m, index = m.job.prefix_index_](ReuseJob& j) {
+    ModePlanner& pm = m;
+    std::vector<int32_t> entry;
+    int64_t len = 0;
+    const int jmax = index ? index->longest(j.prompt_, &entry, &len) : -1;
+    std::vector<ReuseJob::Step> next;
+    if (jmax >= 0 && j.store_ != nullptr) {
+      ChunkStore::Handle ref = j.store_->acquire(entry);
+      if (ref) {
+        std::vector<std::vector<int32_t>> rows(ref.all_rows().size());
+        for (size_t r = 0; r < rows.size(); ++r)
+          rows[r].assign(ref.all_rows()[r].begin(), ref.all_rows()[r].begin() + len);
+        std::vector<int32_t> src(len);
+        std::iota(src.begin(), src.end(), 0);
+        j.kv_.append_relocated(j.seq_, rows, src, 0);
+        j.pins_.push_back(std::move(ref));
+        j.out_.reused_tokens = len;
+        j.out_.path.prefix_hit_tokens = len;
+        next.push_back(pm.forward(pm.rest_after(jmax + 1), pm.request_options(), true));
+        return next;
+      }
+    }
+    next.push_back(pm.forward(j.prompt_.flatten(), pm.request_options(), true));
+    return next;
+  }));
+}
+
+void ModePlanner::plan_naive(ModePlanner& m) {
+  m.fetch(0, m.job.prompt_.segments.size());
+  m.job.push(m.forward(m.job.prompt_.query, m.request_options(), true));
+}
+
+void ModePlanner::plan_epic(ModePlanner& m) {
+  const SegmentedPrompt& p = m.job.prompt_;
+  m.fetch(0, p.segments.size());
+  // The first k tokens of every segment after S0 (S0's KV is already exact).
+  std::vector<int32_t> pos, toks;
+  int32_t offset = static_cast<int32_t>(p.segments[0].size());
+  for (size_t i = 1; i < p.segments.size(); ++i) {
+    const auto& seg = p.segments[i];
+    for (size_t t = 0; t < seg.size() && static_cast<int32_t>(t) < m.job.opts_.epic_k; ++t) {
+      pos.push_back(offset + static_cast<int32_t>(t));
+      toks.push_back(seg[t]);
+    }
+    offset += static_cast<int32_t>(seg.size());
+  }
+  const int64_t recomputed = static_cast<int64_t>(pos.size());
+  if (!pos.empty()) {
+    ReuseJob::Step s = m.forward(std::move(toks), m.request_options(), false);
+    s.positions = std::move(pos);
+    s.overwrite = true;
+    m.job.push(std::move(s));
+  }
+  m.job.push(m.action([recomputed](ReuseJob& j) {
+    j.out_.reused_tokens = std::max<int64_t>(0, j.out_.reused_tokens - recomputed);
+    return std::vector<ReuseJob::Step>{};
+  }));
+  m.job.push(m.forward(p.query, m.request_options(), true));
+}
+
+void ModePlanner::plan_cacheblend(ModePlanner& m) {
+  const SegmentedPrompt& p = m.job.prompt_;
+  const ModelConfig& cfg = m.cfg();
+  m.fetch(0, p.segments.size());
+  const int layer =
+      std::min<int>(m.job.opts_.cacheblend_layer, static_cast<int>(cfg.num_layers) - 1);
+  // Tokens after S0: their cached keys at `layer` against fresh keys from layers [0, layer].
+  std::vector<int32_t> pos, toks;
+  int32_t offset = static_cast<int32_t>(p.segments[0].size());
+  for (size_t i = 1; i < p.segments.size(); ++i) {
+    for (size_t t = 0; t < p.segments[i].size(); ++t) {
+      pos.push_back(offset + static_cast<int32_t>(t));
+      toks.push_back(p.segments[i][t]);
+    }
+    offset += static_cast<int32_t>(p.segments[i].size());
+  }
+  if (!pos.empty()) {
+    struct Scratch {
+      std::vector<std::vector<int32_t>> cached_pos;
+      std::vector<std::vector<float>> cached;
+      std::unique_ptr<KeyCapture> capture;
+    };
+    auto scratch = std::make_shared<Scratch>();
+    scratch->capture = std::make_unique<KeyCapture>(m.job.model_.backend(), layer);
+    const int kv_heads = static_cast<int>(cfg.num_kv_heads);
+    m.job.push(m.action([scratch, layer, kv_heads](ReuseJob& j) {
+      scratch->cached = read_keys(j.kv_, j.seq_, layer, kv_heads, scratch->cached_pos);
+      return std::vector<ReuseJob::Step>{};
+    }));
+    ForwardOptions f1 = m.request_options();
+    f1.observer = scratch->capture.get();
+    f1.num_layers = layer + 1;
+    ReuseJob::Step fresh = m.forward(toks, f1, false);
+    fresh.positions = pos;
+    fresh.overwrite = true;
+    m.job.push(std::move(fresh));
+    m.job.push(m.action([scratch, pos, toks, kv_heads, &m](ReuseJob& j) {
+      // Deviation of each token's fresh key from its relocated cached key, summed over heads.
+      const int64_t D = j.model_.config().head_dim;
+      const std::vector<float>& fresh_keys = scratch->capture->keys;
+      std::vector<double> dev(pos.size(), 0.0);
+      for (int h = 0; h < kv_heads; ++h) {
+        const auto& cp = scratch->cached_pos[h];
+        for (size_t t = 0; t < pos.size(); ++t) {
+          auto it = std::lower_bound(cp.begin(), cp.end(), pos[t]);
+          if (it == cp.end() || *it != pos[t]) continue;  // a local head no longer keeps it
+          const float* c = scratch->cached[h].data() + (it - cp.begin()) * D;
+          const float* f = fresh_keys.data() + (t * kv_heads + h) * D;
+          double d = 0;
+          for (int64_t e = 0; e < D; ++e) d += double(c[e] - f[e]) * (c[e] - f[e]);
+          dev[t] += d;
+        }
+      }
+      const size_t keep = static_cast<size_t>(std::ceil(j.opts_.cacheblend_ratio * pos.size()));
+      std::vector<size_t> order(pos.size());
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + keep, order.end(),
+                        [&](size_t a, size_t b) { return dev[a] > dev[b]; });
+      order.resize(keep);
+      std::sort(order.begin(), order.end());
+      std::vector<int32_t> sel_pos, sel_tok;
+      for (size_t i : order) {
+        sel_pos.push_back(pos[i]);
+        sel_tok.push_back(toks[i]);
+      }
+      j.out_.reused_tokens =
+          std::max<int64_t>(0, j.out_.reused_tokens - static_cast<int64_t>(sel_pos.size()));
+      std::vector<ReuseJob::Step> next;
+      if (!sel_pos.empty()) {
+        ReuseJob::Step s = m.forward(std::move(sel_tok), m.request_options(), false);
+        s.positions = std::move(sel_pos);
+        s.overwrite = true;
+        next.push_back(std::move(s));
+      }
+      return next;
+    }));
+  }
+  m.job.push(m.forward(p.query, m.request_options(), true));
+}
+
+void ModePlanner::plan_redknot(ModePlanner& m) {
+  ReuseJob& job = m.job;
+  const ReuseOptions& opts = job.opts_;
+  const ModelConfig& cfg = m.cfg();
+  if (opts.query_full_attention) {
+    // Local heads keep their pages until the query has run (the job resets it when it ends).
+    job.kv_.set_full_attention(job.seq_, -1, /*keep_local_pages=*/true);
+    job.full_attention_set_ = true;
+  }
+  // S0's positions are already right: its cached KV is exactly full prefill's.
+  m.fetch(0, 1);
+  ForwardOptions fr = m.request_options();
+  if (opts.sparse_ffn_enabled) fr.sparse_ffn = &job.opts_.sparse_ffn;
+  // One causal pass over S1..Sn + query: the store applies the head classes (local heads read
+  // sink ∪ window only); Sparse FFN skips unimportant rows in deep layers.
+  std::vector<int32_t> ids = m.rest_after(1);
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const DeadRowSplit split = opts.skip_dead_rows
+                                 ? dead_row_split(cfg, job.kv_.profile(), m.offset_of(1), n)
+                                 : DeadRowSplit{};
+  if (split.tail > 0) {
+    // Rows whose outputs nothing reads past layer g: layers <= g only (K/V alone at g).
+    ForwardOptions f1 = fr;
+    f1.kv_only_from_layer = split.kv_only_from_layer;
+    job.push(m.forward(std::vector<int32_t>(ids.begin(), ids.end() - split.tail), f1, false));
+    ids.erase(ids.begin(), ids.end() - split.tail);
+  }
+  if (!opts.query_full_attention) {
+    job.push(m.forward(std::move(ids), fr, true));
+    return;
+  }
+  // The query rows last, alone, with every head global where every row's K/V exists.
+  const size_t q = std::min(ids.size(), job.prompt_.query.size());
+  std::vector<int32_t> docs(ids.begin(), ids.end() - q), query(ids.end() - q, ids.end());
+  if (!docs.empty()) job.push(m.forward(std::move(docs), fr, false));
+  const int32_t full_until =
+      split.tail > 0 ? split.kv_only_from_layer : static_cast<int32_t>(cfg.num_layers) - 1;
+  job.push(m.action([full_until](ReuseJob& j) {
+    j.kv_.set_full_attention(j.seq_, full_until, /*keep_local_pages=*/true);
+    return std::vector<ReuseJob::Step>{};
+  }));
+  // ... and a dense FFN: ranked alone, the few query rows would lose FFNs they all need.
+  ForwardOptions fq = fr;
+  fq.sparse_ffn = nullptr;
+  job.push(m.forward(std::move(query), fq, true));
+}
+
+namespace {
+
+// The reuse modes: one planning function each, and whether the request's own KV follows the
+// head profile (redknot) or every head keeps every token (the baselines run the model's own
+// attention, SPEC §4).
+struct ModeTraits {
+  ReuseMode mode;
+  void (*plan)(ModePlanner&);
+  bool head_profile;
+};
+const ModeTraits& traits_of(ReuseMode mode) {
+  static const ModeTraits table[] = {{ReuseMode::Full, ModePlanner::plan_full, false},
+                                     {ReuseMode::Prefix, ModePlanner::plan_prefix, false},
+                                     {ReuseMode::Naive, ModePlanner::plan_naive, false},
+                                     {ReuseMode::CacheBlend, ModePlanner::plan_cacheblend, false},
+                                     {ReuseMode::Epic, ModePlanner::plan_epic, false},
+                                     {ReuseMode::RedKnot, ModePlanner::plan_redknot, true}};
+  for (const ModeTraits& t : table)
+    if (t.mode == mode) return t;
+  throw Error("unknown reuse mode");
+}
+
+}  // namespace
+
+bool reuse_mode_uses_head_profile(ReuseMode mode) { return traits_of(mode).head_profile; }
+
+ReuseJob::ReuseJob(Model& model, PagedKvCache& kv, SeqId seq, SegmentedPrompt prompt,
+                   ChunkStore* store, const ReuseOptions& opts, const PrefixIndex* prefix_index)
+    : model_(model),
+      kv_(kv),
+      seq_(seq),
+      prompt_(std::move(prompt)),
+      store_(store),
+      opts_(opts),
+      prefix_index_(prefix_index) {
+  if (prompt_.total_tokens() == 0) throw Error("empty prompt");
+  if (opts_.chunk < 0) throw Error("reuse chunk must be >= 0");
+  if (!kv_.has_sequence(seq_)) throw Error("reuse job: the sequence must exist");
+  out_.path.requested = out_.path.used = opts_.mode;
+  planner_ = std::make_unique<ModePlanner>(ModePlanner{*this, {}, {}});
+  // Modes that reuse segments need some; without, the prompt is one dense pass.
+  const bool segmented = !prompt_.segments.empty() && !prompt_.query.empty();
+  const ModeTraits& t = traits_of(segmented ? opts_.mode : ReuseMode::Full);
+  if (!segmented && opts_.mode != ReuseMode::Full) {
+    out_.path.used = ReuseMode::Full;
+    out_.path.fallback = prompt_.segments.empty() ? "no_documents" : "no_query";
+  }
+  t.plan(*planner_);
+}
+
+ReuseJob::~ReuseJob() { finish(); }
+
+void ReuseJob::finish() {
+  if (full_attention_set_ && kv_.has_sequence(seq_)) kv_.set_full_attention(seq_, -1, false);
+  full_attention_set_ = false;
+  pins_.clear();
+}
+
+void ReuseJob::push(Step step) { queue_.push_back(std::move(step)); }
+
+int64_t ReuseJob::next_rows() const {
+  for (const Step& s : queue_) {
+    if (s.action) continue;
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    return opts_.chunk > 0 ? std::min<int64_t>(n, opts_.chunk) : n;
+  }
+  return 0;
+}
+
+void ReuseJob::run_next() {
+  // Actions first; one that throws (relocation out of pages) stays queued.
+  while (!queue_.empty() && queue_.front().action) {
+    std::vector<Step> next = queue_.front().action(*this);
+    queue_.pop_front();
+    for (auto it = next.rbegin(); it != next.rend(); ++it) queue_.push_front(std::move(*it));
+  }
+  if (queue_.empty()) {
+    finish();
+    return;
+  }
+  Step& s = queue_.front();
+  const int64_t total = static_cast<int64_t>(s.tokens.size());
+  const int64_t n = opts_.chunk > 0 ? std::min<int64_t>(total, opts_.chunk) : total;
+  const bool last = n == total;
+  const std::vector<int32_t> ids(s.tokens.begin(), s.tokens.begin() + n);
+  Batch b;
+  if (s.overwrite) {
+    b.tokens = ids;
+    b.positions.assign(s.positions.begin(), s.positions.begin() + n);
+    b.spans.push_back({s.seq, 0, n});
+    b.overwrite = true;
+  } else {
+    b.add_sequence(s.seq, ids, s.cache->next_position(s.seq), last && s.logits);
+  }
+  ForwardOptions fo = s.options;
+  fo.sparse_rows_after = total - n;
+  Tensor logits = model_.forward(b, *s.cache, fo);
+  if (last && s.logits)
+    out_.last_logits.assign(logits.data<float>(), logits.data<float>() + logits.numel());
+  if (last) {
+    queue_.pop_front();
+  } else {
+    s.tokens.erase(s.tokens.begin(), s.tokens.begin() + n);
+    if (s.overwrite) s.positions.erase(s.positions.begin(), s.positions.begin() + n);
+  }
+  // Trailing actions (publishing the last miss, resetting attention) are not left for a step
+  // that has no forward to run.
+  while (!queue_.empty() && queue_.front().action) {
+    std::vector<Step> next = queue_.front().action(*this);
+    queue_.pop_front();
+    for (auto it = next.rbegin(); it != next.rend(); ++it) queue_.push_front(std::move(*it));
+  }
+  if (queue_.empty()) finish();
+}
+
+PrefillOutcome prefill_with_reuse(Model& model, PagedKvCache& kv, SeqId seq,
+                                  const SegmentedPrompt& p, ChunkStore* store,
+                                  const ReuseOptions& opts, const PrefixIndex* prefix_index) {
+  auto t0 = Clock::now();
+  const bool fresh = !kv.has_sequence(seq);
+  if (fresh) kv.add_sequence(seq);
+  std::unique_ptr<ReuseJob> job;
+  try {
+    job = std::make_unique<ReuseJob>(model, kv, seq, p, store, opts, prefix_index);
+  } catch (const OutOfKvMemory&) {
+    // A miss's prefill does not fit beside the store's entries: dense, and said so.
+    PrefillOutcome out =
+        prefill_full(model, kv, seq, p, opts.chunk > 0 ? opts.chunk : 1 << 30, opts.stage_times);
+    out.path.requested = opts.mode;
+    out.path.used = ReuseMode::Full;
+    out.path.fallback = "out_of_kv_pages";
+    out.ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    return out;
+  }
+  while (!job->done()) job->run_next();
+  PrefillOutcome out = std::move(job->outcome());
   out.ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   return out;
 }

@@ -9,9 +9,11 @@
 //              head classes (local heads see sink ∪ window) and Sparse FFN (SPEC §4)
 #pragma once
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +21,7 @@
 #include "kv/paged_kv_cache.h"
 #include "model/model.h"
 #include "model/sparse_ffn.h"
+#include "reuse/chunk_store.h"
 
 namespace redknot {
 
@@ -26,6 +29,10 @@ enum class ReuseMode { Full, Prefix, Naive, CacheBlend, Epic, RedKnot };
 ReuseMode parse_reuse_mode(const std::string& name);  // throws Error listing the modes
 const char* reuse_mode_name(ReuseMode m);
 const std::vector<std::string>& reuse_mode_names();
+// Whether a mode's requests keep KV by the head profile (redknot) or every head keeps every token
+// (full and the baselines, which run the model's own attention: SPEC §4). The same mode name means
+// the same KV in every entry point.
+bool reuse_mode_uses_head_profile(ReuseMode mode);
 
 // A prompt as reuse units: segments[0] starts with BOS; each segment is tokenized alone.
 struct SegmentedPrompt {
@@ -35,17 +42,6 @@ struct SegmentedPrompt {
   int64_t total_tokens() const;
   std::vector<int32_t> flatten() const;
 };
-
-// A cached segment's KV, prefilled alone at positions [0, len): pool rows per (layer, kv head).
-struct SegmentRef {
-  bool found = false;
-  std::vector<std::vector<int32_t>> rows;  // [layer * kv_heads + head][token]
-  std::shared_ptr<void> pin;               // keeps the entry resident while held
-  bool was_cached = false;                 // true when it was a hit (not prefilled just now)
-};
-// Finds a segment's KV (prefilling it alone on a miss when `prefill_on_miss`).
-using SegmentLookup =
-    std::function<SegmentRef(const std::vector<int32_t>& tokens, bool prefill_on_miss)>;
 
 struct ReuseOptions {
   ReuseMode mode = ReuseMode::Full;
@@ -64,8 +60,26 @@ struct ReuseOptions {
   // to the last global layer with dead-row skipping), with a dense FFN; the document rows keep
   // the head classes (and Sparse FFN); local heads keep their pages until the query has run.
   bool query_full_attention = false;
-  int32_t chunk = 4096;               // tokens per forward pass
+  // Rows per forward of every pass (store prefills of misses, recomputation, the query): the
+  // scheduler runs one such forward per step, so this bounds how long a reuse prefill holds a
+  // step. Sparse FFN ranks rows per forward, so it is part of what a mode's answer depends on:
+  // eval, generate and serve use the same value for the same answer. 0: each pass whole.
+  int32_t chunk = 4096;
   StageTimes* stage_times = nullptr;  // profiling: wall time per stage (see model/stage_times.h)
+};
+
+// How a request's prompt was prefilled, reported with its response and in /metrics: no reuse
+// path changes silently.
+struct ReusePath {
+  ReuseMode requested = ReuseMode::Full;  // what the request (or the server default) asked
+  ReuseMode used = ReuseMode::Full;       // what ran
+  std::string fallback;                   // why used != requested (empty when it did not)
+  int32_t segments = 0;                   // segments looked up in the chunk store
+  int32_t segments_hit = 0;               // found cached (pool, host or disk)
+  int32_t segments_prefilled = 0;         // misses prefilled for this request
+  int32_t segments_private = 0;           // of those, not kept by the store (no room)
+  int64_t reused_tokens = 0;              // prompt tokens whose KV came from a cache
+  int64_t prefix_hit_tokens = 0;          // of those, from the prefix cache (prefix mode)
 };
 
 // What a prefill produced: the sequence holds the prompt's KV, ready to decode.
@@ -74,6 +88,7 @@ struct PrefillOutcome {
   FlopsLedger flops;               // work done online (cached segments cost nothing here)
   double ms = 0;                   // wall time to the first token's logits
   int64_t reused_tokens = 0;       // prompt tokens whose KV came from the cache
+  ReusePath path;
 };
 
 // Exact-prefix index over chains of segments: after a request, its chain S0..Sn is cached as
@@ -109,10 +124,61 @@ DeadRowSplit dead_row_split(const ModelConfig& cfg, const HeadProfile& profile, 
 PrefillOutcome prefill_full(Model& model, KvCache& kv, SeqId seq, const SegmentedPrompt& prompt,
                             int32_t chunk = 4096, StageTimes* stage_times = nullptr);
 
-// Runs `prompt` into sequence `seq` of `kv` in opts.mode. `lookup` serves cached segments
-// (unused by full); `prefix_index` is used by prefix mode (may be null otherwise).
+// A reuse prefill as a queue of forwards, each of at most opts.chunk rows of one sequence (the
+// request's, or the chunk store's for a miss) with its own forward options. run_next() runs the
+// actions due (attaching cached segments, publishing a prefilled miss, choosing CacheBlend's
+// rows) and then one forward. The scheduler runs one forward per step, between other requests'
+// decodes; prefill_with_reuse() runs them back to back: the same forwards, the same answer.
+// Each mode is one planning function over this queue (the trait table in reuse_prefill.cc).
+struct ModePlanner;
+
+class ReuseJob {
+ public:
+  // Admission: pins the prompt's cached segments and reserves the misses' prefills in the store
+  // (relocation happens once they are ready). Throws OutOfKvMemory, holding nothing, when the
+  // pool cannot take a miss's prefill. `kv` must hold `seq` (empty). `store` may be null for
+  // modes that read none (full, and prefix with no index).
+  ReuseJob(Model& model, PagedKvCache& kv, SeqId seq, SegmentedPrompt prompt, ChunkStore* store,
+           const ReuseOptions& opts, const PrefixIndex* prefix_index = nullptr);
+  ~ReuseJob();
+  ReuseJob(const ReuseJob&) = delete;
+  ReuseJob& operator=(const ReuseJob&) = delete;
+
+  bool done() const { return queue_.empty(); }
+  // Rows of the next forward (0 when done).
+  int64_t next_rows() const;
+  // Runs the actions due and the next forward. Throws OutOfKvMemory (that forward or
+  // relocation changed nothing; the job can be dropped or retried) and Error.
+  void run_next();
+  // Valid once done(): last_logits, flops, reused_tokens, path (ms is the caller's).
+  PrefillOutcome& outcome() { return out_; }
+  SeqId seq() const { return seq_; }
+
+ private:
+  struct Step;
+  friend struct ModePlanner;
+  void push(Step step);
+  void finish();  // releases the pins and resets the attention switches
+
+  Model& model_;
+  PagedKvCache& kv_;
+  SeqId seq_;
+  SegmentedPrompt prompt_;
+  ChunkStore* store_;
+  ReuseOptions opts_;
+  std::deque<Step> queue_;
+  std::vector<ChunkStore::Handle> pins_;  // cached segments, held until the job ends
+  PrefillOutcome out_;
+  const PrefixIndex* prefix_index_;
+  std::unique_ptr<ModePlanner> planner_;  // captured by the queue's actions
+  bool full_attention_set_ = false;       // query_full_attention: reset when the job ends
+};
+
+// Runs `prompt` into sequence `seq` of `kv` in opts.mode (a ReuseJob run to the end). `store`
+// serves cached segments (unused by full); `prefix_index` is used by prefix mode (may be null
+// otherwise).
 PrefillOutcome prefill_with_reuse(Model& model, PagedKvCache& kv, SeqId seq,
-                                  const SegmentedPrompt& prompt, const SegmentLookup& lookup,
+                                  const SegmentedPrompt& prompt, ChunkStore* store,
                                   const ReuseOptions& opts,
                                   const PrefixIndex* prefix_index = nullptr);
 

@@ -25,8 +25,8 @@
 #include "kv/page_pool.h"
 #include "kv/paged_kv_cache.h"
 #include "model/random_checkpoint.h"
+#include "reuse/chunk_prefill.h"
 #include "reuse/chunk_store.h"
-#include "reuse/segment_lookup.h"
 
 namespace redknot {
 namespace {
@@ -153,7 +153,6 @@ class DeadRowSkipping : public ::testing::Test {
     ChunkStoreOptions cso;
     cso.pool_budget_bytes = int64_t{1024} * pool_->bytes_per_page();
     chunks_ = std::make_unique<ChunkStore>(*model_, *pool_, cso);
-    lookup_ = chunk_store_lookup(*chunks_);
   }
 
   // S0 of 40 tokens, then four segments of 50..65 and a 12-token query: 242 recomputed rows.
@@ -183,7 +182,7 @@ class DeadRowSkipping : public ::testing::Test {
     ro.sparse_ffn_enabled = false;
     ro.skip_dead_rows = skip;
     ro.query_full_attention = query_full;
-    r.out = prefill_with_reuse(*model_, *r.kv, 0, p, lookup_, ro);
+    r.out = prefill_with_reuse(*model_, *r.kv, 0, p, chunks_.get(), ro);
     Decode(r);  // with query_full, local heads read sink ∪ window again
     return r;
   }
@@ -246,7 +245,8 @@ class DeadRowSkipping : public ::testing::Test {
     const int64_t n = p.total_tokens() - start;
     const DeadRowSplit split = dead_row_split(cfg_, profile, start, n);
     ASSERT_GT(split.tail, 0);
-    ASSERT_TRUE(lookup_(p.segments[0], true).found);  // S0 cached: both runs hit
+    ASSERT_TRUE(
+        acquire_or_prefill(*model_, *chunks_, p.segments[0]).ok());  // S0 cached: both runs hit
     ASSERT_LT(split.tail, n / 4);  // most rows are dead: the test exercises the split
 
     RunResult one = Prefill(profile, p, false);
@@ -287,7 +287,6 @@ class DeadRowSkipping : public ::testing::Test {
   std::unique_ptr<Model> model_;
   std::unique_ptr<PagePool> pool_;
   std::unique_ptr<ChunkStore> chunks_;
-  SegmentLookup lookup_;
 };
 
 TEST_F(DeadRowSkipping, ExactWithOneGlobalHeadInLayerOne) {
@@ -426,7 +425,8 @@ TEST_F(QueryFullAttention, MatchesTheDenseOracleInEveryLayer) {
   MakeModel(kLayers);
   const HeadProfile profile = LocalProfile(kLayers, 2, 10, 4, {{1, 0}});
   const SegmentedPrompt p = Prompt();
-  ASSERT_TRUE(lookup_(p.segments[0], true).found);  // S0 cached, as the paged run sees it
+  ASSERT_TRUE(acquire_or_prefill(*model_, *chunks_, p.segments[0])
+                  .ok());  // S0 cached, as the paged run sees it
   RunResult r = Prefill(profile, p, /*skip=*/false, /*query_full=*/true);
   const std::vector<float> oracle = DenseOracle(profile, p, kLayers - 1);
   EXPECT_LE(RelErr(r.out.last_logits, oracle), kTol);
@@ -464,7 +464,7 @@ TEST_F(QueryFullAttention, WithDeadRowSkippingFullUpToTheLastGlobalLayer) {
   MakeModel(kLayers);
   const HeadProfile profile = LocalProfile(kLayers, 2, 10, 4, {{1, 0}});
   const SegmentedPrompt p = Prompt();
-  ASSERT_TRUE(lookup_(p.segments[0], true).found);
+  ASSERT_TRUE(acquire_or_prefill(*model_, *chunks_, p.segments[0]).ok());
   const int64_t start = static_cast<int64_t>(p.segments[0].size());
   const DeadRowSplit split = dead_row_split(cfg_, profile, start, p.total_tokens() - start);
   ASSERT_GT(split.tail, 0);
@@ -478,7 +478,7 @@ TEST_F(QueryFullAttention, NoOpWhenEveryHeadIsGlobal) {
   MakeModel(kLayers);
   const HeadProfile profile(kLayers, 2);
   const SegmentedPrompt p = Prompt();
-  ASSERT_TRUE(lookup_(p.segments[0], true).found);
+  ASSERT_TRUE(acquire_or_prefill(*model_, *chunks_, p.segments[0]).ok());
   RunResult with = Prefill(profile, p, true, /*query_full=*/true);
   RunResult without = Prefill(profile, p, true);
   EXPECT_LE(RelErr(with.out.last_logits, without.out.last_logits), kTol);
