@@ -355,3 +355,58 @@ TEST_F(ReuseFallbacks, WaitServesTheSameAnswerOncePagesReturn) {
 
 }  // namespace
 }  // namespace redknot::testing
+
+namespace redknot::testing {
+namespace {
+
+// Automatic prefix caching: 20 requests share a long system prompt; all but the first attach its
+// cached pages, and every answer equals full prefill's bit for bit.
+TEST_F(ReuseFallbacks, PrefixModeSharesASystemPromptAcrossRequests) {
+  SchedulerOptions so;
+  so.reuse.mode = ReuseMode::Prefix;
+  Engine e(*model_, "", int64_t{16} << 20, 0, so, /*with_store=*/false);
+  PrefixCacheOptions po;
+  po.model_fp = 1;
+  PrefixCache prefix(*e.store.baseline, po);
+  // Rebuilt with the prefix cache (the engine's scheduler had none).
+  e.sched.reset();
+  so.baseline_cache = e.store.baseline.get();
+  so.prefix_cache = &prefix;
+  e.sched = std::make_unique<Scheduler>(*model_, *e.store.cache, so);
+
+  const SegmentedPrompt system = prompt(1, 300, 21);
+  std::vector<RequestSpec> specs;
+  for (int i = 0; i < 20; ++i) {
+    SegmentedPrompt p = system;
+    p.query = prompt(1, 12 + i, 100 + i).segments[0];
+    specs.push_back(greedy(p, 5, std::nullopt));
+  }
+  std::vector<std::vector<int32_t>> want;
+  {
+    Engine full(*model_, "", int64_t{16} << 20, 0, SchedulerOptions{}, false);
+    for (const auto& s : specs) want.push_back(full.sched->submit(s)->wait_all().tokens);
+  }
+  // The first alone (it fills the cache), then the rest at once.
+  auto first = e.sched->submit(specs[0]);
+  EXPECT_EQ(first->wait_all().tokens, want[0]);
+  EXPECT_EQ(first->path().prefix_hit_tokens, 0);
+  std::vector<std::shared_ptr<RequestStream>> rs;
+  for (size_t i = 1; i < specs.size(); ++i) rs.push_back(e.sched->submit(specs[i]));
+  for (size_t i = 1; i < specs.size(); ++i) {
+    EXPECT_EQ(rs[i - 1]->wait_all().tokens, want[i]) << i;
+    const ReusePath path = rs[i - 1]->path();
+    EXPECT_EQ(path.used, ReuseMode::Prefix);
+    EXPECT_EQ(path.prefix_hit_tokens, 288) << i;  // 300 tokens in blocks of 16
+    EXPECT_EQ(rs[i - 1]->cached_tokens(), 288);
+  }
+  e.sched->wait_idle();
+  const SchedulerStats st = e.sched->stats();
+  EXPECT_EQ(st.prefix_queries, 20);
+  EXPECT_EQ(st.prefix_hits, 19);
+  EXPECT_EQ(st.prefix_hit_tokens, 19 * 288);
+  EXPECT_EQ(prefix.stats().hits, 19);
+  e.sched.reset();  // before the prefix cache
+}
+
+}  // namespace
+}  // namespace redknot::testing

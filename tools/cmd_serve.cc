@@ -15,6 +15,7 @@
 #include "engine/kv_setup.h"
 #include "engine/scheduler.h"
 #include "reuse/chunk_store.h"
+#include "reuse/prefix_cache.h"
 #include "server/server.h"
 #endif
 
@@ -105,6 +106,11 @@ int run_serve(const ServeArgs& a) {
   so.max_queue = a.max_queue;
   so.step_tokens = a.step_tokens > 0 ? a.step_tokens : default_prefill_chunk(a.backend);
   so.baseline_cache = store.baseline.get();
+  // Automatic prefix caching for prefix-mode requests (pages shared with the baseline cache).
+  PrefixCacheOptions pco;
+  pco.model_fp = model_fingerprint(model.config(), ckpt);
+  PrefixCache prefix(*store.baseline, pco);
+  so.prefix_cache = &prefix;
   so.reuse_fallback = parse_reuse_fallback(a.reuse_fallback);
   // A reuse prefill's forwards take at most this many rows (one per step, like prefill chunks);
   // eval and generate give the same answers with the same --reuse-chunk.
@@ -198,8 +204,9 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "rows per forward of a reuse prefill, one forward per step (0: --step-tokens); "
                 "Sparse FFN ranks rows per forward, so eval/generate match with the same value")
       ->check(CLI::Range(0, 1 << 20));
-  c->add_option("--reuse-mode", a->reuse_mode,
-                "default chunk reuse mode: redknot | naive | cacheblend | epic | full | off");
+  c->add_option(
+      "--reuse-mode", a->reuse_mode,
+      "default chunk reuse mode: redknot | prefix | naive | cacheblend | epic | full | off");
   c->callback([a, &action] {
 #ifdef REDKNOT_HAS_SERVER
     action = [a] { return run_serve(*a); };

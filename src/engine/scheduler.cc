@@ -176,10 +176,13 @@ std::shared_ptr<RequestStream> Scheduler::submit(RequestSpec spec) {
   // refused, when the request insists).
   r->path.requested = spec.reuse_mode.value_or(opts_.reuse.mode);
   r->path.used = r->path.requested;
-  if (r->path.requested != ReuseMode::Full && opts_.chunk_store == nullptr) {
+  const bool prefix = r->path.requested == ReuseMode::Prefix;
+  if (r->path.requested != ReuseMode::Full &&
+      (prefix ? opts_.prefix_cache == nullptr : opts_.chunk_store == nullptr)) {
     if (spec.strict_reuse_mode)
       throw Error(std::string("reuse mode '") + reuse_mode_name(r->path.requested) +
-                  "' is not available: the server runs without a chunk store");
+                  "' is not available: the server runs without a " +
+                  (prefix ? "prefix cache" : "chunk store"));
     r->path.used = ReuseMode::Full;
     r->path.fallback = "reuse_disabled";
   }
@@ -363,6 +366,24 @@ Scheduler::OomAction Scheduler::start_reuse(Request& r) {
   p.query = r.spec.query;
   ReuseOptions ro = opts_.reuse;
   ro.mode = r.path.used;
+  if (ro.mode == ReuseMode::Prefix) {
+    // The longest cached prefix's pages are shared into the sequence; the rest is ordinary
+    // prefill work, and the prompt is recorded once prefilled (emit).
+    ++counters_.prefix_queries;
+    const PrefixCache::Match m =
+        opts_.prefix_cache->match(std::span<const int32_t>(r.tokens.data(), r.prompt_len));
+    if (m.found()) {
+      r.cache->remove_sequence(r.seq);
+      opts_.prefix_cache->attach(m, r.seq);
+      r.fed = m.tokens;
+      r.path.reused_tokens = r.path.prefix_hit_tokens = m.tokens;
+      r.stream->cached_tokens_.store(m.tokens);
+      ++counters_.prefix_hits;
+      counters_.prefix_hit_tokens += m.tokens;
+      counters_.cached_tokens += m.tokens;
+    }
+    return OomAction::kRun;
+  }
   if (p.segments.empty() && ro.mode == ReuseMode::RedKnot) {
     // Nothing to reuse: the prompt is prefilled densely in the head-aware cache, which is what
     // redknot recomputes when nothing is cached (no fallback: the path says 0 segments).
@@ -442,6 +463,11 @@ void Scheduler::report_path(Request& r) {
 
 void Scheduler::emit(Request& r, int32_t tok) {
   report_path(r);
+  if (r.generated == 0 && r.path.used == ReuseMode::Prefix && r.fed == r.prompt_len) {
+    // The prompt is in the KV (the first token is not yet): later requests may share it.
+    opts_.prefix_cache->insert(r.seq, std::span<const int32_t>(r.tokens.data(), r.prompt_len));
+    opts_.prefix_cache->enforce_budget();
+  }
   r.tokens.push_back(tok);
   ++r.generated;
   ++counters_.generated_tokens;

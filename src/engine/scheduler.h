@@ -33,6 +33,7 @@
 #include "engine/sampler.h"
 #include "kv/paged_kv_cache.h"
 #include "model/model.h"
+#include "reuse/prefix_cache.h"
 #include "reuse/reuse_prefill.h"
 
 namespace redknot {
@@ -132,6 +133,10 @@ struct SchedulerOptions {
   // All-global cache over the same pool for the baseline modes; null: they use `cache`.
   PagedKvCache* baseline_cache = nullptr;
   ReuseFallback reuse_fallback = ReuseFallback::kWait;
+  // Automatic prefix caching of the prefix mode (over baseline_cache, or `cache` when that is
+  // all-global): a request's longest cached block-aligned prefix is attached (shared pages) and
+  // its prompt recorded once prefilled. Null: prefix requests are served full, and told so.
+  PrefixCache* prefix_cache = nullptr;
 };
 
 // A consistent view of the engine for /metrics and tests.
@@ -147,6 +152,7 @@ struct SchedulerStats {
   int64_t segments_hit = 0, segments_prefilled = 0, segments_private = 0;
   int64_t reuse_steps = 0;  // steps that ran a reuse prefill's forward
   int64_t reuse_waits = 0;  // reuse prefills requeued for pages (fallback policy wait)
+  int64_t prefix_queries = 0, prefix_hits = 0, prefix_hit_tokens = 0;  // prefix mode
   std::map<std::string, int64_t> fallbacks;   // requests served in another mode, by reason
   std::map<std::string, int64_t> modes_used;  // requests by the mode that ran
 };

@@ -121,6 +121,29 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
         prompt_reused > 0 ? s.recomputed_tokens / prompt_reused : 0.0);
   gauge(out, "redknot_reuse_flops_saved_total", "Prefill FLOPs saved by chunk reuse.",
         s.flops_full - s.flops_done, "counter");
+  gauge(out, "redknot_reuse_steps_total", "Engine steps that ran a reuse prefill's forward.",
+        s.reuse_steps, "counter");
+  gauge(out, "redknot_reuse_waits_total",
+        "Reuse prefills requeued for KV pages (--reuse-fallback wait).", s.reuse_waits, "counter");
+  out += "# HELP redknot_reuse_segments_total Segments of reuse prefills by outcome.\n";
+  out += "# TYPE redknot_reuse_segments_total counter\n";
+  out += "redknot_reuse_segments_total{outcome=\"hit\"} " + num(s.segments_hit) + "\n";
+  out += "redknot_reuse_segments_total{outcome=\"prefilled\"} " + num(s.segments_prefilled) + "\n";
+  out += "redknot_reuse_segments_total{outcome=\"private\"} " + num(s.segments_private) + "\n";
+  out += "# HELP redknot_requests_by_mode_total Requests by the reuse mode that ran.\n";
+  out += "# TYPE redknot_requests_by_mode_total counter\n";
+  for (const auto& [mode, n] : s.modes_used)
+    out += "redknot_requests_by_mode_total{mode=\"" + mode + "\"} " + num(n) + "\n";
+  out += "# HELP redknot_reuse_fallbacks_total Requests not served in the mode asked, by reason.\n";
+  out += "# TYPE redknot_reuse_fallbacks_total counter\n";
+  for (const auto& [reason, n] : s.fallbacks)
+    out += "redknot_reuse_fallbacks_total{reason=\"" + reason + "\"} " + num(n) + "\n";
+  gauge(out, "redknot_prefix_cache_queries_total", "Prefix-mode requests looked up.",
+        s.prefix_queries, "counter");
+  gauge(out, "redknot_prefix_cache_hits_total", "Prefix-mode requests that shared cached pages.",
+        s.prefix_hits, "counter");
+  gauge(out, "redknot_prefix_cache_hit_tokens_total", "Prompt tokens shared from the prefix cache.",
+        s.prefix_hit_tokens, "counter");
   return out;
 }
 

@@ -254,10 +254,23 @@ struct Job {
 
   json usage() const {
     const int64_t p = rs->prompt_tokens();
+    // RedKnot's extension: the reuse path this request took (no fallback is silent).
+    const ReusePath path = rs->path();
+    json reuse = {{"mode_requested", reuse_mode_name(path.requested)},
+                  {"mode", reuse_mode_name(path.used)},
+                  {"fallback", path.fallback.empty() ? json(nullptr) : json(path.fallback)},
+                  {"segments", path.segments},
+                  {"segments_hit", path.segments_hit},
+                  {"segments_prefilled", path.segments_prefilled},
+                  {"segments_uncached", path.segments_private},
+                  {"reused_tokens", path.reused_tokens},
+                  {"prefix_hit_tokens", path.prefix_hit_tokens},
+                  {"preemptions", rs->preemptions()}};
     return json{{"prompt_tokens", p},
                 {"completion_tokens", completion_tokens},
                 {"total_tokens", p + completion_tokens},
-                {"prompt_tokens_details", {{"cached_tokens", rs->cached_tokens()}}}};
+                {"prompt_tokens_details", {{"cached_tokens", rs->cached_tokens()}}},
+                {"reuse", reuse}};
   }
 
   json chunk(const std::string& delta, bool with_role, const json& finish) const {
