@@ -5,7 +5,8 @@
 # Starts the server on a free port, runs scripts/serve-check.py (full and redknot modes, alone and
 # 8 at a time, bad requests, /health after them), prints /metrics, and compares the greedy answers
 # with CPU_ANSWERS (serve-check.py --answers-out of a CPU server on the same samples) when given.
-# Usage: [N=32] [CPU_ANSWERS=F] scripts/gpu-serve-check.sh
+# Usage: [N=32] [CPU_ANSWERS=F] [SERVE_ARGS="--reuse-chunk 2048"] scripts/gpu-serve-check.sh
+# (the CPU server that wrote CPU_ANSWERS must run with the same SERVE_ARGS).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${BIN:-$ROOT/build-srv-cuda/redknot}"
@@ -16,7 +17,7 @@ gpu_card_info
 gpu_carried_cli "$BIN"
 "$BIN" serve --backend cuda --model "$ROOT/models/redknot-rag-8k" --port 0 \
   --head-profile "$ROOT/models/redknot-rag-8k/head_profile.json" --sparse-ffn false \
-  >"$LOG/serve.log" 2>&1 &
+  ${SERVE_ARGS:-} >"$LOG/serve.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
 port=""

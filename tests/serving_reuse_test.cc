@@ -11,6 +11,7 @@
 #include "engine/kv_setup.h"
 #include "engine/scheduler.h"
 #include "eval/rag_dataset.h"
+#include "eval/rag_eval.h"
 #include "reuse/chunk_store.h"
 #include "test_support.h"
 #include "tokenizer/tokenizer.h"
@@ -201,6 +202,38 @@ TEST_F(ServingReuse, NewDocumentsDoNotStallRunningStreams) {
   EXPECT_EQ(loaded.extra, alone(with_docs));
   for (size_t i = 0; i < streams.size(); ++i)
     EXPECT_EQ(loaded.streams[i], alone(greedy(streams[i], 40, std::nullopt))) << "stream " << i;
+}
+
+// The same prompt, mode and settings give the same answer through the eval harness (which
+// `generate` shares: prefill_with_reuse, then greedy decoding) and through the serving scheduler,
+// in every mode.
+TEST_F(ServingReuse, EvalAndServeAnswerAlike) {
+  const std::vector<RagSample> samples =
+      load_rag_dataset(std::string(REDKNOT_SOURCE_DIR) + "/data/eval/rag-4k.jsonl.gz", 3);
+  std::vector<int32_t> stops;
+  for (int32_t id : tok_->eos_ids()) stops.push_back(id);
+  for (int32_t id = 0; id < tok_->vocab_size(); ++id)
+    if (tok_->decode(std::vector<int32_t>{id}).find('\n') != std::string::npos) stops.push_back(id);
+  for (ReuseMode mode : {ReuseMode::RedKnot, ReuseMode::Full, ReuseMode::Naive,
+                         ReuseMode::CacheBlend, ReuseMode::Epic}) {
+    EvalOptions eo;
+    eo.reuse = options().reuse;
+    eo.reuse.mode = mode;
+    eo.max_answer_tokens = 12;
+    eo.kv.page_size = 16;
+    eo.kv.head_profile_path = profile();
+    const EvalReport rep = run_rag_eval(*model_, *ckpt_, *tok_, samples, eo);
+    Engine e = engine();
+    for (size_t i = 0; i < samples.size(); ++i) {
+      RequestSpec s = greedy(build_rag_prompt(*tok_, samples[i]), 12, mode);
+      s.stop_ids = stops;
+      std::vector<int32_t> got = e.sched->submit(s)->wait_all().tokens;
+      if (!got.empty() && std::find(stops.begin(), stops.end(), got.back()) != stops.end())
+        got.pop_back();  // eval's answers stop before the stop token
+      EXPECT_EQ(tok_->decode(got, true), rep.samples[i].prediction)
+          << reuse_mode_name(mode) << " sample " << i;
+    }
+  }
 }
 
 // ---- fallbacks, on a tiny refs model ----

@@ -283,6 +283,10 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
                 "(modes share the full-prefill reference; --json then prints an array)");
   c->add_option("--cacheblend-ratio", a->reuse.cacheblend_ratio)->check(CLI::Range(0.0, 1.0));
   c->add_option("--epic-k", a->reuse.epic_k)->check(CLI::Range(0, 1 << 20));
+  c->add_option("--reuse-chunk", a->reuse.chunk,
+                "rows per forward of every reuse pass (0: each pass whole); Sparse FFN ranks rows "
+                "per forward, so serve answers alike with the same --reuse-chunk")
+      ->check(CLI::Range(0, 1 << 20));
   add_sparse_ffn_options(c, &a->reuse.sparse_ffn);
   c->add_flag("--no-sparse-ffn", a->no_sparse_ffn, "redknot mode without Sparse FFN");
   c->add_flag("--no-skip-dead-rows", a->no_skip_dead_rows,

@@ -25,6 +25,7 @@ struct GenerateArgs {
   int32_t page_size = 64;
   int64_t kv_budget = 0;
   int32_t max_tokens = 32, prefill_chunk = 0;  // 0: default_prefill_chunk(backend)
+  int32_t reuse_chunk = ReuseOptions{}.chunk;
   float temperature = 0.0f, top_p = 1.0f;
   int32_t top_k = 0;
   uint64_t seed = 0;
@@ -51,6 +52,7 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m) {
   ro.mode = parse_reuse_mode(a.mode);
   ro.skip_dead_rows = a.skip_dead_rows;
   ro.query_full_attention = a.query_full_attention;
+  ro.chunk = a.reuse_chunk;
   const SegmentedPrompt p = segmented_prompt(a, *m.tokenizer);
   const ModelConfig& cfg = m.model->config();
   KvOptions kvo;
@@ -188,6 +190,9 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
                 "a reuse unit (document, system prompt) before --prompt; repeatable");
   c->add_option("--mode", a->mode, "full | prefix | naive | cacheblend | epic | redknot");
   c->add_option("--chunk-store-dir", a->chunk_store_dir, "disk tier of the chunk store");
+  c->add_option("--reuse-chunk", a->reuse_chunk,
+                "rows per forward of every reuse pass (0: each pass whole); as serve and eval")
+      ->check(CLI::Range(0, 1 << 20));
   c->add_option("--skip-dead-rows", a->skip_dead_rows,
                 "redknot mode skips rows no later token reads past the last global layer (exact)");
   c->add_option("--query-full-attention", a->query_full_attention,
