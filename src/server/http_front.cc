@@ -496,6 +496,7 @@ struct HttpFront::Conn {
   bool draining = false;    // refused: reading and dropping input until the client closes
   bool started = false;
   size_t drained = 0;
+  size_t counted = 0;  // bytes of this connection in Impl::buffered
   explicit Conn(const HttpLimits& lim) : parser(lim) {}
 };
 
@@ -507,6 +508,7 @@ struct HttpFront::Impl {
   int listen_fd = -1, ep = -1, wake = -1;
   std::atomic<bool> stopping{false};
   std::unordered_map<int, std::unique_ptr<Conn>> conns;
+  size_t buffered = 0;  // bytes of unfinished requests held by the reader, all connections
   std::mutex back_mu;
   std::deque<std::pair<Conn*, bool>> back;  // from workers: (conn, keep open)
   std::unique_ptr<httplib::ThreadPool> heavy, light;
@@ -534,6 +536,7 @@ struct HttpFront::Impl {
     if (it == conns.end()) return;
     ::epoll_ctl(ep, EPOLL_CTL_DEL, fd, nullptr);
     ::close(fd);
+    buffered -= it->second->counted;
     conns.erase(it);
     open.store(conns.size());
   }
@@ -541,6 +544,8 @@ struct HttpFront::Impl {
   // Answers with an error and keeps reading (and dropping) for a moment, so that the client
   // reads the answer instead of a reset.
   void refuse(Conn* c, int status, const std::string& msg, const std::string& path) {
+    c->parser = RequestParser(lim);  // what it had buffered goes
+    recount(c);
     send_now(c->fd, error_response(status, msg));
     ::shutdown(c->fd, SHUT_WR);
     c->draining = true;
@@ -601,8 +606,27 @@ struct HttpFront::Impl {
     }
   }
 
+  void recount(Conn* c) {
+    const size_t now = c->parser.buffered();
+    buffered = buffered - c->counted + now;
+    c->counted = now;
+  }
+
   // Parses what is buffered; true when the connection left the reading state.
   bool advance(Conn* c) {
+    const bool left = advance_inner(c);
+    if (!c->draining) {
+      recount(c);
+      // Many large unfinished requests at once: the one that crosses the budget is refused.
+      if (!left && buffered > lim.max_buffered_bytes) {
+        refuse(c, 503, "server busy: too many request bytes in flight", "");
+        return true;
+      }
+    }
+    return left;
+  }
+
+  bool advance_inner(Conn* c) {
     if (!c->started && c->parser.started()) {
       c->started = true;
       c->since = Clock::now();

@@ -32,8 +32,9 @@ struct HttpLimits {
   int idle_timeout_ms = 5000;           // a connection without a request in progress is closed
   int write_timeout_ms = 30000;         // a response write that makes no progress this long fails
   int max_connections = 4096;           // open connections; at the cap the oldest waiting one goes
-  int workers = 64;                     // threads for "heavy" requests (generation)
-  int light_workers = 4;                // threads for everything else (/health, /metrics ...)
+  size_t max_buffered_bytes = 512u << 20;  // unfinished requests' bytes, all connections; then 503
+  int workers = 64;                        // threads for "heavy" requests (generation)
+  int light_workers = 4;                   // threads for everything else (/health, /metrics ...)
 };
 
 // One request as read off the wire, validated and re-framed: `wire` is its canonical form for

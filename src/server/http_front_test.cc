@@ -395,5 +395,27 @@ TEST_F(FrontTest, ConnectionCapEvictsTheOldestWaiting) {
   for (int fd : fds) ::close(fd);
 }
 
+TEST_F(FrontTest, BufferedBytesOfAllConnectionsAreBounded) {
+  HttpLimits lim;
+  lim.max_buffered_bytes = 1500;  // bodies are at most 1000 (start() sets it)
+  start(lim);
+  const int a = connect_to(port_);
+  send_all(a, "POST /echo HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + std::string(900, 'a'));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const int b = connect_to(port_);
+  send_all(b, "POST /echo HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + std::string(900, 'b'));
+  EXPECT_EQ(status_of(read_reply(b, 2000, 1)), 503);
+  ::close(b);
+  send_all(a, std::string(100, 'a'));  // the first one completes
+  const std::string r = read_reply(a, 2000, 1);
+  EXPECT_EQ(status_of(r), 200);
+  EXPECT_NE(r.find("1000:aaaa"), std::string::npos);
+  ::close(a);
+  // Nothing stays counted: the next large request is read.
+  EXPECT_EQ(status_of(roundtrip(port_, "POST /echo HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" +
+                                           std::string(1000, 'c'))),
+            200);
+}
+
 }  // namespace
 }  // namespace redknot::server

@@ -2,7 +2,9 @@
 // template: the plain Question/Answer format). Env: REDKNOT_CLI (binary), REDKNOT_SHARED_DIR.
 import assert from 'node:assert/strict';
 import {execFileSync, spawn} from 'node:child_process';
-import {existsSync} from 'node:fs';
+import {existsSync, readFileSync} from 'node:fs';
+import {dirname, join} from 'node:path';
+import {fileURLToPath} from 'node:url';
 import net from 'node:net';
 import {after, before, describe, test} from 'node:test';
 import OpenAI from 'openai';
@@ -13,9 +15,9 @@ const MODEL =
 const haveModel = CLI && existsSync(CLI) && existsSync(MODEL);
 
 // Starts a server on a free port; resolves when /health answers.
-async function startServer(extra = []) {
+async function startServer(extra = [], model = MODEL) {
   const proc = spawn(
-      CLI, ['serve', '--model', MODEL, '--port', '0', ...extra],
+      CLI, ['serve', '--model', model, '--port', '0', ...extra],
       {stdio: ['ignore', 'pipe', 'pipe']});
   let log = '';
   const port = await new Promise((resolve, reject) => {
@@ -735,5 +737,39 @@ describe('redknot serve with --api-key and a zero-length queue', {skip: !haveMod
     assert.equal(r.headers.get('retry-after'), '1');
     assert.equal((await r.json()).error.code, 'rate_limit_exceeded');
     assert.ok((await fetch(`${srv.base}/health`)).ok);  // no key needed
+  });
+});
+
+// The README's example request, sent as written to the shipped model served as run.sh serves it.
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const RAG = join(ROOT, 'models', 'redknot-rag-8k');
+describe('README example on the shipped model', {skip: !(CLI && existsSync(join(RAG, 'model.safetensors')))}, () => {
+  let srv;
+  before(async () => {
+    const run = readFileSync(join(ROOT, 'scripts', 'run.sh'), 'utf8');
+    const flags = ['--head-profile', join(RAG, 'head_profile.json'),
+                   '--layer-mass', /args\+=\(--layer-mass (\S+)\)/.exec(run)[1],
+                   '--ffn-dilate', /args\+=\(--ffn-dilate (\S+)\)/.exec(run)[1], '--max-batch', '2'];
+    srv = await startServer(flags, RAG);
+  });
+  after(async () => {
+    assert.equal(await stopServer(srv), 0);
+  });
+
+  test('answers as the README says', async () => {
+    const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
+    const m = /curl -s http:\/\/127\.0\.0\.1:8080(\/v1\/chat\/completions) .*? -d '([\s\S]*?)'\n```\n\nanswers `"([^"]+)"`/.exec(readme);
+    assert.ok(m, 'README example not found');
+    const body = JSON.parse(m[2]);
+    const r = await fetch(`${srv.base}${m[1]}`, {
+      method: 'POST', body: JSON.stringify(body), headers: {'content-type': 'application/json'}});
+    assert.equal(r.status, 200);
+    const j = await r.json();
+    assert.equal(j.choices[0].message.content, m[3]);
+    // The same documents in another order: the same answer.
+    const swapped = {...body, documents: [...body.documents].reverse()};
+    const again = await (await fetch(`${srv.base}${m[1]}`, {
+      method: 'POST', body: JSON.stringify(swapped), headers: {'content-type': 'application/json'}})).json();
+    assert.equal(again.choices[0].message.content, m[3]);
   });
 });
