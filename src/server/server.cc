@@ -944,6 +944,8 @@ void Server::routes() {
     } catch (const ApiError& e) {
       send_error(res, e);
     } catch (const std::exception& e) {
+      std::cerr << "redknot serve: internal error in " << req.method << " " << req.path << ": "
+                << e.what() << std::endl;
       send_error(res,
                  ApiError{500, std::string("internal error: ") + e.what(), "server_error", "", ""});
     }
