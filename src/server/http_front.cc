@@ -447,6 +447,14 @@ RequestParser::State RequestParser::parse_head(size_t end) {
     }
     // Byte ranges are not served on this API: the header is dropped (full 200 responses).
     if (key == "range" || key == "if-range" || key == "keep-alive") continue;
+    // The API reads JSON whatever the declared type; httplib would parse form and multipart
+    // bodies itself (and refuse forms over 8 KiB), so those types are not passed on. curl -d
+    // sends application/x-www-form-urlencoded unless told otherwise.
+    if (key == "content-type") {
+      const std::string t = lower(value);
+      if (t.rfind("application/x-www-form-urlencoded", 0) == 0 || t.rfind("multipart/", 0) == 0)
+        continue;
+    }
     head_.append(name);
     head_.append(": ");
     head_.append(value);

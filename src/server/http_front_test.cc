@@ -141,6 +141,12 @@ TEST(RequestParser, DropsRangeAndFramingHeadersAndKeepsPipelinedBytes) {
   EXPECT_FALSE(b.keep_alive);
   EXPECT_EQ(p.parse(), State::kNeedMore);
   EXPECT_FALSE(p.started());
+  RequestParser f(HttpLimits{});
+  ASSERT_EQ(feed(f,
+                 "POST / HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                 "Content-Length: 2\r\n\r\n{}"),
+            State::kComplete);
+  EXPECT_EQ(f.take().wire, "POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}");
   RequestParser h(HttpLimits{});
   ASSERT_EQ(feed(h, "GET / HTTP/1.0\r\n\r\n"), State::kComplete);
   EXPECT_FALSE(h.take().keep_alive);
