@@ -684,14 +684,23 @@ void Server::routes() {
     res.set_content(dump(json{{"object", "list"}, {"data", json::array({model_card()})}}),
                     "application/json");
   });
-  s.Get(R"(/v1/models/(.+))", [this, authorized, unauthorized, model_card](
-                                  const httplib::Request& req, httplib::Response& res) {
-    if (!authorized(req)) return send_error(res, unauthorized);
-    const std::string id = req.matches[1];
-    if (id != opts_.model_id)
-      return send_error(res, ApiError{404, "the model '" + id + "' does not exist",
-                                      "not_found_error", "model", "model_not_found"});
-    res.set_content(dump(model_card()), "application/json");
+  // /v1/models/{id}: matched by prefix before routing (no std::regex over client paths; ids may
+  // contain '/', as served model names like "org/name" do).
+  s.set_pre_routing_handler([this, authorized, unauthorized, model_card](
+                                const httplib::Request& req, httplib::Response& res) {
+    static const std::string kPrefix = "/v1/models/";
+    if (req.path.size() <= kPrefix.size() || req.path.compare(0, kPrefix.size(), kPrefix) != 0 ||
+        (req.method != "GET" && req.method != "HEAD"))
+      return httplib::Server::HandlerResponse::Unhandled;
+    if (!authorized(req)) {
+      send_error(res, unauthorized);
+    } else if (const std::string id = req.path.substr(kPrefix.size()); id != opts_.model_id) {
+      send_error(res, ApiError{404, "the model '" + id.substr(0, 256) + "' does not exist",
+                               "not_found_error", "model", "model_not_found"});
+    } else {
+      res.set_content(dump(model_card()), "application/json");
+    }
+    return httplib::Server::HandlerResponse::Handled;
   });
 
   // vLLM's liveness and version routes.
