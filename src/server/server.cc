@@ -571,6 +571,9 @@ Server::Server(const Tokenizer& tok, const ModelConfig& cfg, Scheduler& sched, S
                     ? opts_.threads
                     : std::max(64, sched_.options().max_batch + sched_.options().max_queue + 16);
   http_->set_payload_max_length(opts_.max_body_bytes);
+  // What httplib announces in Keep-Alive: the reader's idle timeout; no per-connection count.
+  http_->set_keep_alive_timeout(std::max(1, opts_.idle_timeout_ms / 1000));
+  http_->set_keep_alive_max_count(100000);
   HttpFront::Hooks hooks;
   hooks.heavy = [](const ParsedRequest& r) {
     const std::string p = r.path();
@@ -688,6 +691,8 @@ void Server::routes() {
   // contain '/', as served model names like "org/name" do).
   s.set_pre_routing_handler([this, authorized, unauthorized, model_card](
                                 const httplib::Request& req, httplib::Response& res) {
+    // Byte ranges are never served (the reader drops Range); httplib would announce them on HEAD.
+    res.set_header("Accept-Ranges", "none");
     static const std::string kPrefix = "/v1/models/";
     if (req.path.size() <= kPrefix.size() || req.path.compare(0, kPrefix.size(), kPrefix) != 0 ||
         (req.method != "GET" && req.method != "HEAD"))

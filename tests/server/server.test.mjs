@@ -632,6 +632,10 @@ describe('redknot serve: the OpenAI/vLLM surface and HTTP hardening', {skip: !ha
     r = await rawExchange(port, 'GET /metrics HTTP/1.1\r\nHost: x\r\nRange: bytes=0-10\r\nConnection: close\r\n\r\n');
     assert.equal(statusOf(r), 200);
     assert.ok(r.length > 1000);
+    assert.match(r, /Accept-Ranges: none/);
+    const headReply = await rawExchange(port, 'HEAD /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+    assert.match(headReply, /Accept-Ranges: none/);
+    assert.doesNotMatch(headReply, /Accept-Ranges: bytes/);
     // Pipelined: three requests in one write, three answers in order.
     r = await rawExchange(port,
         `GET /ping HTTP/1.1\r\nHost: x\r\n\r\n` + head(`Content-Length: ${body.length}\r\n`) + body +
