@@ -1,15 +1,34 @@
 #!/usr/bin/env bash
 # The main job: installs dependencies, builds, and serves the shipped RAG model
 # (models/redknot-rag-8k) with the OpenAI-compatible API on 127.0.0.1:8080.
-# Extra arguments go to `redknot serve` (e.g. --port 9000 --head-profile F).
+# Extra arguments go to `redknot serve` (e.g. --port 9000); they replace the defaults here.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 "$root/scripts/build.sh"
-echo "RedKnot: serving models/redknot-rag-8k on http://127.0.0.1:8080 (Ctrl-C to stop)"
+# Extra arguments go to `redknot serve`; each default below is left out when the caller gives
+# that flag (`--port 9000`, `--port=9000`, `--host 0.0.0.0`, another `--model` ...).
+given=" "
+for a in "$@"; do
+  case "$a" in --*) given+="${a%%=*} " ;; esac
+done
+has() {
+  local f
+  for f in "$@"; do [[ "$given" == *" $f "* ]] && return 0; done
+  return 1
+}
+args=()
+has --model || args+=(--model "$root/models/redknot-rag-8k")
+has --host || args+=(--host 127.0.0.1)
+has --port || args+=(--port 8080)
 # The model's head profile: 13 of 16 KV heads local (KV memory per session and reuse recompute
 # shrink); its Sparse FFN setting (per-layer masses, neighbours of kept rows run too), chosen on a
 # held-out set: reuse answers within 2 EM of full prefill on every task family at 70.9% fewer
-# prefill FLOPs (docs/benchmarks.md).
-exec "$root/build/redknot" serve --model "$root/models/redknot-rag-8k" --host 127.0.0.1 --port 8080 \
-  --head-profile "$root/models/redknot-rag-8k/head_profile.json" \
-  --layer-mass 1,1,0.4,0.4,0.7,0.5,0.5,0.5 --ffn-dilate 1 "$@"
+# prefill FLOPs (docs/benchmarks.md). Only for the shipped model.
+if ! has --model; then
+  has --head-profile || args+=(--head-profile "$root/models/redknot-rag-8k/head_profile.json")
+  has --layer-mass --dense-until --mass --deep-start --mass-deep ||
+    args+=(--layer-mass 1,1,0.4,0.4,0.7,0.5,0.5,0.5)
+  has --ffn-dilate || args+=(--ffn-dilate 1)
+fi
+echo "RedKnot: redknot serve ${args[*]} $* (Ctrl-C to stop)"
+exec "${REDKNOT_BUILD_DIR:-$root/build}/redknot" serve "${args[@]}" "$@"

@@ -30,6 +30,7 @@ struct ServeArgs {
   int port = 8080;
   int32_t max_batch = 32, max_queue = 256, step_tokens = 0, page_size = 64, threads = 0;
   int64_t kv_budget = 0;
+  int64_t max_model_len = 0;
   double gpu_memory_fraction = 0;
   // "auto": on for the CPU backend, off for CUDA, whose attention kernels pick split-KV and
   // tile shapes per batch (row-at-a-time matmuls there would cost ~100x and still not make a
@@ -129,6 +130,7 @@ int run_serve(const ServeArgs& a) {
   o.host = a.host;
   o.port = a.port;
   o.api_key = a.api_key;
+  o.max_model_len = a.max_model_len;
   o.threads = a.threads;
   o.backend = a.backend;
   o.head_profile = a.head_profile;
@@ -159,11 +161,12 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
   auto a = std::make_shared<ServeArgs>();
   CLI::App* c = app.add_subcommand("serve", "OpenAI-compatible HTTP server");
   c->add_option("--model", a->model, "HF model directory or GGUF file")->required();
-  c->add_option("--model-id", a->model_id, "name clients send as \"model\" (default: file stem)");
+  c->add_option("--model-id,--served-model-name", a->model_id,
+                "name clients send as \"model\" (default: file stem)");
   c->add_option("--head-profile", a->head_profile, "head profile JSON");
   c->add_option("--host", a->host, "address to bind");
   c->add_option("--port", a->port, "port (0: any free port)")->check(CLI::Range(0, 65535));
-  c->add_option("--max-batch", a->max_batch, "running requests at most")
+  c->add_option("--max-batch,--max-num-seqs", a->max_batch, "running requests at most")
       ->check(CLI::Range(1, 4096));
   c->add_option("--max-queue", a->max_queue, "waiting requests at most (then 429)")
       ->check(CLI::Range(0, 1 << 20));
@@ -171,10 +174,13 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "tokens per engine step, chunked prefill (0: 512 on the CPU, 4096 on CUDA)")
       ->check(CLI::Range(0, 1 << 20));
   auto* kvb = c->add_option("--kv-budget", a->kv_budget, "KV pool size in bytes");
-  c->add_option("--gpu-memory-fraction", a->gpu_memory_fraction,
+  c->add_option("--gpu-memory-fraction,--gpu-memory-utilization", a->gpu_memory_fraction,
                 "KV pool = this share of the device memory left after the weights")
       ->check(CLI::Range(0.0, 1.0))
       ->excludes(kvb);
+  c->add_option("--max-model-len", a->max_model_len,
+                "prompt + max_tokens at most per request (0: the model's context length)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
   c->add_option("--page-size", a->page_size, "KV page size in tokens")->check(CLI::Range(1, 4096));
   c->add_option("--api-key", a->api_key, "require 'Authorization: Bearer KEY'");
   c->add_option("--backend", a->backend, "cpu | reference | cuda");

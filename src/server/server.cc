@@ -6,9 +6,17 @@
 #include <atomic>
 #include <chrono>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/error.h"
+#include "server/http_front.h"
+
+// Reported by /version.
+#ifndef REDKNOT_VERSION
+#define REDKNOT_VERSION "0.1.0"
+#endif
 
 namespace redknot::server {
 
@@ -96,6 +104,165 @@ std::string get_str(const json& v, const std::string& what) {
   return v.get<std::string>();
 }
 
+// The request surface. Every top-level field is one of: implemented (parsed below), known but
+// not implemented (accepted only at its default value, otherwise a 400 naming it), or unknown (a
+// 400, as OpenAI answers "Unrecognized request argument"). Types are checked for all of them.
+enum class JType { kBool, kInt, kNum, kStr, kObj, kArr, kStrOrObj, kAny };
+
+bool type_ok(const json& v, JType t) {
+  switch (t) {
+    case JType::kBool:
+      return v.is_boolean();
+    case JType::kInt:
+      return v.is_number_integer();
+    case JType::kNum:
+      return v.is_number();
+    case JType::kStr:
+      return v.is_string();
+    case JType::kObj:
+      return v.is_object();
+    case JType::kArr:
+      return v.is_array();
+    case JType::kStrOrObj:
+      return v.is_string() || v.is_object();
+    case JType::kAny:
+      return true;
+  }
+  return false;
+}
+
+const char* type_name(JType t) {
+  switch (t) {
+    case JType::kBool:
+      return "a boolean";
+    case JType::kInt:
+      return "an integer";
+    case JType::kNum:
+      return "a number";
+    case JType::kStr:
+      return "a string";
+    case JType::kObj:
+      return "an object";
+    case JType::kArr:
+      return "an array";
+    case JType::kStrOrObj:
+      return "a string or an object";
+    case JType::kAny:
+      return "a value";
+  }
+  return "a value";
+}
+
+struct Unimplemented {
+  const char* key;
+  JType type;
+  // The values equal to the default (null is always accepted); empty: none.
+  std::function<bool(const json&)> is_default;
+  const char* what;   // the accepted value, for the message
+  int endpoints = 3;  // 1: completions, 2: chat, 3: both
+};
+
+const std::vector<Unimplemented>& unimplemented() {
+  auto eq = [](json d) { return [d](const json& v) { return v == d; }; };
+  auto empty = [](const json& v) { return v.empty(); };
+  auto none = std::function<bool(const json&)>();
+  static const std::vector<Unimplemented> t = {
+      {"logprobs", JType::kBool, eq(false), "false", 2},
+      {"logprobs", JType::kInt, none, "null", 1},
+      {"top_logprobs", JType::kInt, eq(0), "0"},
+      {"presence_penalty", JType::kNum, eq(0), "0"},
+      {"frequency_penalty", JType::kNum, eq(0), "0"},
+      {"repetition_penalty", JType::kNum, eq(1), "1"},
+      {"logit_bias", JType::kObj, empty, "{}"},
+      {"response_format", JType::kObj, eq(json{{"type", "text"}}), "{\"type\": \"text\"}"},
+      {"guided_json", JType::kStrOrObj, none, "null"},
+      {"guided_regex", JType::kStr, none, "null"},
+      {"guided_choice", JType::kArr, none, "null"},
+      {"guided_grammar", JType::kStr, none, "null"},
+      {"guided_decoding_backend", JType::kStr, none, "null"},
+      {"guided_whitespace_pattern", JType::kStr, none, "null"},
+      {"structured_outputs", JType::kObj, none, "null"},
+      {"tools", JType::kArr, empty, "[]"},
+      {"tool_choice", JType::kStrOrObj, [](const json& v) { return v == "none" || v == "auto"; },
+       "\"none\" or \"auto\""},
+      {"parallel_tool_calls", JType::kBool, [](const json&) { return true; }, "any"},
+      {"functions", JType::kArr, empty, "[]"},
+      {"function_call", JType::kStrOrObj, [](const json& v) { return v == "none" || v == "auto"; },
+       "\"none\" or \"auto\""},
+      {"echo", JType::kBool, eq(false), "false"},
+      {"suffix", JType::kStr, eq(""), "\"\"", 1},
+      {"min_tokens", JType::kInt, eq(0), "0"},
+      {"ignore_eos", JType::kBool, eq(false), "false"},
+      {"min_p", JType::kNum, eq(0), "0"},
+      {"use_beam_search", JType::kBool, eq(false), "false"},
+      {"length_penalty", JType::kNum, eq(1), "1"},
+      {"stop_token_ids", JType::kArr, empty, "[]"},
+      {"include_stop_str_in_output", JType::kBool, eq(false), "false"},
+      {"skip_special_tokens", JType::kBool, eq(true), "true"},
+      {"spaces_between_special_tokens", JType::kBool, eq(true), "true"},
+      {"prompt_logprobs", JType::kInt, none, "null"},
+      {"allowed_token_ids", JType::kArr, none, "null"},
+      {"bad_words", JType::kArr, empty, "[]"},
+      {"truncate_prompt_tokens", JType::kInt, none, "null"},
+      {"add_generation_prompt", JType::kBool, eq(true), "true", 2},
+      {"continue_final_message", JType::kBool, eq(false), "false", 2},
+      {"add_special_tokens", JType::kBool, eq(false), "false", 2},
+      {"add_special_tokens", JType::kBool, eq(true), "true", 1},
+      {"chat_template", JType::kStr, none, "null", 2},
+      {"chat_template_kwargs", JType::kObj, empty, "{}", 2},
+      {"mm_processor_kwargs", JType::kObj, empty, "{}"},
+      {"logits_processors", JType::kArr, empty, "[]"},
+      {"priority", JType::kInt, eq(0), "0"},
+      {"request_id", JType::kStr, none, "null"},
+      {"return_tokens_as_token_ids", JType::kBool, eq(false), "false"},
+      {"modalities", JType::kArr, eq(json::array({"text"})), "[\"text\"]", 2},
+      {"audio", JType::kObj, none, "null", 2},
+      {"prediction", JType::kObj, none, "null", 2},
+      {"reasoning_effort", JType::kStr, none, "null", 2},
+      {"web_search_options", JType::kObj, none, "null", 2},
+      {"service_tier", JType::kStr, [](const json& v) { return v == "auto" || v == "default"; },
+       "\"auto\" or \"default\""},
+      {"store", JType::kBool, eq(false), "false"},
+      {"metadata", JType::kObj, empty, "{}"},
+  };
+  return t;
+}
+
+// Implemented fields (their values are parsed and checked where they are used).
+void check_fields(const json& body, bool chat) {
+  static const std::set<std::string> common = {"model",
+                                               "max_tokens",
+                                               "max_completion_tokens",
+                                               "temperature",
+                                               "top_p",
+                                               "top_k",
+                                               "seed",
+                                               "n",
+                                               "best_of",
+                                               "stream",
+                                               "stream_options",
+                                               "stop",
+                                               "user",
+                                               "reuse_mode"};
+  const int ep = chat ? 2 : 1;
+  for (const auto& [key, v] : body.items()) {
+    if (common.count(key) || (chat && (key == "messages" || key == "documents")) ||
+        (!chat && key == "prompt"))
+      continue;
+    const Unimplemented* u = nullptr;
+    for (const Unimplemented& e : unimplemented())
+      if (key == e.key && (e.endpoints & ep)) u = &e;
+    if (!u) throw bad("unrecognized request argument: " + key, key, "unknown_parameter");
+    if (v.is_null()) continue;
+    if (!type_ok(v, u->type)) throw bad(key + " must be " + type_name(u->type), key);
+    if (!u->is_default || !u->is_default(v))
+      throw bad(key + " is not supported by this server (accepted: " + u->what + ")", key,
+                "unsupported_parameter");
+  }
+  if (present(body, "user") && !body["user"].is_string())
+    throw bad("user must be a string", "user");
+}
+
 // Sampling and length fields shared by both endpoints.
 struct GenParams {
   SamplingParams sampling;
@@ -125,6 +292,8 @@ GenParams parse_gen(const json& j) {
   if (present(j, "seed"))
     g.sampling.seed = static_cast<uint64_t>(get_int(j, "seed", INT64_MIN, INT64_MAX));
   if (present(j, "n") && get_int(j, "n", 1, 128) != 1) throw bad("only n = 1 is supported", "n");
+  if (present(j, "best_of") && get_int(j, "best_of", 1, 128) != 1)
+    throw bad("best_of is not supported (only best_of = 1)", "best_of");
   if (present(j, "stream")) {
     if (!j["stream"].is_boolean()) throw bad("stream must be a boolean", "stream");
     g.stream = j["stream"].get<bool>();
@@ -132,11 +301,16 @@ GenParams parse_gen(const json& j) {
   if (present(j, "stream_options")) {
     const json& so = j["stream_options"];
     if (!so.is_object()) throw bad("stream_options must be an object", "stream_options");
-    if (present(so, "include_usage")) {
-      if (!so["include_usage"].is_boolean())
-        throw bad("stream_options.include_usage must be a boolean", "stream_options");
-      g.include_usage = so["include_usage"].get<bool>();
+    if (!g.stream) throw bad("stream_options is only allowed with stream: true", "stream_options");
+    for (const auto& [k, v] : so.items()) {
+      if (k != "include_usage" && k != "continuous_usage_stats")
+        throw bad("stream_options." + k + " is not supported", "stream_options");
+      if (!v.is_null() && !v.is_boolean())
+        throw bad("stream_options." + k + " must be a boolean", "stream_options");
     }
+    if (present(so, "include_usage")) g.include_usage = so["include_usage"].get<bool>();
+    if (present(so, "continuous_usage_stats") && so["continuous_usage_stats"].get<bool>())
+      throw bad("stream_options.continuous_usage_stats is not supported", "stream_options");
   }
   if (present(j, "stop")) {
     const json& s = j["stop"];
@@ -306,9 +480,10 @@ struct Job {
 };
 
 std::string endpoint_label(const std::string& path) {
-  for (const char* p :
-       {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+  for (const char* p : {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+                        "/metrics", "/tokenize", "/detokenize", "/version", "/ping"})
     if (path == p) return p;
+  if (path.rfind("/v1/models/", 0) == 0) return "/v1/models/{id}";
   return "other";
 }
 
@@ -329,6 +504,61 @@ std::string message_content(const json& m, size_t i) {
   return out;
 }
 
+// Messages (and RedKnot's documents) of a chat request as token segments.
+SegmentedPrompt chat_prompt(const Tokenizer& tok, ChatFamily family, const json& body) {
+  if (!body.contains("messages") || !body["messages"].is_array() || body["messages"].empty())
+    throw bad("messages must be a non-empty array", "messages");
+  std::vector<ChatMessage> msgs;
+  for (size_t i = 0; i < body["messages"].size(); ++i) {
+    const json& m = body["messages"][i];
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+      throw bad("messages[" + std::to_string(i) + "] needs a string role", "messages");
+    const std::string role = m["role"].get<std::string>();
+    if (role != "system" && role != "user" && role != "assistant" && role != "developer" &&
+        role != "tool")
+      throw bad("messages[" + std::to_string(i) + "].role '" + role + "' is not supported",
+                "messages");
+    for (const auto& [k, v] : m.items()) {
+      if (k == "role" || k == "content" || v.is_null()) continue;
+      if (k == "name") {
+        if (!v.is_string())
+          throw bad("messages[" + std::to_string(i) + "].name must be a string", "messages");
+        continue;
+      }
+      if ((k == "tool_calls" && v.is_array() && v.empty()) || k == "tool_call_id") continue;
+      throw bad("messages[" + std::to_string(i) + "]." + k + " is not supported", "messages");
+    }
+    msgs.push_back({role, message_content(m, i)});
+  }
+  std::vector<std::string> docs;
+  if (present(body, "documents")) {
+    if (!body["documents"].is_array())
+      throw bad("documents must be an array of strings", "documents");
+    for (const json& d : body["documents"]) docs.push_back(get_str(d, "documents"));
+  }
+  try {
+    return format_chat(tok, family, msgs, docs);
+  } catch (const Error& e) {
+    throw bad(e.what(), "messages");  // invalid UTF-8 and the like
+  }
+}
+
+// Routes and their methods (405 with Allow for the others; HEAD goes with GET).
+const std::vector<std::pair<std::string, std::string>>& route_methods() {
+  static const std::vector<std::pair<std::string, std::string>> r = {
+      {"/health", "GET, HEAD"},         {"/metrics", "GET, HEAD"},   {"/version", "GET, HEAD"},
+      {"/ping", "GET, HEAD, POST"},     {"/v1/models", "GET, HEAD"}, {"/v1/completions", "POST"},
+      {"/v1/chat/completions", "POST"}, {"/tokenize", "POST"},       {"/detokenize", "POST"}};
+  return r;
+}
+
+std::string allowed_methods(const std::string& path) {
+  for (const auto& [p, m] : route_methods())
+    if (p == path) return m;
+  if (path.rfind("/v1/models/", 0) == 0 && path.size() > 11) return "GET, HEAD";
+  return "";
+}
+
 }  // namespace
 
 Server::Server(const Tokenizer& tok, const ModelConfig& cfg, Scheduler& sched, ServerOptions opts)
@@ -337,49 +567,82 @@ Server::Server(const Tokenizer& tok, const ModelConfig& cfg, Scheduler& sched, S
       sched_(sched),
       opts_(std::move(opts)),
       family_(detect_chat_family(tok.chat_template())),
-      http_(std::make_unique<httplib::Server>()) {
-  const int threads =
-      opts_.threads > 0 ? opts_.threads : std::max(64, 4 * sched_.options().max_batch + 16);
-  http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+      http_(std::make_unique<RoutedServer>()) {
+  if (opts_.max_model_len < 0) throw Error("max_model_len must be >= 0");
+  if (opts_.max_model_len > cfg_.max_position_embeddings)
+    throw Error("max_model_len " + std::to_string(opts_.max_model_len) +
+                " is larger than the model's context length " +
+                std::to_string(cfg_.max_position_embeddings));
+  HttpLimits lim;
+  lim.max_body_bytes = opts_.max_body_bytes;
+  lim.header_timeout_ms = opts_.header_timeout_ms;
+  lim.request_timeout_ms = opts_.request_timeout_ms;
+  lim.idle_timeout_ms = opts_.idle_timeout_ms;
+  lim.max_connections = opts_.max_connections;
+  // Every running and queued request may hold a worker while it waits for its tokens.
+  lim.workers = opts_.threads > 0
+                    ? opts_.threads
+                    : std::max(64, sched_.options().max_batch + sched_.options().max_queue + 16);
   http_->set_payload_max_length(opts_.max_body_bytes);
-  http_->set_read_timeout(opts_.read_timeout_s, 0);
-  http_->set_write_timeout(30, 0);
-  http_->set_keep_alive_timeout(2);
-  http_->set_keep_alive_max_count(1000);
+  // What httplib announces in Keep-Alive: the reader's idle timeout; no per-connection count.
+  http_->set_keep_alive_timeout(std::max(1, opts_.idle_timeout_ms / 1000));
+  http_->set_keep_alive_max_count(100000);
+  HttpFront::Hooks hooks;
+  hooks.heavy = [](const ParsedRequest& r) {
+    const std::string p = r.path();
+    return r.method == "POST" && (p == "/v1/completions" || p == "/v1/chat/completions");
+  };
+  hooks.on_refused = [this](const std::string& path, int status) {
+    metrics_.count_request(path.empty() ? "other" : endpoint_label(path), status);
+  };
+  front_ = std::make_unique<HttpFront>(*http_, lim, std::move(hooks));
   routes();
 }
 
 Server::~Server() = default;
 
-int Server::bind() {
-  int port = opts_.port;
-  if (port == 0) {
-    port = http_->bind_to_any_port(opts_.host);
-  } else if (!http_->bind_to_port(opts_.host, port)) {
-    port = -1;
-  }
-  if (port <= 0) throw Error("cannot listen on " + opts_.host + ":" + std::to_string(opts_.port));
-  return port;
-}
-
-void Server::serve() { http_->listen_after_bind(); }
-void Server::stop() { http_->stop(); }
+int Server::bind() { return front_->bind(opts_.host, opts_.port); }
+void Server::serve() { front_->serve(); }
+void Server::stop() { front_->stop(); }
 
 void Server::routes() {
   httplib::Server& s = *http_;
 
   // Errors httplib produces itself (unknown route, oversized body, bad request line).
-  s.set_error_handler([](const httplib::Request&, httplib::Response& res) {
+  s.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return;
     ApiError e{res.status, "bad request (HTTP " + std::to_string(res.status) + ")",
                "invalid_request_error", "", ""};
-    if (res.status == 404) e.type = "not_found_error", e.message = "no such endpoint";
+    if (res.status == 404) {
+      // A known route with another method: 405 and the methods it takes.
+      const std::string allow = allowed_methods(req.path);
+      if (!allow.empty()) {
+        res.status = 405;
+        res.set_header("Allow", allow);
+        e.status = 405;
+        e.message =
+            "method " + req.method + " is not allowed on " + req.path + " (allowed: " + allow + ")";
+        e.code = "method_not_allowed";
+      } else {
+        e.type = "not_found_error", e.message = "no such endpoint";
+      }
+    }
     if (res.status == 413) e.code = "payload_too_large", e.message = "request body too large";
     send_error(res, e);
   });
-  s.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
-    send_error(res, ApiError{500, "internal error", "server_error", "", ""});
-  });
+  s.set_exception_handler(
+      [](const httplib::Request& req, httplib::Response& res, std::exception_ptr ep) {
+        std::string what = "unknown exception";
+        try {
+          if (ep) std::rethrow_exception(ep);
+        } catch (const std::exception& e) {
+          what = e.what();
+        } catch (...) {
+        }
+        std::cerr << "redknot serve: internal error in " << req.method << " " << req.path << ": "
+                  << what << std::endl;
+        send_error(res, ApiError{500, "internal error", "server_error", "", ""});
+      });
   s.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
     metrics_.count_request(endpoint_label(req.path), res.status);
   });
@@ -407,29 +670,154 @@ void Server::routes() {
                     "text/plain; version=0.0.4");
   });
 
-  s.Get("/v1/models",
-        [this, authorized, unauthorized](const httplib::Request& req, httplib::Response& res) {
-          if (!authorized(req)) return send_error(res, unauthorized);
-          SchedulerStats st = sched_.stats();
-          json meta = {{"context_length", cfg_.max_position_embeddings},
-                       {"vocab_size", cfg_.vocab_size},
-                       {"backend", opts_.backend},
-                       {"head_profile", opts_.head_profile},
-                       {"chat_format", chat_family_name(family_)},
-                       {"kv_pool_pages", st.pool_pages},
-                       {"max_batch", sched_.options().max_batch},
-                       {"batch_invariant", opts_.batch_invariant},
-                       {"chunk_store_dir", opts_.chunk_store_dir},
-                       {"reuse_mode", opts_.reuse_mode},
-                       {"chunk_reuse", opts_.chunk_stats ? "on" : "off"}};
-          json model = {{"id", opts_.model_id},
-                        {"object", "model"},
-                        {"created", 0},
-                        {"owned_by", "redknot"},
-                        {"meta", meta}};
-          res.set_content(dump(json{{"object", "list"}, {"data", json::array({model})}}),
-                          "application/json");
-        });
+  auto model_card = [this] {
+    SchedulerStats st = sched_.stats();
+    json meta = {{"context_length", cfg_.max_position_embeddings},
+                 {"max_model_len", max_model_len()},
+                 {"vocab_size", cfg_.vocab_size},
+                 {"backend", opts_.backend},
+                 {"head_profile", opts_.head_profile},
+                 {"chat_format", chat_family_name(family_)},
+                 {"kv_pool_pages", st.pool_pages},
+                 {"max_batch", sched_.options().max_batch},
+                 {"batch_invariant", opts_.batch_invariant},
+                 {"chunk_store_dir", opts_.chunk_store_dir},
+                 {"reuse_mode", opts_.reuse_mode},
+                 {"chunk_reuse", opts_.chunk_stats ? "on" : "off"}};
+    return json{{"id", opts_.model_id},
+                {"object", "model"},
+                {"created", 0},
+                {"owned_by", "redknot"},
+                {"root", opts_.model_id},
+                {"parent", nullptr},
+                {"max_model_len", max_model_len()},
+                {"meta", meta}};
+  };
+
+  s.Get("/v1/models", [authorized, unauthorized, model_card](const httplib::Request& req,
+                                                             httplib::Response& res) {
+    if (!authorized(req)) return send_error(res, unauthorized);
+    res.set_content(dump(json{{"object", "list"}, {"data", json::array({model_card()})}}),
+                    "application/json");
+  });
+  // /v1/models/{id}: matched by prefix before routing (no std::regex over client paths; ids may
+  // contain '/', as served model names like "org/name" do).
+  s.set_pre_routing_handler([this, authorized, unauthorized, model_card](
+                                const httplib::Request& req, httplib::Response& res) {
+    // Byte ranges are never served (the reader drops Range); httplib would announce them on HEAD.
+    res.set_header("Accept-Ranges", "none");
+    static const std::string kPrefix = "/v1/models/";
+    if (req.path.size() <= kPrefix.size() || req.path.compare(0, kPrefix.size(), kPrefix) != 0 ||
+        (req.method != "GET" && req.method != "HEAD"))
+      return httplib::Server::HandlerResponse::Unhandled;
+    if (!authorized(req)) {
+      send_error(res, unauthorized);
+    } else if (const std::string id = req.path.substr(kPrefix.size()); id != opts_.model_id) {
+      send_error(res, ApiError{404, "the model '" + id.substr(0, 256) + "' does not exist",
+                               "not_found_error", "model", "model_not_found"});
+    } else {
+      res.set_content(dump(model_card()), "application/json");
+    }
+    return httplib::Server::HandlerResponse::Handled;
+  });
+
+  // vLLM's liveness and version routes.
+  auto ping = [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("", "text/plain");
+  };
+  s.Get("/ping", ping);
+  s.Post("/ping", ping);
+  s.Get("/version", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content(dump(json{{"version", REDKNOT_VERSION}, {"server", "redknot"}}),
+                    "application/json");
+  });
+
+  // vLLM's /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...],
+  // "documents": [...]} -> {"count", "max_model_len", "tokens", "token_strs"}.
+  s.Post("/tokenize", [this, authorized, unauthorized](const httplib::Request& req,
+                                                       httplib::Response& res) {
+    try {
+      if (!authorized(req)) throw unauthorized;
+      json body = parse_body(req.body);
+      const bool chat = body.contains("messages");
+      for (const auto& [k, v] : body.items()) {
+        static const std::set<std::string> known = {"model",
+                                                    "prompt",
+                                                    "messages",
+                                                    "documents",
+                                                    "add_special_tokens",
+                                                    "add_generation_prompt",
+                                                    "return_token_strs"};
+        if (!known.count(k)) throw bad("unrecognized request argument: " + k, k);
+      }
+      if (present(body, "model") && get_str(body["model"], "model") != opts_.model_id)
+        throw ApiError{404, "the model '" + body["model"].get<std::string>() + "' does not exist",
+                       "not_found_error", "model", "model_not_found"};
+      auto flag = [&](const char* k, bool def) {
+        if (!present(body, k)) return def;
+        if (!body[k].is_boolean()) throw bad(std::string(k) + " must be a boolean", k);
+        return body[k].get<bool>();
+      };
+      std::vector<int32_t> ids;
+      if (chat) {
+        if (body.contains("prompt")) throw bad("give prompt or messages, not both", "prompt");
+        if (!flag("add_generation_prompt", true))
+          throw bad("add_generation_prompt: false is not supported", "add_generation_prompt");
+        if (flag("add_special_tokens", false))
+          throw bad("add_special_tokens with messages is not supported", "add_special_tokens");
+        SegmentedPrompt p = chat_prompt(tok_, family_, body);
+        for (const auto& sg : p.segments) ids.insert(ids.end(), sg.begin(), sg.end());
+        ids.insert(ids.end(), p.query.begin(), p.query.end());
+      } else {
+        if (present(body, "documents")) throw bad("documents go with messages", "documents");
+        if (!body.contains("prompt") || !body["prompt"].is_string())
+          throw bad("prompt must be a string (or give messages)", "prompt");
+        try {
+          ids = tok_.encode(body["prompt"].get<std::string>(), flag("add_special_tokens", true));
+        } catch (const Error& e) {
+          throw bad(e.what(), "prompt");
+        }
+      }
+      json out = {{"count", ids.size()},
+                  {"max_model_len", max_model_len()},
+                  {"tokens", ids},
+                  {"token_strs", nullptr}};
+      if (flag("return_token_strs", false)) {
+        json strs = json::array();
+        for (int32_t id : ids) strs.push_back(tok_.decode(std::span<const int32_t>(&id, 1)));
+        out["token_strs"] = strs;
+      }
+      res.set_content(dump(out), "application/json");
+    } catch (const ApiError& e) {
+      send_error(res, e);
+    }
+  });
+
+  // vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text}.
+  s.Post("/detokenize", [this, authorized, unauthorized](const httplib::Request& req,
+                                                         httplib::Response& res) {
+    try {
+      if (!authorized(req)) throw unauthorized;
+      json body = parse_body(req.body);
+      for (const auto& [k, v] : body.items())
+        if (k != "model" && k != "tokens") throw bad("unrecognized request argument: " + k, k);
+      if (present(body, "model") && get_str(body["model"], "model") != opts_.model_id)
+        throw ApiError{404, "the model '" + body["model"].get<std::string>() + "' does not exist",
+                       "not_found_error", "model", "model_not_found"};
+      if (!body.contains("tokens") || !body["tokens"].is_array())
+        throw bad("tokens must be an array of token ids", "tokens");
+      std::vector<int32_t> ids;
+      for (const json& t : body["tokens"]) {
+        if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= cfg_.vocab_size)
+          throw bad("tokens must be integers in [0, " + std::to_string(cfg_.vocab_size) + ")",
+                    "tokens");
+        ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+      }
+      res.set_content(dump(json{{"prompt", tok_.decode(ids)}}), "application/json");
+    } catch (const ApiError& e) {
+      send_error(res, e);
+    }
+  });
 
   auto generate = [this, authorized, unauthorized](const httplib::Request& req,
                                                    httplib::Response& res, bool chat) {
@@ -444,6 +832,7 @@ void Server::routes() {
                          "model '" + m + "' not found; this server serves '" + opts_.model_id + "'",
                          "not_found_error", "model", "model_not_found"};
       }
+      check_fields(body, chat);
       GenParams g = parse_gen(body);
 
       RequestSpec spec;
@@ -457,28 +846,7 @@ void Server::routes() {
       }
       try {
         if (chat) {
-          if (!body.contains("messages") || !body["messages"].is_array() ||
-              body["messages"].empty())
-            throw bad("messages must be a non-empty array", "messages");
-          std::vector<ChatMessage> msgs;
-          for (size_t i = 0; i < body["messages"].size(); ++i) {
-            const json& m = body["messages"][i];
-            if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
-              throw bad("messages[" + std::to_string(i) + "] needs a string role", "messages");
-            const std::string role = m["role"].get<std::string>();
-            if (role != "system" && role != "user" && role != "assistant" && role != "developer" &&
-                role != "tool")
-              throw bad("messages[" + std::to_string(i) + "].role '" + role + "' is not supported",
-                        "messages");
-            msgs.push_back({role, message_content(m, i)});
-          }
-          std::vector<std::string> docs;
-          if (present(body, "documents")) {
-            if (!body["documents"].is_array())
-              throw bad("documents must be an array of strings", "documents");
-            for (const json& d : body["documents"]) docs.push_back(get_str(d, "documents"));
-          }
-          SegmentedPrompt p = format_chat(tok_, family_, msgs, docs);
+          SegmentedPrompt p = chat_prompt(tok_, family_, body);
           spec.segments = std::move(p.segments);
           spec.query = std::move(p.query);
         } else {
@@ -508,11 +876,18 @@ void Server::routes() {
       for (const auto& sg : spec.segments) prompt_len += static_cast<int64_t>(sg.size());
       prompt_len += static_cast<int64_t>(spec.query.size());
       if (prompt_len == 0) throw bad("the prompt is empty", chat ? "messages" : "prompt");
-      const int64_t ctx = cfg_.max_position_embeddings;
+      const int64_t ctx = max_model_len();
       if (prompt_len >= ctx)
         throw bad("the prompt has " + std::to_string(prompt_len) +
-                      " tokens; this model's context length is " + std::to_string(ctx),
+                      " tokens; this model's maximum context length is " + std::to_string(ctx),
                   chat ? "messages" : "prompt", "context_length_exceeded");
+      // As vLLM: an explicit max_tokens that does not fit is an error, not silently shortened.
+      if (g.max_tokens > 0 && prompt_len + g.max_tokens > ctx)
+        throw bad("this model's maximum context length is " + std::to_string(ctx) +
+                      " tokens; the request asks for " + std::to_string(prompt_len + g.max_tokens) +
+                      " (" + std::to_string(prompt_len) + " in the prompt, " +
+                      std::to_string(g.max_tokens) + " to generate)",
+                  "max_tokens", "context_length_exceeded");
       int64_t max_tokens = g.max_tokens > 0 ? g.max_tokens : (chat ? ctx - prompt_len : 16);
       max_tokens = std::min(max_tokens, ctx - prompt_len);
       spec.max_tokens = static_cast<int32_t>(max_tokens);
@@ -539,7 +914,12 @@ void Server::routes() {
       }
 
       if (!g.stream) {
-        while (!job->feed(job->rs->wait(std::chrono::milliseconds(200)))) {
+        while (!job->feed(job->rs->wait(std::chrono::milliseconds(100)))) {
+          if (client_disconnected()) {  // nobody to answer: free the sequence now
+            job->rs->cancel();
+            res.status = 499;  // nginx's "client closed request", for /metrics
+            return;
+          }
         }
         metrics_.observe_token_gaps(job->rs->token_gaps());
         if (!job->error.empty()) throw ApiError{500, job->error, "server_error", "", ""};
@@ -591,6 +971,8 @@ void Server::routes() {
     } catch (const ApiError& e) {
       send_error(res, e);
     } catch (const std::exception& e) {
+      std::cerr << "redknot serve: internal error in " << req.method << " " << req.path << ": "
+                << e.what() << std::endl;
       send_error(res,
                  ApiError{500, std::string("internal error: ") + e.what(), "server_error", "", ""});
     }

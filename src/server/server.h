@@ -1,7 +1,9 @@
-// The OpenAI-compatible HTTP front end (cpp-httplib, thread pool): /v1/models,
-// /v1/completions, /v1/chat/completions (streaming over SSE or not), /health and /metrics.
-// HTTP threads parse and validate, tokenize, submit to the Scheduler and wait on the request's
-// stream; the engine thread alone touches the model and the KV cache.
+// The OpenAI-compatible HTTP API: /v1/models[/{id}], /v1/completions, /v1/chat/completions
+// (streaming over SSE or not), the vLLM-compatible /tokenize, /detokenize, /version, /ping, and
+// /health, /metrics. Requests are read by HttpFront (http_front.h: deadlines, limits, an epoll
+// reader) and routed by cpp-httplib on worker threads, which parse and validate, tokenize, submit
+// to the Scheduler and wait on the request's stream; the engine thread alone touches the model
+// and the KV cache. docs/http.md: the HTTP policy and the parameter surface.
 #pragma once
 #include <functional>
 
@@ -15,21 +17,24 @@
 #include "server/metrics.h"
 #include "tokenizer/tokenizer.h"
 
-namespace httplib {
-class Server;
-}
-
 namespace redknot::server {
+
+class RoutedServer;
+class HttpFront;
 
 struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8080;       // 0: any free port (printed on start)
   std::string model_id;  // the name clients must send as "model"
   std::string api_key;   // empty: no authentication
-  int threads = 0;       // HTTP worker threads; 0: from max_batch
+  int threads = 0;       // HTTP worker threads for generation; 0: from max_batch
   size_t max_body_bytes = 8u << 20;
-  int read_timeout_s = 5;  // slow clients that stall mid-request are dropped
-  int retry_after_s = 1;   // sent with 429
+  int header_timeout_ms = 10000;   // a request's head must arrive within this of its first byte
+  int request_timeout_ms = 30000;  // and its body within this
+  int idle_timeout_ms = 5000;      // keep-alive connections idle this long are closed
+  int max_connections = 4096;      // open connections at most (the oldest waiting one makes room)
+  int64_t max_model_len = 0;       // prompt + max_tokens at most; 0: the model's context length
+  int retry_after_s = 1;           // sent with 429
   // Reported in /v1/models metadata.
   std::string backend, head_profile, chunk_store_dir, reuse_mode;
   bool batch_invariant = false;
@@ -52,6 +57,9 @@ class Server {
 
  private:
   void routes();
+  int64_t max_model_len() const {
+    return opts_.max_model_len > 0 ? opts_.max_model_len : cfg_.max_position_embeddings;
+  }
 
   const Tokenizer& tok_;
   const ModelConfig& cfg_;
@@ -59,7 +67,8 @@ class Server {
   ServerOptions opts_;
   ChatFamily family_;
   Metrics metrics_;
-  std::unique_ptr<httplib::Server> http_;
+  std::unique_ptr<RoutedServer> http_;
+  std::unique_ptr<HttpFront> front_;
 };
 
 }  // namespace redknot::server

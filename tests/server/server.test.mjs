@@ -2,7 +2,9 @@
 // template: the plain Question/Answer format). Env: REDKNOT_CLI (binary), REDKNOT_SHARED_DIR.
 import assert from 'node:assert/strict';
 import {execFileSync, spawn} from 'node:child_process';
-import {existsSync} from 'node:fs';
+import {existsSync, readFileSync} from 'node:fs';
+import {dirname, join} from 'node:path';
+import {fileURLToPath} from 'node:url';
 import net from 'node:net';
 import {after, before, describe, test} from 'node:test';
 import OpenAI from 'openai';
@@ -13,9 +15,9 @@ const MODEL =
 const haveModel = CLI && existsSync(CLI) && existsSync(MODEL);
 
 // Starts a server on a free port; resolves when /health answers.
-async function startServer(extra = []) {
+async function startServer(extra = [], model = MODEL) {
   const proc = spawn(
-      CLI, ['serve', '--model', MODEL, '--port', '0', ...extra],
+      CLI, ['serve', '--model', model, '--port', '0', ...extra],
       {stdio: ['ignore', 'pipe', 'pipe']});
   let log = '';
   const port = await new Promise((resolve, reject) => {
@@ -437,6 +439,287 @@ describe('redknot serve', {skip: haveModel ? false : `needs ${CLI} and ${MODEL}`
   });
 });
 
+// Raw bytes in, everything the server sends until it closes (or `ms` pass) out.
+function rawExchange(port, bytes, ms = 3000) {
+  return new Promise((resolve) => {
+    const sock = net.connect(port, '127.0.0.1');
+    let data = '';
+    const timer = setTimeout(() => {
+      sock.destroy();
+      resolve(data);
+    }, ms);
+    sock.on('data', (d) => {
+      data += d.toString('latin1');
+    });
+    sock.on('error', () => {});
+    sock.on('close', () => {
+      clearTimeout(timer);
+      resolve(data);
+    });
+    for (const b of [bytes].flat()) sock.write(b);
+  });
+}
+const statusOf = (reply) => Number((/^HTTP\/1\.1 (\d+)/.exec(reply) ?? [])[1] ?? 0);
+
+describe('redknot serve: the OpenAI/vLLM surface and HTTP hardening', {skip: !haveModel}, () => {
+  let srv;
+  before(async () => {
+    srv = await startServer(['--served-model-name', 'tiny', '--max-num-seqs', '8']);
+  });
+  after(async () => {
+    assert.equal(await stopServer(srv), 0, srv.log());
+  });
+  const postJson = async (path, body) => {
+    const r = await fetch(`${srv.base}${path}`, {
+      method: 'POST',
+      body: typeof body === 'string' ? body : JSON.stringify(body),
+      headers: {'content-type': 'application/json'},
+    });
+    return {status: r.status, headers: r.headers, json: await r.json().catch(() => null)};
+  };
+
+  test('every parameter is implemented or a 400 naming it; defaults are accepted', async () => {
+    // [field, a value we do not implement, a value equal to the default or null]
+    const both = [
+      ['top_logprobs', 2, 0], ['presence_penalty', 0.5, 0], ['frequency_penalty', -1, 0],
+      ['repetition_penalty', 1.2, 1], ['logit_bias', {'5': 10}, {}],
+      ['response_format', {type: 'json_object'}, {type: 'text'}],
+      ['response_format', {type: 'json_schema', json_schema: {name: 'x', schema: {}}}, null],
+      ['guided_json', {type: 'object'}, null], ['guided_regex', 'a+', null],
+      ['guided_choice', ['a', 'b'], null],
+      ['tools', [{type: 'function', function: {name: 'f', parameters: {}}}], []],
+      ['tool_choice', 'required', 'none'], ['echo', true, false], ['min_tokens', 4, 0],
+      ['ignore_eos', true, false], ['best_of', 2, 1], ['n', 2, 1], ['min_p', 0.1, 0],
+      ['stop_token_ids', [3], []], ['use_beam_search', true, false], ['request_id', 'abc', null],
+      ['functions', [{name: 'f'}], []], ['skip_special_tokens', false, true],
+    ];
+    const cases = [
+      ...both.map(([f, bad, def]) => ['/v1/completions', f, bad, def]),
+      ...both.map(([f, bad, def]) => ['/v1/chat/completions', f, bad, def]),
+      ['/v1/completions', 'logprobs', 1, null], ['/v1/completions', 'suffix', 'end', ''],
+      ['/v1/chat/completions', 'logprobs', true, false],
+      ['/v1/chat/completions', 'continue_final_message', true, false],
+    ];
+    for (const [path, field, bad, def] of cases) {
+      const base = path === '/v1/completions' ?
+          {model: 'tiny', prompt: 'Tom', max_tokens: 2} :
+          {model: 'tiny', messages: [{role: 'user', content: 'Tom'}], max_tokens: 2};
+      const r = await postJson(path, {...base, [field]: bad});
+      assert.equal(r.status, 400, `${path} ${field}=${JSON.stringify(bad)}`);
+      assert.equal(r.json.error.param, field, `${path} ${field}: ${JSON.stringify(r.json)}`);
+      assert.match(r.json.error.message, new RegExp(field));
+      const ok = await postJson(path, {...base, [field]: def});
+      assert.equal(ok.status, 200, `${path} ${field}=${JSON.stringify(def)}: ${JSON.stringify(ok.json)}`);
+    }
+  });
+
+  test('strict types, unknown fields and stream_options', async () => {
+    const base = {model: 'tiny', prompt: 'Tom', max_tokens: 2};
+    const cases = [
+      [{tools: 5}, 'tools'], [{max_tokens: 'x'}, 'max_tokens'], [{max_tokens: 2.5}, 'max_tokens'],
+      [{temperature: '0'}, 'temperature'], [{top_k: 1.5}, 'top_k'], [{seed: 'x'}, 'seed'],
+      [{n: true}, 'n'], [{presence_penalty: 'high'}, 'presence_penalty'],
+      [{logit_bias: [1]}, 'logit_bias'], [{response_format: 'json'}, 'response_format'],
+      [{echo: 1}, 'echo'], [{user: 5}, 'user'], [{reuse_mode: 3}, 'reuse_mode'],
+      [{made_up_field: 1}, 'made_up_field'], [{stream_options: {include_usage: true}}, 'stream_options'],
+      [{stream: true, stream_options: {include_usage: 'yes'}}, 'stream_options'],
+      [{stream: true, stream_options: {other: true}}, 'stream_options'],
+      [{max_tokens: 2047}, 'max_tokens'],  // prompt + max_tokens > the context length
+    ];
+    for (const [extra, param] of cases) {
+      const r = await postJson('/v1/completions', {...base, ...extra});
+      assert.equal(r.status, 400, JSON.stringify(extra));
+      assert.equal(r.json.error.param, param, JSON.stringify(r.json));
+    }
+    const chat = await postJson('/v1/chat/completions', {
+      model: 'tiny', messages: [{role: 'user', content: 'x', tool_calls: [{id: 1}]}],
+    });
+    assert.equal(chat.status, 400);
+    assert.equal(chat.json.error.param, 'messages');
+    // Accepted: stream_options with stream, the user field, a message name.
+    const ok = await postJson('/v1/chat/completions', {
+      model: 'tiny', user: 'u1', max_tokens: 2, stream: true,
+      stream_options: {include_usage: false},
+      messages: [{role: 'user', name: 'ann', content: 'Tom'}],
+    });
+    assert.equal(ok.status, 200);
+  });
+
+  test('vLLM routes: /tokenize, /detokenize, /v1/models/{id}, /version, /ping', async () => {
+    const client = new OpenAI({baseURL: `${srv.base}/v1`, apiKey: 'x', maxRetries: 0});
+    const t = await postJson('/tokenize', {model: 'tiny', prompt: 'Once upon a time'});
+    assert.equal(t.status, 200);
+    assert.equal(t.json.count, 5);  // BOS + 4 pieces, as the completion's usage counts
+    assert.equal(t.json.tokens.length, 5);
+    assert.equal(t.json.max_model_len, 2048);
+    const noBos = await postJson('/tokenize', {prompt: 'Once upon a time', add_special_tokens: false});
+    assert.deepEqual(noBos.json.tokens, t.json.tokens.slice(1));
+    const d = await postJson('/detokenize', {model: 'tiny', tokens: noBos.json.tokens});
+    assert.equal(d.status, 200);
+    assert.equal(d.json.prompt.trim(), 'Once upon a time');
+    const messages = [{role: 'user', content: 'Who is Lily?'}];
+    const tm = await postJson('/tokenize', {model: 'tiny', messages, documents: [DOCS[0]]});
+    const c = await client.chat.completions.create(
+        {model: 'tiny', messages, documents: [DOCS[0]], max_tokens: 1});
+    assert.equal(tm.json.count, c.usage.prompt_tokens);
+    for (const [path, body, param] of [
+      ['/tokenize', {prompt: 5}, 'prompt'], ['/tokenize', {prompt: 'x', foo: 1}, 'foo'],
+      ['/detokenize', {tokens: [1, 1e9]}, 'tokens'], ['/detokenize', {tokens: 'x'}, 'tokens'],
+    ]) {
+      const r = await postJson(path, body);
+      assert.equal(r.status, 400, `${path} ${JSON.stringify(body)}`);
+      assert.equal(r.json.error.param, param);
+    }
+    assert.equal((await postJson('/tokenize', {model: 'gpt-4', prompt: 'x'})).status, 404);
+
+    const m = await client.models.retrieve('tiny');
+    assert.equal(m.id, 'tiny');
+    assert.equal(m.max_model_len, 2048);
+    await assert.rejects(client.models.retrieve('gpt-4'), (e) => e.status === 404);
+    const v = await (await fetch(`${srv.base}/version`)).json();
+    assert.equal(typeof v.version, 'string');
+    for (const method of ['GET', 'POST']) {
+      const p = await fetch(`${srv.base}/ping`, {method});
+      assert.equal(p.status, 200, method);
+    }
+  });
+
+  test('wrong methods are 405 with Allow; unknown paths 404', async () => {
+    for (const [method, path, allow] of [
+      ['GET', '/v1/completions', 'POST'], ['GET', '/v1/chat/completions', 'POST'],
+      ['POST', '/health', 'GET, HEAD'], ['DELETE', '/v1/models', 'GET, HEAD'],
+      ['PUT', '/tokenize', 'POST'], ['POST', '/v1/models/tiny', 'GET, HEAD'],
+    ]) {
+      const r = await fetch(`${srv.base}${path}`, {method});
+      assert.equal(r.status, 405, `${method} ${path}`);
+      assert.equal(r.headers.get('allow'), allow);
+      assert.equal((await r.json()).error.code, 'method_not_allowed');
+    }
+    assert.equal((await fetch(`${srv.base}/v2/nothing`)).status, 404);
+  });
+
+  test('framing: compressed, oversized chunked, conflicting lengths, Range, pipelining', async () => {
+    const port = srv.port;
+    const body = JSON.stringify({prompt: 'Tom', max_tokens: 2});
+    const head = (extra) =>
+        `POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n${extra}\r\n`;
+    let r = await rawExchange(port, head(`Content-Encoding: gzip\r\nContent-Length: ${body.length}\r\n`) + body);
+    assert.equal(statusOf(r), 415);
+    r = await rawExchange(port, head(`Content-Length: ${body.length}\r\nContent-Length: 1\r\n`) + body);
+    assert.equal(statusOf(r), 400);
+    r = await rawExchange(
+        port, head(`Content-Length: ${body.length}\r\nTransfer-Encoding: chunked\r\n`) + body);
+    assert.equal(statusOf(r), 400);
+    let many = '';
+    for (let i = 0; i < 150; ++i) many += `X-H${i}: v\r\n`;
+    r = await rawExchange(port, head(many + `Content-Length: ${body.length}\r\n`) + body);
+    assert.equal(statusOf(r), 431);
+    // 9 MiB of chunks: refused once the body passes 8 MiB, before it is all sent.
+    const chunk = Buffer.from(`100000\r\n${'x'.repeat(1 << 20)}\r\n`);
+    r = await rawExchange(port, [Buffer.from(head('Transfer-Encoding: chunked\r\n')),
+                                 ...Array(9).fill(chunk)]);
+    assert.ok(statusOf(r) === 413 || r === '', `chunked 9 MiB -> ${r.slice(0, 100)}`);
+    // A chunked body within the limit works.
+    r = await rawExchange(port, head('Transfer-Encoding: chunked\r\nConnection: close\r\n') +
+                                    `${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`);
+    assert.equal(statusOf(r), 200, r);
+    // A JSON body sent as a form (curl -d without a Content-Type) over 8 KiB is read as JSON.
+    const formBody = JSON.stringify({prompt: 'Tom '.repeat(3000).trim()});
+    r = await rawExchange(port, 'POST /tokenize HTTP/1.1\r\nHost: x\r\nConnection: close\r\n' +
+        `Content-Type: application/x-www-form-urlencoded\r\nContent-Length: ${formBody.length}\r\n\r\n` + formBody);
+    assert.equal(statusOf(r), 200, r.slice(0, 300));
+    // Range is not served: the whole body, 200.
+    r = await rawExchange(port, 'GET /metrics HTTP/1.1\r\nHost: x\r\nRange: bytes=0-10\r\nConnection: close\r\n\r\n');
+    assert.equal(statusOf(r), 200);
+    assert.ok(r.length > 1000);
+    assert.match(r, /Accept-Ranges: none/);
+    const headReply = await rawExchange(port, 'HEAD /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+    assert.match(headReply, /Accept-Ranges: none/);
+    assert.doesNotMatch(headReply, /Accept-Ranges: bytes/);
+    // Pipelined: three requests in one write, three answers in order.
+    r = await rawExchange(port,
+        `GET /ping HTTP/1.1\r\nHost: x\r\n\r\n` + head(`Content-Length: ${body.length}\r\n`) + body +
+        `GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+    const statuses = [...r.matchAll(/HTTP\/1\.1 (\d+)/g)].map((m) => Number(m[1]));
+    assert.deepEqual(statuses, [200, 200, 200], r);
+    assert.ok(r.indexOf('"choices"') < r.indexOf('"version"'));
+    const m = await metrics(srv.base);
+    assert.match(m.text, /redknot_requests_total\{endpoint="other",status="415"\} 1/);
+  });
+
+  test('500 slow connections (a byte at a time) leave /health answering within 1 s', async () => {
+    const slow = [];
+    for (let i = 0; i < 500; ++i) {
+      const s = net.connect(srv.port, '127.0.0.1');
+      s.on('error', () => {});
+      s.write(i % 2 ? 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ' :
+                      'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{');
+      slow.push(s);
+    }
+    await new Promise((r) => setTimeout(r, 200));
+    let worst = 0;
+    for (let round = 0; round < 5; ++round) {
+      for (const s of slow) s.write('a');
+      const t0 = performance.now();
+      const r = await fetch(`${srv.base}/health`, {signal: AbortSignal.timeout(1000)});
+      assert.equal(r.status, 200);
+      worst = Math.max(worst, performance.now() - t0);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.ok(worst < 1000, `/health took ${worst.toFixed(0)} ms`);
+    const ok = await postJson('/v1/completions', {prompt: 'Tom', max_tokens: 3});
+    assert.equal(ok.status, 200);
+    for (const s of slow) s.destroy();
+  });
+
+  test('a non-streaming request is cancelled when its client hangs up', async () => {
+    const before = await metrics(srv.base);
+    const cancelledBefore = Number(/^redknot_requests_cancelled_total (\d+)/m.exec(before.text)[1]);
+    const t0 = performance.now();
+    await Promise.all(Array.from({length: 3}, (_, i) => new Promise((resolve) => {
+      const b = JSON.stringify({prompt: `Lily ${i}`, max_tokens: 2000, temperature: 1, ignore_eos: false});
+      const s = net.connect(srv.port, '127.0.0.1');
+      s.on('error', () => {});
+      s.write(`POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ${b.length}\r\n\r\n${b}`);
+      setTimeout(() => {
+        s.destroy();
+        resolve();
+      }, 150);
+    })));
+    const m = await waitIdle(srv.base);
+    const cancelled = Number(/^redknot_requests_cancelled_total (\d+)/m.exec(m.text)[1]);
+    assert.ok(cancelled >= cancelledBefore + 3, `${cancelledBefore} -> ${cancelled}`);
+    assert.ok(performance.now() - t0 < 10000);
+  });
+});
+
+describe('redknot serve --max-model-len', {skip: !haveModel}, () => {
+  let srv;
+  before(async () => {
+    srv = await startServer(['--max-model-len', '64']);
+  });
+  after(async () => {
+    assert.equal(await stopServer(srv), 0);
+  });
+
+  test('prompt + max_tokens above --max-model-len is a 400', async () => {
+    const client = new OpenAI({baseURL: `${srv.base}/v1`, apiKey: 'x', maxRetries: 0});
+    const ok = await client.completions.create({model: 'stories260K', prompt: 'Tom', max_tokens: 50});
+    assert.equal(ok.usage.completion_tokens <= 50, true);
+    await assert.rejects(
+        client.completions.create({model: 'stories260K', prompt: 'Tom', max_tokens: 62}),
+        (e) => e.status === 400 && e.code === 'context_length_exceeded');
+    await assert.rejects(
+        client.completions.create({model: 'stories260K', prompt: Array(64).fill(5)}),
+        (e) => e.status === 400 && e.code === 'context_length_exceeded');
+    // Without max_tokens, a chat answer stops at the limit.
+    const c = await client.chat.completions.create(
+        {model: 'stories260K', messages: [{role: 'user', content: 'Tell me a story.'}]});
+    assert.ok(c.usage.total_tokens <= 64);
+    assert.equal((await client.models.list()).data[0].max_model_len, 64);
+  });
+});
+
 describe('redknot serve with --api-key and a zero-length queue', {skip: !haveModel}, () => {
   let srv;
   before(async () => {
@@ -463,5 +746,39 @@ describe('redknot serve with --api-key and a zero-length queue', {skip: !haveMod
     assert.equal(r.headers.get('retry-after'), '1');
     assert.equal((await r.json()).error.code, 'rate_limit_exceeded');
     assert.ok((await fetch(`${srv.base}/health`)).ok);  // no key needed
+  });
+});
+
+// The README's example request, sent as written to the shipped model served as run.sh serves it.
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const RAG = join(ROOT, 'models', 'redknot-rag-8k');
+describe('README example on the shipped model', {skip: !(CLI && existsSync(join(RAG, 'model.safetensors')))}, () => {
+  let srv;
+  before(async () => {
+    const run = readFileSync(join(ROOT, 'scripts', 'run.sh'), 'utf8');
+    const flags = ['--head-profile', join(RAG, 'head_profile.json'),
+                   '--layer-mass', /args\+=\(--layer-mass (\S+)\)/.exec(run)[1],
+                   '--ffn-dilate', /args\+=\(--ffn-dilate (\S+)\)/.exec(run)[1], '--max-batch', '2'];
+    srv = await startServer(flags, RAG);
+  });
+  after(async () => {
+    assert.equal(await stopServer(srv), 0);
+  });
+
+  test('answers as the README says', async () => {
+    const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
+    const m = /curl -s http:\/\/127\.0\.0\.1:8080(\/v1\/chat\/completions) .*? -d '([\s\S]*?)'\n```\n\nanswers `"([^"]+)"`/.exec(readme);
+    assert.ok(m, 'README example not found');
+    const body = JSON.parse(m[2]);
+    const r = await fetch(`${srv.base}${m[1]}`, {
+      method: 'POST', body: JSON.stringify(body), headers: {'content-type': 'application/json'}});
+    assert.equal(r.status, 200);
+    const j = await r.json();
+    assert.equal(j.choices[0].message.content, m[3]);
+    // The same documents in another order: the same answer.
+    const swapped = {...body, documents: [...body.documents].reverse()};
+    const again = await (await fetch(`${srv.base}${m[1]}`, {
+      method: 'POST', body: JSON.stringify(swapped), headers: {'content-type': 'application/json'}})).json();
+    assert.equal(again.choices[0].message.content, m[3]);
   });
 });
