@@ -205,17 +205,16 @@ TEST_F(ServingReuse, NewDocumentsDoNotStallRunningStreams) {
 }
 
 // The same prompt, mode and settings give the same answer through the eval harness (which
-// `generate` shares: prefill_with_reuse, then greedy decoding) and through the serving scheduler,
-// in every mode.
+// `generate` shares: prefill_with_reuse, then greedy decoding) and through the serving scheduler.
 TEST_F(ServingReuse, EvalAndServeAnswerAlike) {
   const std::vector<RagSample> samples =
-      load_rag_dataset(std::string(REDKNOT_SOURCE_DIR) + "/data/eval/rag-4k.jsonl.gz", 3);
+      load_rag_dataset(std::string(REDKNOT_SOURCE_DIR) + "/data/eval/rag-4k.jsonl.gz", 2);
   std::vector<int32_t> stops;
   for (int32_t id : tok_->eos_ids()) stops.push_back(id);
   for (int32_t id = 0; id < tok_->vocab_size(); ++id)
     if (tok_->decode(std::vector<int32_t>{id}).find('\n') != std::string::npos) stops.push_back(id);
-  for (ReuseMode mode : {ReuseMode::RedKnot, ReuseMode::Full, ReuseMode::Naive,
-                         ReuseMode::CacheBlend, ReuseMode::Epic}) {
+  // redknot (Sparse FFN, dead rows), a baseline cache, and CacheBlend's plan made mid-job.
+  for (ReuseMode mode : {ReuseMode::RedKnot, ReuseMode::Full, ReuseMode::CacheBlend}) {
     EvalOptions eo;
     eo.reuse = options().reuse;
     eo.reuse.mode = mode;
