@@ -734,6 +734,9 @@ ChunkStore::Handle ChunkStore::publish(Pending pending) {
   e.pending = false;
   set_pool_rows(e, seq);
   e.pins = 0;
+  // Two requests that missed the same segment at once both computed it: the first published
+  // stays the entry, the second serves its own request only (no duplicate in the index).
+  if (pending.admitted_ && find(e.key, e.tokens) != nullptr) pending.admitted_ = false;
   if (pending.admitted_) {
     index_.emplace(e.key, &e);
     ++stats_.prefills;

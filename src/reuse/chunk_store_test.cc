@@ -542,6 +542,27 @@ TEST_F(ChunkStoreTest, PrivateMissServesItsRequestOnly) {
   ExpectBudgets(store);
 }
 
+// Two requests missing the same segment at once both prefill it; the store keeps one entry.
+TEST_F(ChunkStoreTest, ConcurrentMissesOfOneSegmentKeepOneEntry) {
+  ChunkStore store(*model_, *pool_, Opts(4));
+  const auto a = Seg(5);
+  EXPECT_FALSE(store.acquire(a).ok());
+  EXPECT_FALSE(store.acquire(a).ok());
+  ChunkStore::Pending p1 = store.reserve(a), p2 = store.reserve(a);
+  ASSERT_TRUE(p1.admitted() && p2.admitted());
+  ChunkStore::Handle h1 = prefill_pending(*model_, store, std::move(p1));
+  ChunkStore::Handle h2 = prefill_pending(*model_, store, std::move(p2));
+  ASSERT_TRUE(h1.ok() && h2.ok());
+  ExpectSame(FromHandle(h2), FromHandle(h1));
+  EXPECT_EQ(store.stats().prefills, 1);
+  EXPECT_EQ(store.stats().private_prefills, 1);
+  h2.reset();
+  EXPECT_EQ(store.stats().pool.entries, 1);
+  EXPECT_EQ(Acquire(store, a).source(), ChunkTier::Pool);
+  h1.reset();
+  ExpectBudgets(store);
+}
+
 // An abandoned reservation (the request was cancelled mid-prefill) frees its pages.
 TEST_F(ChunkStoreTest, AbandonedReservationFreesItsPages) {
   ChunkStore store(*model_, *pool_, Opts(4));
