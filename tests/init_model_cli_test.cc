@@ -61,8 +61,8 @@ TEST_F(InitModelCli, WritesAModelThatLoadsRunsAndGenerates) {
   for (const auto& [name, f] : index["weight_map"].items()) shards.insert(f.get<std::string>());
   EXPECT_EQ(shards.size(), 3u);  // 2 x 8.2 MB matrices + layers under a 6 MB limit
   EXPECT_TRUE(shards.count("model-00001-of-00003.safetensors"));
-  for (const std::string& f : {"tokenizer.json", "tokenizer_config.json", "redknot_init.json"})
-    EXPECT_TRUE(fs::exists(model + "/" + f)) << f;
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "redknot_init.json"})
+    EXPECT_TRUE(fs::exists(model + "/" + std::string(f))) << f;
 
   Checkpoint ck = load_checkpoint(model);
   EXPECT_EQ(ck.config.num_layers, 2);

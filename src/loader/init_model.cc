@@ -275,8 +275,13 @@ InitModelResult init_model_dir(const InitModelOptions& o) {
   }
 
   for (const fs::path& p : tok_files) {
-    fs::copy_file(p, out / p.filename(), fs::copy_options::overwrite_existing, ec);
+    // The source may be read-only (shared data): replace rather than overwrite, and leave the
+    // copy writable by its owner so that a later --force can replace it again.
+    const fs::path dst = out / p.filename();
+    fs::remove(dst, ec);
+    fs::copy_file(p, dst, ec);
     if (ec) throw Error(p.string() + ": cannot copy to " + o.out_dir + ": " + ec.message());
+    fs::permissions(dst, fs::perms::owner_read | fs::perms::owner_write, fs::perm_options::add, ec);
   }
 
   json init = o.provenance.is_object() ? o.provenance : json::object();

@@ -227,14 +227,18 @@ TEST(InitModel, TokenizerIsCopiedAndMustFitTheVocabulary) {
   expect_error([&] { init_model_dir(o); }, {"tokenizer.json", "1200", "vocab_size 1000"});
   EXPECT_FALSE(fs::exists(out.file("config.json")));
   o.config = small_config("test-llama3", 1, /*vocab=*/1280);
+  fs::permissions(tok.file("tokenizer.json"), fs::perms::owner_write, fs::perm_options::remove);
   init_model_dir(o);
+  o.force = true;
+  init_model_dir(o);  // a read-only source makes no read-only copy that --force cannot replace
+  EXPECT_NE(fs::status(out.file("tokenizer.json")).permissions() & fs::perms::owner_write,
+            fs::perms::none);
   EXPECT_EQ(testing_util::read_bytes(out.file("tokenizer.json")),
             testing_util::read_bytes(tok.file("tokenizer.json")));
   EXPECT_TRUE(fs::exists(out.file("tokenizer_config.json")));
   EXPECT_EQ(load_checkpoint(out.str()).tokenizer_json_path, out.file("tokenizer.json"));
 
   o.tokenizer_dir = tok.file("missing");
-  o.force = true;
   expect_error([&] { init_model_dir(o); }, {"no tokenizer.json"});
 }
 
