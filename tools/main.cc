@@ -15,6 +15,8 @@ int main(int argc, char** argv) {
   redknot::cli::add_profile_command(app, action);
   redknot::cli::add_eval_command(app, action);
   redknot::cli::add_serve_command(app, action);
+  redknot::cli::add_init_model_command(app, action);
+  redknot::cli::add_make_profile_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
