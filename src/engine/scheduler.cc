@@ -229,6 +229,13 @@ void Scheduler::publish_stats() {
   s.free_pages = cache_.pool().num_free();
   s.page_bytes = cache_.pool().bytes_per_page();
   s.usage = cache_.usage();
+  if (opts_.baseline_cache) {
+    const KvUsage b = opts_.baseline_cache->usage();
+    s.usage.global_pages += b.global_pages;
+    s.usage.local_pages += b.local_pages;
+    s.usage.global_tokens += b.global_tokens;
+    s.usage.local_tokens += b.local_tokens;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     s.queued = static_cast<int64_t>(queue_.size());
@@ -370,6 +377,7 @@ Scheduler::OomAction Scheduler::start_reuse(Request& r) {
     // The longest cached prefix's pages are shared into the sequence; the rest is ordinary
     // prefill work, and the prompt is recorded once prefilled (emit).
     ++counters_.prefix_queries;
+    counters_.prefix_query_tokens += r.prompt_len;
     const PrefixCache::Match m =
         opts_.prefix_cache->match(std::span<const int32_t>(r.tokens.data(), r.prompt_len));
     if (m.found()) {

@@ -153,6 +153,7 @@ struct SchedulerStats {
   int64_t reuse_steps = 0;  // steps that ran a reuse prefill's forward
   int64_t reuse_waits = 0;  // reuse prefills requeued for pages (fallback policy wait)
   int64_t prefix_queries = 0, prefix_hits = 0, prefix_hit_tokens = 0;  // prefix mode
+  int64_t prefix_query_tokens = 0;
   std::map<std::string, int64_t> fallbacks;   // requests served in another mode, by reason
   std::map<std::string, int64_t> modes_used;  // requests by the mode that ran
 };

@@ -29,22 +29,39 @@ void Histogram::observe(double v) {
   ++count_;
 }
 
-void Histogram::render(const std::string& name, const std::string& help, std::string& out) const {
+void Histogram::render(const std::string& name, const std::string& help, std::string& out,
+                       const std::string& labels) const {
   std::lock_guard<std::mutex> lock(mu_);
   out += "# HELP " + name + " " + help + "\n# TYPE " + name + " histogram\n";
+  const std::string pre = labels.empty() ? "" : labels + ",";
+  const std::string own = labels.empty() ? "" : "{" + labels + "}";
   uint64_t cum = 0;
   for (size_t i = 0; i < bounds_.size(); ++i) {
     cum += counts_[i];
-    out += name + "_bucket{le=\"" + num(bounds_[i]) + "\"} " + std::to_string(cum) + "\n";
+    out +=
+        name + "_bucket{" + pre + "le=\"" + num(bounds_[i]) + "\"} " + std::to_string(cum) + "\n";
   }
   cum += counts_.back();
-  out += name + "_bucket{le=\"+Inf\"} " + std::to_string(cum) + "\n";
-  out += name + "_sum " + num(sum_) + "\n" + name + "_count " + std::to_string(count_) + "\n";
+  out += name + "_bucket{" + pre + "le=\"+Inf\"} " + std::to_string(cum) + "\n";
+  out += name + "_sum" + own + " " + num(sum_) + "\n" + name + "_count" + own + " " +
+         std::to_string(count_) + "\n";
 }
 
-Metrics::Metrics()
+Metrics::Metrics(std::string model_name)
     : ttft_({0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}),
-      itl_({0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}) {}
+      itl_({0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}),
+      e2e_({0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300}) {
+  std::string esc;
+  for (char c : model_name) {
+    if (c == '\\' || c == '"') esc += '\\';
+    if (c == '\n') {
+      esc += "\\n";
+      continue;
+    }
+    esc += c;
+  }
+  model_label_ = "model_name=\"" + esc + "\"";
+}
 
 void Metrics::count_request(const std::string& endpoint, int status) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -52,7 +69,12 @@ void Metrics::count_request(const std::string& endpoint, int status) {
 }
 
 void Metrics::observe_token_gaps(const std::vector<double>& gaps) {
-  for (size_t i = 0; i < gaps.size(); ++i) (i == 0 ? ttft_ : itl_).observe(gaps[i]);
+  double total = 0;
+  for (size_t i = 0; i < gaps.size(); ++i) {
+    (i == 0 ? ttft_ : itl_).observe(gaps[i]);
+    total += gaps[i];
+  }
+  if (!gaps.empty()) e2e_.observe(total);
 }
 
 std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chunks) const {
@@ -144,6 +166,32 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
         s.prefix_hits, "counter");
   gauge(out, "redknot_prefix_cache_hit_tokens_total", "Prompt tokens shared from the prefix cache.",
         s.prefix_hit_tokens, "counter");
+
+  // The same quantities under the names vLLM's dashboards and autoscalers read.
+  auto vllm = [&](const std::string& name, const std::string& help, double v,
+                  const std::string& type) {
+    out += "# HELP " + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
+    out += name + "{" + model_label_ + "} " + num(v) + "\n";
+  };
+  vllm("vllm:num_requests_running", "Requests in model execution batches.", s.running, "gauge");
+  vllm("vllm:num_requests_waiting", "Requests waiting to be processed.", s.queued, "gauge");
+  vllm("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+       s.pool_pages > 0 ? 1.0 - double(s.free_pages) / double(s.pool_pages) : 0.0, "gauge");
+  vllm("vllm:num_preemptions_total", "Cumulative number of preemptions.", s.preemptions, "counter");
+  vllm("vllm:prompt_tokens_total", "Number of prefill tokens processed.", s.prompt_tokens,
+       "counter");
+  vllm("vllm:generation_tokens_total", "Number of generation tokens processed.", s.generated_tokens,
+       "counter");
+  vllm("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of tokens.",
+       s.prefix_query_tokens, "counter");
+  vllm("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of tokens.",
+       s.prefix_hit_tokens, "counter");
+  ttft_.render("vllm:time_to_first_token_seconds", "Histogram of time to first token.", out,
+               model_label_);
+  itl_.render("vllm:time_per_output_token_seconds", "Histogram of time per output token.", out,
+              model_label_);
+  e2e_.render("vllm:e2e_request_latency_seconds", "Histogram of end to end request latency.", out,
+              model_label_);
   return out;
 }
 

@@ -15,9 +15,11 @@ namespace redknot::server {
 class Histogram {
  public:
   explicit Histogram(std::vector<double> bounds);
+  // A histogram with labels: `labels` goes inside {} on every line (e.g. model_name="m").
   void observe(double v);
   // Appends the _bucket/_sum/_count lines of `name`.
-  void render(const std::string& name, const std::string& help, std::string& out) const;
+  void render(const std::string& name, const std::string& help, std::string& out,
+              const std::string& labels = "") const;
 
  private:
   mutable std::mutex mu_;
@@ -29,7 +31,8 @@ class Histogram {
 
 class Metrics {
  public:
-  Metrics();
+  // model_name labels the vLLM-named series (dashboards built for vLLM filter on it).
+  explicit Metrics(std::string model_name = "");
   void count_request(const std::string& endpoint, int status);
   // gaps[0]: submit to first token; the rest: between tokens (seconds).
   void observe_token_gaps(const std::vector<double>& gaps);
@@ -39,7 +42,8 @@ class Metrics {
  private:
   mutable std::mutex mu_;
   std::map<std::pair<std::string, int>, uint64_t> requests_;
-  Histogram ttft_, itl_;
+  std::string model_label_;  // model_name="..." (escaped)
+  Histogram ttft_, itl_, e2e_;
 };
 
 }  // namespace redknot::server

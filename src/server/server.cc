@@ -567,6 +567,7 @@ Server::Server(const Tokenizer& tok, const ModelConfig& cfg, Scheduler& sched, S
       sched_(sched),
       opts_(std::move(opts)),
       family_(detect_chat_family(tok.chat_template())),
+      metrics_(opts_.model_id),
       http_(std::make_unique<RoutedServer>()) {
   if (opts_.max_model_len < 0) throw Error("max_model_len must be >= 0");
   if (opts_.max_model_len > cfg_.max_position_embeddings)

@@ -782,3 +782,46 @@ describe('README example on the shipped model', {skip: !(CLI && existsSync(join(
     assert.equal(again.choices[0].message.content, m[3]);
   });
 });
+
+describe('redknot serve --reuse-mode prefix (automatic prefix caching)', {skip: !haveModel}, () => {
+  let srv;
+  before(async () => {
+    srv = await startServer(['--reuse-mode', 'prefix', '--page-size', '16']);
+  });
+  after(async () => {
+    assert.equal(await stopServer(srv), 0);
+  });
+
+  test('requests sharing a long system prompt hit the prefix cache and answer as full prefill', async () => {
+    const client = new OpenAI({baseURL: `${srv.base}/v1`, apiKey: 'x', maxRetries: 0});
+    const system = 'Once upon a time there was a little girl named Lily who loved to play in the ' +
+        'park with her dog. One day she found a big red ball under a tree and ran home. ';
+    const ask = (i, mode) => client.completions.create({
+      model: 'stories260K', prompt: system + `Question ${i}: what did Lily find?`, max_tokens: 8,
+      temperature: 0, reuse_mode: mode});
+    const first = await ask(0, 'prefix');
+    assert.equal(first.usage.reuse.mode, 'prefix');
+    assert.equal(first.usage.reuse.prefix_hit_tokens, 0);
+    const outs = await Promise.all([...Array(19).keys()].map((i) => ask(i + 1, 'prefix')));
+    for (const [i, o] of outs.entries()) {
+      assert.equal(o.usage.reuse.mode, 'prefix');
+      assert.equal(o.usage.reuse.fallback, null);
+      assert.ok(o.usage.reuse.prefix_hit_tokens >= 16, JSON.stringify(o.usage));
+      assert.equal(o.usage.prompt_tokens_details.cached_tokens, o.usage.reuse.prefix_hit_tokens);
+      // Full prefill (no cache) gives the same greedy answer.
+      const full = await ask(i + 1, 'full');
+      assert.equal(full.usage.reuse.mode, 'full');
+      assert.equal(o.choices[0].text, full.choices[0].text, `request ${i + 1}`);
+    }
+    const text = await (await fetch(`${srv.base}/metrics`)).text();
+    const hits = Number(/^redknot_prefix_cache_hits_total (\d+)/m.exec(text)[1]);
+    assert.ok(hits >= 19, text);
+    const vHits = Number(/^vllm:prefix_cache_hits_total\{model_name="[^"]*"\} (\d+)/m.exec(text)[1]);
+    const vQueries =
+        Number(/^vllm:prefix_cache_queries_total\{model_name="[^"]*"\} (\d+)/m.exec(text)[1]);
+    assert.ok(vHits > 0 && vHits <= vQueries, `${vHits} / ${vQueries}`);
+    assert.match(text, /^redknot_requests_by_mode_total\{mode="prefix"\} 20$/m);
+    assert.match(text, /^vllm:num_requests_running\{model_name="stories260K"\} 0$/m);
+    assert.match(text, /^vllm:e2e_request_latency_seconds_count\{model_name="stories260K"\} \d+$/m);
+  });
+});
