@@ -36,7 +36,8 @@ struct ServeArgs {
   // tile shapes per batch (row-at-a-time matmuls there would cost ~100x and still not make a
   // request's logits independent of its batch).
   std::string batch_invariant = "auto";
-  bool sparse_ffn = true;             // redknot mode's Sparse FFN (SPEC §4)
+  bool sparse_ffn = true;  // redknot mode's Sparse FFN (SPEC §4)
+  bool disable_log_requests = false;
   bool skip_dead_rows = true;         // redknot mode: dead-row skipping past the last global layer
   bool query_full_attention = false;  // redknot mode: the query's rows attend with every head
   SparseFfnConfig sparse_cfg;         // its tiers
@@ -137,6 +138,7 @@ int run_serve(const ServeArgs& a) {
   o.chunk_store_dir = a.chunk_store_dir;
   o.reuse_mode = a.reuse_mode;
   o.batch_invariant = batch_invariant;
+  o.log_requests = !a.disable_log_requests;
   if (chunks) o.chunk_stats = [&chunks] { return chunks->stats(); };
   std::filesystem::path p(a.model);
   if (p.filename().empty()) p = p.parent_path();  // "dir/"
@@ -202,6 +204,8 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "redknot mode: the query's rows attend with every head global, local heads over "
                 "the whole prompt (beyond the paper; true | false)");
   add_sparse_ffn_options(c, &a->sparse_cfg);
+  c->add_flag("--disable-log-requests", a->disable_log_requests,
+              "no per-request log line on stderr (as vLLM's flag)");
   c->add_option("--reuse-fallback", a->reuse_fallback,
                 "when a reuse prefill finds no free KV pages: wait (requeue; answers never depend "
                 "on load) | dense (prefill densely now; reported) | reject (fail the request)")

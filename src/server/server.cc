@@ -390,6 +390,7 @@ class TextState {
 // One request in flight: what the handler and the streaming provider share.
 struct Job {
   bool chat = false, include_usage = false;
+  bool log = false;  // one line on stderr when the request ends (ServerOptions::log_requests)
   std::string id, model;
   int64_t created = 0;
   std::shared_ptr<RequestStream> rs;
@@ -397,6 +398,31 @@ struct Job {
   int64_t completion_tokens = 0;
   bool done = false, role_sent = false;
   std::string finish_reason, error;
+
+  Job() = default;
+  Job(const Job&) = delete;
+  Job& operator=(const Job&) = delete;
+  // The request log line: whatever path ended it (answered, error, client gone), the job goes
+  // with it.
+  ~Job() {
+    if (!log || !rs) return;
+    const ReusePath p = rs->path();
+    const std::vector<double> gaps = rs->token_gaps();
+    double total = 0;
+    for (double g : gaps) total += g;
+    const std::string outcome = !error.empty()           ? "error"
+                                : !finish_reason.empty() ? finish_reason
+                                                         : "cancelled";
+    std::fprintf(stderr,
+                 "redknot request %s: %s prompt=%d cached=%d completion=%lld ttft_ms=%.1f "
+                 "total_ms=%.1f mode=%s->%s%s%s segments=%d hit=%d prefilled=%d uncached=%d "
+                 "preemptions=%d\n",
+                 id.c_str(), outcome.c_str(), rs->prompt_tokens(), rs->cached_tokens(),
+                 static_cast<long long>(completion_tokens), gaps.empty() ? -1.0 : 1e3 * gaps[0],
+                 1e3 * total, reuse_mode_name(p.requested), reuse_mode_name(p.used),
+                 p.fallback.empty() ? "" : " fallback=", p.fallback.c_str(), p.segments,
+                 p.segments_hit, p.segments_prefilled, p.segments_private, rs->preemptions());
+  }
 
   // Feeds a chunk from the engine; true when the request is over.
   bool feed(const RequestStream::Chunk& c) {
@@ -902,6 +928,7 @@ void Server::routes() {
       job->chat = chat;
       job->include_usage = g.include_usage;
       job->id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id.fetch_add(1));
+      job->log = opts_.log_requests;
       job->model = opts_.model_id;
       job->created = now_s();
       job->text = std::make_unique<TextState>(tok_, g.stops);

@@ -38,6 +38,7 @@ struct ServerOptions {
   // Reported in /v1/models metadata.
   std::string backend, head_profile, chunk_store_dir, reuse_mode;
   bool batch_invariant = false;
+  bool log_requests = true;  // one stderr line per finished request, with its reuse path
   // The chunk store's counters for /metrics (null: no chunk store).
   std::function<ChunkStoreStats()> chunk_stats;
 };
