@@ -6,10 +6,10 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 "$root/scripts/build.sh"
 echo "RedKnot: serving models/redknot-rag-8k on http://127.0.0.1:8080 (Ctrl-C to stop)"
-# The model's head profile: 13 of 16 KV heads local (KV memory per session and reuse recompute
-# shrink); its Sparse FFN setting (per-layer masses, neighbours of kept rows run too), chosen on a
-# held-out set: reuse answers within 2 EM of full prefill on every task family at 70.9% fewer
-# prefill FLOPs (docs/benchmarks.md).
+# The model directory's reuse_settings.json supplies its tuned settings: the head profile (13 of 16
+# KV heads local: KV memory per session and reuse recompute shrink) and the Sparse FFN setting
+# (per-layer masses, neighbours of kept rows run too), chosen on a held-out set: reuse answers
+# within 2 EM of full prefill on every task family at 70.9% fewer prefill FLOPs
+# (docs/benchmarks.md). Flags given here override its fields one by one.
 exec "$root/build/redknot" serve --model "$root/models/redknot-rag-8k" --host 127.0.0.1 --port 8080 \
-  --head-profile "$root/models/redknot-rag-8k/head_profile.json" \
-  --layer-mass 1,1,0.4,0.4,0.7,0.5,0.5,0.5 --ffn-dilate 1 "$@"
+  "$@"

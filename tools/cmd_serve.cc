@@ -7,14 +7,11 @@
 #include "commands.h"
 #include "common.h"
 #include "core/error.h"
+#include "engine/engine_setup.h"
 #include "model/sparse_ffn.h"
 
 #ifdef REDKNOT_HAS_SERVER
-#include "backend/builtin.h"
-#include "engine/batch_invariant_backend.h"
-#include "engine/kv_setup.h"
 #include "engine/scheduler.h"
-#include "reuse/chunk_store.h"
 #include "reuse/segment_lookup.h"
 #include "server/server.h"
 #endif
@@ -23,7 +20,7 @@ namespace redknot::cli {
 
 namespace {
 struct ServeArgs {
-  std::string model, head_profile, host = "127.0.0.1", api_key, backend = "cpu";
+  std::string model, host = "127.0.0.1", api_key, backend = "cpu";
   std::string chunk_store_dir, reuse_mode = "redknot", model_id;
   int64_t chunk_store_bytes = 0;
   int port = 8080;
@@ -34,10 +31,8 @@ struct ServeArgs {
   // tile shapes per batch (row-at-a-time matmuls there would cost ~100x and still not make a
   // request's logits independent of its batch).
   std::string batch_invariant = "auto";
-  bool sparse_ffn = true;             // redknot mode's Sparse FFN (SPEC §4)
-  bool skip_dead_rows = true;         // redknot mode: dead-row skipping past the last global layer
-  bool query_full_attention = false;  // redknot mode: the query's rows attend with every head
-  SparseFfnConfig sparse_cfg;         // its tiers
+  ReuseSettings settings;  // flags given; the model directory's reuse_settings.json fills the rest
+  bool print_config = false;
 };
 
 #ifdef REDKNOT_HAS_SERVER
@@ -49,65 +44,51 @@ void on_signal(int) {
 
 int run_serve(const ServeArgs& a) {
   std::signal(SIGPIPE, SIG_IGN);  // a client hanging up must not kill the server
-  register_builtin_backends();
-  // Built by hand instead of load_model(): the model may sit on the batch-invariant wrapper.
-  Checkpoint ckpt = load_checkpoint(a.model);
-  std::unique_ptr<Backend> backend = create_backend(a.backend);
-  std::unique_ptr<Backend> wrapped;
-  const bool batch_invariant =
-      a.batch_invariant == "auto" ? a.backend != "cuda" : a.batch_invariant == "true";
-  if (batch_invariant) wrapped = std::make_unique<BatchInvariantBackend>(*backend);
-  Model model(ckpt, wrapped ? *wrapped : *backend);
-  std::unique_ptr<Tokenizer> tok = load_tokenizer_for(a.model, &ckpt);
-  if (!tok) throw Error(a.model + ": no tokenizer found; the server needs one");
-
-  KvOptions kvo;
-  kvo.page_size = a.page_size;
-  kvo.budget_bytes = a.kv_budget;
-  if (a.gpu_memory_fraction > 0) {
-    // Weights are on the device already: the pool takes this share of what is left.
-    kvo.budget_bytes = static_cast<int64_t>(
-        a.gpu_memory_fraction * static_cast<double>(model.backend().free_memory_bytes()));
-    if (kvo.budget_bytes <= 0) throw Error("--gpu-memory-fraction: no free device memory reported");
-  }
-  // Default pool: every batch slot at full context, all heads global.
-  kvo.tokens = model.config().max_position_embeddings * a.max_batch;
-  kvo.head_profile_path = a.head_profile;
-  // Chunk reuse: cached segments live in the same pool, beside the requests' KV.
+  const ReuseSettings settings = resolve_reuse_settings(a.model, a.settings);
   const ReuseMode mode = a.reuse_mode == "off" ? ReuseMode::Full : parse_reuse_mode(a.reuse_mode);
   const bool reuse = mode != ReuseMode::Full;
-  if (reuse && kvo.budget_bytes <= 0) {
-    // Every batch slot at full context (kvo.tokens spans them all), plus page slack per slot.
-    const int64_t request_bytes =
-        kv_bytes_for(model, kvo.page_size, kvo.tokens / a.max_batch, a.max_batch);
-    kvo.budget_bytes =
-        request_bytes + (a.chunk_store_bytes > 0 ? a.chunk_store_bytes : request_bytes / 2);
+  ReuseOptions reuse_opts;
+  reuse_opts.mode = mode;
+  settings.apply(reuse_opts);
+  const std::string head_profile = settings.head_profile.value_or("");
+  EngineOptions eo;
+  eo.backend = a.backend;
+  // "auto": on for the CPU backend, off for CUDA (see ServeArgs::batch_invariant).
+  eo.batch_invariant =
+      a.batch_invariant == "auto" ? a.backend != "cuda" : a.batch_invariant == "true";
+  eo.page_size = a.page_size;
+  // One KV store serves every request. With reuse, its heads are the default mode's (naive,
+  // cacheblend and epic run on the model's own attention, as in eval and generate); without,
+  // the server is plain head-aware serving, as `generate` without segments.
+  eo.head_profile = reuse ? head_profile_for_mode(mode, head_profile) : head_profile;
+  eo.kv_budget_bytes = a.kv_budget;
+  eo.gpu_memory_fraction = a.gpu_memory_fraction;
+  eo.concurrent_requests = a.max_batch;
+  eo.chunk_store = reuse;
+  eo.chunk_store_bytes = a.chunk_store_bytes;
+  eo.chunk_store_dir = a.chunk_store_dir;
+  if (a.print_config) {
+    nlohmann::json j = reuse_settings_json(settings, reuse_opts);
+    j["reuse_mode"] = a.reuse_mode;
+    j["kv_head_profile"] = eo.head_profile;
+    std::cout << j.dump() << std::endl;
+    return 0;
   }
-  KvStore store = make_kv_store(model, kvo);
-  std::unique_ptr<ChunkStore> chunks;
-  if (reuse) {
-    ChunkStoreOptions cso;
-    const int64_t pool_bytes = int64_t{store.pool->num_pages()} * store.pool->bytes_per_page();
-    cso.pool_budget_bytes = a.chunk_store_bytes > 0 ? a.chunk_store_bytes : pool_bytes / 3;
-    cso.host_budget_bytes = int64_t{1} << 30;
-    cso.model_fp = model_fingerprint(model.config(), ckpt);
-    if (!a.chunk_store_dir.empty()) {
-      cso.disk_dir = a.chunk_store_dir;
-      cso.disk_budget_bytes = int64_t{16} << 30;
-    }
-    chunks = std::make_unique<ChunkStore>(model, *store.pool, cso);
-  }
+  LoadedModel m = load_model(a.model, eo);
+  Model& model = *m.model;
+  if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; the server needs one");
+  const Tokenizer* tok = m.tokenizer.get();
+  eo.request_tokens = model.config().max_position_embeddings;  // every batch slot at full context
+  EngineStores stores = build_engine_stores(model, m.ckpt, eo);
+  KvStore& store = stores.kv;
+  std::unique_ptr<ChunkStore>& chunks = stores.chunks;
 
   SchedulerOptions so;
   so.max_batch = a.max_batch;
   so.max_queue = a.max_queue;
   so.step_tokens = a.step_tokens > 0 ? a.step_tokens : default_prefill_chunk(a.backend);
   if (chunks) {
-    so.reuse.mode = mode;
-    so.reuse.sparse_ffn_enabled = a.sparse_ffn;
-    so.reuse.skip_dead_rows = a.skip_dead_rows;
-    so.reuse.query_full_attention = a.query_full_attention;
-    so.reuse.sparse_ffn = a.sparse_cfg;
+    so.reuse = reuse_opts;
     so.lookup = chunk_store_lookup(*chunks);
   }
   Scheduler sched(model, *store.cache, so);
@@ -118,10 +99,10 @@ int run_serve(const ServeArgs& a) {
   o.api_key = a.api_key;
   o.threads = a.threads;
   o.backend = a.backend;
-  o.head_profile = a.head_profile;
+  o.head_profile = eo.head_profile;
   o.chunk_store_dir = a.chunk_store_dir;
   o.reuse_mode = a.reuse_mode;
-  o.batch_invariant = batch_invariant;
+  o.batch_invariant = m.is_batch_invariant();
   if (chunks) o.chunk_stats = [&chunks] { return chunks->stats(); };
   std::filesystem::path p(a.model);
   if (p.filename().empty()) p = p.parent_path();  // "dir/"
@@ -132,8 +113,9 @@ int run_serve(const ServeArgs& a) {
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
   std::cout << "redknot serve: model '" << o.model_id << "', " << store.pool->num_pages()
-            << " KV pages of " << a.page_size << " tokens, listening on http://" << a.host << ":"
-            << port << std::endl;
+            << " KV pages of " << a.page_size << " tokens, reuse settings from "
+            << (settings.source.empty() ? "defaults" : settings.source) << ", listening on http://"
+            << a.host << ":" << port << std::endl;
   srv.serve();
   g_server = nullptr;
   std::cout << "redknot serve: stopped" << std::endl;
@@ -147,7 +129,6 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
   CLI::App* c = app.add_subcommand("serve", "OpenAI-compatible HTTP server");
   c->add_option("--model", a->model, "HF model directory or GGUF file")->required();
   c->add_option("--model-id", a->model_id, "name clients send as \"model\" (default: file stem)");
-  c->add_option("--head-profile", a->head_profile, "head profile JSON");
   c->add_option("--host", a->host, "address to bind");
   c->add_option("--port", a->port, "port (0: any free port)")->check(CLI::Range(0, 65535));
   c->add_option("--max-batch", a->max_batch, "running requests at most")
@@ -174,15 +155,10 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "disk tier of the chunk store (cached segments survive restarts)");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes,
                 "KV pool bytes for cached segments (default: a third of the pool)");
-  c->add_option("--sparse-ffn", a->sparse_ffn,
-                "redknot mode runs the FFN only for important tokens (true | false)");
-  c->add_option("--skip-dead-rows", a->skip_dead_rows,
-                "redknot mode skips rows no later token reads past the last global layer (exact; "
-                "true | false)");
-  c->add_option("--query-full-attention", a->query_full_attention,
-                "redknot mode: the query's rows attend with every head global, local heads over "
-                "the whole prompt (beyond the paper; true | false)");
-  add_sparse_ffn_options(c, &a->sparse_cfg);
+  add_reuse_settings_options(c, &a->settings);
+  add_reuse_pass_options(c, &a->settings);
+  c->add_flag("--print-config", a->print_config,
+              "print the resolved reuse settings (JSON) and exit without loading the model");
   c->add_option("--reuse-mode", a->reuse_mode,
                 "default chunk reuse mode: redknot | naive | cacheblend | epic | full | off");
   c->callback([a, &action] {
