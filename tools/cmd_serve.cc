@@ -35,6 +35,51 @@ struct ServeArgs {
   bool print_config = false;
 };
 
+// What the server runs with, before any model is loaded (--print-config shows it).
+struct ServeSetup {
+  ReuseSettings settings;
+  ReuseMode mode = ReuseMode::Full;
+  bool reuse = false;
+  ReuseOptions reuse_opts;
+  EngineOptions engine;
+};
+
+ServeSetup resolve_serve(const ServeArgs& a) {
+  ServeSetup s;
+  s.settings = resolve_reuse_settings(a.model, a.settings);
+  s.mode = a.reuse_mode == "off" ? ReuseMode::Full : parse_reuse_mode(a.reuse_mode);
+  s.reuse = s.mode != ReuseMode::Full;
+  s.reuse_opts.mode = s.mode;
+  s.settings.apply(s.reuse_opts);
+  const std::string head_profile = s.settings.head_profile.value_or("");
+  EngineOptions& eo = s.engine;
+  eo.backend = a.backend;
+  // "auto": on for the CPU backend, off for CUDA (see ServeArgs::batch_invariant).
+  eo.batch_invariant =
+      a.batch_invariant == "auto" ? a.backend != "cuda" : a.batch_invariant == "true";
+  eo.page_size = a.page_size;
+  // One KV store serves every request. With reuse, its heads are the default mode's (naive,
+  // cacheblend and epic run on the model's own attention, as in eval and generate); without,
+  // the server is plain head-aware serving, as `generate` without segments.
+  eo.head_profile = s.reuse ? head_profile_for_mode(s.mode, head_profile) : head_profile;
+  eo.kv_budget_bytes = a.kv_budget;
+  eo.gpu_memory_fraction = a.gpu_memory_fraction;
+  eo.concurrent_requests = a.max_batch;
+  eo.chunk_store = s.reuse;
+  eo.chunk_store_bytes = a.chunk_store_bytes;
+  eo.chunk_store_dir = a.chunk_store_dir;
+  return s;
+}
+
+int print_serve_config(const ServeArgs& a) {
+  const ServeSetup s = resolve_serve(a);
+  nlohmann::json j = reuse_settings_json(s.settings, s.reuse_opts);
+  j["reuse_mode"] = a.reuse_mode;
+  j["kv_head_profile"] = s.engine.head_profile;
+  std::cout << j.dump() << std::endl;
+  return 0;
+}
+
 #ifdef REDKNOT_HAS_SERVER
 server::Server* g_server = nullptr;
 
@@ -44,36 +89,9 @@ void on_signal(int) {
 
 int run_serve(const ServeArgs& a) {
   std::signal(SIGPIPE, SIG_IGN);  // a client hanging up must not kill the server
-  const ReuseSettings settings = resolve_reuse_settings(a.model, a.settings);
-  const ReuseMode mode = a.reuse_mode == "off" ? ReuseMode::Full : parse_reuse_mode(a.reuse_mode);
-  const bool reuse = mode != ReuseMode::Full;
-  ReuseOptions reuse_opts;
-  reuse_opts.mode = mode;
-  settings.apply(reuse_opts);
-  const std::string head_profile = settings.head_profile.value_or("");
-  EngineOptions eo;
-  eo.backend = a.backend;
-  // "auto": on for the CPU backend, off for CUDA (see ServeArgs::batch_invariant).
-  eo.batch_invariant =
-      a.batch_invariant == "auto" ? a.backend != "cuda" : a.batch_invariant == "true";
-  eo.page_size = a.page_size;
-  // One KV store serves every request. With reuse, its heads are the default mode's (naive,
-  // cacheblend and epic run on the model's own attention, as in eval and generate); without,
-  // the server is plain head-aware serving, as `generate` without segments.
-  eo.head_profile = reuse ? head_profile_for_mode(mode, head_profile) : head_profile;
-  eo.kv_budget_bytes = a.kv_budget;
-  eo.gpu_memory_fraction = a.gpu_memory_fraction;
-  eo.concurrent_requests = a.max_batch;
-  eo.chunk_store = reuse;
-  eo.chunk_store_bytes = a.chunk_store_bytes;
-  eo.chunk_store_dir = a.chunk_store_dir;
-  if (a.print_config) {
-    nlohmann::json j = reuse_settings_json(settings, reuse_opts);
-    j["reuse_mode"] = a.reuse_mode;
-    j["kv_head_profile"] = eo.head_profile;
-    std::cout << j.dump() << std::endl;
-    return 0;
-  }
+  ServeSetup setup = resolve_serve(a);
+  const ReuseSettings& settings = setup.settings;
+  EngineOptions& eo = setup.engine;
   LoadedModel m = load_model(a.model, eo);
   Model& model = *m.model;
   if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; the server needs one");
@@ -88,7 +106,7 @@ int run_serve(const ServeArgs& a) {
   so.max_queue = a.max_queue;
   so.step_tokens = a.step_tokens > 0 ? a.step_tokens : default_prefill_chunk(a.backend);
   if (chunks) {
-    so.reuse = reuse_opts;
+    so.reuse = setup.reuse_opts;
     so.lookup = chunk_store_lookup(*chunks);
   }
   Scheduler sched(model, *store.cache, so);
@@ -162,6 +180,10 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--reuse-mode", a->reuse_mode,
                 "default chunk reuse mode: redknot | naive | cacheblend | epic | full | off");
   c->callback([a, &action] {
+    if (a->print_config) {
+      action = [a] { return print_serve_config(*a); };
+      return;
+    }
 #ifdef REDKNOT_HAS_SERVER
     action = [a] { return run_serve(*a); };
 #else
