@@ -9,11 +9,11 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "bench_util.h"
+#include "core/batch.h"
 #include "core/error.h"
 #include "kv/device_util.h"
 #include "kv/page_pool.h"
 #include "kv/paged_kv_cache.h"
-#include "model/batch.h"
 
 namespace redknot::bench {
 namespace {

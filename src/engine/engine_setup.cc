@@ -2,9 +2,9 @@
 
 #include <algorithm>
 
+#include "backend/batch_invariant_backend.h"
 #include "backend/builtin.h"
 #include "core/error.h"
-#include "engine/batch_invariant_backend.h"
 
 namespace redknot {
 

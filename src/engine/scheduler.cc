@@ -4,8 +4,8 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "engine/flops.h"
 #include "kv/head_profile.h"
+#include "model/flops.h"
 
 namespace redknot {
 

@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
-#include "engine/flops.h"
 #include "engine/kv_setup.h"
 #include "eval/rag_dataset.h"
 #include "loader/checkpoint.h"
+#include "model/flops.h"
 #include "model/model.h"
 #include "reuse/chunk_store.h"
 #include "reuse/reuse_prefill.h"

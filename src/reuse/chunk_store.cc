@@ -16,9 +16,9 @@
 #include <system_error>
 #include <utility>
 
+#include "core/batch.h"
 #include "core/error.h"
 #include "kv/device_util.h"
-#include "model/batch.h"
 #include "reuse/hasher.h"
 
 namespace redknot {
