@@ -188,10 +188,18 @@ TEST(Cli, ReuseSettingsComeFromTheModelDirectory) {
     EXPECT_EQ(jo["layer_mass"].get<std::vector<double>>(), shipped) << cmd;
     EXPECT_EQ(jo["source"], model + "/reuse_settings.json + command line") << cmd;
   }
-  // The baselines run on the model's own attention whatever profile the settings name.
-  CliResult naive = run_cli("generate --mode naive --model " + model + " --print-config");
-  ASSERT_EQ(naive.status, 0) << naive.out;
-  EXPECT_EQ(nlohmann::json::parse(last_line(naive.out))["kv_head_profile"], "");
+  // The baselines run on the model's own attention whatever profile the settings name, in
+  // every command; plain serving (no reuse) keeps the profile.
+  for (const std::string cmd : {"generate --mode naive", "generate --mode cacheblend --segment x",
+                                "serve --reuse-mode epic", "serve --reuse-mode naive"}) {
+    CliResult r = run_cli(cmd + " --model " + model + " --print-config");
+    ASSERT_EQ(r.status, 0) << cmd << ": " << r.out;
+    EXPECT_EQ(nlohmann::json::parse(last_line(r.out))["kv_head_profile"], "") << cmd;
+  }
+  CliResult off = run_cli("serve --reuse-mode off --model " + model + " --print-config");
+  ASSERT_EQ(off.status, 0) << off.out;
+  EXPECT_EQ(nlohmann::json::parse(last_line(off.out))["kv_head_profile"],
+            model + "/head_profile.json");
 
   const std::string bad = ::testing::TempDir() + "/bad_settings_model";
   std::filesystem::create_directories(bad);
