@@ -74,11 +74,11 @@ struct EngineStores {
 EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const EngineOptions& opts);
 
 // Which heads a reuse mode's KV uses, the same in every entry point: redknot runs on the head
-// profile (SPEC §2-§4: local heads store and read sink ∪ window). naive, cacheblend, epic and full
-// are the published methods and the reference, defined on the model as trained (SPEC §4's
-// baselines; the eval tables of docs/benchmarks.md compare them with redknot under one flag), so
-// they take the model's own attention whatever profile is given. Returns the profile path to
-// build the store with ("" = HeadProfile::native).
+// profile (SPEC §2-§4: local heads store and read sink ∪ window). naive, cacheblend, epic,
+// prefix and full are the published methods and the reference, defined on the model as trained
+// (SPEC §4's baselines; the eval tables of docs/benchmarks.md compare them with redknot under
+// one flag), so they take the model's own attention whatever profile is given. Returns the
+// profile path to build the store with ("" = HeadProfile::native).
 std::string head_profile_for_mode(ReuseMode mode, const std::string& head_profile);
 
 }  // namespace redknot
