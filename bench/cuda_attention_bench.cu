@@ -22,6 +22,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_backend.h"
+#include "kv/head_profile.h"
 
 using namespace redknot;
 
@@ -96,10 +97,12 @@ Layout make_layout(int32_t seqs, int32_t hkv, int32_t len, int32_t rows, int32_t
                    int32_t window, int32_t sink, bool trim, int64_t d) {
   Layout L{seqs, hkv, 64};
   const int32_t ps = L.page_size, n_pages = (len + ps - 1) / ps;
+  std::vector<HeadSpec> head(hkv);  // the store's keep rule decides which pages a trim drops
   for (int32_t h = 0; h < hkv; ++h) {
     const bool local = h >= globals;
     L.window.push_back(local ? window : 0);
     L.sink.push_back(local ? sink : 0);
+    if (local) head[h] = {HeadClass::Local, window, sink};
   }
   L.qo.push_back(0);
   L.kv_indptr.push_back(0);
@@ -111,8 +114,7 @@ Layout make_layout(int32_t seqs, int32_t hkv, int32_t len, int32_t rows, int32_t
     for (int32_t h = 0; h < hkv; ++h) {
       for (int32_t pg = 0; pg < n_pages; ++pg) {
         const int32_t first = pg * ps, last = std::min(len, first + ps) - 1;
-        if (trim && L.window[h] > 0 && first >= L.sink[h] && last < len - 1 - L.window[h] + 1)
-          continue;
+        if (trim && !head[h].keeps_any(first, last, len - 1)) continue;
         L.pages.push_back(next);
         L.lengths.push_back(last - first + 1);
         placed.push_back({next, first});
@@ -251,7 +253,9 @@ int main() {
   }
   for (const std::string& kern : kernels)
     for (int32_t T : {8192, 32768}) {
-      setenv("REDKNOT_FLASH_SM90", kern.c_str(), 1);
+      CudaFlashTuning tuning;
+      tuning.sm90 = kern;
+      set_cuda_flash_tuning(b, tuning);
       const std::string name = kern == "0" ? "mma.sync 64-row" : "wgmma " + kern;
       for (int profile = 0; profile < 2; ++profile) {
         const bool mixed = profile == 1;
@@ -270,7 +274,7 @@ int main() {
         table.push_back(line);
         std::printf("%s\n", line);
       }
-      unsetenv("REDKNOT_FLASH_SM90");
+      set_cuda_flash_tuning(b, CudaFlashTuning{});
     }
 
   // ---- decode (automatic split count, then a sweep via REDKNOT_FLASH_SPLITS) ----
@@ -280,11 +284,13 @@ int main() {
     Inputs in = put(b, L, hq, d);
     const HostCopy hc = host_copy(b, in);
     for (int splits : {0, 4, 8, 16, 32, 64}) {
-      if (splits > 0) setenv("REDKNOT_FLASH_SPLITS", std::to_string(splits).c_str(), 1);
+      CudaFlashTuning tuning;
+      tuning.splits = splits;  // 0: automatic
+      set_cuda_flash_tuning(b, tuning);
       auto run = [&] { b.paged_attention(in.q, in.k, in.v, in.pos, in.q_pos, in.plan, in.out); };
       const double ms = time_ms(b, run, 50);
       const double err = spot_check(b, L, in, hc, hq, d, splits == 0 ? 24 : 8);
-      unsetenv("REDKNOT_FLASH_SPLITS");
+      set_cuda_flash_tuning(b, CudaFlashTuning{});
       const double bytes = double(L.kv_bytes_read) + 2.0 * 16 * hq * d * 2;
       const std::string sp = splits == 0 ? "auto" : std::to_string(splits);
       std::snprintf(

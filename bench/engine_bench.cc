@@ -12,7 +12,7 @@
 #include "backend/builtin.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
-#include "engine/kv_setup.h"
+#include "engine/engine_setup.h"
 #include "model/model.h"
 #include "model/random_checkpoint.h"
 
@@ -125,9 +125,9 @@ int run_engine_bench(const EngineBenchArgs& a) {
 
   std::vector<double> prefill_s, decode_s;
   for (int r = 0; r < a.repeats; ++r) {
-    KvOptions kvo;
-    kvo.tokens = a.prefill_tokens + a.decode_tokens + 1;
-    KvStore store = make_kv_store(model, kvo);
+    EngineOptions eo;
+    eo.request_tokens = a.prefill_tokens + a.decode_tokens + 1;
+    KvStore store = std::move(build_engine_stores(model, ck, eo).kv);
     KvCache& kv = *store.cache;
     kv.add_sequence(0);
     Batch b;

@@ -9,11 +9,11 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "bench_util.h"
+#include "core/batch.h"
 #include "core/error.h"
 #include "kv/device_util.h"
 #include "kv/page_pool.h"
 #include "kv/paged_kv_cache.h"
-#include "model/batch.h"
 
 namespace redknot::bench {
 namespace {
@@ -102,8 +102,7 @@ int run_capacity_bench(const CapacityBenchArgs& a) {
   const int64_t budget = static_cast<int64_t>(a.budget_gib * kGiB);
   // Byte math in bf16 (the GPU KV dtype) even though the accounting runs on the host.
   const int32_t pages = PagePool::pages_for_bytes(budget, s.page_size, s.head_dim, DType::BF16);
-  const int64_t page_bytes =
-      2 * dtype_bytes(DType::BF16, int64_t{s.page_size} * s.head_dim) + int64_t{s.page_size} * 4;
+  const int64_t page_bytes = PagePool::page_bytes(s.page_size, s.head_dim, DType::BF16);
   std::printf(
       "# redknot bench capacity: %d layers x %d kv heads, head_dim %d, bf16 KV, page %d "
       "tokens (%lld B with positions), budget %.1f GiB = %d pages\n",
@@ -185,13 +184,9 @@ struct PagedTiming {
 PagedTiming time_paged(CpuBackend& backend, const HeadProfile& profile, const KvShape& s,
                        int64_t context, int32_t batch, int32_t chunk, int32_t repeats) {
   // Room for every session plus the pages local heads hold while a chunk is in flight.
-  int64_t pages = 0;
-  for (int32_t l = 0; l < profile.num_layers(); ++l)
-    for (int32_t h = 0; h < profile.num_kv_heads(); ++h) {
-      const int64_t kept = head_tokens_kept(profile.at(l, h), context + 1);
-      pages += batch * ((kept + s.page_size - 1) / s.page_size + 2) +
-               (chunk + s.page_size - 1) / s.page_size + 1;
-    }
+  const int64_t heads = int64_t{profile.num_layers()} * profile.num_kv_heads();
+  const int64_t pages = batch * profile.pages_for(context + 1, s.page_size, 2) +
+                        heads * ((chunk + s.page_size - 1) / s.page_size + 1);
   PagePool pool(backend, static_cast<int32_t>(pages), s.page_size, s.head_dim);
   PagedKvOptions opts;
   opts.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));

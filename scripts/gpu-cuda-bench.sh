@@ -17,6 +17,7 @@ gpu_configure "$BUILD" "$LOG/cmake.log" || exit 1
 gpu_build "$BUILD" "$LOG/build.log" op_parity_test cuda_model_test || exit 1
 B="$BUILD/src"
 nvcc -std=c++20 -O2 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I"$ROOT/src" \
+  -I"$ROOT/.devdeps" \
   "$ROOT/bench/cuda_attention_bench.cu" -o "$BUILD/cuda_attention_bench" -Xlinker --start-group \
   "$B/librk_backend.a" "$B/librk_cuda.a" "$B/librk_core.a" -Xlinker --end-group \
   -lcublasLt -lcublas -lpthread 2>&1 | grep -v "^$" | head -20

@@ -20,15 +20,10 @@ args=()
 has --model || args+=(--model "$root/models/redknot-rag-8k")
 has --host || args+=(--host 127.0.0.1)
 has --port || args+=(--port 8080)
-# The model's head profile: 13 of 16 KV heads local (KV memory per session and reuse recompute
-# shrink); its Sparse FFN setting (per-layer masses, neighbours of kept rows run too), chosen on a
-# held-out set: reuse answers within 2 EM of full prefill on every task family at 70.9% fewer
-# prefill FLOPs (docs/benchmarks.md). Only for the shipped model.
-if ! has --model; then
-  has --head-profile || args+=(--head-profile "$root/models/redknot-rag-8k/head_profile.json")
-  has --layer-mass --dense-until --mass --deep-start --mass-deep ||
-    args+=(--layer-mass 1,1,0.4,0.4,0.7,0.5,0.5,0.5)
-  has --ffn-dilate || args+=(--ffn-dilate 1)
-fi
+# The model directory's reuse_settings.json supplies its tuned settings: the head profile (13 of 16
+# KV heads local: KV memory per session and reuse recompute shrink) and the Sparse FFN setting
+# (per-layer masses, neighbours of kept rows run too), chosen on a held-out set: reuse answers
+# within 2 EM of full prefill on every task family at 70.9% fewer prefill FLOPs
+# (docs/benchmarks.md). Flags given here override its fields one by one.
 echo "RedKnot: redknot serve ${args[*]} $* (Ctrl-C to stop)"
 exec "${REDKNOT_BUILD_DIR:-$root/build}/redknot" serve "${args[@]}" "$@"

@@ -2,6 +2,7 @@
 // with a non-zero exit on bad input.
 #include <array>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
@@ -163,6 +164,50 @@ TEST(Cli, EvalReferenceFileServesAnySubset) {
   EXPECT_NE(damaged.out.find("truncated reference logits"), std::string::npos) << damaged.out;
   std::ifstream in(ref, std::ios::binary | std::ios::ate);
   EXPECT_EQ(static_cast<size_t>(in.tellg()), bytes.size() - 100);
+}
+
+// serve and generate without reuse flags run with the model directory's reuse_settings.json;
+// flags override it field by field; a bad file is an error naming it.
+TEST(Cli, ReuseSettingsComeFromTheModelDirectory) {
+  const std::string model = std::string(REDKNOT_SOURCE_DIR) + "/models/redknot-rag-8k";
+  const std::vector<double> shipped = {1, 1, 0.4, 0.4, 0.7, 0.5, 0.5, 0.5};
+  for (const std::string cmd : {"serve", "generate --mode redknot"}) {
+    CliResult r = run_cli(cmd + " --model " + model + " --print-config");
+    ASSERT_EQ(r.status, 0) << cmd << ": " << r.out;
+    auto j = nlohmann::json::parse(last_line(r.out));
+    EXPECT_EQ(j["source"], model + "/reuse_settings.json") << cmd;
+    EXPECT_EQ(j["layer_mass"].get<std::vector<double>>(), shipped) << cmd;
+    EXPECT_EQ(j["ffn_dilate"], 1) << cmd;
+    EXPECT_EQ(j["head_profile"], model + "/head_profile.json") << cmd;
+    EXPECT_EQ(j["kv_head_profile"], model + "/head_profile.json") << cmd;
+
+    CliResult o = run_cli(cmd + " --model " + model + " --print-config --ffn-dilate 0");
+    ASSERT_EQ(o.status, 0) << cmd << ": " << o.out;
+    auto jo = nlohmann::json::parse(last_line(o.out));
+    EXPECT_EQ(jo["ffn_dilate"], 0) << cmd;
+    EXPECT_EQ(jo["layer_mass"].get<std::vector<double>>(), shipped) << cmd;
+    EXPECT_EQ(jo["source"], model + "/reuse_settings.json + command line") << cmd;
+  }
+  // The baselines run on the model's own attention whatever profile the settings name, in
+  // every command; plain serving (no reuse) keeps the profile.
+  for (const std::string cmd : {"generate --mode naive", "generate --mode cacheblend --segment x",
+                                "serve --reuse-mode epic", "serve --reuse-mode naive"}) {
+    CliResult r = run_cli(cmd + " --model " + model + " --print-config");
+    ASSERT_EQ(r.status, 0) << cmd << ": " << r.out;
+    EXPECT_EQ(nlohmann::json::parse(last_line(r.out))["kv_head_profile"], "") << cmd;
+  }
+  CliResult off = run_cli("serve --reuse-mode off --model " + model + " --print-config");
+  ASSERT_EQ(off.status, 0) << off.out;
+  EXPECT_EQ(nlohmann::json::parse(last_line(off.out))["kv_head_profile"],
+            model + "/head_profile.json");
+
+  const std::string bad = ::testing::TempDir() + "/bad_settings_model";
+  std::filesystem::create_directories(bad);
+  std::ofstream(bad + "/reuse_settings.json") << R"({"layer_mass": [1], "typo": 1})";
+  CliResult e = run_cli("serve --model " + bad + " --print-config");
+  EXPECT_NE(e.status, 0);
+  EXPECT_NE(e.out.find(bad + "/reuse_settings.json"), std::string::npos) << e.out;
+  EXPECT_NE(e.out.find("unknown key \"typo\""), std::string::npos) << e.out;
 }
 
 }  // namespace

@@ -7,7 +7,7 @@
 #include <random>
 #include <thread>
 
-#include "engine/batch_invariant_backend.h"
+#include "backend/batch_invariant_backend.h"
 #include "engine/kv_setup.h"
 #include "engine/scheduler.h"
 #include "eval/rag_dataset.h"

@@ -21,11 +21,12 @@ namespace redknot::cli {
 
 namespace {
 struct EvalArgs {
-  std::string model, data, mode = "full", head_profile, backend = "cpu", reference, predictions;
+  std::string model, data, mode = "full", backend = "cpu", reference, predictions;
   int64_t n = 0, chunk_store_bytes = 0;
-  int32_t page_size = 64, max_answer_tokens = 16;
-  ReuseOptions reuse;
-  bool json = false, quiet = false, no_sparse_ffn = false, no_skip_dead_rows = false;
+  int32_t page_size = kDefaultPageSize, max_answer_tokens = 16;
+  ReuseOptions reuse;      // the baselines' parameters (cacheblend ratio, epic k)
+  ReuseSettings settings;  // flags given; the model directory's reuse_settings.json fills the rest
+  bool json = false, quiet = false;
 };
 
 std::vector<std::string> parse_modes(const std::string& spec) {
@@ -201,6 +202,7 @@ void save_predictions(const std::string& path, const std::vector<EvalReport>& re
 
 int run_eval(const EvalArgs& a) {
   const std::vector<std::string> modes = parse_modes(a.mode);
+  const ReuseSettings settings = resolve_reuse_settings(a.model, a.settings);
   LoadedModel m = load_model(a.model, a.backend);
   if (!m.tokenizer) throw Error(a.model + ": no tokenizer found (eval builds prompts from text)");
   std::vector<RagSample> samples = load_rag_dataset(a.data, a.n);
@@ -229,12 +231,11 @@ int run_eval(const EvalArgs& a) {
     EvalOptions opts;
     opts.reuse = a.reuse;
     opts.reuse.mode = parse_reuse_mode(mode);
-    opts.reuse.sparse_ffn_enabled = !a.no_sparse_ffn;
-    opts.reuse.skip_dead_rows = !a.no_skip_dead_rows;
+    settings.apply(opts.reuse);
     opts.chunk_store_bytes = a.chunk_store_bytes;
     opts.max_answer_tokens = a.max_answer_tokens;
     opts.kv.page_size = a.page_size;
-    opts.kv.head_profile_path = a.head_profile;
+    opts.kv.head_profile_path = settings.head_profile.value_or("");
     opts.full_logits = &full_logits;
     reports.push_back(run_rag_eval(*m.model, m.ckpt, *m.tokenizer, samples, opts,
                                    [&](int64_t done, int64_t total) {
@@ -283,18 +284,15 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
                 "(modes share the full-prefill reference; --json then prints an array)");
   c->add_option("--cacheblend-ratio", a->reuse.cacheblend_ratio)->check(CLI::Range(0.0, 1.0));
   c->add_option("--epic-k", a->reuse.epic_k)->check(CLI::Range(0, 1 << 20));
-  c->add_option("--reuse-chunk", a->reuse.chunk,
-                "rows per forward of every reuse pass (0: each pass whole); Sparse FFN ranks rows "
-                "per forward, so serve answers alike with the same --reuse-chunk")
-      ->check(CLI::Range(0, 1 << 20));
-  add_sparse_ffn_options(c, &a->reuse.sparse_ffn);
-  c->add_flag("--no-sparse-ffn", a->no_sparse_ffn, "redknot mode without Sparse FFN");
-  c->add_flag("--no-skip-dead-rows", a->no_skip_dead_rows,
-              "redknot mode as the paper: every recomputed row through every layer");
-  c->add_flag("--query-full-attention", a->reuse.query_full_attention,
-              "redknot mode: the query's rows attend with every head global (beyond the paper)");
+  add_reuse_settings_options(c, &a->settings);
+  ReuseSettings* s = &a->settings;
+  c->add_flag_callback(
+      "--no-skip-dead-rows", [s] { s->skip_dead_rows = false; },
+      "redknot mode as the paper: every recomputed row through every layer");
+  c->add_flag_callback(
+      "--query-full-attention", [s] { s->query_full_attention = true; },
+      "redknot mode: the query's rows attend with every head global (beyond the paper)");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes, "pool bytes for cached segments");
-  c->add_option("--head-profile", a->head_profile, "head profile JSON");
   c->add_option("--reference", a->reference,
                 "file caching full prefill's logits per (model, sample): rows it has are read, "
                 "missing ones computed and added");

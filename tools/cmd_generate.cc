@@ -6,10 +6,10 @@
 #include "commands.h"
 #include "common.h"
 #include "core/error.h"
-#include "engine/flops.h"
+#include "engine/engine_setup.h"
 #include "engine/generate.h"
-#include "engine/kv_setup.h"
 #include "loader/safetensors.h"
+#include "model/flops.h"
 #include "reuse/chunk_prefill.h"
 #include "reuse/chunk_store.h"
 #include "reuse/reuse_prefill.h"
@@ -18,20 +18,18 @@ namespace redknot::cli {
 
 namespace {
 struct GenerateArgs {
-  std::string model, prompt, prompt_ids, logits_out, backend = "cpu", head_profile;
+  std::string model, prompt, prompt_ids, logits_out, backend = "cpu";
   std::vector<std::string> segments;  // reuse units before the prompt (documents, system)
   std::string mode = "full", chunk_store_dir;
-  int64_t chunk_store_bytes = int64_t{256} << 20;
-  int32_t page_size = 64;
+  int64_t chunk_store_bytes = 0;  // 0: the engine's default share (engine_setup.h)
+  int32_t page_size = kDefaultPageSize;
   int64_t kv_budget = 0;
   int32_t max_tokens = 32, prefill_chunk = 0;  // 0: default_prefill_chunk(backend)
-  int32_t reuse_chunk = ReuseOptions{}.chunk;
   float temperature = 0.0f, top_p = 1.0f;
   int32_t top_k = 0;
   uint64_t seed = 0;
-  bool json = false, ignore_eos = false;
-  bool skip_dead_rows = true;         // redknot mode: dead-row skipping past the last global layer
-  bool query_full_attention = false;  // redknot mode: the query's rows attend with every head
+  bool json = false, ignore_eos = false, print_config = false;
+  ReuseSettings settings;  // flags given; the model directory's reuse_settings.json fills the rest
 };
 
 // The prompt as reuse units: each --segment tokenized alone (BOS, if the tokenizer adds one, in
@@ -46,30 +44,17 @@ SegmentedPrompt segmented_prompt(const GenerateArgs& a, const Tokenizer& tok) {
 
 // Prompt given as segments (or a reuse mode asked for): prefill through the chunk store in the
 // chosen mode, then decode as usual. The disk tier (--chunk-store-dir) keeps segments across runs.
-int run_segmented(const GenerateArgs& a, LoadedModel& m) {
+int run_segmented(const GenerateArgs& a, LoadedModel& m, const ReuseOptions& ro, EngineOptions eo) {
   if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; segments are text");
-  ReuseOptions ro;
-  ro.mode = parse_reuse_mode(a.mode);
-  ro.skip_dead_rows = a.skip_dead_rows;
-  ro.query_full_attention = a.query_full_attention;
-  ro.chunk = a.reuse_chunk;
   const SegmentedPrompt p = segmented_prompt(a, *m.tokenizer);
   const ModelConfig& cfg = m.model->config();
-  KvOptions kvo;
-  kvo.page_size = a.page_size;
-  kvo.head_profile_path = reuse_mode_uses_head_profile(ro.mode) ? a.head_profile : "";
-  const int64_t tokens = p.total_tokens() + a.max_tokens + 1;
-  const int64_t request_bytes = kv_bytes_for(*m.model, kvo.page_size, tokens);
-  kvo.budget_bytes = a.kv_budget > 0 ? a.kv_budget : 2 * request_bytes + a.chunk_store_bytes;
-  KvStore store = make_kv_store(*m.model, kvo);
-  ChunkStoreOptions cso;
-  cso.pool_budget_bytes = a.chunk_store_bytes;
-  cso.model_fp = model_fingerprint(cfg, m.ckpt);
-  if (!a.chunk_store_dir.empty()) {
-    cso.disk_dir = a.chunk_store_dir;
-    cso.disk_budget_bytes = int64_t{4} << 30;
-  }
-  ChunkStore chunks(*m.model, *store.pool, cso);
+  eo.request_tokens = p.total_tokens() + a.max_tokens + 1;
+  eo.chunk_store = true;
+  eo.chunk_store_bytes = a.chunk_store_bytes;
+  eo.chunk_store_dir = a.chunk_store_dir;
+  EngineStores stores = build_engine_stores(*m.model, m.ckpt, eo);
+  KvStore& store = stores.kv;
+  ChunkStore& chunks = *stores.chunks;
   PrefillOutcome pre = prefill_with_reuse(*m.model, *store.cache, 0, p, &chunks, ro);
   GenerateOptions opts;
   opts.max_tokens = a.max_tokens;
@@ -109,11 +94,31 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m) {
 }
 
 int run_generate(const GenerateArgs& a) {
+  const ReuseSettings settings = resolve_reuse_settings(a.model, a.settings);
+  const std::string head_profile = settings.head_profile.value_or("");
+  const bool segmented = !a.segments.empty() || a.mode != "full";
+  ReuseOptions ro;
+  ro.mode = parse_reuse_mode(a.mode);
+  settings.apply(ro);
+  EngineOptions eo;
+  eo.backend = a.backend;
+  eo.page_size = a.page_size;
+  eo.kv_budget_bytes = a.kv_budget;
+  // With segments the mode decides the heads (as in eval and serve); a plain prompt runs on the
+  // head profile given, as redknot mode does without segments.
+  eo.head_profile = segmented ? head_profile_for_mode(ro.mode, head_profile) : head_profile;
+  if (a.print_config) {
+    nlohmann::json j = reuse_settings_json(settings, ro);
+    j["reuse_mode"] = a.mode;
+    j["kv_head_profile"] = eo.head_profile;
+    std::cout << j.dump() << std::endl;
+    return 0;
+  }
   LoadedModel m = load_model(a.model, a.backend);
-  if (!a.segments.empty() || a.mode != "full") {
+  if (segmented) {
     if (!a.prompt_ids.empty()) throw Error("--segment/--mode take --prompt text, not --prompt-ids");
     if (!a.logits_out.empty()) throw Error("--logits-out works with plain prompts only");
-    return run_segmented(a, m);
+    return run_segmented(a, m, ro, eo);
   }
   std::vector<int32_t> prompt;
   if (!a.prompt_ids.empty()) {
@@ -122,12 +127,9 @@ int run_generate(const GenerateArgs& a) {
     if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; use --prompt-ids");
     prompt = m.tokenizer->encode(a.prompt, /*add_special=*/true);
   }
-  KvOptions kvo;
-  kvo.page_size = a.page_size;
-  kvo.budget_bytes = a.kv_budget;
-  kvo.tokens = static_cast<int64_t>(prompt.size()) + a.max_tokens + 1;
-  kvo.head_profile_path = a.head_profile;
-  KvStore store = make_kv_store(*m.model, kvo);
+  eo.request_tokens = static_cast<int64_t>(prompt.size()) + a.max_tokens + 1;
+  EngineStores stores = build_engine_stores(*m.model, m.ckpt, eo);
+  KvStore& store = stores.kv;
   KvCache& kv = *store.cache;
   GenerateOptions opts;
   opts.max_tokens = a.max_tokens;
@@ -190,24 +192,19 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
                 "a reuse unit (document, system prompt) before --prompt; repeatable");
   c->add_option("--mode", a->mode, "full | prefix | naive | cacheblend | epic | redknot");
   c->add_option("--chunk-store-dir", a->chunk_store_dir, "disk tier of the chunk store");
-  c->add_option("--reuse-chunk", a->reuse_chunk,
-                "rows per forward of every reuse pass (0: each pass whole); as serve and eval")
-      ->check(CLI::Range(0, 1 << 20));
-  c->add_option("--skip-dead-rows", a->skip_dead_rows,
-                "redknot mode skips rows no later token reads past the last global layer (exact)");
-  c->add_option("--query-full-attention", a->query_full_attention,
-                "redknot mode: the query's rows attend with every head global, local heads over "
-                "the whole prompt (beyond the paper; true | false)");
-  c->add_option("--chunk-store-bytes", a->chunk_store_bytes, "pool bytes for cached segments");
-  c->add_option("--head-profile", a->head_profile,
-                "head profile JSON (default: the model's own attention)");
+  add_reuse_settings_options(c, &a->settings);
+  add_reuse_pass_options(c, &a->settings);
+  c->add_option("--chunk-store-bytes", a->chunk_store_bytes,
+                "pool bytes for cached segments (default: 4 requests' worth)");
   c->add_option("--page-size", a->page_size, "KV page size in tokens")->check(CLI::Range(1, 4096));
   c->add_option("--kv-budget", a->kv_budget, "KV pool size in bytes (default: fits the request)");
   c->add_flag("--json", a->json, "print {\"ids\": [...], \"text\": ...}");
+  c->add_flag("--print-config", a->print_config,
+              "print the resolved reuse settings (JSON) and exit without loading the model");
   c->add_flag("--ignore-eos", a->ignore_eos, "keep generating past EOS");
   c->add_option("--logits-out", a->logits_out, "write prompt logits [len, vocab] as safetensors");
   c->callback([a, c, &action] {
-    if (a->prompt.empty() && a->prompt_ids.empty())
+    if (a->prompt.empty() && a->prompt_ids.empty() && !a->print_config)
       throw CLI::ValidationError("--prompt or --prompt-ids is required");
     action = [a] { return run_generate(*a); };
   });

@@ -7,12 +7,10 @@
 #include "commands.h"
 #include "common.h"
 #include "core/error.h"
+#include "engine/engine_setup.h"
 #include "model/sparse_ffn.h"
 
 #ifdef REDKNOT_HAS_SERVER
-#include "backend/builtin.h"
-#include "engine/batch_invariant_backend.h"
-#include "engine/kv_setup.h"
 #include "engine/scheduler.h"
 #include "reuse/chunk_store.h"
 #include "reuse/prefix_cache.h"
@@ -23,9 +21,8 @@ namespace redknot::cli {
 
 namespace {
 struct ServeArgs {
-  std::string model, head_profile, host = "127.0.0.1", api_key, backend = "cpu";
+  std::string model, host = "127.0.0.1", api_key, backend = "cpu";
   std::string chunk_store_dir, reuse_mode = "redknot", model_id, reuse_fallback = "wait";
-  int32_t reuse_chunk = 0;  // 0: the step budget
   int64_t chunk_store_bytes = 0;
   int port = 8080;
   int32_t max_batch = 32, max_queue = 256, step_tokens = 0, page_size = 64, threads = 0;
@@ -36,12 +33,56 @@ struct ServeArgs {
   // tile shapes per batch (row-at-a-time matmuls there would cost ~100x and still not make a
   // request's logits independent of its batch).
   std::string batch_invariant = "auto";
-  bool sparse_ffn = true;  // redknot mode's Sparse FFN (SPEC §4)
+  ReuseSettings settings;  // flags given; the model directory's reuse_settings.json fills the rest
+  bool print_config = false;
   bool disable_log_requests = false;
-  bool skip_dead_rows = true;         // redknot mode: dead-row skipping past the last global layer
-  bool query_full_attention = false;  // redknot mode: the query's rows attend with every head
-  SparseFfnConfig sparse_cfg;         // its tiers
 };
+
+// What the server runs with, before any model is loaded (--print-config shows it).
+struct ServeSetup {
+  ReuseSettings settings;
+  ReuseMode mode = ReuseMode::Full;
+  bool reuse = false;
+  ReuseOptions reuse_opts;
+  EngineOptions engine;
+};
+
+ServeSetup resolve_serve(const ServeArgs& a) {
+  ServeSetup s;
+  s.settings = resolve_reuse_settings(a.model, a.settings);
+  s.mode = a.reuse_mode == "off" ? ReuseMode::Full : parse_reuse_mode(a.reuse_mode);
+  s.reuse = s.mode != ReuseMode::Full;
+  s.reuse_opts.mode = s.mode;
+  s.settings.apply(s.reuse_opts);
+  const std::string head_profile = s.settings.head_profile.value_or("");
+  EngineOptions& eo = s.engine;
+  eo.backend = a.backend;
+  // "auto": on for the CPU backend, off for CUDA (see ServeArgs::batch_invariant).
+  eo.batch_invariant =
+      a.batch_invariant == "auto" ? a.backend != "cuda" : a.batch_invariant == "true";
+  eo.page_size = a.page_size;
+  // The request cache keeps the head profile (redknot requests and plain prompts); requests in a
+  // baseline mode (naive, cacheblend, epic, prefix, full) run on a second, all-global cache over
+  // the same pool (KvStore::baseline), so each request's mode decides its heads, as in eval and
+  // generate (reuse_mode_uses_head_profile).
+  eo.head_profile = head_profile;
+  eo.kv_budget_bytes = a.kv_budget;
+  eo.gpu_memory_fraction = a.gpu_memory_fraction;
+  eo.concurrent_requests = a.max_batch;
+  eo.chunk_store = s.reuse;
+  eo.chunk_store_bytes = a.chunk_store_bytes;
+  eo.chunk_store_dir = a.chunk_store_dir;
+  return s;
+}
+
+int print_serve_config(const ServeArgs& a) {
+  const ServeSetup s = resolve_serve(a);
+  nlohmann::json j = reuse_settings_json(s.settings, s.reuse_opts);
+  j["reuse_mode"] = a.reuse_mode;
+  j["kv_head_profile"] = s.engine.head_profile;
+  std::cout << j.dump() << std::endl;
+  return 0;
+}
 
 #ifdef REDKNOT_HAS_SERVER
 server::Server* g_server = nullptr;
@@ -52,56 +93,21 @@ void on_signal(int) {
 
 int run_serve(const ServeArgs& a) {
   std::signal(SIGPIPE, SIG_IGN);  // a client hanging up must not kill the server
-  register_builtin_backends();
-  // Built by hand instead of load_model(): the model may sit on the batch-invariant wrapper.
-  Checkpoint ckpt = load_checkpoint(a.model);
-  std::unique_ptr<Backend> backend = create_backend(a.backend);
-  std::unique_ptr<Backend> wrapped;
-  const bool batch_invariant =
-      a.batch_invariant == "auto" ? a.backend != "cuda" : a.batch_invariant == "true";
-  if (batch_invariant) wrapped = std::make_unique<BatchInvariantBackend>(*backend);
-  Model model(ckpt, wrapped ? *wrapped : *backend);
-  std::unique_ptr<Tokenizer> tok = load_tokenizer_for(a.model, &ckpt);
-  if (!tok) throw Error(a.model + ": no tokenizer found; the server needs one");
-
-  KvOptions kvo;
-  kvo.page_size = a.page_size;
-  kvo.budget_bytes = a.kv_budget;
-  if (a.gpu_memory_fraction > 0) {
-    // Weights are on the device already: the pool takes this share of what is left.
-    kvo.budget_bytes = static_cast<int64_t>(
-        a.gpu_memory_fraction * static_cast<double>(model.backend().free_memory_bytes()));
-    if (kvo.budget_bytes <= 0) throw Error("--gpu-memory-fraction: no free device memory reported");
-  }
-  // Default pool: every batch slot at full context, all heads global.
-  kvo.tokens = model.config().max_position_embeddings * a.max_batch;
-  kvo.head_profile_path = a.head_profile;
-  // Chunk reuse: cached segments live in the same pool, beside the requests' KV.
-  const ReuseMode mode = a.reuse_mode == "off" ? ReuseMode::Full : parse_reuse_mode(a.reuse_mode);
-  const bool reuse = mode != ReuseMode::Full;
-  if (reuse && kvo.budget_bytes <= 0) {
-    // Every batch slot at full context (kvo.tokens spans them all), plus page slack per slot.
-    const int64_t request_bytes =
-        kv_bytes_for(model, kvo.page_size, kvo.tokens / a.max_batch, a.max_batch);
-    kvo.budget_bytes =
-        request_bytes + (a.chunk_store_bytes > 0 ? a.chunk_store_bytes : request_bytes / 2);
-  }
-  KvStore store = make_kv_store(model, kvo);
-  // Requests in the baseline modes keep every head's tokens (SPEC §4), beside the head-aware ones.
-  make_baseline_cache(model, store);
-  std::unique_ptr<ChunkStore> chunks;
-  if (reuse) {
-    ChunkStoreOptions cso;
-    const int64_t pool_bytes = int64_t{store.pool->num_pages()} * store.pool->bytes_per_page();
-    cso.pool_budget_bytes = a.chunk_store_bytes > 0 ? a.chunk_store_bytes : pool_bytes / 3;
-    cso.host_budget_bytes = int64_t{1} << 30;
-    cso.model_fp = model_fingerprint(model.config(), ckpt);
-    if (!a.chunk_store_dir.empty()) {
-      cso.disk_dir = a.chunk_store_dir;
-      cso.disk_budget_bytes = int64_t{16} << 30;
-    }
-    chunks = std::make_unique<ChunkStore>(model, *store.pool, cso);
-  }
+  ServeSetup setup = resolve_serve(a);
+  const ReuseSettings& settings = setup.settings;
+  EngineOptions& eo = setup.engine;
+  LoadedModel m = load_model(a.model, eo);
+  Model& model = *m.model;
+  if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; the server needs one");
+  const Tokenizer* tok = m.tokenizer.get();
+  eo.request_tokens = model.config().max_position_embeddings;  // every batch slot at full context
+  EngineStores stores = build_engine_stores(model, m.ckpt, eo);
+  KvStore& store = stores.kv;
+  std::unique_ptr<ChunkStore>& chunks = stores.chunks;
+  // Requests in the baseline modes keep every head's tokens (SPEC §4), beside the head-aware ones;
+  // with --reuse-mode off there are none (every request is a plain head-aware prefill).
+  const bool reuse_off = a.reuse_mode == "off";
+  if (!reuse_off) make_baseline_cache(model, store);
 
   SchedulerOptions so;
   so.max_batch = a.max_batch;
@@ -109,22 +115,20 @@ int run_serve(const ServeArgs& a) {
   so.step_tokens = a.step_tokens > 0 ? a.step_tokens : default_prefill_chunk(a.backend);
   so.baseline_cache = store.baseline.get();
   // Automatic prefix caching for prefix-mode requests (pages shared with the baseline cache).
-  PrefixCacheOptions pco;
-  pco.model_fp = model_fingerprint(model.config(), ckpt);
-  PrefixCache prefix(*store.baseline, pco);
-  so.prefix_cache = &prefix;
-  so.reuse_fallback = parse_reuse_fallback(a.reuse_fallback);
-  // A reuse prefill's forwards take at most this many rows (one per step, like prefill chunks);
-  // eval and generate give the same answers with the same --reuse-chunk.
-  so.reuse.chunk = a.reuse_chunk > 0 ? a.reuse_chunk : so.step_tokens;
-  if (chunks) {
-    so.reuse.mode = mode;
-    so.reuse.sparse_ffn_enabled = a.sparse_ffn;
-    so.reuse.skip_dead_rows = a.skip_dead_rows;
-    so.reuse.query_full_attention = a.query_full_attention;
-    so.reuse.sparse_ffn = a.sparse_cfg;
-    so.chunk_store = chunks.get();
+  std::unique_ptr<PrefixCache> prefix;
+  if (store.baseline) {
+    PrefixCacheOptions pco;
+    pco.model_fp = model_fingerprint(model.config(), m.ckpt);
+    prefix = std::make_unique<PrefixCache>(*store.baseline, pco);
+    so.prefix_cache = prefix.get();
   }
+  so.reuse_fallback = parse_reuse_fallback(a.reuse_fallback);
+  so.reuse = setup.reuse_opts;
+  // A reuse prefill's forwards take at most this many rows, one per step like prefill chunks
+  // (the settings' reuse_chunk, else the step budget); eval and generate give the same answers
+  // with the same reuse_chunk.
+  if (!settings.reuse_chunk) so.reuse.chunk = so.step_tokens;
+  so.chunk_store = chunks.get();
   Scheduler sched(model, *store.cache, so);
 
   server::ServerOptions o;
@@ -134,10 +138,10 @@ int run_serve(const ServeArgs& a) {
   o.max_model_len = a.max_model_len;
   o.threads = a.threads;
   o.backend = a.backend;
-  o.head_profile = a.head_profile;
+  o.head_profile = eo.head_profile;
   o.chunk_store_dir = a.chunk_store_dir;
   o.reuse_mode = a.reuse_mode;
-  o.batch_invariant = batch_invariant;
+  o.batch_invariant = m.is_batch_invariant();
   o.log_requests = !a.disable_log_requests;
   if (chunks) o.chunk_stats = [&chunks] { return chunks->stats(); };
   std::filesystem::path p(a.model);
@@ -149,8 +153,9 @@ int run_serve(const ServeArgs& a) {
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
   std::cout << "redknot serve: model '" << o.model_id << "', " << store.pool->num_pages()
-            << " KV pages of " << a.page_size << " tokens, listening on http://" << a.host << ":"
-            << port << std::endl;
+            << " KV pages of " << a.page_size << " tokens, reuse settings from "
+            << (settings.source.empty() ? "defaults" : settings.source) << ", listening on http://"
+            << a.host << ":" << port << std::endl;
   srv.serve();
   g_server = nullptr;
   std::cout << "redknot serve: stopped" << std::endl;
@@ -165,7 +170,6 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--model", a->model, "HF model directory or GGUF file")->required();
   c->add_option("--model-id,--served-model-name", a->model_id,
                 "name clients send as \"model\" (default: file stem)");
-  c->add_option("--head-profile", a->head_profile, "head profile JSON");
   c->add_option("--host", a->host, "address to bind");
   c->add_option("--port", a->port, "port (0: any free port)")->check(CLI::Range(0, 65535));
   c->add_option("--max-batch,--max-num-seqs", a->max_batch, "running requests at most")
@@ -195,29 +199,24 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "disk tier of the chunk store (cached segments survive restarts)");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes,
                 "KV pool bytes for cached segments (default: a third of the pool)");
-  c->add_option("--sparse-ffn", a->sparse_ffn,
-                "redknot mode runs the FFN only for important tokens (true | false)");
-  c->add_option("--skip-dead-rows", a->skip_dead_rows,
-                "redknot mode skips rows no later token reads past the last global layer (exact; "
-                "true | false)");
-  c->add_option("--query-full-attention", a->query_full_attention,
-                "redknot mode: the query's rows attend with every head global, local heads over "
-                "the whole prompt (beyond the paper; true | false)");
-  add_sparse_ffn_options(c, &a->sparse_cfg);
+  add_reuse_settings_options(c, &a->settings);
+  add_reuse_pass_options(c, &a->settings);
+  c->add_flag("--print-config", a->print_config,
+              "print the resolved reuse settings (JSON) and exit without loading the model");
   c->add_flag("--disable-log-requests", a->disable_log_requests,
               "no per-request log line on stderr (as vLLM's flag)");
   c->add_option("--reuse-fallback", a->reuse_fallback,
                 "when a reuse prefill finds no free KV pages: wait (requeue; answers never depend "
                 "on load) | dense (prefill densely now; reported) | reject (fail the request)")
       ->check(CLI::IsMember({"wait", "dense", "reject"}));
-  c->add_option("--reuse-chunk", a->reuse_chunk,
-                "rows per forward of a reuse prefill, one forward per step (0: --step-tokens); "
-                "Sparse FFN ranks rows per forward, so eval/generate match with the same value")
-      ->check(CLI::Range(0, 1 << 20));
   c->add_option(
       "--reuse-mode", a->reuse_mode,
       "default chunk reuse mode: redknot | prefix | naive | cacheblend | epic | full | off");
   c->callback([a, &action] {
+    if (a->print_config) {
+      action = [a] { return print_serve_config(*a); };
+      return;
+    }
 #ifdef REDKNOT_HAS_SERVER
     action = [a] { return run_serve(*a); };
 #else

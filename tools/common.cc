@@ -5,6 +5,7 @@
 #include <iostream>
 #include <iterator>
 #include <sstream>
+#include <type_traits>
 
 #include "backend/builtin.h"
 #include "core/error.h"
@@ -29,14 +30,18 @@ std::unique_ptr<Tokenizer> load_tokenizer_for(const std::string& path, const Che
   return nullptr;
 }
 
-LoadedModel load_model(const std::string& path, const std::string& backend_name) {
-  register_builtin_backends();
+LoadedModel load_model(const std::string& path, const EngineOptions& opts) {
   LoadedModel m;
-  m.ckpt = load_checkpoint(path);
-  m.backend = create_backend(backend_name);
-  m.model = std::make_unique<Model>(m.ckpt, *m.backend);
+  static_cast<LoadedEngineModel&>(m) =
+      open_engine_model(path, opts);  // the model keeps no ckpt ref
   m.tokenizer = load_tokenizer_for(path, &m.ckpt);
   return m;
+}
+
+LoadedModel load_model(const std::string& path, const std::string& backend_name) {
+  EngineOptions opts;
+  opts.backend = backend_name;
+  return load_model(path, opts);
 }
 
 std::vector<int32_t> parse_id_list(const std::string& text) {
@@ -68,26 +73,78 @@ std::string read_stdin() {
 
 int32_t default_prefill_chunk(const std::string& backend) { return backend == "cuda" ? 4096 : 512; }
 
-void add_sparse_ffn_options(CLI::App* c, SparseFfnConfig* cfg) {
-  c->add_option("--dense-until", cfg->dense_until, "Sparse FFN: layers below run the FFN densely")
+void add_reuse_settings_options(CLI::App* c, ReuseSettings* s) {
+  // Each flag fills its optional field only when given, so the model directory's settings
+  // keep every field the command line leaves alone.
+  auto set = [c, s](const char* name, auto field, const char* help) {
+    using T = typename std::remove_reference_t<decltype(s->*field)>::value_type;
+    return c->add_option_function<T>(
+        name, [s, field](const T& v) { s->*field = v; }, help);
+  };
+  set("--head-profile", &ReuseSettings::head_profile,
+      "head profile JSON (default: the model directory's reuse_settings.json, else the model's "
+      "own attention)");
+  set("--sparse-ffn", &ReuseSettings::sparse_ffn,
+      "redknot mode runs the FFN only for important tokens (true | false)");
+  c->add_flag_callback(
+      "--no-sparse-ffn", [s] { s->sparse_ffn = false; }, "redknot mode without Sparse FFN");
+  set("--dense-until", &ReuseSettings::dense_until, "Sparse FFN: layers below run the FFN densely")
       ->check(CLI::Range(0, 1 << 16));
-  c->add_option("--mass", cfg->mass, "Sparse FFN: share of token importance kept")
+  set("--mass", &ReuseSettings::mass, "Sparse FFN: share of token importance kept")
       ->check(CLI::Range(0.0, 1.0));
-  c->add_option("--deep-start", cfg->deep_start,
-                "Sparse FFN: first layer that keeps --mass-deep instead (-1: none)")
+  set("--deep-start", &ReuseSettings::deep_start,
+      "Sparse FFN: first layer that keeps --mass-deep instead (-1: none)")
       ->check(CLI::Range(-1, 1 << 16));
-  c->add_option("--mass-deep", cfg->mass_deep, "Sparse FFN: importance kept from --deep-start on")
+  set("--mass-deep", &ReuseSettings::mass_deep, "Sparse FFN: importance kept from --deep-start on")
       ->check(CLI::Range(0.0, 1.0));
-  c->add_option("--recent-n", cfg->recent_n, "Sparse FFN: last tokens that always run the FFN")
+  set("--recent-n", &ReuseSettings::recent_n, "Sparse FFN: last tokens that always run the FFN")
       ->check(CLI::Range(0, 1 << 20));
-  c->add_option("--layer-mass", cfg->layer_mass,
-                "Sparse FFN: one mass per layer from layer 0, comma separated (>= 1: dense); "
-                "overrides the tiers for the layers it names")
+  set("--layer-mass", &ReuseSettings::layer_mass,
+      "Sparse FFN: one mass per layer from layer 0, comma separated (>= 1: dense); overrides "
+      "the tiers for the layers it names")
       ->delimiter(',')
       ->check(CLI::Range(0.0, 1e9));
-  c->add_option("--ffn-dilate", cfg->dilate,
-                "Sparse FFN: also run the rows within this distance of a top-mass row")
+  set("--ffn-dilate", &ReuseSettings::ffn_dilate,
+      "Sparse FFN: also run the rows within this distance of a top-mass row")
       ->check(CLI::Range(0, 1 << 16));
+  set("--reuse-chunk", &ReuseSettings::reuse_chunk,
+      "rows per forward of every reuse pass (0: each pass whole; serve runs one per step); "
+      "Sparse FFN ranks rows per forward, so eval, generate and serve answer alike with the same "
+      "value")
+      ->check(CLI::Range(0, 1 << 20));
+}
+
+void add_reuse_pass_options(CLI::App* c, ReuseSettings* s) {
+  c->add_option_function<bool>(
+      "--skip-dead-rows", [s](const bool& v) { s->skip_dead_rows = v; },
+      "redknot mode skips rows no later token reads past the last global layer (exact; true | "
+      "false)");
+  c->add_option_function<bool>(
+      "--query-full-attention", [s](const bool& v) { s->query_full_attention = v; },
+      "redknot mode: the query's rows attend with every head global, local heads over the whole "
+      "prompt (beyond the paper; true | false)");
+}
+
+ReuseSettings resolve_reuse_settings(const std::string& model_path, const ReuseSettings& given) {
+  ReuseSettings flags = given;
+  if (!flags.empty()) flags.source = "command line";
+  return model_reuse_settings(model_path).overlay(flags);
+}
+
+nlohmann::json reuse_settings_json(const ReuseSettings& s, const ReuseOptions& o) {
+  const SparseFfnConfig& f = o.sparse_ffn;
+  return {{"source", s.source.empty() ? "defaults" : s.source},
+          {"head_profile", s.head_profile.value_or("")},
+          {"sparse_ffn", o.sparse_ffn_enabled},
+          {"dense_until", f.dense_until},
+          {"mass", f.mass},
+          {"deep_start", f.deep_start},
+          {"mass_deep", f.mass_deep},
+          {"recent_n", f.recent_n},
+          {"layer_mass", f.layer_mass},
+          {"ffn_dilate", f.dilate},
+          {"skip_dead_rows", o.skip_dead_rows},
+          {"query_full_attention", o.query_full_attention}};
 }
 
 }  // namespace redknot::cli

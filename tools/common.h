@@ -5,10 +5,15 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "backend/backend.h"
+#include "engine/engine_setup.h"
+#include "engine/reuse_settings.h"
 #include "loader/checkpoint.h"
 #include "model/model.h"
 #include "model/sparse_ffn.h"
+#include "reuse/reuse_prefill.h"
 #include "tokenizer/tokenizer.h"
 
 namespace CLI {
@@ -17,14 +22,13 @@ class App;
 
 namespace redknot::cli {
 
-struct LoadedModel {
-  Checkpoint ckpt;
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<Model> model;
+struct LoadedModel : LoadedEngineModel {
   std::unique_ptr<Tokenizer> tokenizer;  // null when the checkpoint carries none
 };
 
-// Opens `path` (HF dir or GGUF) on backend `backend_name` ("cpu", "reference", "cuda").
+// Opens `path` (HF dir or GGUF) through the engine assembly (engine/engine_setup.h): backend
+// `opts.backend` ("cpu", "reference", "cuda"), batch-invariant when asked, and its tokenizer.
+LoadedModel load_model(const std::string& path, const EngineOptions& opts);
 LoadedModel load_model(const std::string& path, const std::string& backend_name);
 
 // A tokenizer from a model dir (tokenizer.json inside), a GGUF file (embedded vocab) or a
@@ -42,8 +46,18 @@ std::string read_stdin();
 // round trips; H200: 32K TTFT 1502 ms in chunks of 4096 vs 1572 ms whole, docs/benchmarks.md).
 int32_t default_prefill_chunk(const std::string& backend);
 
-// The Sparse FFN tier options (--dense-until, --mass, --deep-start, --mass-deep, --recent-n) of
-// every command that runs redknot reuse, bound to `cfg`.
-void add_sparse_ffn_options(CLI::App* c, SparseFfnConfig* cfg);
+// The model's reuse settings as flags, the same in every command that runs reuse (serve,
+// generate, eval): --head-profile, --sparse-ffn true|false / --no-sparse-ffn and the Sparse FFN
+// tiers (--dense-until, --mass, --deep-start, --mass-deep, --recent-n, --layer-mass,
+// --ffn-dilate). Each flag given sets its field of `given`.
+void add_reuse_settings_options(CLI::App* c, ReuseSettings* given);
+// redknot mode's pass options as value flags (serve, generate): --skip-dead-rows true|false,
+// --query-full-attention true|false.
+void add_reuse_pass_options(CLI::App* c, ReuseSettings* given);
+// What a command runs with: the model directory's reuse_settings.json, overridden field by field
+// by the flags given.
+ReuseSettings resolve_reuse_settings(const std::string& model_path, const ReuseSettings& given);
+// The resolved settings as JSON (--print-config of serve and generate).
+nlohmann::json reuse_settings_json(const ReuseSettings& s, const ReuseOptions& applied);
 
 }  // namespace redknot::cli

@@ -1,6 +1,7 @@
 #include "core/model_config.h"
 
 #include <cmath>
+#include <cstdio>
 #include <numbers>
 
 #include "core/error.h"
@@ -19,6 +20,64 @@ const char* arch_name(Arch a) {
       return "qwen3";
   }
   return "?";
+}
+
+namespace {
+// Members of an aggregate, counted by how many initializers it accepts (each converts to any type).
+struct AnyField {
+  template <typename T>
+  operator T() const;
+};
+template <typename T, typename... Fields>
+constexpr size_t field_count() {
+  if constexpr (requires { T{Fields{}..., AnyField{}}; })
+    return field_count<T, Fields..., AnyField>();
+  else
+    return sizeof...(Fields);
+}
+// A field added to either struct fails here until canonical_string() lists it (and the count).
+static_assert(field_count<RopeScaling>() == 5, "RopeScaling changed: update canonical_string()");
+static_assert(field_count<ModelConfig>() == 18, "ModelConfig changed: update canonical_string()");
+
+std::string exact(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%.17g", v);
+  return buf;
+}
+}  // namespace
+
+std::string ModelConfig::canonical_string() const {
+  std::string s;
+  auto put = [&](const char* name, const std::string& v) { s += name, s += '=', s += v, s += ';'; };
+  auto i = [](int64_t v) { return std::to_string(v); };
+  put("arch", arch_name(arch));
+  put("vocab_size", i(vocab_size));
+  put("hidden_size", i(hidden_size));
+  put("intermediate_size", i(intermediate_size));
+  put("num_layers", i(num_layers));
+  put("num_heads", i(num_heads));
+  put("num_kv_heads", i(num_kv_heads));
+  put("head_dim", i(head_dim));
+  put("rms_norm_eps", exact(rms_norm_eps));
+  put("rope_theta", exact(rope_theta));
+  put("rope_scaling.type", rope_scaling.type);
+  put("rope_scaling.factor", exact(rope_scaling.factor));
+  put("rope_scaling.low_freq_factor", exact(rope_scaling.low_freq_factor));
+  put("rope_scaling.high_freq_factor", exact(rope_scaling.high_freq_factor));
+  put("rope_scaling.original_max_position", i(rope_scaling.original_max_position));
+  put("max_position_embeddings", i(max_position_embeddings));
+  put("sliding_window", i(sliding_window));
+  put("tie_word_embeddings", i(tie_word_embeddings));
+  put("attention_bias", i(attention_bias));
+  put("qk_norm", i(qk_norm));
+  put("bos_token_id", i(bos_token_id));
+  std::string eos;
+  for (int32_t id : eos_token_ids) {
+    if (!eos.empty()) eos += ',';
+    eos += std::to_string(id);
+  }
+  put("eos_token_ids", eos);
+  return s;
 }
 
 void ModelConfig::validate(const std::string& source) const {

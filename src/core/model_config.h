@@ -39,6 +39,10 @@ struct ModelConfig {
 
   // Throws Error when a field is missing or inconsistent (e.g. heads not divisible by kv heads).
   void validate(const std::string& source) const;
+  // Every field, as "name=value;" in declaration order (doubles exact): what identifies the
+  // model's computation, hashed into chunk-store keys. model_config.cc counts the fields at
+  // compile time, so a new one cannot be left out.
+  std::string canonical_string() const;
 };
 
 // Inverse rotary frequencies [head_dim / 2] after rope scaling, plus the magnitude factor that

@@ -15,11 +15,11 @@ HeadProfile load_head_profile(const Model& model, const std::string& path) {
 
 int64_t kv_bytes_for(const Model& model, int32_t page_size, int64_t tokens, int64_t sequences) {
   const ModelConfig& cfg = model.config();
-  const int64_t page_bytes =
-      2 * dtype_bytes(model.backend().act_dtype(), int64_t{page_size} * cfg.head_dim) +
-      int64_t{page_size} * 4;  // K, V and positions (PagePool layout)
-  const int64_t pages_per_head = (tokens + page_size - 1) / page_size + 2;
-  return sequences * cfg.num_layers * cfg.num_kv_heads * pages_per_head * page_bytes;
+  const HeadProfile all_global(static_cast<int32_t>(cfg.num_layers),
+                               static_cast<int32_t>(cfg.num_kv_heads));
+  return sequences * all_global.pages_for(tokens, page_size, /*slack_pages_per_head=*/2) *
+         PagePool::page_bytes(page_size, static_cast<int32_t>(cfg.head_dim),
+                              model.backend().act_dtype());
 }
 
 KvStore make_kv_store(Model& model, const KvOptions& opts) {
@@ -34,9 +34,10 @@ KvStore make_kv_store(Model& model, const KvOptions& opts) {
                                       model.backend().act_dtype());
   } else {
     if (opts.tokens <= 0) throw Error("KV store needs a byte budget or a token count");
-    // One page of slack per head for copy-on-write and partially used pages.
-    pages = cfg.num_layers * cfg.num_kv_heads *
-            ((opts.tokens + opts.page_size - 1) / opts.page_size + 1);
+    // Every head global, one page of slack per head for copy-on-write and partly used pages.
+    pages =
+        HeadProfile(static_cast<int32_t>(cfg.num_layers), static_cast<int32_t>(cfg.num_kv_heads))
+            .pages_for(opts.tokens, opts.page_size, /*slack_pages_per_head=*/1);
   }
   if (pages <= 0) throw Error("KV budget is smaller than one page");
   if (pages > INT32_MAX) throw Error("KV budget too large");

@@ -4,8 +4,8 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "engine/flops.h"
 #include "kv/head_profile.h"
+#include "model/flops.h"
 
 namespace redknot {
 
@@ -138,22 +138,7 @@ Scheduler::~Scheduler() {
 }
 
 int64_t Scheduler::estimate_pages(int64_t tokens, const PagedKvCache& cache) const {
-  const HeadProfile& prof = cache.profile();
-  const int64_t ps = cache_.pool().page_size();
-  const int64_t all = (tokens + ps - 1) / ps;
-  int64_t pages = 0;
-  for (int32_t l = 0; l < prof.num_layers(); ++l)
-    for (int32_t h = 0; h < prof.num_kv_heads(); ++h) {
-      const HeadSpec& s = prof.at(l, h);
-      if (s.cls == HeadClass::Global || s.window <= 0) {
-        pages += all;
-      } else {
-        // Sink page(s) + the window, which may straddle one more page than it fills, + the page
-        // being written before the oldest one is trimmed.
-        pages += std::min(all, (s.sink + s.window + ps - 1) / ps + 2);
-      }
-    }
-  return pages;
+  return cache.profile().peak_pages_for(tokens, cache_.pool().page_size());
 }
 
 std::shared_ptr<RequestStream> Scheduler::submit(RequestSpec spec) {

@@ -10,8 +10,8 @@
 #include <random>
 #include <thread>
 
+#include "backend/batch_invariant_backend.h"
 #include "backend/builtin.h"
-#include "engine/batch_invariant_backend.h"
 #include "engine/kv_setup.h"
 #include "loader/checkpoint.h"
 

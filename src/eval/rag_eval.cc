@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "engine/engine_setup.h"
 #include "engine/sampler.h"
 #include "reuse/chunk_prefill.h"
 
@@ -109,28 +110,27 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
   }
   const ReuseMode mode = opts.reuse.mode;
   const bool is_full = mode == ReuseMode::Full;
-  // One pool for the request and the chunk store; baselines run the model's own attention,
-  // redknot the head profile.
-  const int32_t ps = opts.kv.page_size;
+  // One pool for the request and the chunk store (the engine assembly); the mode decides the
+  // heads: baselines run the model's own attention, redknot the head profile.
   const int64_t tokens = longest + opts.max_answer_tokens + 1;
-  const int64_t request_bytes = kv_bytes_for(model, ps, tokens);
-  const int64_t store_bytes =
-      opts.chunk_store_bytes > 0 ? opts.chunk_store_bytes : 4 * request_bytes;
-  KvOptions kvo = opts.kv;
-  kvo.budget_bytes = 2 * request_bytes + store_bytes;
-  if (!reuse_mode_uses_head_profile(mode)) kvo.head_profile_path.clear();
-  KvStore store = make_kv_store(model, kvo);
-  ChunkStoreOptions cso;
-  cso.pool_budget_bytes = store_bytes;
-  cso.model_fp = model_fingerprint(cfg, ckpt);
-  ChunkStore chunks(model, *store.pool, cso);
+  EngineOptions eo;
+  eo.page_size = opts.kv.page_size;
+  eo.head_profile = head_profile_for_mode(mode, opts.kv.head_profile_path);
+  eo.request_tokens = tokens;
+  eo.chunk_store = true;
+  eo.chunk_store_bytes = opts.chunk_store_bytes;
+  // Evictions stay misses that are prefilled again: the host tier would turn them into hits.
+  eo.chunk_store_host_bytes = 0;
+  EngineStores stores = build_engine_stores(model, ckpt, eo);
+  KvStore& store = stores.kv;
+  ChunkStore& chunks = *stores.chunks;
   PrefixIndex prefix_index;
 
-  KvOptions full_kvo = kvo;
-  full_kvo.head_profile_path.clear();
-  full_kvo.budget_bytes = 0;
-  full_kvo.tokens = tokens;
-  KvStore full_store = make_kv_store(model, full_kvo);
+  // The reference: full prefill on the model's own attention, in a pool of its own.
+  EngineOptions full_eo = eo;
+  full_eo.head_profile.clear();
+  full_eo.chunk_store = false;
+  KvStore full_store = std::move(build_engine_stores(model, ckpt, full_eo).kv);
 
   EvalReport r;
   r.mode = reuse_mode_name(mode);

@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
-#include "engine/flops.h"
 #include "engine/kv_setup.h"
 #include "eval/rag_dataset.h"
 #include "loader/checkpoint.h"
+#include "model/flops.h"
 #include "model/model.h"
 #include "reuse/chunk_store.h"
 #include "reuse/reuse_prefill.h"
@@ -23,8 +23,8 @@ namespace redknot {
 struct EvalOptions {
   ReuseOptions reuse;  // mode and its parameters
   int32_t max_answer_tokens = 16;
-  KvOptions kv;                   // page size, head profile (used by redknot mode)
-  int64_t chunk_store_bytes = 0;  // pool share of the chunk store; 0: 4 prompts' worth
+  KvOptions kv;                   // page size, head profile (redknot mode's: head_profile_for_mode)
+  int64_t chunk_store_bytes = 0;  // pool share of the chunk store; 0: the engine's default
   // Full prefill's last-token logits per sample ([samples][vocab]), shared between the runs of
   // several modes over the same samples so the reference is computed once; filled on first use.
   std::vector<std::vector<float>>* full_logits = nullptr;

@@ -140,9 +140,25 @@ int32_t HeadProfile::last_global_layer() const {
   return -1;
 }
 
-int64_t head_tokens_kept(const HeadSpec& h, int64_t tokens) {
-  if (h.cls == HeadClass::Global) return tokens;
-  return std::min<int64_t>(tokens, int64_t{h.sink} + h.window);
+namespace {
+int64_t pages_of(int64_t tokens, int32_t page_size) { return (tokens + page_size - 1) / page_size; }
+}  // namespace
+
+int64_t HeadProfile::pages_for(int64_t tokens, int32_t page_size,
+                               int32_t slack_pages_per_head) const {
+  int64_t pages = 0;
+  for (const HeadSpec& h : heads_)
+    pages += pages_of(h.kept_tokens(tokens), page_size) + slack_pages_per_head;
+  return pages;
+}
+
+int64_t HeadProfile::peak_pages_for(int64_t tokens, int32_t page_size) const {
+  const int64_t all = pages_of(tokens, page_size);
+  int64_t pages = 0;
+  for (const HeadSpec& h : heads_)
+    pages +=
+        h.is_local() ? std::min(all, pages_of(int64_t{h.sink} + h.window, page_size) + 2) : all;
+  return pages;
 }
 
 }  // namespace redknot

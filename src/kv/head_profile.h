@@ -3,6 +3,7 @@
 // from `redknot profile` and are loaded with --head-profile; without one every head is global
 // (or, for models trained with a sliding window, local with that window: the model's own rule).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -20,6 +21,23 @@ struct HeadSpec {
   int32_t sink = 0;    // local heads: positions < sink stay visible
   // What the profiler measured (absent in hand-written profiles).
   double score = 0, prefix_shift = 0, edge_mass = 0;
+
+  // The keep rule, the one place it is written: whether a query at `next_pos` or later can
+  // still see the key at `pos` (global: always; local: pos < sink or pos > next_pos - window).
+  // A store may drop a key this returns false for.
+  bool keeps(int64_t pos, int64_t next_pos) const {
+    return !is_local() || pos < sink || pos > next_pos - window;
+  }
+  // Whether any key of the increasing positions first..last is kept (a page's tokens).
+  bool keeps_any(int64_t first, int64_t last, int64_t next_pos) const {
+    return keeps(first, next_pos) || keeps(last, next_pos);
+  }
+  // Keys the newest of `tokens` tokens (positions 0 .. tokens - 1) attends to: what the head
+  // holds while that token runs, min(tokens, sink + window) for a local head.
+  int64_t kept_tokens(int64_t tokens) const {
+    return is_local() ? std::min<int64_t>(tokens, int64_t{sink} + window) : tokens;
+  }
+  bool is_local() const { return cls == HeadClass::Local && window > 0; }
 };
 
 class HeadProfile {
@@ -49,14 +67,27 @@ class HeadProfile {
   // The deepest layer holding a global head; -1 when every head is local.
   int32_t last_global_layer() const;
 
+  // The keep rule and KV sizing of every store, scheduler and benchmark (HeadSpec's, per head).
+  bool keeps(int32_t layer, int32_t head, int64_t pos, int64_t next_pos) const {
+    return at(layer, head).keeps(pos, next_pos);
+  }
+  int64_t kept_tokens(int32_t layer, int32_t head, int64_t tokens) const {
+    return at(layer, head).kept_tokens(tokens);
+  }
+  // Pages a session of `tokens` tokens holds: every head's kept tokens rounded up to whole pages
+  // (SPEC §3's per-session memory), plus `slack_pages_per_head` (pool sizing: copy-on-write and
+  // partly used pages).
+  int64_t pages_for(int64_t tokens, int32_t page_size, int32_t slack_pages_per_head = 0) const;
+  // The most pages a sequence holds at any point while it grows to `tokens` tokens (admission
+  // control): a local head's sink ∪ window may straddle one page more than it fills, plus the
+  // page being written before the oldest is trimmed, but never more than all its tokens' pages.
+  int64_t peak_pages_for(int64_t tokens, int32_t page_size) const;
+
   nlohmann::json params;  // the profiling parameters that produced it
 
  private:
   int32_t num_layers_ = 0, num_kv_heads_ = 0;
   std::vector<HeadSpec> heads_;
 };
-
-// Tokens a head keeps for a sequence of `tokens` tokens (the ideal, before page rounding).
-int64_t head_tokens_kept(const HeadSpec& h, int64_t tokens);
 
 }  // namespace redknot

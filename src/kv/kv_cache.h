@@ -7,8 +7,8 @@
 #include <memory>
 #include <vector>
 
+#include "core/batch.h"
 #include "core/tensor.h"
-#include "model/batch.h"
 
 namespace redknot {
 

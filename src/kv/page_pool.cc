@@ -47,14 +47,15 @@ void PagePool::release(int32_t page) {
 }
 
 int64_t PagePool::bytes_per_page() const {
-  return 2 * dtype_bytes(backend_.act_dtype(), int64_t{page_size_} * head_dim_) +
-         int64_t{page_size_} * 4;
+  return page_bytes(page_size_, head_dim_, backend_.act_dtype());
+}
+
+int64_t PagePool::page_bytes(int32_t page_size, int32_t head_dim, DType dtype) {
+  return 2 * dtype_bytes(dtype, int64_t{page_size} * head_dim) + int64_t{page_size} * 4;
 }
 
 int32_t PagePool::pages_for_bytes(int64_t bytes, int32_t page_size, int32_t head_dim, DType dtype) {
-  const int64_t per_page =
-      2 * dtype_bytes(dtype, int64_t{page_size} * head_dim) + int64_t{page_size} * 4;
-  const int64_t n = bytes / per_page;
+  const int64_t n = bytes / page_bytes(page_size, head_dim, dtype);
   return static_cast<int32_t>(std::min<int64_t>(n, INT32_MAX));
 }
 

@@ -36,6 +36,8 @@ class PagePool {
   Tensor& v() { return v_; }      // [num_pages * page_size, head_dim]
   Tensor& pos() { return pos_; }  // [num_pages * page_size, 1] i32
 
+  // K + V + positions of one page of this geometry.
+  static int64_t page_bytes(int32_t page_size, int32_t head_dim, DType dtype);
   // Pages that fit in `bytes` for this geometry.
   static int32_t pages_for_bytes(int64_t bytes, int32_t page_size, int32_t head_dim, DType dtype);
 

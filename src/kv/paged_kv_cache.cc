@@ -433,13 +433,11 @@ void PagedKvCache::attend(int layer, const Tensor& q, Tensor& out) {
 }
 
 void PagedKvCache::trim(HeadTable& t, const HeadSpec& hs, int32_t next_pos) {
-  if (hs.cls != HeadClass::Local) return;
-  // Future queries have positions >= next_pos and see keys >= next_pos - W + 1 or < sink.
-  const int64_t lo = int64_t{next_pos} - hs.window + 1;
+  if (!hs.is_local()) return;
   size_t kept = 0;  // compacts in place: runs after every forward, for every local head
   for (size_t i = 0; i < t.pages.size(); ++i) {
     const auto& ps = t.positions[i];
-    const bool dead = !ps.empty() && ps.front() >= hs.sink && ps.back() < lo;
+    const bool dead = !ps.empty() && !hs.keeps_any(ps.front(), ps.back(), next_pos);
     if (dead) {
       pool_.release(t.pages[i]);
       continue;
@@ -690,12 +688,10 @@ void PagedKvCache::append_relocated(SeqId seq, const std::vector<std::vector<int
       // A local head keeps sink ∪ window: tokens that trim would drop right after this call
       // are not copied at all (most of a long segment).
       const HeadSpec& hs = spec(l, h);
-      const bool skip_dead = hs.cls == HeadClass::Local && !s.keep_local_pages;
-      const int64_t lo = next_pos - hs.window + 1;
       if (!t.pages.empty() && static_cast<int32_t>(t.positions.back().size()) < page_size_)
         make_private(t, t.pages.size() - 1);
       for (int64_t i = 0; i < n; ++i) {
-        if (skip_dead && new_pos[i] >= hs.sink && new_pos[i] < lo) continue;
+        if (!s.keep_local_pages && !hs.keeps(new_pos[i], next_pos)) continue;
         if (t.pages.empty() || static_cast<int32_t>(t.positions.back().size()) == page_size_) {
           t.pages.push_back(pool_.allocate());
           t.positions.emplace_back().reserve(page_size_);
@@ -758,13 +754,7 @@ KvUsage PagedKvCache::usage() const {
 
 int64_t ideal_session_bytes(const HeadProfile& profile, int64_t tokens, int32_t page_size,
                             int32_t head_dim, DType dtype) {
-  const int64_t page_bytes =
-      2 * dtype_bytes(dtype, int64_t{page_size} * head_dim) + int64_t{page_size} * 4;
-  int64_t pages = 0;
-  for (int32_t l = 0; l < profile.num_layers(); ++l)
-    for (int32_t h = 0; h < profile.num_kv_heads(); ++h)
-      pages += (head_tokens_kept(profile.at(l, h), tokens) + page_size - 1) / page_size;
-  return pages * page_bytes;
+  return profile.pages_for(tokens, page_size) * PagePool::page_bytes(page_size, head_dim, dtype);
 }
 
 int64_t sessions_that_fit(const HeadProfile& profile, int64_t tokens, int64_t budget_bytes,

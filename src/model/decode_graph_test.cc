@@ -9,9 +9,9 @@
 #include <random>
 #include <vector>
 
+#include "backend/batch_invariant_backend.h"
 #include "backend/builtin.h"
 #include "core/error.h"
-#include "engine/batch_invariant_backend.h"
 #include "kv/head_profile.h"
 #include "kv/page_pool.h"
 #include "kv/paged_kv_cache.h"

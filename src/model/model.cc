@@ -5,8 +5,8 @@
 #include <string>
 
 #include "core/error.h"
-#include "engine/flops.h"
 #include "kv/head_profile.h"
+#include "model/flops.h"
 
 namespace redknot {
 

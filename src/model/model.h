@@ -6,10 +6,10 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/batch.h"
 #include "core/model_config.h"
 #include "kv/kv_cache.h"
 #include "loader/checkpoint.h"
-#include "model/batch.h"
 #include "model/sparse_ffn.h"
 #include "model/stage_times.h"
 
@@ -59,7 +59,6 @@ class Model {
   Backend& backend() const { return backend_; }
   // [head_dim / 2] f32 on the backend: the scaled inverse rotary frequencies.
   const Tensor& inv_freq() const { return inv_freq_; }
-  float rope_attention_scaling() const { return rope_scaling_; }
 
   // Runs `batch` through every layer, appending its K/V to `kv`, and returns the logits of
   // batch.logit_rows as a host f32 tensor [logit_rows, vocab]. Throws OutOfKvMemory (KV
@@ -83,7 +82,6 @@ class Model {
   // store can plan into fixed storage. On by default unless REDKNOT_CUDA_GRAPHS=0; one recording
   // per (sequences, metadata capacity), the least recently used of kMaxDecodeGraphs dropped.
   void set_decode_graphs(bool on);
-  bool decode_graphs() const { return graphs_on_; }
   struct DecodeGraphStats {
     int64_t recorded = 0, replayed = 0;
   };

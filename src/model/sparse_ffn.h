@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "model/batch.h"
+#include "core/batch.h"
 
 namespace redknot {
 

@@ -16,9 +16,9 @@
 #include <system_error>
 #include <utility>
 
+#include "core/batch.h"
 #include "core/error.h"
 #include "kv/device_util.h"
-#include "model/batch.h"
 #include "reuse/hasher.h"
 
 namespace redknot {
@@ -162,19 +162,8 @@ const char* chunk_tier_name(ChunkTier t) {
 
 uint64_t model_fingerprint(const ModelConfig& cfg, const Checkpoint& ckpt) {
   Hasher h;
-  h.str("redknot-model-fp-v1");
-  h.pod(static_cast<int32_t>(cfg.arch));
-  for (int64_t v : {cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
-                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.max_position_embeddings,
-                    cfg.sliding_window, cfg.rope_scaling.original_max_position})
-    h.pod(v);
-  for (double v : {cfg.rms_norm_eps, cfg.rope_theta, cfg.rope_scaling.factor,
-                   cfg.rope_scaling.low_freq_factor, cfg.rope_scaling.high_freq_factor})
-    h.pod(v);
-  h.str(cfg.rope_scaling.type);
-  h.pod(static_cast<uint8_t>(cfg.tie_word_embeddings));
-  h.pod(static_cast<uint8_t>(cfg.attention_bias));
-  h.pod(static_cast<uint8_t>(cfg.qk_norm));
+  h.str("redknot-model-fp-v2");
+  h.str(cfg.canonical_string());  // every config field: a new one cannot leave old entries valid
   for (const auto& [name, t] : ckpt.tensors) {
     h.str(name);
     h.pod(static_cast<uint8_t>(t.dtype()));

@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "kv/paged_kv_cache.h"
-#include "model/batch.h"
+#include "core/batch.h"
 
 namespace redknot {
 

@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "engine/flops.h"
 #include "kv/paged_kv_cache.h"
+#include "model/flops.h"
 #include "model/model.h"
 #include "model/sparse_ffn.h"
 #include "reuse/chunk_store.h"

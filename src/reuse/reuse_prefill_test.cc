@@ -19,11 +19,11 @@
 
 #include "backend/builtin.h"
 #include "core/error.h"
-#include "engine/flops.h"
 #include "kv/contiguous_kv_cache.h"
 #include "kv/head_profile.h"
 #include "kv/page_pool.h"
 #include "kv/paged_kv_cache.h"
+#include "model/flops.h"
 #include "model/random_checkpoint.h"
 #include "reuse/chunk_prefill.h"
 #include "reuse/chunk_store.h"

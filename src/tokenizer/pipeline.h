@@ -129,7 +129,6 @@ class PipelineTokenizer final : public Tokenizer {
   void model_encode(const std::string& word, std::vector<int32_t>& out) const;
   void bpe_word(const std::string& word, std::vector<int32_t>& out) const;
   void spm_text(const std::string& text, std::vector<int32_t>& out) const;
-  void push_unknown_char(std::string_view ch, std::vector<int32_t>& out, bool& last_unk) const;
 
   std::vector<std::string> id_to_token_;
   std::unordered_map<std::string, int32_t> token_to_id_;

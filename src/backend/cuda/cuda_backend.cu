@@ -195,8 +195,9 @@ class CudaBackend : public Backend {
                "cudaDeviceGetAttribute");
     cache_ = std::make_shared<DeviceCache>();
     lt_workspace_ = cached_block(cache_, kLtWorkspace, stream_);
-    const char* simple = std::getenv("REDKNOT_CUDA_SIMPLE");
-    simple_ = simple != nullptr && simple[0] == '1';
+    // Tuning switches (benchmarks, layout probes): read once here, not on every call.
+    simple_ = env_or("REDKNOT_CUDA_SIMPLE", "0") == "1";
+    flash_ = CudaFlashTuning::from_env();
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
@@ -216,6 +217,7 @@ class CudaBackend : public Backend {
   }
 
   CudaAllocStats alloc_stats() { return cache_->stats(); }
+  void set_flash_tuning(const CudaFlashTuning& t) { flash_ = t; }
   cudaStream_t stream() const { return stream_; }
 
   std::string name() const override { return "cuda"; }
@@ -757,10 +759,10 @@ class CudaBackend : public Backend {
     const int64_t T = q.dim(0), hq = q.dim(1), hkv = plan.num_kv_heads, group = hq / hkv;
     const int64_t seqs = plan.num_seqs;
     const bool decode = T * group <= 16 * seqs;
-    const std::string sm90 = env_or("REDKNOT_FLASH_SM90", "128x2");
+    const std::string& sm90 = flash_.sm90;
     constexpr bool kHasSm90 = D % 64 == 0;
     const bool use_sm90 = kHasSm90 && !decode && sm90 != "0";
-    const bool wide = env_or("REDKNOT_FLASH_ROWS", "64") == "128";
+    const bool wide = flash_.wide_rows;
     const int rows_per_tile = decode ? 16 : use_sm90 || wide ? 128 : 64;
     const int64_t tiles_bound = (T * group + rows_per_tile - 1) / rows_per_tile + seqs;
     const int64_t tiles_est =
@@ -781,7 +783,7 @@ class CudaBackend : public Backend {
       splits = std::clamp<int64_t>(splits, 1,
                                    std::min<int64_t>(64, std::max<int64_t>(1, avg_pages / 2)));
     }
-    if (const char* env = std::getenv("REDKNOT_FLASH_SPLITS")) splits = std::max(1, std::atoi(env));
+    if (flash_.splits > 0) splits = flash_.splits;
     cuda::FlashParams p{static_cast<int32_t>(hq),
                         static_cast<int32_t>(hkv),
                         static_cast<int32_t>(group),
@@ -928,7 +930,8 @@ class CudaBackend : public Backend {
   int device_;
   bool recording_ = false;
   int num_sms_ = 132;
-  bool simple_ = false;
+  bool simple_ = false;    // REDKNOT_CUDA_SIMPLE=1: cublasGemmEx and the scalar attention kernels
+  CudaFlashTuning flash_;  // paged attention kernel choices, read once (see cuda_backend.h)
   std::shared_ptr<DeviceCache> cache_;
   std::deque<Stage> stages_;  // FIFO: front = the block whose copy was queued first
   size_t staged_bytes_ = 0;   // pinned bytes held by stages_
@@ -943,6 +946,21 @@ class CudaBackend : public Backend {
 
 std::unique_ptr<Backend> make_cuda_backend(int device) {
   return std::make_unique<CudaBackend>(device);
+}
+
+CudaFlashTuning CudaFlashTuning::from_env() {
+  CudaFlashTuning t;
+  t.sm90 = env_or("REDKNOT_FLASH_SM90", "128x2");
+  t.wide_rows = env_or("REDKNOT_FLASH_ROWS", "64") == "128";
+  t.splits = std::max(0, std::atoi(env_or("REDKNOT_FLASH_SPLITS", "0").c_str()));
+  return t;
+}
+
+void set_cuda_flash_tuning(Backend& backend, const CudaFlashTuning& tuning) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr)
+    throw Error("set_cuda_flash_tuning: backend " + backend.name() + " is not cuda");
+  cuda->set_flash_tuning(tuning);
 }
 
 CudaAllocStats cuda_alloc_stats(Backend& backend) {

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "backend/backend.h"
 
@@ -16,6 +17,19 @@ namespace redknot {
 
 // Creates the backend on CUDA device `device`; throws Error when no usable GPU is present.
 std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+
+// Paged attention kernel choices (benchmarks, layout probes). The backend reads them once, when
+// it is made, from REDKNOT_FLASH_SM90 (wgmma keys x stages per prefill tile: 128x2, 64x4, 64x3;
+// "0": the mma.sync kernel), REDKNOT_FLASH_ROWS=128 (128-row mma.sync prefill tiles) and
+// REDKNOT_FLASH_SPLITS=n (forced split-KV count); benchmarks change them with the setter.
+struct CudaFlashTuning {
+  std::string sm90 = "128x2";
+  bool wide_rows = false;
+  int splits = 0;  // 0: chosen per batch
+  static CudaFlashTuning from_env();
+};
+// Throws Error when `backend` is not a CUDA backend.
+void set_cuda_flash_tuning(Backend& backend, const CudaFlashTuning& tuning);
 
 // Counters of the backend's caching device allocator: cudaMalloc calls, allocations served from
 // the cache, blocks returned to the driver, and bytes held (live + cached).

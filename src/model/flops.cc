@@ -1,4 +1,4 @@
-#include "engine/flops.h"
+#include "model/flops.h"
 
 #include <algorithm>
 
@@ -24,13 +24,7 @@ nlohmann::json FlopsLedger::to_json() const {
           {"total", total()}};
 }
 
-int64_t visible_keys(const HeadSpec& spec, int64_t pos) {
-  const int64_t causal = pos + 1;
-  if (spec.cls == HeadClass::Global) return causal;
-  const int64_t window = std::min<int64_t>(causal, spec.window);
-  const int64_t sink = std::min<int64_t>(spec.sink, causal - window);
-  return window + std::max<int64_t>(0, sink);
-}
+int64_t visible_keys(const HeadSpec& spec, int64_t pos) { return spec.kept_tokens(pos + 1); }
 
 double projection_flops_per_token(const ModelConfig& c) {
   const double q = double(c.num_heads) * c.head_dim, kv = double(c.num_kv_heads) * c.head_dim;
@@ -62,11 +56,10 @@ int64_t sum_capped(int64_t n, int64_t cap) {
   if (n <= cap) return n * (n + 1) / 2;
   return cap * (cap + 1) / 2 + (n - cap) * cap;
 }
-// Σ visible_keys(spec, pos) for pos in [0, n).
+// Σ visible_keys(spec, pos) for pos in [0, n): kept_tokens(c) = min(c, cap) is capped at
+// kept_tokens(n) for every c <= n.
 int64_t visible_keys_prefix(const HeadSpec& spec, int64_t n) {
-  if (spec.cls == HeadClass::Global) return sum_capped(n, n);
-  // visible(c = pos + 1) = min(c, W) + min(max(c - W, 0), sink)
-  return sum_capped(n, spec.window) + sum_capped(n - spec.window, spec.sink);
+  return sum_capped(n, spec.kept_tokens(n));
 }
 }  // namespace
 

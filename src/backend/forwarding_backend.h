@@ -1,20 +1,20 @@
-// A backend decorator whose results for a row do not depend on how many rows share the call.
-// The CPU backend picks GEMV kernels for small M and sgemm for larger M, whose summation orders
-// differ, so a sequence's logits would change with the batch it is scheduled in. Serving wants a
-// greedy request to produce the same tokens alone or batched; this wrapper runs every matmul one
-// row at a time (every other op is already row-independent). Costs prefill throughput (no GEMM
-// reuse of weights across rows), so it is an option of `redknot serve`. Every Backend virtual
-// must be forwarded here: a new op with a default body would otherwise bypass the inner backend.
+// A backend that forwards every op to another one: the base of decorators that change a few ops
+// (BatchInvariantBackend). Every Backend virtual must be forwarded here: an op left to its
+// default body would bypass the inner backend (device memory, recording).
 #pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
 #include "backend/backend.h"
 
 namespace redknot {
 
-class BatchInvariantBackend : public Backend {
+class ForwardingBackend : public Backend {
  public:
-  explicit BatchInvariantBackend(Backend& inner) : inner_(inner) {}
+  explicit ForwardingBackend(Backend& inner) : inner_(inner) {}
 
-  std::string name() const override { return inner_.name() + "+batch-invariant"; }
+  std::string name() const override { return inner_.name(); }
   Device device() const override { return inner_.device(); }
   DType act_dtype() const override { return inner_.act_dtype(); }
   Tensor alloc(DType dtype, std::vector<int64_t> shape) override {
@@ -32,7 +32,9 @@ class BatchInvariantBackend : public Backend {
     inner_.embedding(table, ids, out);
   }
   // x: [M, K]; w: [N, K]; bias: [N] or empty; out: [M, N]
-  void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) override;
+  void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) override {
+    inner_.matmul(x, w, bias, out);
+  }
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
     inner_.rmsnorm(x, weight, eps, out);
   }
@@ -71,7 +73,7 @@ class BatchInvariantBackend : public Backend {
   // x: [R, C]; out: [R] f32
   void row_l2norm(const Tensor& x, Tensor& out) override { inner_.row_l2norm(x, out); }
 
- private:
+ protected:
   Backend& inner_;
 };
 

@@ -1,4 +1,4 @@
-#include "model/batch.h"
+#include "core/batch.h"
 
 #include <string>
 

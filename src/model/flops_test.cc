@@ -1,4 +1,4 @@
-#include "engine/flops.h"
+#include "model/flops.h"
 
 #include <gtest/gtest.h>
 

@@ -1,4 +1,4 @@
-#include "engine/batch_invariant_backend.h"
+#include "backend/batch_invariant_backend.h"
 
 namespace redknot {
 

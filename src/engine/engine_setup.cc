@@ -1,0 +1,68 @@
+#include "engine/engine_setup.h"
+
+#include <algorithm>
+
+#include "backend/batch_invariant_backend.h"
+#include "backend/builtin.h"
+#include "core/error.h"
+
+namespace redknot {
+
+LoadedEngineModel open_engine_model(const std::string& path, const EngineOptions& opts) {
+  register_builtin_backends();
+  LoadedEngineModel m;
+  m.ckpt = load_checkpoint(path);
+  m.backend = create_backend(opts.backend);
+  if (opts.batch_invariant) m.batch_invariant = std::make_unique<BatchInvariantBackend>(*m.backend);
+  m.model = std::make_unique<Model>(m.ckpt, m.batch_invariant ? *m.batch_invariant : *m.backend);
+  return m;
+}
+
+EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const EngineOptions& opts) {
+  KvOptions kvo;
+  kvo.page_size = opts.page_size;
+  kvo.head_profile_path = opts.head_profile;
+  int64_t chunk_bytes = opts.chunk_store_bytes;
+  int64_t budget = opts.kv_budget_bytes;
+  if (budget <= 0 && opts.gpu_memory_fraction > 0) {
+    // Weights are on the device already: the pool takes this share of what is left.
+    budget = static_cast<int64_t>(opts.gpu_memory_fraction *
+                                  static_cast<double>(model.backend().free_memory_bytes()));
+    if (budget <= 0) throw Error("--gpu-memory-fraction: no free device memory reported");
+  }
+  if (budget > 0) {
+    if (chunk_bytes <= 0) chunk_bytes = static_cast<int64_t>(budget * kChunkStoreBudgetShare);
+  } else {
+    if (opts.request_tokens <= 0 || opts.concurrent_requests <= 0)
+      throw Error("engine: the KV pool needs a byte budget or a request size");
+    const int64_t request = kv_bytes_for(model, opts.page_size, opts.request_tokens);
+    budget = opts.concurrent_requests * request;
+    if (opts.chunk_store) {
+      if (chunk_bytes <= 0)
+        chunk_bytes =
+            std::max<int64_t>(kChunkStoreMinRequests, opts.concurrent_requests / 2) * request;
+      budget += request + chunk_bytes;
+    }
+  }
+  kvo.budget_bytes = budget;
+  EngineStores s;
+  s.kv = make_kv_store(model, kvo);
+  if (opts.chunk_store) {
+    ChunkStoreOptions cso;
+    cso.pool_budget_bytes = chunk_bytes;
+    cso.host_budget_bytes = opts.chunk_store_host_bytes;
+    cso.model_fp = model_fingerprint(model.config(), ckpt);
+    if (!opts.chunk_store_dir.empty()) {
+      cso.disk_dir = opts.chunk_store_dir;
+      cso.disk_budget_bytes = kChunkStoreDiskBytes;
+    }
+    s.chunks = std::make_unique<ChunkStore>(model, *s.kv.pool, cso);
+  }
+  return s;
+}
+
+std::string head_profile_for_mode(ReuseMode mode, const std::string& head_profile) {
+  return reuse_mode_uses_head_profile(mode) ? head_profile : std::string();
+}
+
+}  // namespace redknot

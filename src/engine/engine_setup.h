@@ -1,0 +1,84 @@
+// One engine assembly for every entry point (serve, generate, eval, bench): the backend (wrapped
+// to be batch-invariant when asked), the model, the KV store (page pool + per-head paged cache)
+// sized by one rule, and the chunk store when reuse is on. Budgets a command does not set come
+// from the named defaults below, so the four entry points size memory the same way.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "backend/backend.h"
+#include "engine/kv_setup.h"
+#include "engine/reuse_settings.h"
+#include "loader/checkpoint.h"
+#include "model/model.h"
+#include "reuse/chunk_store.h"
+#include "reuse/reuse_prefill.h"
+
+namespace redknot {
+
+// A chunk store sized by default holds at least this many full-length requests' segments: a
+// prompt's own documents even when each rounds up to whole pages (eval warms every segment of a
+// sample before its prefill), plus the next requests' new ones.
+inline constexpr int64_t kChunkStoreMinRequests = 4;
+// Under a given --kv-budget the chunk store takes this share of the pool by default: requests
+// keep two thirds, enough that reuse never starves running requests of pages.
+inline constexpr double kChunkStoreBudgetShare = 1.0 / 3.0;
+// Host RAM tier of the chunk store: segments demoted from the pool stay a copy away (1 GiB).
+inline constexpr int64_t kChunkStoreHostBytes = int64_t{1} << 30;
+// Disk tier, when a directory is given: large enough for a working set of long documents across
+// restarts (16 GiB), small against a data disk.
+inline constexpr int64_t kChunkStoreDiskBytes = int64_t{16} << 30;
+// KV page size in tokens: the paper's, and a multiple of every kernel's tile.
+inline constexpr int32_t kDefaultPageSize = 64;
+
+struct EngineOptions {
+  std::string backend = "cpu";
+  // Row-at-a-time matmuls so that a request's output does not depend on its batch (serve).
+  bool batch_invariant = false;
+  int32_t page_size = kDefaultPageSize;
+  std::string head_profile;  // the store's head classes; empty: the model's own attention
+  // KV pool: kv_budget_bytes when > 0, else gpu_memory_fraction of the free device memory when
+  // > 0, else room for `concurrent_requests` requests of `request_tokens` tokens with every
+  // head global (reuse may keep local pages: query_full_attention, segment prefill), plus one
+  // more for a chunk-store miss prefilled beside them, plus the chunk store.
+  int64_t kv_budget_bytes = 0;
+  double gpu_memory_fraction = 0;
+  int64_t request_tokens = 0;
+  int32_t concurrent_requests = 1;
+  // Chunk store (cached segments in the same pool): on when `chunk_store` is set. Its pool share
+  // is chunk_store_bytes when > 0, else the defaults above.
+  bool chunk_store = false;
+  int64_t chunk_store_bytes = 0;
+  std::string chunk_store_dir;  // disk tier (kChunkStoreDiskBytes); empty: none
+  int64_t chunk_store_host_bytes = kChunkStoreHostBytes;
+};
+
+// The backend and model of one checkpoint.
+struct LoadedEngineModel {
+  Checkpoint ckpt;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Backend> batch_invariant;  // wraps `backend` when EngineOptions asks
+  std::unique_ptr<Model> model;
+  bool is_batch_invariant() const { return batch_invariant != nullptr; }
+};
+
+// Opens `path` (HF dir or GGUF) on opts.backend, wrapped when opts.batch_invariant.
+LoadedEngineModel open_engine_model(const std::string& path, const EngineOptions& opts);
+
+// The KV store and the chunk store of one model.
+struct EngineStores {
+  KvStore kv;
+  std::unique_ptr<ChunkStore> chunks;  // null unless opts.chunk_store
+};
+EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const EngineOptions& opts);
+
+// Which heads a reuse mode's KV uses, the same in every entry point: redknot runs on the head
+// profile (SPEC §2-§4: local heads store and read sink ∪ window). naive, cacheblend, epic,
+// prefix and full are the published methods and the reference, defined on the model as trained
+// (SPEC §4's baselines; the eval tables of docs/benchmarks.md compare them with redknot under
+// one flag), so they take the model's own attention whatever profile is given. Returns the
+// profile path to build the store with ("" = HeadProfile::native).
+std::string head_profile_for_mode(ReuseMode mode, const std::string& head_profile);
+
+}  // namespace redknot
