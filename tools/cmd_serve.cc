@@ -79,7 +79,10 @@ int print_serve_config(const ServeArgs& a) {
   const ServeSetup s = resolve_serve(a);
   nlohmann::json j = reuse_settings_json(s.settings, s.reuse_opts);
   j["reuse_mode"] = a.reuse_mode;
-  j["kv_head_profile"] = s.engine.head_profile;
+  // The heads the default mode's requests keep (requests may ask another mode: each mode's
+  // requests run on its own cache, head-aware or all-global).
+  j["kv_head_profile"] =
+      s.reuse ? head_profile_for_mode(s.mode, s.engine.head_profile) : s.engine.head_profile;
   std::cout << j.dump() << std::endl;
   return 0;
 }

@@ -755,11 +755,9 @@ const RAG = join(ROOT, 'models', 'redknot-rag-8k');
 describe('README example on the shipped model', {skip: !(CLI && existsSync(join(RAG, 'model.safetensors')))}, () => {
   let srv;
   before(async () => {
-    const run = readFileSync(join(ROOT, 'scripts', 'run.sh'), 'utf8');
-    const flags = ['--head-profile', join(RAG, 'head_profile.json'),
-                   '--layer-mass', /args\+=\(--layer-mass (\S+)\)/.exec(run)[1],
-                   '--ffn-dilate', /args\+=\(--ffn-dilate (\S+)\)/.exec(run)[1], '--max-batch', '2'];
-    srv = await startServer(flags, RAG);
+    // As scripts/run.sh serves it: the model directory's reuse_settings.json supplies the head
+    // profile and the Sparse FFN setting.
+    srv = await startServer(['--max-batch', '2'], RAG);
   });
   after(async () => {
     assert.equal(await stopServer(srv), 0);
