@@ -893,16 +893,16 @@ std::optional<ChunkHeadRows> ChunkStore::read_head_rows(const Handle& handle, in
       const int64_t hb = head_block_bytes(len);
       std::vector<uint8_t> buf(static_cast<size_t>(hb));
       Fd fd(open(file_path(e.key).c_str(), O_RDONLY | O_CLOEXEC));
+      const std::string where =
+          " block (layer " + std::to_string(layer) + ", head " + std::to_string(kv_head) + ")";
       std::string what;
       if (fd.get() < 0)
-        what = "cannot open: " + errno_text(errno);
+        what = "unreadable spill file, dropped: cannot open: " + errno_text(errno);
       else if (block >= e.block_sums.size() ||
                !read_all(fd.get(), buf.data(), hb, header_bytes(len) + block * hb))
-        what = "short read of block (layer " + std::to_string(layer) + ", head " +
-               std::to_string(kv_head) + ")";
+        what = "corrupt spill file, deleted: short read of" + where;
       else if (XXH3_64bits(buf.data(), hb) != e.block_sums[block])
-        what = "checksum mismatch in block (layer " + std::to_string(layer) + ", head " +
-               std::to_string(kv_head) + ")";
+        what = "corrupt spill file, deleted: checksum mismatch in" + where;
       if (!what.empty()) {
         mark_corrupt(e, what);
         return std::nullopt;
@@ -1305,8 +1305,10 @@ std::optional<std::vector<uint8_t>> ChunkStore::read_file(Entry& e) {
   FileHeader h;
   std::string what;
   if (fd.get() < 0) {
-    what = "cannot open: " + errno_text(errno);
-  } else if (read_header(fd.get(), h) != HeaderStatus::Ok) {
+    mark_corrupt(e, "unreadable spill file, dropped: cannot open: " + errno_text(errno));
+    return std::nullopt;
+  }
+  if (read_header(fd.get(), h) != HeaderStatus::Ok) {
     what = "bad header (magic, version, bounds or header checksum)";
   } else if (h.model_fp != opts_.model_fp || h.key != e.key || h.tokens != e.tokens ||
              h.dtype != static_cast<uint32_t>(dtype_) || h.layers != uint32_t(layers_) ||
@@ -1325,14 +1327,14 @@ std::optional<std::vector<uint8_t>> ChunkStore::read_file(Entry& e) {
                std::to_string(b % kv_heads_) + ")";
   }
   if (!what.empty()) {
-    mark_corrupt(e, what);
+    mark_corrupt(e, "corrupt spill file, deleted: " + what);
     return std::nullopt;
   }
   return blob;
 }
 
 void ChunkStore::mark_corrupt(Entry& e, const std::string& what) {
-  log_disk(file_path(e.key), "corrupt spill file, deleted: " + what);
+  log_disk(file_path(e.key), what);
   ++stats_.corrupt_files;
   drop_disk_copy(e);
   if (e.tier == ChunkTier::Disk) {

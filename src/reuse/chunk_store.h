@@ -5,9 +5,10 @@
 //                  PagedKvCache::append_relocated(seq, handle.all_rows(), handle.positions(), d).
 //   tier 1 "host": the same K/V serialized head-major in host RAM.
 //   tier 2 "disk": that serialization in `<disk_dir>/<key hex>.rkv` with a checksummed header
-//                  and one XXH3 per head block; written to a temp file then renamed; survives
-//                  restarts. Corrupt files are detected at startup or load, counted, deleted and
-//                  treated as misses: never served.
+//                  and one XXH3 per head block; written to a temp file, fsynced, renamed;
+//                  survives restarts and (with write-through) crashes. Corrupt files are detected
+//                  at startup or load, logged, counted, deleted and treated as misses: never
+//                  served.
 //
 // Serialization (host blob = disk payload), in the backend's act dtype: for each layer, for each
 // kv head, a block of K rows [len, head_dim] then V rows [len, head_dim]. Positions are 0..len-1.
@@ -28,20 +29,29 @@
 // Disk files are a copy that stays when an entry is promoted back to memory (demoting it again is
 // free); the destructor writes memory-only entries to disk (best effort) when the disk tier is on.
 //
-// Write-through (ChunkStoreOptions::write_through, on with the disk tier): a kill -9 loses at most
-// the writes still queued, not everything cached since start. A new pool entry (publish()) or a
-// host entry promoted without a disk copy is serialized at once on the calling (engine) thread --
-// the pool gather needs the backend, and it costs a small part of the prefill that made the entry
-// -- then a background writer does temp file + fsync + rename + directory fsync, and the entry
-// gets its disk copy (on_disk, block sums, disk bytes) under the mutex when the file is in place.
-// Event-driven rather than periodic: no caller has to remember a flush call, and the loss window
+// Write-through (ChunkStoreOptions::write_through, on with the disk tier): a kill -9 loses only
+// what is still queued (at most write_queue_bytes plus one entry: usually well under a second of
+// disk time), not everything cached since start.
+// Each new pool entry (publish()), host entry promoted without a disk copy, or pool hit that the
+// disk policy kept off disk before, is serialized at once on the calling (engine) thread -- the
+// pool gather needs the backend, and costs a small part of the prefill that made the entry --
+// and queued for a background writer: checksums, temp file, fsync, rename, directory fsync. Only
+// when the file is in place does the entry get its disk copy (on_disk, block sums), under the
+// mutex. Event-driven rather than periodic: the scheduler needs no new call, and the loss window
 // is the queue, not a timer. The queue is bounded in bytes (an entry larger than the bound is
-// taken when the queue is empty); an entry that finds it full is not waited for but retried at the
-// next publish()/acquire() or persist_new(), hottest first. The disk budget is reserved when the
-// write is queued, under the same policy as a demotion (an entry may only push out colder files).
-// The engine thread waits for a write only where it did before (an entry demoted to disk while its
-// write is queued is written or awaited there). Disk-tier problems (corrupt or unreadable files,
-// failed writes) print one line each to stderr, at most log_lines_per_minute, then a summary.
+// taken when the queue is empty); an entry that finds it full is never waited for: it is retried,
+// hottest first, at the next publish()/acquire() or persist_new() (an idle store keeps that
+// backlog until then, or the destructor's flush). The disk budget is reserved when a write is
+// queued, under the policy of a demotion (only colder files make room; when they cannot, the entry
+// stays memory-only, as flush_to_disk would leave it); disk bytes count writes in flight. The
+// engine waits for the writer only where it wrote synchronously before: an entry demoted to disk
+// while its write is queued has that write run right there (or awaited, if running). Dropping an
+// entry cancels its queued write, or deletes the file its running write makes. The destructor
+// drains the queue (even without flush_on_destroy) and joins the writer.
+//
+// Disk-tier problems (corrupt or unreadable files, failed writes or deletes) print one line each to
+// stderr naming the file and what was wrong, at most log_lines_per_minute; the rest are counted and
+// summed up in one line at the next problem after the minute, or at destruction.
 //
 // Passive: the store never runs the model. A miss is prefilled by the caller (the scheduler, as
 // ordinary prefill work of the store's own sequence; prefill_segment() for offline use): reserve()
@@ -118,7 +128,8 @@ struct ChunkStoreStats {
   int64_t write_deferrals = 0;      // new entries that found the write queue full (retried)
   int64_t write_errors = 0;         // spill files that could not be written
   int64_t write_queue_bytes = 0;    // serialized bytes queued or being written now
-  ChunkTierUsage pool, host, disk;  // disk counts every indexed file, including copies
+  ChunkTierUsage pool, host, disk;  // disk: every indexed file, including copies; bytes also
+                                    // count writes in flight
 };
 
 // One (layer, kv head)'s rows of a cached segment, host tensors [n, head_dim] in act dtype.

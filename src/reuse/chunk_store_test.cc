@@ -856,6 +856,29 @@ TEST_F(ChunkStoreTest, CorruptFilesAreLogged) {
   EXPECT_NE(err.find("12 more disk-tier problems"), std::string::npos) << err;
 }
 
+// A write that fails (here: the directory vanished) is logged and counted; the entry keeps
+// serving from memory and publish() is unaffected.
+TEST_F(ChunkStoreTest, FailedWritesAreLoggedAndCounted) {
+  ChunkStoreOptions o = Opts(4, 0, 8);
+  o.write_through = true;
+  o.flush_on_destroy = false;
+  ChunkStore store(*model_, *pool_, o);
+  fs::remove_all(dir_);
+  ::testing::internal::CaptureStderr();
+  ChunkStore::Handle h = Acquire(store, Seg(1));
+  ASSERT_TRUE(h.ok());
+  store.sync_writes();
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find(FileOf(Seg(1)) + ": cannot create "), std::string::npos) << err;
+  const ChunkStoreStats s = store.stats();
+  EXPECT_EQ(s.write_errors, 1);
+  EXPECT_EQ(s.disk_writes, 0);
+  EXPECT_EQ(s.disk.entries, 0);
+  EXPECT_EQ(s.disk.bytes, 0);
+  EXPECT_EQ(h.tier(), ChunkTier::Pool);
+  ExpectSame(FromHandle(h), Fresh(Seg(1)));
+}
+
 TEST_F(ChunkStoreTest, PagesReturnedOnDestruction) {
   {
     ChunkStore store(*model_, *pool_, Opts(3, 2));
