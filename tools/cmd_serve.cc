@@ -98,6 +98,8 @@ int run_serve(const ServeArgs& a) {
     if (!a.chunk_store_dir.empty()) {
       cso.disk_dir = a.chunk_store_dir;
       cso.disk_budget_bytes = int64_t{16} << 30;
+      // New segments reach disk within moments, so a crash or kill -9 keeps the cache.
+      cso.write_through = true;
     }
     chunks = std::make_unique<ChunkStore>(model, *store.pool, cso);
   }
