@@ -124,7 +124,7 @@ struct ChunkStoreStats {
   int64_t evictions = 0;            // entries dropped from every tier
   int64_t corrupt_files = 0;        // spill files found bad (checksum, truncation, header); deleted
   int64_t collisions = 0;           // lookups whose key matched an entry of other tokens
-  int64_t disk_writes = 0;          // files written through by the background writer
+  int64_t disk_writes = 0;          // files written through (new entries persisted)
   int64_t write_deferrals = 0;      // new entries that found the write queue full (retried)
   int64_t write_errors = 0;         // spill files that could not be written
   int64_t write_queue_bytes = 0;    // serialized bytes queued or being written now
