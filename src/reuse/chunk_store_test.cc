@@ -749,6 +749,61 @@ TEST_F(ChunkStoreTest, FullWriteQueueDoesNotBlockPublish) {
   ExpectBudgets(store);
 }
 
+// Entries the full queue skipped and that moved on to the host tier are written from there, and
+// a host entry promoted back to the pool hands its serialization to the writer.
+TEST_F(ChunkStoreTest, SkippedEntriesAreWrittenFromTheHostTier) {
+  std::promise<void> entered, release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> first{true};
+  const auto x = Seg(1), a = Seg(2), b = Seg(3);
+  std::vector<SegKv> kv(3);
+  {
+    ChunkStoreOptions o = Opts(1, 2, 8);
+    o.write_through = true;
+    o.write_queue_bytes = 1;
+    o.flush_on_destroy = false;
+    o.before_write = [&] {
+      if (first.exchange(false)) {
+        entered.set_value();
+        released.wait_for(std::chrono::seconds(30));
+      }
+    };
+    ChunkStore store(*model_, *pool_, o);
+    kv[0] = FromHandle(Acquire(store, x));
+    ASSERT_EQ(entered.get_future().wait_for(std::chrono::seconds(30)), std::future_status::ready);
+    kv[1] = FromHandle(Acquire(store, a));  // x -> host; a's write is deferred
+    kv[2] = FromHandle(Acquire(store, b));  // a -> host; b's write is deferred
+    EXPECT_EQ(store.stats().write_deferrals, 2);
+    EXPECT_EQ(store.stats().host.entries, 2);
+    release.set_value();
+    store.sync_writes();
+    EXPECT_EQ(store.stats().disk_writes, 1);
+    {
+      ChunkStore::Handle h = Acquire(store, a);  // host -> pool, its blob goes to the writer
+      ASSERT_TRUE(h.ok());
+      EXPECT_EQ(h.source(), ChunkTier::Host);
+    }
+    store.sync_writes();
+    EXPECT_TRUE(fs::exists(FileOf(a)));
+    EXPECT_GE(store.stats().disk_writes, 2);  // b too, if the writer was quick enough
+    for (int i = 0; i < 5 && store.stats().disk_writes < 3; ++i) {
+      store.persist_new();
+      store.sync_writes();
+    }
+    EXPECT_EQ(store.stats().disk_writes, 3);
+    ExpectBudgets(store);
+  }
+  ChunkStore store(*model_, *pool_, Opts(4, 0, 8));
+  EXPECT_EQ(store.stats().disk.entries, 3);
+  int i = 0;
+  for (const auto& t : {x, a, b}) {
+    ChunkStore::Handle h = Acquire(store, t);
+    ASSERT_TRUE(h.ok());
+    EXPECT_EQ(h.source(), ChunkTier::Disk);
+    ExpectSame(FromHandle(h), kv[i++]);
+  }
+}
+
 // An entry demoted to disk while its write-through is still queued is written once, right there
 // (the engine runs that queued job itself rather than waiting for the writer's backlog).
 TEST_F(ChunkStoreTest, DemotionOfAQueuedEntryWritesItOnce) {
