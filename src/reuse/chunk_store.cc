@@ -5,6 +5,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cinttypes>
 #include <cmath>
@@ -132,6 +133,8 @@ bool read_all(int fd, uint8_t* p, int64_t n, int64_t off) {
   }
   return true;
 }
+
+std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
 
 // Raw act-dtype bytes of a device tensor, on the host. Device tensors round-trip through f32,
 // which is exact for f32/bf16/f16.
@@ -275,10 +278,19 @@ ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
     if (ec || !fs::is_directory(opts_.disk_dir))
       throw Error(opts_.disk_dir + ": cannot create the chunk store directory: " + ec.message());
     scan_disk();
+    if (opts_.write_through) writer_ = std::thread([this] { writer_loop(); });
   }
 }
 
 ChunkStore::~ChunkStore() {
+  if (writer_.joinable()) {
+    {
+      std::lock_guard<std::mutex> q(q_mu_);
+      stop_ = true;
+    }
+    q_cv_.notify_all();
+    writer_.join();  // after the queue is drained: every queued file written and committed
+  }
   std::lock_guard<std::mutex> lock(mu_);
   if (opts_.disk_budget_bytes > 0 && opts_.flush_on_destroy) {
     try {
@@ -286,6 +298,12 @@ ChunkStore::~ChunkStore() {
     } catch (...) {
       // Best effort: a failed flush only loses cache entries.
     }
+  }
+  {
+    std::lock_guard<std::mutex> l(log_mu_);
+    if (log_suppressed_ > 0)
+      std::fprintf(stderr, "chunk store: %lld more disk-tier problems not shown\n",
+                   static_cast<long long>(log_suppressed_));
   }
   for (Entry& e : entries_)
     if (e.pins > 0)
@@ -479,6 +497,8 @@ void ChunkStore::place_in_host(Entry& e, std::vector<uint8_t> blob) {
 }
 
 void ChunkStore::place_on_disk(Entry& e, const std::vector<uint8_t>& blob) {
+  // Its write-through is queued or running: that file is the copy (one write, as before).
+  if (e.job) finish_write(e.job);
   if (e.on_disk) {  // a clean copy is already there
     e.tier = ChunkTier::Disk;
     ++stats_.demotions_to_disk;
@@ -498,6 +518,7 @@ void ChunkStore::drop_disk_copy(Entry& e) {
   if (!e.on_disk) return;
   std::error_code ec;
   fs::remove(file_path(e.key), ec);
+  if (ec) log_disk(file_path(e.key), "cannot delete: " + ec.message());
   disk_bytes_ -= e.file_bytes;
   e.on_disk = false;
   e.file_bytes = 0;
@@ -505,6 +526,8 @@ void ChunkStore::drop_disk_copy(Entry& e) {
 }
 
 void ChunkStore::erase(Entry& e, bool evicted) {
+  clear_persist(e);
+  cancel_write(e);
   if (e.tier == ChunkTier::Pool) release_pool(e);
   if (e.tier == ChunkTier::Host) host_bytes_ -= static_cast<int64_t>(e.blob.size());
   drop_disk_copy(e);
@@ -624,6 +647,12 @@ bool ChunkStore::load_into_pool(Entry& e, const std::vector<uint8_t>& blob) {
 
 ChunkStore::Handle ChunkStore::acquire(std::span<const int32_t> tokens) {
   std::lock_guard<std::mutex> lock(mu_);
+  Handle h = acquire_locked(tokens);
+  persist_locked();  // retries what a full write queue skipped
+  return h;
+}
+
+ChunkStore::Handle ChunkStore::acquire_locked(std::span<const int32_t> tokens) {
   if (tokens.empty()) return {};
   ++clock_;
   const uint64_t key = key_of(tokens);
@@ -632,7 +661,10 @@ ChunkStore::Handle ChunkStore::acquire(std::span<const int32_t> tokens) {
     const ChunkTier source = e->tier;
     if (source == ChunkTier::Pool) {
       ++stats_.pool_hits;
-      return make_handle(*e, source);
+      Handle h = make_handle(*e, source);
+      // Kept off disk earlier by the disk policy: hotter now, it may get in.
+      if (!e->on_disk && !e->job && !e->persist) want_persist(*e);
+      return h;
     }
     ++e->pins;  // so that making room below cannot move it
     std::optional<std::vector<uint8_t>> disk_blob;
@@ -651,15 +683,18 @@ ChunkStore::Handle ChunkStore::acquire(std::span<const int32_t> tokens) {
         ++stats_.bypasses;
         return {};
       }
+      Handle h = make_handle(*e, source);
+      ++stats_.promotions;
       if (source == ChunkTier::Host) {
         host_bytes_ -= static_cast<int64_t>(e->blob.size());
+        std::vector<uint8_t> blob = std::move(e->blob);
         e->blob = {};
         ++stats_.host_hits;
+        want_persist(*e, &blob);  // its serialization is at hand: no gather
       } else {
         ++stats_.disk_hits;
       }
-      ++stats_.promotions;
-      return make_handle(*e, source);
+      return h;
     }
     // The disk copy was corrupt (deleted and counted): recompute it as a miss, keeping its
     // access count (through the ghost history) but not counting this access twice.
@@ -733,7 +768,10 @@ ChunkStore::Handle ChunkStore::publish(Pending pending) {
     e.dead = true;  // served to the request that computed it, dropped when it lets go
     ++stats_.private_prefills;
   }
-  return make_handle(e, ChunkTier::None);
+  Handle h = make_handle(e, ChunkTier::None);
+  if (pending.admitted_) want_persist(e);
+  persist_locked();
+  return h;
 }
 
 void ChunkStore::Pending::reset() {
@@ -844,11 +882,18 @@ std::optional<ChunkHeadRows> ChunkStore::read_head_rows(const Handle& handle, in
       const int64_t hb = head_block_bytes(len);
       std::vector<uint8_t> buf(static_cast<size_t>(hb));
       Fd fd(open(file_path(e.key).c_str(), O_RDONLY | O_CLOEXEC));
-      const bool ok = fd.get() >= 0 && block < e.block_sums.size() &&
-                      read_all(fd.get(), buf.data(), hb, header_bytes(len) + block * hb) &&
-                      XXH3_64bits(buf.data(), hb) == e.block_sums[block];
-      if (!ok) {
-        mark_corrupt(e);
+      const std::string where =
+          " block (layer " + std::to_string(layer) + ", head " + std::to_string(kv_head) + ")";
+      std::string what;
+      if (fd.get() < 0)
+        what = "unreadable spill file, dropped: cannot open: " + errno_text(errno);
+      else if (block >= e.block_sums.size() ||
+               !read_all(fd.get(), buf.data(), hb, header_bytes(len) + block * hb))
+        what = "corrupt spill file, deleted: short read of" + where;
+      else if (XXH3_64bits(buf.data(), hb) != e.block_sums[block])
+        what = "corrupt spill file, deleted: checksum mismatch in" + where;
+      if (!what.empty()) {
+        mark_corrupt(e, what);
         return std::nullopt;
       }
       from_block(buf.data());
@@ -874,6 +919,8 @@ void ChunkStore::flush_locked() {
   std::stable_sort(todo.begin(), todo.end(),
                    [&](Entry* a, Entry* b) { return score(*a) > score(*b); });
   for (Entry* e : todo) {
+    if (e->job) finish_write(e->job);  // its write-through is the copy
+    if (e->on_disk) continue;
     const int32_t len = static_cast<int32_t>(e->tokens.size());
     ++e->pins;  // room making must not drop the entry being written
     if (make_room_disk(header_bytes(len) + payload_bytes(len), score(*e))) {
@@ -897,7 +944,250 @@ ChunkStoreStats ChunkStore::stats() const {
   s.pool.bytes = pool_bytes_;
   s.host.bytes = host_bytes_;
   s.disk.bytes = disk_bytes_;
+  std::lock_guard<std::mutex> q(q_mu_);
+  s.write_queue_bytes = queued_bytes_;
   return s;
+}
+
+// ---- write-through ----
+
+int ChunkStore::persist_new() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return persist_locked();
+}
+
+void ChunkStore::sync_writes() {
+  std::unique_lock<std::mutex> q(q_mu_);
+  done_cv_.wait(q, [&] { return outstanding_ == 0; });
+}
+
+void ChunkStore::want_persist(Entry& e, std::vector<uint8_t>* blob) {
+  if (!writer_.joinable() || e.on_disk || e.job || e.dead) return;
+  if (!e.persist) {
+    e.persist = true;
+    ++persist_backlog_;
+  }
+  const Enqueue r = enqueue_write(e, blob);
+  if (r == Enqueue::Full || r == Enqueue::Busy) ++stats_.write_deferrals;
+}
+
+void ChunkStore::clear_persist(Entry& e) {
+  if (!e.persist) return;
+  e.persist = false;
+  --persist_backlog_;
+}
+
+int ChunkStore::persist_locked() {
+  if (persist_backlog_ == 0) return 0;
+  {
+    std::lock_guard<std::mutex> q(q_mu_);
+    if (queued_bytes_ > 0 && queued_bytes_ >= opts_.write_queue_bytes) return 0;
+  }
+  std::vector<Entry*> todo;
+  for (Entry& e : entries_)
+    if (e.persist) todo.push_back(&e);
+  std::stable_sort(todo.begin(), todo.end(),
+                   [&](Entry* a, Entry* b) { return score(*a) > score(*b); });
+  // Room making below erases only entries with a disk copy, never these.
+  int n = 0;
+  for (Entry* e : todo) {
+    const Enqueue r = enqueue_write(*e, nullptr);
+    if (r == Enqueue::Full) break;
+    n += r == Enqueue::Queued;
+  }
+  return n;
+}
+
+ChunkStore::Enqueue ChunkStore::enqueue_write(Entry& e, std::vector<uint8_t>* blob) {
+  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  const int64_t payload = payload_bytes(len), bytes = header_bytes(len) + payload;
+  if (e.tier != ChunkTier::Pool && e.tier != ChunkTier::Host) {
+    clear_persist(e);
+    return Enqueue::Refused;
+  }
+  {
+    std::lock_guard<std::mutex> q(q_mu_);
+    if (queued_bytes_ > 0 && queued_bytes_ + payload > opts_.write_queue_bytes)
+      return Enqueue::Full;
+  }
+  if (jobs_by_key_.count(e.key) != 0) return Enqueue::Busy;
+  // Another segment with the same key owns the file name (collisions are rare): as write_file.
+  std::vector<Entry*> same;
+  auto [lo, hi] = index_.equal_range(e.key);
+  for (auto it = lo; it != hi; ++it)
+    if (it->second != &e && it->second->on_disk) same.push_back(it->second);
+  for (Entry* o : same)
+    if (o->pins > 0 && o->tier == ChunkTier::Disk) {
+      clear_persist(e);
+      return Enqueue::Refused;
+    }
+  // The disk policy of a demotion: only colder files make room.
+  if (!make_room_disk(bytes, score(e))) {
+    clear_persist(e);
+    return Enqueue::Refused;
+  }
+  for (Entry* o : same) {
+    drop_disk_copy(*o);
+    if (o->tier == ChunkTier::Disk) erase(*o, /*evicted=*/true);
+  }
+  auto job = std::make_shared<WriteJob>();
+  try {
+    if (blob != nullptr)
+      job->blob = std::move(*blob);
+    else
+      job->blob = e.tier == ChunkTier::Host ? e.blob : serialize_pool(e);
+  } catch (const std::exception& ex) {
+    log_disk(file_path(e.key), std::string("cannot serialize for write-through: ") + ex.what());
+    clear_persist(e);
+    return Enqueue::Refused;
+  }
+  RK_CHECK(static_cast<int64_t>(job->blob.size()) == payload, "chunk blob size");
+  job->entry = &e;
+  job->key = e.key;
+  job->tokens = e.tokens;
+  job->bytes = bytes;
+  job->queued = payload;
+  job->path = file_path(e.key);
+  job->tmp = job->path + ".tmp." + std::to_string(getpid()) + "." + std::to_string(tmp_counter_++);
+  disk_bytes_ += bytes;  // reserved now: the budget holds while the file is being written
+  jobs_by_key_[e.key] = job;
+  e.job = job;
+  clear_persist(e);
+  {
+    std::lock_guard<std::mutex> q(q_mu_);
+    queue_.push_back(job);
+    queued_bytes_ += job->queued;
+    ++outstanding_;
+  }
+  q_cv_.notify_one();
+  return Enqueue::Queued;
+}
+
+void ChunkStore::run_write(WriteJob& job) const {
+  try {
+    const int32_t len = static_cast<int32_t>(job.tokens.size());
+    const int64_t hb = head_block_bytes(len);
+    job.sums.resize(static_cast<size_t>(layers_) * kv_heads_);
+    for (size_t b = 0; b < job.sums.size(); ++b)
+      job.sums[b] = XXH3_64bits(job.blob.data() + b * hb, hb);
+    const std::vector<uint8_t> header = encode_header(job.key, job.tokens, job.sums);
+    job.error = write_spill(job.path, job.tmp, header, job.blob);
+  } catch (const std::exception& ex) {
+    job.error = std::string("write failed: ") + ex.what();
+  }
+  job.ok = job.error.empty();
+  std::vector<uint8_t>().swap(job.blob);  // the queue's bytes are free now
+}
+
+void ChunkStore::writer_loop() {
+  for (;;) {
+    std::shared_ptr<WriteJob> job;
+    {
+      std::unique_lock<std::mutex> q(q_mu_);
+      q_cv_.wait(q, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopped and drained
+      job = std::move(queue_.front());
+      queue_.pop_front();
+      job->state = WriteJob::State::Running;
+    }
+    if (opts_.before_write) opts_.before_write();
+    run_write(*job);
+    {
+      std::lock_guard<std::mutex> q(q_mu_);
+      job->state = WriteJob::State::Done;
+      queued_bytes_ -= job->queued;
+    }
+    done_cv_.notify_all();
+    std::lock_guard<std::mutex> lock(mu_);
+    commit(*job);
+  }
+}
+
+void ChunkStore::finish_write(std::shared_ptr<WriteJob> job) {
+  bool here = false;
+  {
+    std::unique_lock<std::mutex> q(q_mu_);
+    if (job->state == WriteJob::State::Queued) {
+      queue_.erase(std::find(queue_.begin(), queue_.end(), job));
+      job->state = WriteJob::State::Running;
+      here = true;
+    } else {
+      // The writer needs only q_mu_ to get to Done: waiting here under mu_ cannot deadlock.
+      done_cv_.wait(q, [&] { return job->state == WriteJob::State::Done; });
+    }
+  }
+  if (here) {
+    run_write(*job);
+    std::lock_guard<std::mutex> q(q_mu_);
+    job->state = WriteJob::State::Done;
+    queued_bytes_ -= job->queued;
+  }
+  commit(*job);
+}
+
+void ChunkStore::cancel_write(Entry& e) {
+  if (!e.job) return;
+  std::shared_ptr<WriteJob> job = std::move(e.job);
+  job->entry = nullptr;
+  {
+    std::lock_guard<std::mutex> q(q_mu_);
+    if (job->state != WriteJob::State::Queued) return;  // commit() deletes the file it makes
+    queue_.erase(std::find(queue_.begin(), queue_.end(), job));
+    queued_bytes_ -= job->queued;
+    job->state = WriteJob::State::Done;
+  }
+  job->dequeued = true;
+  commit(*job);
+}
+
+void ChunkStore::commit(WriteJob& job) {
+  if (job.committed) return;
+  job.committed = true;
+  if (auto it = jobs_by_key_.find(job.key); it != jobs_by_key_.end() && it->second.get() == &job)
+    jobs_by_key_.erase(it);
+  disk_bytes_ -= job.bytes;  // the reservation; a kept file is counted again below
+  Entry* e = job.entry;
+  if (job.dequeued) {
+    // Cancelled before it ran: no file.
+  } else if (!job.ok) {
+    ++stats_.write_errors;
+    log_disk(job.path, job.error);
+    if (e != nullptr) e->job.reset();  // stays memory-only; demotion or flush may try again
+  } else if (e == nullptr) {
+    std::error_code ec;  // its entry was dropped while the file was being written
+    fs::remove(job.path, ec);
+  } else {
+    e->job.reset();
+    e->on_disk = true;
+    e->file_bytes = job.bytes;
+    e->block_sums = std::move(job.sums);
+    disk_bytes_ += job.bytes;
+    ++stats_.disk_writes;
+  }
+  {
+    std::lock_guard<std::mutex> q(q_mu_);
+    --outstanding_;
+  }
+  done_cv_.notify_all();
+}
+
+void ChunkStore::log_disk(const std::string& path, const std::string& what) {
+  std::lock_guard<std::mutex> l(log_mu_);
+  const auto now = std::chrono::steady_clock::now();
+  if (now - log_window_ >= std::chrono::minutes(1)) {
+    if (log_suppressed_ > 0)
+      std::fprintf(stderr, "chunk store: %lld more disk-tier problems in the last minute\n",
+                   static_cast<long long>(log_suppressed_));
+    log_window_ = now;
+    log_lines_ = 0;
+    log_suppressed_ = 0;
+  }
+  if (log_lines_ < opts_.log_lines_per_minute) {
+    ++log_lines_;
+    std::fprintf(stderr, "chunk store: %s: %s\n", path.c_str(), what.c_str());
+  } else {
+    ++log_suppressed_;
+  }
 }
 
 // ---- disk format ----
@@ -906,9 +1196,9 @@ ChunkStoreStats ChunkStore::stats() const {
 // kv_heads] (XXH3 of each head's K|V block), u64 XXH3 of all the preceding header bytes.
 // Then the payload (the host blob). The file size must be exactly header + payload.
 
-std::vector<uint8_t> ChunkStore::encode_header(const Entry& e,
+std::vector<uint8_t> ChunkStore::encode_header(uint64_t key, std::span<const int32_t> tokens,
                                                const std::vector<uint64_t>& sums) const {
-  const int32_t len = static_cast<int32_t>(e.tokens.size());
+  const int32_t len = static_cast<int32_t>(tokens.size());
   std::vector<uint8_t> h(static_cast<size_t>(header_bytes(len)));
   size_t off = 0;
   auto put_bytes = [&](const void* p, size_t n) {
@@ -920,12 +1210,12 @@ std::vector<uint8_t> ChunkStore::encode_header(const Entry& e,
   put32(kVersion);
   put32(static_cast<uint32_t>(dtype_));
   put_bytes(&opts_.model_fp, 8);
-  put_bytes(&e.key, 8);
+  put_bytes(&key, 8);
   put32(static_cast<uint32_t>(layers_));
   put32(static_cast<uint32_t>(kv_heads_));
   put32(static_cast<uint32_t>(head_dim_));
   put32(static_cast<uint32_t>(len));
-  put_bytes(e.tokens.data(), e.tokens.size() * 4);
+  put_bytes(tokens.data(), tokens.size() * 4);
   put_bytes(sums.data(), sums.size() * 8);
   const uint64_t sum = XXH3_64bits(h.data(), off);
   put_bytes(&sum, 8);
@@ -933,7 +1223,38 @@ std::vector<uint8_t> ChunkStore::encode_header(const Entry& e,
   return h;
 }
 
+std::string ChunkStore::write_spill(const std::string& path, const std::string& tmp,
+                                    const std::vector<uint8_t>& header,
+                                    const std::vector<uint8_t>& blob) const {
+  std::string err;
+  {
+    Fd fd(open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (fd.get() < 0) return "cannot create " + tmp + ": " + errno_text(errno);
+    if (!write_all(fd.get(), header.data(), static_cast<int64_t>(header.size())) ||
+        !write_all(fd.get(), blob.data(), static_cast<int64_t>(blob.size())))
+      err = "write failed: " + errno_text(errno);
+    else if (opts_.fsync_files && fsync(fd.get()) != 0)
+      err = "fsync failed: " + errno_text(errno);
+    if (close(fd.release()) != 0 && err.empty()) err = "close failed: " + errno_text(errno);
+  }
+  if (err.empty() && std::rename(tmp.c_str(), path.c_str()) != 0)
+    err = "rename failed: " + errno_text(errno);
+  if (!err.empty()) {
+    std::remove(tmp.c_str());
+    return err;
+  }
+  if (opts_.fsync_files) {
+    // The rename itself survives a power loss only once the directory is synced.
+    Fd dir(open(opts_.disk_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (dir.get() >= 0) fsync(dir.get());
+  }
+  return err;
+}
+
 bool ChunkStore::write_file(Entry& e, const std::vector<uint8_t>& blob) {
+  // A queued or running write of this file name (e's own or a colliding segment's) ends first.
+  if (auto it = jobs_by_key_.find(e.key); it != jobs_by_key_.end()) finish_write(it->second);
+  if (e.on_disk) return true;
   const int32_t len = static_cast<int32_t>(e.tokens.size());
   // Another segment with the same key owns the file name: its copy goes (collisions are rare).
   std::vector<Entry*> same;
@@ -948,27 +1269,21 @@ bool ChunkStore::write_file(Entry& e, const std::vector<uint8_t>& blob) {
   const int64_t hb = head_block_bytes(len);
   std::vector<uint64_t> sums(static_cast<size_t>(layers_) * kv_heads_);
   for (size_t b = 0; b < sums.size(); ++b) sums[b] = XXH3_64bits(blob.data() + b * hb, hb);
-  const std::vector<uint8_t> header = encode_header(e, sums);
+  const std::vector<uint8_t> header = encode_header(e.key, e.tokens, sums);
   const std::string path = file_path(e.key);
   const std::string tmp =
       path + ".tmp." + std::to_string(getpid()) + "." + std::to_string(tmp_counter_++);
-  bool ok;
-  {
-    Fd fd(open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    ok = fd.get() >= 0 && write_all(fd.get(), header.data(), static_cast<int64_t>(header.size())) &&
-         write_all(fd.get(), blob.data(), static_cast<int64_t>(blob.size())) &&
-         (!opts_.fsync_files || fsync(fd.get()) == 0);
-    if (fd.get() >= 0 && close(fd.release()) != 0) ok = false;
-  }
-  if (ok) ok = std::rename(tmp.c_str(), path.c_str()) == 0;
-  if (!ok) {
-    std::remove(tmp.c_str());
+  const std::string err = write_spill(path, tmp, header, blob);
+  if (!err.empty()) {
+    ++stats_.write_errors;
+    log_disk(path, err);
     return false;
   }
   e.on_disk = true;
   e.file_bytes = static_cast<int64_t>(header.size() + blob.size());
   e.block_sums = std::move(sums);
   disk_bytes_ += e.file_bytes;
+  clear_persist(e);
   return true;
 }
 
@@ -977,26 +1292,38 @@ std::optional<std::vector<uint8_t>> ChunkStore::read_file(Entry& e) {
   const int64_t hbytes = header_bytes(len), pbytes = payload_bytes(len), hb = head_block_bytes(len);
   Fd fd(open(file_path(e.key).c_str(), O_RDONLY | O_CLOEXEC));
   FileHeader h;
-  bool ok = fd.get() >= 0 && read_header(fd.get(), h) == HeaderStatus::Ok &&
-            h.model_fp == opts_.model_fp && h.key == e.key && h.tokens == e.tokens &&
-            h.dtype == static_cast<uint32_t>(dtype_) && h.layers == uint32_t(layers_) &&
-            h.kv_heads == uint32_t(kv_heads_) && h.head_dim == uint32_t(head_dim_) &&
-            file_size(fd.get()) == hbytes + pbytes;
-  std::vector<uint8_t> blob;
-  if (ok) {
-    blob.resize(static_cast<size_t>(pbytes));
-    ok = read_all(fd.get(), blob.data(), pbytes, hbytes);
-    for (size_t b = 0; ok && b < h.block_sums.size(); ++b)
-      ok = XXH3_64bits(blob.data() + b * hb, hb) == h.block_sums[b];
+  std::string what;
+  if (fd.get() < 0) {
+    mark_corrupt(e, "unreadable spill file, dropped: cannot open: " + errno_text(errno));
+    return std::nullopt;
   }
-  if (!ok) {
-    mark_corrupt(e);
+  if (read_header(fd.get(), h) != HeaderStatus::Ok) {
+    what = "bad header (magic, version, bounds or header checksum)";
+  } else if (h.model_fp != opts_.model_fp || h.key != e.key || h.tokens != e.tokens ||
+             h.dtype != static_cast<uint32_t>(dtype_) || h.layers != uint32_t(layers_) ||
+             h.kv_heads != uint32_t(kv_heads_) || h.head_dim != uint32_t(head_dim_)) {
+    what = "header does not match the indexed segment";
+  } else if (const int64_t size = file_size(fd.get()); size != hbytes + pbytes) {
+    what = "size " + std::to_string(size) + " bytes, expected " + std::to_string(hbytes + pbytes);
+  }
+  std::vector<uint8_t> blob;
+  if (what.empty()) {
+    blob.resize(static_cast<size_t>(pbytes));
+    if (!read_all(fd.get(), blob.data(), pbytes, hbytes)) what = "short read of the payload";
+    for (size_t b = 0; what.empty() && b < h.block_sums.size(); ++b)
+      if (XXH3_64bits(blob.data() + b * hb, hb) != h.block_sums[b])
+        what = "checksum mismatch in block (layer " + std::to_string(b / kv_heads_) + ", head " +
+               std::to_string(b % kv_heads_) + ")";
+  }
+  if (!what.empty()) {
+    mark_corrupt(e, "corrupt spill file, deleted: " + what);
     return std::nullopt;
   }
   return blob;
 }
 
-void ChunkStore::mark_corrupt(Entry& e) {
+void ChunkStore::mark_corrupt(Entry& e, const std::string& what) {
+  log_disk(file_path(e.key), what);
   ++stats_.corrupt_files;
   drop_disk_copy(e);
   if (e.tier == ChunkTier::Disk) {
@@ -1015,7 +1342,9 @@ void ChunkStore::scan_disk() {
   };
   std::vector<Found> found;
   std::error_code ec;
-  for (const auto& de : fs::directory_iterator(opts_.disk_dir, ec)) {
+  fs::directory_iterator it(opts_.disk_dir, ec);
+  if (ec) log_disk(opts_.disk_dir, "cannot list the directory: " + ec.message());
+  for (const auto& de : it) {
     const fs::path& p = de.path();
     if (!de.is_regular_file(ec)) continue;
     // Leftovers of writers that died before their rename (live writers finish in seconds).
@@ -1028,17 +1357,21 @@ void ChunkStore::scan_disk() {
     }
     if (p.extension() != ".rkv") continue;
     const std::string stem = p.stem().string();
-    auto bad = [&] {
+    auto bad = [&](const std::string& what) {
+      log_disk(p.string(), "corrupt spill file, deleted: " + what);
       ++stats_.corrupt_files;
       std::error_code rm;
       fs::remove(p, rm);
     };
     Fd fd(open(p.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.get() < 0) continue;
+    if (fd.get() < 0) {
+      log_disk(p.string(), "cannot open: " + errno_text(errno));
+      continue;
+    }
     FileHeader h;
     const HeaderStatus st = read_header(fd.get(), h);
     if (st == HeaderStatus::Bad) {
-      bad();
+      bad("bad header (magic, bounds or header checksum)");
       continue;
     }
     // Another model's (or backend dtype's, or format version's) files stay for their owner.
@@ -1048,9 +1381,13 @@ void ChunkStore::scan_disk() {
       continue;
     const int32_t len = static_cast<int32_t>(h.len);
     const int64_t size = file_size(fd.get());
-    if (size != header_bytes(len) + payload_bytes(len) || h.key != key_of(h.tokens) ||
-        stem != key_hex(h.key)) {
-      bad();  // truncated, or renamed/overwritten by something else
+    if (size != header_bytes(len) + payload_bytes(len)) {
+      bad("size " + std::to_string(size) + " bytes, expected " +
+          std::to_string(header_bytes(len) + payload_bytes(len)));
+      continue;
+    }
+    if (h.key != key_of(h.tokens) || stem != key_hex(h.key)) {
+      bad("key does not match its tokens or file name");  // renamed or overwritten
       continue;
     }
     found.push_back({de.last_write_time(ec), std::move(h), size});

@@ -5,9 +5,10 @@
 //                  PagedKvCache::append_relocated(seq, handle.all_rows(), handle.positions(), d).
 //   tier 1 "host": the same K/V serialized head-major in host RAM.
 //   tier 2 "disk": that serialization in `<disk_dir>/<key hex>.rkv` with a checksummed header
-//                  and one XXH3 per head block; written to a temp file then renamed; survives
-//                  restarts. Corrupt files are detected at startup or load, counted, deleted and
-//                  treated as misses: never served.
+//                  and one XXH3 per head block; written to a temp file, fsynced, renamed;
+//                  survives restarts and (with write-through) crashes. Corrupt files are detected
+//                  at startup or load, logged, counted, deleted and treated as misses: never
+//                  served.
 //
 // Serialization (host blob = disk payload), in the backend's act dtype: for each layer, for each
 // kv head, a block of K rows [len, head_dim] then V rows [len, head_dim]. Positions are 0..len-1.
@@ -28,19 +29,48 @@
 // Disk files are a copy that stays when an entry is promoted back to memory (demoting it again is
 // free); the destructor writes memory-only entries to disk (best effort) when the disk tier is on.
 //
+// Write-through (ChunkStoreOptions::write_through, on with the disk tier): a kill -9 loses only
+// what is still queued (at most write_queue_bytes plus one entry: usually well under a second of
+// disk time), not everything cached since start.
+// Each new pool entry (publish()), host entry promoted without a disk copy, or pool hit that the
+// disk policy kept off disk before, is serialized at once on the calling (engine) thread -- the
+// pool gather needs the backend, and costs a small part of the prefill that made the entry --
+// and queued for a background writer: checksums, temp file, fsync, rename, directory fsync. Only
+// when the file is in place does the entry get its disk copy (on_disk, block sums), under the
+// mutex. Event-driven rather than periodic: the scheduler needs no new call, and the loss window
+// is the queue, not a timer. The queue is bounded in bytes (an entry larger than the bound is
+// taken when the queue is empty); an entry that finds it full is never waited for: it is retried,
+// hottest first, at the next publish()/acquire() or persist_new() (an idle store keeps that
+// backlog until then, or the destructor's flush). The disk budget is reserved when a write is
+// queued, under the policy of a demotion (only colder files make room; when they cannot, the entry
+// stays memory-only, as flush_to_disk would leave it); disk bytes count writes in flight. The
+// engine waits for the writer only where it wrote synchronously before: an entry demoted to disk
+// while its write is queued has that write run right there (or awaited, if running). Dropping an
+// entry cancels its queued write, or deletes the file its running write makes. The destructor
+// drains the queue (even without flush_on_destroy) and joins the writer.
+//
+// Disk-tier problems (corrupt or unreadable files, failed writes or deletes) print one line each to
+// stderr naming the file and what was wrong, at most log_lines_per_minute; the rest are counted and
+// summed up in one line at the next problem after the minute, or at destruction.
+//
 // Passive: the store never runs the model. A miss is prefilled by the caller (the scheduler, as
 // ordinary prefill work of the store's own sequence; prefill_segment() for offline use): reserve()
 // gives it a sequence of prefill_cache(), publish() turns the result into an entry. Not
 // thread-safe beyond an internal mutex around its own state: call it from the thread that runs
 // the model. Handles and pending prefills must be released before the store is destroyed.
 #pragma once
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -73,7 +103,11 @@ struct ChunkStoreOptions {
   int32_t ghost_capacity = 4096;  // segments whose accesses are remembered while uncached
   bool fsync_files = true;        // fsync spill files before the rename (crash safety)
   bool flush_on_destroy = true;   // write memory-only entries to disk in the destructor
-  int key_bits = 64;              // tests only: fewer bits force hash collisions
+  bool write_through = true;      // with the disk tier: persist new entries in the background
+  int64_t write_queue_bytes = int64_t{256} << 20;  // serialized bytes waiting for the writer
+  int32_t log_lines_per_minute = 10;               // disk-tier problems printed, then a summary
+  int key_bits = 64;                               // tests only: fewer bits force hash collisions
+  std::function<void()> before_write;  // tests only: runs on the writer before each file
 };
 
 struct ChunkTierUsage {
@@ -90,7 +124,12 @@ struct ChunkStoreStats {
   int64_t evictions = 0;            // entries dropped from every tier
   int64_t corrupt_files = 0;        // spill files found bad (checksum, truncation, header); deleted
   int64_t collisions = 0;           // lookups whose key matched an entry of other tokens
-  ChunkTierUsage pool, host, disk;  // disk counts every indexed file, including copies
+  int64_t disk_writes = 0;          // files written through (new entries persisted)
+  int64_t write_deferrals = 0;      // new entries that found the write queue full (retried)
+  int64_t write_errors = 0;         // spill files that could not be written
+  int64_t write_queue_bytes = 0;    // serialized bytes queued or being written now
+  ChunkTierUsage pool, host, disk;  // disk: every indexed file, including copies; bytes also
+                                    // count writes in flight
 };
 
 // One (layer, kv head)'s rows of a cached segment, host tensors [n, head_dim] in act dtype.
@@ -100,6 +139,7 @@ struct ChunkHeadRows {
 
 class ChunkStore {
   struct Entry;
+  struct WriteJob;
 
  public:
   // A pin on one entry: while it lives the entry stays in its tier (never demoted or evicted).
@@ -202,6 +242,12 @@ class ChunkStore {
                                               int32_t token_begin, int32_t token_end);
   // Writes memory entries that have no disk copy to disk, hottest first, within the disk budget.
   void flush_to_disk();
+  // Write-through: queues new entries still waiting for the writer (a full queue skipped them),
+  // hottest first, as far as the queue has room; returns how many. publish() and acquire() do
+  // this themselves; call it between steps to retry sooner. On the thread that runs the model.
+  int persist_new();
+  // Blocks until every queued write is on disk and its entry updated. Not under a store call.
+  void sync_writes();
 
   ChunkStoreStats stats() const;
   const ChunkStoreOptions& options() const { return opts_; }
@@ -225,10 +271,29 @@ class ChunkStore {
     bool on_disk = false;
     int64_t file_bytes = 0;
     std::vector<uint64_t> block_sums;  // per (layer, head) block, from the file header
+    // Write-through: waiting for room in the write queue, or its write queued / in flight.
+    bool persist = false;
+    std::shared_ptr<WriteJob> job;
     // Policy.
     double accesses = 0;
     uint64_t last_access = 0;
     std::list<Entry>::iterator self;
+  };
+  // One file for the writer. `entry` and `committed` are guarded by mu_, `state` by q_mu_; the
+  // rest belongs to whoever runs the I/O (Running) and is read by commit() once Done.
+  struct WriteJob {
+    enum class State : uint8_t { Queued, Running, Done };
+    Entry* entry = nullptr;  // null once the entry is erased: the file goes too
+    uint64_t key = 0;
+    std::vector<int32_t> tokens;
+    std::vector<uint8_t> blob;
+    int64_t bytes = 0;   // the file: header + payload, reserved in disk_bytes_
+    int64_t queued = 0;  // its share of queued_bytes_
+    std::string path, tmp;
+    State state = State::Queued;
+    bool committed = false, ok = false, dequeued = false;
+    std::string error;
+    std::vector<uint64_t> sums;
   };
   struct Ghost {
     double accesses = 0;
@@ -275,13 +340,36 @@ class ChunkStore {
   std::vector<uint8_t> serialize_pool(const Entry& e);
   void flush_locked();
 
+  Handle acquire_locked(std::span<const int32_t> tokens);
+  // Write-through (mutex held unless said otherwise).
+  void want_persist(Entry& e, std::vector<uint8_t>* blob = nullptr);
+  int persist_locked();
+  enum class Enqueue : uint8_t { Queued, Refused, Full, Busy };
+  // Queues e's file (blob: its serialization when the caller has one, moved from). Refused: the
+  // disk policy keeps it off disk (not retried); Full / Busy (its file name is being written):
+  // left for a retry.
+  Enqueue enqueue_write(Entry& e, std::vector<uint8_t>* blob);
+  void clear_persist(Entry& e);
+  // Runs a queued job here or waits for the writer to finish it, then commits it.
+  void finish_write(std::shared_ptr<WriteJob> job);
+  void cancel_write(Entry& e);
+  void commit(WriteJob& job);
+  void run_write(WriteJob& job) const;  // the I/O; no lock, no store state
+  void writer_loop();
+  void log_disk(const std::string& path, const std::string& what);
+
   // Disk format.
-  std::vector<uint8_t> encode_header(const Entry& e, const std::vector<uint64_t>& sums) const;
+  std::vector<uint8_t> encode_header(uint64_t key, std::span<const int32_t> tokens,
+                                     const std::vector<uint64_t>& sums) const;
+  // Temp file + fsync + rename (+ directory fsync); "" or what failed.
+  std::string write_spill(const std::string& path, const std::string& tmp,
+                          const std::vector<uint8_t>& header,
+                          const std::vector<uint8_t>& blob) const;
   bool write_file(Entry& e, const std::vector<uint8_t>& blob);
   // Reads and verifies the whole payload; nullopt (file deleted, counted) when corrupt.
   std::optional<std::vector<uint8_t>> read_file(Entry& e);
   void scan_disk();
-  void mark_corrupt(Entry& e);
+  void mark_corrupt(Entry& e, const std::string& what);
 
   PagePool& pool_;
   Backend& backend_;
@@ -299,6 +387,22 @@ class ChunkStore {
   int64_t pool_bytes_ = 0, host_bytes_ = 0, disk_bytes_ = 0;  // what the budgets bound
   uint64_t tmp_counter_ = 0;
   ChunkStoreStats stats_;  // counters; usage filled in by stats()
+  // Write-through. Lock order: mu_ before q_mu_; the writer never holds q_mu_ while taking mu_.
+  int64_t persist_backlog_ = 0;  // entries with `persist` and no job
+  std::unordered_map<uint64_t, std::shared_ptr<WriteJob>> jobs_by_key_;  // one file name, one job
+  mutable std::mutex q_mu_;
+  std::condition_variable q_cv_;     // the writer: work or stop
+  std::condition_variable done_cv_;  // a job is Done / a job is committed
+  std::deque<std::shared_ptr<WriteJob>> queue_;
+  int64_t queued_bytes_ = 0;  // blobs of jobs not Done
+  int64_t outstanding_ = 0;   // jobs not committed
+  bool stop_ = false;
+  std::thread writer_;
+  // Rate limit of log_disk (own mutex: any thread).
+  std::mutex log_mu_;
+  std::chrono::steady_clock::time_point log_window_{};
+  int32_t log_lines_ = 0;
+  int64_t log_suppressed_ = 0;
 };
 
 }  // namespace redknot

@@ -1,17 +1,21 @@
 // ChunkStore over a random tiny model on the CPU backend (no files from ../shared): hit/miss
 // counting, cached KV equal to a fresh prefill of the segment alone, budgets of every tier, the
 // frequency+recency policy and admission filter, bit-exact demotion/promotion, restarts,
-// corrupted spill files, pins, hash collisions and pages returned on destruction.
+// corrupted spill files (and their log lines), pins, hash collisions, pages returned on
+// destruction, and write-through: entries on disk without a clean shutdown, a full write queue
+// never blocks.
 #include "reuse/chunk_store.h"
 #include "reuse/chunk_prefill.h"
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <memory>
 #include <random>
 #include <string>
@@ -86,7 +90,17 @@ class ChunkStoreTest : public ::testing::Test {
     o.disk_dir = dir_.string();
     o.model_fp = model_fingerprint(*cfg_, *ckpt_);
     o.fsync_files = false;
+    // The policy tests pin synchronous tier moves; write-through has its own tests below.
+    o.write_through = false;
     return o;
+  }
+
+  // Files in a directory with the spill extension.
+  static int SpillFiles(const fs::path& dir) {
+    int n = 0;
+    if (fs::exists(dir))
+      for (const auto& de : fs::directory_iterator(dir)) n += de.path().extension() == ".rkv";
+    return n;
   }
 
   static std::vector<int32_t> Seg(int id, int32_t len = kLen) {
@@ -607,20 +621,317 @@ TEST_F(ChunkStoreTest, PinnedEntriesAreNeverEvicted) {
 }
 
 TEST_F(ChunkStoreTest, HashCollisionsNeverServeWrongKv) {
-  ChunkStoreOptions o = Opts(2, 1, 4);
-  o.key_bits = 1;  // two keys: most segments collide
-  ChunkStore store(*model_, *pool_, o);
-  std::vector<std::vector<int32_t>> segs;
-  for (int i = 0; i < 6; ++i) segs.push_back(Seg(i));
-  for (int round = 0; round < 3; ++round)
-    for (const auto& s : segs) {
-      ChunkStore::Handle h = Acquire(store, s);
-      if (!h.ok()) continue;
-      EXPECT_EQ(h.tokens(), s);
-      ExpectSame(FromHandle(h), Fresh(s));
+  for (bool write_through : {false, true}) {
+    SCOPED_TRACE(write_through ? "write-through" : "spill on demotion");
+    fs::remove_all(dir_);
+    ChunkStoreOptions o = Opts(2, 1, 4);
+    o.key_bits = 1;  // two keys: most segments collide
+    o.write_through = write_through;
+    ChunkStore store(*model_, *pool_, o);
+    std::vector<std::vector<int32_t>> segs;
+    for (int i = 0; i < 6; ++i) segs.push_back(Seg(i));
+    for (int round = 0; round < 3; ++round)
+      for (const auto& s : segs) {
+        ChunkStore::Handle h = Acquire(store, s);
+        if (!h.ok()) continue;
+        EXPECT_EQ(h.tokens(), s);
+        ExpectSame(FromHandle(h), Fresh(s));
+      }
+    store.sync_writes();
+    EXPECT_GT(store.stats().collisions, 0);
+    EXPECT_LE(store.stats().disk.entries, 2);  // one file name per key
+    EXPECT_LE(SpillFiles(dir_), 2);
+  }
+}
+
+// ---- write-through ----
+
+// A crash (no destructor, no flush) after the writer caught up: a new store over what is on disk
+// finds every published entry as a disk hit with the same K/V.
+TEST_F(ChunkStoreTest, WriteThroughSurvivesACrash) {
+  const fs::path crash_dir = dir_.string() + "_crash";
+  fs::remove_all(crash_dir);
+  std::vector<std::vector<int32_t>> segs = {Seg(1), Seg(2), Seg(3)};
+  std::vector<SegKv> kv;
+  for (bool write_through : {false, true}) {
+    fs::remove_all(dir_);
+    fs::remove_all(crash_dir);
+    ChunkStoreOptions o = Opts(4, 0, 8);
+    o.write_through = write_through;
+    o.flush_on_destroy = false;
+    ChunkStore store(*model_, *pool_, o);
+    kv.clear();
+    for (const auto& t : segs) kv.push_back(FromHandle(Acquire(store, t)));
+    store.sync_writes();
+    // What a kill -9 now would leave behind.
+    fs::copy(dir_, crash_dir);
+    const ChunkStoreStats s = store.stats();
+    if (!write_through) {
+      EXPECT_EQ(SpillFiles(crash_dir), 0);  // the old behaviour: all lost
+      EXPECT_EQ(s.disk_writes, 0);
+      continue;
     }
-  EXPECT_GT(store.stats().collisions, 0);
-  EXPECT_LE(store.stats().disk.entries, 2);  // one file name per key
+    EXPECT_EQ(SpillFiles(crash_dir), 3);
+    EXPECT_EQ(s.disk_writes, 3);
+    EXPECT_EQ(s.disk.entries, 3);
+    EXPECT_EQ(s.pool.entries, 3);
+    EXPECT_EQ(s.write_queue_bytes, 0);
+    ExpectBudgets(store);
+  }
+  ChunkStoreOptions o = Opts(4, 0, 8);
+  o.disk_dir = crash_dir.string();
+  ChunkStore store(*model_, *pool_, o);
+  EXPECT_EQ(store.stats().disk.entries, 3);
+  EXPECT_EQ(store.stats().corrupt_files, 0);
+  for (size_t i = 0; i < segs.size(); ++i) {
+    ChunkStore::Handle h = Acquire(store, segs[i]);
+    ASSERT_TRUE(h.ok());
+    EXPECT_EQ(h.source(), ChunkTier::Disk);
+    ExpectSame(FromHandle(h), kv[i]);
+  }
+  EXPECT_EQ(store.stats().prefills, 0);
+  fs::remove_all(crash_dir);
+}
+
+// The destructor drains the queue even without flush_on_destroy: queued writes are not dropped.
+TEST_F(ChunkStoreTest, DestructorDrainsTheWriteQueue) {
+  {
+    ChunkStoreOptions o = Opts(8, 0, 8);
+    o.write_through = true;
+    o.flush_on_destroy = false;
+    ChunkStore store(*model_, *pool_, o);
+    for (int i = 0; i < 6; ++i) ASSERT_TRUE(Acquire(store, Seg(i)).ok());
+  }
+  EXPECT_EQ(SpillFiles(dir_), 6);
+  ChunkStore store(*model_, *pool_, Opts(8, 0, 8));
+  EXPECT_EQ(store.stats().disk.entries, 6);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(Acquire(store, Seg(i)).source(), ChunkTier::Disk);
+}
+
+// A writer stuck on a slow disk: publish() neither blocks nor waits; the entries it could not
+// queue are written later (persist_new(), or the next publish/acquire), hottest first.
+TEST_F(ChunkStoreTest, FullWriteQueueDoesNotBlockPublish) {
+  std::promise<void> entered, release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> first{true};
+  ChunkStoreOptions o = Opts(8, 0, 8);
+  o.write_through = true;
+  o.write_queue_bytes = 1;  // one entry at a time
+  o.before_write = [&] {
+    if (first.exchange(false)) entered.set_value();
+    released.wait_for(std::chrono::seconds(30));  // a safety net, not the test's timing
+  };
+  ChunkStore store(*model_, *pool_, o);
+  ASSERT_TRUE(Acquire(store, Seg(0)).ok());
+  ASSERT_EQ(entered.get_future().wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 1; i < 5; ++i) ASSERT_TRUE(Acquire(store, Seg(i)).ok());
+  EXPECT_EQ(store.persist_new(), 0);  // still full
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(secs, 10.0);
+  ChunkStoreStats s = store.stats();
+  EXPECT_EQ(s.write_deferrals, 4);
+  EXPECT_EQ(s.disk_writes, 0);
+  EXPECT_GT(s.write_queue_bytes, 0);
+  EXPECT_EQ(s.pool.entries, 5);
+  release.set_value();
+  store.sync_writes();
+  EXPECT_EQ(store.stats().disk_writes, 1);
+  // Retries: one entry per call under this queue bound.
+  for (int i = 0; i < 10 && store.stats().disk_writes < 5; ++i) {
+    store.persist_new();
+    store.sync_writes();
+  }
+  s = store.stats();
+  EXPECT_EQ(s.disk_writes, 5);
+  EXPECT_EQ(s.disk.entries, 5);
+  EXPECT_EQ(s.write_queue_bytes, 0);
+  ExpectBudgets(store);
+}
+
+// Entries the full queue skipped and that moved on to the host tier are written from there, and
+// a host entry promoted back to the pool hands its serialization to the writer.
+TEST_F(ChunkStoreTest, SkippedEntriesAreWrittenFromTheHostTier) {
+  std::promise<void> entered, release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> first{true};
+  const auto x = Seg(1), a = Seg(2), b = Seg(3);
+  std::vector<SegKv> kv(3);
+  {
+    ChunkStoreOptions o = Opts(1, 2, 8);
+    o.write_through = true;
+    o.write_queue_bytes = 1;
+    o.flush_on_destroy = false;
+    o.before_write = [&] {
+      if (first.exchange(false)) {
+        entered.set_value();
+        released.wait_for(std::chrono::seconds(30));
+      }
+    };
+    ChunkStore store(*model_, *pool_, o);
+    kv[0] = FromHandle(Acquire(store, x));
+    ASSERT_EQ(entered.get_future().wait_for(std::chrono::seconds(30)), std::future_status::ready);
+    kv[1] = FromHandle(Acquire(store, a));  // x -> host; a's write is deferred
+    kv[2] = FromHandle(Acquire(store, b));  // a -> host; b's write is deferred
+    EXPECT_EQ(store.stats().write_deferrals, 2);
+    EXPECT_EQ(store.stats().host.entries, 2);
+    release.set_value();
+    store.sync_writes();
+    EXPECT_EQ(store.stats().disk_writes, 1);
+    {
+      ChunkStore::Handle h = Acquire(store, a);  // host -> pool, its blob goes to the writer
+      ASSERT_TRUE(h.ok());
+      EXPECT_EQ(h.source(), ChunkTier::Host);
+    }
+    store.sync_writes();
+    EXPECT_TRUE(fs::exists(FileOf(a)));
+    EXPECT_GE(store.stats().disk_writes, 2);  // b too, if the writer was quick enough
+    for (int i = 0; i < 5 && store.stats().disk_writes < 3; ++i) {
+      store.persist_new();
+      store.sync_writes();
+    }
+    EXPECT_EQ(store.stats().disk_writes, 3);
+    ExpectBudgets(store);
+  }
+  ChunkStore store(*model_, *pool_, Opts(4, 0, 8));
+  EXPECT_EQ(store.stats().disk.entries, 3);
+  int i = 0;
+  for (const auto& t : {x, a, b}) {
+    ChunkStore::Handle h = Acquire(store, t);
+    ASSERT_TRUE(h.ok());
+    EXPECT_EQ(h.source(), ChunkTier::Disk);
+    ExpectSame(FromHandle(h), kv[i++]);
+  }
+}
+
+// An entry demoted to disk while its write-through is still queued is written once, right there
+// (the engine runs that queued job itself rather than waiting for the writer's backlog).
+TEST_F(ChunkStoreTest, DemotionOfAQueuedEntryWritesItOnce) {
+  std::promise<void> entered, release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> first{true};
+  ChunkStoreOptions o = Opts(2, 0, 8);
+  o.write_through = true;
+  o.before_write = [&] {
+    if (first.exchange(false)) {
+      entered.set_value();
+      released.wait_for(std::chrono::seconds(30));
+    }
+  };
+  ChunkStore store(*model_, *pool_, o);
+  const auto x = Seg(1), a = Seg(2), b = Seg(3);
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(Acquire(store, x).ok());  // hot: not the victim
+  ASSERT_EQ(entered.get_future().wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  SegKv kv_a = FromHandle(Acquire(store, a));  // queued behind x's stuck write
+  ASSERT_TRUE(Acquire(store, b).ok());         // a -> disk
+  {
+    ChunkStore::Handle h = store.lookup(a);
+    ASSERT_EQ(h.tier(), ChunkTier::Disk);
+  }
+  EXPECT_EQ(store.stats().demotions_to_disk, 1);
+  EXPECT_TRUE(fs::exists(FileOf(a)));
+  release.set_value();
+  store.sync_writes();
+  const ChunkStoreStats s = store.stats();
+  EXPECT_EQ(s.disk.entries, 3);
+  EXPECT_EQ(s.write_errors, 0);
+  ExpectBudgets(store);
+  ChunkStore::Handle h = Acquire(store, a);
+  ASSERT_TRUE(h.ok());
+  EXPECT_EQ(h.source(), ChunkTier::Disk);
+  ExpectSame(FromHandle(h), kv_a);
+}
+
+// The randomized tier mix of BudgetsRespectedInEveryTier with write-through: the books (disk
+// bytes, files, budgets) agree once the writer caught up, and every hit is exact.
+TEST_F(ChunkStoreTest, BudgetsRespectedWithWriteThrough) {
+  ChunkStoreOptions o = Opts(3, 4, 5);
+  o.write_through = true;
+  ChunkStore store(*model_, *pool_, o);
+  std::mt19937 rng(42);
+  for (int i = 0; i < 60; ++i) {
+    const int id = (rng() % 3 == 0) ? static_cast<int>(rng() % 4) : 100 + i;
+    ChunkStore::Handle h = Acquire(store, Seg(id));
+    if (h.hit()) ExpectSame(FromHandle(h), Fresh(Seg(id)));
+    if (i % 7 == 0) {
+      store.sync_writes();
+      ExpectBudgets(store);
+    }
+  }
+  store.sync_writes();
+  ExpectBudgets(store);
+  const ChunkStoreStats s = store.stats();
+  EXPECT_GT(s.disk_writes, 0);
+  EXPECT_GT(s.evictions, 0);
+  EXPECT_EQ(s.write_errors, 0);
+  EXPECT_EQ(s.corrupt_files, 0);
+}
+
+// Every disk-tier problem is one line on stderr naming the file and what was wrong; a flood is
+// cut at log_lines_per_minute and summed up.
+TEST_F(ChunkStoreTest, CorruptFilesAreLogged) {
+  const auto a = Seg(1);
+  {
+    ChunkStore store(*model_, *pool_, Opts(4, 0, 8));
+    ASSERT_TRUE(Acquire(store, a).ok());
+  }
+  {
+    std::fstream f(FileOf(a), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(seg_file_bytes() - 100);
+    f.put('\x7f');
+  }
+  std::ofstream(dir_ / "junk.rkv") << "not a chunk file";
+  ::testing::internal::CaptureStderr();
+  {
+    ChunkStore store(*model_, *pool_, Opts(4, 0, 8));
+    EXPECT_EQ(store.stats().corrupt_files, 1);
+    EXPECT_FALSE(Acquire(store, a).hit());  // the payload checksum fails at load
+    EXPECT_EQ(store.stats().corrupt_files, 2);
+  }
+  std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find((dir_ / "junk.rkv").string() + ": corrupt spill file, deleted: bad header"),
+            std::string::npos)
+      << err;
+  EXPECT_NE(err.find(FileOf(a) + ": corrupt spill file, deleted: checksum mismatch in block"),
+            std::string::npos)
+      << err;
+
+  for (int i = 0; i < 15; ++i) std::ofstream(dir_ / ("junk" + std::to_string(i) + ".rkv")) << "x";
+  ChunkStoreOptions o = Opts(4, 0, 8);
+  o.log_lines_per_minute = 3;
+  ::testing::internal::CaptureStderr();
+  {
+    ChunkStore store(*model_, *pool_, o);
+    EXPECT_EQ(store.stats().corrupt_files, 15);
+  }
+  err = ::testing::internal::GetCapturedStderr();
+  int lines = 0;
+  for (size_t p = 0; (p = err.find("corrupt spill file", p)) != std::string::npos; ++p) ++lines;
+  EXPECT_EQ(lines, 3) << err;
+  EXPECT_NE(err.find("12 more disk-tier problems"), std::string::npos) << err;
+}
+
+// A write that fails (here: the directory vanished) is logged and counted; the entry keeps
+// serving from memory and publish() is unaffected.
+TEST_F(ChunkStoreTest, FailedWritesAreLoggedAndCounted) {
+  ChunkStoreOptions o = Opts(4, 0, 8);
+  o.write_through = true;
+  o.flush_on_destroy = false;
+  ChunkStore store(*model_, *pool_, o);
+  fs::remove_all(dir_);
+  ::testing::internal::CaptureStderr();
+  ChunkStore::Handle h = Acquire(store, Seg(1));
+  ASSERT_TRUE(h.ok());
+  store.sync_writes();
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find(FileOf(Seg(1)) + ": cannot create "), std::string::npos) << err;
+  const ChunkStoreStats s = store.stats();
+  EXPECT_EQ(s.write_errors, 1);
+  EXPECT_EQ(s.disk_writes, 0);
+  EXPECT_EQ(s.disk.entries, 0);
+  EXPECT_EQ(s.disk.bytes, 0);
+  EXPECT_EQ(h.tier(), ChunkTier::Pool);
+  ExpectSame(FromHandle(h), Fresh(Seg(1)));
 }
 
 TEST_F(ChunkStoreTest, PagesReturnedOnDestruction) {
