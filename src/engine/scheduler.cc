@@ -238,6 +238,8 @@ void Scheduler::loop() {
     drop_cancelled();
     admit();
     if (running_.empty()) {
+      // Idle: entries whose disk write was deferred (queue full) go to the disk tier now.
+      if (opts_.chunk_store) opts_.chunk_store->persist_new();
       publish_stats();
       std::unique_lock<std::mutex> lock(mu_);
       // Wake now and then to notice cancellations of queued requests.

@@ -136,6 +136,10 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
         cs.evictions, "counter");
   gauge(out, "redknot_chunk_store_corrupt_files_total", "Spill files found corrupt.",
         cs.corrupt_files, "counter");
+  gauge(out, "redknot_chunk_store_disk_writes_total", "Segments written through to the disk tier.",
+        cs.disk_writes, "counter");
+  gauge(out, "redknot_chunk_store_write_errors_total", "Spill files that could not be written.",
+        cs.write_errors, "counter");
   gauge(out, "redknot_reuse_prefills_total", "Requests prefilled through chunk reuse.",
         s.reuse_prefills, "counter");
   const double prompt_reused = double(s.cached_tokens + s.recomputed_tokens);
