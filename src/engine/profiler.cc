@@ -340,18 +340,7 @@ HeadProfile profile_heads(Model& model, const std::vector<std::vector<int32_t>>&
           (opts.score_threshold && s.score >= *opts.score_threshold) ||
           (opts.prefix_shift_threshold && s.prefix_shift >= *opts.prefix_shift_threshold) ||
           (opts.edge_mass_threshold && s.edge_mass >= *opts.edge_mass_threshold);
-      if (native > 0) {
-        // A sliding-window model never sees past its own window: "global" means that window,
-        // and a local head keeps its sink only when its window is the narrower one.
-        const bool narrower = !global && opts.window < native;
-        s.cls = HeadClass::Local;
-        s.window = static_cast<int32_t>(narrower ? opts.window : native);
-        s.sink = narrower ? opts.sink : 0;
-      } else if (global) {
-        s.cls = HeadClass::Global, s.window = 0, s.sink = 0;
-      } else {
-        s.cls = HeadClass::Local, s.window = opts.window, s.sink = opts.sink;
-      }
+      s.classify(global, native, opts.window, opts.sink);
     }
 
   nlohmann::json& pj = prof.params;

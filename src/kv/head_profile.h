@@ -38,6 +38,21 @@ struct HeadSpec {
     return is_local() ? std::min<int64_t>(tokens, int64_t{sink} + window) : tokens;
   }
   bool is_local() const { return cls == HeadClass::Local && window > 0; }
+  // Sets class, window and sink for a head chosen global or local (window W, sink S). A
+  // sliding-window model (native_window > 0) never sees past its own window: "global" means that
+  // window, and a local head keeps its sink only when W is the narrower one.
+  void classify(bool global, int64_t native_window, int32_t W, int32_t S) {
+    if (native_window > 0) {
+      const bool narrower = !global && W < native_window;
+      cls = HeadClass::Local;
+      window = static_cast<int32_t>(narrower ? W : native_window);
+      sink = narrower ? S : 0;
+    } else if (global) {
+      cls = HeadClass::Global, window = 0, sink = 0;
+    } else {
+      cls = HeadClass::Local, window = W, sink = S;
+    }
+  }
 };
 
 class HeadProfile {

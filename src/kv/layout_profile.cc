@@ -52,21 +52,13 @@ HeadProfile make_layout_profile(const ModelConfig& cfg, const LayoutProfileOptio
   for (int32_t l = 0; l < L; ++l) {
     // Fisher-Yates with rng() % k: portable (std::shuffle's draws differ between libraries).
     for (int32_t h = 0; h < H; ++h) order[h] = h;
-    for (int32_t k = H; k > 1; --k) std::swap(order[k - 1], order[rng() % static_cast<uint64_t>(k)]);
+    for (int32_t k = H; k > 1; --k)
+      std::swap(order[k - 1], order[rng() % static_cast<uint64_t>(k)]);
     for (int32_t r = 0; r < H; ++r) {
       HeadSpec& s = p.at(l, order[r]);
       const bool global = r < count[l];
-      if (native > 0) {  // as profile_heads: the model never sees past its own window
-        const bool narrower = !global && o.window < native;
-        s.cls = HeadClass::Local;
-        s.window = static_cast<int32_t>(narrower ? o.window : native);
-        s.sink = narrower ? o.sink : 0;
-      } else if (global) {
-        s.cls = HeadClass::Global, s.window = 0, s.sink = 0;
-      } else {
-        s.cls = HeadClass::Local, s.window = o.window, s.sink = o.sink;
-      }
-      s.score = global ? 1.0 : 0.0;  // no measurement: the layout's choice
+      s.classify(global, native, o.window, o.sink);  // as profile_heads
+      s.score = global ? 1.0 : 0.0;                  // no measurement: the layout's choice
     }
   }
 
@@ -78,8 +70,8 @@ HeadProfile make_layout_profile(const ModelConfig& cfg, const LayoutProfileOptio
   pj["sink"] = o.sink;
   pj["seed"] = o.seed;
   pj["global_heads"] = G;
-  pj["global_layers"] = n > 0 ? nlohmann::json::array({span.front(), span.back()})
-                              : nlohmann::json::array();
+  pj["global_layers"] =
+      n > 0 ? nlohmann::json::array({span.front(), span.back()}) : nlohmann::json::array();
   pj["heads_per_layer"] = count;
   if (native > 0) pj["native_sliding_window"] = native;
   return p;
