@@ -79,6 +79,9 @@ int print_serve_config(const ServeArgs& a) {
   const ServeSetup s = resolve_serve(a);
   nlohmann::json j = reuse_settings_json(s.settings, s.reuse_opts);
   j["reuse_mode"] = a.reuse_mode;
+  // Without a reuse_chunk setting a reuse prefill's forwards take the step budget (run_serve).
+  if (!s.settings.reuse_chunk)
+    j["reuse_chunk"] = a.step_tokens > 0 ? a.step_tokens : default_prefill_chunk(a.backend);
   // The heads the default mode's requests keep (requests may ask another mode: each mode's
   // requests run on its own cache, head-aware or all-global).
   j["kv_head_profile"] =

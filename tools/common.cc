@@ -144,7 +144,8 @@ nlohmann::json reuse_settings_json(const ReuseSettings& s, const ReuseOptions& o
           {"layer_mass", f.layer_mass},
           {"ffn_dilate", f.dilate},
           {"skip_dead_rows", o.skip_dead_rows},
-          {"query_full_attention", o.query_full_attention}};
+          {"query_full_attention", o.query_full_attention},
+          {"reuse_chunk", o.chunk}};
 }
 
 }  // namespace redknot::cli

@@ -99,6 +99,12 @@ TEST(ReuseSettings, ShippedModelHasItsTunedSetting) {
   EXPECT_TRUE(fs::exists(*s.head_profile));
   EXPECT_EQ(*s.layer_mass, (std::vector<double>{1, 1, 0.4, 0.4, 0.7, 0.5, 0.5, 0.5}));
   EXPECT_EQ(*s.ffn_dilate, 1);
+  // Chosen on the GPU sweep of docs/benchmarks.md: within 1 EM of full prefill on every family.
+  ASSERT_TRUE(s.reuse_chunk.has_value());
+  EXPECT_EQ(*s.reuse_chunk, 2048);
+  ReuseOptions ro;
+  s.apply(ro);
+  EXPECT_EQ(ro.chunk, 2048);
   EXPECT_TRUE(model_reuse_settings("/nonexistent/model").empty());
 }
 
