@@ -104,8 +104,7 @@ void write_shard(const fs::path& path, const std::vector<const WeightSpec*>& spe
   std::unique_ptr<std::FILE, FileCloser> f(std::fopen(p.c_str(), "wb"));
   if (!f) throw Error(p + ": cannot open for writing");
   auto put = [&](const void* data, size_t n) {
-    if (n && std::fwrite(data, 1, n, f.get()) != n)
-      throw Error(p + ": write failed (disk full?)");
+    if (n && std::fwrite(data, 1, n, f.get()) != n) throw Error(p + ": write failed (disk full?)");
   };
   const uint64_t len = text.size();
   put(&len, 8);
@@ -130,9 +129,8 @@ void write_shard(const fs::path& path, const std::vector<const WeightSpec*>& spe
         } else {
           uint16_t* d = reinterpret_cast<uint16_t*>(out);
           for (int64_t i = b; i < e; ++i)
-            d[i] = f32_to_bf16(w->init == WeightSpec::Init::Ones
-                                   ? 1.0f
-                                   : w->amplitude * uniform_at(key, s + i));
+            d[i] = f32_to_bf16(
+                w->init == WeightSpec::Init::Ones ? 1.0f : w->amplitude * uniform_at(key, s + i));
         }
       });
       if (pending.valid()) pending.get();  // rethrows a write error

@@ -24,16 +24,16 @@ struct InitModelProgress {
 };
 
 struct InitModelOptions {
-  nlohmann::json config;           // the config.json to write (parsed and validated first)
-  std::string out_dir;             // created if missing; must hold no model yet unless `force`
-  std::string tokenizer_dir;       // tokenizer.json (+ tokenizer_config.json ...) copied; "" none
-  DType dtype = DType::BF16;       // BF16 or F32 (biases stay F32)
+  nlohmann::json config;      // the config.json to write (parsed and validated first)
+  std::string out_dir;        // created if missing; must hold no model yet unless `force`
+  std::string tokenizer_dir;  // tokenizer.json (+ tokenizer_config.json ...) copied; "" none
+  DType dtype = DType::BF16;  // BF16 or F32 (biases stay F32)
   uint64_t seed = 0;
   uint64_t max_shard_bytes = 5000000000ull;  // HF's default "5GB"
-  int threads = 0;                 // <= 0: one per hardware thread
-  int64_t chunk_elems = int64_t{1} << 22;  // elements generated per write
-  bool force = false;              // overwrite an existing model in out_dir
-  nlohmann::json provenance;       // extra fields for redknot_init.json (e.g. the config name)
+  int threads = 0;                           // <= 0: one per hardware thread
+  int64_t chunk_elems = int64_t{1} << 22;    // elements generated per write
+  bool force = false;                        // overwrite an existing model in out_dir
+  nlohmann::json provenance;  // extra fields for redknot_init.json (e.g. the config name)
   std::function<void(const InitModelProgress&)> progress;  // after every tensor
 };
 

@@ -214,9 +214,8 @@ TEST(InitModel, RefusesToOverwriteUnlessForced) {
 TEST(InitModel, TokenizerIsCopiedAndMustFitTheVocabulary) {
   TempDir tok, out;
   // A minimal BPE tokenizer.json whose highest id is 1200 (an added token).
-  testing_util::write_bytes(
-      tok.file("tokenizer.json"),
-      R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
+  testing_util::write_bytes(tok.file("tokenizer.json"),
+                            R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
           "added_tokens": [{"id": 1200, "content": "<s>"}]})");
   testing_util::write_bytes(tok.file("tokenizer_config.json"), R"({"add_bos_token": true})");
   EXPECT_EQ(tokenizer_json_vocab(tok.file("tokenizer.json")), 1201);

@@ -14,11 +14,11 @@
 namespace redknot {
 
 struct ModelShape {
-  const char* name;        // e.g. "llama3-8b"
-  const char* hf_id;       // the checkpoint whose config.json this is, e.g. "meta-llama/Meta-Llama-3-8B"
-  const char* tokenizer;   // the ../shared/tokenizers entry that fits it ("" when none does)
-  bool test_only;          // tiny shapes for tests (not a real model)
-  const char* config_json; // the config.json text
+  const char* name;   // e.g. "llama3-8b"
+  const char* hf_id;  // the checkpoint whose config.json this is, e.g. "meta-llama/Meta-Llama-3-8B"
+  const char* tokenizer;    // the ../shared/tokenizers entry that fits it ("" when none does)
+  bool test_only;           // tiny shapes for tests (not a real model)
+  const char* config_json;  // the config.json text
 };
 
 // Every shape, real ones first.
@@ -41,7 +41,7 @@ struct WeightSpec {
   std::string name;
   std::vector<int64_t> shape;
   Init init = Init::Uniform;
-  float amplitude = 0;  // Uniform: U(-amplitude, amplitude)
+  float amplitude = 0;    // Uniform: U(-amplitude, amplitude)
   bool keep_f32 = false;  // biases stay f32 (as random_checkpoint stores them)
   int64_t numel() const;
 };

@@ -70,7 +70,7 @@ TEST(ModelShapes, Mistral7B) {
   EXPECT_EQ(c.vocab_size, 32768);
   EXPECT_EQ(c.rope_theta, 1e6);
   EXPECT_EQ(c.max_position_embeddings, 32768);
-  EXPECT_EQ(c.sliding_window, 0);  // v0.3: null
+  EXPECT_EQ(c.sliding_window, 0);              // v0.3: null
   EXPECT_EQ(count_parameters(c), 7248023552);  // 7.25B
 }
 
