@@ -384,18 +384,20 @@ Scheduler::OomAction Scheduler::start_reuse(Request& r) {
     // redknot recomputes when nothing is cached (no fallback: the path says 0 segments).
     return OomAction::kRun;
   }
-  try {
+  auto start = [&] {
     r.job = std::make_unique<ReuseJob>(model_, *r.cache, r.seq, p, opts_.chunk_store, ro);
     // A job with no documents or query plans a dense pass and says so; its mode is what ran.
     r.path.used = r.job->outcome().path.used;
     if (r.path.fallback.empty()) r.path.fallback = r.job->outcome().path.fallback;
+  };
+  try {
+    start();
     return OomAction::kRun;
   } catch (const OutOfKvMemory& e) {
+    // Cached segments make way for the request first; then the fallback policy decides.
     if (opts_.chunk_store && opts_.chunk_store->yield_pages(r.reserved_pages)) {
       try {
-        r.job = std::make_unique<ReuseJob>(model_, *r.cache, r.seq, p, opts_.chunk_store, ro);
-        r.path.used = r.job->outcome().path.used;
-        if (r.path.fallback.empty()) r.path.fallback = r.job->outcome().path.fallback;
+        start();
         return OomAction::kRun;
       } catch (const OutOfKvMemory&) {
       }

@@ -183,9 +183,6 @@ struct ReuseJob::Step {
 struct ModePlanner {
   ReuseJob& job;
   using Step = ReuseJob::Step;
-  // Per segment looked up: its pinned entry once cached or published.
-  std::vector<ChunkStore::Handle> handles;
-  std::vector<std::optional<ChunkStore::Pending>> pending;
 
   const ModelConfig& cfg() const { return job.model_.config(); }
   ForwardOptions request_options() const {
@@ -514,7 +511,7 @@ ReuseJob::ReuseJob(Model& model, PagedKvCache& kv, SeqId seq, SegmentedPrompt pr
   if (opts_.chunk < 0) throw Error("reuse chunk must be >= 0");
   if (!kv_.has_sequence(seq_)) throw Error("reuse job: the sequence must exist");
   out_.path.requested = out_.path.used = opts_.mode;
-  planner_ = std::make_unique<ModePlanner>(ModePlanner{*this, {}, {}});
+  planner_ = std::make_unique<ModePlanner>(ModePlanner{*this});
   // Modes that reuse segments need some; without, the prompt is one dense pass.
   const bool segmented = !prompt_.segments.empty() && !prompt_.query.empty();
   const ModeTraits& t = traits_of(segmented ? opts_.mode : ReuseMode::Full);
@@ -544,13 +541,16 @@ int64_t ReuseJob::next_rows() const {
   return 0;
 }
 
-void ReuseJob::run_next() {
-  // Actions first; one that throws (relocation out of pages) stays queued.
+void ReuseJob::run_actions() {
   while (!queue_.empty() && queue_.front().action) {
     std::vector<Step> next = queue_.front().action(*this);
-    queue_.pop_front();
+    queue_.pop_front();  // only once it succeeded
     for (auto it = next.rbegin(); it != next.rend(); ++it) queue_.push_front(std::move(*it));
   }
+}
+
+void ReuseJob::run_next() {
+  run_actions();  // one that throws (relocation out of pages) stays queued
   if (queue_.empty()) {
     finish();
     return;
@@ -582,11 +582,7 @@ void ReuseJob::run_next() {
   }
   // Trailing actions (publishing the last miss, resetting attention) are not left for a step
   // that has no forward to run.
-  while (!queue_.empty() && queue_.front().action) {
-    std::vector<Step> next = queue_.front().action(*this);
-    queue_.pop_front();
-    for (auto it = next.rbegin(); it != next.rend(); ++it) queue_.push_front(std::move(*it));
-  }
+  run_actions();
   if (queue_.empty()) finish();
 }
 

@@ -159,6 +159,8 @@ class ReuseJob {
   friend struct ModePlanner;
   void push(Step step);
   void finish();  // releases the pins and resets the attention switches
+  // Runs the host actions at the queue's head, in order; the steps one returns go first.
+  void run_actions();
 
   Model& model_;
   PagedKvCache& kv_;

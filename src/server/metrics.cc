@@ -15,6 +15,13 @@ void gauge(std::string& out, const std::string& name, const std::string& help, d
   out += "# HELP " + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
   out += name + " " + num(v) + "\n";
 }
+// One counter family with a label: name{label="key"} value per entry.
+void family(std::string& out, const std::string& name, const std::string& help,
+            const std::string& label, const std::map<std::string, int64_t>& values) {
+  out += "# HELP " + name + " " + help + "\n# TYPE " + name + " counter\n";
+  for (const auto& [key, v] : values)
+    out += name + "{" + label + "=\"" + key + "\"} " + num(static_cast<double>(v)) + "\n";
+}
 }  // namespace
 
 Histogram::Histogram(std::vector<double> bounds)
@@ -151,19 +158,14 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
         s.reuse_steps, "counter");
   gauge(out, "redknot_reuse_waits_total",
         "Reuse prefills requeued for KV pages (--reuse-fallback wait).", s.reuse_waits, "counter");
-  out += "# HELP redknot_reuse_segments_total Segments of reuse prefills by outcome.\n";
-  out += "# TYPE redknot_reuse_segments_total counter\n";
-  out += "redknot_reuse_segments_total{outcome=\"hit\"} " + num(s.segments_hit) + "\n";
-  out += "redknot_reuse_segments_total{outcome=\"prefilled\"} " + num(s.segments_prefilled) + "\n";
-  out += "redknot_reuse_segments_total{outcome=\"private\"} " + num(s.segments_private) + "\n";
-  out += "# HELP redknot_requests_by_mode_total Requests by the reuse mode that ran.\n";
-  out += "# TYPE redknot_requests_by_mode_total counter\n";
-  for (const auto& [mode, n] : s.modes_used)
-    out += "redknot_requests_by_mode_total{mode=\"" + mode + "\"} " + num(n) + "\n";
-  out += "# HELP redknot_reuse_fallbacks_total Requests not served in the mode asked, by reason.\n";
-  out += "# TYPE redknot_reuse_fallbacks_total counter\n";
-  for (const auto& [reason, n] : s.fallbacks)
-    out += "redknot_reuse_fallbacks_total{reason=\"" + reason + "\"} " + num(n) + "\n";
+  family(out, "redknot_reuse_segments_total", "Segments of reuse prefills by outcome.", "outcome",
+         {{"hit", s.segments_hit},
+          {"prefilled", s.segments_prefilled},
+          {"private", s.segments_private}});
+  family(out, "redknot_requests_by_mode_total", "Requests by the reuse mode that ran.", "mode",
+         s.modes_used);
+  family(out, "redknot_reuse_fallbacks_total", "Requests not served in the mode asked, by reason.",
+         "reason", s.fallbacks);
   gauge(out, "redknot_prefix_cache_queries_total", "Prefix-mode requests looked up.",
         s.prefix_queries, "counter");
   gauge(out, "redknot_prefix_cache_hits_total", "Prefix-mode requests that shared cached pages.",
