@@ -58,7 +58,10 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m, const ReuseOptions& ro,
   PrefillOutcome pre = prefill_with_reuse(*m.model, *store.cache, 0, p, &chunks, ro);
   GenerateOptions opts;
   opts.max_tokens = a.max_tokens;
-  opts.sampling = {a.temperature, a.top_p, a.top_k, a.seed};
+  opts.sampling.temperature = a.temperature;
+  opts.sampling.top_p = a.top_p;
+  opts.sampling.top_k = a.top_k;
+  opts.sampling.seed = a.seed;
   opts.stop_at_eos = !a.ignore_eos;
   StreamDecoder stream(*m.tokenizer);
   GenerateResult r = decode_from(*m.model, *store.cache, 0, pre.last_logits, opts, [&](int32_t id) {
@@ -133,7 +136,10 @@ int run_generate(const GenerateArgs& a) {
   KvCache& kv = *store.cache;
   GenerateOptions opts;
   opts.max_tokens = a.max_tokens;
-  opts.sampling = {a.temperature, a.top_p, a.top_k, a.seed};
+  opts.sampling.temperature = a.temperature;
+  opts.sampling.top_p = a.top_p;
+  opts.sampling.top_k = a.top_k;
+  opts.sampling.seed = a.seed;
   opts.prefill_chunk = a.prefill_chunk > 0 ? a.prefill_chunk : default_prefill_chunk(a.backend);
   opts.stop_at_eos = !a.ignore_eos;
   opts.keep_prompt_logits = !a.logits_out.empty();

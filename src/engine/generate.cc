@@ -64,12 +64,13 @@ GenerateResult decode_from(Model& model, KvCache& kv, SeqId seq, std::vector<flo
   if (static_cast<int64_t>(first_logits.size()) != vocab) throw Error("decode: logits size");
   Sampler sampler(opts.sampling);
   // Greedy steps take the argmax on the device: the ids come back, not [vocab] logits.
-  const bool greedy = opts.sampling.temperature == 0.0f;
+  const bool greedy = !sampler.needs_logits();
   GenerateResult res;
   auto t1 = std::chrono::steady_clock::now();
   int32_t next = sampler.sample(first_logits.data(), vocab);
   for (int32_t i = 0; i < opts.max_tokens; ++i) {
     res.ids.push_back(next);
+    sampler.observe(next);
     bool is_eos = std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), next) !=
                   cfg.eos_token_ids.end();
     if (on_token && !on_token(next)) break;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "core/error.h"
@@ -14,6 +15,21 @@ void SamplingParams::validate() const {
   if (!(top_p > 0.0f && top_p <= 1.0f))
     throw Error("top_p must be in (0, 1], got " + std::to_string(top_p));
   if (top_k < 0) throw Error("top_k must be >= 0, got " + std::to_string(top_k));
+  if (!(presence_penalty >= -2.0f && presence_penalty <= 2.0f))
+    throw Error("presence_penalty must be in [-2, 2], got " + std::to_string(presence_penalty));
+  if (!(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f))
+    throw Error("frequency_penalty must be in [-2, 2], got " + std::to_string(frequency_penalty));
+  if (!(repetition_penalty > 0.0f) || !std::isfinite(repetition_penalty))
+    throw Error("repetition_penalty must be a finite number > 0, got " +
+                std::to_string(repetition_penalty));
+  for (const auto& [id, bias] : logit_bias)
+    if (!std::isfinite(bias)) throw Error("logit_bias values must be finite");
+  if (min_tokens < 0) throw Error("min_tokens must be >= 0, got " + std::to_string(min_tokens));
+}
+
+bool SamplingParams::adjusts_logits() const {
+  return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f ||
+         !logit_bias.empty() || min_tokens > 0;
 }
 
 int32_t argmax(const float* logits, int64_t vocab) {
@@ -23,9 +39,82 @@ int32_t argmax(const float* logits, int64_t vocab) {
   return static_cast<int32_t>(best);
 }
 
-Sampler::Sampler(SamplingParams params) : params_(params), rng_(params.seed) { params_.validate(); }
+TokenLogprob token_logprob(const float* logits, int64_t vocab, int32_t token, int32_t top) {
+  if (token < 0 || token >= vocab) throw Error("token_logprob: token outside the vocabulary");
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < vocab; ++i) max_logit = std::max(max_logit, logits[i]);
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+  const double log_z = max_logit + std::log(sum);
+  TokenLogprob out;
+  out.token = token;
+  out.logprob = static_cast<float>(logits[token] - log_z);
+  if (top > 0) {
+    const int64_t k = std::min<int64_t>(top, vocab);
+    std::vector<int32_t> ids(static_cast<size_t>(vocab));
+    for (int64_t i = 0; i < vocab; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    for (int64_t i = 0; i < k; ++i)
+      out.top.emplace_back(ids[static_cast<size_t>(i)],
+                           static_cast<float>(logits[ids[static_cast<size_t>(i)]] - log_z));
+  }
+  return out;
+}
 
-int32_t Sampler::sample(const float* logits, int64_t vocab) {
+Sampler::Sampler(SamplingParams params, std::span<const int32_t> prompt,
+                 std::vector<int32_t> stop_ids)
+    : params_(std::move(params)), rng_(params_.seed), stop_ids_(std::move(stop_ids)) {
+  params_.validate();
+  if (params_.repetition_penalty != 1.0f) {
+    prompt_ids_.assign(prompt.begin(), prompt.end());
+    std::sort(prompt_ids_.begin(), prompt_ids_.end());
+    prompt_ids_.erase(std::unique(prompt_ids_.begin(), prompt_ids_.end()), prompt_ids_.end());
+  }
+}
+
+bool Sampler::needs_logits() const {
+  return params_.temperature != 0.0f || params_.adjusts_logits();
+}
+
+void Sampler::observe(int32_t token) {
+  ++generated_;
+  if (params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f ||
+      params_.repetition_penalty != 1.0f)
+    ++output_counts_[token];
+}
+
+const float* Sampler::adjust(const float* logits, int64_t vocab) {
+  if (!params_.adjusts_logits()) return logits;
+  work_.assign(logits, logits + vocab);
+  auto in_vocab = [&](int32_t id) { return id >= 0 && id < vocab; };
+  for (const auto& [id, bias] : params_.logit_bias)
+    if (in_vocab(id)) work_[static_cast<size_t>(id)] += bias;
+  if (params_.repetition_penalty != 1.0f) {
+    // As vLLM/HF: each token seen in the prompt or the output once, whatever its count.
+    const float p = params_.repetition_penalty;
+    auto penalise = [&](int32_t id) {
+      if (!in_vocab(id)) return;
+      float& l = work_[static_cast<size_t>(id)];
+      l = l > 0.0f ? l / p : l * p;
+    };
+    for (int32_t id : prompt_ids_) penalise(id);
+    for (const auto& [id, n] : output_counts_)
+      if (!std::binary_search(prompt_ids_.begin(), prompt_ids_.end(), id)) penalise(id);
+  }
+  for (const auto& [id, n] : output_counts_)
+    if (in_vocab(id))
+      work_[static_cast<size_t>(id)] -=
+          params_.frequency_penalty * static_cast<float>(n) + params_.presence_penalty;
+  if (generated_ < params_.min_tokens)
+    for (int32_t id : stop_ids_)
+      if (in_vocab(id)) work_[static_cast<size_t>(id)] = -std::numeric_limits<float>::infinity();
+  return work_.data();
+}
+
+int32_t Sampler::sample(const float* raw_logits, int64_t vocab) {
+  const float* logits = adjust(raw_logits, vocab);
   if (params_.temperature == 0.0f) return argmax(logits, vocab);
   scratch_.clear();
   for (int64_t i = 0; i < vocab; ++i)

@@ -39,6 +39,7 @@ RequestStream::Chunk RequestStream::wait(std::chrono::milliseconds timeout) {
   cv_.wait_for(lock, timeout, [&] { return !pending_.empty() || finished_; });
   Chunk c;
   c.tokens.swap(pending_);
+  c.logprobs.swap(pending_logprobs_);
   c.finished = finished_;
   c.reason = reason_;
   c.error = error_;
@@ -50,6 +51,7 @@ RequestStream::Chunk RequestStream::wait_all() {
   while (!all.finished) {
     Chunk c = wait(std::chrono::milliseconds(100));
     all.tokens.insert(all.tokens.end(), c.tokens.begin(), c.tokens.end());
+    all.logprobs.insert(all.logprobs.end(), c.logprobs.begin(), c.logprobs.end());
     all.finished = c.finished;
     all.reason = c.reason;
     all.error = c.error;
@@ -68,10 +70,11 @@ std::vector<double> RequestStream::token_gaps() const {
   return gaps;
 }
 
-void RequestStream::push(int32_t token) {
+void RequestStream::push(int32_t token, const TokenLogprob* logprob) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     pending_.push_back(token);
+    if (logprob) pending_logprobs_.push_back(*logprob);
     token_times_.push_back(std::chrono::steady_clock::now());
   }
   cv_.notify_all();
@@ -142,6 +145,19 @@ int64_t Scheduler::estimate_pages(int64_t tokens, const PagedKvCache& cache) con
 }
 
 std::shared_ptr<RequestStream> Scheduler::submit(RequestSpec spec) {
+  return submit_n(std::move(spec), 1).front();
+}
+
+int64_t Scheduler::fork_pages(const Request& r) const {
+  // Its own tokens, and a private copy of each head's last shared page (copy on write).
+  return estimate_pages(r.spec.max_tokens + cache_.pool().page_size(), *r.cache);
+}
+
+std::vector<std::shared_ptr<RequestStream>> Scheduler::submit_n(RequestSpec spec, int32_t n) {
+  if (n < 1) throw Error("n must be >= 1");
+  if (n > opts_.max_batch)
+    throw Error("n = " + std::to_string(n) + " completions exceed the batch limit of " +
+                std::to_string(opts_.max_batch) + " sequences");
   auto r = std::make_unique<Request>();
   r->tokens = spec.prompt();
   if (r->tokens.empty()) throw Error("the prompt is empty");
@@ -150,6 +166,7 @@ std::shared_ptr<RequestStream> Scheduler::submit(RequestSpec spec) {
       throw Error("prompt token id " + std::to_string(t) + " outside the vocabulary [0, " +
                   std::to_string(vocab_) + ")");
   if (spec.max_tokens <= 0) throw Error("max_tokens must be positive");
+  if (spec.logprobs < -1) throw Error("logprobs must be >= 0");
   spec.sampling.validate();
   const int64_t ctx = model_.config().max_position_embeddings;
   const int64_t total = static_cast<int64_t>(r->tokens.size()) + spec.max_tokens;
@@ -172,26 +189,47 @@ std::shared_ptr<RequestStream> Scheduler::submit(RequestSpec spec) {
     r->path.fallback = "reuse_disabled";
   }
   r->cache = &cache_for(r->path.used);
-  const int64_t need = estimate_pages(total, *r->cache);
+  const int64_t need =
+      estimate_pages(total, *r->cache) +
+      (n - 1) * estimate_pages(spec.max_tokens + cache_.pool().page_size(), *r->cache);
   if (need > cache_.pool().num_pages())
     throw Error("the request needs about " + std::to_string(need) + " KV pages; the pool has " +
                 std::to_string(cache_.pool().num_pages()));
   r->prompt_len = static_cast<int32_t>(r->tokens.size());
-  r->sampler = std::make_unique<Sampler>(spec.sampling);
-  r->stream = std::make_shared<RequestStream>();
-  r->stream->prompt_tokens_ = r->prompt_len;
-  r->stream->submitted_ = std::chrono::steady_clock::now();
+  const auto now = std::chrono::steady_clock::now();
+  auto make_stream = [&] {
+    auto st = std::make_shared<RequestStream>();
+    st->prompt_tokens_ = r->prompt_len;
+    st->submitted_ = now;
+    return st;
+  };
+  r->sampler = std::make_unique<Sampler>(spec.sampling, r->tokens, spec.stop_ids);
+  r->stream = make_stream();
+  std::vector<std::shared_ptr<RequestStream>> streams = {r->stream};
+  for (int32_t i = 1; i < n; ++i) {
+    auto f = std::make_unique<Request>();
+    f->spec = spec;
+    f->spec.sampling.seed = spec.sampling.seed + static_cast<uint64_t>(i);
+    f->tokens = r->tokens;
+    f->prompt_len = r->prompt_len;
+    f->cache = r->cache;
+    f->path = r->path;
+    f->sampler = std::make_unique<Sampler>(f->spec.sampling, f->tokens, f->spec.stop_ids);
+    f->stream = make_stream();
+    f->is_fork = true;
+    streams.push_back(f->stream);
+    r->forks.push_back(std::move(f));
+  }
   r->spec = std::move(spec);
-  auto stream = r->stream;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (static_cast<int64_t>(queue_.size()) >= opts_.max_queue)
       throw QueueFull("request queue is full (" + std::to_string(queue_.size()) + " waiting)");
     queue_.push_back(std::move(r));
-    ++submitted_;
+    submitted_ += n;
   }
   cv_.notify_all();
-  return stream;
+  return streams;
 }
 
 void Scheduler::wait_idle() {
@@ -276,10 +314,13 @@ void Scheduler::release(Request& r) {
 }
 
 void Scheduler::finish(Request& r, FinishReason reason, const std::string& error) {
+  // Completions waiting to share this prompt end with it.
+  for (RequestPtr& f : r.forks) finish(*f, reason, error);
+  r.forks.clear();
   report_path(r);
   release(r);
   hold_admission_ = false;
-  counters_.prompt_tokens += r.prompt_len;
+  if (!r.is_fork) counters_.prompt_tokens += r.prompt_len;
   switch (reason) {
     case FinishReason::kCancelled:
       ++counters_.cancelled;
@@ -328,10 +369,16 @@ void Scheduler::admit() {
       if (queue_.empty()) return;
       Request& head = *queue_.front();
       const int64_t total = head.prompt_len + head.spec.max_tokens;
-      const int64_t need = static_cast<int64_t>(std::ceil(
-          static_cast<double>(estimate_pages(total, *head.cache)) * opts_.reserve_fraction));
+      const int64_t forks = static_cast<int64_t>(head.forks.size());
+      const int64_t need = static_cast<int64_t>(
+          std::ceil(static_cast<double>(estimate_pages(total, *head.cache) +
+                                        forks * (forks ? fork_pages(head) : 0)) *
+                    opts_.reserve_fraction));
       // FIFO: a request that does not fit blocks those behind it (no starvation of big ones).
       if (!running_.empty() && reserved_pages_ + need > pool_pages) return;
+      // Its completions join the batch together (n <= max_batch, checked at submit).
+      if (!running_.empty() && static_cast<int64_t>(running_.size()) + 1 + forks > opts_.max_batch)
+        return;
       r = std::move(queue_.front());
       queue_.pop_front();
       r->reserved_pages = need;
@@ -458,9 +505,43 @@ void Scheduler::report_path(Request& r) {
   r.stream->path_ = r.path;
 }
 
-void Scheduler::emit(Request& r, int32_t tok) {
+bool Scheduler::wants_logits(const Request& r) const {
+  if (r.sampler->needs_logits() || r.spec.logprobs >= 0) return true;
+  if (r.generated == 0)
+    for (const RequestPtr& f : r.forks)
+      if (wants_logits(*f)) return true;
+  return false;
+}
+
+void Scheduler::sample_and_emit(Request& r, const float* logits, int32_t greedy_id) {
+  if (r.generated == 0 && !r.forks.empty()) start_forks(r, logits, greedy_id);
+  emit(r, logits ? r.sampler->sample(logits, vocab_) : greedy_id, logits);
+}
+
+void Scheduler::start_forks(Request& r, const float* logits, int32_t greedy_id) {
   report_path(r);
-  if (r.generated == 0 && r.path.used == ReuseMode::Prefix && r.fed == r.prompt_len) {
+  const int64_t share = fork_pages(r);
+  for (RequestPtr& f : r.forks) {
+    // The prompt's KV (and nothing else yet) is in r's sequence: share it page by page.
+    f->seq = next_seq_;
+    next_seq_ = next_seq_ == INT32_MAX ? 1 : next_seq_ + 1;
+    r.cache->fork(r.seq, f->seq);
+    f->fed = r.prompt_len;
+    f->path = r.path;
+    f->stream->cached_tokens_.store(r.stream->cached_tokens());
+    // Its share of r's admission reservation goes with it.
+    const int64_t moved = std::min(share, r.reserved_pages);
+    f->reserved_pages = moved;
+    r.reserved_pages -= moved;
+    emit(*f, logits ? f->sampler->sample(logits, vocab_) : greedy_id, logits);
+    if (f->seq >= 0) started_forks_.push_back(std::move(f));  // else it ended at once
+  }
+  r.forks.clear();
+}
+
+void Scheduler::emit(Request& r, int32_t tok, const float* logits) {
+  report_path(r);
+  if (r.generated == 0 && !r.is_fork && r.path.used == ReuseMode::Prefix && r.fed == r.prompt_len) {
     // The prompt is in the KV (the first token is not yet): later requests may share it.
     opts_.prefix_cache->insert(r.seq, std::span<const int32_t>(r.tokens.data(), r.prompt_len));
     opts_.prefix_cache->enforce_budget();
@@ -468,7 +549,13 @@ void Scheduler::emit(Request& r, int32_t tok) {
   r.tokens.push_back(tok);
   ++r.generated;
   ++counters_.generated_tokens;
-  r.stream->push(tok);
+  r.sampler->observe(tok);
+  if (r.spec.logprobs >= 0 && logits) {
+    const TokenLogprob lp = token_logprob(logits, vocab_, tok, r.spec.logprobs);
+    r.stream->push(tok, &lp);
+  } else {
+    r.stream->push(tok);
+  }
   const int64_t ctx = model_.config().max_position_embeddings;
   if (std::find(r.spec.stop_ids.begin(), r.spec.stop_ids.end(), tok) != r.spec.stop_ids.end()) {
     finish(r, FinishReason::kStop);
@@ -523,7 +610,7 @@ bool Scheduler::run_reuse_forward() {
     const std::vector<float> logits = std::move(out.last_logits);
     r.job.reset();
     // A request recomputed after a preemption has its tokens already: they are fed next.
-    if (r.generated == 0) emit(r, r.sampler->sample(logits.data(), vocab_));
+    if (r.generated == 0) sample_and_emit(r, logits.data(), -1);
     return true;
   }
   return false;
@@ -579,6 +666,8 @@ bool Scheduler::step() {
     worked = true;
     if (!run_group(g.batch, *g.cache, g.rows)) break;
   }
+  for (RequestPtr& f : started_forks_) running_.push_back(std::move(f));
+  started_forks_.clear();
   running_.erase(std::remove_if(running_.begin(), running_.end(),
                                 [](const RequestPtr& r) { return r->seq < 0; }),
                  running_.end());
@@ -590,7 +679,7 @@ bool Scheduler::run_group(const Batch& batch, PagedKvCache& cache, const std::ve
   // back ([rows, vocab] logits stay there).
   bool all_greedy = true;
   for (const Row& row : rows)
-    if (row.logits && row.r->spec.sampling.temperature != 0.0f) all_greedy = false;
+    if (row.logits && wants_logits(*row.r)) all_greedy = false;
   Tensor logits;
   std::vector<int32_t> greedy_ids;
   try {
@@ -620,11 +709,11 @@ bool Scheduler::run_group(const Batch& batch, PagedKvCache& cache, const std::ve
     Request& r = *row.r;
     r.fed += row.count;
     if (!row.logits) continue;
-    const int32_t tok = all_greedy
-                            ? greedy_ids.at(static_cast<size_t>(logit_row))
-                            : r.sampler->sample(logits.data<float>() + logit_row * vocab_, vocab_);
+    if (all_greedy)
+      sample_and_emit(r, nullptr, greedy_ids.at(static_cast<size_t>(logit_row)));
+    else
+      sample_and_emit(r, logits.data<float>() + logit_row * vocab_, -1);
     ++logit_row;
-    emit(r, tok);
   }
   return true;
 }

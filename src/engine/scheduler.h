@@ -49,6 +49,9 @@ struct RequestSpec {
   SamplingParams sampling;
   int32_t max_tokens = 16;
   std::vector<int32_t> stop_ids;  // generation ends after emitting one of these (kept in output)
+  // Log-probabilities of each generated token (of the raw logits) and of this many most likely
+  // alternatives; -1: none.
+  int32_t logprobs = -1;
   // Chunk reuse mode of this request (unset: the scheduler's default).
   std::optional<ReuseMode> reuse_mode;
   // Requests whose reuse mode is unavailable (no chunk store) are refused instead of served in
@@ -63,7 +66,8 @@ struct RequestSpec {
 class RequestStream {
  public:
   struct Chunk {
-    std::vector<int32_t> tokens;  // new tokens since the previous wait()
+    std::vector<int32_t> tokens;         // new tokens since the previous wait()
+    std::vector<TokenLogprob> logprobs;  // one per token when the request asked for them
     bool finished = false;
     FinishReason reason = FinishReason::kNone;
     std::string error;
@@ -89,7 +93,7 @@ class RequestStream {
   std::vector<double> token_gaps() const;
 
   // ---- engine side ----
-  void push(int32_t token);
+  void push(int32_t token, const TokenLogprob* logprob = nullptr);
   void finish(FinishReason reason, std::string error = {});
 
  private:
@@ -97,6 +101,7 @@ class RequestStream {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<int32_t> pending_;
+  std::vector<TokenLogprob> pending_logprobs_;
   bool finished_ = false, reported_finish_ = false;
   FinishReason reason_ = FinishReason::kNone;
   std::string error_;
@@ -175,6 +180,10 @@ class Scheduler {
   // vocabulary, bad sampling values, a request the whole pool cannot hold) and QueueFull when
   // the queue is at its bound.
   std::shared_ptr<RequestStream> submit(RequestSpec spec);
+  // Queues `n` completions of one prompt (OpenAI's `n`): the prompt is prefilled once and its KV
+  // shared (fork, copy on write) by the others when the first token is due; completion i draws
+  // with seed + i. One stream per completion, in order.
+  std::vector<std::shared_ptr<RequestStream>> submit_n(RequestSpec spec, int32_t n);
 
   // Blocks until no request is queued or running and the stats reflect it.
   void wait_idle();
@@ -199,6 +208,9 @@ class Scheduler {
     ReusePath path;                 // mode asked and used, fallback reason
     std::unique_ptr<ReuseJob> job;  // the reuse prefill in progress (null: dense or done)
     bool reported = false;          // path published to the stream and the counters
+    // The other completions of an n > 1 request, until the prompt's KV is there to share.
+    std::vector<std::unique_ptr<Request>> forks;
+    bool is_fork = false;  // shares another request's prompt (its tokens counted there)
   };
   using RequestPtr = std::unique_ptr<Request>;
   // A request's rows in a step's batch: `count` tokens, logits of the last one when `logits`.
@@ -225,8 +237,17 @@ class Scheduler {
   void requeue(RequestPtr r);
   // Runs one forward of the oldest reuse prefill in progress; false when none is.
   bool run_reuse_forward();
-  // Samples `r`'s next token from host logits [vocab] and ends it when due.
-  void emit(Request& r, int32_t token);
+  // Whether `r`'s next token needs host logits (sampling, penalties, logprobs; its forks').
+  bool wants_logits(const Request& r) const;
+  // Chooses `r`'s next token from host logits [vocab] (null: `greedy_id`, the device's argmax),
+  // first starting its forks on the same row when they are due, and emits it.
+  void sample_and_emit(Request& r, const float* logits, int32_t greedy_id);
+  // Shares `r`'s prompt KV with its forks and emits their first tokens.
+  void start_forks(Request& r, const float* logits, int32_t greedy_id);
+  // Appends `token` to `r`, streams it (with its logprob from `logits`) and ends `r` when due.
+  void emit(Request& r, int32_t token, const float* logits);
+  // Pages a fork may need beyond the prompt it shares (admission estimate).
+  int64_t fork_pages(const Request& r) const;
   void report_path(Request& r);
   PagedKvCache& cache_for(ReuseMode mode);
   void finish(Request& r, FinishReason reason, const std::string& error = {});
@@ -247,7 +268,8 @@ class Scheduler {
   bool stop_ = false;
 
   // Engine-thread state.
-  std::vector<RequestPtr> running_;  // admission order
+  std::vector<RequestPtr> running_;        // admission order
+  std::vector<RequestPtr> started_forks_;  // joined to running_ at the end of the step
   int64_t reserved_pages_ = 0;
   // Set by a preemption, cleared when a request finishes: re-admitting at once would hit the
   // same wall again (livelock), so admission waits for pages to come back.

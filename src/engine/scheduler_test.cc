@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -12,6 +13,7 @@
 
 #include "backend/batch_invariant_backend.h"
 #include "backend/builtin.h"
+#include "engine/generate.h"
 #include "engine/kv_setup.h"
 #include "loader/checkpoint.h"
 
@@ -159,6 +161,111 @@ TEST_F(SchedulerTest, SeededSamplingIsReproducibleWhenBatched) {
   std::vector<std::shared_ptr<RequestStream>> streams;
   for (const auto& s : specs) streams.push_back(sched.submit(s));
   for (size_t i = 0; i < specs.size(); ++i) EXPECT_EQ(streams[i]->wait_all().tokens, ref[i]);
+}
+
+// n completions of one prompt: completion i is the solo run with seed + i, the prompt is
+// prefilled once and its pages shared, so n sessions fit a pool that holds one prompt.
+TEST_F(SchedulerTest, NCompletionsShareThePromptAndEqualSeededSoloRuns) {
+  const std::vector<int32_t> p = prompt(60, 200);
+  std::vector<RequestSpec> solo;
+  for (int i = 0; i < 3; ++i) {
+    solo.push_back(spec(p, 20, 0.8f));
+    solo.back().sampling.seed = 7 + static_cast<uint64_t>(i);
+  }
+  auto ref = alone(solo);
+  EXPECT_NE(ref[0], ref[1]);  // the seeds matter, so equality below means something
+  // 200 + 3 x 20 tokens shared is 260; three private copies would need 660.
+  KvStore st = store(352);
+  Scheduler sched(*model_, *st.cache, {});
+  std::vector<std::shared_ptr<RequestStream>> streams = sched.submit_n(spec(p, 20, 0.8f), 3);
+  ASSERT_EQ(streams.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    RequestStream::Chunk c = streams[i]->wait_all();
+    EXPECT_EQ(c.reason, FinishReason::kLength) << c.error;
+    EXPECT_EQ(c.tokens, ref[i]) << "completion " << i;
+  }
+  sched.wait_idle();
+  SchedulerStats s = sched.stats();
+  EXPECT_EQ(s.preemptions, 0);
+  EXPECT_EQ(s.completed, 3);
+  EXPECT_EQ(s.prompt_tokens, 200);  // prefilled once
+  EXPECT_EQ(s.generated_tokens, 60);
+  EXPECT_EQ(s.free_pages, s.pool_pages);
+  // Ten copies' decode pages do not fit this pool: refused at submit, not half-run.
+  EXPECT_THROW(sched.submit_n(spec(p, 200, 0.8f), 10), Error);
+  EXPECT_THROW(sched.submit_n(spec(p, 20), 0), Error);
+}
+
+// Cancelling before the first token ends every completion waiting to share the prompt.
+TEST_F(SchedulerTest, NCompletionsEndTogetherWhenCancelledEarly) {
+  KvStore st = store(4096);
+  SchedulerOptions o;
+  o.max_batch = 2;  // the pair waits in the queue while the first request runs
+  Scheduler sched(*model_, *st.cache, o);
+  const int64_t ctx = model_->config().max_position_embeddings;
+  auto first = sched.submit(spec(prompt(1, 20), static_cast<int32_t>(ctx - 20)));
+  while (first->wait(std::chrono::milliseconds(100)).tokens.empty()) {
+  }
+  auto pair = sched.submit_n(spec(prompt(2, 20), 8), 2);
+  EXPECT_THROW(sched.submit_n(spec(prompt(2, 20), 8), 3), Error);  // n > max_batch
+  pair[0]->cancel();
+  EXPECT_EQ(pair[0]->wait_all().reason, FinishReason::kCancelled);
+  RequestStream::Chunk other = pair[1]->wait_all();
+  EXPECT_EQ(other.reason, FinishReason::kCancelled);
+  EXPECT_TRUE(other.tokens.empty());
+  first->cancel();
+  EXPECT_EQ(first->wait_all().reason, FinishReason::kCancelled);
+  sched.wait_idle();
+  EXPECT_EQ(sched.stats().cancelled, 3);
+}
+
+// Logprobs are the log-softmax of the raw logits that chose each token (an independent forward
+// of prompt ++ generated tokens), with the most likely alternatives in order.
+TEST_F(SchedulerTest, LogprobsAreLogSoftmaxOfTheLogits) {
+  const std::vector<int32_t> p = prompt(70, 24);
+  RequestSpec rs = spec(p, 6, 0.7f);
+  rs.logprobs = 4;
+  KvStore st = store(1024);
+  Scheduler sched(*model_, *st.cache, {});
+  RequestStream::Chunk c = sched.submit(rs)->wait_all();
+  ASSERT_EQ(c.tokens.size(), 6u);
+  ASSERT_EQ(c.logprobs.size(), 6u);
+
+  std::vector<int32_t> all = p;
+  all.insert(all.end(), c.tokens.begin(), c.tokens.end() - 1);
+  KvStore st2 = store(1024);
+  GenerateOptions go;
+  go.max_tokens = 1;
+  go.keep_prompt_logits = true;
+  GenerateResult g = generate(*model_, *st2.cache, 0, all, go);
+  const int64_t vocab = model_->config().vocab_size;
+  for (size_t i = 0; i < c.tokens.size(); ++i) {
+    const float* row = g.prompt_logits.data<float>() + (p.size() - 1 + i) * vocab;
+    double mx = row[0], z = 0;
+    for (int64_t v = 0; v < vocab; ++v) mx = std::max<double>(mx, row[v]);
+    for (int64_t v = 0; v < vocab; ++v) z += std::exp(row[v] - mx);
+    const double lz = mx + std::log(z);
+    const TokenLogprob& lp = c.logprobs[i];
+    EXPECT_EQ(lp.token, c.tokens[i]);
+    EXPECT_NEAR(lp.logprob, row[c.tokens[i]] - lz, 1e-4) << "token " << i;
+    ASSERT_EQ(lp.top.size(), 4u);
+    EXPECT_EQ(lp.top[0].first, argmax(row, vocab));
+    for (size_t k = 0; k < lp.top.size(); ++k) {
+      EXPECT_NEAR(lp.top[k].second, row[lp.top[k].first] - lz, 1e-4);
+      if (k > 0) {
+        EXPECT_GE(lp.top[k - 1].second, lp.top[k].second);
+      }
+    }
+  }
+  // Greedy with logprobs takes the host path and still answers as greedy without.
+  RequestSpec greedy = spec(p, 6);
+  auto plain = sched.submit(greedy)->wait_all().tokens;
+  greedy.logprobs = 0;
+  RequestStream::Chunk with = sched.submit(greedy)->wait_all();
+  EXPECT_EQ(with.tokens, plain);
+  ASSERT_EQ(with.logprobs.size(), plain.size());
+  EXPECT_TRUE(with.logprobs[0].top.empty());
+  sched.wait_idle();
 }
 
 TEST_F(SchedulerTest, PreemptionUnderTinyPoolKeepsOutputs) {

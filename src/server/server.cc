@@ -167,13 +167,6 @@ const std::vector<Unimplemented>& unimplemented() {
   auto empty = [](const json& v) { return v.empty(); };
   auto none = std::function<bool(const json&)>();
   static const std::vector<Unimplemented> t = {
-      {"logprobs", JType::kBool, eq(false), "false", 2},
-      {"logprobs", JType::kInt, none, "null", 1},
-      {"top_logprobs", JType::kInt, eq(0), "0"},
-      {"presence_penalty", JType::kNum, eq(0), "0"},
-      {"frequency_penalty", JType::kNum, eq(0), "0"},
-      {"repetition_penalty", JType::kNum, eq(1), "1"},
-      {"logit_bias", JType::kObj, empty, "{}"},
       {"response_format", JType::kObj, eq(json{{"type", "text"}}), "{\"type\": \"text\"}"},
       {"guided_json", JType::kStrOrObj, none, "null"},
       {"guided_regex", JType::kStr, none, "null"},
@@ -189,14 +182,11 @@ const std::vector<Unimplemented>& unimplemented() {
       {"functions", JType::kArr, empty, "[]"},
       {"function_call", JType::kStrOrObj, [](const json& v) { return v == "none" || v == "auto"; },
        "\"none\" or \"auto\""},
-      {"echo", JType::kBool, eq(false), "false"},
+      {"echo", JType::kBool, eq(false), "false", 2},
       {"suffix", JType::kStr, eq(""), "\"\"", 1},
-      {"min_tokens", JType::kInt, eq(0), "0"},
-      {"ignore_eos", JType::kBool, eq(false), "false"},
       {"min_p", JType::kNum, eq(0), "0"},
       {"use_beam_search", JType::kBool, eq(false), "false"},
       {"length_penalty", JType::kNum, eq(1), "1"},
-      {"stop_token_ids", JType::kArr, empty, "[]"},
       {"include_stop_str_in_output", JType::kBool, eq(false), "false"},
       {"skip_special_tokens", JType::kBool, eq(true), "true"},
       {"spaces_between_special_tokens", JType::kBool, eq(true), "true"},
@@ -214,7 +204,6 @@ const std::vector<Unimplemented>& unimplemented() {
       {"logits_processors", JType::kArr, empty, "[]"},
       {"priority", JType::kInt, eq(0), "0"},
       {"request_id", JType::kStr, none, "null"},
-      {"return_tokens_as_token_ids", JType::kBool, eq(false), "false"},
       {"modalities", JType::kArr, eq(json::array({"text"})), "[\"text\"]", 2},
       {"audio", JType::kObj, none, "null", 2},
       {"prediction", JType::kObj, none, "null", 2},
@@ -242,12 +231,22 @@ void check_fields(const json& body, bool chat) {
                                                "stream",
                                                "stream_options",
                                                "stop",
+                                               "stop_token_ids",
                                                "user",
+                                               "logprobs",
+                                               "presence_penalty",
+                                               "frequency_penalty",
+                                               "repetition_penalty",
+                                               "logit_bias",
+                                               "min_tokens",
+                                               "ignore_eos",
+                                               "return_tokens_as_token_ids",
                                                "reuse_mode"};
   const int ep = chat ? 2 : 1;
   for (const auto& [key, v] : body.items()) {
-    if (common.count(key) || (chat && (key == "messages" || key == "documents")) ||
-        (!chat && key == "prompt"))
+    if (common.count(key) ||
+        (chat && (key == "messages" || key == "documents" || key == "top_logprobs")) ||
+        (!chat && (key == "prompt" || key == "echo")))
       continue;
     const Unimplemented* u = nullptr;
     for (const Unimplemented& e : unimplemented())
@@ -267,14 +266,89 @@ void check_fields(const json& body, bool chat) {
 struct GenParams {
   SamplingParams sampling;
   int64_t max_tokens = -1;  // -1: endpoint default
+  int32_t n = 1;
+  int32_t logprobs = -1;  // top alternatives per token; -1: no logprobs
+  bool echo = false, ignore_eos = false;
+  bool tokens_as_ids = false;  // logprobs name tokens "token_id:<id>" (vLLM)
   std::vector<std::string> stops;
+  std::vector<int32_t> stop_token_ids;
   bool stream = false, include_usage = false;
 };
 
 constexpr int64_t kMaxTokensLimit = 1 << 20;
+constexpr int64_t kMaxLogprobs = 20;  // as vLLM's default max_logprobs
 
-GenParams parse_gen(const json& j) {
+GenParams parse_gen(const json& j, bool chat, int64_t vocab) {
   GenParams g;
+  auto flag = [&](const char* k) {
+    if (!present(j, k)) return false;
+    if (!j[k].is_boolean()) throw bad(std::string(k) + " must be a boolean", k);
+    return j[k].get<bool>();
+  };
+  auto token_id = [&](const json& v, const char* what) {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= vocab)
+      throw bad(std::string(what) + " must hold token ids in [0, " + std::to_string(vocab) + ")",
+                what);
+    return static_cast<int32_t>(v.get<int64_t>());
+  };
+  if (chat) {
+    // Chat: logprobs is a boolean, top_logprobs the number of alternatives.
+    const bool lp = flag("logprobs");
+    if (present(j, "top_logprobs")) {
+      const int64_t k = get_int(j, "top_logprobs", 0, kMaxLogprobs);
+      if (!lp) throw bad("top_logprobs needs logprobs: true", "top_logprobs");
+      g.logprobs = static_cast<int32_t>(k);
+    } else if (lp) {
+      g.logprobs = 0;
+    }
+  } else {
+    if (present(j, "logprobs"))
+      g.logprobs = static_cast<int32_t>(get_int(j, "logprobs", 0, kMaxLogprobs));
+    g.echo = flag("echo");
+    if (g.echo && g.logprobs >= 0)
+      throw bad(
+          "echo with logprobs needs the prompt's logprobs, which this server does not compute",
+          "echo");
+  }
+  g.ignore_eos = flag("ignore_eos");
+  g.tokens_as_ids = flag("return_tokens_as_token_ids");
+  if (present(j, "presence_penalty"))
+    g.sampling.presence_penalty = static_cast<float>(get_num(j, "presence_penalty", -2.0, 2.0));
+  if (present(j, "frequency_penalty"))
+    g.sampling.frequency_penalty = static_cast<float>(get_num(j, "frequency_penalty", -2.0, 2.0));
+  if (present(j, "repetition_penalty")) {
+    const double p = get_num(j, "repetition_penalty", 0.0, 10.0);
+    if (!(p > 0.0)) throw bad("repetition_penalty must be in (0, 10]", "repetition_penalty");
+    g.sampling.repetition_penalty = static_cast<float>(p);
+  }
+  if (present(j, "logit_bias")) {
+    const json& b = j["logit_bias"];
+    if (!b.is_object()) throw bad("logit_bias must be an object of token id -> bias", "logit_bias");
+    if (b.size() > 1024) throw bad("logit_bias has more than 1024 entries", "logit_bias");
+    for (const auto& [key, v] : b.items()) {
+      int64_t id = -1;
+      size_t used = 0;
+      try {
+        id = std::stoll(key, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used == 0 || used != key.size() || id < 0 || id >= vocab)
+        throw bad("logit_bias keys must be token ids in [0, " + std::to_string(vocab) + "), got '" +
+                      key.substr(0, 64) + "'",
+                  "logit_bias");
+      if (!v.is_number() || !(v.get<double>() >= -100.0 && v.get<double>() <= 100.0))
+        throw bad("logit_bias values must be numbers in [-100, 100]", "logit_bias");
+      g.sampling.logit_bias.emplace_back(static_cast<int32_t>(id),
+                                         static_cast<float>(v.get<double>()));
+    }
+  }
+  if (present(j, "stop_token_ids")) {
+    const json& ids = j["stop_token_ids"];
+    if (!ids.is_array() || ids.size() > 1024)
+      throw bad("stop_token_ids must be an array of at most 1024 token ids", "stop_token_ids");
+    for (const json& v : ids) g.stop_token_ids.push_back(token_id(v, "stop_token_ids"));
+  }
   if (present(j, "max_tokens")) g.max_tokens = get_int(j, "max_tokens", 1, kMaxTokensLimit);
   if (present(j, "max_completion_tokens"))
     g.max_tokens = get_int(j, "max_completion_tokens", 1, kMaxTokensLimit);
@@ -291,9 +365,14 @@ GenParams parse_gen(const json& j) {
   }
   if (present(j, "seed"))
     g.sampling.seed = static_cast<uint64_t>(get_int(j, "seed", INT64_MIN, INT64_MAX));
-  if (present(j, "n") && get_int(j, "n", 1, 128) != 1) throw bad("only n = 1 is supported", "n");
-  if (present(j, "best_of") && get_int(j, "best_of", 1, 128) != 1)
-    throw bad("best_of is not supported (only best_of = 1)", "best_of");
+  if (present(j, "n")) g.n = static_cast<int32_t>(get_int(j, "n", 1, 128));
+  if (present(j, "best_of") && get_int(j, "best_of", 1, 128) != g.n)
+    throw bad("best_of other than n is not supported (no ranking of completions)", "best_of");
+  if (present(j, "min_tokens")) {
+    g.sampling.min_tokens = static_cast<int32_t>(get_int(j, "min_tokens", 0, kMaxTokensLimit));
+    if (g.max_tokens > 0 && g.sampling.min_tokens > g.max_tokens)
+      throw bad("min_tokens must be <= max_tokens", "min_tokens");
+  }
   if (present(j, "stream")) {
     if (!j["stream"].is_boolean()) throw bad("stream must be a boolean", "stream");
     g.stream = j["stream"].get<bool>();
@@ -335,16 +414,20 @@ GenParams parse_gen(const json& j) {
 
 // Turns generated ids into text, holding back what might be the start of a stop sequence and
 // never cutting a UTF-8 character.
+// Stop sequences count only from the min_tokens-th token on (as vLLM).
 class TextState {
  public:
-  TextState(const Tokenizer& tok, std::vector<std::string> stops)
-      : dec_(tok, /*skip_special=*/true), stops_(std::move(stops)) {
+  TextState(const Tokenizer& tok, std::vector<std::string> stops, int32_t min_tokens = 0)
+      : dec_(tok, /*skip_special=*/true), stops_(std::move(stops)), min_tokens_(min_tokens) {
     for (const auto& s : stops_) max_stop_ = std::max(max_stop_, s.size());
   }
   void push(int32_t id) {
     if (stopped_) return;
     text_ += dec_.push(id);
-    check();
+    if (++pushed_ >= min_tokens_)
+      check();
+    else
+      checked_ = text_.size() + max_stop_;  // text before min_tokens holds no stop
   }
   void end() {
     if (stopped_) return;
@@ -384,57 +467,34 @@ class TextState {
   size_t max_stop_ = 0;
   std::string text_;
   size_t sent_ = 0, checked_ = 0;
+  int32_t min_tokens_ = 0, pushed_ = 0;
   bool stopped_ = false;
 };
 
-// One request in flight: what the handler and the streaming provider share.
-struct Job {
-  bool chat = false, include_usage = false;
-  bool log = false;  // one line on stderr when the request ends (ServerOptions::log_requests)
-  std::string id, model;
-  int64_t created = 0;
+// One completion of a request (OpenAI's choice; n of them share the prompt).
+struct Choice {
   std::shared_ptr<RequestStream> rs;
   std::unique_ptr<TextState> text;
   int64_t completion_tokens = 0;
-  bool done = false, role_sent = false;
+  bool over = false;
+  bool opened = false, closed = false;  // streaming: its first (role, echo) and last chunk went out
   std::string finish_reason, error;
+  std::vector<TokenLogprob> logprobs;  // of the tokens consumed so far
+  size_t logprobs_sent = 0;            // streaming: how many went out
+  size_t text_sent = 0;                // completions' text_offset: text length before them
 
-  Job() = default;
-  Job(const Job&) = delete;
-  Job& operator=(const Job&) = delete;
-  // The request log line: whatever path ended it (answered, error, client gone), the job goes
-  // with it.
-  ~Job() {
-    if (!log || !rs) return;
-    const ReusePath p = rs->path();
-    const std::vector<double> gaps = rs->token_gaps();
-    double total = 0;
-    for (double g : gaps) total += g;
-    const std::string outcome = !error.empty()           ? "error"
-                                : !finish_reason.empty() ? finish_reason
-                                                         : "cancelled";
-    std::fprintf(stderr,
-                 "redknot request %s: %s prompt=%d cached=%d completion=%lld ttft_ms=%.1f "
-                 "total_ms=%.1f mode=%s->%s%s%s segments=%d hit=%d prefilled=%d uncached=%d "
-                 "preemptions=%d\n",
-                 id.c_str(), outcome.c_str(), rs->prompt_tokens(), rs->cached_tokens(),
-                 static_cast<long long>(completion_tokens), gaps.empty() ? -1.0 : 1e3 * gaps[0],
-                 1e3 * total, reuse_mode_name(p.requested), reuse_mode_name(p.used),
-                 p.fallback.empty() ? "" : " fallback=", p.fallback.c_str(), p.segments,
-                 p.segments_hit, p.segments_prefilled, p.segments_private, rs->preemptions());
-  }
-
-  // Feeds a chunk from the engine; true when the request is over.
+  // Feeds a chunk from the engine; true when this completion is over.
   bool feed(const RequestStream::Chunk& c) {
-    for (int32_t t : c.tokens) {
+    for (size_t i = 0; i < c.tokens.size(); ++i) {
       ++completion_tokens;
-      text->push(t);
+      if (i < c.logprobs.size()) logprobs.push_back(c.logprobs[i]);
+      text->push(c.tokens[i]);
       if (text->stopped()) break;
     }
     if (text->stopped()) {
       rs->cancel();  // frees the sequence; the text is complete
       finish_reason = "stop";
-      return true;
+      return over = true;
     }
     if (!c.finished) return false;
     text->end();
@@ -449,13 +509,75 @@ struct Job {
         finish_reason = "stop";
         break;
     }
+    return over = true;
+  }
+};
+
+// One request in flight: what the handler and the streaming provider share.
+struct Job {
+  bool chat = false, include_usage = false;
+  bool log = false;       // one line on stderr when the request ends (ServerOptions::log_requests)
+  int32_t logprobs = -1;  // alternatives per token; -1: none asked
+  bool tokens_as_ids = false;
+  const Tokenizer* tok = nullptr;
+  std::string id, model, echo;  // echo: the prompt text completions put before each text
+  int64_t created = 0;
+  std::vector<Choice> choices;
+  bool done = false;
+
+  Job() = default;
+  Job(const Job&) = delete;
+  Job& operator=(const Job&) = delete;
+  // The request log line: whatever path ended it (answered, error, client gone), the job goes
+  // with it.
+  ~Job() {
+    if (!log || choices.empty() || !choices[0].rs) return;
+    const RequestStream& rs = *choices[0].rs;
+    const ReusePath p = rs.path();
+    const std::vector<double> gaps = rs.token_gaps();
+    double total = 0;
+    for (double g : gaps) total += g;
+    std::string outcome = "cancelled";
+    for (const Choice& c : choices)
+      if (!c.error.empty()) outcome = "error";
+    if (outcome != "error" && !choices[0].finish_reason.empty()) outcome = choices[0].finish_reason;
+    std::fprintf(stderr,
+                 "redknot request %s: %s n=%zu prompt=%d cached=%d completion=%lld ttft_ms=%.1f "
+                 "total_ms=%.1f mode=%s->%s%s%s segments=%d hit=%d prefilled=%d uncached=%d "
+                 "preemptions=%d\n",
+                 id.c_str(), outcome.c_str(), choices.size(), rs.prompt_tokens(),
+                 rs.cached_tokens(), static_cast<long long>(completion_tokens()),
+                 gaps.empty() ? -1.0 : 1e3 * gaps[0], 1e3 * total, reuse_mode_name(p.requested),
+                 reuse_mode_name(p.used),
+                 p.fallback.empty() ? "" : " fallback=", p.fallback.c_str(), p.segments,
+                 p.segments_hit, p.segments_prefilled, p.segments_private, rs.preemptions());
+  }
+
+  int64_t completion_tokens() const {
+    int64_t n = 0;
+    for (const Choice& c : choices) n += c.completion_tokens;
+    return n;
+  }
+  bool all_over() const {
+    for (const Choice& c : choices)
+      if (!c.over) return false;
     return true;
+  }
+  std::string first_error() const {
+    for (const Choice& c : choices)
+      if (!c.error.empty()) return c.error;
+    return {};
+  }
+  void cancel_all() {
+    for (Choice& c : choices) c.rs->cancel();
   }
 
   json usage() const {
-    const int64_t p = rs->prompt_tokens();
+    const RequestStream& rs = *choices[0].rs;
+    const int64_t p = rs.prompt_tokens();
+    const int64_t done_tokens = completion_tokens();
     // RedKnot's extension: the reuse path this request took (no fallback is silent).
-    const ReusePath path = rs->path();
+    const ReusePath path = rs.path();
     json reuse = {{"mode_requested", reuse_mode_name(path.requested)},
                   {"mode", reuse_mode_name(path.used)},
                   {"fallback", path.fallback.empty() ? json(nullptr) : json(path.fallback)},
@@ -465,16 +587,68 @@ struct Job {
                   {"segments_uncached", path.segments_private},
                   {"reused_tokens", path.reused_tokens},
                   {"prefix_hit_tokens", path.prefix_hit_tokens},
-                  {"preemptions", rs->preemptions()}};
+                  {"preemptions", rs.preemptions()}};
     return json{{"prompt_tokens", p},
-                {"completion_tokens", completion_tokens},
-                {"total_tokens", p + completion_tokens},
-                {"prompt_tokens_details", {{"cached_tokens", rs->cached_tokens()}}},
+                {"completion_tokens", done_tokens},
+                {"total_tokens", p + done_tokens},
+                {"prompt_tokens_details", {{"cached_tokens", rs.cached_tokens()}}},
                 {"reuse", reuse}};
   }
 
-  json chunk(const std::string& delta, bool with_role, const json& finish) const {
-    json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish}};
+  // A token's text as the logprobs report it (lossy for a piece of a UTF-8 character; `bytes`
+  // holds the exact bytes).
+  std::string token_text(int32_t id) const {
+    if (tokens_as_ids) return "token_id:" + std::to_string(id);
+    return tok->decode(std::span<const int32_t>(&id, 1), /*skip_special=*/false);
+  }
+  static json bytes_of(const std::string& s) {
+    json b = json::array();
+    for (unsigned char ch : s) b.push_back(static_cast<int>(ch));
+    return b;
+  }
+
+  // The logprobs object for entries [from, to) of a choice: chat's {"content": [...]} or
+  // completions' parallel lists. `offset`: completions' text offset of the first entry.
+  json logprobs_json(const Choice& c, size_t from, size_t to, size_t& offset) const {
+    if (chat) {
+      json content = json::array();
+      for (size_t i = from; i < to; ++i) {
+        const TokenLogprob& lp = c.logprobs[i];
+        const std::string t = token_text(lp.token);
+        json top = json::array();
+        for (const auto& [id, v] : lp.top) {
+          const std::string s = token_text(id);
+          top.push_back({{"token", s}, {"logprob", v}, {"bytes", bytes_of(s)}});
+        }
+        content.push_back(
+            {{"token", t}, {"logprob", lp.logprob}, {"bytes", bytes_of(t)}, {"top_logprobs", top}});
+      }
+      return json{{"content", content}};
+    }
+    json tokens = json::array(), token_logprobs = json::array(), top = json::array(),
+         offsets = json::array();
+    for (size_t i = from; i < to; ++i) {
+      const TokenLogprob& lp = c.logprobs[i];
+      const std::string t = token_text(lp.token);
+      tokens.push_back(t);
+      token_logprobs.push_back(lp.logprob);
+      // As vLLM: the top alternatives, and the chosen token beside them.
+      json alts = json::object();
+      for (const auto& [id, v] : lp.top) alts[token_text(id)] = v;
+      alts[t] = lp.logprob;
+      top.push_back(alts);
+      offsets.push_back(offset);
+      offset += t.size();
+    }
+    return json{{"tokens", tokens},
+                {"token_logprobs", token_logprobs},
+                {"top_logprobs", top},
+                {"text_offset", offsets}};
+  }
+
+  json chunk(size_t index, const std::string& delta, bool with_role, const json& finish,
+             const json& logprobs = nullptr) const {
+    json choice = {{"index", index}, {"logprobs", logprobs}, {"finish_reason", finish}};
     if (chat) {
       json d = json::object();
       if (with_role) d["role"] = "assistant";
@@ -490,18 +664,34 @@ struct Job {
                 {"choices", json::array({choice})}};
   }
 
+  // Streaming: the logprobs of choice i not yet sent (null when none were asked).
+  json take_logprobs(Choice& c) const {
+    if (logprobs < 0) return nullptr;
+    size_t offset = echo.size() + c.text_sent;
+    json out = logprobs_json(c, c.logprobs_sent, c.logprobs.size(), offset);
+    c.text_sent = offset - echo.size();
+    c.logprobs_sent = c.logprobs.size();
+    return out;
+  }
+
   json full() const {
-    json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_reason}};
-    if (chat)
-      choice["message"] = {{"role", "assistant"}, {"content", text->text()}};
-    else
-      choice["text"] = text->text();
-    return json{{"id", id},
-                {"object", chat ? "chat.completion" : "text_completion"},
-                {"created", created},
-                {"model", model},
-                {"choices", json::array({choice})},
-                {"usage", usage()}};
+    json list = json::array();
+    for (size_t i = 0; i < choices.size(); ++i) {
+      const Choice& c = choices[i];
+      size_t offset = echo.size();
+      json choice = {{"index", i},
+                     {"logprobs", logprobs < 0 ? json(nullptr)
+                                               : logprobs_json(c, 0, c.logprobs.size(), offset)},
+                     {"finish_reason", c.finish_reason}};
+      if (chat)
+        choice["message"] = {{"role", "assistant"}, {"content", c.text->text()}};
+      else
+        choice["text"] = echo + c.text->text();
+      list.push_back(choice);
+    }
+    return json{{"id", id},           {"object", chat ? "chat.completion" : "text_completion"},
+                {"created", created}, {"model", model},
+                {"choices", list},    {"usage", usage()}};
   }
 };
 
@@ -860,9 +1050,15 @@ void Server::routes() {
                          "not_found_error", "model", "model_not_found"};
       }
       check_fields(body, chat);
-      GenParams g = parse_gen(body);
+      GenParams g = parse_gen(body, chat, cfg_.vocab_size);
+      if (g.n > sched_.options().max_batch)
+        throw bad("n = " + std::to_string(g.n) + " is more than the " +
+                      std::to_string(sched_.options().max_batch) +
+                      " sequences this server runs at once (--max-num-seqs)",
+                  "n");
 
       RequestSpec spec;
+      std::string echo;  // completions' echo: the prompt as text
       // RedKnot extension: a request may choose its chunk reuse mode.
       if (present(body, "reuse_mode")) {
         try {
@@ -882,6 +1078,7 @@ void Server::routes() {
           if (prompt.is_array() && prompt.size() == 1 && prompt[0].is_string()) prompt = prompt[0];
           if (prompt.is_string()) {
             spec.query = tok_.encode(prompt.get<std::string>(), /*add_special=*/true);
+            if (g.echo) echo = prompt.get<std::string>();
           } else if (prompt.is_array() && !prompt.empty()) {
             for (const json& t : prompt) {
               if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
@@ -894,6 +1091,7 @@ void Server::routes() {
           } else {
             throw bad("prompt must be a string or a non-empty array of token ids", "prompt");
           }
+          if (g.echo && echo.empty()) echo = tok_.decode(spec.query, /*skip_special=*/true);
         }
       } catch (const Error& e) {
         throw bad(e.what());  // tokenizer: invalid UTF-8 and the like
@@ -917,12 +1115,24 @@ void Server::routes() {
                   "max_tokens", "context_length_exceeded");
       int64_t max_tokens = g.max_tokens > 0 ? g.max_tokens : (chat ? ctx - prompt_len : 16);
       max_tokens = std::min(max_tokens, ctx - prompt_len);
+      if (g.sampling.min_tokens > max_tokens)
+        throw bad("min_tokens (" + std::to_string(g.sampling.min_tokens) +
+                      ") is more than the tokens this request may generate (" +
+                      std::to_string(max_tokens) + ")",
+                  "min_tokens");
       spec.max_tokens = static_cast<int32_t>(max_tokens);
       spec.sampling = g.sampling;
-      spec.stop_ids = tok_.eos_ids();
-      for (int32_t e : cfg_.eos_token_ids)
-        if (std::find(spec.stop_ids.begin(), spec.stop_ids.end(), e) == spec.stop_ids.end())
-          spec.stop_ids.push_back(e);
+      spec.logprobs = g.logprobs;
+      // Generation stops at the model's end-of-sequence tokens (unless ignore_eos) and at the
+      // request's stop_token_ids; min_tokens holds all of them back.
+      if (!g.ignore_eos) {
+        spec.stop_ids = tok_.eos_ids();
+        for (int32_t e : cfg_.eos_token_ids) spec.stop_ids.push_back(e);
+      }
+      spec.stop_ids.insert(spec.stop_ids.end(), g.stop_token_ids.begin(), g.stop_token_ids.end());
+      std::sort(spec.stop_ids.begin(), spec.stop_ids.end());
+      spec.stop_ids.erase(std::unique(spec.stop_ids.begin(), spec.stop_ids.end()),
+                          spec.stop_ids.end());
 
       auto job = std::make_shared<Job>();
       job->chat = chat;
@@ -931,9 +1141,17 @@ void Server::routes() {
       job->log = opts_.log_requests;
       job->model = opts_.model_id;
       job->created = now_s();
-      job->text = std::make_unique<TextState>(tok_, g.stops);
+      job->tok = &tok_;
+      job->logprobs = g.logprobs;
+      job->tokens_as_ids = g.tokens_as_ids;
+      job->echo = echo;
       try {
-        job->rs = sched_.submit(std::move(spec));
+        for (auto& rs : sched_.submit_n(std::move(spec), g.n)) {
+          Choice c;
+          c.rs = std::move(rs);
+          c.text = std::make_unique<TextState>(tok_, g.stops, g.sampling.min_tokens);
+          job->choices.push_back(std::move(c));
+        }
       } catch (const QueueFull& e) {
         res.set_header("Retry-After", std::to_string(opts_.retry_after_s));
         throw ApiError{429, e.what(), "rate_limit_error", "", "rate_limit_exceeded"};
@@ -941,16 +1159,37 @@ void Server::routes() {
         throw bad(e.what());
       }
 
+      // Drains what the engine produced; waits up to `wait` when nothing was there. True when
+      // something arrived or ended.
+      auto pump = [](Job& j, std::chrono::milliseconds wait) {
+        bool news = false;
+        for (Choice& c : j.choices) {
+          if (c.over) continue;
+          RequestStream::Chunk ch = c.rs->wait(std::chrono::milliseconds(0));
+          news |= !ch.tokens.empty() || ch.finished;
+          c.feed(ch);
+        }
+        if (news || j.all_over()) return true;
+        for (Choice& c : j.choices)
+          if (!c.over) {
+            RequestStream::Chunk ch = c.rs->wait(wait);
+            c.feed(ch);
+            return !ch.tokens.empty() || ch.finished;
+          }
+        return true;
+      };
       if (!g.stream) {
-        while (!job->feed(job->rs->wait(std::chrono::milliseconds(100)))) {
-          if (client_disconnected()) {  // nobody to answer: free the sequence now
-            job->rs->cancel();
+        while (!job->all_over()) {
+          pump(*job, std::chrono::milliseconds(100));
+          if (!job->all_over() && client_disconnected()) {  // nobody to answer: free it now
+            job->cancel_all();
             res.status = 499;  // nginx's "client closed request", for /metrics
             return;
           }
         }
-        metrics_.observe_token_gaps(job->rs->token_gaps());
-        if (!job->error.empty()) throw ApiError{500, job->error, "server_error", "", ""};
+        for (const Choice& c : job->choices) metrics_.observe_token_gaps(c.rs->token_gaps());
+        if (const std::string e = job->first_error(); !e.empty())
+          throw ApiError{500, e, "server_error", "", ""};
         res.set_content(dump(job->full()), "application/json");
         return;
       }
@@ -958,31 +1197,50 @@ void Server::routes() {
       res.set_header("Cache-Control", "no-cache");
       res.set_chunked_content_provider(
           "text/event-stream",
-          [this, job](size_t, httplib::DataSink& sink) {
+          [this, job, pump](size_t, httplib::DataSink& sink) {
             auto send = [&](const json& j) {
               const std::string line = "data: " + dump(j) + "\n\n";
               return sink.write(line.data(), line.size());
             };
-            if (job->chat && !job->role_sent) {
-              job->role_sent = true;
-              if (!send(job->chunk("", true, nullptr))) return job->rs->cancel(), false;
+            // Each choice opens with the assistant role (chat) or the echoed prompt.
+            for (size_t i = 0; i < job->choices.size(); ++i) {
+              Choice& c = job->choices[i];
+              if (c.opened) continue;
+              c.opened = true;
+              if ((job->chat || !job->echo.empty()) &&
+                  !send(job->chunk(i, job->echo, job->chat, nullptr)))
+                return job->cancel_all(), false;
             }
-            const bool over = job->feed(job->rs->wait(std::chrono::milliseconds(100)));
-            const std::string delta = job->text->take(over);
-            if (!delta.empty() && !send(job->chunk(delta, false, nullptr)))
-              return job->rs->cancel(), false;  // client gone: free its pages now
-            if (!over) {
-              if (!sink.is_writable()) return job->rs->cancel(), false;
+            pump(*job, std::chrono::milliseconds(100));
+            for (size_t i = 0; i < job->choices.size(); ++i) {
+              Choice& c = job->choices[i];
+              if (c.closed) continue;
+              const std::string delta = c.text->take(c.over);
+              const bool ending = c.over && c.error.empty();
+              // A choice's tokens' logprobs go with the text that shows them, the rest with its
+              // last chunk.
+              if (!delta.empty() || (ending && c.logprobs_sent < c.logprobs.size())) {
+                const json lp = job->take_logprobs(c);
+                if (!send(job->chunk(i, delta, false, nullptr, lp)))
+                  return job->cancel_all(), false;  // client gone: free its pages now
+              }
+              if (ending) {
+                if (!send(job->chunk(i, "", false, c.finish_reason)))
+                  return job->cancel_all(), false;
+                c.closed = true;
+              }
+            }
+            if (!job->all_over()) {
+              if (!sink.is_writable()) return job->cancel_all(), false;
               return true;
             }
             job->done = true;
-            metrics_.observe_token_gaps(job->rs->token_gaps());
-            if (!job->error.empty()) {
-              send(error_body(ApiError{500, job->error, "server_error", "", ""}));
+            for (const Choice& c : job->choices) metrics_.observe_token_gaps(c.rs->token_gaps());
+            if (const std::string e = job->first_error(); !e.empty()) {
+              send(error_body(ApiError{500, e, "server_error", "", ""}));
             } else {
-              send(job->chunk("", false, job->finish_reason));
               if (job->include_usage) {
-                json u = job->chunk("", false, nullptr);
+                json u = job->chunk(0, "", false, nullptr);
                 u["choices"] = json::array();
                 u["usage"] = job->usage();
                 send(u);
@@ -994,7 +1252,7 @@ void Server::routes() {
             return true;
           },
           [job](bool) {
-            if (!job->done) job->rs->cancel();  // connection closed mid-stream
+            if (!job->done) job->cancel_all();  // connection closed mid-stream
           });
     } catch (const ApiError& e) {
       send_error(res, e);

@@ -2,7 +2,8 @@
 // template: the plain Question/Answer format). Env: REDKNOT_CLI (binary), REDKNOT_SHARED_DIR.
 import assert from 'node:assert/strict';
 import {execFileSync, spawn} from 'node:child_process';
-import {existsSync, readFileSync} from 'node:fs';
+import {existsSync, readFileSync, unlinkSync} from 'node:fs';
+import {tmpdir} from 'node:os';
 import {dirname, join} from 'node:path';
 import {fileURLToPath} from 'node:url';
 import net from 'node:net';
@@ -284,7 +285,7 @@ describe('redknot serve', {skip: haveModel ? false : `needs ${CLI} and ${MODEL}`
       [{prompt: 'x', temperature: -1}, 400, 'temperature'],
       [{prompt: 'x', top_p: 0}, 400, 'top_p'],
       [{prompt: 'x', top_p: 1.5}, 400, 'top_p'],
-      [{prompt: 'x', n: 2}, 400, 'n'],
+      [{prompt: 'x', n: 0}, 400, 'n'],
       [{prompt: 'x', stream: 'yes'}, 400, 'stream'],
       [{prompt: 'x', stop: 5}, 400, 'stop'],
       [{prompt: 'x', model: 'gpt-4'}, 404, 'model'],
@@ -481,24 +482,30 @@ describe('redknot serve: the OpenAI/vLLM surface and HTTP hardening', {skip: !ha
   test('every parameter is implemented or a 400 naming it; defaults are accepted', async () => {
     // [field, a value we do not implement, a value equal to the default or null]
     const both = [
-      ['top_logprobs', 2, 0], ['presence_penalty', 0.5, 0], ['frequency_penalty', -1, 0],
-      ['repetition_penalty', 1.2, 1], ['logit_bias', {'5': 10}, {}],
       ['response_format', {type: 'json_object'}, {type: 'text'}],
       ['response_format', {type: 'json_schema', json_schema: {name: 'x', schema: {}}}, null],
       ['guided_json', {type: 'object'}, null], ['guided_regex', 'a+', null],
       ['guided_choice', ['a', 'b'], null],
       ['tools', [{type: 'function', function: {name: 'f', parameters: {}}}], []],
-      ['tool_choice', 'required', 'none'], ['echo', true, false], ['min_tokens', 4, 0],
-      ['ignore_eos', true, false], ['best_of', 2, 1], ['n', 2, 1], ['min_p', 0.1, 0],
-      ['stop_token_ids', [3], []], ['use_beam_search', true, false], ['request_id', 'abc', null],
+      ['tool_choice', 'required', 'none'], ['best_of', 2, 1], ['min_p', 0.1, 0],
+      ['use_beam_search', true, false], ['request_id', 'abc', null],
       ['functions', [{name: 'f'}], []], ['skip_special_tokens', false, true],
     ];
     const cases = [
       ...both.map(([f, bad, def]) => ['/v1/completions', f, bad, def]),
       ...both.map(([f, bad, def]) => ['/v1/chat/completions', f, bad, def]),
-      ['/v1/completions', 'logprobs', 1, null], ['/v1/completions', 'suffix', 'end', ''],
-      ['/v1/chat/completions', 'logprobs', true, false],
+      ['/v1/completions', 'suffix', 'end', ''], ['/v1/chat/completions', 'echo', true, false],
       ['/v1/chat/completions', 'continue_final_message', true, false],
+      // Implemented, with values out of their range.
+      ['/v1/completions', 'presence_penalty', 2.5, 0.5], ['/v1/completions', 'frequency_penalty', -3, -1],
+      ['/v1/chat/completions', 'repetition_penalty', 0, 1.2],
+      ['/v1/completions', 'logit_bias', {'x': 1}, {'5': 10}], ['/v1/completions', 'logit_bias', {'5': 101}, {}],
+      ['/v1/completions', 'logit_bias', {'512': 1}, {'511': -1}],  // the vocabulary has 512 ids
+      ['/v1/completions', 'logprobs', 21, 1], ['/v1/chat/completions', 'logprobs', 1, true],
+      ['/v1/chat/completions', 'top_logprobs', 2, null],  // without logprobs: true
+      ['/v1/completions', 'n', 0, 2], ['/v1/completions', 'n', 9, 8],  // --max-num-seqs 8
+      ['/v1/completions', 'min_tokens', 3, 2], ['/v1/completions', 'stop_token_ids', [512], [3]],
+      ['/v1/completions', 'ignore_eos', 'yes', true], ['/v1/completions', 'echo', 1, true],
     ];
     for (const [path, field, bad, def] of cases) {
       const base = path === '/v1/completions' ?
@@ -511,6 +518,153 @@ describe('redknot serve: the OpenAI/vLLM surface and HTTP hardening', {skip: !ha
       const ok = await postJson(path, {...base, [field]: def});
       assert.equal(ok.status, 200, `${path} ${field}=${JSON.stringify(def)}: ${JSON.stringify(ok.json)}`);
     }
+  });
+
+  test('echo with logprobs is a 400 (no prompt logprobs); top_logprobs is chat\'s', async () => {
+    const r = await postJson('/v1/completions',
+                             {model: 'tiny', prompt: 'Tom', max_tokens: 2, echo: true, logprobs: 1});
+    assert.equal(r.status, 400);
+    assert.equal(r.json.error.param, 'echo');
+    const t = await postJson('/v1/completions',
+                             {model: 'tiny', prompt: 'Tom', max_tokens: 2, top_logprobs: 1});
+    assert.equal(t.status, 400);
+    assert.equal(t.json.error.param, 'top_logprobs');
+  });
+
+  // Prompt logits [rows, vocab] of `ids` from `redknot generate --logits-out` (safetensors f32):
+  // the oracle the server's logprobs and logit adjustments are checked against.
+  const promptLogits = (ids) => {
+    const f = join(tmpdir(), `rk-logits-${process.pid}-${Date.now()}.safetensors`);
+    execFileSync(CLI, ['generate', '--model', MODEL, '--prompt-ids', ids.join(','), '--max-tokens', '1',
+                       '--logits-out', f, '--json'], {stdio: ['ignore', 'pipe', 'pipe']});
+    const buf = readFileSync(f);
+    unlinkSync(f);
+    const n = Number(buf.readBigUInt64LE(0));
+    const t = JSON.parse(buf.subarray(8, 8 + n).toString()).logits;
+    assert.equal(t.dtype, 'F32');
+    const [rows, vocab] = t.shape;
+    const bytes = buf.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]);
+    const data = new Float32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length));
+    return {rows, vocab, row: (i) => Array.from(data.subarray(i * vocab, (i + 1) * vocab))};
+  };
+  const logSoftmax = (row) => {
+    const m = Math.max(...row);
+    const lz = m + Math.log(row.reduce((z, v) => z + Math.exp(v - m), 0));
+    return row.map((v) => v - lz);
+  };
+  const argmax = (row) => row.reduce((b, v, i) => (v > row[b] ? i : b), 0);
+  const idOf = (t) => Number(/^token_id:(\d+)$/.exec(t)[1]);
+  const tokenize = async (text) => (await postJson('/tokenize', {prompt: text})).json.tokens;
+  const complete = async (body) => {
+    const r = await postJson('/v1/completions', {model: 'tiny', ...body});
+    assert.equal(r.status, 200, JSON.stringify(r.json));
+    return r.json;
+  };
+
+  test('logprobs equal the log-softmax of the logits generate --logits-out writes', async () => {
+    const prompt = await tokenize('Once upon a time, there was a little girl named Lily. She');
+    const r = await complete({prompt, max_tokens: 6, temperature: 0.8, seed: 3, logprobs: 5,
+                              return_tokens_as_token_ids: true});
+    const lp = r.choices[0].logprobs;
+    const ids = lp.tokens.map(idOf);
+    assert.equal(ids.length, 6);
+    const L = promptLogits([...prompt, ...ids.slice(0, -1)]);
+    for (let i = 0; i < ids.length; ++i) {
+      const want = logSoftmax(L.row(prompt.length - 1 + i));
+      assert.ok(Math.abs(lp.token_logprobs[i] - want[ids[i]]) < 2e-4, `token ${i}`);
+      const alts = Object.entries(lp.top_logprobs[i]);
+      assert.ok(alts.length >= 5 && alts.length <= 6);  // the top 5 and the chosen token
+      for (const [t, v] of alts) assert.ok(Math.abs(v - want[idOf(t)]) < 2e-4, `${t} at ${i}`);
+      assert.ok(`token_id:${argmax(want)}` in lp.top_logprobs[i]);
+    }
+    // Chat, streamed: the same entries as the non-streamed answer, one per token.
+    const client = new OpenAI({baseURL: `${srv.base}/v1`, apiKey: 'none'});
+    const req = {model: 'tiny', messages: [{role: 'user', content: 'Lily'}], max_tokens: 5,
+                 temperature: 0, logprobs: true, top_logprobs: 2};
+    const full = await client.chat.completions.create(req);
+    const entries = full.choices[0].logprobs.content;
+    assert.equal(entries.length, full.usage.completion_tokens);
+    for (const e of entries) {
+      assert.equal(e.top_logprobs.length, 2);
+      assert.ok(e.logprob <= 0 && e.top_logprobs[0].logprob >= e.logprob - 1e-6);  // greedy
+      assert.deepEqual(e.bytes, [...Buffer.from(e.token)]);
+    }
+    const streamed = [];
+    for await (const c of await client.chat.completions.create({...req, stream: true}))
+      streamed.push(...(c.choices[0]?.logprobs?.content ?? []));
+    assert.deepEqual(streamed, entries);
+  });
+
+  test('n completions: choice i is the single request with seed + i, streamed too', async () => {
+    const client = new OpenAI({baseURL: `${srv.base}/v1`, apiKey: 'none'});
+    const req = {model: 'tiny', prompt: 'Once upon a time', max_tokens: 12, temperature: 1, seed: 11};
+    const r = await client.completions.create({...req, n: 3});
+    assert.deepEqual(r.choices.map((c) => c.index), [0, 1, 2]);
+    const solo = [];
+    for (let i = 0; i < 3; ++i)
+      solo.push((await client.completions.create({...req, seed: 11 + i})).choices[0].text);
+    assert.notEqual(solo[0], solo[1]);
+    assert.deepEqual(r.choices.map((c) => c.text), solo);
+    assert.equal(r.usage.completion_tokens, 36);
+    const texts = ['', '', ''];
+    for await (const c of await client.completions.create({...req, n: 3, stream: true}))
+      for (const ch of c.choices) texts[ch.index] += ch.text;
+    assert.deepEqual(texts, solo);
+  });
+
+  test('penalties and logit_bias choose the argmax of the adjusted logits (vLLM formulas)', async () => {
+    const prompt = await tokenize('Lily and Tom went to the park. Lily saw a big dog. The dog');
+    const adj = {frequency_penalty: 1.2, presence_penalty: 0.3, repetition_penalty: 1.3};
+    const bias = {[String(prompt[3])]: 2.5};
+    const body = {prompt, max_tokens: 10, temperature: 0, logprobs: 0, return_tokens_as_token_ids: true};
+    const plain = (await complete(body)).choices[0].logprobs.tokens.map(idOf);
+    const ids = (await complete({...body, ...adj, logit_bias: bias})).choices[0].logprobs.tokens.map(idOf);
+    assert.notDeepEqual(ids, plain);  // the adjustments changed the answer
+    const L = promptLogits([...prompt, ...ids.slice(0, -1)]);
+    for (let i = 0; i < ids.length; ++i) {
+      const row = L.row(prompt.length - 1 + i);
+      for (const [k, v] of Object.entries(bias)) row[Number(k)] += v;
+      const out = ids.slice(0, i);
+      for (const t of new Set([...prompt, ...out]))
+        row[t] = row[t] > 0 ? row[t] / adj.repetition_penalty : row[t] * adj.repetition_penalty;
+      for (const t of new Set(out))
+        row[t] -= adj.frequency_penalty * out.filter((x) => x === t).length + adj.presence_penalty;
+      assert.equal(argmax(row), ids[i], `token ${i}`);
+    }
+  });
+
+  test('stop_token_ids, min_tokens, ignore_eos and echo', async () => {
+    const prompt = await tokenize('Once upon a time');
+    const body = {prompt, max_tokens: 6, temperature: 0, logprobs: 0, return_tokens_as_token_ids: true};
+    const plain = (await complete(body)).choices[0].logprobs.tokens.map(idOf);
+    assert.notEqual(plain[0], plain[1]);
+    const stopped = await complete({...body, stop_token_ids: [plain[1]]});
+    assert.equal(stopped.choices[0].finish_reason, 'stop');
+    assert.deepEqual(stopped.choices[0].logprobs.tokens.map(idOf), plain.slice(0, 2));
+    // min_tokens holds the stop token back for 4 tokens.
+    const held = await complete({...body, stop_token_ids: [plain[1]], min_tokens: 4});
+    const heldIds = held.choices[0].logprobs.tokens.map(idOf);
+    assert.ok(heldIds.length >= 4, JSON.stringify(heldIds));
+    assert.ok(!heldIds.slice(0, 4).includes(plain[1]));
+    // EOS (id 2) forced by logit_bias ends the request; ignore_eos runs to max_tokens.
+    const eos = await complete({...body, max_tokens: 4, logit_bias: {'2': 100}});
+    assert.equal(eos.choices[0].finish_reason, 'stop');
+    assert.deepEqual(eos.choices[0].logprobs.tokens.map(idOf), [2]);
+    const ign = await complete({...body, max_tokens: 4, logit_bias: {'2': 100}, ignore_eos: true});
+    assert.equal(ign.choices[0].finish_reason, 'length');
+    assert.deepEqual(ign.choices[0].logprobs.tokens.map(idOf), [2, 2, 2, 2]);
+    // echo: the prompt's text before the completion, streamed first.
+    const text = 'Once upon a time';
+    const base = (await complete({prompt: text, max_tokens: 6})).choices[0].text;
+    const echoed = await complete({prompt: text, max_tokens: 6, echo: true});
+    assert.equal(echoed.choices[0].text, text + base);
+    const client = new OpenAI({baseURL: `${srv.base}/v1`, apiKey: 'none'});
+    const parts = [];
+    for await (const c of await client.completions.create(
+                   {model: 'tiny', prompt: text, max_tokens: 6, echo: true, stream: true}))
+      parts.push(c.choices[0]?.text ?? '');
+    assert.equal(parts[0], text);
+    assert.equal(parts.join(''), text + base);
   });
 
   test('strict types, unknown fields and stream_options', async () => {
