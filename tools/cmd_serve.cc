@@ -28,6 +28,7 @@ struct ServeArgs {
   int32_t max_batch = 32, max_queue = 256, step_tokens = 0, page_size = 64, threads = 0;
   int64_t kv_budget = 0;
   int64_t max_model_len = 0;
+  int64_t max_body_bytes = 8 << 20, max_bytes_in_flight = 512 << 20;
   double gpu_memory_fraction = 0;
   // "auto": on for the CPU backend, off for CUDA, whose attention kernels pick split-KV and
   // tile shapes per batch (row-at-a-time matmuls there would cost ~100x and still not make a
@@ -143,6 +144,8 @@ int run_serve(const ServeArgs& a) {
   o.api_key = a.api_key;
   o.max_model_len = a.max_model_len;
   o.threads = a.threads;
+  o.max_body_bytes = static_cast<size_t>(a.max_body_bytes);
+  o.max_bytes_in_flight = static_cast<size_t>(a.max_bytes_in_flight);
   o.backend = a.backend;
   o.head_profile = eo.head_profile;
   o.chunk_store_dir = a.chunk_store_dir;
@@ -195,6 +198,12 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
   c->add_option("--page-size", a->page_size, "KV page size in tokens")->check(CLI::Range(1, 4096));
   c->add_option("--api-key", a->api_key, "require 'Authorization: Bearer KEY'");
+  c->add_option("--max-body-bytes", a->max_body_bytes, "request body size at most (then 413)")
+      ->check(CLI::Range(int64_t{1024}, int64_t{1} << 32));
+  c->add_option("--max-bytes-in-flight", a->max_bytes_in_flight,
+                "bytes of unfinished requests buffered over all connections at most (then 503): "
+                "bounds the memory concurrent large uploads can take")
+      ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 40));
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   c->add_option("--threads", a->threads, "HTTP worker threads (0: automatic)");
   c->add_option("--batch-invariant", a->batch_invariant,

@@ -235,6 +235,13 @@ bool RequestParser::take_continue() {
 }
 
 RequestParser::State RequestParser::parse() {
+  const State s = parse_step();
+  // Consumed input leaves its capacity behind; a large upload's buffer goes once it is read.
+  if (in_.capacity() > (256u << 10) && in_.size() < in_.capacity() / 4) in_.shrink_to_fit();
+  return s;
+}
+
+RequestParser::State RequestParser::parse_step() {
   if (phase_ == Phase::kError) return State::kError;
   if (phase_ == Phase::kDone) return State::kComplete;
   if (phase_ == Phase::kHead) {
@@ -271,6 +278,7 @@ RequestParser::State RequestParser::parse() {
   }
   if (phase_ == Phase::kLength) {
     const size_t n = static_cast<size_t>(std::min<uint64_t>(left_, in_.size()));
+    if (body_.empty() && n > 0) body_.reserve(static_cast<size_t>(left_));  // exact: no doubling
     body_.append(in_, 0, n);
     in_.erase(0, n);
     left_ -= n;
@@ -324,6 +332,15 @@ RequestParser::State RequestParser::parse_chunked() {
       }
     } else if (phase_ == Phase::kChunkData) {
       const size_t n = static_cast<size_t>(std::min<uint64_t>(left_, in_.size() - pos));
+      // Geometric growth, but never past the body limit (capacity is what buffered() counts;
+      // std::string's own growth may double past it, so a fresh string takes the exact size).
+      if (body_.size() + n > body_.capacity()) {
+        std::string grown;
+        grown.reserve(
+            std::min(lim_.max_body_bytes, std::max(2 * body_.capacity(), body_.size() + n)));
+        grown.append(body_);
+        body_.swap(grown);
+      }
       body_.append(in_, pos, n);
       pos += n;
       left_ -= n;

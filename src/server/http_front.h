@@ -65,7 +65,9 @@ class RequestParser {
   bool head_done() const { return phase_ != Phase::kHead; }
   // True once, when the head asked for "100 Continue" and its body is still to come.
   bool take_continue();
-  size_t buffered() const { return in_.size() + body_.size(); }
+  // Memory the unfinished request holds: its unparsed input, and the body's allocation (not
+  // only what is used: a body grows in steps up to the limit).
+  size_t buffered() const { return in_.size() + body_.capacity() + head_.size(); }
   int error_status() const { return err_status_; }
   const std::string& error_message() const { return err_msg_; }
 
@@ -73,6 +75,7 @@ class RequestParser {
   static constexpr size_t npos = std::string::npos;
   enum class Phase { kHead, kLength, kChunkSize, kChunkData, kChunkEnd, kTrailer, kDone, kError };
   State fail(int status, std::string msg);
+  State parse_step();
   State parse_head(size_t end);
   State parse_chunked();
 

@@ -792,6 +792,11 @@ Server::Server(const Tokenizer& tok, const ModelConfig& cfg, Scheduler& sched, S
                 std::to_string(cfg_.max_position_embeddings));
   HttpLimits lim;
   lim.max_body_bytes = opts_.max_body_bytes;
+  if (opts_.max_bytes_in_flight < opts_.max_body_bytes)
+    throw Error("the bytes in flight (" + std::to_string(opts_.max_bytes_in_flight) +
+                ") must be at least one request body (" + std::to_string(opts_.max_body_bytes) +
+                ")");
+  lim.max_buffered_bytes = opts_.max_bytes_in_flight;
   lim.header_timeout_ms = opts_.header_timeout_ms;
   lim.request_timeout_ms = opts_.request_timeout_ms;
   lim.idle_timeout_ms = opts_.idle_timeout_ms;

@@ -29,6 +29,7 @@ struct ServerOptions {
   std::string api_key;   // empty: no authentication
   int threads = 0;       // HTTP worker threads for generation; 0: from max_batch
   size_t max_body_bytes = 8u << 20;
+  size_t max_bytes_in_flight = 512u << 20;  // unfinished requests' bytes, all connections
   int header_timeout_ms = 10000;   // a request's head must arrive within this of its first byte
   int request_timeout_ms = 30000;  // and its body within this
   int idle_timeout_ms = 5000;      // keep-alive connections idle this long are closed

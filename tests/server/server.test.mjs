@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import {execFileSync, spawn} from 'node:child_process';
 import {existsSync, readFileSync, unlinkSync} from 'node:fs';
 import {tmpdir} from 'node:os';
+import {gzipSync} from 'node:zlib';
 import {dirname, join} from 'node:path';
 import {fileURLToPath} from 'node:url';
 import net from 'node:net';
@@ -465,7 +466,9 @@ const statusOf = (reply) => Number((/^HTTP\/1\.1 (\d+)/.exec(reply) ?? [])[1] ??
 describe('redknot serve: the OpenAI/vLLM surface and HTTP hardening', {skip: !haveModel}, () => {
   let srv;
   before(async () => {
-    srv = await startServer(['--served-model-name', 'tiny', '--max-num-seqs', '8']);
+    // 32 MiB of unfinished request bytes over all connections (the default is 512 MiB).
+    srv = await startServer(['--served-model-name', 'tiny', '--max-num-seqs', '8',
+                             '--max-bytes-in-flight', String(32 << 20)]);
   });
   after(async () => {
     assert.equal(await stopServer(srv), 0, srv.log());
@@ -799,6 +802,42 @@ describe('redknot serve: the OpenAI/vLLM surface and HTTP hardening', {skip: !ha
     assert.ok(r.indexOf('"choices"') < r.indexOf('"version"'));
     const m = await metrics(srv.base);
     assert.match(m.text, /redknot_requests_total\{endpoint="other",status="415"\} 1/);
+  });
+
+  // ASan keeps freed memory in quarantine and maps shadow memory: RSS means nothing there.
+  const sanitized = process.env.REDKNOT_SANITIZED === '1';
+  test('memory stays bounded: 16 gzip bombs and 16 oversized chunked uploads at once',
+       {skip: sanitized ? 'RSS is not meaningful under ASan' : false}, async () => {
+    // RSS from /proc: the server's resident set now and its peak (VmHWM) since start.
+    const mem = () => {
+      const st = readFileSync(`/proc/${srv.proc.pid}/status`, 'utf8');
+      const kb = (k) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm').exec(st)[1]);
+      return {rss: kb('VmRSS'), hwm: kb('VmHWM')};
+    };
+    const idle = mem();
+    const port = srv.port;
+    const head = (extra) =>
+        `POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n${extra}\r\n`;
+    // 64 MiB of JSON-ish bytes in 65 KB of gzip: inflated, 16 of them would need 1 GiB.
+    const bomb = gzipSync(Buffer.alloc(64 << 20, 0x20));
+    assert.ok(bomb.length < 100000);
+    const chunk = Buffer.from(`100000\r\n${'x'.repeat(1 << 20)}\r\n`);
+    const replies = await Promise.all([
+      ...Array.from({length: 16}, () => rawExchange(
+          port, [Buffer.from(head(`Content-Encoding: gzip\r\nContent-Length: ${bomb.length}\r\n`)), bomb])),
+      ...Array.from({length: 16}, () => rawExchange(
+          port, [Buffer.from(head('Transfer-Encoding: chunked\r\n')), ...Array(12).fill(chunk)])),
+    ]);
+    for (const r of replies.slice(0, 16)) assert.equal(statusOf(r), 415);
+    for (const r of replies.slice(16))
+      assert.ok([413, 503].includes(statusOf(r)) || r === '', r.slice(0, 100));
+    const peak = mem();
+    // 192 MiB of chunked bodies and 1 GiB of inflated ones were offered: gzip is refused unread,
+    // and the chunked ones hold at most --max-bytes-in-flight (32 MiB here) between them, so the
+    // peak stays under twice the idle resident set (what the hostile-input issue asked).
+    assert.ok(peak.hwm < 2 * idle.rss, `idle ${idle.rss} kB (peak before ${idle.hwm}), peak ${peak.hwm} kB`);
+    console.log(`# memory: idle RSS ${idle.rss} kB, peak ${peak.hwm} kB (${(peak.hwm / idle.rss).toFixed(2)}x)`);
+    assert.ok((await fetch(`${srv.base}/health`)).ok);
   });
 
   test('500 slow connections (a byte at a time) leave /health answering within 1 s', async () => {
