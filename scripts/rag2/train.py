@@ -437,10 +437,11 @@ def main():
     ap.add_argument("--init-from", default="", help="exported folder (weights + trainer_state.json)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--time-budget-s", type=float, default=540)
-    ap.add_argument("--reserve-s", type=float, default=25, help="seconds kept for checkpoint (+ --pack: 60 more)")
+    ap.add_argument("--reserve-s", type=float, default=25, help="seconds kept for the checkpoint")
+    ap.add_argument("--pack-reserve-s", type=float, default=40, help="seconds kept for --pack (export + xz)")
     ap.add_argument("--phase-seconds", type=float, default=0,
                     help="planned training seconds of this phase over all calls (schedule length); "
-                         "default: pretrain 300, rag 1500")
+                         "default: pretrain 200, rag 900")
     ap.add_argument("--seed", type=int, default=1234)
     # model
     ap.add_argument("--tiny", action="store_true", help="tiny CPU config for smoke tests")
@@ -470,7 +471,7 @@ def main():
     ap.add_argument("--ans-weight", type=float, default=3.0)
     ap.add_argument("--lm-rows", type=float, default=0.1, help="rag phase: share of rows that are corpus windows")
     ap.add_argument("--extra-qa", type=int, default=12)
-    ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--workers", type=int, default=14)
     ap.add_argument("--probe-every", type=float, default=60)
     ap.add_argument("--probe-n", type=int, default=8)
     # end of call
@@ -490,9 +491,9 @@ def main():
         a.val_tokens = 8192
     pre = a.phase == "pretrain"
     a.lr = a.lr or (2e-3 if pre else 1e-3)
-    a.phase_seconds = a.phase_seconds or (300.0 if pre else 1500.0)
+    a.phase_seconds = a.phase_seconds or (200.0 if pre else 900.0)
     deadline = T0 + a.time_budget_s
-    train_end = deadline - a.reserve_s - (60 if a.pack else 0) - (a.eval_reserve_s if a.export else 0)
+    train_end = deadline - a.reserve_s - (a.pack_reserve_s if a.pack else 0) - (a.eval_reserve_s if a.export else 0)
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.ckpt_dir, exist_ok=True)
     dev = torch.device(a.device)
@@ -502,7 +503,7 @@ def main():
     results = {"args": vars(a), "torch": torch.__version__, "phases": {}}
     if dev.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(0)
-    rpath = os.path.join(a.out, "results.json")
+    rpath = os.path.join(a.out, f"results_{a.phase}.json")
 
     def dump():
         with open(rpath, "w") as f:
@@ -660,6 +661,7 @@ def main():
     log(f"phase {a.phase}: progress {state['phase_time'] / a.phase_seconds:.3f}, training until "
         f"{train_end - T0:.0f}s")
     win_t, win_tok = time.time(), 0
+    seen_shapes = set()
     while True:
         now = time.time()
         progress = state["phase_time"] / a.phase_seconds
@@ -684,9 +686,19 @@ def main():
         nvalid_all = int((tgt != -100).sum())
         nans_all = max(1, int(ans.sum()))
         first_hit = first_n = 0
+        new_shape = (L, mb) not in seen_shapes
+        seen_shapes.add((L, mb))
         for m0 in range(0, B, mb):
             x, y, an = (t[m0:m0 + mb].to(dev, non_blocking=True) for t in (inp, tgt, ans))
-            ce, valid, hit = fn(x, y, an)
+            try:
+                ce, valid, hit = fn(x, y, an)
+            except Exception as e:  # torch.compile trouble: eager from here on
+                if fn is loss_fn:
+                    raise
+                log("torch.compile failed, eager from now on:", repr(e)[:1000])
+                results["compile"] = "failed: " + repr(e)[:300]
+                fn = loss_fn
+                ce, valid, hit = fn(x, y, an)
             lm = ce[valid].sum() / nvalid_all
             al = (ce * an).sum() / nans_all
             loss = lm + a.ans_weight * al
@@ -702,6 +714,8 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t_step
+        if new_shape and fn is not loss_fn:
+            dt = min(dt, 2.0)          # a compile step: its warm-up does not count as training time
         state["phase_time"] += dt
         state["step"] += 1
         state["tokens"] += nvalid_all
@@ -738,7 +752,7 @@ def main():
     results["history"] = state["history"]
     log(f"call done: {ph['steps']} steps, {ph['tokens'] / 1e6:.1f}M tokens in {took:.0f}s; phase progress "
         f"{ph['progress']:.3f}; total step {state['step']}")
-    if probe_sets and time.time() < deadline - a.reserve_s - (a.eval_reserve_s if a.export else 0) + 10:
+    if probe_sets and time.time() < train_end + 10:
         probe(length_at(min(0.999, state["phase_time"] / a.phase_seconds)))
     dump()
     if it is not None:
