@@ -550,24 +550,9 @@ def main():
             else:
                 state["prev"] = {k: v for k, v in st.items() if k != "history"}
         log(f"initialised from {a.init_from}: phase {state['phase']} step {state['step']}")
-    model = model.to(dev)
     state["calls"] = state.get("calls", 0) + 1
     call = state["calls"]
-    n_params = sum(p.numel() for p in model.parameters())
-    results.update(params=n_params, config=c)
-    log(f"model params {n_params / 1e6:.2f}M ({(n_params - c['vocab_size'] * c['hidden_size']) / 1e6:.2f}M "
-        f"non-embedding), config {c}")
-
-    fused = dev.type == "cuda"
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    nodecay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": nodecay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if fused else {}))
-    if ck is not None and "opt" in ck:
-        opt.load_state_dict(ck["opt"])
-    amp = dev.type == "cuda"
-
-    # ---------------- data
+    # ---------------- data (DataLoader workers fork before CUDA is initialised)
     corpus_path = os.path.join(a.data, "corpus.u16.xz")
     if not os.path.exists(corpus_path):
         corpus_path = corpus_path[:-3]
@@ -600,6 +585,21 @@ def main():
         if a.probe_every > 0:
             for L, _ in curriculum:
                 probe_sets[L] = R.generate(L, a.probe_n, 70000 + L, "eval", cpt=3.6)
+
+    model = model.to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    results.update(params=n_params, config=c)
+    log(f"model params {n_params / 1e6:.2f}M ({(n_params - c['vocab_size'] * c['hidden_size']) / 1e6:.2f}M "
+        f"non-embedding), config {c}")
+
+    fused = dev.type == "cuda"
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    nodecay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": nodecay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if fused else {}))
+    if ck is not None and "opt" in ck:
+        opt.load_state_dict(ck["opt"])
+    amp = dev.type == "cuda"
 
     def loss_fn(inp, tgt, ans):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
