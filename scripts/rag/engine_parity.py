@@ -53,7 +53,15 @@ def main():
     keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings"]
     model = T.Llama({k: cfg[k] for k in keys}).eval()
-    model.load_state_dict(T.load_safetensors(os.path.join(args.model, "model.safetensors")), strict=True)
+    single = os.path.join(args.model, "model.safetensors")
+    if os.path.exists(single):
+        sd = T.load_safetensors(single)
+    else:  # sharded (model.safetensors.index.json), e.g. the second test model
+        sd = {}
+        wm = json.load(open(os.path.join(args.model, "model.safetensors.index.json")))["weight_map"]
+        for f in sorted(set(wm.values())):
+            sd.update(T.load_safetensors(os.path.join(args.model, f)))
+    model.load_state_dict(sd, strict=True)
     torch.set_num_threads(os.cpu_count() or 1)
 
     opener = gzip.open if args.data.endswith(".gz") else open
