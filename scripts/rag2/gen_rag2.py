@@ -63,6 +63,13 @@ def _chunks(text, target=600):
 def load_passages(shared=SHARED, eval_frac=0.15):
     """-> {"train": [text...], "eval": [text...]}, deterministic, deduplicated."""
     seen, out = set(), {"train": [], "eval": []}
+    if not os.path.exists(os.path.join(shared, "nq-open-oracle.jsonl.gz")):
+        # The GPU machine has no ../shared: prep.sh's copies of the same lists travel instead.
+        local = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../.devcarry/rag2")
+        for split in out:
+            with gzip.open(os.path.join(local, f"passages-{split}.jsonl.gz"), "rt", encoding="utf-8") as f:
+                out[split] = [json.loads(l)["text"] for l in f]
+        return out
 
     def add(t):
         t = t.strip()

@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
 done
 export PYTHONUNBUFFERED=1
 D=.devcarry/rag2
-for f in tokenizer/tokenizer.json corpus.u16.xz passages-train.jsonl.gz; do
+for f in tokenizer/tokenizer.json passages-train.jsonl.gz; do  # the corpus: train.py says when it needs it
   [ -e "$D/$f" ] || { echo "missing $D/$f: carry .devcarry/rag2 (bash scripts/rag2/prep.sh makes it)" >&2; exit 2; }
 done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true

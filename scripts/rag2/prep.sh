@@ -56,14 +56,16 @@ if has encode; then
 fi
 
 if has passages; then
-  python3 - "$D/passages-train.jsonl.gz" <<'PY'
-import gzip, json, sys
+  python3 - "$D" <<'PY'
+import gzip, json, os, sys
 sys.path.insert(0, "scripts/rag2")
 import gen_rag2 as R
 ps = R.load_passages()
-with gzip.open(sys.argv[1], "wt", encoding="utf-8", compresslevel=9) as f:
-    for p in ps["train"]:
-        f.write(json.dumps({"text": p}) + "\n")
+for split in ("train", "eval"):  # the GPU machine has no ../shared: the passages travel
+    with gzip.open(os.path.join(sys.argv[1], f"passages-{split}.jsonl.gz"), "wt", encoding="utf-8",
+                   compresslevel=9) as f:
+        for p in ps[split]:
+            f.write(json.dumps({"text": p}) + "\n")
 print(f"passages: train {len(ps['train'])}, eval {len(ps['eval'])}", file=sys.stderr)
 PY
 fi
