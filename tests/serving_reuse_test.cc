@@ -273,6 +273,39 @@ TEST_F(ReuseFallbacks, ReuseWithoutAChunkStoreIsReportedOrRefused) {
   EXPECT_EQ(e.sched->stats().fallbacks.at("reuse_disabled"), 1);
 }
 
+// A model whose calibration refused redknot (reuse_settings.json "redknot": "disabled"): redknot
+// requests, asked or by default, run full prefill and say so; a strict request is refused.
+TEST_F(ReuseFallbacks, DisabledRedknotIsServedFullAndReported) {
+  SchedulerOptions so;
+  so.reuse.mode = ReuseMode::RedKnot;
+  so.redknot_disabled = "no setting met the guard";
+  Engine e(*model_, "", int64_t{8} << 20, int64_t{2} << 20, so);
+  for (std::optional<ReuseMode> asked :
+       {std::optional<ReuseMode>(), std::optional(ReuseMode::RedKnot)}) {
+    auto r = e.sched->submit(greedy(prompt(2, 40, 4), 3, asked));
+    r->wait_all();
+    EXPECT_EQ(r->path().requested, ReuseMode::RedKnot);
+    EXPECT_EQ(r->path().used, ReuseMode::Full);
+    EXPECT_EQ(r->path().fallback, "redknot_disabled");
+  }
+  // Other modes are not calibrated and still run as asked.
+  auto n = e.sched->submit(greedy(prompt(2, 40, 5), 3, ReuseMode::Naive));
+  n->wait_all();
+  EXPECT_EQ(n->path().used, ReuseMode::Naive);
+  EXPECT_EQ(n->path().fallback, "");
+  RequestSpec strict = greedy(prompt(2, 40, 6), 3, ReuseMode::RedKnot);
+  strict.strict_reuse_mode = true;
+  try {
+    e.sched->submit(strict);
+    FAIL() << "a strict redknot request ran on a model that disables it";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("no setting met the guard"), std::string::npos);
+  }
+  e.sched->wait_idle();
+  EXPECT_EQ(e.sched->stats().fallbacks.at("redknot_disabled"), 2);
+  EXPECT_EQ(e.sched->stats().modes_used.at("full"), 2);
+}
+
 TEST_F(ReuseFallbacks, PromptsWithoutDocumentsOrQuerySayWhichPathRan) {
   SchedulerOptions so;
   so.reuse.mode = ReuseMode::Naive;

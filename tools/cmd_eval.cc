@@ -203,6 +203,9 @@ void save_predictions(const std::string& path, const std::vector<EvalReport>& re
 int run_eval(const EvalArgs& a) {
   const std::vector<std::string> modes = parse_modes(a.mode);
   const ReuseSettings settings = resolve_reuse_settings(a.model, a.settings);
+  for (const std::string& mode : modes)
+    if (const std::string why = settings.refusal(parse_reuse_mode(mode)); !why.empty())
+      throw Error(why + "; calibrate again (redknot calibrate) or leave redknot out of --mode");
   LoadedModel m = load_model(a.model, a.backend);
   if (!m.tokenizer) throw Error(a.model + ": no tokenizer found (eval builds prompts from text)");
   std::vector<RagSample> samples = load_rag_dataset(a.data, a.n);

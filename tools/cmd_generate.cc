@@ -103,6 +103,8 @@ int run_generate(const GenerateArgs& a) {
   ReuseOptions ro;
   ro.mode = parse_reuse_mode(a.mode);
   settings.apply(ro);
+  if (const std::string why = settings.refusal(ro.mode); !why.empty() && !a.print_config)
+    throw Error(why + "; calibrate again (redknot calibrate) or choose another --mode");
   EngineOptions eo;
   eo.backend = a.backend;
   eo.page_size = a.page_size;

@@ -136,6 +136,7 @@ int run_serve(const ServeArgs& a) {
   // with the same reuse_chunk.
   if (!settings.reuse_chunk) so.reuse.chunk = so.step_tokens;
   so.chunk_store = chunks.get();
+  so.redknot_disabled = settings.redknot_disabled.value_or("");
   Scheduler sched(model, *store.cache, so);
 
   server::ServerOptions o;
@@ -165,6 +166,12 @@ int run_serve(const ServeArgs& a) {
             << " KV pages of " << a.page_size << " tokens, reuse settings from "
             << (settings.source.empty() ? "defaults" : settings.source) << ", listening on http://"
             << a.host << ":" << port << std::endl;
+  if (settings.redknot_disabled)
+    std::cout << "redknot serve: redknot mode is disabled by " << settings.source << " ("
+              << *settings.redknot_disabled
+              << "); redknot requests are served with full prefill and report fallback "
+                 "\"redknot_disabled\" (usage.reuse, /metrics)"
+              << std::endl;
   srv.serve();
   g_server = nullptr;
   std::cout << "redknot serve: stopped" << std::endl;

@@ -15,4 +15,5 @@ void add_eval_command(CLI::App& app, std::function<int()>& action);
 void add_serve_command(CLI::App& app, std::function<int()>& action);
 void add_init_model_command(CLI::App& app, std::function<int()>& action);
 void add_make_profile_command(CLI::App& app, std::function<int()>& action);
+void add_calibrate_command(CLI::App& app, std::function<int()>& action);
 }  // namespace redknot::cli

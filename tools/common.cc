@@ -133,19 +133,23 @@ ReuseSettings resolve_reuse_settings(const std::string& model_path, const ReuseS
 
 nlohmann::json reuse_settings_json(const ReuseSettings& s, const ReuseOptions& o) {
   const SparseFfnConfig& f = o.sparse_ffn;
-  return {{"source", s.source.empty() ? "defaults" : s.source},
-          {"head_profile", s.head_profile.value_or("")},
-          {"sparse_ffn", o.sparse_ffn_enabled},
-          {"dense_until", f.dense_until},
-          {"mass", f.mass},
-          {"deep_start", f.deep_start},
-          {"mass_deep", f.mass_deep},
-          {"recent_n", f.recent_n},
-          {"layer_mass", f.layer_mass},
-          {"ffn_dilate", f.dilate},
-          {"skip_dead_rows", o.skip_dead_rows},
-          {"query_full_attention", o.query_full_attention},
-          {"reuse_chunk", o.chunk}};
+  nlohmann::json j = {{"source", s.source.empty() ? "defaults" : s.source},
+                      {"redknot", s.redknot_disabled ? "disabled" : "enabled"},
+                      {"head_profile", s.head_profile.value_or("")},
+                      {"sparse_ffn", o.sparse_ffn_enabled},
+                      {"dense_until", f.dense_until},
+                      {"mass", f.mass},
+                      {"deep_start", f.deep_start},
+                      {"mass_deep", f.mass_deep},
+                      {"recent_n", f.recent_n},
+                      {"layer_mass", f.layer_mass},
+                      {"ffn_dilate", f.dilate},
+                      {"skip_dead_rows", o.skip_dead_rows},
+                      {"query_full_attention", o.query_full_attention},
+                      {"reuse_chunk", o.chunk}};
+  if (s.redknot_disabled) j["redknot_disabled_reason"] = *s.redknot_disabled;
+  if (s.calibration) j["calibration"] = *s.calibration;
+  return j;
 }
 
 }  // namespace redknot::cli

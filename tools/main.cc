@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   redknot::cli::add_serve_command(app, action);
   redknot::cli::add_init_model_command(app, action);
   redknot::cli::add_make_profile_command(app, action);
+  redknot::cli::add_calibrate_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -308,7 +308,6 @@ HeadProfile profile_heads(Model& model, const std::vector<std::vector<int32_t>>&
 
   // Query heads -> kv heads by max; score = max(prefix shift, edge mass).
   HeadProfile prof(static_cast<int32_t>(L), static_cast<int32_t>(KV));
-  std::vector<double> scores;
   for (int64_t l = 0; l < L; ++l)
     for (int64_t g = 0; g < KV; ++g) {
       HeadSpec& s = prof.at(static_cast<int32_t>(l), static_cast<int32_t>(g));
@@ -321,44 +320,17 @@ HeadProfile profile_heads(Model& model, const std::vector<std::vector<int32_t>>&
       if (!std::isfinite(s.score))
         throw Error("profile: layer " + std::to_string(l) + " kv head " + std::to_string(g) +
                     ": non-finite attention scores (the model produced NaN/Inf)");
-      scores.push_back(s.score);
     }
 
-  // Top ceil(ratio * pairs) by score are global; ties with the last one too (bias to global).
-  const int64_t pairs = L * KV;
-  const int64_t k = std::clamp<int64_t>(
-      static_cast<int64_t>(std::ceil(opts.ratio * static_cast<double>(pairs) - 1e-9)), 0, pairs);
-  std::vector<double> sorted = scores;
-  std::sort(sorted.begin(), sorted.end(), std::greater<>());
-  const double cut = k > 0 ? sorted[k - 1] : std::numeric_limits<double>::infinity();
-  const int64_t native = cfg.sliding_window;
-  for (int64_t l = 0; l < L; ++l)
-    for (int64_t g = 0; g < KV; ++g) {
-      HeadSpec& s = prof.at(static_cast<int32_t>(l), static_cast<int32_t>(g));
-      const bool global =
-          s.score >= cut || l < opts.dense_layers ||
-          (opts.score_threshold && s.score >= *opts.score_threshold) ||
-          (opts.prefix_shift_threshold && s.prefix_shift >= *opts.prefix_shift_threshold) ||
-          (opts.edge_mass_threshold && s.edge_mass >= *opts.edge_mass_threshold);
-      s.classify(global, native, opts.window, opts.sink);
-    }
+  classify_heads(prof, opts, cfg.sliding_window);
 
   nlohmann::json& pj = prof.params;
   pj["method"] = "prefix_shift+edge_mass";
-  pj["ratio"] = opts.ratio;
-  pj["window"] = opts.window;
-  pj["sink"] = opts.sink;
-  pj["dense_layers"] = opts.dense_layers;
   pj["max_tokens"] = opts.max_tokens;
   pj["num_prefixes"] = opts.num_prefixes;
   pj["max_chunks"] = opts.max_chunks;
   pj["bos_id"] = opts.bos_id;
-  nlohmann::json th = nlohmann::json::object();
-  if (opts.score_threshold) th["score"] = *opts.score_threshold;
-  if (opts.prefix_shift_threshold) th["prefix_shift"] = *opts.prefix_shift_threshold;
-  if (opts.edge_mass_threshold) th["edge_mass"] = *opts.edge_mass_threshold;
-  pj["thresholds"] = th;
-  if (native > 0) pj["native_sliding_window"] = native;
+  if (cfg.sliding_window > 0) pj["native_sliding_window"] = cfg.sliding_window;
   pj["calibration"] =
       opts.calibration_info.is_null() ? nlohmann::json::object() : opts.calibration_info;
   pj["calibration_tokens"] = N;
@@ -368,6 +340,40 @@ HeadProfile profile_heads(Model& model, const std::vector<std::vector<int32_t>>&
   pj["tokens_profiled"] = profiled_tokens;
   pj["warnings"] = warnings;
   return prof;
+}
+
+void classify_heads(HeadProfile& prof, const ProfileOptions& opts, int64_t native_window) {
+  const int32_t L = prof.num_layers(), KV = prof.num_kv_heads();
+  std::vector<double> scores;
+  for (int32_t l = 0; l < L; ++l)
+    for (int32_t g = 0; g < KV; ++g) scores.push_back(prof.at(l, g).score);
+  // Top ceil(ratio * pairs) by score are global; ties with the last one too (bias to global).
+  const int64_t pairs = int64_t{L} * KV;
+  const int64_t k = std::clamp<int64_t>(
+      static_cast<int64_t>(std::ceil(opts.ratio * static_cast<double>(pairs) - 1e-9)), 0, pairs);
+  std::vector<double> sorted = scores;
+  std::sort(sorted.begin(), sorted.end(), std::greater<>());
+  const double cut = k > 0 ? sorted[k - 1] : std::numeric_limits<double>::infinity();
+  for (int32_t l = 0; l < L; ++l)
+    for (int32_t g = 0; g < KV; ++g) {
+      HeadSpec& s = prof.at(l, g);
+      const bool global =
+          s.score >= cut || l < opts.dense_layers ||
+          (opts.score_threshold && s.score >= *opts.score_threshold) ||
+          (opts.prefix_shift_threshold && s.prefix_shift >= *opts.prefix_shift_threshold) ||
+          (opts.edge_mass_threshold && s.edge_mass >= *opts.edge_mass_threshold);
+      s.classify(global, native_window, opts.window, opts.sink);
+    }
+  nlohmann::json& pj = prof.params;
+  pj["ratio"] = opts.ratio;
+  pj["window"] = opts.window;
+  pj["sink"] = opts.sink;
+  pj["dense_layers"] = opts.dense_layers;
+  nlohmann::json th = nlohmann::json::object();
+  if (opts.score_threshold) th["score"] = *opts.score_threshold;
+  if (opts.prefix_shift_threshold) th["prefix_shift"] = *opts.prefix_shift_threshold;
+  if (opts.edge_mass_threshold) th["edge_mass"] = *opts.edge_mass_threshold;
+  pj["thresholds"] = th;
 }
 
 std::vector<std::string> profile_class_map(const HeadProfile& p) {

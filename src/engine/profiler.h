@@ -46,6 +46,14 @@ struct ProfileOptions {
 HeadProfile profile_heads(Model& model, const std::vector<std::vector<int32_t>>& calibration,
                           const ProfileOptions& opts);
 
+// Sets every head's class from the scores it holds (measured by profile_heads): the top
+// ceil(ratio * pairs) by score (and ties) are global, so are the first dense_layers layers and
+// heads past a threshold; the rest local with opts.window and opts.sink (HeadSpec::classify under
+// the model's own sliding window `native_window`). Records ratio, window, sink, dense layers and
+// thresholds in prof.params. profile_heads ends with it; calibration re-cuts one measured profile
+// at several ratios with it instead of measuring again.
+void classify_heads(HeadProfile& prof, const ProfileOptions& opts, int64_t native_window);
+
 // The classes as one line per layer, e.g. "L0: GLLG" (G global, L local).
 std::vector<std::string> profile_class_map(const HeadProfile& p);
 

@@ -1,5 +1,6 @@
 #include "engine/reuse_settings.h"
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -32,6 +33,8 @@ ReuseSettings ReuseSettings::overlay(const ReuseSettings& over) const {
   take(r.skip_dead_rows, over.skip_dead_rows);
   take(r.query_full_attention, over.query_full_attention);
   take(r.reuse_chunk, over.reuse_chunk);
+  take(r.redknot_disabled, over.redknot_disabled);
+  take(r.calibration, over.calibration);
   if (!over.empty()) r.source = source.empty() ? over.source : source + " + " + over.source;
   return r;
 }
@@ -39,7 +42,13 @@ ReuseSettings ReuseSettings::overlay(const ReuseSettings& over) const {
 bool ReuseSettings::empty() const {
   return !head_profile && !sparse_ffn && !dense_until && !deep_start && !recent_n && !ffn_dilate &&
          !mass && !mass_deep && !layer_mass && !skip_dead_rows && !query_full_attention &&
-         !reuse_chunk;
+         !reuse_chunk && !redknot_disabled && !calibration;
+}
+
+std::string ReuseSettings::refusal(ReuseMode mode) const {
+  if (mode != ReuseMode::RedKnot || !redknot_disabled) return "";
+  return "redknot mode is disabled for this model by " +
+         (source.empty() ? std::string(kReuseSettingsFile) : source) + ": " + *redknot_disabled;
 }
 
 void ReuseSettings::apply(SparseFfnConfig& c) const {
@@ -90,8 +99,26 @@ ReuseSettings load_reuse_settings(const std::string& path) {
     if (!j[k].is_boolean()) fail("\"" + k + "\" must be true or false");
     return j[k].get<bool>();
   };
+  if (j.contains("redknot_disabled_reason") &&
+      (!j.contains("redknot") || j["redknot"] != "disabled"))
+    fail("\"redknot_disabled_reason\" needs \"redknot\": \"disabled\"");
   for (const auto& [key, value] : j.items()) {
-    if (key == "head_profile") {
+    if (key == "redknot") {
+      if (value != "enabled" && value != "disabled")
+        fail("\"redknot\" must be \"enabled\" or \"disabled\"");
+      if (value == "disabled") {
+        const auto r = j.find("redknot_disabled_reason");
+        if (r != j.end() && (!r->is_string() || r->get<std::string>().empty()))
+          fail("\"redknot_disabled_reason\" must be a non-empty string");
+        s.redknot_disabled =
+            r != j.end() ? r->get<std::string>() : std::string("disabled in the settings file");
+      }
+    } else if (key == "redknot_disabled_reason") {
+      // read with "redknot"
+    } else if (key == "calibration") {
+      if (!value.is_object()) fail("\"calibration\" must be an object");
+      s.calibration = value;
+    } else if (key == "head_profile") {
       if (!value.is_string() || value.get<std::string>().empty())
         fail("\"head_profile\" must be a file name");
       const fs::path p = value.get<std::string>();
@@ -126,6 +153,42 @@ ReuseSettings load_reuse_settings(const std::string& path) {
     }
   }
   return s;
+}
+
+nlohmann::json reuse_settings_to_json(const ReuseSettings& s) {
+  nlohmann::json j = nlohmann::json::object();
+  auto put = [&j](const char* key, const auto& field) {
+    if (field) j[key] = *field;
+  };
+  put("head_profile", s.head_profile);
+  put("sparse_ffn", s.sparse_ffn);
+  put("dense_until", s.dense_until);
+  put("mass", s.mass);
+  put("deep_start", s.deep_start);
+  put("mass_deep", s.mass_deep);
+  put("recent_n", s.recent_n);
+  put("layer_mass", s.layer_mass);
+  put("ffn_dilate", s.ffn_dilate);
+  put("skip_dead_rows", s.skip_dead_rows);
+  put("query_full_attention", s.query_full_attention);
+  put("reuse_chunk", s.reuse_chunk);
+  if (s.redknot_disabled) {
+    j["redknot"] = "disabled";
+    j["redknot_disabled_reason"] = *s.redknot_disabled;
+  }
+  put("calibration", s.calibration);
+  return j;
+}
+
+void save_reuse_settings(const std::string& path, const ReuseSettings& s) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << reuse_settings_to_json(s).dump(2) << "\n";
+    if (!f) throw Error(path + ": cannot write reuse settings");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw Error(path + ": cannot write reuse settings");
 }
 
 ReuseSettings model_reuse_settings(const std::string& model_path) {

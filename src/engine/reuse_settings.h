@@ -4,6 +4,7 @@
 // file's fields one by one (overlay).
 #pragma once
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -13,6 +14,7 @@
 namespace redknot {
 
 struct ReuseOptions;
+enum class ReuseMode;
 
 inline constexpr const char* kReuseSettingsFile = "reuse_settings.json";
 
@@ -26,6 +28,12 @@ struct ReuseSettings {
   // Rows per forward of every reuse pass (ReuseOptions::chunk; 0: each pass whole). Sparse FFN
   // ranks rows per forward, so this is part of a tuned setting.
   std::optional<int32_t> reuse_chunk;
+  // Set when the settings refuse redknot mode (`"redknot": "disabled"`, written by `redknot
+  // calibrate` when no setting met its accuracy guard): the reason. Requests for redknot are then
+  // served another way and told so (serve), or refused (generate, eval); never run silently.
+  std::optional<std::string> redknot_disabled;
+  // What `redknot calibrate` measured and guarded (kept as written; shown by --print-config).
+  std::optional<nlohmann::json> calibration;
   std::string source;  // where the fields came from, for startup lines ("" when none)
 
   // The fields `over` sets replace these; `source` joins both. Tiers in `over` without
@@ -35,6 +43,9 @@ struct ReuseSettings {
   void apply(ReuseOptions& opts) const;
   void apply(SparseFfnConfig& cfg) const;
   bool empty() const;
+  // Why `mode` may not run under these settings ("" when it may): redknot on a model whose
+  // calibration refused it.
+  std::string refusal(ReuseMode mode) const;
 };
 
 // Parses a settings file strictly: unknown keys, wrong types and out-of-range values are an Error
@@ -43,5 +54,10 @@ ReuseSettings load_reuse_settings(const std::string& path);
 // The settings file of a model directory, or empty settings when it has none (or `model_path` is
 // a file such as a GGUF).
 ReuseSettings model_reuse_settings(const std::string& model_path);
+// The fields set, as the file holds them (head_profile as given: write a name relative to the
+// file's directory for a settings file that moves with its model).
+nlohmann::json reuse_settings_to_json(const ReuseSettings& s);
+// Writes reuse_settings_to_json(s) to `path` through a temporary file renamed into place.
+void save_reuse_settings(const std::string& path, const ReuseSettings& s);
 
 }  // namespace redknot

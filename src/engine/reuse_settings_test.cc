@@ -69,6 +69,43 @@ TEST(ReuseSettings, RejectsMalformedUnknownAndWrongTypes) {
   EXPECT_THROW(load_reuse_settings("/nonexistent/reuse_settings.json"), Error);
 }
 
+// Calibration's fields: a refused redknot mode with its reason, the measured guard kept as
+// written; saving and loading again gives the same settings.
+TEST(ReuseSettings, CalibrationFieldsRoundTrip) {
+  const std::string path = write_settings("calibrated", R"({
+    "head_profile": "head_profile.json", "layer_mass": [1, 0.5], "ffn_dilate": 1,
+    "calibration": {"guard": {"target_top1": 0.99, "max_em_drop": 1}}})");
+  const ReuseSettings s = load_reuse_settings(path);
+  EXPECT_FALSE(s.redknot_disabled.has_value());
+  EXPECT_EQ(s.refusal(ReuseMode::RedKnot), "");
+  ASSERT_TRUE(s.calibration.has_value());
+  EXPECT_EQ((*s.calibration)["guard"]["target_top1"], 0.99);
+
+  const std::string off = write_settings("disabled", R"({"redknot": "disabled",
+    "redknot_disabled_reason": "no setting met the guard",
+    "calibration": {"guard": {"target_top1": 1, "max_em_drop": -100}}})");
+  const ReuseSettings d = load_reuse_settings(off);
+  ASSERT_TRUE(d.redknot_disabled.has_value());
+  EXPECT_EQ(*d.redknot_disabled, "no setting met the guard");
+  const std::string why = d.refusal(ReuseMode::RedKnot);
+  EXPECT_NE(why.find(off), std::string::npos) << why;
+  EXPECT_NE(why.find("no setting met the guard"), std::string::npos) << why;
+  EXPECT_EQ(d.refusal(ReuseMode::Naive), "");  // the baselines are not calibrated
+  EXPECT_EQ(d.refusal(ReuseMode::Full), "");
+  EXPECT_FALSE(d.head_profile.has_value());
+
+  const std::string again = write_settings("resaved", "{}");
+  save_reuse_settings(again, d);
+  const ReuseSettings r = load_reuse_settings(again);
+  EXPECT_EQ(r.redknot_disabled, d.redknot_disabled);
+  EXPECT_EQ(r.calibration, d.calibration);
+  EXPECT_EQ(reuse_settings_to_json(r), reuse_settings_to_json(d));
+
+  expect_error(R"({"redknot": "off"})", "\"redknot\" must be");
+  expect_error(R"({"redknot_disabled_reason": "x"})", "needs \"redknot\": \"disabled\"");
+  expect_error(R"({"calibration": 1})", "\"calibration\" must be an object");
+}
+
 TEST(ReuseSettings, FlagsOverrideFieldByField) {
   ReuseSettings file;
   file.source = "model/reuse_settings.json";

@@ -179,8 +179,13 @@ std::vector<std::shared_ptr<RequestStream>> Scheduler::submit_n(RequestSpec spec
   r->path.requested = spec.reuse_mode.value_or(opts_.reuse.mode);
   r->path.used = r->path.requested;
   const bool prefix = r->path.requested == ReuseMode::Prefix;
-  if (r->path.requested != ReuseMode::Full &&
-      (prefix ? opts_.prefix_cache == nullptr : opts_.chunk_store == nullptr)) {
+  if (r->path.requested == ReuseMode::RedKnot && !opts_.redknot_disabled.empty()) {
+    if (spec.strict_reuse_mode)
+      throw Error("reuse mode 'redknot' is disabled for this model: " + opts_.redknot_disabled);
+    r->path.used = ReuseMode::Full;
+    r->path.fallback = "redknot_disabled";
+  } else if (r->path.requested != ReuseMode::Full &&
+             (prefix ? opts_.prefix_cache == nullptr : opts_.chunk_store == nullptr)) {
     if (spec.strict_reuse_mode)
       throw Error(std::string("reuse mode '") + reuse_mode_name(r->path.requested) +
                   "' is not available: the server runs without a " +

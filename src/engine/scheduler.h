@@ -142,6 +142,10 @@ struct SchedulerOptions {
   // all-global): a request's longest cached block-aligned prefix is attached (shared pages) and
   // its prompt recorded once prefilled. Null: prefix requests are served full, and told so.
   PrefixCache* prefix_cache = nullptr;
+  // Set when the model's reuse settings refuse redknot mode (calibration found no setting meeting
+  // its guard): the reason. redknot requests are then served with full prefill and told so
+  // (fallback "redknot_disabled"), or refused when strict.
+  std::string redknot_disabled;
 };
 
 // A consistent view of the engine for /metrics and tests.
