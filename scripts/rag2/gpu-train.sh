@@ -6,7 +6,7 @@
 #   bash scripts/rag2/gpu-train.sh --phase rag --budget 540 --init-from .devcarry/resume   # machine was lost
 # Carry (prep.sh outputs): .devcarry/rag2/tokenizer .devcarry/rag2/corpus.u16.xz .devcarry/rag2/passages-train.jsonl.gz
 # (22 MB), with --export also .devcarry/rag2/eval (14 MB), with --init-from that folder.
-# Resumes from .devcarry/ckpt-rag2/ckpt.pt when it exists (the GPU machine keeps ignored files while it
+# Resumes from /var/tmp/redknot-ckpt-rag2/ckpt.pt when it exists (the GPU machine keeps ignored files while it
 # stays warm: call again within its warm window).  Writes to $OUT: train_log_<phase>.txt, results_<phase>.json,
 # and (unless --no-pack) the weights as byte-plane xz shards + model_small_files.tar (scripts/rag2/unpack.py
 # restores the HF folder; carry that folder, shards still .bp.xz, as --init-from DIR if the machine was lost).
@@ -37,13 +37,13 @@ for f in tokenizer/tokenizer.json passages-train.jsonl.gz; do  # the corpus: tra
 done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 python3 -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0]); import tokenizers; print("tokenizers", tokenizers.__version__)' || true
-[ -e .devcarry/ckpt-rag2/ckpt.pt ] && echo "checkpoint present: $(python3 -c 'import torch; s=torch.load(".devcarry/ckpt-rag2/ckpt.pt", map_location="cpu")["state"]; print(s["phase"], "step", s["step"], "phase_time", round(s["phase_time"]))')" || echo "no checkpoint"
+[ -e /var/tmp/redknot-ckpt-rag2/ckpt.pt ] && echo "checkpoint present: $(python3 -c 'import torch; s=torch.load("/var/tmp/redknot-ckpt-rag2/ckpt.pt", map_location="cpu")["state"]; print(s["phase"], "step", s["step"], "phase_time", round(s["phase_time"]))')" || echo "no checkpoint"
 
 t0=$(date +%s)
 run() {  # run PHASE BUDGET [train.py args...]
   local ph="$1" b="$2"; shift 2
   local args=(--phase "$ph" --time-budget-s "$b" --resume --out "$OUT")
-  [ -n "$init" ] && [ ! -e .devcarry/ckpt-rag2/ckpt.pt ] && args+=(--init-from "$init")
+  [ -n "$init" ] && [ ! -e /var/tmp/redknot-ckpt-rag2/ckpt.pt ] && args+=(--init-from "$init")
   timeout $((${b%.*} + 30)) python3 scripts/rag2/train.py "${args[@]}" "$@" "${extra[@]}" 2>&1 | tee "$OUT/train_log_${ph}.txt"
 }
 # the call's last run always sends the weights back (xz shards + small-file tar, ~38 MB) unless --no-pack:

@@ -432,7 +432,9 @@ def main():
     ap.add_argument("--phase", choices=["pretrain", "rag"], required=True)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/rag2_out"))
     ap.add_argument("--data", default=DATA, help="folder of prep.sh outputs")
-    ap.add_argument("--ckpt-dir", default=os.path.join(ROOT, ".devcarry", "ckpt-rag2"))
+    # Outside the repo: the GPU machine replaces the working tree (and carried folders) on every
+    # call, so a checkpoint inside it does not survive to the next call (seen 2026-12-06).
+    ap.add_argument("--ckpt-dir", default="/var/tmp/redknot-ckpt-rag2")
     ap.add_argument("--resume", action="store_true", help="continue from --ckpt-dir/ckpt.pt if it exists")
     ap.add_argument("--init-from", default="", help="exported folder (weights + trainer_state.json)")
     ap.add_argument("--device", default="cuda")
