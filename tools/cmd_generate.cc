@@ -119,7 +119,7 @@ int run_generate(const GenerateArgs& a) {
     std::cout << j.dump() << std::endl;
     return 0;
   }
-  LoadedModel m = load_model(a.model, a.backend);
+  LoadedModel m = load_model(a.model, eo);  // eo.head_profile may reorder the kv heads
   if (segmented) {
     if (!a.prompt_ids.empty()) throw Error("--segment/--mode take --prompt text, not --prompt-ids");
     if (!a.logits_out.empty()) throw Error("--logits-out works with plain prompts only");

@@ -5,6 +5,8 @@
 #include "backend/batch_invariant_backend.h"
 #include "backend/builtin.h"
 #include "core/error.h"
+#include "kv/head_profile.h"
+#include "loader/permute_heads.h"
 
 namespace redknot {
 
@@ -12,6 +14,14 @@ LoadedEngineModel open_engine_model(const std::string& path, const EngineOptions
   register_builtin_backends();
   LoadedEngineModel m;
   m.ckpt = load_checkpoint(path);
+  // Head placement: the weights take the profile's kv head order here, before any upload.
+  if (!opts.head_profile.empty()) {
+    const HeadProfile p = HeadProfile::load(opts.head_profile);
+    if (!p.placement.empty()) {
+      p.check_matches(m.ckpt.config, opts.head_profile);
+      permute_kv_heads(m.ckpt, p.placement);
+    }
+  }
   m.backend = create_backend(opts.backend);
   if (opts.batch_invariant) m.batch_invariant = std::make_unique<BatchInvariantBackend>(*m.backend);
   m.model = std::make_unique<Model>(m.ckpt, m.batch_invariant ? *m.batch_invariant : *m.backend);

@@ -10,6 +10,19 @@ HeadProfile load_head_profile(const Model& model, const std::string& path) {
   if (path.empty()) return HeadProfile::native(model.config());
   HeadProfile p = HeadProfile::load(path);
   p.check_matches(model.config(), path);
+  // A placed profile describes permuted heads: on weights in another order it would give the
+  // wrong heads the wrong classes.
+  auto is_identity = [](const std::vector<std::vector<int32_t>>& perm) {
+    for (const auto& row : perm)
+      for (size_t i = 0; i < row.size(); ++i)
+        if (row[i] != static_cast<int32_t>(i)) return false;
+    return true;
+  };
+  if (!(is_identity(p.placement) && is_identity(model.kv_head_perm())) &&
+      p.placement != model.kv_head_perm())
+    throw Error(path +
+                ": the head profile's placement (kv head order) is not the model's; load "
+                "the model with this profile (EngineOptions::head_profile) to permute it");
   return p;
 }
 

@@ -82,6 +82,32 @@ HeadProfile HeadProfile::from_json(const nlohmann::json& j, const std::string& s
     }
   }
   if (j.contains("params")) p.params = j["params"];
+  if (j.contains("placement")) {  // optional: files without it keep the original head order
+    const auto& pl = j["placement"];
+    if (!pl.is_object() || !pl.contains("ranks") || !pl["ranks"].is_number_integer() ||
+        !pl.contains("perm") || !pl["perm"].is_array() ||
+        static_cast<int64_t>(pl["perm"].size()) != L)
+      fail("\"placement\" needs integer \"ranks\" and \"perm\": one row per layer");
+    const int64_t R = pl["ranks"].get<int64_t>();
+    if (R < 1 || R > 4096) fail("placement ranks out of range");
+    p.placement_ranks = static_cast<int32_t>(R);
+    for (int64_t l = 0; l < L; ++l) {
+      const auto& row = pl["perm"][l];
+      const std::string where = "placement layer " + std::to_string(l);
+      if (!row.is_array() || static_cast<int64_t>(row.size()) != H)
+        fail(where + " must list num_kv_heads heads");
+      std::vector<int32_t> perm;
+      std::vector<bool> seen(H, false);
+      for (const auto& v : row) {
+        if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= H ||
+            seen[v.get<int64_t>()])
+          fail(where + " is not a permutation of 0.." + std::to_string(H - 1));
+        seen[v.get<int64_t>()] = true;
+        perm.push_back(v.get<int32_t>());
+      }
+      p.placement.push_back(std::move(perm));
+    }
+  }
   return p;
 }
 
@@ -106,6 +132,7 @@ nlohmann::json HeadProfile::to_json() const {
   }
   j["heads"] = rows;
   j["params"] = params.is_null() ? nlohmann::json::object() : params;
+  if (!placement.empty()) j["placement"] = {{"ranks", placement_ranks}, {"perm", placement}};
   return j;
 }
 

@@ -99,6 +99,11 @@ class HeadProfile {
   int64_t peak_pages_for(int64_t tokens, int32_t page_size) const;
 
   nlohmann::json params;  // the profiling parameters that produced it
+  // Head placement (kv/head_placement.h): [layer][new position] -> the original model's kv head,
+  // for `placement_ranks` tensor-parallel ranks. Empty: the original order. The heads above are
+  // already in the new order, so the model's weights must be permuted the same way at load.
+  std::vector<std::vector<int32_t>> placement;
+  int32_t placement_ranks = 0;
 
  private:
   int32_t num_layers_ = 0, num_kv_heads_ = 0;

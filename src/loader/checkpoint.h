@@ -34,6 +34,8 @@ struct Checkpoint {
   std::map<std::string, Tensor> tensors;
   std::optional<GgufVocab> gguf_vocab;
   std::string tokenizer_json_path;  // HF dir: tokenizer.json if present
+  // Set by permute_kv_heads: [layer][new position] -> the file's kv head. Empty: file order.
+  std::vector<std::vector<int32_t>> kv_head_perm;
 
   // Throws Error "<path>: missing tensor <name>" when absent.
   const Tensor& get(const std::string& name) const;

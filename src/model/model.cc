@@ -38,7 +38,8 @@ Tensor Model::upload_norm(const Checkpoint& ckpt, const std::string& name) {
   return t;
 }
 
-Model::Model(const Checkpoint& ckpt, Backend& backend) : cfg_(ckpt.config), backend_(backend) {
+Model::Model(const Checkpoint& ckpt, Backend& backend)
+    : cfg_(ckpt.config), backend_(backend), kv_head_perm_(ckpt.kv_head_perm) {
   cfg_.validate(ckpt.path);
   const char* graphs = std::getenv("REDKNOT_CUDA_GRAPHS");
   graphs_on_ = graphs == nullptr || std::string(graphs) != "0";

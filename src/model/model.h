@@ -74,6 +74,10 @@ class Model {
     return forward(batch, kv, o);
   }
 
+  // The checkpoint's kv head order (Checkpoint::kv_head_perm): [layer][position] -> the file's
+  // head; empty: file order. A head profile must carry the same placement.
+  const std::vector<std::vector<int32_t>>& kv_head_perm() const { return kv_head_perm_; }
+
   // Size in bytes of the weights as stored on the backend.
   int64_t weight_bytes() const { return weight_bytes_; }
 
@@ -130,6 +134,7 @@ class Model {
   Tensor inv_freq_;
   float rope_scaling_ = 1.0f;
   int64_t weight_bytes_ = 0;
+  std::vector<std::vector<int32_t>> kv_head_perm_;
   bool graphs_on_ = true;
   std::vector<std::unique_ptr<DecodeGraph>> graphs_;
   int64_t graph_clock_ = 0;

@@ -172,6 +172,10 @@ uint64_t model_fingerprint(const ModelConfig& cfg, const Checkpoint& ckpt) {
     h.pod(static_cast<uint8_t>(t.dtype()));
     for (int64_t d : t.shape()) h.pod(d);
   }
+  // Head placement reorders K/V heads (sampled weights below may miss the layers it moved); adds
+  // nothing without one, so unplaced fingerprints are unchanged.
+  for (const auto& row : ckpt.kv_head_perm)
+    for (int32_t v : row) h.pod(v);
   // Weight bytes of a few tensors: two fine-tunes of one architecture differ here.
   const std::string last = "model.layers." + std::to_string(cfg.num_layers - 1);
   for (const std::string& name :
