@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
 
 #include <cstdio>
 #include <filesystem>
@@ -81,7 +84,12 @@ struct CliResult {
 };
 inline CliResult run_cli(const std::string& args, const std::string& stdin_text = "") {
 #ifdef REDKNOT_CLI_PATH
-  const std::string in_path = ::testing::TempDir() + "/cli_stdin.txt";
+  // One file per call: ctest runs several CLI-driving tests at once, and a shared name let one
+  // test's empty stdin replace another's input.
+  static std::atomic<int> calls{0};
+  std::string in_path = ::testing::TempDir();
+  in_path.append("/cli_stdin_").append(std::to_string(::getpid()));
+  in_path.append("_").append(std::to_string(calls.fetch_add(1))).append(".txt");
   std::ofstream(in_path, std::ios::binary) << stdin_text;
   const std::string cmd = std::string(REDKNOT_CLI_PATH) + " " + args + " < " + in_path + " 2>&1";
   CliResult r;
@@ -91,6 +99,7 @@ inline CliResult run_cli(const std::string& args, const std::string& stdin_text 
   size_t n;
   while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
   const int st = pclose(p);
+  std::remove(in_path.c_str());
   r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   return r;
 #else
