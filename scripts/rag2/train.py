@@ -50,6 +50,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "rag"))
 import gen_data as G  # noqa: E402
 import gen_rag2 as R  # noqa: E402
+from unpack import bp_xz, unbp  # noqa: E402  (the byte-plane codec, torch-free for unpacking)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -361,38 +362,12 @@ def export_hf(model, tok, out_dir, shard_mib, state, results):
     return sd
 
 
-def _xz(src, dst):
-    """bf16 safetensors -> xz of (8-byte header length + header + high bytes + low bytes): the byte
-    planes compress far better apart (the high bytes hold sign + exponent).  unbp() inverts it."""
-    with open(src, "rb") as f:
-        b = f.read()
-    n = int.from_bytes(b[:8], "little")
-    data = b[8 + n:]
-    with lzma.open(dst, "wb", preset=6) as g:
-        g.write(b[:8 + n])
-        g.write(data[1::2])
-        g.write(data[0::2])
-
-
-def unbp(src):
-    """bytes of the safetensors file packed by _xz."""
-    with lzma.open(src, "rb") as f:
-        b = f.read()
-    n = int.from_bytes(b[:8], "little")
-    head, planes = b[:8 + n], b[8 + n:]
-    half = len(planes) // 2
-    data = bytearray(len(planes))
-    data[1::2] = planes[:half]
-    data[0::2] = planes[half:]
-    return head + bytes(data)
-
-
 def pack(out_dir, pack_dir, extra_files=()):
     """xz each shard (parallel), tar the small files: <= 8 files back from a GPU call."""
     os.makedirs(pack_dir, exist_ok=True)
     shards = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors"))
     with mp.get_context("fork").Pool(max(1, min(len(shards), os.cpu_count() or 1))) as pool:
-        pool.starmap(_xz, [(os.path.join(out_dir, f), os.path.join(pack_dir, f + ".bp.xz")) for f in shards])
+        pool.starmap(bp_xz, [(os.path.join(out_dir, f), os.path.join(pack_dir, f + ".bp.xz")) for f in shards])
     with tarfile.open(os.path.join(pack_dir, "model_small_files.tar"), "w") as t:
         for f in sorted(os.listdir(out_dir)):
             if not f.endswith(".safetensors"):

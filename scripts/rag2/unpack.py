@@ -10,8 +10,21 @@ import sys
 import tarfile
 
 
+def bp_xz(src, dst):
+    """bf16 safetensors -> xz of (8-byte header length + header + high bytes + low bytes): the byte
+    planes compress far better apart (the high bytes hold sign + exponent).  unbp() inverts it."""
+    with open(src, "rb") as f:
+        b = f.read()
+    n = int.from_bytes(b[:8], "little")
+    data = b[8 + n:]
+    with lzma.open(dst, "wb", preset=6) as g:
+        g.write(b[:8 + n])
+        g.write(data[1::2])
+        g.write(data[0::2])
+
+
 def unbp(src):
-    """inverse of scripts/rag2/train.py _xz (byte-plane xz of a bf16 safetensors file)"""
+    """bytes of the safetensors file packed by bp_xz."""
     with lzma.open(src, "rb") as f:
         b = f.read()
     n = int.from_bytes(b[:8], "little")
@@ -23,12 +36,16 @@ def unbp(src):
     return head + bytes(data)
 
 
-src, dst = sys.argv[1], sys.argv[2]
-os.makedirs(dst, exist_ok=True)
-with tarfile.open(os.path.join(src, "model_small_files.tar")) as t:
-    t.extractall(dst)
-for f in sorted(os.listdir(src)):
-    if f.endswith(".safetensors.bp.xz"):
-        with open(os.path.join(dst, f[:-6]), "wb") as b:
-            b.write(unbp(os.path.join(src, f)))
-print("\n".join(sorted(os.listdir(dst))))
+def main(src, dst):
+    os.makedirs(dst, exist_ok=True)
+    with tarfile.open(os.path.join(src, "model_small_files.tar")) as t:
+        t.extractall(dst)
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors.bp.xz"):
+            with open(os.path.join(dst, f[:-6]), "wb") as b:
+                b.write(unbp(os.path.join(src, f)))
+    print("\n".join(sorted(os.listdir(dst))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
