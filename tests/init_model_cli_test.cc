@@ -1,8 +1,8 @@
 // `redknot init-model` and `redknot make-profile` end to end: a 2-layer model at a test shape
 // with a real tokenizer is written, loads, runs forward on the CPU backend and generates text;
 // layout profiles made from it load through --head-profile.
-#include <cmath>
 #include <unistd.h>
+#include <cmath>
 
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -139,9 +139,9 @@ TEST(MakeProfileCli, LayoutsFromAKnownConfig) {
   const ModelConfig c = parse_hf_config(model_shape_config("qwen3-32b"), "qwen3-32b");
   for (const char* layout : {"spread", "deep", "front"}) {
     const std::string out = base + "_" + layout + ".json";
-    CliResult r = run_cli(std::string("make-profile --config qwen3-32b --layout ") + layout +
-                          " --global-ratio 0.15 --window 512 --sink 4 --seed 1 --quiet --out " +
-                          out);
+    CliResult r =
+        run_cli(std::string("make-profile --config qwen3-32b --layout ") + layout +
+                " --global-ratio 0.15 --window 512 --sink 4 --seed 1 --quiet --out " + out);
     ASSERT_EQ(r.status, 0) << r.out;
     EXPECT_NE(r.out.find("77 of 512 heads global"), std::string::npos) << r.out;
     HeadProfile p = HeadProfile::load(out);
@@ -159,8 +159,8 @@ TEST(MakeProfileCli, LayoutsFromAKnownConfig) {
 TEST(InitModelList, ListsTheRealShapes) {
   CliResult r = run_cli("init-model --list");
   ASSERT_EQ(r.status, 0) << r.out;
-  for (const char* n : {"llama3-8b", "llama3.1-8b", "mistral-7b", "qwen3-8b", "qwen3-32b",
-                        "llama3.3-70b"})
+  for (const char* n :
+       {"llama3-8b", "llama3.1-8b", "mistral-7b", "qwen3-8b", "qwen3-32b", "llama3.3-70b"})
     EXPECT_NE(r.out.find(n), std::string::npos) << n;
   EXPECT_NE(r.out.find("8.030B"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("70.554B"), std::string::npos) << r.out;

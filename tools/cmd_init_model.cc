@@ -62,11 +62,12 @@ int run_init_model(const InitModelArgs& a) {
                    s);
     };
   InitModelResult r = init_model_dir(o);
-  std::printf("%s (%s%s): %.3fB parameters, %.2f GB %s in %zu shard(s), seed %llu; %.1f s\nwrote %s\n",
-              shape.name, shape.hf_id,
-              a.layers > 0 ? (", " + std::to_string(a.layers) + " layers").c_str() : "",
-              r.parameters / 1e9, r.bytes / 1e9, a.dtype.c_str(), r.shards.size(),
-              static_cast<unsigned long long>(a.seed), secs(), a.out.c_str());
+  std::printf(
+      "%s (%s%s): %.3fB parameters, %.2f GB %s in %zu shard(s), seed %llu; %.1f s\nwrote %s\n",
+      shape.name, shape.hf_id,
+      a.layers > 0 ? (", " + std::to_string(a.layers) + " layers").c_str() : "", r.parameters / 1e9,
+      r.bytes / 1e9, a.dtype.c_str(), r.shards.size(), static_cast<unsigned long long>(a.seed),
+      secs(), a.out.c_str());
   return 0;
 }
 }  // namespace

@@ -33,8 +33,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "kv/paged_kv_cache.h"
 #include "core/batch.h"
+#include "kv/paged_kv_cache.h"
 
 namespace redknot {
 
