@@ -50,15 +50,26 @@ TokenLogprob token_logprob(const float* logits, int64_t vocab, int32_t token, in
   out.token = token;
   out.logprob = static_cast<float>(logits[token] - log_z);
   if (top > 0) {
-    const int64_t k = std::min<int64_t>(top, vocab);
-    std::vector<int32_t> ids(static_cast<size_t>(vocab));
-    for (int64_t i = 0; i < vocab; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>(i);
-    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+    // The k best in one pass over the vocabulary, kept as a heap whose top is the worst of them
+    // (no [vocab] scratch per token).
+    const size_t k = static_cast<size_t>(std::min<int64_t>(top, vocab));
+    auto better = [&](int32_t a, int32_t b) {
       return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-    });
-    for (int64_t i = 0; i < k; ++i)
-      out.top.emplace_back(ids[static_cast<size_t>(i)],
-                           static_cast<float>(logits[ids[static_cast<size_t>(i)]] - log_z));
+    };
+    std::vector<int32_t> best;
+    best.reserve(k + 1);
+    for (int64_t i = 0; i < vocab; ++i) {
+      const int32_t id = static_cast<int32_t>(i);
+      if (best.size() == k && !better(id, best.front())) continue;
+      best.push_back(id);
+      std::push_heap(best.begin(), best.end(), better);
+      if (best.size() > k) {
+        std::pop_heap(best.begin(), best.end(), better);
+        best.pop_back();
+      }
+    }
+    std::sort(best.begin(), best.end(), better);
+    for (int32_t id : best) out.top.emplace_back(id, static_cast<float>(logits[id] - log_z));
   }
   return out;
 }

@@ -148,9 +148,9 @@ std::shared_ptr<RequestStream> Scheduler::submit(RequestSpec spec) {
   return submit_n(std::move(spec), 1).front();
 }
 
-int64_t Scheduler::fork_pages(const Request& r) const {
+int64_t Scheduler::fork_pages(int32_t max_tokens, const PagedKvCache& cache) const {
   // Its own tokens, and a private copy of each head's last shared page (copy on write).
-  return estimate_pages(r.spec.max_tokens + cache_.pool().page_size(), *r.cache);
+  return estimate_pages(max_tokens + cache_.pool().page_size(), cache);
 }
 
 std::vector<std::shared_ptr<RequestStream>> Scheduler::submit_n(RequestSpec spec, int32_t n) {
@@ -195,8 +195,7 @@ std::vector<std::shared_ptr<RequestStream>> Scheduler::submit_n(RequestSpec spec
   }
   r->cache = &cache_for(r->path.used);
   const int64_t need =
-      estimate_pages(total, *r->cache) +
-      (n - 1) * estimate_pages(spec.max_tokens + cache_.pool().page_size(), *r->cache);
+      estimate_pages(total, *r->cache) + (n - 1) * fork_pages(spec.max_tokens, *r->cache);
   if (need > cache_.pool().num_pages())
     throw Error("the request needs about " + std::to_string(need) + " KV pages; the pool has " +
                 std::to_string(cache_.pool().num_pages()));
@@ -304,6 +303,12 @@ void Scheduler::loop() {
   publish_stats();
 }
 
+SeqId Scheduler::take_seq_id() {
+  const SeqId id = next_seq_;
+  next_seq_ = next_seq_ == INT32_MAX ? 1 : next_seq_ + 1;
+  return id;
+}
+
 PagedKvCache& Scheduler::cache_for(ReuseMode mode) {
   if (reuse_mode_uses_head_profile(mode) || opts_.baseline_cache == nullptr) return cache_;
   return *opts_.baseline_cache;
@@ -377,7 +382,7 @@ void Scheduler::admit() {
       const int64_t forks = static_cast<int64_t>(head.forks.size());
       const int64_t need = static_cast<int64_t>(
           std::ceil(static_cast<double>(estimate_pages(total, *head.cache) +
-                                        forks * (forks ? fork_pages(head) : 0)) *
+                                        forks * fork_pages(head.spec.max_tokens, *head.cache)) *
                     opts_.reserve_fraction));
       // FIFO: a request that does not fit blocks those behind it (no starvation of big ones).
       if (!running_.empty() && reserved_pages_ + need > pool_pages) return;
@@ -389,8 +394,7 @@ void Scheduler::admit() {
       r->reserved_pages = need;
     }
     reserved_pages_ += r->reserved_pages;
-    r->seq = next_seq_;
-    next_seq_ = next_seq_ == INT32_MAX ? 1 : next_seq_ + 1;
+    r->seq = take_seq_id();
     r->cache->add_sequence(r->seq);
     r->fed = 0;
     r->stream->cached_tokens_.store(0);
@@ -525,11 +529,10 @@ void Scheduler::sample_and_emit(Request& r, const float* logits, int32_t greedy_
 
 void Scheduler::start_forks(Request& r, const float* logits, int32_t greedy_id) {
   report_path(r);
-  const int64_t share = fork_pages(r);
+  const int64_t share = fork_pages(r.spec.max_tokens, *r.cache);
   for (RequestPtr& f : r.forks) {
     // The prompt's KV (and nothing else yet) is in r's sequence: share it page by page.
-    f->seq = next_seq_;
-    next_seq_ = next_seq_ == INT32_MAX ? 1 : next_seq_ + 1;
+    f->seq = take_seq_id();
     r.cache->fork(r.seq, f->seq);
     f->fed = r.prompt_len;
     f->path = r.path;

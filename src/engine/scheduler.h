@@ -251,9 +251,10 @@ class Scheduler {
   // Appends `token` to `r`, streams it (with its logprob from `logits`) and ends `r` when due.
   void emit(Request& r, int32_t token, const float* logits);
   // Pages a fork may need beyond the prompt it shares (admission estimate).
-  int64_t fork_pages(const Request& r) const;
+  int64_t fork_pages(int32_t max_tokens, const PagedKvCache& cache) const;
   void report_path(Request& r);
   PagedKvCache& cache_for(ReuseMode mode);
+  SeqId take_seq_id();  // the next sequence id (wraps before INT32_MAX)
   void finish(Request& r, FinishReason reason, const std::string& error = {});
   void release(Request& r);
   void preempt(size_t running_index);

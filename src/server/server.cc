@@ -104,6 +104,21 @@ std::string get_str(const json& v, const std::string& what) {
   return v.get<std::string>();
 }
 
+bool get_bool(const json& j, const char* key, bool def) {
+  if (!present(j, key)) return def;
+  if (!j[key].is_boolean()) throw bad(std::string(key) + " must be a boolean", key);
+  return j[key].get<bool>();
+}
+
+// One token id of field `param`: an integer in [0, vocab).
+int32_t get_token_id(const json& v, const char* param, int64_t vocab) {
+  if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= vocab)
+    throw bad(
+        std::string(param) + " must hold token ids: integers in [0, " + std::to_string(vocab) + ")",
+        param);
+  return static_cast<int32_t>(v.get<int64_t>());
+}
+
 // The request surface. Every top-level field is one of: implemented (parsed below), known but
 // not implemented (accepted only at its default value, otherwise a 400 naming it), or unknown (a
 // 400, as OpenAI answers "Unrecognized request argument"). Types are checked for all of them.
@@ -280,17 +295,7 @@ constexpr int64_t kMaxLogprobs = 20;  // as vLLM's default max_logprobs
 
 GenParams parse_gen(const json& j, bool chat, int64_t vocab) {
   GenParams g;
-  auto flag = [&](const char* k) {
-    if (!present(j, k)) return false;
-    if (!j[k].is_boolean()) throw bad(std::string(k) + " must be a boolean", k);
-    return j[k].get<bool>();
-  };
-  auto token_id = [&](const json& v, const char* what) {
-    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= vocab)
-      throw bad(std::string(what) + " must hold token ids in [0, " + std::to_string(vocab) + ")",
-                what);
-    return static_cast<int32_t>(v.get<int64_t>());
-  };
+  auto flag = [&](const char* k) { return get_bool(j, k, false); };
   if (chat) {
     // Chat: logprobs is a boolean, top_logprobs the number of alternatives.
     const bool lp = flag("logprobs");
@@ -347,7 +352,7 @@ GenParams parse_gen(const json& j, bool chat, int64_t vocab) {
     const json& ids = j["stop_token_ids"];
     if (!ids.is_array() || ids.size() > 1024)
       throw bad("stop_token_ids must be an array of at most 1024 token ids", "stop_token_ids");
-    for (const json& v : ids) g.stop_token_ids.push_back(token_id(v, "stop_token_ids"));
+    for (const json& v : ids) g.stop_token_ids.push_back(get_token_id(v, "stop_token_ids", vocab));
   }
   if (present(j, "max_tokens")) g.max_tokens = get_int(j, "max_tokens", 1, kMaxTokensLimit);
   if (present(j, "max_completion_tokens"))
@@ -373,10 +378,7 @@ GenParams parse_gen(const json& j, bool chat, int64_t vocab) {
     if (g.max_tokens > 0 && g.sampling.min_tokens > g.max_tokens)
       throw bad("min_tokens must be <= max_tokens", "min_tokens");
   }
-  if (present(j, "stream")) {
-    if (!j["stream"].is_boolean()) throw bad("stream must be a boolean", "stream");
-    g.stream = j["stream"].get<bool>();
-  }
+  g.stream = flag("stream");
   if (present(j, "stream_options")) {
     const json& so = j["stream_options"];
     if (!so.is_object()) throw bad("stream_options must be an object", "stream_options");
@@ -975,11 +977,7 @@ void Server::routes() {
       if (present(body, "model") && get_str(body["model"], "model") != opts_.model_id)
         throw ApiError{404, "the model '" + body["model"].get<std::string>() + "' does not exist",
                        "not_found_error", "model", "model_not_found"};
-      auto flag = [&](const char* k, bool def) {
-        if (!present(body, k)) return def;
-        if (!body[k].is_boolean()) throw bad(std::string(k) + " must be a boolean", k);
-        return body[k].get<bool>();
-      };
+      auto flag = [&](const char* k, bool def) { return get_bool(body, k, def); };
       std::vector<int32_t> ids;
       if (chat) {
         if (body.contains("prompt")) throw bad("give prompt or messages, not both", "prompt");
@@ -1029,12 +1027,8 @@ void Server::routes() {
       if (!body.contains("tokens") || !body["tokens"].is_array())
         throw bad("tokens must be an array of token ids", "tokens");
       std::vector<int32_t> ids;
-      for (const json& t : body["tokens"]) {
-        if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= cfg_.vocab_size)
-          throw bad("tokens must be integers in [0, " + std::to_string(cfg_.vocab_size) + ")",
-                    "tokens");
-        ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
-      }
+      for (const json& t : body["tokens"])
+        ids.push_back(get_token_id(t, "tokens", cfg_.vocab_size));
       res.set_content(dump(json{{"prompt", tok_.decode(ids)}}), "application/json");
     } catch (const ApiError& e) {
       send_error(res, e);
@@ -1085,14 +1079,8 @@ void Server::routes() {
             spec.query = tok_.encode(prompt.get<std::string>(), /*add_special=*/true);
             if (g.echo) echo = prompt.get<std::string>();
           } else if (prompt.is_array() && !prompt.empty()) {
-            for (const json& t : prompt) {
-              if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
-                  t.get<int64_t>() >= cfg_.vocab_size)
-                throw bad("prompt token ids must be integers in [0, " +
-                              std::to_string(cfg_.vocab_size) + ")",
-                          "prompt");
-              spec.query.push_back(static_cast<int32_t>(t.get<int64_t>()));
-            }
+            for (const json& t : prompt)
+              spec.query.push_back(get_token_id(t, "prompt", cfg_.vocab_size));
           } else {
             throw bad("prompt must be a string or a non-empty array of token ids", "prompt");
           }
