@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One GPU call (<= 10 min): `redknot calibrate` and `redknot eval` of the second test model with the
+# CUDA backend (scripts/rag2/README.md, issue #24). The CLI is built on the development machine
+# (scripts/pack-device-server.sh) and carried as one archive, the weights as the training call's
+# byte-plane xz shards:
+#   tar -cJf .devcarry/cli.tar.xz build-srv-cuda/redknot .devlibs
+#   carry: .devcarry/cli.tar.xz WEIGHTS_DIR .devcarry/rag2/calib .devcarry/rag2/eval [.devcarry/agree]
+#   bash scripts/rag2/gpu-eval.sh --weights WEIGHTS_DIR [--calibrate "ARGS"] [--settings DIR] \
+#        [--eval "FILE[:N] ..."] [--modes all]
+# --calibrate runs `redknot calibrate --backend cuda ARGS --out $OUT/calib` and evaluates with what it
+# wrote; --settings DIR uses a head_profile.json + reuse_settings.json written before. Every eval file
+# gets one `redknot eval --mode MODES --json` (full prefill shared by the modes); the JSON reports,
+# predictions and the calibration output go to $OUT; a summary table is printed at the end.
+# DEADLINE (seconds from the start, default 570): a step that would start after it is skipped, and
+# every step is cut at it (what was written so far stays in $OUT); calibrate is cut at CALIB_S (240),
+# and then the --settings ones (if any) are used.
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+start=$(date +%s)
+DEST="${OUT:-/tmp/rag2_eval}"
+mkdir -p "$DEST"
+weights="" calib="" settings="" evals="" modes=all
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --weights) weights="$2"; shift 2 ;;
+    --calibrate) calib="$2"; shift 2 ;;
+    --settings) settings="$2"; shift 2 ;;
+    --eval) evals="$2"; shift 2 ;;
+    --modes) modes="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$weights" ] || { echo "--weights DIR (the training call's *.bp.xz + model_small_files.tar) is required" >&2; exit 2; }
+[ -f .devcarry/cli.tar.xz ] && tar -xJf .devcarry/cli.tar.xz
+source scripts/gpu-common.sh
+gpu_card_info
+BIN="$ROOT/build-srv-cuda/redknot"
+gpu_carried_cli "$BIN"
+M=/var/tmp/redknot-rag2
+rm -rf "$M"
+python3 scripts/rag2/unpack.py "$weights" "$M" >/dev/null || { echo "unpack failed" >&2; exit 1; }
+if [ -n "$settings" ]; then
+  cp "$settings"/head_profile.json "$settings"/reuse_settings.json "$M/"
+fi
+left() { echo $((start + ${DEADLINE:-570} - $(date +%s))); }
+t0=$(date +%s)
+if [ -n "$calib" ]; then
+  # shellcheck disable=SC2086
+  timeout "$(( ${CALIB_S:-240} < $(left) ? ${CALIB_S:-240} : $(left) ))" "$BIN" calibrate --backend cuda --model "$M" $calib --out "$DEST/calib" --quiet >"$DEST/calibrate.txt" 2>&1
+  echo "calibrate: rc $? in $(($(date +%s) - t0)) s"
+  cat "$DEST/calibrate.txt"
+  cp "$DEST/calib/head_profile.json" "$DEST/calib/reuse_settings.json" "$M/" 2>/dev/null
+fi
+for e in $evals; do
+  f="${e%%:*}" n=0
+  [ "$f" != "$e" ] && n="${e#*:}"
+  tag="$(basename "$f" .jsonl.gz)"
+  [ "$(left)" -gt 20 ] || { echo "eval $tag skipped: no time"; continue; }
+  t1=$(date +%s)
+  timeout "$(left)" "$BIN" eval --backend cuda --model "$M" --data "$f" --n "$n" --mode "$modes" --json --quiet \
+    --predictions "$DEST/pred_$tag.jsonl" >"$DEST/eval_$tag.json" 2>"$DEST/eval_$tag.err" \
+    || { echo "eval $tag failed:"; tail -5 "$DEST/eval_$tag.err"; continue; }
+  echo "eval $tag: $(($(date +%s) - t1)) s"
+done
+gzip -f "$DEST"/pred_*.jsonl 2>/dev/null
+python3 - "$DEST" <<'PY'
+import glob, json, os, sys
+for p in sorted(glob.glob(os.path.join(sys.argv[1], "eval_*.json"))):
+    try:
+        rs = json.load(open(p))
+    except Exception as e:
+        print(p, "unreadable:", e); continue
+    rs = rs if isinstance(rs, list) else [rs]
+    tasks = sorted({t for r in rs for t in r.get("tasks", {})})
+    print(f"\n{os.path.basename(p)[5:-5]}\n| mode | n | EM | top-1 | logits cos | FLOPs saved | TTFT p50 ms | " +
+          " | ".join(f"EM {t}" for t in tasks) + " |")
+    for r in rs:
+        print(f"| {r['mode']} | {r['n']} | {100 * r['em']:.1f} | {r['top1_match']:.3f} | {r['logits_cos']:.4f} | "
+              f"{100 * r['flops_reduction']:.1f}% | {r['ttft_ms_p50']:.1f} | " +
+              " | ".join(f"{100 * r['tasks'][t]['em']:.1f}" if t in r.get("tasks", {}) else "-" for t in tasks) + " |")
+PY
+ls -la "$DEST"
