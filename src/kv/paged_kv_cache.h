@@ -62,6 +62,8 @@ class PagedKvCache : public KvCache {
   // <= full_until_layer (-1: the profile's classes). Clearing keep_local_pages trims at once.
   // A forward must not mix this sequence with others while full_until_layer >= 0.
   void set_full_attention(SeqId seq, int32_t full_until_layer, bool keep_local_pages);
+  // Whether the sequence's local heads keep every page now (append_relocated copies every row).
+  bool keeps_local_pages(SeqId seq) const { return get(seq).keep_local_pages; }
 
   // Appends n tokens whose K/V already sit in the pool (a cached segment prefilled at
   // src_positions): rows[layer * kv_heads + head][i] is token i's source row. The copies take

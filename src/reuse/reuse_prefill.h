@@ -75,7 +75,8 @@ struct ReusePath {
   ReuseMode used = ReuseMode::Full;       // what ran
   std::string fallback;                   // why used != requested (empty when it did not)
   int32_t segments = 0;                   // segments looked up in the chunk store
-  int32_t segments_hit = 0;               // found cached (pool, host or disk)
+  int32_t segments_hit = 0;               // found cached (pool, host, disk or remote)
+  int32_t segments_remote = 0;            // of those, fetched from the remote tier (Redis)
   int32_t segments_prefilled = 0;         // misses prefilled for this request
   int32_t segments_private = 0;           // of those, not kept by the store (no room)
   int64_t reused_tokens = 0;              // prompt tokens whose KV came from a cache
