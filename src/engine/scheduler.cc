@@ -600,6 +600,7 @@ bool Scheduler::run_reuse_forward() {
     r.fed = r.prompt_len;
     r.path.segments = out.path.segments;
     r.path.segments_hit = out.path.segments_hit;
+    r.path.segments_remote = out.path.segments_remote;
     r.path.segments_prefilled = out.path.segments_prefilled;
     r.path.segments_private = out.path.segments_private;
     r.path.reused_tokens = out.reused_tokens;
@@ -609,6 +610,7 @@ bool Scheduler::run_reuse_forward() {
     counters_.cached_tokens += out.reused_tokens;
     counters_.recomputed_tokens += r.prompt_len - out.reused_tokens;
     counters_.segments_hit += out.path.segments_hit;
+    counters_.segments_remote += out.path.segments_remote;
     counters_.segments_prefilled += out.path.segments_prefilled;
     counters_.segments_private += out.path.segments_private;
     counters_.flops_done += out.flops.total();

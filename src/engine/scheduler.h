@@ -159,8 +159,9 @@ struct SchedulerStats {
   int64_t recomputed_tokens = 0;          // prompt tokens those prefills computed
   double flops_done = 0, flops_full = 0;  // their FLOPs, and a dense prefill's
   int64_t segments_hit = 0, segments_prefilled = 0, segments_private = 0;
-  int64_t reuse_steps = 0;  // steps that ran a reuse prefill's forward
-  int64_t reuse_waits = 0;  // reuse prefills requeued for pages (fallback policy wait)
+  int64_t segments_remote = 0;  // of segments_hit, from the chunk store's remote tier
+  int64_t reuse_steps = 0;      // steps that ran a reuse prefill's forward
+  int64_t reuse_waits = 0;      // reuse prefills requeued for pages (fallback policy wait)
   int64_t prefix_queries = 0, prefix_hits = 0, prefix_hit_tokens = 0;  // prefix mode
   int64_t prefix_query_tokens = 0;
   std::map<std::string, int64_t> fallbacks;   // requests served in another mode, by reason

@@ -585,6 +585,7 @@ struct Job {
                   {"fallback", path.fallback.empty() ? json(nullptr) : json(path.fallback)},
                   {"segments", path.segments},
                   {"segments_hit", path.segments_hit},
+                  {"segments_remote", path.segments_remote},
                   {"segments_prefilled", path.segments_prefilled},
                   {"segments_uncached", path.segments_private},
                   {"reused_tokens", path.reused_tokens},
@@ -906,6 +907,7 @@ void Server::routes() {
                  {"max_batch", sched_.options().max_batch},
                  {"batch_invariant", opts_.batch_invariant},
                  {"chunk_store_dir", opts_.chunk_store_dir},
+                 {"chunk_store_redis", opts_.chunk_store_redis},
                  {"reuse_mode", opts_.reuse_mode},
                  {"chunk_reuse", opts_.chunk_stats ? "on" : "off"}};
     return json{{"id", opts_.model_id},
