@@ -31,6 +31,7 @@
 #include "model/random_checkpoint.h"
 #include "reuse/chunk_prefill.h"
 #include "reuse/chunk_store.h"
+#include "reuse/kv_handover.h"
 #include "reuse/reuse_prefill.h"
 
 namespace redknot {
@@ -364,6 +365,74 @@ TEST_F(RemoteTierTest, RedisGoneIsMissesThenHitsAgainOnceBack) {
   const auto got3 = Run(b, p3, ReuseMode::Naive);
   EXPECT_EQ(b.store->stats().remote_hits, 3);
   EXPECT_EQ(got3, fresh3);
+}
+
+TEST_F(RemoteTierTest, PrefillDecodeHandoverMovesOnlyKeptRows) {
+  Instance a = Make(), b = Make();
+  const uint64_t fp = model_fingerprint(*cfg_, *ckpt_);
+  const PagedKvOptions po{1.0f / std::sqrt(static_cast<float>(cfg_->head_dim))};
+  constexpr int32_t kTokens = 2048;
+  const std::vector<int32_t> prompt = Ids(kTokens, 77);
+  PagedKvCache ka(*a.pool, Profile(), po, model_->inv_freq());
+  ka.add_sequence(0);
+  std::vector<float> logits;
+  for (int32_t s = 0; s < kTokens; s += 512) {  // A: the prefill, in chunks
+    Batch batch;
+    batch.add_sequence(0, std::vector<int32_t>(prompt.begin() + s, prompt.begin() + s + 512), s,
+                       s + 512 == kTokens);
+    Tensor t = model_->forward(batch, ka);
+    logits.assign(t.data<float>(), t.data<float>() + t.numel());
+  }
+  auto remote = Raw();
+  std::string err;
+  const auto sent = export_kv(ka, 0, *remote, fp, "req-1", &err);
+  ASSERT_TRUE(sent) << err;
+  const KvUsage u = ka.usage(0);
+  EXPECT_EQ(sent->rows, u.global_tokens + u.local_tokens);  // what A holds, no more
+  EXPECT_EQ(sent->token_major_bytes,
+            int64_t{kTokens} * kLayers * kKvHeads * 2 * cfg_->head_dim * 4);
+  // Per held row: its position and K, V; plus the manifest. Local heads hold sink + window of the
+  // 2048 rows: about 0.15 + 0.85 * 516 / 2048 of the rows (0.36), and 4 bytes more per row.
+  const int64_t rb = int64_t{cfg_->head_dim} * 4;
+  EXPECT_EQ(sent->bytes,
+            sent->rows * (4 + 2 * rb) + 40 + 4 * kTokens + 24 * kLayers * kKvHeads + 8);
+  // (Local heads are trimmed a page at a time: up to a page more on each side of the window.)
+  EXPECT_LE(sent->rows, 3 * kTokens + 17 * (kSink + kWindow + 2 * kPageSize));
+  std::printf("PD handover at %d tokens: %lld bytes head-major, %lld token-major (%.3f)\n", kTokens,
+              static_cast<long long>(sent->bytes), static_cast<long long>(sent->token_major_bytes),
+              double(sent->bytes) / double(sent->token_major_bytes));
+
+  PagedKvCache kb(*b.pool, Profile(), po, model_->inv_freq());  // B: imports, then decodes
+  kb.add_sequence(0);
+  const auto got = import_kv(kb, 0, *remote, fp, "req-1", &err);
+  ASSERT_TRUE(got) << err;
+  EXPECT_EQ(got->bytes, sent->bytes);
+  EXPECT_EQ(kb.next_position(0), kTokens);
+  std::vector<float> la = logits, lb = logits;
+  for (int i = 0; i < 4; ++i) {
+    const int32_t next = Argmax(la);
+    for (auto [kv, out] : {std::pair{&ka, &la}, std::pair{&kb, &lb}}) {
+      Batch batch;
+      batch.add_sequence(0, {next}, kv->next_position(0));
+      Tensor t = model_->forward(batch, *kv);
+      out->assign(t.data<float>(), t.data<float>() + t.numel());
+    }
+    ASSERT_EQ(lb, la) << "decode step " << i;
+  }
+
+  // A damaged shard is refused (the importer would prefill instead), the sequence left empty.
+  std::string shard;
+  const std::string key = "rk:pd:" + Prefix(prompt).substr(3, 16) + ":req-1:1:2";
+  ASSERT_EQ(remote->get(key, &shard), RemoteKv::Status::Ok) << key;
+  shard[shard.size() / 2] ^= 0x10;
+  std::vector<std::pair<std::string, std::string>> bad{{key, shard}};
+  ASSERT_EQ(remote->put_many(bad), RemoteKv::Status::Ok);
+  PagedKvCache kc(*b.pool, Profile(), po, model_->inv_freq());
+  kc.add_sequence(0);
+  EXPECT_FALSE(import_kv(kc, 0, *remote, fp, "req-1", &err));
+  EXPECT_NE(err.find("corrupt"), std::string::npos) << err;
+  EXPECT_EQ(kc.next_position(0), 0);
+  EXPECT_FALSE(import_kv(kc, 0, *remote, fp, "no-such-handle", &err));
 }
 
 TEST(RemoteKvUrl, FormsAcceptedAndRefused) {
