@@ -155,6 +155,13 @@ int run_serve(const ServeArgs& a) {
   // with the same reuse_chunk.
   if (!settings.reuse_chunk) so.reuse.chunk = so.step_tokens;
   so.chunk_store = chunks.get();
+  // Prefill/decode handover (kv_export / kv_import) through the same Redis, on its own client.
+  std::unique_ptr<RemoteKv> handover;
+  if (!a.chunk_store_redis.empty()) {
+    handover = make_redis_kv(a.chunk_store_redis, eo.chunk_store_redis_options);
+    so.handover = handover.get();
+    so.handover_model_fp = model_fingerprint(model.config(), m.ckpt);
+  }
   so.redknot_disabled = settings.redknot_disabled.value_or("");
   Scheduler sched(model, *store.cache, so);
 

@@ -15,11 +15,12 @@ namespace redknot {
 namespace {
 
 // Manifest (host byte order): magic[8] "RKPDHND\0", u32 version, u32 dtype, u64 model_fp, u32
-// layers, u32 kv_heads, u32 head_dim, u32 tokens, i32 positions[tokens], per head: u32 class,
-// i32 window, i32 sink, u32 rows, u64 XXH3 of its shard; u64 XXH3 of all the preceding bytes.
+// layers, u32 kv_heads, u32 head_dim, u32 tokens, i32 first_token, u32 0, i32 token_ids[tokens],
+// i32 positions[tokens], per head: u32 class, i32 window, i32 sink, u32 rows, u64 XXH3 of its
+// shard; u64 XXH3 of all the preceding bytes.
 constexpr char kMagic[8] = {'R', 'K', 'P', 'D', 'H', 'N', 'D', '\0'};
 constexpr uint32_t kVersion = 1;
-constexpr int64_t kFixed = 40;
+constexpr int64_t kFixed = 48;
 constexpr int64_t kPerHead = 24;
 
 template <typename T>
@@ -46,25 +47,34 @@ bool fail(std::string* error, const std::string& what) {
 
 }  // namespace
 
-std::optional<HandoverBytes> export_kv(PagedKvCache& kv, SeqId seq, RemoteKv& remote,
-                                       uint64_t model_fp, const std::string& handle,
-                                       std::string* error) {
+std::optional<HandoverBytes> export_kv(PagedKvCache& kv, SeqId seq, std::span<const int32_t> tokens,
+                                       int32_t first_token, RemoteKv& remote, uint64_t model_fp,
+                                       const std::string& handle, std::string* error) {
   const HeadProfile& prof = kv.profile();
   const int32_t L = prof.num_layers(), H = prof.num_kv_heads();
   const DType dt = kv.pool().backend().act_dtype();
   const int64_t hd = kv.pool().head_dim(), rb = dtype_bytes(dt, hd);
   const std::string pre = prefix_of(model_fp, handle);
   const std::vector<int32_t>& positions = kv.token_positions(seq);
+  if (tokens.size() != positions.size()) {
+    fail(error, "the sequence holds " + std::to_string(positions.size()) + " tokens, not " +
+                    std::to_string(tokens.size()));
+    return std::nullopt;
+  }
   std::string m;
   m.append(kMagic, 8);
   put(m, kVersion);
   put(m, static_cast<uint32_t>(dt));
   put(m, model_fp);
   for (uint32_t v : {uint32_t(L), uint32_t(H), uint32_t(hd), uint32_t(positions.size())}) put(m, v);
+  put(m, first_token);
+  put(m, uint32_t{0});
+  m.append(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 4);
   m.append(reinterpret_cast<const char*>(positions.data()), positions.size() * 4);
   std::vector<std::pair<std::string, std::string>> kvs;
   HandoverBytes out;
   out.tokens = static_cast<int32_t>(positions.size());
+  out.first_token = first_token;
   for (int l = 0; l < L; ++l)
     for (int h = 0; h < H; ++h) {
       Tensor k, v;
@@ -96,9 +106,9 @@ std::optional<HandoverBytes> export_kv(PagedKvCache& kv, SeqId seq, RemoteKv& re
   return out;
 }
 
-std::optional<HandoverBytes> import_kv(PagedKvCache& kv, SeqId seq, RemoteKv& remote,
-                                       uint64_t model_fp, const std::string& handle,
-                                       std::string* error) {
+std::optional<HandoverBytes> import_kv(PagedKvCache& kv, SeqId seq, std::span<const int32_t> tokens,
+                                       RemoteKv& remote, uint64_t model_fp,
+                                       const std::string& handle, std::string* error) {
   const HeadProfile& prof = kv.profile();
   const int32_t L = prof.num_layers(), H = prof.num_kv_heads();
   const DType dt = kv.pool().backend().act_dtype();
@@ -116,17 +126,22 @@ std::optional<HandoverBytes> import_kv(PagedKvCache& kv, SeqId seq, RemoteKv& re
     fail(error, "corrupt handover manifest");
     return std::nullopt;
   }
-  const uint32_t tokens = get<uint32_t>(m, 36);
+  const uint32_t n_tok = get<uint32_t>(m, 36);
   if (get<uint32_t>(m, 8) != kVersion || get<uint32_t>(m, 12) != static_cast<uint32_t>(dt) ||
       get<uint64_t>(m, 16) != model_fp || get<uint32_t>(m, 24) != uint32_t(L) ||
       get<uint32_t>(m, 28) != uint32_t(H) || get<uint32_t>(m, 32) != uint32_t(hd) ||
-      tokens > (1u << 26) || size != kFixed + int64_t{tokens} * 4 + int64_t{L} * H * kPerHead + 8) {
+      n_tok > (1u << 26) || size != kFixed + int64_t{n_tok} * 8 + int64_t{L} * H * kPerHead + 8) {
     fail(error, "handover of another model, dtype or geometry");
     return std::nullopt;
   }
-  std::vector<int32_t> positions(tokens);
-  std::memcpy(positions.data(), m.data() + kFixed, int64_t{tokens} * 4);
-  const int64_t heads_at = kFixed + int64_t{tokens} * 4;
+  if (n_tok != tokens.size() ||
+      std::memcmp(m.data() + kFixed, tokens.data(), tokens.size() * 4) != 0) {
+    fail(error, "handover of another prompt");
+    return std::nullopt;
+  }
+  std::vector<int32_t> positions(n_tok);
+  std::memcpy(positions.data(), m.data() + kFixed + int64_t{n_tok} * 4, int64_t{n_tok} * 4);
+  const int64_t heads_at = kFixed + int64_t{n_tok} * 8;
   std::vector<std::string> keys;
   std::vector<RemoteKv::Range> ranges;
   std::vector<uint32_t> rows(static_cast<size_t>(L) * H);
@@ -149,7 +164,8 @@ std::optional<HandoverBytes> import_kv(PagedKvCache& kv, SeqId seq, RemoteKv& re
     return std::nullopt;
   }
   HandoverBytes out;
-  out.tokens = static_cast<int32_t>(tokens);
+  out.tokens = static_cast<int32_t>(n_tok);
+  out.first_token = get<int32_t>(m, 40);
   out.bytes = size;
   std::vector<std::vector<int32_t>> head_pos(static_cast<size_t>(L) * H);
   std::vector<Tensor> ks, vs;
@@ -173,7 +189,7 @@ std::optional<HandoverBytes> import_kv(PagedKvCache& kv, SeqId seq, RemoteKv& re
     out.rows += n;
     out.bytes += static_cast<int64_t>(s.size());
   }
-  out.token_major_bytes = int64_t{tokens} * L * H * 2 * rb;
+  out.token_major_bytes = int64_t{n_tok} * L * H * 2 * rb;
   kv.import_sequence(seq, std::move(positions), head_pos, ks, vs);
   return out;
 }

@@ -385,7 +385,7 @@ TEST_F(RemoteTierTest, PrefillDecodeHandoverMovesOnlyKeptRows) {
   }
   auto remote = Raw();
   std::string err;
-  const auto sent = export_kv(ka, 0, *remote, fp, "req-1", &err);
+  const auto sent = export_kv(ka, 0, prompt, Argmax(logits), *remote, fp, "req-1", &err);
   ASSERT_TRUE(sent) << err;
   const KvUsage u = ka.usage(0);
   EXPECT_EQ(sent->rows, u.global_tokens + u.local_tokens);  // what A holds, no more
@@ -395,7 +395,7 @@ TEST_F(RemoteTierTest, PrefillDecodeHandoverMovesOnlyKeptRows) {
   // 2048 rows: about 0.15 + 0.85 * 516 / 2048 of the rows (0.36), and 4 bytes more per row.
   const int64_t rb = int64_t{cfg_->head_dim} * 4;
   EXPECT_EQ(sent->bytes,
-            sent->rows * (4 + 2 * rb) + 40 + 4 * kTokens + 24 * kLayers * kKvHeads + 8);
+            sent->rows * (4 + 2 * rb) + 48 + 8 * kTokens + 24 * kLayers * kKvHeads + 8);
   // (Local heads are trimmed a page at a time: up to a page more on each side of the window.)
   EXPECT_LE(sent->rows, 3 * kTokens + 17 * (kSink + kWindow + 2 * kPageSize));
   std::printf("PD handover at %d tokens: %lld bytes head-major, %lld token-major (%.3f)\n", kTokens,
@@ -404,9 +404,14 @@ TEST_F(RemoteTierTest, PrefillDecodeHandoverMovesOnlyKeptRows) {
 
   PagedKvCache kb(*b.pool, Profile(), po, model_->inv_freq());  // B: imports, then decodes
   kb.add_sequence(0);
-  const auto got = import_kv(kb, 0, *remote, fp, "req-1", &err);
+  std::vector<int32_t> other = prompt;
+  other[5] ^= 1;
+  EXPECT_FALSE(import_kv(kb, 0, other, *remote, fp, "req-1", &err));  // another prompt
+  EXPECT_NE(err.find("another prompt"), std::string::npos) << err;
+  const auto got = import_kv(kb, 0, prompt, *remote, fp, "req-1", &err);
   ASSERT_TRUE(got) << err;
   EXPECT_EQ(got->bytes, sent->bytes);
+  EXPECT_EQ(got->first_token, Argmax(logits));
   EXPECT_EQ(kb.next_position(0), kTokens);
   std::vector<float> la = logits, lb = logits;
   for (int i = 0; i < 4; ++i) {
@@ -429,10 +434,10 @@ TEST_F(RemoteTierTest, PrefillDecodeHandoverMovesOnlyKeptRows) {
   ASSERT_EQ(remote->put_many(bad), RemoteKv::Status::Ok);
   PagedKvCache kc(*b.pool, Profile(), po, model_->inv_freq());
   kc.add_sequence(0);
-  EXPECT_FALSE(import_kv(kc, 0, *remote, fp, "req-1", &err));
+  EXPECT_FALSE(import_kv(kc, 0, prompt, *remote, fp, "req-1", &err));
   EXPECT_NE(err.find("corrupt"), std::string::npos) << err;
   EXPECT_EQ(kc.next_position(0), 0);
-  EXPECT_FALSE(import_kv(kc, 0, *remote, fp, "no-such-handle", &err));
+  EXPECT_FALSE(import_kv(kc, 0, prompt, *remote, fp, "no-such-handle", &err));
 }
 
 TEST(RemoteKvUrl, FormsAcceptedAndRefused) {

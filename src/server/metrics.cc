@@ -186,6 +186,10 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
           {"remote_hit", s.segments_remote},
           {"prefilled", s.segments_prefilled},
           {"private", s.segments_private}});
+  family(
+      out, "redknot_kv_handovers_total",
+      "Prefill/decode handovers through the remote store (kv_export / kv_import).", "outcome",
+      {{"exported", s.kv_exports}, {"imported", s.kv_imports}, {"failed", s.kv_handover_errors}});
   family(out, "redknot_requests_by_mode_total", "Requests by the reuse mode that ran.", "mode",
          s.modes_used);
   family(out, "redknot_reuse_fallbacks_total", "Requests not served in the mode asked, by reason.",

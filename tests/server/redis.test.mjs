@@ -1,6 +1,7 @@
 // Two `redknot serve` processes sharing one redis-server (the chunk store's remote tier, issue
 // #22), on the shipped model: documents prefilled by A are a remote hit on B (usage.reuse and
-// /metrics), B's greedy answer equals its answer on a second request (a local hit); Redis killed
+// /metrics), B's greedy answer equals its answer on a second request (a local hit); a prompt's KV
+// exported by A (kv_export) is imported and decoded by B (kv_import) to A's answer; Redis killed
 // mid-run degrades B to misses (counted) and B keeps serving; a bad URL fails at startup.
 // Plain fetch, no npm packages. Env: REDKNOT_CLI. Skips when redis-server is not installed.
 import assert from 'node:assert/strict';
@@ -90,17 +91,18 @@ const DOCS = [
   'Annual report of Traibu Energy. The company employs about 650 people. Revenue of Traibu Energy rose by 3 percent in the third quarter. Traibu Energy was founded in 1939 by Drasker Poxdryt. Most of the profit of Traibu Energy comes from the Brasshoush, its best-selling product. The headquarters of Traibu Energy are in Vornheim.',
 ];
 
-async function ask(base, documents, question) {
+async function ask(base, documents, question, extra = {}, status = 200) {
   const r = await fetch(`${base}/v1/chat/completions`, {
     method: 'POST',
     headers: {'Content-Type': 'application/json'},
     body: JSON.stringify({
       model: 'redknot-rag-8k', documents, max_tokens: 16, temperature: 0,
-      messages: [{role: 'user', content: question}],
+      messages: [{role: 'user', content: question}], ...extra,
     }),
   });
-  assert.equal(r.status, 200, await r.clone().text());
+  assert.equal(r.status, status, await r.clone().text());
   const j = await r.json();
+  if (status !== 200) return j;
   return {text: j.choices[0].message.content, reuse: j.usage.reuse};
 }
 
@@ -141,9 +143,34 @@ describe('two servers sharing one Redis (--chunk-store-redis)', {skip}, () => {
     assert.equal(b1.text, ra.text);  // and A's answer (its S0 KV is the same bytes)
   });
 
+  test('prefill/decode handover: A exports the prompt KV, B imports it and decodes', async () => {
+    const q = 'Which product brings most of the profit of the company Zorbin Kell works for?';
+    const docs = [DOCS[1], DOCS[0]];
+    const ra = await ask(a.base, docs, q, {kv_export: 'req-42'});
+    assert.equal(ra.reuse.kv_handover_error, null);
+    assert.ok(ra.reuse.kv_export_bytes > 0);
+    const rb = await ask(b.base, docs, q, {kv_import: 'req-42'});
+    assert.equal(rb.reuse.kv_handover_error, null, JSON.stringify(rb.reuse));
+    assert.equal(rb.reuse.kv_import_bytes, ra.reuse.kv_export_bytes);
+    // Head-major: local heads (13 of 16) send only their sink + window of the ~1.2K-token prompt.
+    assert.ok(rb.reuse.kv_import_bytes < 0.6 * rb.reuse.kv_token_major_bytes, JSON.stringify(rb.reuse));
+    assert.equal(rb.text, ra.text);  // B decodes what A would have
+    const m = await (await fetch(`${b.base}/metrics`)).text();
+    assert.match(m, /^redknot_kv_handovers_total\{outcome="imported"\} 1$/m);
+    // Another prompt under that handle, or a handle never exported: prefilled, and said so.
+    const rc = await ask(b.base, docs, q + ' Please answer.', {kv_import: 'req-42'});
+    assert.equal(rc.reuse.fallback, 'kv_import_failed');
+    assert.match(rc.reuse.kv_handover_error, /another prompt/);
+    const bad = await ask(b.base, docs, q, {kv_import: 'no spaces'}, 400);
+    assert.match(bad.error.message, /kv_import must be/);
+  });
+
   test('Redis gone: B keeps serving, misses counted as remote errors', async () => {
     await stop(redis.proc);
-    const r = await ask(b.base, [DOCS[1], DOCS[0]], 'Who founded Traibu Energy?');
+    // Documents no server has seen: B asks Redis, which is gone.
+    const docs = ['Diary of Pell Ordo. Today Ordo walked to the harbour of Vask and bought bread.',
+                  DOCS[1]];
+    const r = await ask(b.base, docs, 'Who founded Traibu Energy?');
     assert.equal(r.reuse.segments_remote, 0);
     assert.ok(await metric(b.base, 'redknot_chunk_store_remote_errors_total') > 0);
     assert.ok((await fetch(`${b.base}/health`)).ok);
