@@ -305,6 +305,17 @@ ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
   po.scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   cache_ =
       std::make_unique<PagedKvCache>(pool_, HeadProfile(layers_, kv_heads_), po, model.inv_freq());
+  std::shared_ptr<RemoteKv> remote_wr;
+  if (opts_.remote) {
+    if (opts_.model_fp == 0)
+      throw Error("chunk store: the remote tier needs a model fingerprint (model_fingerprint())");
+    if (opts_.remote_admit < 1) throw Error("chunk store: remote_admit must be >= 1");
+    if (opts_.remote_block_rows < 1) throw Error("chunk store: remote_block_rows must be >= 1");
+    remote_rd_ = opts_.remote();
+    remote_wr = opts_.remote();
+    if (!remote_rd_ || !remote_wr)
+      throw Error("chunk store: the remote factory returned no client");
+  }
   if (opts_.disk_budget_bytes > 0) {
     if (opts_.disk_dir.empty()) throw Error("chunk store: the disk tier needs a directory");
     if (opts_.model_fp == 0)
@@ -316,16 +327,8 @@ ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
     scan_disk();
     if (opts_.write_through) writer_ = std::thread([this] { writer_loop(); });
   }
-  if (opts_.remote) {
-    if (opts_.model_fp == 0)
-      throw Error("chunk store: the remote tier needs a model fingerprint (model_fingerprint())");
-    if (opts_.remote_admit < 1) throw Error("chunk store: remote_admit must be >= 1");
-    if (opts_.remote_block_rows < 1) throw Error("chunk store: remote_block_rows must be >= 1");
-    remote_rd_ = opts_.remote();
-    std::shared_ptr<RemoteKv> wr = opts_.remote();
-    if (!remote_rd_ || !wr) throw Error("chunk store: the remote factory returned no client");
-    remote_writer_ = std::thread([this, wr] { remote_loop(*wr); });
-  }
+  // Last: nothing may throw once a thread runs (a half-built store would not join it).
+  if (remote_wr) remote_writer_ = std::thread([this, remote_wr] { remote_loop(*remote_wr); });
 }
 
 ChunkStore::~ChunkStore() {
