@@ -4,7 +4,8 @@
 set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkg-config
       libopenblas-dev libpcre2-dev nlohmann-json3-dev libcpp-httplib-dev libcli11-dev
-      libutf8proc-dev libxxhash-dev zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev clang-format)
+      libutf8proc-dev libxxhash-dev zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev clang-format
+      libhiredis-dev redis-server)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

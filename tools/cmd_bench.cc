@@ -5,6 +5,7 @@
 #include "commands.h"
 #include "engine_bench.h"
 #include "kv_bench.h"
+#include "remote_bench.h"
 
 namespace redknot::cli {
 namespace {
@@ -56,6 +57,25 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
   ca->add_option("--repeats", att->repeats)->check(CLI::Range(1, 1000));
   ca->add_option("--threads", att->threads, "CPU threads (0: all)");
   ca->callback([att, &action] { action = [att] { return bench::run_attention_bench(*att); }; });
+
+  auto rem = std::make_shared<bench::RemoteBenchArgs>();
+  CLI::App* cr = c->add_subcommand(
+      "chunk-store-remote",
+      "TTFT of a document as a local chunk-store hit, a Redis (remote) hit and recomputed, and "
+      "the bytes the remote hit fetched head-major vs token-major");
+  cr->add_option("--shape", rem->shape, "preset shape (random weights): rag-7m | tiny | 1b ...");
+  cr->add_option("--layers", rem->layers, "override the preset's layers")
+      ->check(CLI::Range(1, 1024));
+  cr->add_option("--redis", rem->redis,
+                 "redis://host:port or unix:///path.sock (default: a private redis-server)");
+  cr->add_option("--tokens", rem->tokens, "document lengths")->delimiter(',');
+  cr->add_option("--global-fraction", rem->global_fraction)->check(CLI::Range(0.0, 1.0));
+  cr->add_option("--window", rem->window)->check(CLI::Range(1, 1 << 24));
+  cr->add_option("--sink", rem->sink)->check(CLI::Range(0, 1 << 24));
+  cr->add_option("--block-rows", rem->block_rows, "rows per shard block")
+      ->check(CLI::Range(1, 1 << 20));
+  cr->add_option("--repeats", rem->repeats)->check(CLI::Range(1, 100));
+  cr->callback([rem, &action] { action = [rem] { return bench::run_remote_bench(*rem); }; });
 
   // Without a subcommand `bench` stays the engine benchmark.
   c->callback([a, c, &action] {

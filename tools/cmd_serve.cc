@@ -24,6 +24,9 @@ struct ServeArgs {
   std::string model, host = "127.0.0.1", api_key, backend = "cpu";
   std::string chunk_store_dir, reuse_mode = "redknot", model_id, reuse_fallback = "wait";
   int64_t chunk_store_bytes = 0;
+  std::string chunk_store_redis;  // remote tier URL; empty: none
+  int32_t chunk_store_redis_admit = 1, chunk_store_redis_connect_ms = 200,
+          chunk_store_redis_timeout_ms = 2000;
   int port = 8080;
   int32_t max_batch = 32, max_queue = 256, step_tokens = 0, page_size = 64, threads = 0;
   int64_t kv_budget = 0;
@@ -53,6 +56,18 @@ ServeSetup resolve_serve(const ServeArgs& a) {
   s.settings = resolve_reuse_settings(a.model, a.settings);
   s.mode = a.reuse_mode == "off" ? ReuseMode::Full : parse_reuse_mode(a.reuse_mode);
   s.reuse = s.mode != ReuseMode::Full;
+  if (!a.chunk_store_redis.empty()) {
+    // At startup, before the model loads: a bad flag is never a silent "no remote tier".
+    if (!s.reuse)
+      throw Error("--chunk-store-redis needs the chunk store (a --reuse-mode other than " +
+                  a.reuse_mode + ")");
+    if (const std::string bad = check_redis_url(a.chunk_store_redis); !bad.empty())
+      throw Error("--chunk-store-redis '" + a.chunk_store_redis + "': " + bad);
+    if (!redis_kv_available())
+      throw Error(
+          "--chunk-store-redis: this build has no Redis support (install libhiredis-dev "
+          "and rebuild with -DREDKNOT_REDIS=ON)");
+  }
   s.reuse_opts.mode = s.mode;
   s.settings.apply(s.reuse_opts);
   const std::string head_profile = s.settings.head_profile.value_or("");
@@ -73,6 +88,10 @@ ServeSetup resolve_serve(const ServeArgs& a) {
   eo.chunk_store = s.reuse;
   eo.chunk_store_bytes = a.chunk_store_bytes;
   eo.chunk_store_dir = a.chunk_store_dir;
+  eo.chunk_store_redis = a.chunk_store_redis;
+  eo.chunk_store_redis_admit = a.chunk_store_redis_admit;
+  eo.chunk_store_redis_options.connect_timeout_ms = a.chunk_store_redis_connect_ms;
+  eo.chunk_store_redis_options.io_timeout_ms = a.chunk_store_redis_timeout_ms;
   return s;
 }
 
@@ -136,6 +155,13 @@ int run_serve(const ServeArgs& a) {
   // with the same reuse_chunk.
   if (!settings.reuse_chunk) so.reuse.chunk = so.step_tokens;
   so.chunk_store = chunks.get();
+  // Prefill/decode handover (kv_export / kv_import) through the same Redis, on its own client.
+  std::unique_ptr<RemoteKv> handover;
+  if (!a.chunk_store_redis.empty()) {
+    handover = make_redis_kv(a.chunk_store_redis, eo.chunk_store_redis_options);
+    so.handover = handover.get();
+    so.handover_model_fp = model_fingerprint(model.config(), m.ckpt);
+  }
   so.redknot_disabled = settings.redknot_disabled.value_or("");
   Scheduler sched(model, *store.cache, so);
 
@@ -150,6 +176,7 @@ int run_serve(const ServeArgs& a) {
   o.backend = a.backend;
   o.head_profile = eo.head_profile;
   o.chunk_store_dir = a.chunk_store_dir;
+  o.chunk_store_redis = a.chunk_store_redis;
   o.reuse_mode = a.reuse_mode;
   o.batch_invariant = m.is_batch_invariant();
   o.log_requests = !a.disable_log_requests;
@@ -221,6 +248,20 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "disk tier of the chunk store (cached segments survive restarts)");
   c->add_option("--chunk-store-bytes", a->chunk_store_bytes,
                 "KV pool bytes for cached segments (default: a third of the pool)");
+  c->add_option("--chunk-store-redis", a->chunk_store_redis,
+                "remote tier of the chunk store, shared with other servers: redis://host:port or "
+                "unix:///path.sock (segments in head-major shards; Redis's maxmemory + LRU bound "
+                "it)");
+  c->add_option("--chunk-store-redis-admit", a->chunk_store_redis_admit,
+                "accesses a cached segment needs before it is written to Redis (1: every "
+                "prefilled segment is shared)")
+      ->check(CLI::PositiveNumber);
+  c->add_option("--chunk-store-redis-connect-ms", a->chunk_store_redis_connect_ms,
+                "Redis connect timeout in ms (a failed connect is retried with backoff)")
+      ->check(CLI::PositiveNumber);
+  c->add_option("--chunk-store-redis-timeout-ms", a->chunk_store_redis_timeout_ms,
+                "Redis read/write timeout in ms (a timeout is a miss)")
+      ->check(CLI::PositiveNumber);
   add_reuse_settings_options(c, &a->settings);
   add_reuse_pass_options(c, &a->settings);
   c->add_flag("--print-config", a->print_config,

@@ -66,6 +66,13 @@ EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const Eng
       cso.disk_dir = opts.chunk_store_dir;
       cso.disk_budget_bytes = kChunkStoreDiskBytes;
     }
+    if (!opts.chunk_store_redis.empty()) {
+      make_redis_kv(opts.chunk_store_redis, opts.chunk_store_redis_options);  // throws if bad
+      cso.remote = [url = opts.chunk_store_redis, ro = opts.chunk_store_redis_options] {
+        return make_redis_kv(url, ro);
+      };
+      cso.remote_admit = opts.chunk_store_redis_admit;
+    }
     s.chunks = std::make_unique<ChunkStore>(model, *s.kv.pool, cso);
   }
   return s;

@@ -51,6 +51,10 @@ struct EngineOptions {
   bool chunk_store = false;
   int64_t chunk_store_bytes = 0;
   std::string chunk_store_dir;  // disk tier (kChunkStoreDiskBytes); empty: none
+  // Remote tier shared with other instances: redis://host:port or unix:///path.sock; empty: none.
+  std::string chunk_store_redis;
+  int32_t chunk_store_redis_admit = 1;  // accesses before a segment is written there
+  RemoteKvOptions chunk_store_redis_options;
   int64_t chunk_store_host_bytes = kChunkStoreHostBytes;
 };
 

@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "kv/head_profile.h"
 #include "model/flops.h"
+#include "reuse/kv_handover.h"
 
 namespace redknot {
 
@@ -167,6 +168,11 @@ std::vector<std::shared_ptr<RequestStream>> Scheduler::submit_n(RequestSpec spec
                   std::to_string(vocab_) + ")");
   if (spec.max_tokens <= 0) throw Error("max_tokens must be positive");
   if (spec.logprobs < -1) throw Error("logprobs must be >= 0");
+  if ((!spec.kv_export.empty() || !spec.kv_import.empty()) && opts_.handover == nullptr)
+    throw Error("kv_export / kv_import need a remote store (serve --chunk-store-redis)");
+  if (!spec.kv_export.empty() && !spec.kv_import.empty())
+    throw Error("kv_export and kv_import are exclusive (a request prefills or imports)");
+  if (!spec.kv_import.empty() && n > 1) throw Error("kv_import is not supported with n > 1");
   spec.sampling.validate();
   const int64_t ctx = model_.config().max_position_embeddings;
   const int64_t total = static_cast<int64_t>(r->tokens.size()) + spec.max_tokens;
@@ -398,6 +404,11 @@ void Scheduler::admit() {
     r->cache->add_sequence(r->seq);
     r->fed = 0;
     r->stream->cached_tokens_.store(0);
+    // A handed-over prompt: its KV and first token come from the remote store, no prefill.
+    if (!r->spec.kv_import.empty() && r->generated == 0 && import_handover(*r)) {
+      running_.push_back(std::move(r));
+      continue;
+    }
     if (r->path.used != ReuseMode::Full) {
       const OomAction a = start_reuse(*r);
       if (a == OomAction::kRequeue) {
@@ -523,8 +534,60 @@ bool Scheduler::wants_logits(const Request& r) const {
 }
 
 void Scheduler::sample_and_emit(Request& r, const float* logits, int32_t greedy_id) {
+  const int32_t tok = logits ? r.sampler->sample(logits, vocab_) : greedy_id;
+  if (r.generated == 0 && !r.is_fork && !r.spec.kv_export.empty()) export_handover(r, tok);
   if (r.generated == 0 && !r.forks.empty()) start_forks(r, logits, greedy_id);
-  emit(r, logits ? r.sampler->sample(logits, vocab_) : greedy_id, logits);
+  emit(r, tok, logits);
+}
+
+void Scheduler::export_handover(Request& r, int32_t first_token) {
+  // On the engine thread: the sequence must not change while it is read (blocking I/O, bounded
+  // by the client's timeouts; a failure is reported, the request goes on).
+  std::string err;
+  const auto sent =
+      export_kv(*r.cache, r.seq, std::span<const int32_t>(r.tokens.data(), r.prompt_len),
+                first_token, *opts_.handover, opts_.handover_model_fp, r.spec.kv_export, &err);
+  if (sent) {
+    r.path.kv_export_bytes = sent->bytes;
+    r.path.kv_token_major_bytes = sent->token_major_bytes;
+    ++counters_.kv_exports;
+  } else {
+    r.path.kv_handover_error = "kv_export failed: " + err;
+    ++counters_.kv_handover_errors;
+  }
+}
+
+bool Scheduler::import_handover(Request& r) {
+  std::string err;
+  std::optional<HandoverBytes> got;
+  try {
+    got = import_kv(*r.cache, r.seq, std::span<const int32_t>(r.tokens.data(), r.prompt_len),
+                    *opts_.handover, opts_.handover_model_fp, r.spec.kv_import, &err);
+    if (got && (got->first_token < 0 || got->first_token >= vocab_)) {
+      err = "bad first token in the handover";
+      got.reset();
+    }
+  } catch (const OutOfKvMemory& e) {
+    err = e.what();  // the sequence is unchanged: prefilled instead, like any request
+  }
+  if (!got) {
+    // Prefilled instead, and said so.
+    r.cache->remove_sequence(r.seq);
+    r.cache->add_sequence(r.seq);
+    r.path.kv_handover_error = "kv_import failed: " + err;
+    r.path.fallback = "kv_import_failed";
+    ++counters_.kv_handover_errors;
+    return false;
+  }
+  r.fed = r.prompt_len;
+  r.path.kv_import_bytes = got->bytes;
+  r.path.kv_token_major_bytes = got->token_major_bytes;
+  r.path.reused_tokens = r.prompt_len;
+  r.stream->cached_tokens_.store(r.prompt_len);
+  counters_.cached_tokens += r.prompt_len;
+  ++counters_.kv_imports;
+  emit(r, got->first_token, nullptr);
+  return true;
 }
 
 void Scheduler::start_forks(Request& r, const float* logits, int32_t greedy_id) {
@@ -600,6 +663,7 @@ bool Scheduler::run_reuse_forward() {
     r.fed = r.prompt_len;
     r.path.segments = out.path.segments;
     r.path.segments_hit = out.path.segments_hit;
+    r.path.segments_remote = out.path.segments_remote;
     r.path.segments_prefilled = out.path.segments_prefilled;
     r.path.segments_private = out.path.segments_private;
     r.path.reused_tokens = out.reused_tokens;
@@ -609,6 +673,7 @@ bool Scheduler::run_reuse_forward() {
     counters_.cached_tokens += out.reused_tokens;
     counters_.recomputed_tokens += r.prompt_len - out.reused_tokens;
     counters_.segments_hit += out.path.segments_hit;
+    counters_.segments_remote += out.path.segments_remote;
     counters_.segments_prefilled += out.path.segments_prefilled;
     counters_.segments_private += out.path.segments_private;
     counters_.flops_done += out.flops.total();

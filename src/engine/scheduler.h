@@ -34,6 +34,7 @@
 #include "kv/paged_kv_cache.h"
 #include "model/model.h"
 #include "reuse/prefix_cache.h"
+#include "reuse/remote_tier.h"
 #include "reuse/reuse_prefill.h"
 
 namespace redknot {
@@ -57,6 +58,11 @@ struct RequestSpec {
   // Requests whose reuse mode is unavailable (no chunk store) are refused instead of served in
   // another mode (the fallback is still reported when this is off).
   bool strict_reuse_mode = false;
+  // Prefill/decode handover through the remote store (reuse/kv_handover.h; needs
+  // SchedulerOptions::handover): kv_export writes the prompt's KV and first token under this
+  // handle once prefilled (the request then goes on as usual); kv_import takes the prompt's KV and
+  // first token from there instead of prefilling (a failed import is prefilled, and reported).
+  std::string kv_export, kv_import;
 
   std::vector<int32_t> prompt() const;
 };
@@ -146,6 +152,10 @@ struct SchedulerOptions {
   // its guard): the reason. redknot requests are then served with full prefill and told so
   // (fallback "redknot_disabled"), or refused when strict.
   std::string redknot_disabled;
+  // The remote store of kv_export / kv_import (null: such requests are refused at submit), used
+  // on the engine thread, and the fingerprint its keys carry.
+  RemoteKv* handover = nullptr;
+  uint64_t handover_model_fp = 0;
 };
 
 // A consistent view of the engine for /metrics and tests.
@@ -159,6 +169,9 @@ struct SchedulerStats {
   int64_t recomputed_tokens = 0;          // prompt tokens those prefills computed
   double flops_done = 0, flops_full = 0;  // their FLOPs, and a dense prefill's
   int64_t segments_hit = 0, segments_prefilled = 0, segments_private = 0;
+  int64_t segments_remote = 0;  // of segments_hit, from the chunk store's remote tier
+  // Prefill/decode handovers: prompts exported, imported, and failures (either side).
+  int64_t kv_exports = 0, kv_imports = 0, kv_handover_errors = 0;
   int64_t reuse_steps = 0;  // steps that ran a reuse prefill's forward
   int64_t reuse_waits = 0;  // reuse prefills requeued for pages (fallback policy wait)
   int64_t prefix_queries = 0, prefix_hits = 0, prefix_hit_tokens = 0;  // prefix mode
@@ -246,6 +259,10 @@ class Scheduler {
   // Chooses `r`'s next token from host logits [vocab] (null: `greedy_id`, the device's argmax),
   // first starting its forks on the same row when they are due, and emits it.
   void sample_and_emit(Request& r, const float* logits, int32_t greedy_id);
+  // Prefill/decode handover (RequestSpec::kv_export / kv_import). import_handover: false when
+  // the request must be prefilled instead (the reason is in its path).
+  void export_handover(Request& r, int32_t first_token);
+  bool import_handover(Request& r);
   // Shares `r`'s prompt KV with its forks and emits their first tokens.
   void start_forks(Request& r, const float* logits, int32_t greedy_id);
   // Appends `token` to `r`, streams it (with its logprob from `logits`) and ends `r` when due.

@@ -1,6 +1,7 @@
 #include "kv/paged_kv_cache.h"
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -648,6 +649,69 @@ void PagedKvCache::read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
   }
   k = backend_.to_host_f32(kd);
   v = backend_.to_host_f32(vd);
+}
+
+std::vector<int32_t> PagedKvCache::head_positions(SeqId seq, int layer, int kv_head) const {
+  const HeadTable& t = get(seq).tables.at(static_cast<size_t>(layer) * heads_ + kv_head);
+  std::vector<int32_t> out;
+  for (const auto& ps : t.positions) out.insert(out.end(), ps.begin(), ps.end());
+  return out;
+}
+
+void PagedKvCache::import_sequence(SeqId seq, std::vector<int32_t> positions,
+                                   const std::vector<std::vector<int32_t>>& head_positions,
+                                   const std::vector<Tensor>& k, const std::vector<Tensor>& v) {
+  Sequence& s = get(seq);
+  const size_t tables = static_cast<size_t>(layers_) * heads_;
+  if (!s.positions.empty()) throw Error("import_sequence: the sequence must be empty");
+  if (head_positions.size() != tables || k.size() != tables || v.size() != tables)
+    throw Error("import_sequence: need rows for every (layer, kv head)");
+  int64_t need = 0;
+  for (size_t i = 0; i < tables; ++i) {
+    const int64_t n = static_cast<int64_t>(head_positions[i].size());
+    if (k[i].numel() != n * pool_.head_dim() || v[i].numel() != n * pool_.head_dim())
+      throw Error("import_sequence: K/V rows do not match the positions");
+    need += (n + page_size_ - 1) / page_size_;
+  }
+  if (need > pool_.num_free())
+    throw OutOfKvMemory("KV pool: importing a sequence needs " + std::to_string(need) + " pages, " +
+                        std::to_string(pool_.num_free()) + " free");
+  const int64_t hd = pool_.head_dim(), rb = dtype_bytes(backend_.act_dtype(), hd);
+  for (int l = 0; l < layers_; ++l) {
+    std::vector<int32_t> dst, dst_pos;
+    for (int h = 0; h < heads_; ++h) {
+      HeadTable& t = s.tables[static_cast<size_t>(l) * heads_ + h];
+      for (int32_t p : head_positions[static_cast<size_t>(l) * heads_ + h]) {
+        if (t.pages.empty() || static_cast<int32_t>(t.positions.back().size()) == page_size_) {
+          t.pages.push_back(pool_.allocate());
+          t.positions.emplace_back().reserve(page_size_);
+        }
+        dst.push_back(t.pages.back() * page_size_ +
+                      static_cast<int32_t>(t.positions.back().size()));
+        t.positions.back().push_back(p);
+        dst_pos.push_back(p);
+      }
+    }
+    const int64_t m = static_cast<int64_t>(dst.size());
+    if (!pool_.has_storage() || m == 0) continue;
+    // One upload per layer: the heads' rows back to back, in the order of `dst`.
+    for (auto [src, pool] : {std::pair{&k, &pool_.k()}, std::pair{&v, &pool_.v()}}) {
+      Tensor host = Tensor::host(backend_.act_dtype(), {m, hd});
+      auto* out = static_cast<uint8_t*>(host.raw());
+      for (int h = 0; h < heads_; ++h) {
+        const Tensor& t = (*src)[static_cast<size_t>(l) * heads_ + h];
+        const int64_t bytes = t.numel() / hd * rb;
+        std::memcpy(out, t.raw(), bytes);
+        out += bytes;
+      }
+      Tensor dev = backend_.alloc(backend_.act_dtype(), {m, hd});
+      backend_.copy_from_host(dev, host);
+      backend_.scatter_rows(dev, device_i32(dst), *pool);
+    }
+    backend_.scatter_rows(device_i32(dst_pos).reshape({m, 1}), device_i32(dst), pool_.pos());
+  }
+  s.positions = std::move(positions);
+  trim_sequence(s);
 }
 
 std::vector<int32_t> PagedKvCache::slot_rows(SeqId seq, int layer, int kv_head) const {

@@ -62,6 +62,8 @@ class PagedKvCache : public KvCache {
   // <= full_until_layer (-1: the profile's classes). Clearing keep_local_pages trims at once.
   // A forward must not mix this sequence with others while full_until_layer >= 0.
   void set_full_attention(SeqId seq, int32_t full_until_layer, bool keep_local_pages);
+  // Whether the sequence's local heads keep every page now (append_relocated copies every row).
+  bool keeps_local_pages(SeqId seq) const { return get(seq).keep_local_pages; }
 
   // Appends n tokens whose K/V already sit in the pool (a cached segment prefilled at
   // src_positions): rows[layer * kv_heads + head][i] is token i's source row. The copies take
@@ -70,6 +72,18 @@ class PagedKvCache : public KvCache {
   // Throws OutOfKvMemory, changing nothing, when the pool cannot hold the copies.
   void append_relocated(SeqId seq, const std::vector<std::vector<int32_t>>& rows,
                         const std::vector<int32_t>& src_positions, int32_t delta);
+
+  // Prefill/decode handover (reuse/kv_handover.h): the positions one (layer, kv head) holds, in
+  // order, and every logical token's position.
+  std::vector<int32_t> head_positions(SeqId seq, int layer, int kv_head) const;
+  const std::vector<int32_t>& token_positions(SeqId seq) const { return get(seq).positions; }
+  // Fills an empty sequence with KV computed elsewhere: per (layer, kv head), as
+  // [layer * kv_heads + head], its positions (increasing) and K and V rows [n, head_dim] (host
+  // tensors in act dtype); `positions`: every logical token's position. Local heads are trimmed
+  // as after a forward. Throws OutOfKvMemory, changing nothing, when the pool cannot hold it.
+  void import_sequence(SeqId seq, std::vector<int32_t> positions,
+                       const std::vector<std::vector<int32_t>>& head_positions,
+                       const std::vector<Tensor>& k, const std::vector<Tensor>& v);
 
   // Pages a batch would need beyond what its sequences hold (admission control).
   int64_t pages_needed(const Batch& batch) const;

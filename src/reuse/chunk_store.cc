@@ -158,6 +158,8 @@ const char* chunk_tier_name(ChunkTier t) {
       return "host";
     case ChunkTier::Disk:
       return "disk";
+    case ChunkTier::Remote:
+      return "remote";
     default:
       return "none";
   }
@@ -254,6 +256,36 @@ const std::vector<int32_t>& ChunkStore::Handle::positions() const {
   return entry_->positions;
 }
 
+bool ChunkStore::Handle::partial() const { return entry_ && entry_->partial; }
+bool ChunkStore::Handle::covers(const ChunkRowNeed& need) const {
+  return entry_ && store_->covers(*entry_, need);
+}
+
+ChunkRowNeed row_need(const PagedKvCache& dst, SeqId seq, int32_t dst_offset, int32_t len) {
+  ChunkRowNeed need;
+  const HeadProfile& prof = dst.profile();
+  if (dst.keeps_local_pages(seq)) return need;
+  bool any_partial = false;
+  need.keep.resize(static_cast<size_t>(prof.num_layers()) * prof.num_kv_heads());
+  for (int32_t l = 0; l < prof.num_layers(); ++l)
+    for (int32_t h = 0; h < prof.num_kv_heads(); ++h) {
+      const HeadSpec& hs = prof.at(l, h);
+      std::pair<int32_t, int32_t> k{len, len};
+      if (hs.is_local()) {
+        // keeps(dst + i, dst + len): dst + i < sink, or i > len - window.
+        const int64_t first = std::clamp<int64_t>(int64_t{hs.sink} - dst_offset, 0, len);
+        const int64_t second = std::clamp<int64_t>(int64_t{len} - hs.window + 1, 0, len);
+        if (first < second) {
+          k = {static_cast<int32_t>(first), static_cast<int32_t>(second)};
+          any_partial = true;
+        }
+      }
+      need.keep[static_cast<size_t>(l) * prof.num_kv_heads() + h] = k;
+    }
+  if (!any_partial) need.keep.clear();
+  return need;
+}
+
 // ---- construction ----
 
 ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
@@ -273,6 +305,17 @@ ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
   po.scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   cache_ =
       std::make_unique<PagedKvCache>(pool_, HeadProfile(layers_, kv_heads_), po, model.inv_freq());
+  std::shared_ptr<RemoteKv> remote_wr;
+  if (opts_.remote) {
+    if (opts_.model_fp == 0)
+      throw Error("chunk store: the remote tier needs a model fingerprint (model_fingerprint())");
+    if (opts_.remote_admit < 1) throw Error("chunk store: remote_admit must be >= 1");
+    if (opts_.remote_block_rows < 1) throw Error("chunk store: remote_block_rows must be >= 1");
+    remote_rd_ = opts_.remote();
+    remote_wr = opts_.remote();
+    if (!remote_rd_ || !remote_wr)
+      throw Error("chunk store: the remote factory returned no client");
+  }
   if (opts_.disk_budget_bytes > 0) {
     if (opts_.disk_dir.empty()) throw Error("chunk store: the disk tier needs a directory");
     if (opts_.model_fp == 0)
@@ -284,9 +327,19 @@ ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
     scan_disk();
     if (opts_.write_through) writer_ = std::thread([this] { writer_loop(); });
   }
+  // Last: nothing may throw once a thread runs (a half-built store would not join it).
+  if (remote_wr) remote_writer_ = std::thread([this, remote_wr] { remote_loop(*remote_wr); });
 }
 
 ChunkStore::~ChunkStore() {
+  if (remote_writer_.joinable()) {
+    {
+      std::lock_guard<std::mutex> r(r_mu_);
+      r_stop_ = true;
+    }
+    r_cv_.notify_all();
+    remote_writer_.join();  // after the queue is sent (a Redis that is down fails fast)
+  }
   if (writer_.joinable()) {
     {
       std::lock_guard<std::mutex> q(q_mu_);
@@ -483,6 +536,10 @@ bool ChunkStore::make_room_disk(int64_t bytes, double limit) {
 }
 
 void ChunkStore::demote_from_pool(Entry& e) {
+  if (e.partial) {  // its missing rows cannot be serialized; the remote still has it
+    erase(e, /*evicted=*/true);
+    return;
+  }
   std::vector<uint8_t> blob = serialize_pool(e);
   release_pool(e);
   place_in_host(e, std::move(blob));
@@ -649,18 +706,31 @@ bool ChunkStore::load_into_pool(Entry& e, const std::vector<uint8_t>& blob) {
 
 // ---- public API ----
 
-ChunkStore::Handle ChunkStore::acquire(std::span<const int32_t> tokens) {
+ChunkStore::Handle ChunkStore::acquire(std::span<const int32_t> tokens, const ChunkRowNeed* need) {
   std::lock_guard<std::mutex> lock(mu_);
-  Handle h = acquire_locked(tokens);
+  Handle h = acquire_locked(tokens, need);
   persist_locked();  // retries what a full write queue skipped
   return h;
 }
 
-ChunkStore::Handle ChunkStore::acquire_locked(std::span<const int32_t> tokens) {
+ChunkStore::Handle ChunkStore::acquire_locked(std::span<const int32_t> tokens,
+                                              const ChunkRowNeed* need) {
   if (tokens.empty()) return {};
   ++clock_;
   const uint64_t key = key_of(tokens);
-  if (Entry* e = find(key, tokens)) {
+  Entry* e = find(key, tokens);
+  if (e != nullptr && e->partial && !covers(*e, need ? *need : ChunkRowNeed{})) {
+    // Fetched for a destination that keeps fewer rows: fetch again for this one (below), unless
+    // a request still reads it (then a miss: recomputed privately).
+    if (e->pins > 0) {
+      touch(*e);
+      ++stats_.misses;
+      return {};
+    }
+    erase(*e, /*evicted=*/false);  // its accesses go to the ghost history
+    e = nullptr;
+  }
+  if (e != nullptr) {
     touch(*e);
     const ChunkTier source = e->tier;
     if (source == ChunkTier::Pool) {
@@ -668,6 +738,7 @@ ChunkStore::Handle ChunkStore::acquire_locked(std::span<const int32_t> tokens) {
       Handle h = make_handle(*e, source);
       // Kept off disk earlier by the disk policy: hotter now, it may get in.
       if (!e->on_disk && !e->job && !e->persist) want_persist(*e);
+      want_remote(*e);
       return h;
     }
     ++e->pins;  // so that making room below cannot move it
@@ -694,9 +765,11 @@ ChunkStore::Handle ChunkStore::acquire_locked(std::span<const int32_t> tokens) {
         std::vector<uint8_t> blob = std::move(e->blob);
         e->blob = {};
         ++stats_.host_hits;
+        want_remote(*e, &blob);
         want_persist(*e, &blob);  // its serialization is at hand: no gather
       } else {
         ++stats_.disk_hits;
+        want_remote(*e, &*disk_blob);
       }
       return h;
     }
@@ -707,6 +780,9 @@ ChunkStore::Handle ChunkStore::acquire_locked(std::span<const int32_t> tokens) {
       erase(*e, /*evicted=*/false);
     else
       remember(key, e->accesses, e->last_access);
+  }
+  if (remote_rd_) {
+    if (Handle h = fetch_remote(key, tokens, need)) return h;
   }
   ++stats_.misses;
   remember(key, take_ghost(key) + 1, clock_);
@@ -773,7 +849,17 @@ ChunkStore::Handle ChunkStore::publish(Pending pending) {
     ++stats_.private_prefills;
   }
   Handle h = make_handle(e, ChunkTier::None);
-  if (pending.admitted_) want_persist(e);
+  if (pending.admitted_) {
+    if (remote_rd_ && e.accesses >= opts_.remote_admit && writer_.joinable()) {
+      // One gather for both writers.
+      std::vector<uint8_t> blob = serialize_pool(e);
+      want_remote(e, &blob);
+      want_persist(e, &blob);
+    } else {
+      want_remote(e);
+      want_persist(e);
+    }
+  }
   persist_locked();
   return h;
 }
@@ -851,6 +937,14 @@ std::optional<ChunkHeadRows> ChunkStore::read_head_rows(const Handle& handle, in
   RK_CHECK(handle.ok() && handle.store_ == this, "read_head_rows needs a handle of this store");
   Entry& e = *handle.entry_;
   const int32_t len = static_cast<int32_t>(e.tokens.size());
+  if (e.partial && layer >= 0 && layer < layers_ && kv_head >= 0 && kv_head < kv_heads_) {
+    const auto [first, second] = e.have[static_cast<size_t>(layer) * kv_heads_ + kv_head];
+    if (first < second && token_begin < second && token_end > first)
+      throw Error("read_head_rows: rows [" + std::to_string(token_begin) + ", " +
+                  std::to_string(token_end) +
+                  ") of a partial remote entry were not fetched (layer " + std::to_string(layer) +
+                  ", head " + std::to_string(kv_head) + ")");
+  }
   if (layer < 0 || layer >= layers_ || kv_head < 0 || kv_head >= kv_heads_ || token_begin < 0 ||
       token_end > len || token_begin > token_end)
     throw Error("read_head_rows: (layer " + std::to_string(layer) + ", head " +
@@ -918,7 +1012,8 @@ void ChunkStore::flush_locked() {
   if (opts_.disk_budget_bytes <= 0) return;
   std::vector<Entry*> todo;
   for (Entry& e : entries_)
-    if (!e.on_disk && !e.dead && (e.tier == ChunkTier::Pool || e.tier == ChunkTier::Host))
+    if (!e.on_disk && !e.dead && !e.partial &&
+        (e.tier == ChunkTier::Pool || e.tier == ChunkTier::Host))
       todo.push_back(&e);
   std::stable_sort(todo.begin(), todo.end(),
                    [&](Entry* a, Entry* b) { return score(*a) > score(*b); });
@@ -948,8 +1043,12 @@ ChunkStoreStats ChunkStore::stats() const {
   s.pool.bytes = pool_bytes_;
   s.host.bytes = host_bytes_;
   s.disk.bytes = disk_bytes_;
-  std::lock_guard<std::mutex> q(q_mu_);
-  s.write_queue_bytes = queued_bytes_;
+  {
+    std::lock_guard<std::mutex> q(q_mu_);
+    s.write_queue_bytes = queued_bytes_;
+  }
+  std::lock_guard<std::mutex> r(r_mu_);
+  s.remote_queue_bytes = r_queued_bytes_;
   return s;
 }
 
@@ -961,12 +1060,16 @@ int ChunkStore::persist_new() {
 }
 
 void ChunkStore::sync_writes() {
-  std::unique_lock<std::mutex> q(q_mu_);
-  done_cv_.wait(q, [&] { return outstanding_ == 0; });
+  {
+    std::unique_lock<std::mutex> q(q_mu_);
+    done_cv_.wait(q, [&] { return outstanding_ == 0; });
+  }
+  std::unique_lock<std::mutex> r(r_mu_);
+  r_done_cv_.wait(r, [&] { return r_queued_bytes_ == 0; });
 }
 
 void ChunkStore::want_persist(Entry& e, std::vector<uint8_t>* blob) {
-  if (!writer_.joinable() || e.on_disk || e.job || e.dead) return;
+  if (!writer_.joinable() || e.on_disk || e.job || e.dead || e.partial) return;
   if (!e.persist) {
     e.persist = true;
     ++persist_backlog_;
@@ -1415,6 +1518,331 @@ void ChunkStore::scan_disk() {
   }
   // A smaller budget than last time: drop the coldest files.
   make_room_disk(0, std::numeric_limits<double>::infinity());
+}
+
+// ---- remote tier ----
+// Manifest (host byte order): magic[8] "RKREMOT\0", u32 version, u32 dtype, u64 model_fp, u64 key,
+// u32 layers, u32 kv_heads, u32 head_dim, u32 len, u32 block_rows, u32 0, i32 tokens[len],
+// u64 block_sums[layers * kv_heads * blocks] (XXH3 of each block's K|V bytes, (layer, head) major),
+// u64 XXH3 of all the preceding bytes. Shards: see chunk_store.h.
+
+namespace {
+
+constexpr char kRemoteMagic[8] = {'R', 'K', 'R', 'E', 'M', 'O', 'T', '\0'};
+constexpr uint32_t kRemoteVersion = 1;
+constexpr int64_t kManifestFixed = 56;  // magic .. the zero word
+
+template <typename T>
+void put_bytes(std::string& s, T v) {
+  s.append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+
+struct Manifest {
+  uint32_t version = 0, dtype = 0, layers = 0, kv_heads = 0, head_dim = 0, len = 0, block_rows = 0;
+  uint64_t model_fp = 0, key = 0;
+  std::vector<int32_t> tokens;
+  std::vector<uint64_t> sums;
+};
+
+std::string encode_manifest(const Manifest& m) {
+  std::string s;
+  s.append(kRemoteMagic, 8);
+  put_bytes(s, m.version);
+  put_bytes(s, m.dtype);
+  put_bytes(s, m.model_fp);
+  put_bytes(s, m.key);
+  for (uint32_t v : {m.layers, m.kv_heads, m.head_dim, m.len, m.block_rows, uint32_t{0}})
+    put_bytes(s, v);
+  s.append(reinterpret_cast<const char*>(m.tokens.data()), m.tokens.size() * 4);
+  s.append(reinterpret_cast<const char*>(m.sums.data()), m.sums.size() * 8);
+  put_bytes(s, static_cast<uint64_t>(XXH3_64bits(s.data(), s.size())));
+  return s;
+}
+
+// "" or what is wrong with it.
+std::string parse_manifest(const std::string& s, Manifest& m) {
+  const auto* p = reinterpret_cast<const uint8_t*>(s.data());
+  const int64_t n = static_cast<int64_t>(s.size());
+  if (n < kManifestFixed + 8) return "manifest too short (" + std::to_string(n) + " bytes)";
+  if (std::memcmp(p, kRemoteMagic, 8) != 0) return "bad manifest magic";
+  if (XXH3_64bits(p, n - 8) != get_at<uint64_t>(p, n - 8)) return "manifest checksum mismatch";
+  m.version = get_at<uint32_t>(p, 8);
+  m.dtype = get_at<uint32_t>(p, 12);
+  m.model_fp = get_at<uint64_t>(p, 16);
+  m.key = get_at<uint64_t>(p, 24);
+  m.layers = get_at<uint32_t>(p, 32);
+  m.kv_heads = get_at<uint32_t>(p, 36);
+  m.head_dim = get_at<uint32_t>(p, 40);
+  m.len = get_at<uint32_t>(p, 44);
+  m.block_rows = get_at<uint32_t>(p, 48);
+  if (m.len == 0 || m.len > static_cast<uint32_t>(kMaxSegmentTokens) || m.block_rows == 0 ||
+      m.layers == 0 || m.layers > 4096 || m.kv_heads == 0 || m.kv_heads > 4096)
+    return "bad manifest geometry";
+  const int64_t blocks = (int64_t{m.len} + m.block_rows - 1) / m.block_rows;
+  const int64_t nsums = int64_t{m.layers} * m.kv_heads * blocks;
+  if (n != kManifestFixed + int64_t{m.len} * 4 + nsums * 8 + 8) return "manifest size mismatch";
+  m.tokens.resize(m.len);
+  std::memcpy(m.tokens.data(), p + kManifestFixed, int64_t{m.len} * 4);
+  m.sums.resize(static_cast<size_t>(nsums));
+  std::memcpy(m.sums.data(), p + kManifestFixed + int64_t{m.len} * 4, nsums * 8);
+  return "";
+}
+
+}  // namespace
+
+std::string ChunkStore::remote_prefix(uint64_t key) const {
+  return "rk:" + key_hex(opts_.model_fp) + ":" + key_hex(key);
+}
+
+bool ChunkStore::covers(const Entry& e, const ChunkRowNeed& need) const {
+  if (!e.partial) return true;
+  if (need.full()) return false;
+  for (size_t i = 0; i < e.have.size(); ++i) {
+    const auto [hf, hs] = e.have[i];
+    if (hf >= hs) continue;  // every row
+    const auto [nf, ns] = need.keep.at(i);
+    // Rows missing: [hf, hs). Needed: [0, nf) ∪ [ns, len).
+    if (nf >= ns || nf > hf || ns < hs) return false;
+  }
+  return true;
+}
+
+void ChunkStore::drop_remote(const std::string& prefix, int32_t len) {
+  std::vector<std::string> keys{prefix + ":m"};
+  for (int l = 0; l < layers_; ++l)
+    for (int h = 0; h < kv_heads_; ++h)
+      keys.push_back(prefix + ":" + std::to_string(l) + ":" + std::to_string(h));
+  if (remote_rd_->del(keys) == RemoteKv::Status::Error) ++stats_.remote_errors;
+}
+
+ChunkStore::Handle ChunkStore::fetch_remote(uint64_t key, std::span<const int32_t> tokens,
+                                            const ChunkRowNeed* need) {
+  const std::string prefix = remote_prefix(key);
+  const int32_t len = static_cast<int32_t>(tokens.size());
+  std::string mbytes;
+  const RemoteKv::Status st = remote_rd_->get(prefix + ":m", &mbytes);
+  if (st != RemoteKv::Status::Ok) {
+    if (st == RemoteKv::Status::Error) ++stats_.remote_errors;
+    ++stats_.remote_misses;
+    return {};
+  }
+  stats_.remote_bytes_read += static_cast<int64_t>(mbytes.size());
+  auto corrupt = [&](const std::string& what) {
+    ++stats_.remote_corrupt;
+    ++stats_.remote_misses;
+    log_disk(remote_rd_->describe() + " " + prefix, "corrupt remote value, deleted: " + what);
+    drop_remote(prefix, len);
+    return Handle{};
+  };
+  Manifest m;
+  if (std::string bad = parse_manifest(mbytes, m); !bad.empty()) return corrupt(bad);
+  if (m.version != kRemoteVersion || m.dtype != static_cast<uint32_t>(dtype_)) {
+    ++stats_.remote_misses;  // another build's or backend's format: not ours to delete
+    return {};
+  }
+  if (m.model_fp != opts_.model_fp || m.key != key || m.layers != static_cast<uint32_t>(layers_) ||
+      m.kv_heads != static_cast<uint32_t>(kv_heads_) ||
+      m.head_dim != static_cast<uint32_t>(head_dim_))
+    return corrupt("manifest of another model or geometry under this key");
+  if (!std::equal(m.tokens.begin(), m.tokens.end(), tokens.begin(), tokens.end())) {
+    ++stats_.collisions;  // another segment's valid value
+    ++stats_.remote_misses;
+    return {};
+  }
+
+  // The blocks to read: per (layer, head), runs of consecutive blocks, one GETRANGE each.
+  const int32_t B = static_cast<int32_t>(m.block_rows), nb = (len + B - 1) / B;
+  const int64_t rb = dtype_bytes(dtype_, head_dim_), hb = head_block_bytes(len);
+  struct Run {
+    int32_t lh, b0, b1;
+  };
+  std::vector<Run> runs;
+  std::vector<RemoteKv::Range> ranges;
+  std::vector<std::pair<int32_t, int32_t>> have(static_cast<size_t>(layers_) * kv_heads_);
+  bool partial = false;
+  for (int32_t lh = 0; lh < layers_ * kv_heads_; ++lh) {
+    std::pair<int32_t, int32_t> k{len, len};
+    if (need != nullptr && !need->full()) k = need->keep.at(lh);
+    const int32_t head_blocks = k.first >= k.second ? nb : (k.first + B - 1) / B;
+    const int32_t tail_block = k.first >= k.second ? nb : k.second / B;
+    const std::string shard =
+        prefix + ":" + std::to_string(lh / kv_heads_) + ":" + std::to_string(lh % kv_heads_);
+    auto add = [&](int32_t b0, int32_t b1) {
+      if (b0 >= b1) return;
+      runs.push_back({lh, b0, b1});
+      const int64_t r0 = int64_t{b0} * B, r1 = std::min<int64_t>(len, int64_t{b1} * B);
+      ranges.push_back({shard, 2 * r0 * rb, 2 * (r1 - r0) * rb});
+    };
+    if (head_blocks >= tail_block) {
+      add(0, nb);
+      have[lh] = {len, len};
+    } else {
+      add(0, head_blocks);
+      add(tail_block, nb);
+      have[lh] = {std::min(len, head_blocks * B), tail_block * B};
+      partial = true;
+    }
+  }
+  std::vector<std::string> got;
+  if (remote_rd_->get_ranges(ranges, &got) != RemoteKv::Status::Ok) {
+    ++stats_.remote_errors;
+    ++stats_.remote_misses;
+    return {};
+  }
+  std::vector<uint8_t> blob(static_cast<size_t>(payload_bytes(len)), 0);
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const Run& r = runs[i];
+    const std::string& v = got[i];
+    stats_.remote_bytes_read += static_cast<int64_t>(v.size());
+    const std::string where = " of shard (layer " + std::to_string(r.lh / kv_heads_) + ", head " +
+                              std::to_string(r.lh % kv_heads_) + ")";
+    if (v.empty()) {  // Redis dropped the shard (maxmemory, TTL): the segment is gone
+      ++stats_.remote_missing_shards;
+      ++stats_.remote_misses;
+      drop_remote(prefix, len);
+      return {};
+    }
+    if (static_cast<int64_t>(v.size()) != ranges[i].len)
+      return corrupt("short read" + where + ": " + std::to_string(v.size()) + " of " +
+                     std::to_string(ranges[i].len) + " bytes");
+    const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+    uint8_t* dst = blob.data() + int64_t{r.lh} * hb;
+    for (int32_t b = r.b0; b < r.b1; ++b) {
+      const int64_t r0 = int64_t{b} * B, n = std::min<int64_t>(len, r0 + B) - r0;
+      if (XXH3_64bits(p, 2 * n * rb) != m.sums[static_cast<size_t>(r.lh) * nb + b])
+        return corrupt("checksum mismatch in block " + std::to_string(b) + where);
+      std::memcpy(dst + r0 * rb, p, n * rb);
+      std::memcpy(dst + (len + r0) * rb, p + n * rb, n * rb);
+      p += 2 * n * rb;
+    }
+  }
+
+  Entry& e = entries_.emplace_back();
+  e.self = std::prev(entries_.end());
+  e.key = key;
+  e.tokens.assign(tokens.begin(), tokens.end());
+  e.accesses = take_ghost(key) + 1;
+  e.last_access = clock_;
+  e.pins = 1;  // not a victim of its own room making
+  e.remote_done = true;
+  e.partial = partial;
+  if (partial) e.have = std::move(have);
+  bool ok = false;
+  try {
+    ok = make_room_pool(pool_pages_for(len), score(e)) && load_into_pool(e, blob);
+  } catch (...) {
+    e.pins = 0;
+    erase(e, false);
+    throw;
+  }
+  e.pins = 0;
+  if (!ok) {
+    // No room under the policy: a miss for the caller, which counts this access itself.
+    ++stats_.bypasses;
+    ++stats_.remote_misses;
+    e.accesses -= 1;
+    erase(e, false);
+    return {};
+  }
+  index_.emplace(key, &e);
+  ++stats_.remote_hits;
+  if (partial) ++stats_.remote_partial_hits;
+  return make_handle(e, ChunkTier::Remote);
+}
+
+void ChunkStore::want_remote(Entry& e, const std::vector<uint8_t>* blob) {
+  if (!remote_rd_ || e.remote_done || e.partial || e.dead || e.pending) return;
+  if (e.accesses < opts_.remote_admit) return;
+  if (blob == nullptr && e.tier != ChunkTier::Pool && e.tier != ChunkTier::Host) return;
+  const int64_t n = payload_bytes(static_cast<int32_t>(e.tokens.size()));
+  {
+    std::lock_guard<std::mutex> r(r_mu_);
+    if (r_queued_bytes_ > 0 && r_queued_bytes_ + n > opts_.remote_queue_bytes) {
+      ++stats_.remote_write_drops;  // left for a later hit
+      return;
+    }
+  }
+  RemoteJob job;
+  job.key = e.key;
+  job.tokens = e.tokens;
+  job.blob = blob != nullptr ? *blob : (e.tier == ChunkTier::Host ? e.blob : serialize_pool(e));
+  {
+    std::lock_guard<std::mutex> r(r_mu_);
+    r_queued_bytes_ += n;
+    r_queue_.push_back(std::move(job));
+  }
+  r_cv_.notify_one();
+  e.remote_done = true;
+}
+
+void ChunkStore::remote_loop(RemoteKv& kv) {
+  for (;;) {
+    RemoteJob job;
+    {
+      std::unique_lock<std::mutex> r(r_mu_);
+      r_cv_.wait(r, [&] { return r_stop_ || !r_queue_.empty(); });
+      if (r_queue_.empty()) return;  // stopped, queue drained
+      job = std::move(r_queue_.front());
+      r_queue_.pop_front();
+    }
+    const int64_t n = static_cast<int64_t>(job.blob.size());
+    send_remote(kv, job);
+    {
+      std::lock_guard<std::mutex> r(r_mu_);
+      r_queued_bytes_ -= n;
+    }
+    r_done_cv_.notify_all();
+  }
+}
+
+void ChunkStore::send_remote(RemoteKv& kv, RemoteJob& job) {
+  // No store state here but the stats at the end (under mu_, without r_mu_).
+  const int32_t len = static_cast<int32_t>(job.tokens.size());
+  const int32_t B = opts_.remote_block_rows, nb = (len + B - 1) / B;
+  const int64_t rb = dtype_bytes(dtype_, head_dim_), hb = head_block_bytes(len);
+  const std::string prefix = remote_prefix(job.key);
+  Manifest m;
+  m.version = kRemoteVersion;
+  m.dtype = static_cast<uint32_t>(dtype_);
+  m.model_fp = opts_.model_fp;
+  m.key = job.key;
+  m.layers = static_cast<uint32_t>(layers_);
+  m.kv_heads = static_cast<uint32_t>(kv_heads_);
+  m.head_dim = static_cast<uint32_t>(head_dim_);
+  m.len = static_cast<uint32_t>(len);
+  m.block_rows = static_cast<uint32_t>(B);
+  m.tokens = job.tokens;
+  m.sums.resize(static_cast<size_t>(layers_) * kv_heads_ * nb);
+  std::vector<std::pair<std::string, std::string>> kvs;
+  kvs.reserve(static_cast<size_t>(layers_) * kv_heads_ + 1);
+  int64_t bytes = 0;
+  for (int32_t lh = 0; lh < layers_ * kv_heads_; ++lh) {
+    const uint8_t* src = job.blob.data() + int64_t{lh} * hb;
+    std::string v(static_cast<size_t>(hb), '\0');
+    auto* out = reinterpret_cast<uint8_t*>(v.data());
+    for (int32_t b = 0; b < nb; ++b) {
+      const int64_t r0 = int64_t{b} * B, n = std::min<int64_t>(len, r0 + B) - r0;
+      std::memcpy(out, src + r0 * rb, n * rb);
+      std::memcpy(out + n * rb, src + (len + r0) * rb, n * rb);
+      m.sums[static_cast<size_t>(lh) * nb + b] = XXH3_64bits(out, 2 * n * rb);
+      out += 2 * n * rb;
+    }
+    bytes += hb;
+    kvs.emplace_back(
+        prefix + ":" + std::to_string(lh / kv_heads_) + ":" + std::to_string(lh % kv_heads_),
+        std::move(v));
+  }
+  kvs.emplace_back(prefix + ":m", encode_manifest(m));  // last: readers look for it first
+  bytes += static_cast<int64_t>(kvs.back().second.size());
+  const bool ok = kv.put_many(kvs) == RemoteKv::Status::Ok;
+  if (!ok) log_disk(kv.describe() + " " + prefix, "remote write failed (counted as an error)");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (ok) {
+    ++stats_.remote_writes;
+    stats_.remote_bytes_written += bytes;
+  } else {
+    ++stats_.remote_errors;
+  }
 }
 
 }  // namespace redknot

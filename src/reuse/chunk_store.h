@@ -53,6 +53,29 @@
 // stderr naming the file and what was wrong, at most log_lines_per_minute; the rest are counted and
 // summed up in one line at the next problem after the minute, or at destruction.
 //
+// Remote tier (options.remote, issue #22): a key-value store shared by server instances (Redis),
+// below the local tiers. A local miss asks it before being prefilled; a hit becomes a pool entry
+// (source() Remote). Format, per segment, keys prefixed `rk:<model fp hex>:<segment key hex>`:
+//   `:<layer>:<head>`  one shard per (layer, kv head): its rows in blocks of remote_block_rows B;
+//                      block b = K rows [bB, min(len, (b+1)B)) then V rows of that range, so any
+//                      set of blocks is one GETRANGE per contiguous run;
+//   `:m`               the manifest (encode_manifest): magic, version, model fp, dtype, geometry,
+//                      len, B, the token ids (a hash collision is a miss), one XXH3 per (layer,
+//                      head, block), and an XXH3 of the manifest itself. Written last, in the same
+//                      pipeline as the shards: a reader never finds a manifest before its shards.
+// A reader fetches only the blocks its destination keeps (acquire's ChunkRowNeed: a local head's
+// sink and window rows, a global head's every row) and verifies each block. Such a partial entry
+// never hands out rows it lacks (Handle::covers; an acquire needing more refetches or misses), is
+// never written to the host/disk tiers or back to the remote (it is dropped instead of demoted:
+// the remote still has it), and holds pool pages for every row (the store's cache is all-global;
+// rows not fetched are zero). A shard missing under a manifest (Redis evicted it: TTL and memory
+// limits are Redis's, maxmemory + LRU) is a miss; a corrupt or truncated value (checksum, short
+// read, bad manifest) is counted, logged, its keys deleted and the segment recomputed, never
+// served; a transport failure is a miss counted in remote_errors (the client reconnects later).
+// Writes: entries whose access count reaches remote_admit (1: the first prefill is shared) are
+// serialized on the engine thread (the pool gather needs the backend) and sent by a background
+// thread; a full queue (remote_queue_bytes) drops the write (counted; a later hit retries).
+//
 // Passive: the store never runs the model. A miss is prefilled by the caller (the scheduler, as
 // ordinary prefill work of the store's own sequence; prefill_segment() for offline use): reserve()
 // gives it a sequence of prefill_cache(), publish() turns the result into an entry. Not
@@ -80,6 +103,7 @@
 #include "kv/paged_kv_cache.h"
 #include "loader/checkpoint.h"
 #include "model/model.h"
+#include "reuse/remote_tier.h"
 
 namespace redknot {
 
@@ -90,7 +114,7 @@ uint64_t model_fingerprint(const ModelConfig& cfg, const Checkpoint& ckpt);
 // XXH3 over the fingerprint and the token ids.
 uint64_t segment_key(uint64_t model_fp, std::span<const int32_t> tokens);
 
-enum class ChunkTier : uint8_t { None, Pool, Host, Disk };
+enum class ChunkTier : uint8_t { None, Pool, Host, Disk, Remote };
 const char* chunk_tier_name(ChunkTier t);
 
 struct ChunkStoreOptions {
@@ -108,7 +132,25 @@ struct ChunkStoreOptions {
   int32_t log_lines_per_minute = 10;               // disk-tier problems printed, then a summary
   int key_bits = 64;                               // tests only: fewer bits force hash collisions
   std::function<void()> before_write;  // tests only: runs on the writer before each file
+  // Remote tier: makes one client per use (the reader on the engine thread, the writer thread);
+  // empty: no remote tier. Needs model_fp.
+  std::function<std::unique_ptr<RemoteKv>()> remote;
+  int32_t remote_admit = 1;        // accesses before an entry is written to the remote
+  int32_t remote_block_rows = 64;  // rows per checksummed block of a shard (B)
+  int64_t remote_queue_bytes = int64_t{256} << 20;  // serialized bytes waiting to be sent
 };
+
+// The source rows of a segment a destination keeps, per (layer, kv head) as
+// [layer * kv_heads + head]: rows [0, first) and [second, len) (first >= second: every row).
+// Empty: every row of every head.
+struct ChunkRowNeed {
+  std::vector<std::pair<int32_t, int32_t>> keep;
+  bool full() const { return keep.empty(); }
+};
+// What PagedKvCache::append_relocated(seq, rows, 0..len-1, dst_offset) copies of a segment of
+// `len` rows: a local head's rows that HeadSpec::keeps at their new positions (sink ∪ window),
+// a global head's every row; every row while the sequence keeps its local pages.
+ChunkRowNeed row_need(const PagedKvCache& dst, SeqId seq, int32_t dst_offset, int32_t len);
 
 struct ChunkTierUsage {
   int64_t entries = 0, bytes = 0;
@@ -130,6 +172,18 @@ struct ChunkStoreStats {
   int64_t write_queue_bytes = 0;    // serialized bytes queued or being written now
   ChunkTierUsage pool, host, disk;  // disk: every indexed file, including copies; bytes also
                                     // count writes in flight
+  // Remote tier.
+  int64_t remote_hits = 0;            // local misses found remote (promoted to the pool)
+  int64_t remote_partial_hits = 0;    // of those, fetched only the rows the destination keeps
+  int64_t remote_misses = 0;          // local misses not found remote (or found unusable)
+  int64_t remote_missing_shards = 0;  // of those, manifests whose shards Redis had dropped
+  int64_t remote_corrupt = 0;         // values found bad (checksum, truncation, manifest); deleted
+  int64_t remote_errors = 0;          // transport failures (connection, timeout): misses
+  int64_t remote_bytes_read = 0;      // manifest + shard bytes fetched
+  int64_t remote_bytes_written = 0;   // manifest + shard bytes sent
+  int64_t remote_writes = 0;          // segments written to the remote
+  int64_t remote_write_drops = 0;     // writes dropped: queue full (retried on a later hit)
+  int64_t remote_queue_bytes = 0;     // serialized bytes queued or being sent now
 };
 
 // One (layer, kv head)'s rows of a cached segment, host tensors [n, head_dim] in act dtype.
@@ -170,6 +224,10 @@ class ChunkStore {
     const std::vector<std::vector<int32_t>>& all_rows() const;
     // 0..len-1: the source positions for append_relocated.
     const std::vector<int32_t>& positions() const;
+    // Fetched from the remote with only some rows (the rest are not to be read).
+    bool partial() const;
+    // Whether the entry holds every row `need` asks for.
+    bool covers(const ChunkRowNeed& need) const;
 
    private:
     friend class ChunkStore;
@@ -217,7 +275,9 @@ class ChunkStore {
   // on a miss (counted; reserve() it and prefill it), for an empty span, or when a host/disk hit
   // finds no room in the pool under the policy. Cache problems (no room, corrupt files) never
   // throw.
-  Handle acquire(std::span<const int32_t> tokens);
+  // `need`: the rows the caller will read (row_need()); null: every row. A remote hit fetches
+  // only those; a partial entry that lacks some is fetched again (or is a miss while pinned).
+  Handle acquire(std::span<const int32_t> tokens, const ChunkRowNeed* need = nullptr);
   // After acquire() missed: a sequence of prefill_cache() for the caller to prefill the segment
   // into. Admitted when the policy makes room for it in the pool budget; otherwise private (see
   // Pending::admitted). Throws OutOfKvMemory when the pool has no free pages for it at all.
@@ -246,7 +306,8 @@ class ChunkStore {
   // hottest first, as far as the queue has room; returns how many. publish() and acquire() do
   // this themselves; call it between steps to retry sooner. On the thread that runs the model.
   int persist_new();
-  // Blocks until every queued write is on disk and its entry updated. Not under a store call.
+  // Blocks until every queued write is on disk and its entry updated, and every queued remote
+  // write is sent. Not under a store call.
   void sync_writes();
 
   ChunkStoreStats stats() const;
@@ -271,6 +332,11 @@ class ChunkStore {
     bool on_disk = false;
     int64_t file_bytes = 0;
     std::vector<uint64_t> block_sums;  // per (layer, head) block, from the file header
+    // Remote tier: partial = fetched with only `have`'s rows (ChunkRowNeed::keep); remote_done =
+    // written to the remote (or read from it): not sent again.
+    bool partial = false;
+    std::vector<std::pair<int32_t, int32_t>> have;
+    bool remote_done = false;
     // Write-through: waiting for room in the write queue, or its write queued / in flight.
     bool persist = false;
     std::shared_ptr<WriteJob> job;
@@ -294,6 +360,11 @@ class ChunkStore {
     bool committed = false, ok = false, dequeued = false;
     std::string error;
     std::vector<uint64_t> sums;
+  };
+  struct RemoteJob {
+    uint64_t key = 0;
+    std::vector<int32_t> tokens;
+    std::vector<uint8_t> blob;
   };
   struct Ghost {
     double accesses = 0;
@@ -340,7 +411,16 @@ class ChunkStore {
   std::vector<uint8_t> serialize_pool(const Entry& e);
   void flush_locked();
 
-  Handle acquire_locked(std::span<const int32_t> tokens);
+  Handle acquire_locked(std::span<const int32_t> tokens, const ChunkRowNeed* need);
+  // Remote tier (mutex held except remote_loop/send_remote).
+  Handle fetch_remote(uint64_t key, std::span<const int32_t> tokens, const ChunkRowNeed* need);
+  // Queues e for the remote writer when it is admitted (blob: its serialization, if at hand).
+  void want_remote(Entry& e, const std::vector<uint8_t>* blob = nullptr);
+  std::string remote_prefix(uint64_t key) const;
+  void remote_loop(RemoteKv& kv);
+  bool covers(const Entry& e, const ChunkRowNeed& need) const;
+  void send_remote(RemoteKv& kv, RemoteJob& job);
+  void drop_remote(const std::string& prefix, int32_t len);
   // Write-through (mutex held unless said otherwise).
   void want_persist(Entry& e, std::vector<uint8_t>* blob = nullptr);
   int persist_locked();
@@ -399,6 +479,14 @@ class ChunkStore {
   bool stop_ = false;
   std::thread writer_;
   // Rate limit of log_disk (own mutex: any thread).
+  // Remote tier: the reader (engine thread, under mu_) and the writer thread with its queue.
+  std::unique_ptr<RemoteKv> remote_rd_;
+  std::thread remote_writer_;
+  mutable std::mutex r_mu_;  // after mu_; the writer thread takes mu_ only without r_mu_
+  std::condition_variable r_cv_, r_done_cv_;
+  std::deque<RemoteJob> r_queue_;
+  int64_t r_queued_bytes_ = 0;  // queued + being sent
+  bool r_stop_ = false;
   std::mutex log_mu_;
   std::chrono::steady_clock::time_point log_window_{};
   int32_t log_lines_ = 0;

@@ -241,9 +241,13 @@ struct ModePlanner {
       const auto& seg = job.prompt_.segments[i];
       if (seg.empty()) continue;
       ++path.segments;
-      ChunkStore::Handle h = store->acquire(seg);
+      // Only the rows this request's sequence keeps (a remote hit fetches just those).
+      const ChunkRowNeed need =
+          row_need(job.kv_, job.seq_, offset_of(i), static_cast<int32_t>(seg.size()));
+      ChunkStore::Handle h = store->acquire(seg, &need);
       if (h) {
         ++path.segments_hit;
+        if (h.source() == ChunkTier::Remote) ++path.segments_remote;
         job.out_.reused_tokens += static_cast<int64_t>(seg.size());
         (*shared)[i] = std::move(h);
         continue;
@@ -269,6 +273,10 @@ struct ModePlanner {
         const ChunkStore::Handle& h = (*shared)[i];
         const auto& seg = j.prompt_.segments[i];
         if (seg.empty()) continue;
+        // A partial remote entry lacks rows this sequence might read: never hand them out.
+        if (h.partial())
+          RK_CHECK(h.covers(row_need(j.kv_, j.seq_, dst, static_cast<int32_t>(seg.size()))),
+                   "a partial chunk entry lacks rows its destination keeps");
         j.kv_.append_relocated(j.seq_, h.all_rows(), h.positions(), dst);
         dst += static_cast<int32_t>(seg.size());
       }

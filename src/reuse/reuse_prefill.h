@@ -75,11 +75,16 @@ struct ReusePath {
   ReuseMode used = ReuseMode::Full;       // what ran
   std::string fallback;                   // why used != requested (empty when it did not)
   int32_t segments = 0;                   // segments looked up in the chunk store
-  int32_t segments_hit = 0;               // found cached (pool, host or disk)
+  int32_t segments_hit = 0;               // found cached (pool, host, disk or remote)
+  int32_t segments_remote = 0;            // of those, fetched from the remote tier (Redis)
   int32_t segments_prefilled = 0;         // misses prefilled for this request
   int32_t segments_private = 0;           // of those, not kept by the store (no room)
   int64_t reused_tokens = 0;              // prompt tokens whose KV came from a cache
   int64_t prefix_hit_tokens = 0;          // of those, from the prefix cache (prefix mode)
+  // Prefill/decode handover (RequestSpec::kv_export / kv_import): bytes moved head-major, what a
+  // token-major cache would move, and why a handover failed (empty: it did not).
+  int64_t kv_export_bytes = 0, kv_import_bytes = 0, kv_token_major_bytes = 0;
+  std::string kv_handover_error;
 };
 
 // What a prefill produced: the sequence holds the prompt's KV, ready to decode.

@@ -128,6 +128,7 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
   out += "redknot_chunk_store_hits_total{tier=\"pool\"} " + num(cs.pool_hits) + "\n";
   out += "redknot_chunk_store_hits_total{tier=\"host\"} " + num(cs.host_hits) + "\n";
   out += "redknot_chunk_store_hits_total{tier=\"disk\"} " + num(cs.disk_hits) + "\n";
+  out += "redknot_chunk_store_hits_total{tier=\"remote\"} " + num(cs.remote_hits) + "\n";
   gauge(out, "redknot_chunk_store_misses_total", "Chunk store misses (segment not cached).",
         cs.misses, "counter");
   out += "# HELP redknot_chunk_store_bytes Bytes held by the chunk store by tier.\n";
@@ -147,6 +148,28 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
         cs.disk_writes, "counter");
   gauge(out, "redknot_chunk_store_write_errors_total", "Spill files that could not be written.",
         cs.write_errors, "counter");
+  // The remote tier (--chunk-store-redis); all zero without one.
+  gauge(out, "redknot_chunk_store_remote_partial_hits_total",
+        "Remote hits that fetched only the rows the request keeps (local heads: sink + window).",
+        cs.remote_partial_hits, "counter");
+  gauge(out, "redknot_chunk_store_remote_misses_total",
+        "Local misses not served by the remote tier.", cs.remote_misses, "counter");
+  gauge(out, "redknot_chunk_store_remote_missing_shards_total",
+        "Remote segments whose shards the remote store had dropped.", cs.remote_missing_shards,
+        "counter");
+  gauge(out, "redknot_chunk_store_remote_corrupt_total",
+        "Remote values found corrupt or truncated (deleted, recomputed).", cs.remote_corrupt,
+        "counter");
+  gauge(out, "redknot_chunk_store_remote_errors_total",
+        "Remote tier transport failures (each a miss).", cs.remote_errors, "counter");
+  gauge(out, "redknot_chunk_store_remote_bytes_read_total", "Bytes fetched from the remote tier.",
+        cs.remote_bytes_read, "counter");
+  gauge(out, "redknot_chunk_store_remote_bytes_written_total", "Bytes sent to the remote tier.",
+        cs.remote_bytes_written, "counter");
+  gauge(out, "redknot_chunk_store_remote_writes_total", "Segments written to the remote tier.",
+        cs.remote_writes, "counter");
+  gauge(out, "redknot_chunk_store_remote_write_drops_total",
+        "Remote writes dropped because the queue was full.", cs.remote_write_drops, "counter");
   gauge(out, "redknot_reuse_prefills_total", "Requests prefilled through chunk reuse.",
         s.reuse_prefills, "counter");
   const double prompt_reused = double(s.cached_tokens + s.recomputed_tokens);
@@ -160,8 +183,13 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
         "Reuse prefills requeued for KV pages (--reuse-fallback wait).", s.reuse_waits, "counter");
   family(out, "redknot_reuse_segments_total", "Segments of reuse prefills by outcome.", "outcome",
          {{"hit", s.segments_hit},
+          {"remote_hit", s.segments_remote},
           {"prefilled", s.segments_prefilled},
           {"private", s.segments_private}});
+  family(
+      out, "redknot_kv_handovers_total",
+      "Prefill/decode handovers through the remote store (kv_export / kv_import).", "outcome",
+      {{"exported", s.kv_exports}, {"imported", s.kv_imports}, {"failed", s.kv_handover_errors}});
   family(out, "redknot_requests_by_mode_total", "Requests by the reuse mode that ran.", "mode",
          s.modes_used);
   family(out, "redknot_reuse_fallbacks_total", "Requests not served in the mode asked, by reason.",

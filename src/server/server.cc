@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <iostream>
 #include <map>
@@ -256,7 +257,9 @@ void check_fields(const json& body, bool chat) {
                                                "min_tokens",
                                                "ignore_eos",
                                                "return_tokens_as_token_ids",
-                                               "reuse_mode"};
+                                               "reuse_mode",
+                                               "kv_export",
+                                               "kv_import"};
   const int ep = chat ? 2 : 1;
   for (const auto& [key, v] : body.items()) {
     if (common.count(key) ||
@@ -585,10 +588,16 @@ struct Job {
                   {"fallback", path.fallback.empty() ? json(nullptr) : json(path.fallback)},
                   {"segments", path.segments},
                   {"segments_hit", path.segments_hit},
+                  {"segments_remote", path.segments_remote},
                   {"segments_prefilled", path.segments_prefilled},
                   {"segments_uncached", path.segments_private},
                   {"reused_tokens", path.reused_tokens},
                   {"prefix_hit_tokens", path.prefix_hit_tokens},
+                  {"kv_export_bytes", path.kv_export_bytes},
+                  {"kv_import_bytes", path.kv_import_bytes},
+                  {"kv_token_major_bytes", path.kv_token_major_bytes},
+                  {"kv_handover_error",
+                   path.kv_handover_error.empty() ? json(nullptr) : json(path.kv_handover_error)},
                   {"preemptions", rs.preemptions()}};
     return json{{"prompt_tokens", p},
                 {"completion_tokens", done_tokens},
@@ -906,6 +915,7 @@ void Server::routes() {
                  {"max_batch", sched_.options().max_batch},
                  {"batch_invariant", opts_.batch_invariant},
                  {"chunk_store_dir", opts_.chunk_store_dir},
+                 {"chunk_store_redis", opts_.chunk_store_redis},
                  {"reuse_mode", opts_.reuse_mode},
                  {"chunk_reuse", opts_.chunk_stats ? "on" : "off"}};
     return json{{"id", opts_.model_id},
@@ -1065,6 +1075,21 @@ void Server::routes() {
         } catch (const Error& e) {
           throw bad(e.what(), "reuse_mode");
         }
+      }
+      // RedKnot extension: prefill/decode handover of the prompt's KV through the remote store.
+      for (const char* f : {"kv_export", "kv_import"}) {
+        if (!present(body, f)) continue;
+        const std::string h = get_str(body[f], f);
+        const bool ok =
+            !h.empty() && h.size() <= 128 && std::all_of(h.begin(), h.end(), [](char c) {
+              return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' ||
+                     c == '.';
+            });
+        if (!ok) throw bad(std::string(f) + " must be 1-128 characters of [A-Za-z0-9._-]", f);
+        if (opts_.chunk_store_redis.empty())
+          throw bad(std::string(f) + " needs a remote store (serve --chunk-store-redis)", f,
+                    "unsupported_parameter");
+        (std::string(f) == "kv_export" ? spec.kv_export : spec.kv_import) = h;
       }
       try {
         if (chat) {

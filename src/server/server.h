@@ -37,7 +37,7 @@ struct ServerOptions {
   int64_t max_model_len = 0;       // prompt + max_tokens at most; 0: the model's context length
   int retry_after_s = 1;           // sent with 429
   // Reported in /v1/models metadata.
-  std::string backend, head_profile, chunk_store_dir, reuse_mode;
+  std::string backend, head_profile, chunk_store_dir, chunk_store_redis, reuse_mode;
   bool batch_invariant = false;
   bool log_requests = true;  // one stderr line per finished request, with its reuse path
   // The chunk store's counters for /metrics (null: no chunk store).
