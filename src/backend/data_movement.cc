@@ -26,6 +26,18 @@ void Backend::paged_attention(const Tensor& q, const Tensor& k_pool, const Tenso
   reference_paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
 }
 
+void Backend::quantize_fp8_rows(const Tensor&, Tensor&, Tensor&) {
+  throw Error("backend '" + name() + "' has no FP8 ops (quantize_fp8_rows)");
+}
+
+void Backend::dequantize_fp8_rows(const Tensor&, const Tensor&, Tensor&) {
+  throw Error("backend '" + name() + "' has no FP8 ops (dequantize_fp8_rows)");
+}
+
+void Backend::matmul_fp8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&) {
+  throw Error("backend '" + name() + "' has no FP8 GEMM (matmul_fp8)");
+}
+
 bool poison_uninit_allocs() {
   static const bool poison = [] {
     const char* env = std::getenv("REDKNOT_POISON_UNINIT");

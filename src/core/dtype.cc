@@ -134,6 +134,14 @@ uint8_t f32_to_fp8_e4m3(float f) {
   return sign | static_cast<uint8_t>((re - 1 + 7) << 3) | static_cast<uint8_t>(mant);
 }
 
+float fp8_quantize_row(const float* x, int64_t n, uint8_t* q) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / kFp8Max;
+  for (int64_t i = 0; i < n; ++i) q[i] = scale > 0.0f ? f32_to_fp8_e4m3(x[i] / scale) : 0;
+  return scale;
+}
+
 void convert_to_f32(DType src_type, const void* src, float* dst, int64_t n) {
   switch (src_type) {
     case DType::F32:

@@ -49,6 +49,11 @@ float fp8_e4m3_to_f32(uint8_t v);
 uint8_t f32_to_fp8_e4m3(float f);
 uint16_t f32_to_f16(float f);
 
+// Dynamic FP8 quantization of one row (the per-token rule of every backend): returns
+// scale = absmax / 448 and writes q[i] = e4m3(x[i] / scale) (f32 division; all zeros when
+// scale == 0). x: [n] f32; q: [n] e4m3 codes
+float fp8_quantize_row(const float* x, int64_t n, uint8_t* q);
+
 // Converts n elements of `src` (any dtype) to f32. Q8_0 needs n % 32 == 0.
 void convert_to_f32(DType src_type, const void* src, float* dst, int64_t n);
 // Converts n f32 values to `dst_type` (F32, F16, BF16, F8_E4M3 saturating, no scale).

@@ -74,6 +74,7 @@ Tensor CpuBackend::upload_weight(const Tensor& host) {
   expect_device("upload_weight", "host", host, Device::Host);
   const bool to_bf16 = options_.f32_weights_to_bf16 && host.rank() >= 2;
   if (host.dtype() == DType::BF16 || host.dtype() == DType::I32) return host;
+  if (host.dtype() == DType::F8_E4M3) return host;  // matmul_fp8 dequantizes per block
   if (host.dtype() == DType::F32 && !to_bf16) return host;
   Tensor f32 = host;
   if (host.dtype() != DType::F32) {
@@ -188,6 +189,78 @@ void CpuBackend::matmul_bf16_sgemm(const float* x, int64_t m_rows, const uint16_
 #else
   throw Error("matmul_bf16_sgemm: built without OpenBLAS");
 #endif
+}
+
+void CpuBackend::quantize_fp8_rows(const Tensor& x, Tensor& q, Tensor& scale) {
+  check_fp8_rows("quantize_fp8_rows", x, q, scale);
+  expect_host_f32("quantize_fp8_rows", "x", x);
+  const int64_t cols = x.cols();
+  parallel_rows(x.rows(), cols, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      scale.data<float>()[r] =
+          fp8_quantize_row(x.data<float>() + r * cols, cols, q.data<uint8_t>() + r * cols);
+  });
+}
+
+void CpuBackend::dequantize_fp8_rows(const Tensor& q, const Tensor& scale, Tensor& out) {
+  check_fp8_rows("dequantize_fp8_rows", out, q, scale);
+  expect_host_f32("dequantize_fp8_rows", "out", out);
+  const int64_t cols = q.cols();
+  parallel_rows(q.rows(), cols, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* o = out.data<float>() + r * cols;
+      convert_to_f32(DType::F8_E4M3, q.data<uint8_t>() + r * cols, o, cols);
+      const float s = scale.data<float>()[r];
+      for (int64_t c = 0; c < cols; ++c) o[c] *= s;
+    }
+  });
+}
+
+void CpuBackend::matmul_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale,
+                            const Tensor& bias, Tensor& out) {
+  check_matmul_fp8(x, w, w_scale, bias, out);
+  expect_host_f32("matmul_fp8", "x", x);
+  expect_host_f32("matmul_fp8", "out", out);
+  const int64_t m_rows = x.rows(), n_rows = w.dim(0), k_dim = w.dim(1);
+  const bool blocked = w_scale.rank() == 2;
+  const int64_t k_blocks = blocked ? w_scale.dim(1) : 0;
+  const float* ws = w_scale.data<float>();
+  // Activation codes decoded to f32 are exact, so the f32 GEMM sees the quantized values.
+  std::vector<float> xq(m_rows * k_dim), sx(m_rows);
+  {
+    std::vector<uint8_t> codes(k_dim);
+    for (int64_t m = 0; m < m_rows; ++m) {
+      sx[m] = fp8_quantize_row(x.data<float>() + m * k_dim, k_dim, codes.data());
+      convert_to_f32(DType::F8_E4M3, codes.data(), xq.data() + m * k_dim, k_dim);
+    }
+  }
+  float* op = out.data<float>();
+  const int64_t block_rows =
+      std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, k_dim));
+  parallel_rows(n_rows, m_rows * k_dim, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> tile;
+    for (int64_t n0 = r0; n0 < r1; n0 += block_rows) {
+      const int64_t nb = std::min(block_rows, r1 - n0);
+      tile.resize(nb * k_dim);
+      convert_to_f32(DType::F8_E4M3, w.data<uint8_t>() + n0 * k_dim, tile.data(), nb * k_dim);
+      if (blocked)  // block scales inside the sum; per-channel scales after it
+        for (int64_t n = 0; n < nb; ++n)
+          for (int64_t k = 0; k < k_dim; ++k)
+            tile[n * k_dim + k] *= fp8_weight_scale(ws, true, k_blocks, n0 + n, k);
+#ifdef REDKNOT_HAS_OPENBLAS
+      if (m_rows >= kSgemmMinRows) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m_rows, nb, k_dim, 1.0f, xq.data(),
+                    k_dim, tile.data(), k_dim, 0.0f, op + n0, n_rows);
+        continue;
+      }
+#endif
+      cpu::gemm_rows(xq.data(), m_rows, tile.data(), k_dim, 0, nb, nullptr, op + n0, n_rows);
+    }
+  });
+  std::vector<float> b = bias.numel() ? small_f32(bias) : std::vector<float>(n_rows, 0.0f);
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t n = 0; n < n_rows; ++n)
+      op[m * n_rows + n] = op[m * n_rows + n] * sx[m] * (blocked ? 1.0f : ws[n]) + b[n];
 }
 
 void CpuBackend::rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) {

@@ -26,13 +26,23 @@ class CpuBackend : public Backend {
   static const char* simd_name();
 
   Tensor alloc(DType dtype, std::vector<int64_t> shape) override;
-  // F32/BF16: a view of `host` (no copy). F16/Q8_0: converted to F32 (BF16 with the option).
+  // F32/BF16/F8_E4M3: a view of `host` (no copy). F16/Q8_0: converted to F32 (BF16 with the
+  // option).
   Tensor upload_weight(const Tensor& host) override;
   void copy_from_host(Tensor& dst, const Tensor& src) override;
   Tensor to_host_f32(const Tensor& src) override;
 
   void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) override;
+  // x: [R, C] f32; q: [R, C] f8; scale: [R] f32
+  void quantize_fp8_rows(const Tensor& x, Tensor& q, Tensor& scale) override;
+  // q: [R, C] f8; scale: [R] f32; out: [R, C] f32
+  void dequantize_fp8_rows(const Tensor& q, const Tensor& scale, Tensor& out) override;
+  // Activations quantized per token and decoded to f32, weights dequantized per block of rows
+  // (FP8 stays the storage format: half of bf16's memory), the f32 GEMM paths of matmul, then
+  // the scales. x: [M, K] f32; w: [N, K] f8; w_scale: [N] or [N/128, K/128]; out: [M, N] f32
+  void matmul_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, const Tensor& bias,
+                  Tensor& out) override;
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
   void add(Tensor& x, const Tensor& y) override;
   void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override;
