@@ -6,6 +6,7 @@
 #include "backend/builtin.h"
 #include "core/error.h"
 #include "kv/head_profile.h"
+#include "loader/fp8_checkpoint.h"
 #include "loader/permute_heads.h"
 
 namespace redknot {
@@ -22,6 +23,8 @@ LoadedEngineModel open_engine_model(const std::string& path, const EngineOptions
       permute_kv_heads(m.ckpt, p.placement);
     }
   }
+  // After placement: permuting float rows first keeps every per-channel scale with its row.
+  apply_quantization(m.ckpt, opts.quantization);
   m.backend = create_backend(opts.backend);
   if (opts.batch_invariant) m.batch_invariant = std::make_unique<BatchInvariantBackend>(*m.backend);
   m.model = std::make_unique<Model>(m.ckpt, m.batch_invariant ? *m.batch_invariant : *m.backend);
