@@ -18,7 +18,8 @@ namespace redknot::cli {
 
 namespace {
 struct GenerateArgs {
-  std::string model, prompt, prompt_ids, logits_out, backend = "cpu", quantization;
+  std::string model, prompt, prompt_ids, logits_out, backend = "cpu", quantization,
+                                                     kv_cache_dtype = "auto";
   std::vector<std::string> segments;  // reuse units before the prompt (documents, system)
   std::string mode = "full", chunk_store_dir;
   int64_t chunk_store_bytes = 0;  // 0: the engine's default share (engine_setup.h)
@@ -108,6 +109,7 @@ int run_generate(const GenerateArgs& a) {
   EngineOptions eo;
   eo.backend = a.backend;
   eo.quantization = a.quantization;
+  eo.kv_cache_dtype = a.kv_cache_dtype;
   eo.page_size = a.page_size;
   eo.kv_budget_bytes = a.kv_budget;
   // With segments the mode decides the heads (as in eval and serve); a plain prompt runs on the
@@ -200,6 +202,9 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
   c->add_option("--quantization", a->quantization,
                 "none | fp8: quantize the linear projections to FP8 e4m3 at load time "
                 "(per-channel scales); FP8 checkpoints load as FP8 either way");
+  c->add_option("--kv-cache-dtype", a->kv_cache_dtype,
+                "auto (the backend's act dtype) | fp8 (e4m3 K/V rows, one scale per token and "
+                "head)");
   c->add_option("--segment", a->segments,
                 "a reuse unit (document, system prompt) before --prompt; repeatable");
   c->add_option("--mode", a->mode, "full | prefix | naive | cacheblend | epic | redknot");

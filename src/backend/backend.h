@@ -141,7 +141,8 @@ class Backend {
 
   // SegPaged attention: every (sequence, kv head) reads only its own pages (GQA: query head
   // h uses kv head h / (Hq / Hkv)); causal and windowed by positions, no mask tensor.
-  // q: [T, Hq, D]; k_pool, v_pool: [pages * page_size, D]; pos_pool: [pages * page_size] i32;
+  // q: [T, Hq, D]; k_pool, v_pool: [pages * page_size, D] in act dtype, or FP8 KV rows
+  // [pages * page_size, D + 4] f8_e4m3 (pack_fp8_kv_rows); pos_pool: [pages * page_size] i32;
   // q_pos: [T] i32; out: [T, Hq, D]. The default throws: backends that support it override.
   virtual void paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
                                const Tensor& pos_pool, const Tensor& q_pos,
@@ -150,6 +151,17 @@ class Backend {
   // out[r] = ||x[r, :]||₂ (Sparse FFN token importance). x: [R, C]; out: [R] f32.
   // The default works on host memory; device backends override.
   virtual void row_l2norm(const Tensor& x, Tensor& out);
+
+  // ---- FP8 KV rows (--kv-cache-dtype fp8): a row is C e4m3 codes, then the row's f32
+  // dequantization scale in bytes [C, C + 4) (kFp8KvScaleBytes). One scale per (token, layer,
+  // kv head) row: written once, never rescaled when later tokens arrive, and a relocated key is
+  // requantized with a fresh scale of its own, so relocation costs one rounding of the rotated
+  // stored key (no shared scale to saturate). Row moves (page copies, the chunk store's tiers)
+  // carry the scale with the codes. Defaults work on host memory; device backends override.
+  // x: [R, C] act dtype or f32; rows: [R, C + 4] f8_e4m3 (quantized as quantize_fp8_rows)
+  virtual void pack_fp8_kv_rows(const Tensor& x, Tensor& rows);
+  // rows: [R, C + 4] f8_e4m3; out: [R, C] act dtype or f32
+  virtual void unpack_fp8_kv_rows(const Tensor& rows, Tensor& out);
 
   // ---- data movement (defaults work on host memory; device backends override) ----
   // dst = src, same dtype and element count, both on this device.

@@ -71,6 +71,13 @@ class ForwardingBackend : public Backend {
                        Tensor& out) override {
     inner_.paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
   }
+  // x: [R, C] -> rows: [R, C + 4] f8; rows -> out: [R, C]
+  void pack_fp8_kv_rows(const Tensor& x, Tensor& rows) override {
+    inner_.pack_fp8_kv_rows(x, rows);
+  }
+  void unpack_fp8_kv_rows(const Tensor& rows, Tensor& out) override {
+    inner_.unpack_fp8_kv_rows(rows, out);
+  }
   void copy(const Tensor& src, Tensor& dst) override { inner_.copy(src, dst); }
   void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override {
     inner_.scatter_rows(src, rows, dst);

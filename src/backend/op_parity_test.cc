@@ -761,6 +761,86 @@ TEST_F(OpParityTest, Fp8OpsMatchReference) {
   }
 }
 
+// FP8 KV rows of every backend against the oracle: packing (codes and scales equal), unpacking,
+// and SegPaged attention over FP8 pools (the same packed bytes on both) in every paged scenario.
+// The oracle's FP8 path itself equals its f32 path over the unpacked pools.
+TEST_F(OpParityTest, Fp8KvMatchesReference) {
+  auto ref = create_backend("reference");
+  int tested = 0;
+  for (const std::string& name : backend_names()) {
+    if (name == "reference") continue;
+    ++tested;
+    auto dut = create_backend(name);
+    OpParity p(*ref, *dut);
+    const DType act = dut->act_dtype();
+    for (auto [rows, cols] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 16}, {37, 128}, {300, 64}, {5, 32}}) {
+      std::vector<float> v = p.random(rows * cols, -8.0f, 8.0f);
+      for (int64_t c = 0; c < cols; ++c) v[(rows - 1) * cols + c] = 0.0f;  // zero row: scale 0
+      auto [x_ref, x_dut] = p.act_pair(v, {rows, cols});
+      const int64_t w = cols + kFp8KvScaleBytes;
+      Tensor r_ref = ref->alloc(DType::F8_E4M3, {rows, w});
+      Tensor r_dut = dut->alloc(DType::F8_E4M3, {rows, w});
+      ref->pack_fp8_kv_rows(x_ref, r_ref);
+      dut->pack_fp8_kv_rows(x_dut, r_dut);
+      dut->synchronize();
+      Tensor hr = ref->to_host_f32(r_ref), hd = dut->to_host_f32(r_dut);
+      int64_t diff = 0;
+      for (int64_t i = 0; i < hr.numel(); ++i)
+        diff += std::memcmp(hr.data<float>() + i, hd.data<float>() + i, 4) != 0;
+      EXPECT_EQ(diff, 0) << name << " pack_fp8_kv_rows " << str({rows, cols});
+      float scale0;
+      std::memcpy(&scale0, r_ref.data<uint8_t>() + cols, 4);
+      float amax = 0.0f;
+      for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(x_ref.data<float>()[c]));
+      EXPECT_EQ(scale0, amax / kFp8Max) << "row 0 carries its own absmax / 448 scale";
+      Tensor out_ref = ref->alloc(DType::F32, {rows, cols});
+      Tensor out_dut = p.poisoned(*dut, act, {rows, cols});
+      ref->unpack_fp8_kv_rows(r_ref, out_ref);
+      dut->unpack_fp8_kv_rows(r_dut, out_dut);
+      p.expect_close("unpack_fp8_kv_rows", str({rows, cols}), out_dut, out_ref);
+      EXPECT_LE(rel_err(out_ref, x_ref), 0.04) << "pack/unpack round trip " << str({rows, cols});
+    }
+    for (const PagedSpec& c : kPagedSpecs) {
+      const PagedScenario sc = make_paged_scenario(c, p.rng_);
+      PagedInputs r = put_paged(p, *ref, DType::F32, c, sc);
+      PagedInputs d = put_paged(p, *dut, act, c, sc);
+      // One packing of the DUT-rounded values, the same bytes on both backends.
+      Tensor pools[2];
+      const std::vector<float>* src[2] = {&sc.k_pool, &sc.v_pool};
+      for (int i = 0; i < 2; ++i) {
+        pools[i] = Tensor::host(DType::F8_E4M3, {sc.slots, c.d + kFp8KvScaleBytes});
+        ref->pack_fp8_kv_rows(Tensor::from_f32(round_through(act, *src[i]), {sc.slots, c.d}),
+                              pools[i]);
+      }
+      auto upload = [&](Backend& b, PagedInputs& in) {
+        in.k_pool = b.alloc(DType::F8_E4M3, pools[0].shape());
+        in.v_pool = b.alloc(DType::F8_E4M3, pools[1].shape());
+        b.copy_from_host(in.k_pool, pools[0]);
+        b.copy_from_host(in.v_pool, pools[1]);
+      };
+      upload(*ref, r);
+      upload(*dut, d);
+      const int64_t T = sc.qo.back();
+      Tensor out_ref = ref->alloc(DType::F32, {T, c.hq, c.d});
+      Tensor out_dut = p.poisoned(*dut, act, {T, c.hq, c.d});
+      ref->paged_attention(r.q, r.k_pool, r.v_pool, r.pos_pool, r.q_pos, r.plan, out_ref);
+      dut->paged_attention(d.q, d.k_pool, d.v_pool, d.pos_pool, d.q_pos, d.plan, out_dut);
+      p.expect_close("paged_attention_fp8", c.label, out_dut, out_ref);
+      // The oracle over FP8 rows is the oracle over the rows unpacked to f32.
+      Tensor k32 = ref->alloc(DType::F32, {sc.slots, c.d}),
+             v32 = ref->alloc(DType::F32, {sc.slots, c.d});
+      ref->unpack_fp8_kv_rows(r.k_pool, k32);
+      ref->unpack_fp8_kv_rows(r.v_pool, v32);
+      Tensor out_f32 = ref->alloc(DType::F32, {T, c.hq, c.d});
+      ref->paged_attention(r.q, k32, v32, r.pos_pool, r.q_pos, r.plan, out_f32);
+      EXPECT_LE(rel_err(out_ref, out_f32), 1e-6) << "oracle FP8 vs unpacked " << c.label;
+    }
+    p.print_summary();
+  }
+  EXPECT_GT(tested, 0);
+}
+
 // SegPaged attention of every backend against the oracle over random page pools: several
 // sequences of different lengths, a page shared by two sequences, partly used pages, positions
 // with an offset and a gap, GQA 1/2/4, head_dim 16/32/64/128, global and local heads, prefill,

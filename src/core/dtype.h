@@ -12,6 +12,8 @@ enum class DType : uint8_t { F32, F16, BF16, Q8_0, I32, F8_E4M3 };
 
 // Largest finite e4m3 value: per-token / per-channel scales are absmax / kFp8Max.
 inline constexpr float kFp8Max = 448.0f;
+// Bytes after the codes of an FP8 KV row holding its f32 scale (Backend::pack_fp8_kv_rows).
+inline constexpr int64_t kFp8KvScaleBytes = 4;
 // Square block of the block-scaled FP8 weight layout (Qwen3-FP8 / DeepSeek weight_block_size).
 inline constexpr int kFp8Block = 128;
 

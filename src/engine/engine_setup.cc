@@ -35,6 +35,7 @@ EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const Eng
   KvOptions kvo;
   kvo.page_size = opts.page_size;
   kvo.head_profile_path = opts.head_profile;
+  kvo.kv_cache_dtype = opts.kv_cache_dtype;
   int64_t chunk_bytes = opts.chunk_store_bytes;
   int64_t budget = opts.kv_budget_bytes;
   if (budget <= 0 && opts.gpu_memory_fraction > 0) {
@@ -48,7 +49,8 @@ EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const Eng
   } else {
     if (opts.request_tokens <= 0 || opts.concurrent_requests <= 0)
       throw Error("engine: the KV pool needs a byte budget or a request size");
-    const int64_t request = kv_bytes_for(model, opts.page_size, opts.request_tokens);
+    const int64_t request =
+        kv_bytes_for(model, opts.page_size, opts.request_tokens, 1, opts.kv_cache_dtype);
     budget = opts.concurrent_requests * request;
     if (opts.chunk_store) {
       if (chunk_bytes <= 0)
@@ -64,7 +66,7 @@ EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const Eng
     ChunkStoreOptions cso;
     cso.pool_budget_bytes = chunk_bytes;
     cso.host_budget_bytes = opts.chunk_store_host_bytes;
-    cso.model_fp = model_fingerprint(model.config(), ckpt);
+    cso.model_fp = model_fingerprint(model.config(), ckpt, s.kv.pool->kv_dtype());
     if (!opts.chunk_store_dir.empty()) {
       cso.disk_dir = opts.chunk_store_dir;
       cso.disk_budget_bytes = kChunkStoreDiskBytes;

@@ -39,6 +39,7 @@ struct EngineOptions {
   // --quantization: "" / "none" (weights as stored; FP8 checkpoints load as FP8) or "fp8"
   // (linear projections quantized at load time, per output channel: loader/fp8_checkpoint.h).
   std::string quantization;
+  std::string kv_cache_dtype = "auto";  // --kv-cache-dtype: auto | fp8 (KvOptions)
   int32_t page_size = kDefaultPageSize;
   std::string head_profile;  // the store's head classes; empty: the model's own attention
   // KV pool: kv_budget_bytes when > 0, else gpu_memory_fraction of the free device memory when

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <unordered_map>
 
 #include "backend/cpu/attention_kernel.h"
 #include "backend/cpu/gemv_kernels.h"
@@ -392,6 +393,8 @@ void CpuBackend::paged_attention(const Tensor& q, const Tensor& k_pool, const Te
   expect_host_f32("paged_attention", "q", q);
   expect_host_f32("paged_attention", "out", out);
   expect_device("paged_attention", "k_pool", k_pool, Device::Host);
+  if (k_pool.dtype() == DType::F8_E4M3)
+    return paged_attention_fp8(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
   if (k_pool.dtype() != v_pool.dtype() ||
       (k_pool.dtype() != DType::F32 && k_pool.dtype() != DType::BF16))
     throw Error("paged_attention: cpu pools must both be f32 or bf16, got " + k_pool.describe() +
@@ -461,6 +464,41 @@ void CpuBackend::paged_attention(const Tensor& q, const Tensor& k_pool, const Te
     run(float{});
   else
     run(uint16_t{});
+}
+
+void CpuBackend::paged_attention_fp8(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                                     const Tensor& pos_pool, const Tensor& q_pos,
+                                     const PagedAttentionPlan& plan, Tensor& out) {
+  // The pages this plan reads, dequantized once into a compact f32 pool (each page is read by
+  // every query row of its head, so the conversion is amortised), then the f32 kernel.
+  const int64_t nnz = plan.page_indices.numel(), ps = plan.page_size, d = q.dim(2);
+  std::vector<int32_t> compact(nnz), src_rows;
+  std::unordered_map<int32_t, int32_t> index;  // pool page -> compact page
+  for (int64_t e = 0; e < nnz; ++e) {
+    const int32_t page = plan.page_indices.data<int32_t>()[e];
+    auto [it, fresh] = index.try_emplace(page, static_cast<int32_t>(index.size()));
+    if (fresh)
+      for (int64_t j = 0; j < ps; ++j) src_rows.push_back(static_cast<int32_t>(page * ps + j));
+    compact[e] = it->second;
+  }
+  const int64_t slots = std::max<int64_t>(1, static_cast<int64_t>(src_rows.size()));
+  Tensor k32 = Tensor::host(DType::F32, {slots, d}), v32 = Tensor::host(DType::F32, {slots, d});
+  Tensor pos = Tensor::host(DType::I32, {slots});
+  const int64_t n = static_cast<int64_t>(src_rows.size());
+  if (n > 0) {
+    Tensor rows = Tensor::from_i32(src_rows, {n});
+    Tensor k8 = Tensor::host(DType::F8_E4M3, {n, k_pool.dim(1)});
+    Tensor v8 = Tensor::host(DType::F8_E4M3, {n, k_pool.dim(1)});
+    gather_rows(k_pool, rows, k8);
+    gather_rows(v_pool, rows, v8);
+    Tensor k_dst = k32.rows_slice(0, n), v_dst = v32.rows_slice(0, n);
+    unpack_fp8_kv_rows(k8, k_dst);
+    unpack_fp8_kv_rows(v8, v_dst);
+    for (int64_t i = 0; i < n; ++i) pos.data<int32_t>()[i] = pos_pool.data<int32_t>()[src_rows[i]];
+  }
+  PagedAttentionPlan p = plan;
+  p.page_indices = Tensor::from_i32(compact, {nnz});
+  paged_attention(q, k32, v32, pos, q_pos, p, out);
 }
 
 void CpuBackend::argmax(const Tensor& logits, Tensor& out) {

@@ -51,13 +51,18 @@ class CpuBackend : public Backend {
                  const Tensor& q_pos, const Tensor& k_pos, const AttentionMask& mask,
                  Tensor& out) override;
   // Per (sequence, kv head, query block) units over the pool's threads; see
-  // paged_attention_kernel.h. q, out: [T, Hq, D] f32; pools f32 or bf16.
+  // paged_attention_kernel.h. q, out: [T, Hq, D] f32; pools f32, bf16 or FP8 KV rows.
   void paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
                        const Tensor& pos_pool, const Tensor& q_pos, const PagedAttentionPlan& plan,
                        Tensor& out) override;
   void argmax(const Tensor& logits, Tensor& out) override;
 
  private:
+  // FP8 KV rows: the plan's pages dequantized into an f32 pool, then paged_attention.
+  // q, out: [T, Hq, D] f32; k_pool, v_pool: [slots, D + 4] f8; pos_pool: [slots]; q_pos: [T]
+  void paged_attention_fp8(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                           const Tensor& pos_pool, const Tensor& q_pos,
+                           const PagedAttentionPlan& plan, Tensor& out);
   // Splits [0, n) over the pool when there is at least `min_work` work per item in total.
   void parallel_rows(int64_t n, int64_t work_per_item,
                      const std::function<void(int64_t, int64_t)>& fn);
