@@ -96,7 +96,8 @@ uint16_t f32_to_f16(float f) {
 float fp8_e4m3_to_f32(uint8_t v) {
   const uint32_t sign = (v & 0x80u) << 24;
   const uint32_t exp = (v >> 3) & 0xf, mant = v & 0x7;
-  if (exp == 0xf && mant == 0x7) return std::numeric_limits<float>::quiet_NaN();
+  if (exp == 0xf && mant == 0x7)  // NaN keeps its sign: every code survives decode + encode
+    return std::copysign(std::numeric_limits<float>::quiet_NaN(), (v & 0x80) ? -1.0f : 1.0f);
   float mag;
   if (exp == 0)
     mag = std::ldexp(static_cast<float>(mant), -9);  // subnormal: mant * 2^-6 / 8
@@ -114,7 +115,7 @@ uint8_t f32_to_fp8_e4m3(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
-  if (std::isnan(f)) return 0x7f;
+  if (std::isnan(f)) return sign | 0x7f;
   const float a = std::fabs(f);
   if (a >= kFp8Max) return sign | 0x7e;  // saturate (448 = 0b1111'110)
   // Quantum of the binade of `a`: 2^(e-3) for normals (e >= -6), 2^-9 for subnormals.

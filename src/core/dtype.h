@@ -44,10 +44,12 @@ inline uint16_t f32_to_bf16(float f) {
 
 float f16_to_f32(uint16_t h);
 
-// e4m3fn decode: exact (every code is representable in f32); 0x7F / 0xFF give NaN.
+// e4m3fn decode: exact (every code is representable in f32); 0x7F / 0xFF give NaN (signed).
 float fp8_e4m3_to_f32(uint8_t v);
 // e4m3fn encode: round-to-nearest-even, finite values beyond ±448 saturate to ±448 (as
-// torch's saturating cast in FP8 quantizers; e4m3fn has no infinity), ±inf saturates, NaN -> 0x7F.
+// torch's saturating cast in FP8 quantizers; e4m3fn has no infinity), ±inf saturates, NaN ->
+// 0x7F with its sign (0xFF), as torch. encode(decode(c)) == c for all 256 codes, so FP8 bytes
+// (KV rows with their scales included) survive a trip through f32.
 uint8_t f32_to_fp8_e4m3(float f);
 uint16_t f32_to_f16(float f);
 
