@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/engine_setup.h"
 #include "test_support.h"
 #include "tokenizer/tokenizer.h"
 
@@ -50,6 +51,50 @@ TEST(Cli, LogitsOutMatchesReference) {
   for (int64_t i = 0; i < l.numel(); ++i)
     max_diff = std::max(max_diff, double(std::fabs(l.data<float>()[i] - want.data<float>()[i])));
   EXPECT_LE(max_diff, 1e-3);
+}
+
+// --quantization fp8 --kv-cache-dtype fp8: the CLI's logits are the engine's FP8 logits (same
+// path in process), close to HF's; values that are not implemented are errors naming the choices.
+TEST(Cli, Fp8FlagsAndBadValues) {
+  RK_REQUIRE_SHARED("refs/qwen2-tiny");
+  const std::string model = shared_path("refs/qwen2-tiny");
+  SafetensorsFile ref = read_safetensors(model + "/reference.safetensors");
+  std::vector<int32_t> ids = to_ids(ref.tensors.at("input_ids.1"));
+  std::string list;
+  for (size_t i = 0; i < ids.size(); ++i) list += (i ? "," : "") + std::to_string(ids[i]);
+  const std::string out = ::testing::TempDir() + "/logits_fp8.safetensors";
+  CliResult r = run_cli("generate --model " + model + " --prompt-ids " + list +
+                        " --max-tokens 1 --json --quantization fp8 --kv-cache-dtype fp8"
+                        " --logits-out " +
+                        out);
+  ASSERT_EQ(r.status, 0) << r.out;
+  const Tensor got = read_safetensors(out).tensors.at("logits");
+  EngineOptions eo;
+  eo.quantization = "fp8";
+  eo.kv_cache_dtype = "fp8";
+  eo.request_tokens = static_cast<int64_t>(ids.size()) + 2;
+  LoadedEngineModel m = open_engine_model(model, eo);
+  EngineStores stores = build_engine_stores(*m.model, m.ckpt, eo);
+  ASSERT_EQ(stores.kv.pool->kv_dtype(), DType::F8_E4M3);
+  const Tensor want = run_logits(*m.model, *stores.kv.cache, 0, ids, 4096);
+  const Tensor& hf = ref.tensors.at("logits.1");
+  ASSERT_EQ(got.shape(), want.shape());
+  double max_diff = 0, ab = 0, aa = 0, bb = 0;
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    const double g = got.data<float>()[i], h = hf.data<float>()[i];
+    max_diff = std::max(max_diff, std::fabs(g - want.data<float>()[i]));
+    ab += g * h, aa += g * g, bb += h * h;
+  }
+  EXPECT_LE(max_diff, 1e-4) << "CLI vs in-process FP8 engine";
+  EXPECT_GE(ab / std::sqrt(aa * bb), 0.99) << "FP8 logits vs HF's";
+  for (auto [flag, needle] :
+       {std::pair{"--quantization int4", "'int4' is not supported (none, fp8)"},
+        std::pair{"--kv-cache-dtype fp16", "'fp16' is not supported (auto, fp8)"}}) {
+    CliResult bad =
+        run_cli("generate --model " + model + " --prompt-ids 1,2 --max-tokens 1 " + flag);
+    EXPECT_NE(bad.status, 0) << flag;
+    EXPECT_NE(bad.out.find(needle), std::string::npos) << flag << ": " << bad.out;
+  }
 }
 
 TEST(Cli, TokenizeRoundTrip) {

@@ -21,7 +21,8 @@ namespace redknot::cli {
 
 namespace {
 struct EvalArgs {
-  std::string model, data, mode = "full", backend = "cpu", reference, predictions;
+  std::string model, data, mode = "full", backend = "cpu", reference, predictions, quantization,
+                           kv_cache_dtype = "auto";
   int64_t n = 0, chunk_store_bytes = 0;
   int32_t page_size = kDefaultPageSize, max_answer_tokens = 16;
   ReuseOptions reuse;      // the baselines' parameters (cacheblend ratio, epic k)
@@ -206,7 +207,10 @@ int run_eval(const EvalArgs& a) {
   for (const std::string& mode : modes)
     if (const std::string why = settings.refusal(parse_reuse_mode(mode)); !why.empty())
       throw Error(why + "; calibrate again (redknot calibrate) or leave redknot out of --mode");
-  LoadedModel m = load_model(a.model, a.backend);
+  EngineOptions eo;
+  eo.backend = a.backend;
+  eo.quantization = a.quantization;
+  LoadedModel m = load_model(a.model, eo);
   if (!m.tokenizer) throw Error(a.model + ": no tokenizer found (eval builds prompts from text)");
   std::vector<RagSample> samples = load_rag_dataset(a.data, a.n);
   // The reference, computed once for all modes; rows the reference file has are read from it.
@@ -238,6 +242,7 @@ int run_eval(const EvalArgs& a) {
     opts.chunk_store_bytes = a.chunk_store_bytes;
     opts.max_answer_tokens = a.max_answer_tokens;
     opts.kv.page_size = a.page_size;
+    opts.kv.kv_cache_dtype = a.kv_cache_dtype;
     opts.kv.head_profile_path = settings.head_profile.value_or("");
     opts.full_logits = &full_logits;
     reports.push_back(run_rag_eval(*m.model, m.ckpt, *m.tokenizer, samples, opts,
@@ -300,6 +305,11 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
                 "file caching full prefill's logits per (model, sample): rows it has are read, "
                 "missing ones computed and added");
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
+  c->add_option("--quantization", a->quantization,
+                "none | fp8: quantize the linear projections to FP8 e4m3 at load time");
+  c->add_option("--kv-cache-dtype", a->kv_cache_dtype,
+                "auto (the backend's act dtype) | fp8 (e4m3 K/V rows, one scale per token and "
+                "head)");
   c->add_option("--page-size", a->page_size)->check(CLI::Range(1, 4096));
   c->add_option("--max-answer-tokens", a->max_answer_tokens)->check(CLI::Range(1, 1024));
   c->add_option(

@@ -18,7 +18,8 @@ namespace redknot::cli {
 
 namespace {
 struct GenerateArgs {
-  std::string model, prompt, prompt_ids, logits_out, backend = "cpu";
+  std::string model, prompt, prompt_ids, logits_out, backend = "cpu", quantization,
+                                                     kv_cache_dtype = "auto";
   std::vector<std::string> segments;  // reuse units before the prompt (documents, system)
   std::string mode = "full", chunk_store_dir;
   int64_t chunk_store_bytes = 0;  // 0: the engine's default share (engine_setup.h)
@@ -107,6 +108,8 @@ int run_generate(const GenerateArgs& a) {
     throw Error(why + "; calibrate again (redknot calibrate) or choose another --mode");
   EngineOptions eo;
   eo.backend = a.backend;
+  eo.quantization = a.quantization;
+  eo.kv_cache_dtype = a.kv_cache_dtype;
   eo.page_size = a.page_size;
   eo.kv_budget_bytes = a.kv_budget;
   // With segments the mode decides the heads (as in eval and serve); a plain prompt runs on the
@@ -196,6 +199,12 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
                 "prompt tokens per forward pass (0: 512 on the CPU, 4096 on CUDA)")
       ->check(CLI::Range(0, 1 << 20));
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
+  c->add_option("--quantization", a->quantization,
+                "none | fp8: quantize the linear projections to FP8 e4m3 at load time "
+                "(per-channel scales); FP8 checkpoints load as FP8 either way");
+  c->add_option("--kv-cache-dtype", a->kv_cache_dtype,
+                "auto (the backend's act dtype) | fp8 (e4m3 K/V rows, one scale per token and "
+                "head)");
   c->add_option("--segment", a->segments,
                 "a reuse unit (document, system prompt) before --prompt; repeatable");
   c->add_option("--mode", a->mode, "full | prefix | naive | cacheblend | epic | redknot");

@@ -21,7 +21,8 @@ namespace redknot::cli {
 
 namespace {
 struct ServeArgs {
-  std::string model, host = "127.0.0.1", api_key, backend = "cpu";
+  std::string model, host = "127.0.0.1", api_key, backend = "cpu", quantization,
+                     kv_cache_dtype = "auto";
   std::string chunk_store_dir, reuse_mode = "redknot", model_id, reuse_fallback = "wait";
   int64_t chunk_store_bytes = 0;
   std::string chunk_store_redis;  // remote tier URL; empty: none
@@ -73,6 +74,8 @@ ServeSetup resolve_serve(const ServeArgs& a) {
   const std::string head_profile = s.settings.head_profile.value_or("");
   EngineOptions& eo = s.engine;
   eo.backend = a.backend;
+  eo.quantization = a.quantization;
+  eo.kv_cache_dtype = a.kv_cache_dtype;
   // "auto": on for the CPU backend, off for CUDA (see ServeArgs::batch_invariant).
   eo.batch_invariant =
       a.batch_invariant == "auto" ? a.backend != "cuda" : a.batch_invariant == "true";
@@ -144,7 +147,7 @@ int run_serve(const ServeArgs& a) {
   std::unique_ptr<PrefixCache> prefix;
   if (store.baseline) {
     PrefixCacheOptions pco;
-    pco.model_fp = model_fingerprint(model.config(), m.ckpt);
+    pco.model_fp = model_fingerprint(model.config(), m.ckpt, store.pool->kv_dtype());
     prefix = std::make_unique<PrefixCache>(*store.baseline, pco);
     so.prefix_cache = prefix.get();
   }
@@ -239,6 +242,12 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "bounds the memory concurrent large uploads can take")
       ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 40));
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
+  c->add_option("--quantization", a->quantization,
+                "none | fp8: quantize the linear projections to FP8 e4m3 at load time "
+                "(per-channel scales); FP8 checkpoints load as FP8 either way");
+  c->add_option("--kv-cache-dtype", a->kv_cache_dtype,
+                "auto (the backend's act dtype) | fp8 (e4m3 K/V rows, one scale per token and "
+                "head)");
   c->add_option("--threads", a->threads, "HTTP worker threads (0: automatic)");
   c->add_option("--batch-invariant", a->batch_invariant,
                 "auto | true | false: row-at-a-time matmuls so that batching never changes a "

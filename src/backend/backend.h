@@ -69,6 +69,7 @@ class Backend {
   virtual Tensor alloc_uninit(DType dtype, std::vector<int64_t> shape);
   // Moves a host weight tensor to this backend, converting to a dtype its GEMM supports
   // (e.g. Q8_0/F16 -> F32 on CPU). May return a view of `host` when no conversion is needed.
+  // F8_E4M3 weights stay F8_E4M3 (codes only; their scales travel as f32 tensors): matmul_fp8.
   virtual Tensor upload_weight(const Tensor& host) = 0;
   // Copies a host tensor (any dtype) into `dst` (same dtype and element count) on this device.
   virtual void copy_from_host(Tensor& dst, const Tensor& src) = 0;
@@ -88,6 +89,23 @@ class Backend {
   // out = x · wᵀ (+ bias)
   // x: [M, K]; w: [N, K] (weight dtype); bias: [N] f32 or empty; out: [M, N]
   virtual void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) = 0;
+
+  // ---- FP8 (e4m3, core/dtype.h); the defaults throw: backends that support FP8 override ----
+  // Dynamic per-row (per-token) quantization: scale[r] = absmax(x[r]) / 448 (0 for an all-zero
+  // row), q[r, c] = e4m3(x[r, c] / scale[r]) (f32 division, round-to-nearest-even; 0 when
+  // scale[r] == 0). Used for GEMM activations and FP8 KV rows.
+  // x: [R, C] act dtype or f32; q: [R, C] f8_e4m3; scale: [R] f32
+  virtual void quantize_fp8_rows(const Tensor& x, Tensor& q, Tensor& scale);
+  // out[r, c] = e4m3(q[r, c]) * scale[r]. q: [R, C] f8_e4m3; scale: [R] f32; out: [R, C] act/f32
+  virtual void dequantize_fp8_rows(const Tensor& q, const Tensor& scale, Tensor& out);
+  // FP8 GEMM with per-token activation scales: x is quantized as quantize_fp8_rows does
+  // (xq, sx), then out[m, n] = sx[m] * Σ_k xq[m, k] · w[n, k] · ws(n, k) + bias[n], where
+  // ws(n, k) = w_scale[n] (per output channel; a per-tensor scale is expanded to [N]) or
+  // w_scale[n / 128, k / 128] (128x128 blocks, kFp8Block).
+  // x: [M, K] act dtype; w: [N, K] f8_e4m3; w_scale: [N] or [ceil(N/128), ceil(K/128)] f32;
+  // bias: [N] f32 or empty; out: [M, N] act dtype or f32
+  virtual void matmul_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale,
+                          const Tensor& bias, Tensor& out);
 
   // Row-wise RMSNorm: out[r] = x[r] / rms(x[r]) * weight. out may alias x.
   // x: [R, C]; weight: [C] f32; out: [R, C]
@@ -123,7 +141,8 @@ class Backend {
 
   // SegPaged attention: every (sequence, kv head) reads only its own pages (GQA: query head
   // h uses kv head h / (Hq / Hkv)); causal and windowed by positions, no mask tensor.
-  // q: [T, Hq, D]; k_pool, v_pool: [pages * page_size, D]; pos_pool: [pages * page_size] i32;
+  // q: [T, Hq, D]; k_pool, v_pool: [pages * page_size, D] in act dtype, or FP8 KV rows
+  // [pages * page_size, D + 4] f8_e4m3 (pack_fp8_kv_rows); pos_pool: [pages * page_size] i32;
   // q_pos: [T] i32; out: [T, Hq, D]. The default throws: backends that support it override.
   virtual void paged_attention(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
                                const Tensor& pos_pool, const Tensor& q_pos,
@@ -132,6 +151,17 @@ class Backend {
   // out[r] = ||x[r, :]||₂ (Sparse FFN token importance). x: [R, C]; out: [R] f32.
   // The default works on host memory; device backends override.
   virtual void row_l2norm(const Tensor& x, Tensor& out);
+
+  // ---- FP8 KV rows (--kv-cache-dtype fp8): a row is C e4m3 codes, then the row's f32
+  // dequantization scale in bytes [C, C + 4) (kFp8KvScaleBytes). One scale per (token, layer,
+  // kv head) row: written once, never rescaled when later tokens arrive, and a relocated key is
+  // requantized with a fresh scale of its own, so relocation costs one rounding of the rotated
+  // stored key (no shared scale to saturate). Row moves (page copies, the chunk store's tiers)
+  // carry the scale with the codes. Defaults work on host memory; device backends override.
+  // x: [R, C] act dtype or f32; rows: [R, C + 4] f8_e4m3 (quantized as quantize_fp8_rows)
+  virtual void pack_fp8_kv_rows(const Tensor& x, Tensor& rows);
+  // rows: [R, C + 4] f8_e4m3; out: [R, C] act dtype or f32
+  virtual void unpack_fp8_kv_rows(const Tensor& rows, Tensor& out);
 
   // ---- data movement (defaults work on host memory; device backends override) ----
   // dst = src, same dtype and element count, both on this device.

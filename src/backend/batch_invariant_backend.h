@@ -18,6 +18,10 @@ class BatchInvariantBackend : public ForwardingBackend {
   std::string name() const override { return inner_.name() + "+batch-invariant"; }
   // Row at a time. x: [M, K]; w: [N, K]; bias: [N] or empty; out: [M, N]
   void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) override;
+  // Row at a time as matmul (activation scales are per row already).
+  // x: [M, K]; w: [N, K] f8; w_scale: [N] or [N/128, K/128]; bias: [N] or empty; out: [M, N]
+  void matmul_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, const Tensor& bias,
+                  Tensor& out) override;
 };
 
 }  // namespace redknot

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "backend/backend.h"
 #include "backend/reference/paged_attention_ref.h"
@@ -24,6 +25,58 @@ void Backend::paged_attention(const Tensor& q, const Tensor& k_pool, const Tenso
   if (q.device() != Device::Host || q.dtype() != DType::F32)
     throw Error("backend '" + name() + "' has no paged attention");
   reference_paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+}
+
+void Backend::quantize_fp8_rows(const Tensor&, Tensor&, Tensor&) {
+  throw Error("backend '" + name() + "' has no FP8 ops (quantize_fp8_rows)");
+}
+
+void Backend::dequantize_fp8_rows(const Tensor&, const Tensor&, Tensor&) {
+  throw Error("backend '" + name() + "' has no FP8 ops (dequantize_fp8_rows)");
+}
+
+void Backend::matmul_fp8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&) {
+  throw Error("backend '" + name() + "' has no FP8 GEMM (matmul_fp8)");
+}
+
+namespace {
+void check_kv_rows(const char* op, const Tensor& x, const Tensor& rows) {
+  if (rows.dtype() != DType::F8_E4M3 || x.rows() != rows.rows() ||
+      rows.cols() != x.cols() + kFp8KvScaleBytes)
+    throw Error(std::string(op) + ": rows " + rows.describe() + " must be f8_e4m3 [R, C + 4] for " +
+                x.describe());
+}
+}  // namespace
+
+void Backend::pack_fp8_kv_rows(const Tensor& x, Tensor& rows) {
+  require_host(x, "pack_fp8_kv_rows");
+  require_host(rows, "pack_fp8_kv_rows");
+  check_kv_rows("pack_fp8_kv_rows", x, rows);
+  const int64_t c = x.cols(), w = rows.cols();
+  std::vector<float> row(c);
+  for (int64_t r = 0; r < x.rows(); ++r) {
+    convert_to_f32(x.dtype(), static_cast<const char*>(x.raw()) + dtype_bytes(x.dtype(), c) * r,
+                   row.data(), c);
+    uint8_t* dst = rows.data<uint8_t>() + r * w;
+    const float scale = fp8_quantize_row(row.data(), c, dst);
+    std::memcpy(dst + c, &scale, sizeof(scale));
+  }
+}
+
+void Backend::unpack_fp8_kv_rows(const Tensor& rows, Tensor& out) {
+  require_host(rows, "unpack_fp8_kv_rows");
+  require_host(out, "unpack_fp8_kv_rows");
+  check_kv_rows("unpack_fp8_kv_rows", out, rows);
+  const int64_t c = out.cols(), w = rows.cols();
+  std::vector<float> row(c);
+  for (int64_t r = 0; r < rows.rows(); ++r) {
+    const uint8_t* src = rows.data<uint8_t>() + r * w;
+    float scale;
+    std::memcpy(&scale, src + c, sizeof(scale));
+    for (int64_t i = 0; i < c; ++i) row[i] = fp8_e4m3_to_f32(src[i]) * scale;
+    convert_from_f32(row.data(), out.dtype(),
+                     static_cast<char*>(out.raw()) + dtype_bytes(out.dtype(), c) * r, c);
+  }
 }
 
 bool poison_uninit_allocs() {

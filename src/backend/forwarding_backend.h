@@ -35,6 +35,18 @@ class ForwardingBackend : public Backend {
   void matmul(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) override {
     inner_.matmul(x, w, bias, out);
   }
+  // x: [R, C]; q: [R, C] f8; scale: [R] f32
+  void quantize_fp8_rows(const Tensor& x, Tensor& q, Tensor& scale) override {
+    inner_.quantize_fp8_rows(x, q, scale);
+  }
+  void dequantize_fp8_rows(const Tensor& q, const Tensor& scale, Tensor& out) override {
+    inner_.dequantize_fp8_rows(q, scale, out);
+  }
+  // x: [M, K]; w: [N, K] f8; w_scale: [N] or [N/128, K/128]; bias: [N] or empty; out: [M, N]
+  void matmul_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, const Tensor& bias,
+                  Tensor& out) override {
+    inner_.matmul_fp8(x, w, w_scale, bias, out);
+  }
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
     inner_.rmsnorm(x, weight, eps, out);
   }
@@ -58,6 +70,13 @@ class ForwardingBackend : public Backend {
                        const Tensor& pos_pool, const Tensor& q_pos, const PagedAttentionPlan& plan,
                        Tensor& out) override {
     inner_.paged_attention(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
+  }
+  // x: [R, C] -> rows: [R, C + 4] f8; rows -> out: [R, C]
+  void pack_fp8_kv_rows(const Tensor& x, Tensor& rows) override {
+    inner_.pack_fp8_kv_rows(x, rows);
+  }
+  void unpack_fp8_kv_rows(const Tensor& rows, Tensor& out) override {
+    inner_.unpack_fp8_kv_rows(rows, out);
   }
   void copy(const Tensor& src, Tensor& dst) override { inner_.copy(src, dst); }
   void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override {

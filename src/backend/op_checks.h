@@ -75,6 +75,37 @@ inline void check_matmul(const Tensor& x, const Tensor& w, const Tensor& bias, c
     fail(op, "bias " + bias.describe() + " must be [" + std::to_string(w.dim(0)) + "]");
 }
 
+// matmul_fp8: w f8_e4m3 [N, K]; w_scale f32 [N] (per channel) or [ceil(N/128), ceil(K/128)].
+inline void check_matmul_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale,
+                             const Tensor& bias, const Tensor& out) {
+  const char* op = "matmul_fp8";
+  check_matmul(x, w, bias, out);
+  expect_dtype(op, "w", w, DType::F8_E4M3);
+  expect_dtype(op, "w_scale", w_scale, DType::F32);
+  const int64_t n = w.dim(0), k = w.dim(1);
+  const int64_t nb = (n + kFp8Block - 1) / kFp8Block, kb = (k + kFp8Block - 1) / kFp8Block;
+  if (w_scale.shape() != std::vector<int64_t>{n} && w_scale.shape() != std::vector<int64_t>{nb, kb})
+    fail(op, "w_scale " + w_scale.describe() + " must be [" + std::to_string(n) +
+                 "] (per channel) or [" + std::to_string(nb) + ", " + std::to_string(kb) +
+                 "] (128x128 blocks) for w " + w.describe());
+}
+
+// quantize_fp8_rows / dequantize_fp8_rows: q f8_e4m3 [R, C], scale f32 [R], x/out same shape as q.
+inline void check_fp8_rows(const char* op, const Tensor& x, const Tensor& q, const Tensor& scale) {
+  expect_dtype(op, "q", q, DType::F8_E4M3);
+  expect_dtype(op, "scale", scale, DType::F32);
+  if (x.rows() != q.rows() || x.cols() != q.cols())
+    fail(op, "q " + q.describe() + " does not match " + x.describe());
+  if (scale.numel() != q.rows())
+    fail(op, "scale " + scale.describe() + " must have one entry per row of " + q.describe());
+}
+
+// The 128x128-block or per-channel scale of weight element (n, k) (see check_matmul_fp8).
+inline float fp8_weight_scale(const float* w_scale, bool blocked, int64_t k_blocks, int64_t n,
+                              int64_t k) {
+  return blocked ? w_scale[(n / kFp8Block) * k_blocks + k / kFp8Block] : w_scale[n];
+}
+
 // True when masking by positions lets key kpos be seen by query qpos (backend.h AttentionMask).
 inline bool key_visible(int32_t qpos, int32_t kpos, int32_t window, int32_t sink) {
   if (kpos > qpos) return false;

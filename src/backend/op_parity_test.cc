@@ -111,7 +111,7 @@ class OpParity {
 
   double tolerance(const std::string& op) const {
     if (dut_.act_dtype() != DType::F32) return 1e-2;
-    return op == "matmul" ? 1e-4 : 1e-5;
+    return op == "matmul" || op == "matmul_fp8" ? 1e-4 : 1e-5;
   }
 
   void expect_close(const std::string& op, const std::string& shape, Tensor& out, Tensor& ref) {
@@ -584,6 +584,261 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
     p.print_summary();
   }
   EXPECT_GT(tested, 0) << "no backend besides the reference is registered";
+}
+
+// An FP8 weight as checkpoints store it: e4m3 codes [N, K] and f32 scales, per output channel
+// ([N], absmax / 448 per row) or per 128x128 block ([ceil(N/128), ceil(K/128)]).
+struct HostFp8Weight {
+  Tensor codes, scale;
+};
+HostFp8Weight quantize_weight_fp8(const std::vector<float>& w, int64_t n, int64_t k, bool blocked) {
+  HostFp8Weight q{Tensor::host(DType::F8_E4M3, {n, k}), Tensor()};
+  auto* codes = q.codes.data<uint8_t>();
+  if (!blocked) {
+    q.scale = Tensor::host(DType::F32, {n});
+    for (int64_t r = 0; r < n; ++r)
+      q.scale.data<float>()[r] = fp8_quantize_row(w.data() + r * k, k, codes + r * k);
+    return q;
+  }
+  const int64_t nb = (n + kFp8Block - 1) / kFp8Block, kb = (k + kFp8Block - 1) / kFp8Block;
+  q.scale = Tensor::host(DType::F32, {nb, kb});
+  for (int64_t bn = 0; bn < nb; ++bn)
+    for (int64_t bk = 0; bk < kb; ++bk) {
+      const int64_t r0 = bn * kFp8Block, r1 = std::min(n, r0 + kFp8Block);
+      const int64_t c0 = bk * kFp8Block, c1 = std::min(k, c0 + kFp8Block);
+      float amax = 0.0f;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(w[r * k + c]));
+      const float s = amax / kFp8Max;
+      q.scale.data<float>()[bn * kb + bk] = s;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c)
+          codes[r * k + c] = s > 0.0f ? f32_to_fp8_e4m3(w[r * k + c] / s) : 0;
+    }
+  return q;
+}
+
+// The FP8 ops of every backend against the oracle: per-token quantization (codes and scales
+// equal, not just close: every backend divides in f32 and rounds to nearest even), dequantization,
+// and the FP8 GEMM with per-channel and 128x128-block weight scales over decode and prefill
+// shapes, partial blocks, zero rows and bias.
+TEST_F(OpParityTest, Fp8OpsMatchReference) {
+  auto ref = create_backend("reference");
+  int tested = 0;
+  for (const std::string& name : backend_names()) {
+    if (name == "reference") continue;
+    ++tested;
+    auto dut = create_backend(name);
+    std::printf("[ parity ] backend %s FP8 ops (act %s)\n", name.c_str(),
+                dtype_name(dut->act_dtype()));
+    OpParity p(*ref, *dut);
+    const DType act = dut->act_dtype();
+
+    // ---- quantize_fp8_rows / dequantize_fp8_rows ----
+    for (auto [rows, cols] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 16}, {37, 173}, {5, 4096}, {64, 128}}) {
+      std::vector<float> v = p.random(rows * cols, -20.0f, 20.0f);
+      for (int64_t c = 0; c < cols; ++c) v[c] = 0.0f;  // an all-zero row: scale 0, codes 0
+      auto [x_ref, x_dut] = p.act_pair(v, {rows, cols});
+      Tensor q_ref = ref->alloc(DType::F8_E4M3, {rows, cols});
+      Tensor q_dut = dut->alloc(DType::F8_E4M3, {rows, cols});
+      Tensor s_ref = ref->alloc(DType::F32, {rows});
+      Tensor s_dut = p.poisoned(*dut, DType::F32, {rows});
+      ref->quantize_fp8_rows(x_ref, q_ref, s_ref);
+      dut->quantize_fp8_rows(x_dut, q_dut, s_dut);
+      dut->synchronize();
+      Tensor qr = ref->to_host_f32(q_ref), qd = dut->to_host_f32(q_dut);
+      Tensor sr = ref->to_host_f32(s_ref), sd = dut->to_host_f32(s_dut);
+      int64_t code_diff = 0, scale_diff = 0;
+      for (int64_t i = 0; i < qr.numel(); ++i)
+        code_diff += std::memcmp(qr.data<float>() + i, qd.data<float>() + i, 4) != 0;
+      for (int64_t r = 0; r < rows; ++r) scale_diff += sr.data<float>()[r] != sd.data<float>()[r];
+      EXPECT_EQ(code_diff, 0) << name << " quantize_fp8_rows " << str({rows, cols});
+      EXPECT_EQ(scale_diff, 0) << name << " quantize_fp8_rows scales " << str({rows, cols});
+      EXPECT_EQ(sr.data<float>()[0], 0.0f);
+      p.expect_close("quantize_fp8_rows", str({rows, cols}), s_dut, s_ref);
+
+      Tensor out_ref = ref->alloc(DType::F32, {rows, cols});
+      Tensor out_dut = p.poisoned(*dut, act, {rows, cols});
+      ref->dequantize_fp8_rows(q_ref, s_ref, out_ref);
+      dut->dequantize_fp8_rows(q_dut, s_dut, out_dut);
+      p.expect_close("dequantize_fp8_rows", str({rows, cols}), out_dut, out_ref);
+      // Round trip: within half an e4m3 step (2^-4 relative) of the input.
+      EXPECT_LE(rel_err(out_ref, x_ref), 0.04) << "quantize/dequantize " << str({rows, cols});
+    }
+
+    // ---- matmul_fp8: per-channel and 128x128 blocks, partial blocks, bias, zero rows ----
+    struct MatmulShape {
+      int64_t m, k, n;
+    };
+    const MatmulShape mm_shapes[] = {{1, 128, 16},    {1, 173, 37},   {3, 300, 200},
+                                     {4, 256, 128},   {37, 173, 260}, {1, 2048, 96},
+                                     {128, 512, 300}, {33, 352, 128}};
+    int variant = 0;
+    for (const auto& s : mm_shapes) {
+      for (bool blocked : {false, true}) {
+        const bool with_bias = (variant++ % 2) == 1;
+        HostFp8Weight w = quantize_weight_fp8(p.random(s.n * s.k), s.n, s.k, blocked);
+        Tensor w_ref = ref->upload_weight(w.codes), w_dut = dut->upload_weight(w.codes);
+        ASSERT_EQ(w_dut.dtype(), DType::F8_E4M3) << name << " keeps FP8 weights as codes";
+        Tensor ws_ref = ref->alloc(DType::F32, w.scale.shape());
+        Tensor ws_dut = dut->alloc(DType::F32, w.scale.shape());
+        ref->copy_from_host(ws_ref, w.scale);
+        dut->copy_from_host(ws_dut, w.scale);
+        Tensor b_ref, b_dut;
+        if (with_bias) {
+          Tensor b = Tensor::from_f32(p.random(s.n), {s.n});
+          b_ref = ref->upload_weight(b);
+          b_dut = dut->upload_weight(b);
+        }
+        std::vector<float> xv = p.random(s.m * s.k, -4.0f, 4.0f);
+        if (s.m > 2)
+          for (int64_t k = 0; k < s.k; ++k) xv[s.k + k] = 0.0f;  // row 1: zero activations
+        auto [x_ref, x_dut] = p.act_pair(xv, {s.m, s.k});
+        Tensor out_ref = ref->alloc(DType::F32, {s.m, s.n});
+        Tensor out_dut = p.poisoned(*dut, act, {s.m, s.n});
+        ref->matmul_fp8(x_ref, w_ref, ws_ref, b_ref, out_ref);
+        dut->matmul_fp8(x_dut, w_dut, ws_dut, b_dut, out_dut);
+        const std::string desc = std::string(blocked ? "block128" : "per-channel") +
+                                 " M=" + std::to_string(s.m) + " K=" + std::to_string(s.k) +
+                                 " N=" + std::to_string(s.n) + (with_bias ? " +bias" : "");
+        p.expect_close("matmul_fp8", desc, out_dut, out_ref);
+        if (act != DType::F32) {  // logits-style f32 output
+          Tensor out32 = p.poisoned(*dut, DType::F32, {s.m, s.n});
+          dut->matmul_fp8(x_dut, w_dut, ws_dut, b_dut, out32);
+          p.expect_close("matmul_fp8", desc + " out=f32", out32, out_ref);
+        }
+        // The oracle's FP8 GEMM is the f32 GEMM of the dequantized operands.
+        {
+          std::vector<float> wd(s.n * s.k), xd(s.m * s.k);
+          const Tensor xr = ref->to_host_f32(x_ref);
+          for (int64_t m = 0; m < s.m; ++m) {
+            std::vector<uint8_t> c(s.k);
+            const float sx = fp8_quantize_row(xr.data<float>() + m * s.k, s.k, c.data());
+            for (int64_t k = 0; k < s.k; ++k) xd[m * s.k + k] = fp8_e4m3_to_f32(c[k]) * sx;
+          }
+          for (int64_t n = 0; n < s.n; ++n)
+            for (int64_t k = 0; k < s.k; ++k)
+              wd[n * s.k + k] =
+                  fp8_e4m3_to_f32(w.codes.data<uint8_t>()[n * s.k + k]) *
+                  (blocked ? w.scale.data<float>()[(n / kFp8Block) * w.scale.dim(1) + k / kFp8Block]
+                           : w.scale.data<float>()[n]);
+          Tensor dq_out = ref->alloc(DType::F32, {s.m, s.n});
+          ref->matmul(Tensor::from_f32(xd, {s.m, s.k}), Tensor::from_f32(wd, {s.n, s.k}), b_ref,
+                      dq_out);
+          EXPECT_LE(rel_err(out_ref, dq_out), 1e-5) << "reference matmul_fp8 " << desc;
+        }
+      }
+    }
+    // Misuse: a non-FP8 weight, a scale of the wrong shape.
+    {
+      Tensor x = p.poisoned(*dut, act, {2, 256});
+      Tensor out = p.poisoned(*dut, act, {2, 128});
+      Tensor w8 = dut->alloc(DType::F8_E4M3, {128, 256});
+      Tensor bad_scale = dut->alloc(DType::F32, {64});
+      Tensor wf = dut->alloc(DType::F32, {128, 256}), sc = dut->alloc(DType::F32, {128});
+      EXPECT_THROW(dut->matmul_fp8(x, w8, bad_scale, Tensor(), out), Error);
+      EXPECT_THROW(dut->matmul_fp8(x, wf, sc, Tensor(), out), Error);
+    }
+    p.print_summary();
+  }
+  EXPECT_GT(tested, 0);
+  // The CPU splits weight rows over threads in dequantized tiles: every split gives the same.
+  for (int threads : {1, 3}) {
+    CpuBackendOptions options;
+    options.n_threads = threads;
+    CpuBackend cpu(options);
+    OpParity p(*ref, cpu);
+    for (bool blocked : {false, true}) {
+      HostFp8Weight w = quantize_weight_fp8(p.random(300 * 700), 300, 700, blocked);
+      auto [x_ref, x_cpu] = p.act_pair(p.random(40 * 700), {40, 700});
+      Tensor out_ref = ref->alloc(DType::F32, {40, 300});
+      Tensor out_cpu = p.poisoned(cpu, DType::F32, {40, 300});
+      ref->matmul_fp8(x_ref, w.codes, w.scale, Tensor(), out_ref);
+      cpu.matmul_fp8(x_cpu, w.codes, w.scale, Tensor(), out_cpu);
+      p.expect_close("matmul_fp8", "threads=" + std::to_string(threads), out_cpu, out_ref);
+    }
+  }
+}
+
+// FP8 KV rows of every backend against the oracle: packing (codes and scales equal), unpacking,
+// and SegPaged attention over FP8 pools (the same packed bytes on both) in every paged scenario.
+// The oracle's FP8 path itself equals its f32 path over the unpacked pools.
+TEST_F(OpParityTest, Fp8KvMatchesReference) {
+  auto ref = create_backend("reference");
+  int tested = 0;
+  for (const std::string& name : backend_names()) {
+    if (name == "reference") continue;
+    ++tested;
+    auto dut = create_backend(name);
+    OpParity p(*ref, *dut);
+    const DType act = dut->act_dtype();
+    for (auto [rows, cols] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 16}, {37, 128}, {300, 64}, {5, 32}}) {
+      std::vector<float> v = p.random(rows * cols, -8.0f, 8.0f);
+      for (int64_t c = 0; c < cols; ++c) v[(rows - 1) * cols + c] = 0.0f;  // zero row: scale 0
+      auto [x_ref, x_dut] = p.act_pair(v, {rows, cols});
+      const int64_t w = cols + kFp8KvScaleBytes;
+      Tensor r_ref = ref->alloc(DType::F8_E4M3, {rows, w});
+      Tensor r_dut = dut->alloc(DType::F8_E4M3, {rows, w});
+      ref->pack_fp8_kv_rows(x_ref, r_ref);
+      dut->pack_fp8_kv_rows(x_dut, r_dut);
+      dut->synchronize();
+      Tensor hr = ref->to_host_f32(r_ref), hd = dut->to_host_f32(r_dut);
+      int64_t diff = 0;
+      for (int64_t i = 0; i < hr.numel(); ++i)
+        diff += std::memcmp(hr.data<float>() + i, hd.data<float>() + i, 4) != 0;
+      EXPECT_EQ(diff, 0) << name << " pack_fp8_kv_rows " << str({rows, cols});
+      float scale0;
+      std::memcpy(&scale0, r_ref.data<uint8_t>() + cols, 4);
+      float amax = 0.0f;
+      for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(x_ref.data<float>()[c]));
+      EXPECT_EQ(scale0, amax / kFp8Max) << "row 0 carries its own absmax / 448 scale";
+      Tensor out_ref = ref->alloc(DType::F32, {rows, cols});
+      Tensor out_dut = p.poisoned(*dut, act, {rows, cols});
+      ref->unpack_fp8_kv_rows(r_ref, out_ref);
+      dut->unpack_fp8_kv_rows(r_dut, out_dut);
+      p.expect_close("unpack_fp8_kv_rows", str({rows, cols}), out_dut, out_ref);
+      EXPECT_LE(rel_err(out_ref, x_ref), 0.04) << "pack/unpack round trip " << str({rows, cols});
+    }
+    for (const PagedSpec& c : kPagedSpecs) {
+      const PagedScenario sc = make_paged_scenario(c, p.rng_);
+      PagedInputs r = put_paged(p, *ref, DType::F32, c, sc);
+      PagedInputs d = put_paged(p, *dut, act, c, sc);
+      // One packing of the DUT-rounded values, the same bytes on both backends.
+      Tensor pools[2];
+      const std::vector<float>* src[2] = {&sc.k_pool, &sc.v_pool};
+      for (int i = 0; i < 2; ++i) {
+        pools[i] = Tensor::host(DType::F8_E4M3, {sc.slots, c.d + kFp8KvScaleBytes});
+        ref->pack_fp8_kv_rows(Tensor::from_f32(round_through(act, *src[i]), {sc.slots, c.d}),
+                              pools[i]);
+      }
+      auto upload = [&](Backend& b, PagedInputs& in) {
+        in.k_pool = b.alloc(DType::F8_E4M3, pools[0].shape());
+        in.v_pool = b.alloc(DType::F8_E4M3, pools[1].shape());
+        b.copy_from_host(in.k_pool, pools[0]);
+        b.copy_from_host(in.v_pool, pools[1]);
+      };
+      upload(*ref, r);
+      upload(*dut, d);
+      const int64_t T = sc.qo.back();
+      Tensor out_ref = ref->alloc(DType::F32, {T, c.hq, c.d});
+      Tensor out_dut = p.poisoned(*dut, act, {T, c.hq, c.d});
+      ref->paged_attention(r.q, r.k_pool, r.v_pool, r.pos_pool, r.q_pos, r.plan, out_ref);
+      dut->paged_attention(d.q, d.k_pool, d.v_pool, d.pos_pool, d.q_pos, d.plan, out_dut);
+      p.expect_close("paged_attention_fp8", c.label, out_dut, out_ref);
+      // The oracle over FP8 rows is the oracle over the rows unpacked to f32.
+      Tensor k32 = ref->alloc(DType::F32, {sc.slots, c.d}),
+             v32 = ref->alloc(DType::F32, {sc.slots, c.d});
+      ref->unpack_fp8_kv_rows(r.k_pool, k32);
+      ref->unpack_fp8_kv_rows(r.v_pool, v32);
+      Tensor out_f32 = ref->alloc(DType::F32, {T, c.hq, c.d});
+      ref->paged_attention(r.q, k32, v32, r.pos_pool, r.q_pos, r.plan, out_f32);
+      EXPECT_LE(rel_err(out_ref, out_f32), 1e-6) << "oracle FP8 vs unpacked " << c.label;
+    }
+    p.print_summary();
+  }
+  EXPECT_GT(tested, 0);
 }
 
 // SegPaged attention of every backend against the oracle over random page pools: several

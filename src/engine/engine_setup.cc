@@ -6,6 +6,7 @@
 #include "backend/builtin.h"
 #include "core/error.h"
 #include "kv/head_profile.h"
+#include "loader/fp8_checkpoint.h"
 #include "loader/permute_heads.h"
 
 namespace redknot {
@@ -22,6 +23,8 @@ LoadedEngineModel open_engine_model(const std::string& path, const EngineOptions
       permute_kv_heads(m.ckpt, p.placement);
     }
   }
+  // After placement: permuting float rows first keeps every per-channel scale with its row.
+  apply_quantization(m.ckpt, opts.quantization);
   m.backend = create_backend(opts.backend);
   if (opts.batch_invariant) m.batch_invariant = std::make_unique<BatchInvariantBackend>(*m.backend);
   m.model = std::make_unique<Model>(m.ckpt, m.batch_invariant ? *m.batch_invariant : *m.backend);
@@ -32,6 +35,7 @@ EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const Eng
   KvOptions kvo;
   kvo.page_size = opts.page_size;
   kvo.head_profile_path = opts.head_profile;
+  kvo.kv_cache_dtype = opts.kv_cache_dtype;
   int64_t chunk_bytes = opts.chunk_store_bytes;
   int64_t budget = opts.kv_budget_bytes;
   if (budget <= 0 && opts.gpu_memory_fraction > 0) {
@@ -45,7 +49,8 @@ EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const Eng
   } else {
     if (opts.request_tokens <= 0 || opts.concurrent_requests <= 0)
       throw Error("engine: the KV pool needs a byte budget or a request size");
-    const int64_t request = kv_bytes_for(model, opts.page_size, opts.request_tokens);
+    const int64_t request =
+        kv_bytes_for(model, opts.page_size, opts.request_tokens, 1, opts.kv_cache_dtype);
     budget = opts.concurrent_requests * request;
     if (opts.chunk_store) {
       if (chunk_bytes <= 0)
@@ -61,7 +66,7 @@ EngineStores build_engine_stores(Model& model, const Checkpoint& ckpt, const Eng
     ChunkStoreOptions cso;
     cso.pool_budget_bytes = chunk_bytes;
     cso.host_budget_bytes = opts.chunk_store_host_bytes;
-    cso.model_fp = model_fingerprint(model.config(), ckpt);
+    cso.model_fp = model_fingerprint(model.config(), ckpt, s.kv.pool->kv_dtype());
     if (!opts.chunk_store_dir.empty()) {
       cso.disk_dir = opts.chunk_store_dir;
       cso.disk_budget_bytes = kChunkStoreDiskBytes;

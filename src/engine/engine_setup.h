@@ -36,6 +36,10 @@ struct EngineOptions {
   std::string backend = "cpu";
   // Row-at-a-time matmuls so that a request's output does not depend on its batch (serve).
   bool batch_invariant = false;
+  // --quantization: "" / "none" (weights as stored; FP8 checkpoints load as FP8) or "fp8"
+  // (linear projections quantized at load time, per output channel: loader/fp8_checkpoint.h).
+  std::string quantization;
+  std::string kv_cache_dtype = "auto";  // --kv-cache-dtype: auto | fp8 (KvOptions)
   int32_t page_size = kDefaultPageSize;
   std::string head_profile;  // the store's head classes; empty: the model's own attention
   // KV pool: kv_budget_bytes when > 0, else gpu_memory_fraction of the free device memory when

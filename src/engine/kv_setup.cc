@@ -26,13 +26,20 @@ HeadProfile load_head_profile(const Model& model, const std::string& path) {
   return p;
 }
 
-int64_t kv_bytes_for(const Model& model, int32_t page_size, int64_t tokens, int64_t sequences) {
+DType parse_kv_cache_dtype(const std::string& value, const Backend& backend) {
+  if (value.empty() || value == "auto") return backend.act_dtype();
+  if (value == "fp8" || value == "fp8_e4m3") return DType::F8_E4M3;
+  throw Error("--kv-cache-dtype '" + value + "' is not supported (auto, fp8)");
+}
+
+int64_t kv_bytes_for(const Model& model, int32_t page_size, int64_t tokens, int64_t sequences,
+                     const std::string& kv_cache_dtype) {
   const ModelConfig& cfg = model.config();
   const HeadProfile all_global(static_cast<int32_t>(cfg.num_layers),
                                static_cast<int32_t>(cfg.num_kv_heads));
   return sequences * all_global.pages_for(tokens, page_size, /*slack_pages_per_head=*/2) *
          PagePool::page_bytes(page_size, static_cast<int32_t>(cfg.head_dim),
-                              model.backend().act_dtype());
+                              parse_kv_cache_dtype(kv_cache_dtype, model.backend()));
 }
 
 KvStore make_kv_store(Model& model, const KvOptions& opts) {
@@ -41,10 +48,10 @@ KvStore make_kv_store(Model& model, const KvOptions& opts) {
   KvStore s;
   s.profile = load_head_profile(model, opts.head_profile_path);
   const int32_t hd = static_cast<int32_t>(cfg.head_dim);
+  const DType kv_dtype = parse_kv_cache_dtype(opts.kv_cache_dtype, model.backend());
   int64_t pages = 0;
   if (opts.budget_bytes > 0) {
-    pages = PagePool::pages_for_bytes(opts.budget_bytes, opts.page_size, hd,
-                                      model.backend().act_dtype());
+    pages = PagePool::pages_for_bytes(opts.budget_bytes, opts.page_size, hd, kv_dtype);
   } else {
     if (opts.tokens <= 0) throw Error("KV store needs a byte budget or a token count");
     // Every head global, one page of slack per head for copy-on-write and partly used pages.
@@ -55,7 +62,8 @@ KvStore make_kv_store(Model& model, const KvOptions& opts) {
   if (pages <= 0) throw Error("KV budget is smaller than one page");
   if (pages > INT32_MAX) throw Error("KV budget too large");
   s.pool =
-      std::make_unique<PagePool>(model.backend(), static_cast<int32_t>(pages), opts.page_size, hd);
+      std::make_unique<PagePool>(model.backend(), static_cast<int32_t>(pages), opts.page_size, hd,
+                                 /*with_storage=*/true, kv_dtype);
   PagedKvOptions po;
   po.scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
   s.cache = std::make_unique<PagedKvCache>(*s.pool, s.profile, po, model.inv_freq());

@@ -115,6 +115,7 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
   const int64_t tokens = longest + opts.max_answer_tokens + 1;
   EngineOptions eo;
   eo.page_size = opts.kv.page_size;
+  eo.kv_cache_dtype = opts.kv.kv_cache_dtype;
   eo.head_profile = head_profile_for_mode(mode, opts.kv.head_profile_path);
   eo.request_tokens = tokens;
   eo.chunk_store = true;

@@ -7,19 +7,23 @@
 namespace redknot {
 
 PagePool::PagePool(Backend& backend, int32_t num_pages, int32_t page_size, int32_t head_dim,
-                   bool with_storage)
+                   bool with_storage, std::optional<DType> kv_dtype)
     : backend_(backend),
       num_pages_(num_pages),
       page_size_(page_size),
       head_dim_(head_dim),
       with_storage_(with_storage),
+      kv_dtype_(kv_dtype.value_or(backend.act_dtype())),
       refcount_(num_pages, 0) {
   if (num_pages <= 0 || page_size <= 0 || head_dim <= 0)
     throw Error("page pool: pages, page size and head_dim must be positive");
+  if (kv_dtype_ != backend.act_dtype() && kv_dtype_ != DType::F8_E4M3)
+    throw Error(std::string("page pool: KV dtype ") + dtype_name(kv_dtype_) +
+                " is not supported (the backend's act dtype or f8_e4m3)");
   if (with_storage) {
     const int64_t slots = int64_t{num_pages} * page_size;
-    k_ = backend.alloc(backend.act_dtype(), {slots, head_dim});
-    v_ = backend.alloc(backend.act_dtype(), {slots, head_dim});
+    k_ = backend.alloc(kv_dtype_, {slots, row_width()});
+    v_ = backend.alloc(kv_dtype_, {slots, row_width()});
     pos_ = backend.alloc(DType::I32, {slots, 1});
   }
   free_.reserve(num_pages);
@@ -46,12 +50,11 @@ void PagePool::release(int32_t page) {
   if (--refcount_[page] == 0) free_.push_back(page);
 }
 
-int64_t PagePool::bytes_per_page() const {
-  return page_bytes(page_size_, head_dim_, backend_.act_dtype());
-}
+int64_t PagePool::bytes_per_page() const { return page_bytes(page_size_, head_dim_, kv_dtype_); }
 
 int64_t PagePool::page_bytes(int32_t page_size, int32_t head_dim, DType dtype) {
-  return 2 * dtype_bytes(dtype, int64_t{page_size} * head_dim) + int64_t{page_size} * 4;
+  return 2 * dtype_bytes(dtype, int64_t{page_size} * kv_row_width(head_dim, dtype)) +
+         int64_t{page_size} * 4;
 }
 
 int32_t PagePool::pages_for_bytes(int64_t bytes, int32_t page_size, int32_t head_dim, DType dtype) {

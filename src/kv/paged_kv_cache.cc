@@ -87,7 +87,7 @@ void PagedKvCache::copy_slots(int32_t src_page, int32_t dst_page, int32_t count)
     dst.push_back(dst_page * page_size_ + j);
   }
   Tensor si = device_i32(src), di = device_i32(dst);
-  Tensor tmp = backend_.alloc(backend_.act_dtype(), {count, pool_.head_dim()});
+  Tensor tmp = pool_.alloc_rows(count);  // rows as stored (FP8 rows carry their scales)
   for (Tensor* buf : {&pool_.k(), &pool_.v()}) {
     backend_.gather_rows(*buf, si, tmp);
     backend_.scatter_rows(tmp, di, *buf);
@@ -419,11 +419,40 @@ void PagedKvCache::build_plans(const Batch& batch, PagedPlanStorage* storage) {
 void PagedKvCache::write(int layer, const Tensor& k, const Tensor& v) {
   if (!pool_.has_storage()) return;
   if (layer >= stored_layers_) return;  // the batch's tokens are not kept in this layer
-  const int64_t hd = pool_.head_dim();
+  const int64_t hd = pool_.head_dim(), n = k.numel() / hd;
   const Tensor& rows = plans_.at(layer).rows;
-  backend_.scatter_rows(k.reshape({k.numel() / hd, hd}), rows, pool_.k());
-  backend_.scatter_rows(v.reshape({v.numel() / hd, hd}), rows, pool_.v());
+  if (pool_.fp8() && k.dtype() == DType::F8_E4M3) {  // rows as stored (a chunk store reload)
+    const int64_t w = pool_.row_width(), m = k.numel() / w;
+    backend_.scatter_rows(k.reshape({m, w}), rows, pool_.k());
+    backend_.scatter_rows(v.reshape({m, w}), rows, pool_.v());
+  } else if (pool_.fp8()) {  // each (token, head) row quantized with its own scale
+    Tensor packed = pool_.alloc_rows(n);
+    backend_.pack_fp8_kv_rows(k.reshape({n, hd}), packed);
+    backend_.scatter_rows(packed, rows, pool_.k());
+    backend_.pack_fp8_kv_rows(v.reshape({n, hd}), packed);
+    backend_.scatter_rows(packed, rows, pool_.v());
+  } else {
+    backend_.scatter_rows(k.reshape({n, hd}), rows, pool_.k());
+    backend_.scatter_rows(v.reshape({n, hd}), rows, pool_.v());
+  }
   backend_.scatter_rows(token_positions_, rows, pool_.pos());
+}
+
+void PagedKvCache::rotate_rows(Tensor& rows, const Tensor& deltas) {
+  const int64_t m = rows.dim(0), hd = pool_.head_dim();
+  // Relocation: rotate by the position difference; attention scaling is not applied again.
+  if (!pool_.fp8()) {
+    Tensor as_heads = rows.reshape({m, 1, hd});
+    backend_.rope(as_heads, deltas, inv_freq_, 1.0f);
+    return;
+  }
+  // FP8 rows: the stored key exactly (codes x scale), rotated in act precision, requantized
+  // with a fresh scale of its own: one rounding, as a key written at the new position gets.
+  Tensor x = backend_.alloc_uninit(backend_.act_dtype(), {m, hd});
+  backend_.unpack_fp8_kv_rows(rows, x);
+  Tensor as_heads = x.reshape({m, 1, hd});
+  backend_.rope(as_heads, deltas, inv_freq_, 1.0f);
+  backend_.pack_fp8_kv_rows(x, rows);
 }
 
 void PagedKvCache::attend(int layer, const Tensor& q, Tensor& out) {
@@ -553,7 +582,7 @@ void PagedKvCache::remove(SeqId seq, int32_t p0, int32_t p1) {
     if (pool_.has_storage() && !src_rows.empty()) {
       Tensor si = device_i32(src_rows), di = device_i32(dst_rows);
       const int64_t n = static_cast<int64_t>(src_rows.size());
-      Tensor tmp = backend_.alloc(backend_.act_dtype(), {n, pool_.head_dim()});
+      Tensor tmp = pool_.alloc_rows(n);
       for (Tensor* buf : {&pool_.k(), &pool_.v()}) {
         backend_.gather_rows(*buf, si, tmp);
         backend_.scatter_rows(tmp, di, *buf);
@@ -616,11 +645,9 @@ void PagedKvCache::shift(SeqId seq, int32_t p0, int32_t p1, int32_t delta) {
     if (rows.empty() || !pool_.has_storage()) continue;
     const int64_t m = static_cast<int64_t>(rows.size());
     Tensor idx = device_i32(rows), dpos = device_i32(deltas);
-    Tensor tmp = backend_.alloc(backend_.act_dtype(), {m, pool_.head_dim()});
+    Tensor tmp = pool_.alloc_rows(m);
     backend_.gather_rows(pool_.k(), idx, tmp);
-    Tensor as_heads = tmp.reshape({m, 1, pool_.head_dim()});
-    // Relocation: rotate by the position difference; attention scaling is not applied again.
-    backend_.rope(as_heads, dpos, inv_freq_, 1.0f);
+    rotate_rows(tmp, dpos);
     backend_.scatter_rows(tmp, idx, pool_.k());
     backend_.scatter_rows(device_i32(new_pos).reshape({m, 1}), idx, pool_.pos());
   }
@@ -644,8 +671,15 @@ void PagedKvCache::read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
   Tensor vd = backend_.alloc(backend_.act_dtype(), {n, pool_.head_dim()});
   if (n > 0 && pool_.has_storage()) {
     Tensor idx = device_i32(rows);
-    backend_.gather_rows(pool_.k(), idx, kd);
-    backend_.gather_rows(pool_.v(), idx, vd);
+    for (auto [src, dst] : {std::pair{&pool_.k(), &kd}, std::pair{&pool_.v(), &vd}}) {
+      if (!pool_.fp8()) {
+        backend_.gather_rows(*src, idx, *dst);
+        continue;
+      }
+      Tensor stored = pool_.alloc_rows(n);
+      backend_.gather_rows(*src, idx, stored);
+      backend_.unpack_fp8_kv_rows(stored, *dst);
+    }
   }
   k = backend_.to_host_f32(kd);
   v = backend_.to_host_f32(vd);
@@ -770,12 +804,9 @@ void PagedKvCache::append_relocated(SeqId seq, const std::vector<std::vector<int
     if (!pool_.has_storage() || src.empty()) continue;
     const int64_t m = static_cast<int64_t>(src.size());
     Tensor si = device_i32(src), di = device_i32(dst);
-    Tensor tmp = backend_.alloc_uninit(backend_.act_dtype(), {m, pool_.head_dim()});  // gathered
+    Tensor tmp = pool_.alloc_rows(m);  // gathered
     backend_.gather_rows(pool_.k(), si, tmp);
-    if (delta != 0) {
-      Tensor as_heads = tmp.reshape({m, 1, pool_.head_dim()});
-      backend_.rope(as_heads, device_i32(std::vector<int32_t>(m, delta)), inv_freq_, 1.0f);
-    }
+    if (delta != 0) rotate_rows(tmp, device_i32(std::vector<int32_t>(m, delta)));
     backend_.scatter_rows(tmp, di, pool_.k());
     backend_.gather_rows(pool_.v(), si, tmp);
     backend_.scatter_rows(tmp, di, pool_.v());

@@ -47,6 +47,8 @@ class PagedKvCache : public KvCache {
   std::shared_ptr<PlanStorage> make_plan_storage(int32_t seqs, int64_t capacity) override;
   bool plan_storage_fits(const PlanStorage& storage) const override;
   void begin_forward(const Batch& batch, const Tensor& positions, PlanStorage& storage) override;
+  // k, v: [T, kv_heads, head_dim] act dtype; an FP8 pool also takes rows as it stores them,
+  // [T, kv_heads, head_dim + 4] f8_e4m3 (the chunk store reloading a spilled segment).
   void write(int layer, const Tensor& k, const Tensor& v) override;
   void attend(int layer, const Tensor& q, Tensor& out) override;
   void end_forward() override;
@@ -148,6 +150,8 @@ class PagedKvCache : public KvCache {
   // Gives `table` a private copy of page `index` when it is shared. Needs one free page.
   void make_private(HeadTable& table, size_t index);
   void copy_slots(int32_t src_page, int32_t dst_page, int32_t count);
+  // RoPE relocation of gathered key rows as stored. rows: [m, row_width]; deltas: [m] i32
+  void rotate_rows(Tensor& rows, const Tensor& deltas);
   void release_table(HeadTable& table);
   // Drops the pages of a local head that no future query can see.
   void trim(HeadTable& table, const HeadSpec& spec, int32_t next_pos);

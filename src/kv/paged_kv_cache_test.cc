@@ -725,5 +725,126 @@ TEST(PagedKvCache, LastStoredLayerKeepsDeeperLayersEmpty) {
   EXPECT_EQ(kv_g.next_position(0), 0);
 }
 
+// FP8 KV (--kv-cache-dtype fp8): every (token, layer, kv head) row is stored as e4m3 codes plus
+// its own f32 scale; read() returns exactly the dequantized stored row. Relocating keys
+// (append_relocated, shift) gives exactly the requantization of the rotated stored key: one
+// rounding, the precision of a key written at its new position; values move as stored bytes.
+TEST(PagedKvCacheFp8, RowsCarryScalesAndRelocationRoundsOnce) {
+  register_builtin_backends();
+  auto backend = create_backend("cpu");
+  PagePool pool(*backend, 64, 4, kDim, true, DType::F8_E4M3);
+  ASSERT_TRUE(pool.fp8());
+  EXPECT_EQ(pool.row_width(), kDim + 4);
+  EXPECT_EQ(pool.bytes_per_page(), 2 * 4 * (kDim + 4) + 4 * 4);
+  EXPECT_LT(pool.bytes_per_page(), PagePool::page_bytes(4, kDim, DType::F32) / 2);
+  const Tensor inv = Tensor::from_f32(InvFreq(), {kDim / 2});
+  PagedKvCache kv(pool, HeadProfile(kLayers, kKvHeads), {0.5f}, inv);
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> val(-3.0f, 3.0f);
+  constexpr int T = 7;
+  std::vector<std::vector<float>> k_in(kLayers), v_in(kLayers);  // [T, kKvHeads, kDim]
+  kv.add_sequence(0);
+  Batch b;
+  b.add_sequence(0, std::vector<int32_t>(T, 1), 0, false);
+  kv.begin_forward(b, Tensor::from_i32(b.positions, {T}));
+  for (int l = 0; l < kLayers; ++l) {
+    k_in[l].resize(T * kKvHeads * kDim);
+    v_in[l].resize(T * kKvHeads * kDim);
+    for (auto& x : k_in[l]) x = val(rng);
+    for (auto& x : v_in[l]) x = val(rng);
+    kv.write(l, Tensor::from_f32(k_in[l], {T, kKvHeads, kDim}),
+             Tensor::from_f32(v_in[l], {T, kKvHeads, kDim}));
+  }
+  kv.end_forward();
+  // The dequantized row fp8_quantize_row makes of x[0, kDim).
+  auto stored = [](const float* x) {
+    std::vector<uint8_t> q(kDim);
+    const float s = fp8_quantize_row(x, kDim, q.data());
+    std::vector<float> out(kDim);
+    for (int d = 0; d < kDim; ++d) out[d] = fp8_e4m3_to_f32(q[d]) * s;
+    return out;
+  };
+  // Keys of table (l, h) rotated by `delta` on the backend, from the rows read back.
+  auto rotated = [&](const Tensor& k, int32_t delta) {
+    const int64_t n = k.dim(0);
+    Tensor x = Tensor::host(DType::F32, {n, 1, kDim});
+    std::memcpy(x.raw(), k.raw(), k.nbytes());
+    backend->rope(x, Tensor::from_i32(std::vector<int32_t>(n, delta), {n}), inv, 1.0f);
+    std::vector<float> out;
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<float> r = stored(x.data<float>() + i * kDim);
+      out.insert(out.end(), r.begin(), r.end());
+    }
+    return out;
+  };
+  std::vector<std::vector<float>> k0(kLayers * kKvHeads), v0(kLayers * kKvHeads);
+  for (int l = 0; l < kLayers; ++l)
+    for (int h = 0; h < kKvHeads; ++h) {
+      Tensor k, v;
+      std::vector<int32_t> pos;
+      kv.read(0, l, h, k, v, pos);
+      ASSERT_EQ(pos.size(), size_t{T});
+      for (int t = 0; t < T; ++t) {
+        const std::vector<float> ks = stored(&k_in[l][(t * kKvHeads + h) * kDim]);
+        const std::vector<float> vs = stored(&v_in[l][(t * kKvHeads + h) * kDim]);
+        for (int d = 0; d < kDim; ++d) {
+          ASSERT_EQ(k.data<float>()[t * kDim + d], ks[d]) << "l" << l << " h" << h << " t" << t;
+          ASSERT_EQ(v.data<float>()[t * kDim + d], vs[d]) << "l" << l << " h" << h << " t" << t;
+        }
+      }
+      k0[l * kKvHeads + h].assign(k.data<float>(), k.data<float>() + k.numel());
+      v0[l * kKvHeads + h].assign(v.data<float>(), v.data<float>() + v.numel());
+    }
+  // A cached segment reused 100 positions later (RedKnot's relocation).
+  std::vector<std::vector<int32_t>> rows;
+  for (int l = 0; l < kLayers; ++l)
+    for (int h = 0; h < kKvHeads; ++h) rows.push_back(kv.slot_rows(0, l, h));
+  std::vector<int32_t> src_pos(T);
+  for (int t = 0; t < T; ++t) src_pos[t] = t;
+  kv.add_sequence(1);
+  kv.append_relocated(1, rows, src_pos, 100);
+  double worst = 0;  // against the key computed at full precision and rounded once
+  for (int l = 0; l < kLayers; ++l)
+    for (int h = 0; h < kKvHeads; ++h) {
+      Tensor k, v;
+      std::vector<int32_t> pos;
+      kv.read(1, l, h, k, v, pos);
+      ASSERT_EQ(pos.front(), 100);
+      const int tb = l * kKvHeads + h;
+      Tensor k_prev = Tensor::from_f32(k0[tb], {T, kDim});
+      const std::vector<float> want = rotated(k_prev, 100);
+      for (int64_t i = 0; i < k.numel(); ++i) {
+        ASSERT_EQ(k.data<float>()[i], want[i]) << "relocated key, table " << tb << " elem " << i;
+        ASSERT_EQ(v.data<float>()[i], v0[tb][i]) << "values move as stored";
+      }
+      // The exact input key rotated by 100 and rounded once is within two e4m3 roundings.
+      std::vector<float> exact(T * kDim);
+      for (int t = 0; t < T; ++t)
+        std::copy_n(&k_in[l][(t * kKvHeads + h) * kDim], kDim, &exact[t * kDim]);
+      const std::vector<float> fresh = rotated(Tensor::from_f32(exact, {T, kDim}), 100);
+      double num = 0, den = 0;
+      for (int64_t i = 0; i < k.numel(); ++i) {
+        num += std::pow(double(k.data<float>()[i]) - fresh[i], 2);
+        den += std::pow(double(fresh[i]), 2);
+      }
+      worst = std::max(worst, std::sqrt(num / den));
+    }
+  EXPECT_LE(worst, 0.06) << "relocated FP8 keys vs a fresh write at the new position";
+  // shift() re-rotates in place with the same rule.
+  kv.shift(1, 0, -1, -50);
+  for (int l = 0; l < kLayers; ++l)
+    for (int h = 0; h < kKvHeads; ++h) {
+      Tensor k, v;
+      std::vector<int32_t> pos;
+      kv.read(1, l, h, k, v, pos);
+      ASSERT_EQ(pos.front(), 50);
+      const int tb = l * kKvHeads + h;
+      const std::vector<float> want = rotated(
+          Tensor::from_f32(rotated(Tensor::from_f32(k0[tb], {T, kDim}), 100), {T, kDim}), -50);
+      for (int64_t i = 0; i < k.numel(); ++i)
+        ASSERT_EQ(k.data<float>()[i], want[i]) << "shifted key, table " << tb << " elem " << i;
+    }
+}
+
 }  // namespace
 }  // namespace redknot

@@ -4,7 +4,10 @@
 #include <filesystem>
 #include <fstream>
 
+#include <nlohmann/json.hpp>
 #include "core/error.h"
+
+#include "loader/fp8_checkpoint.h"
 #include "loader/gguf.h"
 #include "loader/hf_config.h"
 #include "loader/safetensors.h"
@@ -29,6 +32,12 @@ Checkpoint load_hf_dir(const std::string& dir) {
   ck.path = dir;
   ck.config = read_hf_config(config.string());
   ck.tensors = read_safetensors_dir(dir);
+  {
+    std::ifstream in(config);
+    const nlohmann::json cfg = nlohmann::json::parse(in, nullptr, false);
+    if (cfg.is_discarded()) throw Error(config.string() + ": invalid JSON");
+    ck.weight_quant = normalize_fp8_checkpoint(cfg, ck.tensors, dir);
+  }
   const fs::path tok = fs::path(dir) / "tokenizer.json";
   if (fs::exists(tok, ec)) ck.tokenizer_json_path = tok.string();
   // Tied models may still ship an lm_head copy; keep it (the model code decides).

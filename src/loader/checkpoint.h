@@ -34,6 +34,9 @@ struct Checkpoint {
   std::map<std::string, Tensor> tensors;
   std::optional<GgufVocab> gguf_vocab;
   std::string tokenizer_json_path;  // HF dir: tokenizer.json if present
+  // Linear projections in FP8 (loader/fp8_checkpoint.h): "" (as stored in float), "fp8-channel"
+  // or "fp8-block128"; the scales are tensors "<proj>.weight_scale".
+  std::string weight_quant;
   // Set by permute_kv_heads: [layer][new position] -> the file's kv head. Empty: file order.
   std::vector<std::vector<int32_t>> kv_head_perm;
 

@@ -57,6 +57,10 @@ void permute_kv_heads(Checkpoint& ckpt, const std::vector<std::vector<int32_t>>&
     throw Error(ckpt.path + ": head permutation has " + std::to_string(perm.size()) +
                 " layers, the model " + std::to_string(L));
   if (H <= 0 || c.num_heads % H != 0) throw Error(ckpt.path + ": heads not divisible by kv heads");
+  // FP8 scales would have to move with their rows (and 128-row blocks straddle heads).
+  if (!ckpt.weight_quant.empty())
+    throw Error(ckpt.path + ": head placement of FP8 weights (" + ckpt.weight_quant +
+                ") is not supported; use a profile without placement");
   const int64_t group = c.num_heads / H;
   std::vector<std::vector<int32_t>> composed;
   for (int64_t l = 0; l < L; ++l) {

@@ -25,6 +25,8 @@ bool parse_dtype(const std::string& s, DType* out) {
     *out = DType::BF16;
   else if (s == "I32")
     *out = DType::I32;
+  else if (s == "F8_E4M3")  // FP8 checkpoints (torch.float8_e4m3fn)
+    *out = DType::F8_E4M3;
   else
     return false;
   return true;
@@ -40,6 +42,8 @@ const char* safetensors_dtype(DType t) {
       return "BF16";
     case DType::I32:
       return "I32";
+    case DType::F8_E4M3:
+      return "F8_E4M3";
     default:
       return nullptr;
   }
@@ -103,7 +107,7 @@ SafetensorsFile read_safetensors(const std::string& path) {
     Entry e{name, DType::F32, {}, 0, 0};
     if (!parse_dtype(jd.get<std::string>(), &e.dtype))
       throw Error(path + ": " + where + " has unsupported dtype '" + jd.get<std::string>() +
-                  "' (supported: F32, F16, BF16, I32)");
+                  "' (supported: F32, F16, BF16, I32, F8_E4M3)");
     const json& js = info["shape"];
     if (!js.is_array() || js.size() > 8) throw Error(path + ": " + where + " has an invalid shape");
     uint64_t numel = 1;

@@ -17,9 +17,9 @@ struct SafetensorsFile {
   std::map<std::string, std::string> metadata;  // "__metadata__" string pairs
 };
 
-// Maps `path` and validates the header (length, JSON, dtypes F32/F16/BF16/I32, offsets inside the
-// data section, sizes consistent with shape*dtype, no overlaps). Tensors are host views whose
-// holder is the MappedFile; a tensor whose data is not aligned to its element size is copied.
+// Maps `path` and validates the header (length, JSON, dtypes F32/F16/BF16/I32/F8_E4M3, offsets
+// inside the data section, sizes consistent with shape*dtype, no overlaps). Tensors are host views
+// whose holder is the MappedFile; a tensor whose data is not aligned to its element size is copied.
 // A 0-d (scalar) tensor is returned with shape [1] (an empty Tensor shape means "absent").
 SafetensorsFile read_safetensors(const std::string& path);
 
@@ -27,7 +27,8 @@ SafetensorsFile read_safetensors(const std::string& path);
 // model.safetensors.index.json (weight_map: tensor name -> shard file).
 std::map<std::string, Tensor> read_safetensors_dir(const std::string& dir);
 
-// Writes host tensors (F32, F16, BF16, I32) as a safetensors file, header padded to 8 bytes.
+// Writes host tensors (F32, F16, BF16, I32, F8_E4M3) as a safetensors file, header padded to 8
+// bytes.
 void write_safetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 

@@ -30,6 +30,22 @@ Tensor Model::upload(const Checkpoint& ckpt, const std::string& name) {
   return t;
 }
 
+Linear Model::upload_linear(const Checkpoint& ckpt, const std::string& name) {
+  Linear l;
+  l.w = upload(ckpt, name);
+  if (ckpt.get(name).dtype() == DType::F8_E4M3)
+    l.scale = upload_norm(
+        ckpt, name.substr(0, name.size() - std::string("weight").size()) + "weight_scale");
+  return l;
+}
+
+void Model::linear(const Tensor& x, const Linear& w, const Tensor& bias, Tensor& out) {
+  if (w.scale.empty())
+    backend_.matmul(x, w.w, bias, out);
+  else
+    backend_.matmul_fp8(x, w.w, w.scale, bias, out);
+}
+
 Tensor Model::upload_norm(const Checkpoint& ckpt, const std::string& name) {
   Tensor host = to_f32_host(ckpt.get(name));
   Tensor t = backend_.alloc_uninit(DType::F32, host.shape());  // copy_from_host fills it
@@ -53,10 +69,10 @@ Model::Model(const Checkpoint& ckpt, Backend& backend)
     LayerWeights w;
     w.attn_norm = upload_norm(ckpt, layer_name(l, "input_layernorm.weight"));
     w.ffn_norm = upload_norm(ckpt, layer_name(l, "post_attention_layernorm.weight"));
-    w.wq = upload(ckpt, layer_name(l, "self_attn.q_proj.weight"));
-    w.wk = upload(ckpt, layer_name(l, "self_attn.k_proj.weight"));
-    w.wv = upload(ckpt, layer_name(l, "self_attn.v_proj.weight"));
-    w.wo = upload(ckpt, layer_name(l, "self_attn.o_proj.weight"));
+    w.wq = upload_linear(ckpt, layer_name(l, "self_attn.q_proj.weight"));
+    w.wk = upload_linear(ckpt, layer_name(l, "self_attn.k_proj.weight"));
+    w.wv = upload_linear(ckpt, layer_name(l, "self_attn.v_proj.weight"));
+    w.wo = upload_linear(ckpt, layer_name(l, "self_attn.o_proj.weight"));
     if (cfg_.attention_bias) {
       w.bq = upload_norm(ckpt, layer_name(l, "self_attn.q_proj.bias"));
       w.bk = upload_norm(ckpt, layer_name(l, "self_attn.k_proj.bias"));
@@ -66,9 +82,9 @@ Model::Model(const Checkpoint& ckpt, Backend& backend)
       w.q_norm = upload_norm(ckpt, layer_name(l, "self_attn.q_norm.weight"));
       w.k_norm = upload_norm(ckpt, layer_name(l, "self_attn.k_norm.weight"));
     }
-    w.w_gate = upload(ckpt, layer_name(l, "mlp.gate_proj.weight"));
-    w.w_up = upload(ckpt, layer_name(l, "mlp.up_proj.weight"));
-    w.w_down = upload(ckpt, layer_name(l, "mlp.down_proj.weight"));
+    w.w_gate = upload_linear(ckpt, layer_name(l, "mlp.gate_proj.weight"));
+    w.w_up = upload_linear(ckpt, layer_name(l, "mlp.up_proj.weight"));
+    w.w_down = upload_linear(ckpt, layer_name(l, "mlp.down_proj.weight"));
     layers_.push_back(std::move(w));
   }
   RopeFreqs rf = rope_frequencies(cfg_);
@@ -83,8 +99,8 @@ void Model::project_kv(int layer, const Tensor& x, const Tensor& pos, Tensor& k,
   const LayerWeights& w = layers_[layer];
   const int64_t T = x.dim(0), hd = cfg_.head_dim, nkv = cfg_.num_kv_heads;
   Tensor k2 = k.reshape({T, nkv * hd}), v2 = v.reshape({T, nkv * hd});
-  backend_.matmul(x, w.wk, w.bk, k2);
-  backend_.matmul(x, w.wv, w.bv, v2);
+  linear(x, w.wk, w.bk, k2);
+  linear(x, w.wv, w.bv, v2);
   if (cfg_.qk_norm) {  // Qwen3: RMSNorm over each head's vector before RoPE
     Tensor kr = k.reshape({T * nkv, hd});
     backend_.rmsnorm(kr, w.k_norm, static_cast<float>(cfg_.rms_norm_eps), kr);
@@ -103,7 +119,7 @@ Tensor Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& 
   Tensor q = backend_.alloc_uninit(act, {T, nh * hd});
   Tensor k3 = backend_.alloc_uninit(act, {T, nkv, hd});
   Tensor v3 = backend_.alloc_uninit(act, {T, nkv, hd});
-  backend_.matmul(x, w.wq, w.bq, q);
+  linear(x, w.wq, w.bq, q);
   project_kv(layer, x, pos, k3, v3);
   Tensor q3 = q.reshape({T, nh, hd});
   if (cfg_.qk_norm) {
@@ -119,7 +135,7 @@ Tensor Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& 
   kv.attend(layer, q3, attn);
   clock.mark("attention");
   Tensor attn2 = attn.reshape({T, nh * hd});
-  backend_.matmul(attn2, w.wo, Tensor(), out);
+  linear(attn2, w.wo, Tensor(), out);
   clock.mark("o_proj");
   return attn2;
 }
@@ -158,10 +174,10 @@ void Model::ffn_block(int layer, const Tensor& x, Tensor& out) {
   const int64_t T = x.dim(0), F = cfg_.intermediate_size;
   Tensor gate = backend_.alloc_uninit(backend_.act_dtype(), {T, F});  // GEMM outputs
   Tensor up = backend_.alloc_uninit(backend_.act_dtype(), {T, F});
-  backend_.matmul(x, w.w_gate, Tensor(), gate);
-  backend_.matmul(x, w.w_up, Tensor(), up);
+  linear(x, w.w_gate, Tensor(), gate);
+  linear(x, w.w_up, Tensor(), up);
   backend_.swiglu(gate, up, gate);
-  backend_.matmul(gate, w.w_down, Tensor(), out);
+  linear(gate, w.w_down, Tensor(), out);
 }
 
 void Model::check_kv_only(int from_layer, const HeadProfile* profile) const {

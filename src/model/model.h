@@ -15,13 +15,20 @@
 
 namespace redknot {
 
+// A linear projection's weight on the backend: float (scale empty: matmul) or FP8 codes with
+// their scales (matmul_fp8; loader/fp8_checkpoint.h).
+struct Linear {
+  Tensor w;      // [N, K]
+  Tensor scale;  // FP8: [N] or [ceil(N/128), ceil(K/128)] f32; empty otherwise
+};
+
 struct LayerWeights {
   Tensor attn_norm;             // [hidden]
-  Tensor wq, wk, wv, wo;        // [heads*hd, hidden], [kv*hd, hidden] x2, [hidden, heads*hd]
+  Linear wq, wk, wv, wo;        // [heads*hd, hidden], [kv*hd, hidden] x2, [hidden, heads*hd]
   Tensor bq, bk, bv;            // [heads*hd], [kv*hd] x2 (Qwen2) or empty
   Tensor q_norm, k_norm;        // [head_dim] (Qwen3) or empty
   Tensor ffn_norm;              // [hidden]
-  Tensor w_gate, w_up, w_down;  // [ffn, hidden] x2, [hidden, ffn]
+  Linear w_gate, w_up, w_down;  // [ffn, hidden] x2, [hidden, ffn]
 };
 
 // Sees every layer's queries and keys after RoPE (the head profiler reads attention maps here).
@@ -125,6 +132,10 @@ class Model {
                               const Batch& batch, const SparseFfnConfig& cfg, int64_t rows_after,
                               StageClock& clock);
   Tensor upload(const Checkpoint& ckpt, const std::string& name);
+  // A linear projection's weight, with its "<proj>.weight_scale" when the weight is FP8.
+  Linear upload_linear(const Checkpoint& ckpt, const std::string& name);
+  // out = x · wᵀ (+ bias) through matmul or matmul_fp8. x: [M, K]; bias: [N] or empty; out: [M, N]
+  void linear(const Tensor& x, const Linear& w, const Tensor& bias, Tensor& out);
   Tensor upload_norm(const Checkpoint& ckpt, const std::string& name);
 
   ModelConfig cfg_;

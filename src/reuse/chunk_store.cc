@@ -28,7 +28,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr char kMagic[8] = {'R', 'K', 'V', 'C', 'H', 'N', 'K', '\0'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;      // 2: rows as the pool stores them (FP8 KV rows with scales)
 constexpr int64_t kFixedHeader = 48;  // magic .. len, see encode_header
 constexpr int64_t kSampleBytes = 4096;
 constexpr int32_t kMaxSegmentTokens = 1 << 26;  // sanity bound when parsing headers
@@ -201,6 +201,15 @@ uint64_t model_fingerprint(const ModelConfig& cfg, const Checkpoint& ckpt) {
   return h.digest();
 }
 
+uint64_t model_fingerprint(const ModelConfig& cfg, const Checkpoint& ckpt, DType kv_dtype) {
+  const uint64_t base = model_fingerprint(cfg, ckpt);
+  if (kv_dtype != DType::F8_E4M3) return base;
+  Hasher h;
+  h.pod(base);
+  h.str("kv-f8_e4m3-row-scales");
+  return h.digest();
+}
+
 uint64_t segment_key(uint64_t model_fp, std::span<const int32_t> tokens) {
   Hasher h;
   h.pod(model_fp);
@@ -295,7 +304,8 @@ ChunkStore::ChunkStore(Model& model, PagePool& pool, ChunkStoreOptions options)
       layers_(static_cast<int32_t>(model.config().num_layers)),
       kv_heads_(static_cast<int32_t>(model.config().num_kv_heads)),
       head_dim_(static_cast<int32_t>(model.config().head_dim)),
-      dtype_(pool.backend().act_dtype()) {
+      dtype_(pool.kv_dtype()),
+      row_width_(pool.row_width()) {
   if (pool.head_dim() != head_dim_) throw Error("chunk store: pool head_dim does not match model");
   if (!pool.has_storage()) throw Error("chunk store: the page pool has no storage");
   if (opts_.pool_budget_bytes < 0 || opts_.host_budget_bytes < 0 || opts_.disk_budget_bytes < 0)
@@ -373,7 +383,7 @@ ChunkStore::~ChunkStore() {
 // ---- geometry ----
 
 int64_t ChunkStore::head_block_bytes(int32_t len) const {
-  return 2 * dtype_bytes(dtype_, int64_t{len} * head_dim_);
+  return 2 * dtype_bytes(dtype_, int64_t{len} * row_width_);
 }
 int64_t ChunkStore::payload_bytes(int32_t len) const {
   return int64_t{layers_} * kv_heads_ * head_block_bytes(len);
@@ -629,7 +639,7 @@ void ChunkStore::set_pool_rows(Entry& e, SeqId seq) {
 
 std::vector<uint8_t> ChunkStore::serialize_pool(const Entry& e) {
   const int32_t len = static_cast<int32_t>(e.tokens.size());
-  const int64_t rb = dtype_bytes(dtype_, head_dim_), hb = head_block_bytes(len);
+  const int64_t rb = dtype_bytes(dtype_, row_width_), hb = head_block_bytes(len);
   std::vector<uint8_t> blob(static_cast<size_t>(payload_bytes(len)));
   std::vector<uint8_t> kb, vb;
   for (int l = 0; l < layers_; ++l) {
@@ -642,8 +652,8 @@ std::vector<uint8_t> ChunkStore::serialize_pool(const Entry& e) {
     }
     const int64_t n = static_cast<int64_t>(idx.size());
     Tensor di = upload_i32(backend_, idx);
-    Tensor kd = backend_.alloc(dtype_, {n, head_dim_});  // [kv_heads * len, head_dim]
-    Tensor vd = backend_.alloc(dtype_, {n, head_dim_});
+    Tensor kd = backend_.alloc(dtype_, {n, row_width_});  // [kv_heads * len, head_dim]
+    Tensor vd = backend_.alloc(dtype_, {n, row_width_});
     backend_.gather_rows(pool_.k(), di, kd);
     backend_.gather_rows(pool_.v(), di, vd);
     device_bytes(backend_, kd, dtype_, kb);
@@ -659,7 +669,7 @@ std::vector<uint8_t> ChunkStore::serialize_pool(const Entry& e) {
 
 bool ChunkStore::load_into_pool(Entry& e, const std::vector<uint8_t>& blob) {
   const int32_t len = static_cast<int32_t>(e.tokens.size());
-  const int64_t rb = dtype_bytes(dtype_, head_dim_), hb = head_block_bytes(len);
+  const int64_t rb = dtype_bytes(dtype_, row_width_), hb = head_block_bytes(len);
   RK_CHECK(static_cast<int64_t>(blob.size()) == payload_bytes(len), "chunk blob size");
   const SeqId seq = next_seq_++;
   cache_->add_sequence(seq);
@@ -675,10 +685,10 @@ bool ChunkStore::load_into_pool(Entry& e, const std::vector<uint8_t>& blob) {
     return false;
   }
   try {
-    Tensor kh = Tensor::host(dtype_, {len, kv_heads_, head_dim_});
-    Tensor vh = Tensor::host(dtype_, {len, kv_heads_, head_dim_});
-    Tensor kd = backend_.alloc(dtype_, {len, kv_heads_, head_dim_});
-    Tensor vd = backend_.alloc(dtype_, {len, kv_heads_, head_dim_});
+    Tensor kh = Tensor::host(dtype_, {len, kv_heads_, row_width_});
+    Tensor vh = Tensor::host(dtype_, {len, kv_heads_, row_width_});
+    Tensor kd = backend_.alloc(dtype_, {len, kv_heads_, row_width_});
+    Tensor vd = backend_.alloc(dtype_, {len, kv_heads_, row_width_});
     auto* kp = static_cast<uint8_t*>(kh.raw());
     auto* vp = static_cast<uint8_t*>(vh.raw());
     for (int l = 0; l < layers_; ++l) {
@@ -951,8 +961,8 @@ std::optional<ChunkHeadRows> ChunkStore::read_head_rows(const Handle& handle, in
                 std::to_string(kv_head) + ", tokens [" + std::to_string(token_begin) + ", " +
                 std::to_string(token_end) + ")) out of range for a segment of " +
                 std::to_string(len) + " tokens");
-  const int64_t n = token_end - token_begin, rb = dtype_bytes(dtype_, head_dim_);
-  ChunkHeadRows out{Tensor::host(dtype_, {n, head_dim_}), Tensor::host(dtype_, {n, head_dim_})};
+  const int64_t n = token_end - token_begin, rb = dtype_bytes(dtype_, row_width_);
+  ChunkHeadRows out{Tensor::host(dtype_, {n, row_width_}), Tensor::host(dtype_, {n, row_width_})};
   const size_t block = static_cast<size_t>(layer) * kv_heads_ + kv_head;
   auto from_block = [&](const uint8_t* blk) {
     std::memcpy(out.k.raw(), blk + token_begin * rb, n * rb);
@@ -966,7 +976,7 @@ std::optional<ChunkHeadRows> ChunkStore::read_head_rows(const Handle& handle, in
                              std::vector<int32_t>(r.begin() + token_begin, r.begin() + token_end));
       std::vector<uint8_t> bytes;
       for (auto [src, dst] : {std::pair{&pool_.k(), &out.k}, std::pair{&pool_.v(), &out.v}}) {
-        Tensor t = backend_.alloc(dtype_, {n, head_dim_});
+        Tensor t = backend_.alloc(dtype_, {n, row_width_});
         backend_.gather_rows(*src, di, t);
         device_bytes(backend_, t, dtype_, bytes);
         std::memcpy(dst->raw(), bytes.data(), bytes.size());

@@ -10,8 +10,10 @@
 //                  at startup or load, logged, counted, deleted and treated as misses: never
 //                  served.
 //
-// Serialization (host blob = disk payload), in the backend's act dtype: for each layer, for each
-// kv head, a block of K rows [len, head_dim] then V rows [len, head_dim]. Positions are 0..len-1.
+// Serialization (host blob = disk payload), rows as the pool stores them (the backend's act dtype,
+// or FP8 KV rows: head_dim e4m3 codes + the row's f32 scale, so every tier carries the scales):
+// for each layer, for each kv head, a block of K rows [len, row] then V rows [len, row].
+// Positions are 0..len-1. The header records the KV dtype: files of another stay foreign.
 // One head's rows can be read without the rest (read_head_rows).
 //
 // Policy. Every entry has a score  accesses / (1 + age)^alpha, where `accesses` counts acquire()
@@ -111,6 +113,9 @@ namespace redknot {
 // dtypes of every tensor; first/last 4 KiB of a few). Mix in anything else that changes KV bits
 // (e.g. the backend) before passing it to the store.
 uint64_t model_fingerprint(const ModelConfig& cfg, const Checkpoint& ckpt);
+// The same with the KV dtype mixed in when it is not the default act dtype path (FP8 KV keys
+// name different bits); kv_dtype F32/BF16 leave the fingerprint above unchanged.
+uint64_t model_fingerprint(const ModelConfig& cfg, const Checkpoint& ckpt, DType kv_dtype);
 // XXH3 over the fingerprint and the token ids.
 uint64_t segment_key(uint64_t model_fp, std::span<const int32_t> tokens);
 
@@ -186,7 +191,8 @@ struct ChunkStoreStats {
   int64_t remote_queue_bytes = 0;     // serialized bytes queued or being sent now
 };
 
-// One (layer, kv head)'s rows of a cached segment, host tensors [n, head_dim] in act dtype.
+// One (layer, kv head)'s rows of a cached segment as the pool stores them: host tensors
+// [n, head_dim] in act dtype, or FP8 KV rows [n, head_dim + 4] (codes, then the f32 scale).
 struct ChunkHeadRows {
   Tensor k, v;
 };
@@ -455,7 +461,8 @@ class ChunkStore {
   Backend& backend_;
   ChunkStoreOptions opts_;
   int32_t layers_, kv_heads_, head_dim_;
-  DType dtype_;
+  DType dtype_;        // the pool's KV dtype: rows are stored, moved and spilled as the pool holds
+  int64_t row_width_;  // them (FP8 KV rows: head_dim codes + the row's f32 scale)
   std::unique_ptr<PagedKvCache> cache_;  // all-global profile, one sequence per pool entry
   SeqId next_seq_ = 0;
 

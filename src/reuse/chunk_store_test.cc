@@ -423,6 +423,108 @@ TEST_F(ChunkStoreTest, DemotionAndPromotionAreBitExact) {
   ExpectBudgets(store);
 }
 
+// FP8 KV pools (--kv-cache-dtype fp8): a segment's rows (e4m3 codes + their f32 scales) go to
+// host RAM and disk and come back byte for byte; files of an FP8 store are foreign to an f32
+// store of the same model (KV dtype in the header and in the fingerprint), and the FP8 segment
+// holds the f32 prefill's K/V to within e4m3 rounding.
+TEST_F(ChunkStoreTest, Fp8RowsAndScalesSurviveEveryTier) {
+  const int32_t hd = static_cast<int32_t>(cfg_->head_dim);
+  PagePool fp8(*backend_, 1024, kPageSize, hd, true, DType::F8_E4M3);
+  const int64_t row = hd + kFp8KvScaleBytes;
+  const int64_t seg_pool =
+      int64_t{layers()} * heads() * ((kLen + kPageSize - 1) / kPageSize) * fp8.bytes_per_page();
+  const int64_t seg_payload = int64_t{layers()} * heads() * 2 * kLen * row;
+  ChunkStoreOptions o = Opts(0);
+  o.pool_budget_bytes = seg_pool;
+  o.host_budget_bytes = seg_payload;
+  o.disk_budget_bytes = 4 * (seg_payload + 4096);
+  const uint64_t fp = model_fingerprint(*cfg_, *ckpt_, DType::F8_E4M3);
+  EXPECT_NE(fp, model_fingerprint(*cfg_, *ckpt_));
+  EXPECT_EQ(model_fingerprint(*cfg_, *ckpt_, DType::F32), model_fingerprint(*cfg_, *ckpt_));
+  o.model_fp = fp;
+  // Every (layer, head)'s K and V rows of a pool handle, as stored bytes.
+  auto bytes_of = [&](const ChunkStore::Handle& h) {
+    EXPECT_EQ(h.tier(), ChunkTier::Pool);
+    std::vector<std::vector<uint8_t>> out;
+    for (int l = 0; l < layers(); ++l)
+      for (int hh = 0; hh < heads(); ++hh) {
+        const auto& rows = h.rows(l, hh);
+        const int64_t n = static_cast<int64_t>(rows.size());
+        for (Tensor* src : {&fp8.k(), &fp8.v()}) {
+          Tensor t = Tensor::host(DType::F8_E4M3, {n, row});
+          backend_->gather_rows(*src, upload_i32(*backend_, rows), t);
+          out.emplace_back(t.data<uint8_t>(), t.data<uint8_t>() + t.nbytes());
+        }
+      }
+    return out;
+  };
+  const auto a = Seg(1), b = Seg(2), c = Seg(3);
+  std::vector<std::vector<uint8_t>> kv_a, kv_b;
+  {
+    ChunkStore store(*model_, fp8, o);
+    kv_a = bytes_of(Acquire(store, a));
+    kv_b = bytes_of(Acquire(store, b));   // a -> host
+    ASSERT_TRUE(Acquire(store, c).ok());  // b -> host, a -> disk
+    ASSERT_EQ(store.lookup(a).tier(), ChunkTier::Disk);
+    ASSERT_EQ(store.lookup(b).tier(), ChunkTier::Host);
+    // One head's rows straight from the file: codes and scales.
+    auto rows = store.read_head_rows(store.lookup(a), 1, 1, 5, 33);
+    ASSERT_TRUE(rows.has_value());
+    ASSERT_EQ(rows->k.dtype(), DType::F8_E4M3);
+    ASSERT_EQ(rows->k.shape(), (std::vector<int64_t>{28, row}));
+    const size_t t = 2 * (1 * heads() + 1);
+    EXPECT_EQ(std::vector<uint8_t>(rows->k.data<uint8_t>(), rows->k.data<uint8_t>() + 28 * row),
+              std::vector<uint8_t>(kv_a[t].begin() + 5 * row, kv_a[t].begin() + 33 * row));
+    EXPECT_EQ(std::vector<uint8_t>(rows->v.data<uint8_t>(), rows->v.data<uint8_t>() + 28 * row),
+              std::vector<uint8_t>(kv_a[t + 1].begin() + 5 * row, kv_a[t + 1].begin() + 33 * row));
+    {
+      ChunkStore::Handle h = Acquire(store, a);  // disk -> pool
+      EXPECT_EQ(h.source(), ChunkTier::Disk);
+      EXPECT_EQ(bytes_of(h), kv_a);
+    }
+    {
+      ChunkStore::Handle h = Acquire(store, b);  // host -> pool
+      EXPECT_EQ(h.source(), ChunkTier::Host);
+      EXPECT_EQ(bytes_of(h), kv_b);
+    }
+    EXPECT_EQ(store.stats().prefills, 3);
+    EXPECT_EQ(store.stats().corrupt_files, 0);
+  }
+  EXPECT_GE(SpillFiles(dir_), 2);
+  {  // An f32 store of the same model over the same directory: none of these files are its own.
+    ChunkStore other(*model_, *pool_, Opts(1, 0, 64));
+    EXPECT_EQ(other.stats().disk.entries, 0);
+    EXPECT_EQ(other.stats().corrupt_files, 0);
+  }
+  EXPECT_GE(SpillFiles(dir_), 2) << "foreign files are left alone";
+  {  // The FP8 store finds them again after a restart.
+    ChunkStore again(*model_, fp8, o);
+    ChunkStore::Handle h = Acquire(again, a);
+    EXPECT_EQ(h.source(), ChunkTier::Disk);
+    EXPECT_EQ(bytes_of(h), kv_a);
+  }
+  // The FP8 segment against the f32 prefill of the same tokens: e4m3 rounding of every row, plus
+  // what FP8 attention in the lower layers changed in the higher layers' K/V.
+  const SegKv f32 = Fresh(a);
+  double worst = 0;
+  for (size_t tb = 0; tb < f32.k.size(); ++tb)
+    for (int kind = 0; kind < 2; ++kind) {
+      const std::vector<float>& want = kind == 0 ? f32.k[tb] : f32.v[tb];
+      Tensor packed = Tensor::host(DType::F8_E4M3, {kLen, row});
+      std::memcpy(packed.raw(), kv_a[2 * tb + kind].data(), packed.nbytes());
+      Tensor got = Tensor::host(DType::F32, {kLen, hd});
+      backend_->unpack_fp8_kv_rows(packed, got);
+      double num = 0, den = 0;
+      for (int64_t i = 0; i < got.numel(); ++i) {
+        num += std::pow(double(got.data<float>()[i]) - want[i], 2);
+        den += std::pow(double(want[i]), 2);
+      }
+      worst = std::max(worst, std::sqrt(num / den));
+    }
+  std::printf("[ fp8 ] cached segment K/V vs f32 prefill: worst table rel err %.4f\n", worst);
+  EXPECT_LE(worst, 0.1);
+}
+
 TEST_F(ChunkStoreTest, DiskTierSurvivesRestart) {
   const auto a = Seg(1), b = Seg(2);
   SegKv kv_a, kv_b;

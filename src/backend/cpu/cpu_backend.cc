@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <unordered_map>
 
 #include "backend/cpu/attention_kernel.h"
 #include "backend/cpu/gemv_kernels.h"
@@ -74,6 +75,7 @@ Tensor CpuBackend::upload_weight(const Tensor& host) {
   expect_device("upload_weight", "host", host, Device::Host);
   const bool to_bf16 = options_.f32_weights_to_bf16 && host.rank() >= 2;
   if (host.dtype() == DType::BF16 || host.dtype() == DType::I32) return host;
+  if (host.dtype() == DType::F8_E4M3) return host;  // matmul_fp8 dequantizes per block
   if (host.dtype() == DType::F32 && !to_bf16) return host;
   Tensor f32 = host;
   if (host.dtype() != DType::F32) {
@@ -188,6 +190,78 @@ void CpuBackend::matmul_bf16_sgemm(const float* x, int64_t m_rows, const uint16_
 #else
   throw Error("matmul_bf16_sgemm: built without OpenBLAS");
 #endif
+}
+
+void CpuBackend::quantize_fp8_rows(const Tensor& x, Tensor& q, Tensor& scale) {
+  check_fp8_rows("quantize_fp8_rows", x, q, scale);
+  expect_host_f32("quantize_fp8_rows", "x", x);
+  const int64_t cols = x.cols();
+  parallel_rows(x.rows(), cols, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      scale.data<float>()[r] =
+          fp8_quantize_row(x.data<float>() + r * cols, cols, q.data<uint8_t>() + r * cols);
+  });
+}
+
+void CpuBackend::dequantize_fp8_rows(const Tensor& q, const Tensor& scale, Tensor& out) {
+  check_fp8_rows("dequantize_fp8_rows", out, q, scale);
+  expect_host_f32("dequantize_fp8_rows", "out", out);
+  const int64_t cols = q.cols();
+  parallel_rows(q.rows(), cols, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* o = out.data<float>() + r * cols;
+      convert_to_f32(DType::F8_E4M3, q.data<uint8_t>() + r * cols, o, cols);
+      const float s = scale.data<float>()[r];
+      for (int64_t c = 0; c < cols; ++c) o[c] *= s;
+    }
+  });
+}
+
+void CpuBackend::matmul_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale,
+                            const Tensor& bias, Tensor& out) {
+  check_matmul_fp8(x, w, w_scale, bias, out);
+  expect_host_f32("matmul_fp8", "x", x);
+  expect_host_f32("matmul_fp8", "out", out);
+  const int64_t m_rows = x.rows(), n_rows = w.dim(0), k_dim = w.dim(1);
+  const bool blocked = w_scale.rank() == 2;
+  const int64_t k_blocks = blocked ? w_scale.dim(1) : 0;
+  const float* ws = w_scale.data<float>();
+  // Activation codes decoded to f32 are exact, so the f32 GEMM sees the quantized values.
+  std::vector<float> xq(m_rows * k_dim), sx(m_rows);
+  {
+    std::vector<uint8_t> codes(k_dim);
+    for (int64_t m = 0; m < m_rows; ++m) {
+      sx[m] = fp8_quantize_row(x.data<float>() + m * k_dim, k_dim, codes.data());
+      convert_to_f32(DType::F8_E4M3, codes.data(), xq.data() + m * k_dim, k_dim);
+    }
+  }
+  float* op = out.data<float>();
+  const int64_t block_rows =
+      std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, k_dim));
+  parallel_rows(n_rows, m_rows * k_dim, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> tile;
+    for (int64_t n0 = r0; n0 < r1; n0 += block_rows) {
+      const int64_t nb = std::min(block_rows, r1 - n0);
+      tile.resize(nb * k_dim);
+      convert_to_f32(DType::F8_E4M3, w.data<uint8_t>() + n0 * k_dim, tile.data(), nb * k_dim);
+      if (blocked)  // block scales inside the sum; per-channel scales after it
+        for (int64_t n = 0; n < nb; ++n)
+          for (int64_t k = 0; k < k_dim; ++k)
+            tile[n * k_dim + k] *= fp8_weight_scale(ws, true, k_blocks, n0 + n, k);
+#ifdef REDKNOT_HAS_OPENBLAS
+      if (m_rows >= kSgemmMinRows) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m_rows, nb, k_dim, 1.0f, xq.data(),
+                    k_dim, tile.data(), k_dim, 0.0f, op + n0, n_rows);
+        continue;
+      }
+#endif
+      cpu::gemm_rows(xq.data(), m_rows, tile.data(), k_dim, 0, nb, nullptr, op + n0, n_rows);
+    }
+  });
+  std::vector<float> b = bias.numel() ? small_f32(bias) : std::vector<float>(n_rows, 0.0f);
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t n = 0; n < n_rows; ++n)
+      op[m * n_rows + n] = op[m * n_rows + n] * sx[m] * (blocked ? 1.0f : ws[n]) + b[n];
 }
 
 void CpuBackend::rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
@@ -319,6 +393,8 @@ void CpuBackend::paged_attention(const Tensor& q, const Tensor& k_pool, const Te
   expect_host_f32("paged_attention", "q", q);
   expect_host_f32("paged_attention", "out", out);
   expect_device("paged_attention", "k_pool", k_pool, Device::Host);
+  if (k_pool.dtype() == DType::F8_E4M3)
+    return paged_attention_fp8(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
   if (k_pool.dtype() != v_pool.dtype() ||
       (k_pool.dtype() != DType::F32 && k_pool.dtype() != DType::BF16))
     throw Error("paged_attention: cpu pools must both be f32 or bf16, got " + k_pool.describe() +
@@ -388,6 +464,41 @@ void CpuBackend::paged_attention(const Tensor& q, const Tensor& k_pool, const Te
     run(float{});
   else
     run(uint16_t{});
+}
+
+void CpuBackend::paged_attention_fp8(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
+                                     const Tensor& pos_pool, const Tensor& q_pos,
+                                     const PagedAttentionPlan& plan, Tensor& out) {
+  // The pages this plan reads, dequantized once into a compact f32 pool (each page is read by
+  // every query row of its head, so the conversion is amortised), then the f32 kernel.
+  const int64_t nnz = plan.page_indices.numel(), ps = plan.page_size, d = q.dim(2);
+  std::vector<int32_t> compact(nnz), src_rows;
+  std::unordered_map<int32_t, int32_t> index;  // pool page -> compact page
+  for (int64_t e = 0; e < nnz; ++e) {
+    const int32_t page = plan.page_indices.data<int32_t>()[e];
+    auto [it, fresh] = index.try_emplace(page, static_cast<int32_t>(index.size()));
+    if (fresh)
+      for (int64_t j = 0; j < ps; ++j) src_rows.push_back(static_cast<int32_t>(page * ps + j));
+    compact[e] = it->second;
+  }
+  const int64_t slots = std::max<int64_t>(1, static_cast<int64_t>(src_rows.size()));
+  Tensor k32 = Tensor::host(DType::F32, {slots, d}), v32 = Tensor::host(DType::F32, {slots, d});
+  Tensor pos = Tensor::host(DType::I32, {slots});
+  const int64_t n = static_cast<int64_t>(src_rows.size());
+  if (n > 0) {
+    Tensor rows = Tensor::from_i32(src_rows, {n});
+    Tensor k8 = Tensor::host(DType::F8_E4M3, {n, k_pool.dim(1)});
+    Tensor v8 = Tensor::host(DType::F8_E4M3, {n, k_pool.dim(1)});
+    gather_rows(k_pool, rows, k8);
+    gather_rows(v_pool, rows, v8);
+    Tensor k_dst = k32.rows_slice(0, n), v_dst = v32.rows_slice(0, n);
+    unpack_fp8_kv_rows(k8, k_dst);
+    unpack_fp8_kv_rows(v8, v_dst);
+    for (int64_t i = 0; i < n; ++i) pos.data<int32_t>()[i] = pos_pool.data<int32_t>()[src_rows[i]];
+  }
+  PagedAttentionPlan p = plan;
+  p.page_indices = Tensor::from_i32(compact, {nnz});
+  paged_attention(q, k32, v32, pos, q_pos, p, out);
 }
 
 void CpuBackend::argmax(const Tensor& logits, Tensor& out) {

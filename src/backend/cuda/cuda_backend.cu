@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/fp8_kernels.cuh"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/paged_flash.cuh"
 #include "backend/cuda/paged_flash_sm90.cuh"
@@ -243,7 +244,10 @@ class CudaBackend : public Backend {
       copy_from_host(t, host);
       return t;
     }
-    const DType target = host.rank() >= 2 ? DType::BF16 : DType::F32;
+    // FP8 weights stay codes (matmul_fp8 reads them with their scales).
+    const DType target = host.dtype() == DType::F8_E4M3 ? DType::F8_E4M3
+                         : host.rank() >= 2             ? DType::BF16
+                                                        : DType::F32;
     Tensor t = alloc_uninit(target, host.shape());
     copy_from_host(t, host);
     return t;
@@ -430,6 +434,101 @@ class CudaBackend : public Backend {
     });
   }
 
+  // x: [R, C] act; q: [R, C] f8; scale: [R] f32 (one block per row)
+  void quantize_fp8_rows(const Tensor& x, Tensor& q, Tensor& scale) override {
+    check_fp8_rows("quantize_fp8_rows", x, q, scale);
+    for (const Tensor* t : std::initializer_list<const Tensor*>{&x, &q, &scale})
+      expect_cuda("quantize_fp8_rows", "argument", *t);
+    fp8_rows(x, q, &scale, q.cols());
+  }
+
+  // q: [R, C] f8; scale: [R] f32; out: [R, C] act
+  void dequantize_fp8_rows(const Tensor& q, const Tensor& scale, Tensor& out) override {
+    check_fp8_rows("dequantize_fp8_rows", out, q, scale);
+    for (const Tensor* t : std::initializer_list<const Tensor*>{&out, &q, &scale})
+      expect_cuda("dequantize_fp8_rows", "argument", *t);
+    fp8_unrows(q, &scale, out, q.cols());
+  }
+
+  // x: [R, C] act -> rows: [R, C + 4] f8 (codes, then the row's f32 scale)
+  void pack_fp8_kv_rows(const Tensor& x, Tensor& rows) override {
+    expect_cuda("pack_fp8_kv_rows", "x", x);
+    expect_cuda("pack_fp8_kv_rows", "rows", rows);
+    if (rows.dtype() != DType::F8_E4M3 || rows.rows() != x.rows() ||
+        rows.cols() != x.cols() + kFp8KvScaleBytes)
+      throw Error("pack_fp8_kv_rows: rows " + rows.describe() + " must be f8_e4m3 [R, C + 4] for " +
+                  x.describe());
+    fp8_rows(x, rows, nullptr, rows.cols());
+  }
+
+  // rows: [R, C + 4] f8 -> out: [R, C] act
+  void unpack_fp8_kv_rows(const Tensor& rows, Tensor& out) override {
+    expect_cuda("unpack_fp8_kv_rows", "rows", rows);
+    expect_cuda("unpack_fp8_kv_rows", "out", out);
+    if (rows.dtype() != DType::F8_E4M3 || rows.rows() != out.rows() ||
+        rows.cols() != out.cols() + kFp8KvScaleBytes)
+      throw Error("unpack_fp8_kv_rows: rows " + rows.describe() +
+                  " must be f8_e4m3 [R, C + 4] for " + out.describe());
+    fp8_unrows(rows, nullptr, out, rows.cols());
+  }
+
+  // FP8 GEMM: activations quantized per row (quantize_fp8_rows_kernel), then per-channel
+  // weights through cuBLASLt (e4m3 x e4m3 -> f32, TN) and the scaling epilogue kernel; 128x128
+  // block scales (no sm_90 cuBLASLt mode), shapes cuBLASLt refuses and REDKNOT_CUDA_SIMPLE=1 go
+  // to the plain tiled kernel. x: [M, K] act; w: [N, K] f8; w_scale: [N] or [N/128, K/128] f32;
+  // bias: [N] f32 or empty; out: [M, N] bf16 or f32
+  void matmul_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, const Tensor& bias,
+                  Tensor& out) override {
+    check_matmul_fp8(x, w, w_scale, bias, out);
+    for (const Tensor* t : std::initializer_list<const Tensor*>{&x, &w, &w_scale, &out})
+      expect_cuda("matmul_fp8", "argument", *t);
+    if (bias.numel()) {
+      expect_cuda("matmul_fp8", "bias", bias);
+      expect_dtype("matmul_fp8", "bias", bias, DType::F32);
+    }
+    const int64_t m_rows = x.rows(), n_rows = w.dim(0), k_dim = w.dim(1);
+    if (m_rows == 0 || n_rows == 0) return;
+    Tensor xq = alloc_uninit(DType::F8_E4M3, {m_rows, k_dim});
+    Tensor sx = alloc_uninit(DType::F32, {m_rows});
+    fp8_rows(x.reshape({m_rows, k_dim}), xq, &sx, k_dim);
+    const bool blocked = w_scale.rank() == 2;
+    const float* bias_ptr = bias.numel() ? bias.data<float>() : nullptr;
+    cuda::Fp8GemmParams p{m_rows, n_rows, k_dim, blocked ? w_scale.dim(1) : 0};
+    if (!blocked && !simple_) {
+      Tensor acc = alloc_uninit(DType::F32, {m_rows, n_rows});
+      const LtPlan& plan = lt_plan(
+          m_rows, n_rows, k_dim, DType::F32, false,
+          std::min({ptr_alignment(xq.raw()), ptr_alignment(w.raw()), ptr_alignment(acc.raw())}),
+          /*fp8=*/true);
+      if (plan.ok) {
+        const float alpha = 1.0f, beta = 0.0f;
+        cublas_check(cublasLtMatmul(lt_, plan.op, &alpha, w.raw(), plan.a, xq.raw(), plan.b, &beta,
+                                    acc.raw(), plan.c, acc.raw(), plan.c, &plan.algo,
+                                    lt_workspace_.get(), kLtWorkspace, stream_),
+                     "cublasLtMatmul fp8");
+        dispatch_act("matmul_fp8", out.dtype(), [&](auto tag) {
+          using T = decltype(tag);
+          cuda::fp8_scale_epilogue_kernel<T>
+              <<<elementwise_blocks(m_rows * n_rows), 256, 0, stream_>>>(
+                  acc.data<float>(), sx.data<float>(), w_scale.data<float>(), bias_ptr, p,
+                  out.data<T>());
+          launch_check("fp8_scale_epilogue_kernel");
+        });
+        return;
+      }
+    }
+    const dim3 grid(static_cast<unsigned>((n_rows + cuda::kFp8GemmTile - 1) / cuda::kFp8GemmTile),
+                    static_cast<unsigned>((m_rows + cuda::kFp8GemmTile - 1) / cuda::kFp8GemmTile));
+    dispatch_act("matmul_fp8", out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      cuda::fp8_gemm_simple_kernel<T>
+          <<<grid, cuda::kFp8GemmTile * cuda::kFp8GemmTile, 0, stream_>>>(
+              xq.data<uint8_t>(), sx.data<float>(), w.data<uint8_t>(), w_scale.data<float>(),
+              bias_ptr, p, out.data<T>());
+      launch_check("fp8_gemm_simple_kernel");
+    });
+  }
+
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
     expect_cuda("rmsnorm", "x", x);
     expect_cuda("rmsnorm", "weight", weight);
@@ -582,15 +681,17 @@ class CudaBackend : public Backend {
                                  &plan.head_sink};
     for (const Tensor* t : on_device)
       if (t->numel() > 0) expect_cuda("paged_attention", "argument", *t);
-    if (k_pool.dtype() != q.dtype() || v_pool.dtype() != q.dtype() || out.dtype() != q.dtype())
-      throw Error("paged_attention: q, pools and out must share one dtype, got " + q.describe() +
-                  ", " + k_pool.describe() + ", " + out.describe());
+    const bool fp8_kv = k_pool.dtype() == DType::F8_E4M3;  // FP8 KV rows: the scalar kernel
+    if ((!fp8_kv && (k_pool.dtype() != q.dtype() || v_pool.dtype() != q.dtype())) ||
+        out.dtype() != q.dtype())
+      throw Error("paged_attention: q, pools and out must share one dtype (or FP8 KV pools), got " +
+                  q.describe() + ", " + k_pool.describe() + ", " + out.describe());
     const int64_t d = q.dim(2), group = q.dim(1) / plan.num_kv_heads;
     if (d > 32 * cuda::kAttnMaxDimsPerLane)
       throw Error("paged_attention: cuda kernel supports head_dim <= " +
                   std::to_string(32 * cuda::kAttnMaxDimsPerLane) + ", got " + q.describe());
     if (q.dim(0) == 0 || plan.num_seqs == 0) return;
-    if (!simple_ && q.dtype() == DType::BF16 && (d == 32 || d == 64 || d == 128) &&
+    if (!simple_ && !fp8_kv && q.dtype() == DType::BF16 && (d == 32 || d == 64 || d == 128) &&
         flash_aligned({&q, &k_pool, &v_pool, &out})) {
       if (d == 32)
         paged_flash<32>(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
@@ -605,6 +706,15 @@ class CudaBackend : public Backend {
     const int warps = static_cast<int>(std::clamp<int64_t>(group, 1, cuda::kPagedMaxWarps));
     dispatch_act("paged_attention", q.dtype(), [&](auto tag) {
       using T = decltype(tag);
+      if (fp8_kv) {
+        cuda::paged_attention_kernel<T, uint8_t><<<grid, 32 * warps, 0, stream_>>>(
+            q.data<T>(), k_pool.data<uint8_t>(), v_pool.data<uint8_t>(), pos_pool.data<int32_t>(),
+            q_pos.data<int32_t>(), plan.qo_indptr.data<int32_t>(), plan.kv_indptr.data<int32_t>(),
+            plan.page_indices.data<int32_t>(), plan.page_lengths.data<int32_t>(),
+            plan.head_window.data<int32_t>(), plan.head_sink.data<int32_t>(), p, out.data<T>());
+        launch_check("paged_attention_kernel fp8");
+        return;
+      }
       cuda::paged_attention_kernel<T><<<grid, 32 * warps, 0, stream_>>>(
           q.data<T>(), k_pool.data<T>(), v_pool.data<T>(), pos_pool.data<int32_t>(),
           q_pos.data<int32_t>(), plan.qo_indptr.data<int32_t>(), plan.kv_indptr.data<int32_t>(),
@@ -657,6 +767,30 @@ class CudaBackend : public Backend {
   }
 
  private:
+  // quantize_fp8_rows_kernel over x's rows into codes `stride` bytes apart; scale == nullptr:
+  // FP8 KV rows (the scale after the codes). x: [R, C] act or f32
+  void fp8_rows(const Tensor& x, Tensor& q, Tensor* scale, int64_t stride) {
+    if (x.rows() == 0) return;
+    const cuda::Fp8RowsParams p{x.cols(), stride};
+    dispatch_act("quantize_fp8_rows", x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      cuda::quantize_fp8_rows_kernel<T><<<x.rows(), 256, 0, stream_>>>(
+          x.data<T>(), p, q.data<uint8_t>(), scale ? scale->data<float>() : nullptr);
+      launch_check("quantize_fp8_rows_kernel");
+    });
+  }
+  // The inverse: out[r] = codes of row r times its scale. out: [R, C] act or f32
+  void fp8_unrows(const Tensor& q, const Tensor* scale, Tensor& out, int64_t stride) {
+    if (out.rows() == 0) return;
+    const cuda::Fp8RowsParams p{out.cols(), stride};
+    dispatch_act("dequantize_fp8_rows", out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      cuda::dequantize_fp8_rows_kernel<T><<<out.rows(), 256, 0, stream_>>>(
+          q.data<uint8_t>(), scale ? scale->data<float>() : nullptr, p, out.data<T>());
+      launch_check("dequantize_fp8_rows_kernel");
+    });
+  }
+
   // Device storage of `shape`; fill >= 0: every byte set to it (alloc: 0), < 0: left as is.
   Tensor allocate(DType dtype, std::vector<int64_t> shape, int fill) {
     int64_t n = 1;
@@ -844,9 +978,10 @@ class CudaBackend : public Backend {
     }
   }
 
+  // fp8: e4m3 A and B (TN, as cuBLASLt's FP8 kernels require), f32 C/D, no bias.
   const LtPlan& lt_plan(int64_t m, int64_t n, int64_t k, DType out_dtype, bool has_bias,
-                        uint32_t align) {
-    const auto key = std::make_tuple(m, n, k, static_cast<int>(out_dtype), has_bias, align);
+                        uint32_t align, bool fp8 = false) {
+    const auto key = std::make_tuple(m, n, k, static_cast<int>(out_dtype), has_bias, align, fp8);
     auto it = lt_plans_.find(key);
     if (it != lt_plans_.end()) return it->second;
     LtPlan plan;
@@ -867,8 +1002,9 @@ class CudaBackend : public Backend {
            cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
                                           sizeof(bias_type)) == CUBLAS_STATUS_SUCCESS;
     }
-    ok = ok && cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, k, n, k) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, k, m, k) == CUBLAS_STATUS_SUCCESS;
+    const cudaDataType in_type = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+    ok = ok && cublasLtMatrixLayoutCreate(&plan.a, in_type, k, n, k) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatrixLayoutCreate(&plan.b, in_type, k, m, k) == CUBLAS_STATUS_SUCCESS;
     ok = ok && cublasLtMatrixLayoutCreate(&plan.c, out_type, n, m, n) == CUBLAS_STATUS_SUCCESS;
     if (ok) {
       cublasLtMatmulPreference_t pref = nullptr;
@@ -937,7 +1073,7 @@ class CudaBackend : public Backend {
   size_t staged_bytes_ = 0;   // pinned bytes held by stages_
   std::shared_ptr<void> lt_workspace_;
   cublasLtHandle_t lt_ = nullptr;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, uint32_t>, LtPlan> lt_plans_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, uint32_t, bool>, LtPlan> lt_plans_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
 };

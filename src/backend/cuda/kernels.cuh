@@ -3,6 +3,7 @@
 // in cuda_backend.cu. These are simple, correct kernels; fused/tuned versions come later.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <cfloat>
 #include <cstdint>
@@ -30,6 +31,40 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+
+// e4m3 (torch.float8_e4m3fn) decode: exact; 0x7F / 0xFF give NaN.
+__device__ __forceinline__ float e4m3_to_f32(uint8_t v) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(v, __NV_E4M3)));
+}
+// e4m3 encode: round-to-nearest-even, saturating to ±448 (core/dtype.h's f32_to_fp8_e4m3).
+__device__ __forceinline__ uint8_t f32_to_e4m3(float v) {
+  return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+}
+
+// Rows of a K/V page pool as the kernels read them: TKV elements, D per row (float, bf16), or
+// FP8 KV rows (uint8_t): D e4m3 codes, then the row's f32 scale in bytes [D, D + 4).
+template <typename TKV>
+struct PoolRows {
+  static __device__ __forceinline__ const TKV* row(const TKV* pool, int64_t r, int64_t d) {
+    return pool + r * d;
+  }
+  static __device__ __forceinline__ float scale(const TKV*, int64_t) { return 1.0f; }
+  static __device__ __forceinline__ float at(const TKV* row, int64_t c) { return to_f32(row[c]); }
+};
+template <>
+struct PoolRows<uint8_t> {
+  static __device__ __forceinline__ const uint8_t* row(const uint8_t* pool, int64_t r, int64_t d) {
+    return pool + r * (d + 4);
+  }
+  static __device__ __forceinline__ float scale(const uint8_t* row, int64_t d) {
+    float s;
+    memcpy(&s, row + d, sizeof(s));
+    return s;
+  }
+  static __device__ __forceinline__ float at(const uint8_t* row, int64_t c) {
+    return e4m3_to_f32(row[c]);
+  }
+};
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -254,11 +289,12 @@ inline constexpr int kPagedMaxWarps = 8;
 // repeats hit L1/L2). Each warp walks the (sequence, kv head)'s page list from the CSR plan
 // with an online softmax; lane l owns dims l, l + 32, ...; pages the query cannot see (causal
 // future, outside sink ∪ window) are skipped from their first/last positions.
-// q, out: [T, Hq, D]; k_pool, v_pool: [slots, D]; pos_pool: [slots]; q_pos: [T];
-// qo_indptr: [num_seqs + 1]; kv_indptr: [num_seqs * Hkv + 1]; page_indices, page_lengths: [nnz];
-// head_window, head_sink: [Hkv]
-template <typename T>
-__global__ void paged_attention_kernel(const T* q, const T* k_pool, const T* v_pool,
+// q, out: [T, Hq, D]; k_pool, v_pool: [slots, D] (TKV = T) or FP8 KV rows [slots, D + 4]
+// (TKV = uint8_t: each row's dot product and value scaled by its own scale); pos_pool: [slots];
+// q_pos: [T]; qo_indptr: [num_seqs + 1]; kv_indptr: [num_seqs * Hkv + 1]; page_indices,
+// page_lengths: [nnz]; head_window, head_sink: [Hkv]
+template <typename T, typename TKV = T>
+__global__ void paged_attention_kernel(const T* q, const TKV* k_pool, const TKV* v_pool,
                                        const int32_t* pos_pool, const int32_t* q_pos,
                                        const int32_t* qo_indptr, const int32_t* kv_indptr,
                                        const int32_t* page_indices, const int32_t* page_lengths,
@@ -303,22 +339,24 @@ __global__ void paged_attention_kernel(const T* q, const T* k_pool, const T* v_p
         const int32_t kp = pos_pool[base + j];
         const bool visible = kp <= qp && (window == 0 || kp >= window_lo || kp < sink);
         if (!visible) continue;  // uniform across the warp
-        const T* kj = k_pool + (base + j) * p.d;
+        using Rows = PoolRows<TKV>;
+        const TKV* kj = Rows::row(k_pool, base + j, p.d);
         float sc = 0.0f;
 #pragma unroll
         for (int i = 0; i < kAttnMaxDimsPerLane; ++i) {
           const int64_t c = lane + 32 * i;
-          if (c < p.d) sc += qr[i] * to_f32(kj[c]);
+          if (c < p.d) sc += qr[i] * Rows::at(kj, c);
         }
-        sc = warp_sum(sc) * p.scale;
+        sc = warp_sum(sc) * Rows::scale(kj, p.d) * p.scale;
         const float m_new = fmaxf(m, sc);
         const float correction = expf(m - m_new), pj = expf(sc - m_new);
         l = l * correction + pj;
-        const T* vj = v_pool + (base + j) * p.d;
+        const TKV* vj = Rows::row(v_pool, base + j, p.d);
+        const float pv = pj * Rows::scale(vj, p.d);
 #pragma unroll
         for (int i = 0; i < kAttnMaxDimsPerLane; ++i) {
           const int64_t c = lane + 32 * i;
-          if (c < p.d) acc[i] = acc[i] * correction + pj * to_f32(vj[c]);
+          if (c < p.d) acc[i] = acc[i] * correction + pv * Rows::at(vj, c);
         }
         m = m_new;
       }

@@ -1,6 +1,7 @@
 #include "backend/reference/paged_attention_ref.h"
 
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -17,8 +18,10 @@ void check_paged_attention_args(const Tensor& q, const Tensor& k_pool, const Ten
   };
   if (q.rank() != 3 || out.shape() != q.shape()) bad("q/out must be [T, Hq, D] and equal");
   const int64_t D = q.dim(2);
-  if (k_pool.rank() != 2 || k_pool.dim(1) != D || v_pool.shape() != k_pool.shape())
-    bad("pools must be [slots, D]");
+  const int64_t row = k_pool.dtype() == DType::F8_E4M3 ? D + kFp8KvScaleBytes : D;
+  if (k_pool.rank() != 2 || k_pool.dim(1) != row || v_pool.shape() != k_pool.shape() ||
+      v_pool.dtype() != k_pool.dtype())
+    bad("pools must be [slots, D] (FP8 KV rows: [slots, D + 4]) of one dtype");
   if (pos_pool.numel() != k_pool.dim(0) || pos_pool.dtype() != DType::I32) bad("pos_pool size");
   if (q_pos.numel() != q.dim(0) || q_pos.dtype() != DType::I32) bad("q_pos must be [T] i32");
   if (plan.num_kv_heads <= 0 || q.dim(1) % plan.num_kv_heads != 0)
@@ -34,8 +37,10 @@ void reference_paged_attention(const Tensor& q, const Tensor& k_pool, const Tens
                                const Tensor& pos_pool, const Tensor& q_pos,
                                const PagedAttentionPlan& plan, Tensor& out) {
   check_paged_attention_args(q, k_pool, v_pool, pos_pool, q_pos, plan, out);
-  if (q.dtype() != DType::F32 || k_pool.dtype() != DType::F32 || out.dtype() != DType::F32)
-    throw Error("reference paged_attention: f32 only");
+  const bool fp8 = k_pool.dtype() == DType::F8_E4M3;
+  if (q.dtype() != DType::F32 || (k_pool.dtype() != DType::F32 && !fp8) ||
+      out.dtype() != DType::F32)
+    throw Error("reference paged_attention: f32 (or FP8 KV rows) only");
   const int64_t Hq = q.dim(1), D = q.dim(2), Hkv = plan.num_kv_heads, group = Hq / Hkv;
   const int64_t ps = plan.page_size;
   const int32_t* qo = plan.qo_indptr.data<int32_t>();
@@ -46,8 +51,15 @@ void reference_paged_attention(const Tensor& q, const Tensor& k_pool, const Tens
   const int32_t* sink = plan.head_sink.data<int32_t>();
   const int32_t* kpos = pos_pool.data<int32_t>();
   const int32_t* qp = q_pos.data<int32_t>();
-  const float* K = k_pool.data<float>();
-  const float* V = v_pool.data<float>();
+  // Element d of pool row r, dequantized for FP8 KV rows (codes, then the row's f32 scale).
+  const int64_t width = k_pool.dim(1);
+  auto element = [&](const Tensor& pool, int64_t r, int64_t d) -> double {
+    if (!fp8) return pool.data<float>()[r * D + d];
+    const uint8_t* row = pool.data<uint8_t>() + r * width;
+    float scale;
+    std::memcpy(&scale, row + D, sizeof(scale));
+    return double(fp8_e4m3_to_f32(row[d])) * scale;
+  };
   std::vector<double> scores, acc(D);
   std::vector<int64_t> rows;
   for (int32_t s = 0; s < plan.num_seqs; ++s)
@@ -66,7 +78,7 @@ void reference_paged_attention(const Tensor& q, const Tensor& k_pool, const Tens
             const bool visible = p <= qp[t] && (win[h] == 0 || qp[t] - p < win[h] || p < sink[h]);
             if (!visible) continue;
             double dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += double(qv[d]) * K[row * D + d];
+            for (int64_t d = 0; d < D; ++d) dot += double(qv[d]) * element(k_pool, row, d);
             scores.push_back(dot * plan.scale);
             rows.push_back(row);
           }
@@ -77,7 +89,7 @@ void reference_paged_attention(const Tensor& q, const Tensor& k_pool, const Tens
           double sum = 0;
           for (double& x : scores) sum += (x = std::exp(x - mx));
           for (size_t i = 0; i < rows.size(); ++i)
-            for (int64_t d = 0; d < D; ++d) acc[d] += scores[i] / sum * V[rows[i] * D + d];
+            for (int64_t d = 0; d < D; ++d) acc[d] += scores[i] / sum * element(v_pool, rows[i], d);
         }
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(acc[d]);
       }

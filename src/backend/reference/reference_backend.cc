@@ -39,6 +39,11 @@ Tensor ReferenceBackend::alloc(DType dtype, std::vector<int64_t> shape) {
 
 Tensor ReferenceBackend::upload_weight(const Tensor& host) {
   expect_device("upload_weight", "host", host, Device::Host);
+  if (host.dtype() == DType::F8_E4M3) {  // matmul_fp8 reads the codes with their scales
+    Tensor out = Tensor::host(DType::F8_E4M3, host.shape());
+    std::memcpy(out.raw(), host.raw(), host.nbytes());
+    return out;
+  }
   Tensor out = Tensor::host(DType::F32, host.shape());
   convert_to_f32(host.dtype(), host.raw(), out.data<float>(), host.numel());
   return out;
@@ -90,6 +95,51 @@ void ReferenceBackend::matmul(const Tensor& x, const Tensor& w, const Tensor& bi
       double acc = 0.0;
       for (int64_t k = 0; k < k_dim; ++k) acc += static_cast<double>(xr[k]) * wr[k];
       out.data<float>()[m * n_rows + n] = static_cast<float>(acc + b[n]);
+    }
+  }
+}
+
+void ReferenceBackend::quantize_fp8_rows(const Tensor& x, Tensor& q, Tensor& scale) {
+  check_fp8_rows("quantize_fp8_rows", x, q, scale);
+  expect_host_f32("quantize_fp8_rows", "x", x);
+  for (int64_t r = 0; r < x.rows(); ++r)
+    scale.data<float>()[r] = fp8_quantize_row(x.data<float>() + r * x.cols(), x.cols(),
+                                              q.data<uint8_t>() + r * x.cols());
+}
+
+void ReferenceBackend::dequantize_fp8_rows(const Tensor& q, const Tensor& scale, Tensor& out) {
+  check_fp8_rows("dequantize_fp8_rows", out, q, scale);
+  expect_host_f32("dequantize_fp8_rows", "out", out);
+  for (int64_t r = 0; r < q.rows(); ++r)
+    for (int64_t c = 0; c < q.cols(); ++c)
+      out.data<float>()[r * q.cols() + c] =
+          fp8_e4m3_to_f32(q.data<uint8_t>()[r * q.cols() + c]) * scale.data<float>()[r];
+}
+
+void ReferenceBackend::matmul_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale,
+                                  const Tensor& bias, Tensor& out) {
+  check_matmul_fp8(x, w, w_scale, bias, out);
+  expect_host_f32("matmul_fp8", "x", x);
+  expect_host_f32("matmul_fp8", "out", out);
+  const int64_t m_rows = x.rows(), n_rows = w.dim(0), k_dim = w.dim(1);
+  const bool blocked = w_scale.rank() == 2;
+  const int64_t k_blocks = blocked ? w_scale.dim(1) : 0;
+  std::vector<uint8_t> xq(m_rows * k_dim);
+  std::vector<float> sx(m_rows);
+  for (int64_t m = 0; m < m_rows; ++m)
+    sx[m] = fp8_quantize_row(x.data<float>() + m * k_dim, k_dim, xq.data() + m * k_dim);
+  std::vector<float> b = bias.numel() ? all_f32(bias) : std::vector<float>(n_rows, 0.0f);
+  const float* ws = w_scale.data<float>();
+  for (int64_t n = 0; n < n_rows; ++n) {
+    std::vector<double> wr(k_dim);  // dequantized weight row, exact in double
+    for (int64_t k = 0; k < k_dim; ++k)
+      wr[k] = static_cast<double>(fp8_e4m3_to_f32(w.data<uint8_t>()[n * k_dim + k])) *
+              fp8_weight_scale(ws, blocked, k_blocks, n, k);
+    for (int64_t m = 0; m < m_rows; ++m) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < k_dim; ++k)
+        acc += static_cast<double>(fp8_e4m3_to_f32(xq[m * k_dim + k])) * wr[k];
+      out.data<float>()[m * n_rows + n] = static_cast<float>(acc * sx[m] + b[n]);
     }
   }
 }
