@@ -101,7 +101,9 @@ TEST_P(Fp8Accuracy, LogitsAndGreedyMatchUnquantized) {
     GTEST_SKIP() << "backend " << test_backend() << " not built";
   auto backend = create_backend(test_backend());
   Model base(base_ck, *backend), fp8(fp8_ck, *backend);
-  if (var.weights) EXPECT_LT(fp8.weight_bytes(), base.weight_bytes());
+  if (var.weights) {
+    EXPECT_LT(fp8.weight_bytes(), base.weight_bytes());
+  }
   const int64_t V = base_ck.config.vocab_size;
   SafetensorsFile ref = read_safetensors(dir + "/reference.safetensors");
 
@@ -182,7 +184,9 @@ TEST_P(Fp8Accuracy, LogitsAndGreedyMatchUnquantized) {
       static_cast<long long>(cos.rows), equal, checked, skipped, clear_equal, clear, worst_flip_gap,
       path_flips, issue_met ? "met" : "NOT met");
   EXPECT_GT(clear, 0);
-  if (backend->act_dtype() == DType::F32) EXPECT_EQ(path_flips, 0) << "f32 decode vs prefill";
+  if (backend->act_dtype() == DType::F32) {
+    EXPECT_EQ(path_flips, 0) << "f32 decode vs prefill";
+  }
   // Asserted bounds, below the issue's (cosine 0.999, every step with gap > 1%), which these
   // random-weight models cannot meet in e4m3: per-channel weights alone give ~0.9984 (3 mantissa
   // bits: ~2.4% RMS relative rounding error per operand whatever the scale granularity), per-token
