@@ -47,9 +47,32 @@ std::string key_hex(uint64_t key) {
 }
 
 // The parsed header of a spill file.
-struct FileHeader {
+// The fields a spill file header and a remote manifest share, at the same offsets after their
+// 8-byte magic: u32 version, u32 dtype, u64 model_fp, u64 key, u32 layers, kv_heads, head_dim, len.
+struct SegmentGeometry {
   uint32_t version = 0, dtype = 0, layers = 0, kv_heads = 0, head_dim = 0, len = 0;
   uint64_t model_fp = 0, key = 0;
+};
+constexpr int64_t kGeometryEnd = 48;  // bytes: magic + the fields above
+static_assert(kGeometryEnd == kFixedHeader, "a spill header is exactly magic + geometry");
+
+// Reads the shared fields of `p` ([>= kGeometryEnd] bytes); false when the geometry cannot be a
+// segment's (a corrupt or hostile header: no allocation is sized from it).
+bool read_geometry(const uint8_t* p, SegmentGeometry& g) {
+  g.version = get_at<uint32_t>(p, 8);
+  g.dtype = get_at<uint32_t>(p, 12);
+  g.model_fp = get_at<uint64_t>(p, 16);
+  g.key = get_at<uint64_t>(p, 24);
+  g.layers = get_at<uint32_t>(p, 32);
+  g.kv_heads = get_at<uint32_t>(p, 36);
+  g.head_dim = get_at<uint32_t>(p, 40);
+  g.len = get_at<uint32_t>(p, 44);
+  return g.len != 0 && g.len <= static_cast<uint32_t>(kMaxSegmentTokens) && g.layers != 0 &&
+         g.layers <= 4096 && g.kv_heads != 0 && g.kv_heads <= 4096 && g.head_dim != 0 &&
+         g.head_dim <= 65536;
+}
+
+struct FileHeader : SegmentGeometry {
   std::vector<int32_t> tokens;
   std::vector<uint64_t> block_sums;
 };
@@ -62,18 +85,9 @@ HeaderStatus read_header(int fd, FileHeader& h) {
   uint8_t fixed[kFixedHeader];
   if (pread(fd, fixed, kFixedHeader, 0) != kFixedHeader) return HeaderStatus::Bad;
   if (std::memcmp(fixed, kMagic, sizeof(kMagic)) != 0) return HeaderStatus::Bad;
-  h.version = get_at<uint32_t>(fixed, 8);
+  const bool plausible = read_geometry(fixed, h);
   if (h.version != kVersion) return HeaderStatus::Foreign;
-  h.dtype = get_at<uint32_t>(fixed, 12);
-  h.model_fp = get_at<uint64_t>(fixed, 16);
-  h.key = get_at<uint64_t>(fixed, 24);
-  h.layers = get_at<uint32_t>(fixed, 32);
-  h.kv_heads = get_at<uint32_t>(fixed, 36);
-  h.head_dim = get_at<uint32_t>(fixed, 40);
-  h.len = get_at<uint32_t>(fixed, 44);
-  if (h.len == 0 || h.len > kMaxSegmentTokens || h.layers == 0 || h.layers > 4096 ||
-      h.kv_heads == 0 || h.kv_heads > 4096 || h.head_dim == 0 || h.head_dim > 65536)
-    return HeaderStatus::Bad;
+  if (!plausible) return HeaderStatus::Bad;
   const int64_t blocks = int64_t{h.layers} * h.kv_heads;
   const int64_t rest = int64_t{h.len} * 4 + blocks * 8 + 8;
   std::vector<uint8_t> buf(kFixedHeader + rest);
@@ -1547,9 +1561,8 @@ void put_bytes(std::string& s, T v) {
   s.append(reinterpret_cast<const char*>(&v), sizeof(T));
 }
 
-struct Manifest {
-  uint32_t version = 0, dtype = 0, layers = 0, kv_heads = 0, head_dim = 0, len = 0, block_rows = 0;
-  uint64_t model_fp = 0, key = 0;
+struct Manifest : SegmentGeometry {
+  uint32_t block_rows = 0;
   std::vector<int32_t> tokens;
   std::vector<uint64_t> sums;
 };
@@ -1576,18 +1589,8 @@ std::string parse_manifest(const std::string& s, Manifest& m) {
   if (n < kManifestFixed + 8) return "manifest too short (" + std::to_string(n) + " bytes)";
   if (std::memcmp(p, kRemoteMagic, 8) != 0) return "bad manifest magic";
   if (XXH3_64bits(p, n - 8) != get_at<uint64_t>(p, n - 8)) return "manifest checksum mismatch";
-  m.version = get_at<uint32_t>(p, 8);
-  m.dtype = get_at<uint32_t>(p, 12);
-  m.model_fp = get_at<uint64_t>(p, 16);
-  m.key = get_at<uint64_t>(p, 24);
-  m.layers = get_at<uint32_t>(p, 32);
-  m.kv_heads = get_at<uint32_t>(p, 36);
-  m.head_dim = get_at<uint32_t>(p, 40);
-  m.len = get_at<uint32_t>(p, 44);
-  m.block_rows = get_at<uint32_t>(p, 48);
-  if (m.len == 0 || m.len > static_cast<uint32_t>(kMaxSegmentTokens) || m.block_rows == 0 ||
-      m.layers == 0 || m.layers > 4096 || m.kv_heads == 0 || m.kv_heads > 4096)
-    return "bad manifest geometry";
+  m.block_rows = get_at<uint32_t>(p, kGeometryEnd);
+  if (!read_geometry(p, m) || m.block_rows == 0) return "bad manifest geometry";
   const int64_t blocks = (int64_t{m.len} + m.block_rows - 1) / m.block_rows;
   const int64_t nsums = int64_t{m.layers} * m.kv_heads * blocks;
   if (n != kManifestFixed + int64_t{m.len} * 4 + nsums * 8 + 8) return "manifest size mismatch";
