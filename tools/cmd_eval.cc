@@ -305,11 +305,7 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
                 "file caching full prefill's logits per (model, sample): rows it has are read, "
                 "missing ones computed and added");
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
-  c->add_option("--quantization", a->quantization,
-                "none | fp8: quantize the linear projections to FP8 e4m3 at load time");
-  c->add_option("--kv-cache-dtype", a->kv_cache_dtype,
-                "auto (the backend's act dtype) | fp8 (e4m3 K/V rows, one scale per token and "
-                "head)");
+  add_precision_options(c, &a->quantization, &a->kv_cache_dtype);
   c->add_option("--page-size", a->page_size)->check(CLI::Range(1, 4096));
   c->add_option("--max-answer-tokens", a->max_answer_tokens)->check(CLI::Range(1, 1024));
   c->add_option(

@@ -199,12 +199,7 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
                 "prompt tokens per forward pass (0: 512 on the CPU, 4096 on CUDA)")
       ->check(CLI::Range(0, 1 << 20));
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
-  c->add_option("--quantization", a->quantization,
-                "none | fp8: quantize the linear projections to FP8 e4m3 at load time "
-                "(per-channel scales); FP8 checkpoints load as FP8 either way");
-  c->add_option("--kv-cache-dtype", a->kv_cache_dtype,
-                "auto (the backend's act dtype) | fp8 (e4m3 K/V rows, one scale per token and "
-                "head)");
+  add_precision_options(c, &a->quantization, &a->kv_cache_dtype);
   c->add_option("--segment", a->segments,
                 "a reuse unit (document, system prompt) before --prompt; repeatable");
   c->add_option("--mode", a->mode, "full | prefix | naive | cacheblend | epic | redknot");

@@ -242,12 +242,7 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
                 "bounds the memory concurrent large uploads can take")
       ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 40));
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
-  c->add_option("--quantization", a->quantization,
-                "none | fp8: quantize the linear projections to FP8 e4m3 at load time "
-                "(per-channel scales); FP8 checkpoints load as FP8 either way");
-  c->add_option("--kv-cache-dtype", a->kv_cache_dtype,
-                "auto (the backend's act dtype) | fp8 (e4m3 K/V rows, one scale per token and "
-                "head)");
+  add_precision_options(c, &a->quantization, &a->kv_cache_dtype);
   c->add_option("--threads", a->threads, "HTTP worker threads (0: automatic)");
   c->add_option("--batch-invariant", a->batch_invariant,
                 "auto | true | false: row-at-a-time matmuls so that batching never changes a "

@@ -73,6 +73,15 @@ std::string read_stdin() {
 
 int32_t default_prefill_chunk(const std::string& backend) { return backend == "cuda" ? 4096 : 512; }
 
+void add_precision_options(CLI::App* c, std::string* quantization, std::string* kv_cache_dtype) {
+  c->add_option("--quantization", *quantization,
+                "none | fp8: quantize the linear projections to FP8 e4m3 at load time "
+                "(per-channel scales); FP8 checkpoints load as FP8 either way");
+  c->add_option("--kv-cache-dtype", *kv_cache_dtype,
+                "auto (the backend's act dtype) | fp8 (e4m3 K/V rows, one scale per token and "
+                "head)");
+}
+
 void add_reuse_settings_options(CLI::App* c, ReuseSettings* s) {
   // Each flag fills its optional field only when given, so the model directory's settings
   // keep every field the command line leaves alone.

@@ -51,6 +51,9 @@ int32_t default_prefill_chunk(const std::string& backend);
 // tiers (--dense-until, --mass, --deep-start, --mass-deep, --recent-n, --layer-mass,
 // --ffn-dilate). Each flag given sets its field of `given`.
 void add_reuse_settings_options(CLI::App* c, ReuseSettings* given);
+// Precision of weights and KV (serve, generate, eval): --quantization none|fp8 and
+// --kv-cache-dtype auto|fp8 (values are checked where the engine is assembled).
+void add_precision_options(CLI::App* c, std::string* quantization, std::string* kv_cache_dtype);
 // redknot mode's pass options as value flags (serve, generate): --skip-dead-rows true|false,
 // --query-full-attention true|false.
 void add_reuse_pass_options(CLI::App* c, ReuseSettings* given);
