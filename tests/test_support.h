@@ -8,6 +8,7 @@
 #include <atomic>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -22,8 +23,11 @@
 
 namespace redknot::testing {
 
+// REDKNOT_SHARED_DIR in the environment overrides the configured path, so that a test binary
+// built here can run on the GPU machine against a carried copy of the data.
 inline std::string shared_path(const std::string& rel) {
-  return std::string(REDKNOT_SHARED_DIR) + "/" + rel;
+  const char* env = std::getenv("REDKNOT_SHARED_DIR");
+  return std::string(env != nullptr && *env != '\0' ? env : REDKNOT_SHARED_DIR) + "/" + rel;
 }
 
 #define RK_REQUIRE_SHARED(rel)                                        \
