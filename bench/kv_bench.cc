@@ -303,4 +303,115 @@ int run_attention_bench(const AttentionBenchArgs& a) {
   return 0;
 }
 
+namespace {
+
+struct PlanTiming {
+  double eager_ms = 0, stored_ms = 0;  // median per step
+  int64_t entries = 0;                 // page-table entries of one step, all layers
+  int64_t patched = 0;                 // storage steps that patched the previous plan
+};
+
+// B sessions of `context` tokens (prefilled in pages-sized pieces with no KV values: the plan
+// does not depend on head_dim, so the pool is 1-dim), then `steps` decode steps timed twice:
+// eager (begin_forward(batch, positions)) and into plan storage sized for the last step.
+PlanTiming time_decode_plan(const HeadProfile& profile, const KvShape& s, int64_t context,
+                            int32_t batch, int32_t steps, bool patch) {
+  CpuBackendOptions bo;
+  bo.n_threads = 1;
+  CpuBackend backend(bo);
+  const int64_t heads = int64_t{profile.num_layers()} * profile.num_kv_heads();
+  const int32_t chunk = 4096;
+  const int64_t pages = batch * profile.pages_for(context + 2 * steps + 1, s.page_size, 2) +
+                        heads * ((chunk + s.page_size - 1) / s.page_size + 1);
+  PagePool pool(backend, static_cast<int32_t>(pages), s.page_size, /*head_dim=*/1);
+  PagedKvOptions opts;
+  opts.patch_decode_plans = patch;
+  PagedKvCache cache(pool, profile, opts, Tensor());
+  for (SeqId seq = 0; seq < batch; ++seq) {
+    cache.add_sequence(seq);
+    for (int64_t done = 0; done < context; done += chunk) {
+      const int32_t n = static_cast<int32_t>(std::min<int64_t>(chunk, context - done));
+      Batch b;  // slots only: nothing is written, the plans do not read the values
+      b.add_sequence(seq, std::vector<int32_t>(n, 0), static_cast<int32_t>(done));
+      std::vector<int32_t> pos(n);
+      for (int32_t i = 0; i < n; ++i) pos[i] = static_cast<int32_t>(done) + i;
+      cache.begin_forward(b, upload_i32(backend, pos));
+      cache.end_forward();
+    }
+  }
+  auto step_batch = [&](int64_t at, std::vector<int32_t>& pos) {
+    Batch b;
+    pos.clear();
+    for (SeqId seq = 0; seq < batch; ++seq) {
+      b.add_sequence(seq, {0}, static_cast<int32_t>(at));
+      pos.push_back(static_cast<int32_t>(at));
+    }
+    return b;
+  };
+  PlanTiming t;
+  std::vector<double> eager, stored;
+  std::vector<int32_t> pos;
+  int64_t at = context;
+  for (int32_t i = 0; i < steps; ++i, ++at) {
+    Batch b = step_batch(at, pos);
+    Tensor positions = upload_i32(backend, pos);
+    const auto t0 = Clock::now();
+    cache.begin_forward(b, positions);
+    cache.end_forward();
+    eager.push_back(seconds_since(t0));
+  }
+  // Storage sized for every step still to come, as the decode graph sizes it (with slack).
+  // Each (sequence, kv head) of a layer gains at most steps / page_size + 1 pages.
+  Batch next = step_batch(at, pos);
+  const int64_t growth = int64_t{batch} * profile.num_kv_heads() * (steps / s.page_size + 1);
+  std::shared_ptr<PlanStorage> storage =
+      cache.make_plan_storage(batch, cache.plan_capacity(next) + growth);
+  for (int32_t i = 0; i < steps; ++i, ++at) {
+    Batch b = step_batch(at, pos);
+    Tensor positions = upload_i32(backend, pos);
+    const auto t0 = Clock::now();
+    cache.begin_forward(b, positions, *storage);
+    cache.end_forward();
+    stored.push_back(seconds_since(t0));
+    if (i == 0) t.entries = cache.plan_capacity(b) * profile.num_layers();
+  }
+  t.patched = cache.plan_stats().patched;
+  t.eager_ms = 1e3 * median(eager);
+  t.stored_ms = 1e3 * median(stored);
+  return t;
+}
+
+}  // namespace
+
+int run_decode_plan_bench(const DecodePlanBenchArgs& a) {
+  const KvShape& s = a.shape;
+  std::printf(
+      "# redknot bench decode-plan: host time of one decode step's KV bookkeeping "
+      "(begin_forward + end_forward), %d layers x %d kv heads, page %d; head-aware: %.0f%% "
+      "global (spread), W=%d, s=%d; median of %d steps; CPU backend (the plan copy is a "
+      "memcpy here, an H2D copy on CUDA)\n\n",
+      s.layers, s.kv_heads, s.page_size, 100.0 * s.global_fraction, s.window, s.sink, a.steps);
+  std::printf(
+      "| context | batch | profile | entries/step (fullest layer x layers) | eager ms | "
+      "plan storage, rebuilt ms | plan storage, patched ms | steps patched |\n"
+      "|---|---|---|---|---|---|---|---|\n");
+  const HeadProfile all_global(s.layers, s.kv_heads);
+  const HeadProfile aware =
+      spread_profile(s.layers, s.kv_heads, s.global_fraction, s.window, s.sink);
+  for (int64_t context : a.contexts)
+    for (int32_t batch : a.batches)
+      for (int variant = 0; variant < 2; ++variant) {
+        const HeadProfile& profile = variant == 0 ? all_global : aware;
+        const PlanTiming rebuilt = time_decode_plan(profile, s, context, batch, a.steps, false);
+        const PlanTiming t = time_decode_plan(profile, s, context, batch, a.steps, true);
+        std::printf("| %lld | %d | %s | %lld | %.3f | %.3f | %.3f | %lld/%d |\n",
+                    static_cast<long long>(context), batch,
+                    variant == 0 ? "all-global" : "head-aware", static_cast<long long>(t.entries),
+                    t.eager_ms, rebuilt.stored_ms, t.stored_ms, static_cast<long long>(t.patched),
+                    a.steps);
+        std::fflush(stdout);
+      }
+  return 0;
+}
+
 }  // namespace redknot::bench

@@ -4,6 +4,9 @@
 //             accounting-only PagePool through PagedKvCache as the engine would.
 //  attention: CPU decode-attention time per token over a real PagedKvCache (f32 pages), against
 //             the dense+mask baseline (Backend::attention over a contiguous cache).
+//  decode-plan: the host side of one decode step's KV bookkeeping (begin_forward: slots and the
+//             CSR plans of every layer, staged and copied into the plan buffer; end_forward),
+//             eager (a fresh buffer per step) and into plan storage (the CUDA-graph path).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -46,6 +49,13 @@ struct AttentionBenchArgs {
   int threads = 0;  // <= 0: one per hardware thread
 };
 
+struct DecodePlanBenchArgs {
+  KvShape shape;
+  std::vector<int64_t> contexts = {4096, 32768};
+  std::vector<int32_t> batches = {1, 16, 64};
+  int32_t steps = 64;  // decode steps timed per row (page boundaries are crossed in them)
+};
+
 // A deterministic profile with round(fraction * layers * kv_heads) global heads spread evenly
 // over the flattened (layer, kv head) index; every other head is local (window, sink).
 HeadProfile spread_profile(int32_t layers, int32_t kv_heads, double global_fraction, int32_t window,
@@ -62,5 +72,6 @@ int64_t fill_sessions(PagedKvCache& cache, Backend& backend, int64_t tokens, int
 
 int run_capacity_bench(const CapacityBenchArgs& args);
 int run_attention_bench(const AttentionBenchArgs& args);
+int run_decode_plan_bench(const DecodePlanBenchArgs& args);
 
 }  // namespace redknot::bench

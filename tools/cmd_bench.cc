@@ -58,6 +58,16 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
   ca->add_option("--threads", att->threads, "CPU threads (0: all)");
   ca->callback([att, &action] { action = [att] { return bench::run_attention_bench(*att); }; });
 
+  auto dp = std::make_shared<bench::DecodePlanBenchArgs>();
+  CLI::App* cd = c->add_subcommand(
+      "decode-plan",
+      "Host time of a decode step's KV bookkeeping (slots + every layer's page-table plan)");
+  add_kv_shape_options(cd, dp->shape);
+  cd->add_option("--contexts", dp->contexts, "context lengths")->delimiter(',');
+  cd->add_option("--batch", dp->batches, "sequences per decode step")->delimiter(',');
+  cd->add_option("--steps", dp->steps, "decode steps timed per row")->check(CLI::Range(1, 100000));
+  cd->callback([dp, &action] { action = [dp] { return bench::run_decode_plan_bench(*dp); }; });
+
   auto rem = std::make_shared<bench::RemoteBenchArgs>();
   CLI::App* cr = c->add_subcommand(
       "chunk-store-remote",

@@ -70,6 +70,7 @@ void PagedKvCache::release_table(HeadTable& t) {
 
 void PagedKvCache::remove_sequence(SeqId seq) {
   Sequence& s = get(seq);
+  tables_changed(s);
   for (HeadTable& t : s.tables) release_table(t);
   seqs_.erase(seq);
 }
@@ -171,6 +172,7 @@ void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& position
     if (cow > pool_.num_free())
       throw OutOfKvMemory("KV pool: selective recompute needs pages to copy shared ones");
     if (scratch_page_ < 0) scratch_page_ = pool_.allocate();
+    ++epoch_;  // shared pages are copied below
     for (const SeqSpan& sp : batch.spans) {
       Sequence& s = get(sp.seq);
       batch_seqs_.push_back(sp.seq);
@@ -211,6 +213,8 @@ void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& position
     for (int l = 0; l < stored_layers(batch); ++l)
       for (int h = 0; h < heads_; ++h) {
         HeadTable& t = s.tables[l * heads_ + h];
+        const size_t held = t.pages.size();
+        const int32_t last = held > 0 ? t.pages.back() : -1;
         if (!t.pages.empty() && static_cast<int32_t>(t.positions.back().size()) < page_size_)
           make_private(t, t.pages.size() - 1);
         // A page at a time: this loop runs for every (layer, head, token) of a prompt.
@@ -229,6 +233,10 @@ void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& position
             out[(sp.begin + i + j) * heads_] = base + static_cast<int32_t>(j);
           i += n;
         }
+        if (t.pages.size() != held || (held > 0 && t.pages[held - 1] != last)) {
+          t.gen = ++gen_clock_;
+          t.trim_at = 0;
+        }
       }
     for (int64_t i = 0; i < sp.count; ++i) s.positions.push_back(batch.positions[sp.begin + i]);
   }
@@ -238,11 +246,10 @@ void PagedKvCache::begin_forward_into(const Batch& batch, const Tensor& position
   stored_layers_ = stored_layers(batch);
 }
 
-namespace {
 // Offsets (in i32 words) of the plan arrays in one packed buffer, each array 16-byte aligned:
 // the batch-wide qo_indptr and token positions, then per layer its CSR arrays (page entries
 // sized by that layer's capacity) and the pool rows of the tokens it writes.
-struct PlanLayout {
+struct PagedKvCache::PlanLayout {
   struct Layer {
     int64_t indptr, pages, lengths, window, sink, rows, row_count, capacity;
   };
@@ -275,6 +282,7 @@ struct PlanLayout {
   }
 };
 
+namespace {
 // Copies host words [0, n) into device buffer `dst` ([>= n] i32) in pieces small enough for the
 // backend's asynchronous staged uploads.
 void upload_words(Backend& backend, const std::vector<int32_t>& host, int64_t n, Tensor& dst) {
@@ -332,6 +340,15 @@ PagedKvCache::Fingerprint PagedKvCache::fingerprint() const {
 
 void PagedKvCache::build_plans(const Batch& batch, PagedPlanStorage* storage) {
   const int64_t T = batch.size(), seqs = static_cast<int64_t>(batch.spans.size());
+  if (storage != nullptr && opts_.patch_decode_plans && storage->planned &&
+      storage->epoch == epoch_ && storage->seqs_planned.size() == batch.spans.size() &&
+      std::equal(batch.spans.begin(), batch.spans.end(), storage->seqs_planned.begin(),
+                 [](const SeqSpan& sp, SeqId id) { return sp.seq == id; })) {
+    patch_plans(batch, *storage);
+    ++plan_stats_.patched;
+    return;
+  }
+  if (storage != nullptr) ++plan_stats_.rebuilt;
   int32_t full_until = -1;  // set_full_attention of the batch's (single) sequence
   for (const SeqSpan& sp : batch.spans)
     if (get(sp.seq).full_until >= 0) {
@@ -393,6 +410,88 @@ void PagedKvCache::build_plans(const Batch& batch, PagedPlanStorage* storage) {
     buffer = backend_.alloc_uninit(DType::I32, {layout.words});  // every word uploaded below
   }
   upload_words(backend_, w, layout.words, buffer);
+  set_plan_views(layout, buffer, seqs, T);
+  if (storage != nullptr) {  // what the next step may patch
+    storage->planned = true;
+    storage->epoch = epoch_;
+    storage->seqs_planned.clear();
+    storage->gens.clear();
+    for (const SeqSpan& sp : batch.spans) storage->seqs_planned.push_back(sp.seq);
+    for (int l = 0; l < layers_; ++l)
+      for (const Sequence* s : in_batch)
+        for (int h = 0; h < heads_; ++h) storage->gens.push_back(s->tables[l * heads_ + h].gen);
+  }
+}
+
+void PagedKvCache::patch_plans(const Batch& batch, PagedPlanStorage& st) {
+  const int64_t T = batch.size(), seqs = st.seqs, items = seqs * heads_;
+  const PlanLayout layout(seqs, T, heads_, std::vector<int64_t>(layers_, st.capacity), layers_);
+  int32_t* words = st.host.data();
+  patch_index_.clear();
+  patch_value_.clear();
+  auto set = [&](int64_t at, int32_t value) {
+    if (words[at] == value) return;
+    words[at] = value;
+    patch_index_.push_back(static_cast<int32_t>(at));
+    patch_value_.push_back(value);
+  };
+  for (int64_t i = 0; i < seqs; ++i)
+    set(layout.qo + i + 1, static_cast<int32_t>(batch.spans[i].begin + batch.spans[i].count));
+  for (int64_t t = 0; t < T; ++t)
+    for (int h = 0; h < heads_; ++h) set(layout.token_pos + t * heads_ + h, batch.positions[t]);
+  std::vector<const Sequence*> in_batch;
+  for (const SeqSpan& sp : batch.spans) in_batch.push_back(&get(sp.seq));
+  for (int l = 0; l < layers_; ++l) {
+    const PlanLayout::Layer& pl = layout.layers[l];
+    uint64_t* gens = st.gens.data() + l * items;
+    // Tables whose page list is as planned only filled a slot of their last page; from the
+    // first one whose list changed on, the layer's CSR entries move and are rewritten.
+    bool moved = false;
+    int64_t n = 0, item = 0;
+    for (const Sequence* s : in_batch)
+      for (int h = 0; h < heads_; ++h, ++item) {
+        const HeadTable& t = s->tables[l * heads_ + h];
+        if (!moved && t.gen != gens[item]) {
+          moved = true;
+          n = words[pl.indptr + item];
+        }
+        if (!moved) {
+          const int64_t end = words[pl.indptr + item + 1];
+          if (!t.pages.empty())
+            set(pl.lengths + end - 1, static_cast<int32_t>(t.positions.back().size()));
+          continue;
+        }
+        for (size_t i = 0; i < t.pages.size(); ++i, ++n) {
+          set(pl.pages + n, t.pages[i]);
+          set(pl.lengths + n, static_cast<int32_t>(t.positions[i].size()));
+        }
+        set(pl.indptr + item + 1, static_cast<int32_t>(n));
+        gens[item] = t.gen;
+      }
+    for (size_t r = 0; r < rows_[l].size(); ++r)
+      set(pl.rows + static_cast<int64_t>(r), rows_[l][r]);
+  }
+  // Few words: one upload of (indices, values) and a scatter on the device; many (every
+  // sequence's table moved): the whole buffer, as a rebuild would.
+  const int64_t m = static_cast<int64_t>(patch_index_.size());
+  if (m * 8 > layout.words) {
+    upload_words(backend_, st.host, layout.words, st.buffer);
+  } else if (m > 0) {
+    if (st.patch.numel() < 2 * m) st.patch = backend_.alloc(DType::I32, {4 * m});
+    patch_index_.insert(patch_index_.end(), patch_value_.begin(), patch_value_.end());
+    Tensor staged = st.patch.reshape({st.patch.numel(), 1}).rows_slice(0, 2 * m);
+    backend_.copy_from_host(staged,
+                            Tensor::view(patch_index_.data(), DType::I32, {2 * m, 1}, nullptr));
+    Tensor index = staged.rows_slice(0, m).reshape({m});
+    Tensor values = staged.rows_slice(m, 2 * m);
+    Tensor target = st.buffer.reshape({st.buffer.numel(), 1});
+    backend_.scatter_rows(values, index, target);
+  }
+  set_plan_views(layout, st.buffer, seqs, T);
+}
+
+void PagedKvCache::set_plan_views(const PlanLayout& layout, const Tensor& buffer, int64_t seqs,
+                                  int64_t T) {
   auto view = [&](int64_t at, int64_t n) {
     return Tensor::view(buffer.data<int32_t>() + at, DType::I32, {n}, buffer.holder(),
                         buffer.device());
@@ -463,10 +562,28 @@ void PagedKvCache::attend(int layer, const Tensor& q, Tensor& out) {
 }
 
 void PagedKvCache::trim(HeadTable& t, const HeadSpec& hs, int32_t next_pos) {
-  if (!hs.is_local()) return;
-  size_t kept = 0;  // compacts in place: runs after every forward, for every local head
-  for (size_t i = 0; i < t.pages.size(); ++i) {
+  // Runs after every forward for every local head: the common case reads only the table.
+  if (!hs.is_local() || next_pos < t.trim_at) return;
+  size_t kept = 0;  // compacts in place
+  const size_t n = t.pages.size();
+  t.trim_at = INT64_MAX;
+  for (size_t i = 0; i < n; ++i) {
     const auto& ps = t.positions[i];
+    // Positions increase along the table: from the first page reaching into the window on,
+    // every page is kept, and the first of them not kept by the sink sets the next look.
+    if (!ps.empty() && ps.back() > int64_t{next_pos} - hs.window) {
+      for (size_t j = i; j < n; ++j)
+        if (!t.positions[j].empty() && t.positions[j].front() >= hs.sink) {
+          t.trim_at = int64_t{t.positions[j].back()} + hs.window;
+          break;
+        }
+      if (kept == i) return;
+      for (; i < n; ++i, ++kept) {
+        t.pages[kept] = t.pages[i];
+        t.positions[kept] = std::move(t.positions[i]);
+      }
+      break;  // kept < n: pages were dropped before this one
+    }
     const bool dead = !ps.empty() && !hs.keeps_any(ps.front(), ps.back(), next_pos);
     if (dead) {
       pool_.release(t.pages[i]);
@@ -478,8 +595,15 @@ void PagedKvCache::trim(HeadTable& t, const HeadSpec& hs, int32_t next_pos) {
     }
     ++kept;
   }
+  if (kept == n) return;
   t.pages.resize(kept);
   t.positions.resize(kept);
+  t.gen = ++gen_clock_;
+}
+
+void PagedKvCache::tables_changed(Sequence& s) {
+  ++epoch_;
+  for (HeadTable& t : s.tables) t.trim_at = 0;
 }
 
 void PagedKvCache::trim_sequence(Sequence& s) {
@@ -490,6 +614,7 @@ void PagedKvCache::trim_sequence(Sequence& s) {
 
 void PagedKvCache::set_full_attention(SeqId seq, int32_t full_until_layer, bool keep_local_pages) {
   Sequence& s = get(seq);
+  tables_changed(s);
   s.full_until = full_until_layer;
   s.keep_local_pages = keep_local_pages;
   trim_sequence(s);
@@ -510,6 +635,7 @@ void PagedKvCache::end_forward() {
 
 void PagedKvCache::fork(SeqId src, SeqId dst) {
   if (has_sequence(dst)) throw Error("KV cache: fork target " + std::to_string(dst) + " exists");
+  ++epoch_;  // the source's pages become shared: its next append copies its last page
   Sequence copy = get(src);
   for (HeadTable& t : copy.tables)
     for (int32_t p : t.pages) pool_.retain(p);
@@ -518,6 +644,7 @@ void PagedKvCache::fork(SeqId src, SeqId dst) {
 
 void PagedKvCache::remove(SeqId seq, int32_t p0, int32_t p1) {
   Sequence& s = get(seq);
+  tables_changed(s);
   if (p1 < 0) p1 = INT32_MAX;
   auto removed = [&](int32_t p) { return p >= p0 && p < p1; };
   // Per table, pages before the first removed token stay as they are. When no token after it
@@ -602,6 +729,7 @@ void PagedKvCache::remove(SeqId seq, int32_t p0, int32_t p1) {
 
 void PagedKvCache::shift(SeqId seq, int32_t p0, int32_t p1, int32_t delta) {
   Sequence& s = get(seq);
+  tables_changed(s);
   if (p1 < 0) p1 = INT32_MAX;
   if (delta == 0) return;
   // Positions must stay increasing and non-negative. Checked on the sequence's own positions:
@@ -696,6 +824,7 @@ void PagedKvCache::import_sequence(SeqId seq, std::vector<int32_t> positions,
                                    const std::vector<std::vector<int32_t>>& head_positions,
                                    const std::vector<Tensor>& k, const std::vector<Tensor>& v) {
   Sequence& s = get(seq);
+  tables_changed(s);
   const size_t tables = static_cast<size_t>(layers_) * heads_;
   if (!s.positions.empty()) throw Error("import_sequence: the sequence must be empty");
   if (head_positions.size() != tables || k.size() != tables || v.size() != tables)
@@ -760,6 +889,7 @@ std::vector<int32_t> PagedKvCache::slot_rows(SeqId seq, int layer, int kv_head) 
 void PagedKvCache::append_relocated(SeqId seq, const std::vector<std::vector<int32_t>>& rows,
                                     const std::vector<int32_t>& src_positions, int32_t delta) {
   Sequence& s = get(seq);
+  tables_changed(s);
   const int64_t n = static_cast<int64_t>(src_positions.size());
   if (static_cast<int64_t>(rows.size()) != int64_t{layers_} * heads_)
     throw Error("append_relocated: need rows for every (layer, kv head)");

@@ -18,6 +18,14 @@ namespace redknot {
 
 struct PagedKvOptions {
   float scale = 1.0f;  // softmax scale (1/sqrt(head_dim))
+  // Decode steps planned into a storage patch the previous step's plan (false: rebuild every
+  // step; the oracle of the patching tests).
+  bool patch_decode_plans = true;
+};
+
+// Decode steps planned into plan storage: patched from the previous step, or rebuilt.
+struct PlanStats {
+  int64_t patched = 0, rebuilt = 0;
 };
 
 // Pages in use, split by head class.
@@ -51,6 +59,9 @@ class PagedKvCache : public KvCache {
   // [T, kv_heads, head_dim + 4] f8_e4m3 (the chunk store reloading a spilled segment).
   void write(int layer, const Tensor& k, const Tensor& v) override;
   void attend(int layer, const Tensor& q, Tensor& out) override;
+  // The current forward's plan of one layer (between begin_forward and end_forward).
+  const PagedAttentionPlan& plan(int layer) const { return plans_.at(layer).plan; }
+  const PlanStats& plan_stats() const { return plan_stats_; }
   void end_forward() override;
 
   void read(SeqId seq, int layer, int kv_head, Tensor& k, Tensor& v,
@@ -101,6 +112,12 @@ class PagedKvCache : public KvCache {
   struct HeadTable {
     std::vector<int32_t> pages;
     std::vector<std::vector<int32_t>> positions;  // per page, its used slots' positions
+    // Changes with every change of `pages` made by a forward (a page added, copied on write or
+    // trimmed); a decode plan patches the tables whose gen it has already planned.
+    uint64_t gen = 0;
+    // Local heads: trim finds nothing to drop before next_pos reaches this (the first page
+    // that only the window keeps leaves it then); 0 = unknown, look.
+    int64_t trim_at = 0;
   };
   struct Sequence {
     std::vector<HeadTable> tables;   // [layer * kv_heads + head]
@@ -130,15 +147,29 @@ class PagedKvCache : public KvCache {
   struct PagedPlanStorage : PlanStorage {
     int32_t seqs = 0;
     int64_t capacity = 0;
-    Tensor buffer;  // [words] i32 on the pool's backend
-    std::vector<int32_t> host;
+    Tensor buffer;              // [words] i32 on the pool's backend
+    std::vector<int32_t> host;  // what `buffer` holds
     Fingerprint fingerprint;
+    // What the buffer was last planned for: the next step of the same sequences in the same
+    // cache epoch only patches it (tail page lengths, write rows, the layers whose tables grew
+    // or shrank from the first changed one on) and uploads the changed words.
+    bool planned = false;
+    uint64_t epoch = 0;
+    std::vector<SeqId> seqs_planned;
+    std::vector<uint64_t> gens;  // [layer * seqs * kv_heads + item]: HeadTable::gen planned
+    Tensor patch;                // [>= 2 * changed words] i32: a patch's indices, then values
   };
+  struct PlanLayout;  // offsets of the plan arrays in a storage's words
 
   void begin_forward_into(const Batch& batch, const Tensor& positions, PagedPlanStorage* storage);
   // The CSR plans of every layer and the write rows (rows_), uploaded at once into a fresh
   // buffer, or into `storage` at its capacity.
   void build_plans(const Batch& batch, PagedPlanStorage* storage);
+  // build_plans into a storage planned for the previous step of the same sequences: rewrites
+  // only what changed and uploads it as (index, value) pairs scattered on the device.
+  void patch_plans(const Batch& batch, PagedPlanStorage& storage);
+  // plans_ and token_positions_ as views of `buffer` laid out by `layout`.
+  void set_plan_views(const PlanLayout& layout, const Tensor& buffer, int64_t seqs, int64_t T);
   Fingerprint fingerprint() const;
   // Layers [0, n) keep the batch's tokens (Batch::last_stored_layer).
   int stored_layers(const Batch& b) const {
@@ -156,6 +187,9 @@ class PagedKvCache : public KvCache {
   // Drops the pages of a local head that no future query can see.
   void trim(HeadTable& table, const HeadSpec& spec, int32_t next_pos);
   void trim_sequence(Sequence& s);
+  // A change to a sequence's tables outside a forward: plan storages rebuild (epoch) and every
+  // local head's trim looks again.
+  void tables_changed(Sequence& s);
   Tensor device_i32(const std::vector<int32_t>& values);
   int64_t table_pages_needed(const HeadTable& t, int64_t count) const;
 
@@ -173,6 +207,12 @@ class PagedKvCache : public KvCache {
   std::vector<SeqId> batch_seqs_;
   Tensor batch_positions_;
   Tensor token_positions_;  // [T * kv_heads, 1] i32: position of each written row
+  // Bumped by every change to the tables outside a forward (remove, shift, fork, relocation,
+  // import, full-attention switches): a plan storage of an older epoch is rebuilt, not patched.
+  uint64_t epoch_ = 0;
+  uint64_t gen_clock_ = 0;  // source of HeadTable::gen
+  PlanStats plan_stats_;
+  std::vector<int32_t> patch_index_, patch_value_;  // host staging of patch_plans
   // Target of overwrite writes a local head no longer keeps; held from begin_forward of a
   // selective-recompute batch to its end_forward.
   int32_t scratch_page_ = -1;
