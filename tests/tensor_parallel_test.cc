@@ -353,5 +353,32 @@ TEST(TensorParallelCli, GenerateMatchesOneRankAndRefusesWhatItCannotRun) {
   EXPECT_NE(serve.out.find("not supported yet"), std::string::npos) << serve.out;
 }
 
+// Segmented prompts through the CLI on the shipped model (its head profile and Sparse FFN
+// settings from reuse_settings.json): every rank runs the reuse plan on its chunk store, and the
+// answer is TP = 1's, token for token.
+TEST(TensorParallelCli, SegmentedGenerateMatchesOneRank) {
+  const std::string model = std::string(REDKNOT_SOURCE_DIR) + "/models/redknot-rag-8k";
+  if (!std::filesystem::exists(model + "/model.safetensors")) GTEST_SKIP() << "no " << model;
+  const std::string base =
+      "generate --model " + model +
+      " --segment 'Zorbin Kell was born in Quoshtrathia in 1961. These days Zorbin Kell works for "
+      "Traibu Energy.' --segment 'Annual report of Traibu Energy. The headquarters of Traibu "
+      "Energy are in Vornheim.' --prompt 'Question: In which city is the company that Zorbin "
+      "Kell works for headquartered?\nAnswer:' --max-tokens 6 --json";
+  const auto ids = [](const CliResult& r) {
+    return nlohmann::json::parse(r.out.substr(r.out.find('{')))
+        .at("ids")
+        .get<std::vector<int32_t>>();
+  };
+  for (const char* mode : {"redknot", "naive"}) {
+    const CliResult one = run_cli(base + " --mode " + mode);
+    ASSERT_EQ(one.status, 0) << one.out;
+    const CliResult two = run_cli(base + " --mode " + mode + " --tensor-parallel-size 2");
+    ASSERT_EQ(two.status, 0) << two.out;
+    EXPECT_EQ(ids(two), ids(one)) << mode;
+    EXPECT_FALSE(ids(one).empty());
+  }
+}
+
 }  // namespace
 }  // namespace redknot::testing

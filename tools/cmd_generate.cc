@@ -95,7 +95,8 @@ void run_segmented(const GenerateArgs& a, LoadedModel& m, Model& model, bool pri
     std::cout << stream.finish() << "\n";
     std::cerr << "[" << a.mode << ": prompt " << p.total_tokens() << " tokens ("
               << pre.reused_tokens << " reused), TTFT " << pre.ms << " ms, "
-              << pre.flops.total() / 1e9 << " GFLOP; chunk store hits "
+              << pre.flops.total() / 1e9 << " GFLOP"
+              << (a.tensor_parallel_size > 1 ? " (rank 0's shard)" : "") << "; chunk store hits "
               << cs.pool_hits + cs.host_hits + cs.disk_hits << ", misses " << cs.misses << "]\n";
   }
 }
