@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "backend/communicator.h"
+#include "engine/engine_setup.h"
 #include "engine/generate.h"
 #include "engine/kv_setup.h"
 #include "kv/head_placement.h"
@@ -311,6 +312,44 @@ TEST(TensorParallelReuse, ReuseModesMatchOneRank) {
       }
     }
   }
+}
+
+// The one engine assembly: open_engine_model with a placed profile and 2 ranks permutes, shards
+// and builds each rank's store with its slice of the placed profile; logits equal the unplaced
+// unsharded model's.
+TEST(TensorParallelEngine, AssemblyPlacesShardsAndMatchesOneRank) {
+  RK_REQUIRE_SHARED("refs/qwen3-tiny");
+  const std::string dir = shared_path("refs/qwen3-tiny");
+  const Checkpoint full = load_checkpoint(dir);
+  const std::string plain_path = ::testing::TempDir() + "/tp_engine_plain.json";
+  const std::string placed_path = ::testing::TempDir() + "/tp_engine_placed.json";
+  const HeadProfile profile = mixed_profile(full.config);
+  profile.save(plain_path);
+  PlacementOptions po;
+  po.ranks = 2;
+  permute_profile(profile, plan_head_placement(profile, po), 2).save(placed_path);
+  const std::vector<int32_t> ids = random_ids(120, full.config.vocab_size, 31);
+  auto logits = [&](const std::string& profile_path, int tp) {
+    EngineOptions eo;
+    eo.head_profile = profile_path;
+    eo.tensor_parallel_size = tp;
+    eo.request_tokens = 256;
+    LoadedEngineModel m = open_engine_model(dir, eo);
+    EXPECT_EQ(m.tp_size(), tp);
+    EXPECT_EQ(m.model == nullptr, tp > 1);  // no single model to call by mistake
+    EXPECT_EQ(m.ckpt.kv_head_perm.empty(), profile_path != placed_path);  // placement applied
+    std::vector<Tensor> out(static_cast<size_t>(tp));
+    run_on_ranks(m, [&](int rank, Model& model) {
+      EngineStores stores = build_engine_stores(model, m.ckpt, eo);
+      EXPECT_EQ(stores.kv.profile.num_kv_heads(), model.config().num_kv_heads);
+      out[static_cast<size_t>(rank)] = run_logits(model, *stores.kv.cache, 0, ids, 50);
+    });
+    expect_ranks_agree(out);
+    return out[0];
+  };
+  const Tensor base = logits(plain_path, 1);
+  EXPECT_LE(rel_diff(logits(placed_path, 2), base), 1e-4);
+  EXPECT_LE(rel_diff(logits(plain_path, 2), base), 1e-4);
 }
 
 // The CLI on transformers' greedy case: TP = 2 and 4 print the tokens TP = 1 and transformers
