@@ -408,7 +408,9 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
   // Logits only for the rows asked for.
   const int64_t R = static_cast<int64_t>(batch.logit_rows.size());
   if (R == 0 || num_layers < cfg_.num_layers || kv_only >= 0) return Tensor();
-  if (opts.flops) opts.flops->lm_head += 2.0 * cfg_.hidden_size * lm_head_.dim(0) * R;
+  // A tensor-parallel rank computes its vocab slice of the logits.
+  const int64_t logit_cols = tp_.size > 1 ? tp_.vocab_slice : cfg_.vocab_size;
+  if (opts.flops) opts.flops->lm_head += 2.0 * cfg_.hidden_size * logit_cols * R;
   Tensor last = backend_.alloc_uninit(act, {R, H});  // logit rows are validated in [0, T)
   if (logits_for_every_row(batch)) {                 // decode steps: no row list to upload
     if (pending)
@@ -423,7 +425,7 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
     backend_.gather_rows(x, rows_dev, last);
     backend_.rmsnorm(last, final_norm_, eps, last);
   }
-  Tensor logits = backend_.alloc_uninit(DType::F32, {R, lm_head_.dim(0)});
+  Tensor logits = backend_.alloc_uninit(DType::F32, {R, logit_cols});
   backend_.matmul(last, lm_head_, Tensor(), logits);
   return tp_.size > 1 ? gather_logits(logits) : logits;
 }
