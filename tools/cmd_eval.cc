@@ -21,6 +21,7 @@ namespace redknot::cli {
 
 namespace {
 struct EvalArgs {
+  int32_t tensor_parallel_size = 1;  // refused above 1 (refuse_tensor_parallel)
   std::string model, data, mode = "full", backend = "cpu", reference, predictions, quantization,
                            kv_cache_dtype = "auto";
   int64_t n = 0, chunk_store_bytes = 0;
@@ -202,6 +203,7 @@ void save_predictions(const std::string& path, const std::vector<EvalReport>& re
 }
 
 int run_eval(const EvalArgs& a) {
+  refuse_tensor_parallel("eval", a.tensor_parallel_size);
   const std::vector<std::string> modes = parse_modes(a.mode);
   const ReuseSettings settings = resolve_reuse_settings(a.model, a.settings);
   for (const std::string& mode : modes)
@@ -306,6 +308,7 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
                 "missing ones computed and added");
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   add_precision_options(c, &a->quantization, &a->kv_cache_dtype);
+  add_tensor_parallel_option(c, &a->tensor_parallel_size);
   c->add_option("--page-size", a->page_size)->check(CLI::Range(1, 4096));
   c->add_option("--max-answer-tokens", a->max_answer_tokens)->check(CLI::Range(1, 1024));
   c->add_option(

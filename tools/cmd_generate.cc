@@ -26,6 +26,7 @@ struct GenerateArgs {
   int32_t page_size = kDefaultPageSize;
   int64_t kv_budget = 0;
   int32_t max_tokens = 32, prefill_chunk = 0;  // 0: default_prefill_chunk(backend)
+  int32_t tensor_parallel_size = 1;
   float temperature = 0.0f, top_p = 1.0f;
   int32_t top_k = 0;
   uint64_t seed = 0;
@@ -45,18 +46,18 @@ SegmentedPrompt segmented_prompt(const GenerateArgs& a, const Tokenizer& tok) {
 
 // Prompt given as segments (or a reuse mode asked for): prefill through the chunk store in the
 // chosen mode, then decode as usual. The disk tier (--chunk-store-dir) keeps segments across runs.
-int run_segmented(const GenerateArgs& a, LoadedModel& m, const ReuseOptions& ro, EngineOptions eo) {
-  if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; segments are text");
-  const SegmentedPrompt p = segmented_prompt(a, *m.tokenizer);
-  const ModelConfig& cfg = m.model->config();
+// Tensor-parallel: every rank runs this on its model and stores (its heads); rank 0 prints.
+void run_segmented(const GenerateArgs& a, LoadedModel& m, Model& model, bool print,
+                   const SegmentedPrompt& p, const ReuseOptions& ro, EngineOptions eo) {
+  const ModelConfig& cfg = model.global_config();
   eo.request_tokens = p.total_tokens() + a.max_tokens + 1;
   eo.chunk_store = true;
   eo.chunk_store_bytes = a.chunk_store_bytes;
   eo.chunk_store_dir = a.chunk_store_dir;
-  EngineStores stores = build_engine_stores(*m.model, m.ckpt, eo);
+  EngineStores stores = build_engine_stores(model, m.ckpt, eo);
   KvStore& store = stores.kv;
   ChunkStore& chunks = *stores.chunks;
-  PrefillOutcome pre = prefill_with_reuse(*m.model, *store.cache, 0, p, &chunks, ro);
+  PrefillOutcome pre = prefill_with_reuse(model, *store.cache, 0, p, &chunks, ro);
   GenerateOptions opts;
   opts.max_tokens = a.max_tokens;
   opts.sampling.temperature = a.temperature;
@@ -65,16 +66,19 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m, const ReuseOptions& ro,
   opts.sampling.seed = a.seed;
   opts.stop_at_eos = !a.ignore_eos;
   StreamDecoder stream(*m.tokenizer);
-  GenerateResult r = decode_from(*m.model, *store.cache, 0, pre.last_logits, opts, [&](int32_t id) {
-    if (!a.json) std::cout << stream.push(id) << std::flush;
+  GenerateResult r = decode_from(model, *store.cache, 0, pre.last_logits, opts, [&](int32_t id) {
+    if (print && !a.json) std::cout << stream.push(id) << std::flush;
     return true;
   });
+  if (!print) return;
   const ChunkStoreStats cs = chunks.stats();
   if (a.json) {
     nlohmann::json j;
     j["ids"] = r.ids;
     j["text"] = m.tokenizer->decode(r.ids);
     j["mode"] = a.mode;
+    // Tensor-parallel: "flops" below are rank 0's share (each rank counts its own shard).
+    if (a.tensor_parallel_size > 1) j["tensor_parallel_size"] = a.tensor_parallel_size;
     j["prompt_tokens"] = p.total_tokens();
     j["reused_tokens"] = pre.reused_tokens;
     j["ttft_ms"] = pre.ms;
@@ -91,10 +95,67 @@ int run_segmented(const GenerateArgs& a, LoadedModel& m, const ReuseOptions& ro,
     std::cout << stream.finish() << "\n";
     std::cerr << "[" << a.mode << ": prompt " << p.total_tokens() << " tokens ("
               << pre.reused_tokens << " reused), TTFT " << pre.ms << " ms, "
-              << pre.flops.total() / 1e9 << " GFLOP; chunk store hits "
+              << pre.flops.total() / 1e9 << " GFLOP"
+              << (a.tensor_parallel_size > 1 ? " (rank 0's shard)" : "") << "; chunk store hits "
               << cs.pool_hits + cs.host_hits + cs.disk_hits << ", misses " << cs.misses << "]\n";
   }
-  return 0;
+}
+
+// A plain prompt on `model` (one rank's, when tensor-parallel); rank 0 prints.
+void run_plain(const GenerateArgs& a, LoadedModel& m, Model& model, bool print,
+               const std::vector<int32_t>& prompt, const EngineOptions& eo) {
+  EngineStores stores = build_engine_stores(model, m.ckpt, eo);
+  KvStore& store = stores.kv;
+  KvCache& kv = *store.cache;
+  GenerateOptions opts;
+  opts.max_tokens = a.max_tokens;
+  opts.sampling.temperature = a.temperature;
+  opts.sampling.top_p = a.top_p;
+  opts.sampling.top_k = a.top_k;
+  opts.sampling.seed = a.seed;
+  opts.prefill_chunk = a.prefill_chunk > 0 ? a.prefill_chunk : default_prefill_chunk(a.backend);
+  opts.stop_at_eos = !a.ignore_eos;
+  opts.keep_prompt_logits = !a.logits_out.empty();
+
+  std::unique_ptr<StreamDecoder> stream;
+  if (print && !a.json && m.tokenizer) stream = std::make_unique<StreamDecoder>(*m.tokenizer);
+  GenerateResult r = generate(model, kv, 0, prompt, opts, [&](int32_t id) {
+    if (!print) {
+    } else if (stream) {
+      std::cout << stream->push(id) << std::flush;
+    } else if (!a.json) {
+      std::cout << id << " " << std::flush;
+    }
+    return true;
+  });
+  if (!print) return;
+  if (stream) std::cout << stream->finish();
+  if (!a.json) std::cout << "\n";
+
+  if (!a.logits_out.empty()) write_safetensors(a.logits_out, {{"logits", r.prompt_logits}});
+  if (a.json) {
+    nlohmann::json j;
+    j["ids"] = r.ids;
+    j["text"] = m.tokenizer ? nlohmann::json(m.tokenizer->decode(r.ids)) : nlohmann::json();
+    j["prompt_tokens"] = prompt.size();
+    if (a.tensor_parallel_size > 1) j["tensor_parallel_size"] = a.tensor_parallel_size;
+    // The whole model's FLOPs (a rank computes its shard of them).
+    const HeadProfile profile = eo.head_profile.empty() ? HeadProfile::native(model.global_config())
+                                                        : HeadProfile::load(eo.head_profile);
+    j["flops"] =
+        prefill_flops(model.global_config(), profile, 0, static_cast<int64_t>(prompt.size()), 1)
+            .to_json();
+    j["prefill_ms"] = r.prefill_ms;
+    j["decode_ms"] = r.decode_ms;
+    std::cout << j.dump() << "\n";
+  } else {
+    std::cerr << "[prompt " << prompt.size() << " tokens, prefill " << r.prefill_ms << " ms; "
+              << r.ids.size() << " tokens in " << r.decode_ms << " ms"
+              << (a.tensor_parallel_size > 1
+                      ? ", tensor parallel " + std::to_string(a.tensor_parallel_size)
+                      : std::string())
+              << "]\n";
+  }
 }
 
 int run_generate(const GenerateArgs& a) {
@@ -122,11 +183,16 @@ int run_generate(const GenerateArgs& a) {
     std::cout << j.dump() << std::endl;
     return 0;
   }
+  eo.tensor_parallel_size = a.tensor_parallel_size;
   LoadedModel m = load_model(a.model, eo);  // eo.head_profile may reorder the kv heads
   if (segmented) {
     if (!a.prompt_ids.empty()) throw Error("--segment/--mode take --prompt text, not --prompt-ids");
     if (!a.logits_out.empty()) throw Error("--logits-out works with plain prompts only");
-    return run_segmented(a, m, ro, eo);
+    if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; segments are text");
+    const SegmentedPrompt p = segmented_prompt(a, *m.tokenizer);  // once, not per rank
+    run_on_ranks(m,
+                 [&](int rank, Model& model) { run_segmented(a, m, model, rank == 0, p, ro, eo); });
+    return 0;
   }
   std::vector<int32_t> prompt;
   if (!a.prompt_ids.empty()) {
@@ -136,48 +202,9 @@ int run_generate(const GenerateArgs& a) {
     prompt = m.tokenizer->encode(a.prompt, /*add_special=*/true);
   }
   eo.request_tokens = static_cast<int64_t>(prompt.size()) + a.max_tokens + 1;
-  EngineStores stores = build_engine_stores(*m.model, m.ckpt, eo);
-  KvStore& store = stores.kv;
-  KvCache& kv = *store.cache;
-  GenerateOptions opts;
-  opts.max_tokens = a.max_tokens;
-  opts.sampling.temperature = a.temperature;
-  opts.sampling.top_p = a.top_p;
-  opts.sampling.top_k = a.top_k;
-  opts.sampling.seed = a.seed;
-  opts.prefill_chunk = a.prefill_chunk > 0 ? a.prefill_chunk : default_prefill_chunk(a.backend);
-  opts.stop_at_eos = !a.ignore_eos;
-  opts.keep_prompt_logits = !a.logits_out.empty();
-
-  std::unique_ptr<StreamDecoder> stream;
-  if (!a.json && m.tokenizer) stream = std::make_unique<StreamDecoder>(*m.tokenizer);
-  GenerateResult r = generate(*m.model, kv, 0, prompt, opts, [&](int32_t id) {
-    if (stream) {
-      std::cout << stream->push(id) << std::flush;
-    } else if (!a.json) {
-      std::cout << id << " " << std::flush;
-    }
-    return true;
-  });
-  if (stream) std::cout << stream->finish();
-  if (!a.json) std::cout << "\n";
-
-  if (!a.logits_out.empty()) write_safetensors(a.logits_out, {{"logits", r.prompt_logits}});
-  if (a.json) {
-    nlohmann::json j;
-    j["ids"] = r.ids;
-    j["text"] = m.tokenizer ? nlohmann::json(m.tokenizer->decode(r.ids)) : nlohmann::json();
-    j["prompt_tokens"] = prompt.size();
-    j["flops"] =
-        prefill_flops(m.model->config(), store.profile, 0, static_cast<int64_t>(prompt.size()), 1)
-            .to_json();
-    j["prefill_ms"] = r.prefill_ms;
-    j["decode_ms"] = r.decode_ms;
-    std::cout << j.dump() << "\n";
-  } else {
-    std::cerr << "[prompt " << prompt.size() << " tokens, prefill " << r.prefill_ms << " ms; "
-              << r.ids.size() << " tokens in " << r.decode_ms << " ms]\n";
-  }
+  // Every rank runs the same prompt with the same sampling seed on identical gathered logits, so
+  // each samples the same tokens; rank 0 prints.
+  run_on_ranks(m, [&](int rank, Model& model) { run_plain(a, m, model, rank == 0, prompt, eo); });
   return 0;
 }
 }  // namespace
@@ -200,6 +227,7 @@ void add_generate_command(CLI::App& app, std::function<int()>& action) {
       ->check(CLI::Range(0, 1 << 20));
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   add_precision_options(c, &a->quantization, &a->kv_cache_dtype);
+  add_tensor_parallel_option(c, &a->tensor_parallel_size);
   c->add_option("--segment", a->segments,
                 "a reuse unit (document, system prompt) before --prompt; repeatable");
   c->add_option("--mode", a->mode, "full | prefix | naive | cacheblend | epic | redknot");

@@ -21,6 +21,7 @@ namespace redknot::cli {
 
 namespace {
 struct ServeArgs {
+  int32_t tensor_parallel_size = 1;  // refused above 1 (refuse_tensor_parallel)
   std::string model, host = "127.0.0.1", api_key, backend = "cpu", quantization,
                      kv_cache_dtype = "auto";
   std::string chunk_store_dir, reuse_mode = "redknot", model_id, reuse_fallback = "wait";
@@ -121,6 +122,7 @@ void on_signal(int) {
 }
 
 int run_serve(const ServeArgs& a) {
+  refuse_tensor_parallel("serve", a.tensor_parallel_size);
   std::signal(SIGPIPE, SIG_IGN);  // a client hanging up must not kill the server
   ServeSetup setup = resolve_serve(a);
   const ReuseSettings& settings = setup.settings;
@@ -243,6 +245,7 @@ void add_serve_command(CLI::App& app, std::function<int()>& action) {
       ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 40));
   c->add_option("--backend", a->backend, "cpu | reference | cuda");
   add_precision_options(c, &a->quantization, &a->kv_cache_dtype);
+  add_tensor_parallel_option(c, &a->tensor_parallel_size);
   c->add_option("--threads", a->threads, "HTTP worker threads (0: automatic)");
   c->add_option("--batch-invariant", a->batch_invariant,
                 "auto | true | false: row-at-a-time matmuls so that batching never changes a "

@@ -82,6 +82,20 @@ void add_precision_options(CLI::App* c, std::string* quantization, std::string* 
                 "head)");
 }
 
+void add_tensor_parallel_option(CLI::App* c, int32_t* size) {
+  c->add_option("--tensor-parallel-size", *size,
+                "ranks to shard the model over (Megatron-style; CPU: threads of this process, "
+                "CUDA: needs NCCL and a GPU per rank)")
+      ->check(CLI::Range(1, 64));
+}
+
+void refuse_tensor_parallel(const std::string& command, int32_t size) {
+  if (size > 1)
+    throw Error(command + " --tensor-parallel-size " + std::to_string(size) +
+                ": not supported yet (its engine loop drives one model; `generate` runs tensor "
+                "parallel, docs/tensor-parallel.md)");
+}
+
 void add_reuse_settings_options(CLI::App* c, ReuseSettings* s) {
   // Each flag fills its optional field only when given, so the model directory's settings
   // keep every field the command line leaves alone.

@@ -4,15 +4,59 @@
 
 #include "backend/batch_invariant_backend.h"
 #include "backend/builtin.h"
+#include "backend/nccl_communicator.h"
 #include "core/error.h"
 #include "kv/head_profile.h"
 #include "loader/fp8_checkpoint.h"
 #include "loader/permute_heads.h"
+#include "loader/shard_checkpoint.h"
 
 namespace redknot {
 
+namespace {
+
+// The ranks of a tensor-parallel model on a host-memory backend: threads of this process.
+std::unique_ptr<TensorParallelRanks> open_ranks(const Checkpoint& ckpt, const EngineOptions& opts) {
+  const int n = opts.tensor_parallel_size;
+  auto tp = std::make_unique<TensorParallelRanks>();
+  tp->group = std::make_unique<InProcessGroup>(n);
+  for (int r = 0; r < n; ++r) {
+    // Sliced one rank at a time: the host holds one rank's copies beside the mapped file.
+    const Checkpoint shard = shard_checkpoint(ckpt, r, n);
+    tp->backends.push_back(create_backend(opts.backend));
+    Backend* b = tp->backends.back().get();
+    if (opts.batch_invariant) {
+      tp->batch_invariant.push_back(std::make_unique<BatchInvariantBackend>(*b));
+      b = tp->batch_invariant.back().get();
+    }
+    tp->models.push_back(std::make_unique<Model>(shard, *b, &tp->group->rank(r)));
+  }
+  return tp;
+}
+
+}  // namespace
+
+void run_on_ranks(LoadedEngineModel& m, const std::function<void(int rank, Model& model)>& fn) {
+  if (!m.tp) {
+    fn(0, *m.model);
+    return;
+  }
+  run_ranks(*m.tp->group, [&](int r) { fn(r, *m.tp->models[static_cast<size_t>(r)]); });
+}
+
 LoadedEngineModel open_engine_model(const std::string& path, const EngineOptions& opts) {
   register_builtin_backends();
+  const int tp = opts.tensor_parallel_size;
+  if (tp < 1) throw Error("--tensor-parallel-size must be >= 1");
+  if (tp > 1 && opts.backend != "cpu" && opts.backend != "reference") {
+    // Device ranks need NCCL and one GPU each; running one rank's work alone would be TP=1.
+    const std::string why = nccl_unavailable_reason();
+    throw Error("--tensor-parallel-size " + std::to_string(tp) + " on the " + opts.backend +
+                " backend needs NCCL and one GPU per rank: " +
+                (why.empty() ? "NCCL loads, but the CUDA backend does not yet place one rank per "
+                               "device (docs/tensor-parallel.md)"
+                             : why));
+  }
   LoadedEngineModel m;
   m.ckpt = load_checkpoint(path);
   // Head placement: the weights take the profile's kv head order here, before any upload.
@@ -25,6 +69,11 @@ LoadedEngineModel open_engine_model(const std::string& path, const EngineOptions
   }
   // After placement: permuting float rows first keeps every per-channel scale with its row.
   apply_quantization(m.ckpt, opts.quantization);
+  if (tp > 1) {
+    plan_tp_shard(m.ckpt.config, 0, tp);  // a shape that does not split fails before any upload
+    m.tp = open_ranks(m.ckpt, opts);
+    return m;
+  }
   m.backend = create_backend(opts.backend);
   if (opts.batch_invariant) m.batch_invariant = std::make_unique<BatchInvariantBackend>(*m.backend);
   m.model = std::make_unique<Model>(m.ckpt, m.batch_invariant ? *m.batch_invariant : *m.backend);

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "backend/backend.h"
+#include "backend/communicator.h"
 #include "engine/kv_setup.h"
 #include "engine/reuse_settings.h"
 #include "loader/checkpoint.h"
@@ -34,6 +35,10 @@ inline constexpr int32_t kDefaultPageSize = 64;
 
 struct EngineOptions {
   std::string backend = "cpu";
+  // --tensor-parallel-size: ranks the model is sharded over (docs/tensor-parallel.md). On the
+  // CPU backend they run as threads of this process (in-process communicator); on CUDA they
+  // need NCCL and one GPU each, and without them opening the model fails (never a silent TP=1).
+  int32_t tensor_parallel_size = 1;
   // Row-at-a-time matmuls so that a request's output does not depend on its batch (serve).
   bool batch_invariant = false;
   // --quantization: "" / "none" (weights as stored; FP8 checkpoints load as FP8) or "fp8"
@@ -62,14 +67,33 @@ struct EngineOptions {
   int64_t chunk_store_host_bytes = kChunkStoreHostBytes;
 };
 
+// A model sharded over ranks (EngineOptions::tensor_parallel_size > 1): per rank a backend and
+// the model holding that rank's shard, and the communicator group joining them.
+struct TensorParallelRanks {
+  std::unique_ptr<InProcessGroup> group;
+  std::vector<std::unique_ptr<Backend>> backends, batch_invariant;
+  std::vector<std::unique_ptr<Model>> models;
+};
+
 // The backend and model of one checkpoint.
 struct LoadedEngineModel {
-  Checkpoint ckpt;
+  Checkpoint ckpt;  // the whole checkpoint (placed when the head profile says so)
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Backend> batch_invariant;  // wraps `backend` when EngineOptions asks
+  // Null when tensor-parallel: one rank's shard alone would wait forever for the others, so a
+  // path not written for ranks fails here rather than hangs. Ranks run through run_on_ranks.
   std::unique_ptr<Model> model;
-  bool is_batch_invariant() const { return batch_invariant != nullptr; }
+  std::unique_ptr<TensorParallelRanks> tp;
+  bool is_batch_invariant() const {
+    return batch_invariant != nullptr || (tp && !tp->batch_invariant.empty());
+  }
+  int tp_size() const { return tp ? tp->group->size() : 1; }
 };
+
+// Runs fn(rank, that rank's model) on every rank at once, one thread each (SPMD: each rank runs
+// the same host code on the same inputs, so its decisions match rank 0's; the models' collectives
+// keep them in step). One rank: fn(0, *m.model) on this thread. Rethrows the first rank's error.
+void run_on_ranks(LoadedEngineModel& m, const std::function<void(int rank, Model& model)>& fn);
 
 // Opens `path` (HF dir or GGUF) on opts.backend, wrapped when opts.batch_invariant.
 LoadedEngineModel open_engine_model(const std::string& path, const EngineOptions& opts);

@@ -9,7 +9,8 @@ namespace redknot {
 HeadProfile load_head_profile(const Model& model, const std::string& path) {
   if (path.empty()) return HeadProfile::native(model.config());
   HeadProfile p = HeadProfile::load(path);
-  p.check_matches(model.config(), path);
+  // A file describes the whole model; a tensor-parallel rank keeps its own heads' classes.
+  p.check_matches(model.global_config(), path);
   // A placed profile describes permuted heads: on weights in another order it would give the
   // wrong heads the wrong classes.
   auto is_identity = [](const std::vector<std::vector<int32_t>>& perm) {
@@ -23,6 +24,9 @@ HeadProfile load_head_profile(const Model& model, const std::string& path) {
     throw Error(path +
                 ": the head profile's placement (kv head order) is not the model's; load "
                 "the model with this profile (EngineOptions::head_profile) to permute it");
+  if (model.tp().size > 1)
+    return p.slice_heads(static_cast<int32_t>(model.tp().kv_head0),
+                         static_cast<int32_t>(model.config().num_kv_heads));
   return p;
 }
 

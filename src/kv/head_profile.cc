@@ -13,6 +13,20 @@ HeadProfile::HeadProfile(int32_t num_layers, int32_t num_kv_heads)
       num_kv_heads_(num_kv_heads),
       heads_(static_cast<size_t>(num_layers) * num_kv_heads) {}
 
+HeadProfile HeadProfile::slice_heads(int32_t head0, int32_t n) const {
+  if (head0 < 0 || n < 1 || head0 + n > num_kv_heads_)
+    throw Error("head profile: kv heads [" + std::to_string(head0) + ", " +
+                std::to_string(head0 + n) + ") outside its " + std::to_string(num_kv_heads_));
+  HeadProfile p(num_layers_, n);
+  for (int32_t l = 0; l < num_layers_; ++l)
+    for (int32_t h = 0; h < n; ++h) p.at(l, h) = at(l, head0 + h);
+  p.params = params;
+  p.placement = placement;
+  p.placement_ranks = placement_ranks;
+  p.whole_ = std::make_shared<const HeadProfile>(whole());
+  return p;
+}
+
 HeadProfile HeadProfile::native(const ModelConfig& cfg) {
   HeadProfile p(static_cast<int32_t>(cfg.num_layers), static_cast<int32_t>(cfg.num_kv_heads));
   if (cfg.sliding_window > 0)

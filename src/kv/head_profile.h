@@ -5,6 +5,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -70,6 +71,12 @@ class HeadProfile {
 
   // Throws Error when the profile's shape does not match the model.
   void check_matches(const ModelConfig& cfg, const std::string& source) const;
+  // The classes of kv heads [head0, head0 + n) of every layer: a tensor-parallel rank's share
+  // (loader/shard_checkpoint.h). params and the placement record (the whole model's) are kept.
+  HeadProfile slice_heads(int32_t head0, int32_t n) const;
+  // The whole model's profile (this one unless sliced). Plans that every rank must make alike
+  // (reuse's dead-row split) read it, not the rank's own heads.
+  const HeadProfile& whole() const { return whole_ ? *whole_ : *this; }
 
   int32_t num_layers() const { return num_layers_; }
   int32_t num_kv_heads() const { return num_kv_heads_; }
@@ -108,6 +115,7 @@ class HeadProfile {
  private:
   int32_t num_layers_ = 0, num_kv_heads_ = 0;
   std::vector<HeadSpec> heads_;
+  std::shared_ptr<const HeadProfile> whole_;  // set by slice_heads
 };
 
 }  // namespace redknot

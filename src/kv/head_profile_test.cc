@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "core/error.h"
+
 namespace redknot {
 namespace {
 
@@ -48,6 +50,27 @@ TEST(HeadProfile, PerHeadRuleAndPages) {
   EXPECT_EQ(p.peak_pages_for(100, 16), 7 + (1 + 2) + std::min<int64_t>(7, 5 + 2) + 7);
   EXPECT_EQ(p.peak_pages_for(10, 16), 4);
   EXPECT_EQ(HeadProfile(3, 2).peak_pages_for(100, 16), 6 * 7);
+}
+
+// A tensor-parallel rank's slice keeps its heads' classes in order, and whole() still answers
+// for the whole model (plans every rank must make alike), also after a second slice.
+TEST(HeadProfile, SliceKeepsTheRankHeadsAndTheWholeModel) {
+  HeadProfile p(3, 4);
+  for (int32_t l = 0; l < 3; ++l)
+    for (int32_t h = 0; h < 4; ++h) p.at(l, h) = local(10 * l + h + 1, h);
+  p.at(2, 0) = HeadSpec{};  // the only global head: layer 2, head 0
+  p.placement = {{1, 0, 2, 3}, {0, 1, 2, 3}, {0, 1, 3, 2}};
+  const HeadProfile s = p.slice_heads(2, 2);
+  ASSERT_EQ(s.num_kv_heads(), 2);
+  for (int32_t l = 0; l < 3; ++l)
+    for (int32_t h = 0; h < 2; ++h) EXPECT_EQ(s.at(l, h).window, p.at(l, h + 2).window) << l << h;
+  EXPECT_EQ(s.last_global_layer(), -1);         // its own heads are all local
+  EXPECT_EQ(s.whole().last_global_layer(), 2);  // the model's are not
+  EXPECT_EQ(s.whole().num_kv_heads(), 4);
+  EXPECT_EQ(s.placement, p.placement);
+  EXPECT_EQ(s.slice_heads(1, 1).whole().num_kv_heads(), 4);
+  EXPECT_EQ(&p.whole(), &p);
+  EXPECT_THROW(p.slice_heads(3, 2), Error);
 }
 
 }  // namespace

@@ -24,6 +24,18 @@ struct GgufVocab {
   bool add_space_prefix = true;
 };
 
+// One rank's share of a tensor-parallel model (loader/shard_checkpoint.h). size 1: unsharded.
+struct TpShard {
+  int32_t rank = 0, size = 1;
+  int64_t q_head0 = 0;   // first global query head this rank holds
+  int64_t kv_head0 = 0;  // first global kv head (replicated heads: the one its queries read)
+  int64_t ffn0 = 0;      // first FFN column (gate/up row, down_proj column)
+  // Vocab-parallel embedding and lm_head: rows [vocab0, vocab0 + vocab_rows) of the vocab, held
+  // as vocab_slice rows (equal on every rank, zero-padded) so the logits gather in equal parts.
+  int64_t vocab0 = 0, vocab_rows = 0, vocab_slice = 0;
+  ModelConfig global;  // the unsharded model's config (ranks hold config with their own counts)
+};
+
 struct Checkpoint {
   std::string path;  // what was opened (directory or file)
   ModelConfig config;
@@ -39,6 +51,9 @@ struct Checkpoint {
   std::string weight_quant;
   // Set by permute_kv_heads: [layer][new position] -> the file's kv head. Empty: file order.
   std::vector<std::vector<int32_t>> kv_head_perm;
+  // Set by shard_checkpoint: `config` then counts this rank's heads and FFN columns (vocab_size
+  // stays the model's), and the embedding holds the rank's vocab slice plus one zero row.
+  TpShard tp;
 
   // Throws Error "<path>: missing tensor <name>" when absent.
   const Tensor& get(const std::string& name) const;

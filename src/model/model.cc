@@ -1,7 +1,9 @@
 #include "model/model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -39,6 +41,28 @@ Linear Model::upload_linear(const Checkpoint& ckpt, const std::string& name) {
   return l;
 }
 
+void Model::all_reduce(Tensor& t) {
+  if (comm_) comm_->all_reduce_sum(t);
+}
+
+Tensor Model::gather_logits(const Tensor& local) {
+  const int64_t R = local.dim(0), Vs = tp_.vocab_slice, V = cfg_.vocab_size, n = tp_.size;
+  Tensor all = backend_.alloc_uninit(DType::F32, {n, R, Vs});  // written by the gather
+  comm_->all_gather(local, all);
+  // Rank q's slice is vocab columns [q * Vs, q * Vs + Vs), padding past V dropped.
+  const Tensor host = backend_.to_host_f32(all);
+  Tensor full = Tensor::host(DType::F32, {R, V});
+  for (int64_t q = 0; q < n; ++q) {
+    const int64_t cols = std::min(Vs, V - q * Vs);
+    for (int64_t r = 0; cols > 0 && r < R; ++r)
+      std::memcpy(full.data<float>() + r * V + q * Vs, host.data<float>() + (q * R + r) * Vs,
+                  static_cast<size_t>(cols) * sizeof(float));
+  }
+  Tensor out = backend_.alloc_uninit(DType::F32, {R, V});
+  backend_.copy_from_host(out, full);
+  return out;
+}
+
 void Model::linear(const Tensor& x, const Linear& w, const Tensor& bias, Tensor& out) {
   if (w.scale.empty())
     backend_.matmul(x, w.w, bias, out);
@@ -54,11 +78,19 @@ Tensor Model::upload_norm(const Checkpoint& ckpt, const std::string& name) {
   return t;
 }
 
-Model::Model(const Checkpoint& ckpt, Backend& backend)
-    : cfg_(ckpt.config), backend_(backend), kv_head_perm_(ckpt.kv_head_perm) {
+Model::Model(const Checkpoint& ckpt, Backend& backend, Communicator* comm)
+    : cfg_(ckpt.config),
+      tp_(ckpt.tp),
+      comm_(ckpt.tp.size > 1 ? comm : nullptr),
+      backend_(backend),
+      kv_head_perm_(ckpt.kv_head_perm) {
   cfg_.validate(ckpt.path);
+  if (tp_.size > 1 && (comm == nullptr || comm->size() != tp_.size || comm->rank() != tp_.rank))
+    throw Error(ckpt.path + ": rank " + std::to_string(tp_.rank) + " of " +
+                std::to_string(tp_.size) + " needs a communicator of that rank and size");
   const char* graphs = std::getenv("REDKNOT_CUDA_GRAPHS");
-  graphs_on_ = graphs == nullptr || std::string(graphs) != "0";
+  // Recorded decode steps would bake the collectives in: tensor-parallel steps run eagerly.
+  graphs_on_ = (graphs == nullptr || std::string(graphs) != "0") && tp_.size == 1;
   embed_ = upload(ckpt, "model.embed_tokens.weight");
   final_norm_ = upload_norm(ckpt, "model.norm.weight");
   if (cfg_.tie_word_embeddings && !ckpt.has("lm_head.weight"))
@@ -136,6 +168,7 @@ Tensor Model::attention_block(int layer, const Tensor& x, Tensor& out, KvCache& 
   clock.mark("attention");
   Tensor attn2 = attn.reshape({T, nh * hd});
   linear(attn2, w.wo, Tensor(), out);
+  all_reduce(out);  // row-parallel o_proj: each rank holds its heads' share of the sum
   clock.mark("o_proj");
   return attn2;
 }
@@ -147,6 +180,13 @@ int64_t Model::sparse_ffn_residual(int layer, const Tensor& attn, const Tensor& 
   Tensor norms = backend_.alloc_uninit(DType::F32, {T});
   backend_.row_l2norm(attn, norms);
   Tensor host = backend_.to_host_f32(norms);
+  if (comm_) {  // each rank saw its heads only: the norm over all heads is sqrt(sum of squares)
+    for (int64_t i = 0; i < T; ++i) host.data<float>()[i] *= host.data<float>()[i];
+    backend_.copy_from_host(norms, host);
+    all_reduce(norms);
+    host = backend_.to_host_f32(norms);
+    for (int64_t i = 0; i < T; ++i) host.data<float>()[i] = std::sqrt(host.data<float>()[i]);
+  }
   std::vector<float> importance(host.data<float>(), host.data<float>() + T);
   std::vector<int32_t> rows = select_ffn_rows(cfg, layer, importance, batch, rows_after);
   const int64_t R = static_cast<int64_t>(rows.size());
@@ -178,6 +218,7 @@ void Model::ffn_block(int layer, const Tensor& x, Tensor& out) {
   linear(x, w.w_up, Tensor(), up);
   backend_.swiglu(gate, up, gate);
   linear(gate, w.w_down, Tensor(), out);
+  all_reduce(out);  // row-parallel down_proj
 }
 
 void Model::check_kv_only(int from_layer, const HeadProfile* profile) const {
@@ -233,13 +274,28 @@ Tensor Model::device_argmax(const Tensor& logits, Tensor& out) {
 
 Tensor Model::step(const Batch& batch, KvCache& kv, const ForwardOptions& opts, bool greedy) {
   batch.validate(cfg_.vocab_size);
+  if (opts.observer && tp_.size > 1)
+    throw Error(
+        "forward observers (head profiling) see one rank's heads: run them without "
+        "tensor parallelism");
   if (const int64_t need = recordable(batch, kv, opts); need > 0)
     return forward_recorded(batch, kv, opts, greedy, need);
   StageClock clock(backend_, opts.stage_times);
   const int64_t T = batch.size();
   // Activations and uploads are written in full before they are read: no zero fill.
   Tensor ids = backend_.alloc_uninit(DType::I32, {T});
-  backend_.copy_from_host(ids, Tensor::from_i32(batch.tokens, {T}));
+  if (tp_.size > 1) {
+    // Vocab-parallel embedding: ids outside this rank's slice read its zero row (vocab_slice),
+    // so the all-reduce after the lookup leaves each token its one owner's row.
+    std::vector<int32_t> local(batch.tokens);
+    for (int32_t& id : local)
+      id = id >= tp_.vocab0 && id < tp_.vocab0 + tp_.vocab_rows
+               ? static_cast<int32_t>(id - tp_.vocab0)
+               : static_cast<int32_t>(tp_.vocab_slice);
+    backend_.copy_from_host(ids, Tensor::from_i32(local, {T}));
+  } else {
+    backend_.copy_from_host(ids, Tensor::from_i32(batch.tokens, {T}));
+  }
   Tensor pos = backend_.alloc_uninit(DType::I32, {T});
   backend_.copy_from_host(pos, Tensor::from_i32(batch.positions, {T}));
 
@@ -280,6 +336,7 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
   const DType act = backend_.act_dtype();
   Tensor x = backend_.alloc_uninit(act, {T, H});  // embedding writes every row
   backend_.embedding(embed_, ids, x);
+  all_reduce(x);  // vocab-parallel embedding: one rank holds each token's row
   clock.mark("embed");
   // Each layer writes normed (rmsnorm) and block_out (o_proj / down_proj GEMM) before reading.
   Tensor normed = backend_.alloc_uninit(act, {T, H});
@@ -351,7 +408,9 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
   // Logits only for the rows asked for.
   const int64_t R = static_cast<int64_t>(batch.logit_rows.size());
   if (R == 0 || num_layers < cfg_.num_layers || kv_only >= 0) return Tensor();
-  if (opts.flops) opts.flops->lm_head += 2.0 * cfg_.hidden_size * cfg_.vocab_size * R;
+  // A tensor-parallel rank computes its vocab slice of the logits.
+  const int64_t logit_cols = tp_.size > 1 ? tp_.vocab_slice : cfg_.vocab_size;
+  if (opts.flops) opts.flops->lm_head += 2.0 * cfg_.hidden_size * logit_cols * R;
   Tensor last = backend_.alloc_uninit(act, {R, H});  // logit rows are validated in [0, T)
   if (logits_for_every_row(batch)) {                 // decode steps: no row list to upload
     if (pending)
@@ -366,9 +425,9 @@ Tensor Model::run_layers(const Batch& batch, KvCache& kv, const Tensor& ids, con
     backend_.gather_rows(x, rows_dev, last);
     backend_.rmsnorm(last, final_norm_, eps, last);
   }
-  Tensor logits = backend_.alloc_uninit(DType::F32, {R, cfg_.vocab_size});
+  Tensor logits = backend_.alloc_uninit(DType::F32, {R, logit_cols});
   backend_.matmul(last, lm_head_, Tensor(), logits);
-  return logits;
+  return tp_.size > 1 ? gather_logits(logits) : logits;
 }
 
 // ---- decode steps as recorded device work ----
@@ -390,7 +449,7 @@ struct Model::DecodeGraph {
 Model::~Model() = default;
 
 void Model::set_decode_graphs(bool on) {
-  graphs_on_ = on;
+  graphs_on_ = on && tp_.size == 1;
   if (!on) graphs_.clear();
 }
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/communicator.h"
 #include "core/batch.h"
 #include "core/model_config.h"
 #include "kv/kv_cache.h"
@@ -59,10 +60,17 @@ struct ForwardOptions {
 
 class Model {
  public:
-  // Uploads the checkpoint's weights to `backend` (which must outlive the model).
-  Model(const Checkpoint& ckpt, Backend& backend);
+  // Uploads the checkpoint's weights to `backend` (which must outlive the model). A rank's
+  // checkpoint (loader/shard_checkpoint.h, ckpt.tp.size > 1) makes one rank of a tensor-parallel
+  // model: it needs `comm` (rank and size as the shard's), and every rank must call forward
+  // with the same batch at the same time (each on its own KV cache holding its own heads).
+  Model(const Checkpoint& ckpt, Backend& backend, Communicator* comm = nullptr);
 
+  // This rank's config: its own query/kv heads and FFN columns; vocab_size is the model's.
   const ModelConfig& config() const { return cfg_; }
+  // The unsharded model's config (config() when not tensor-parallel).
+  const ModelConfig& global_config() const { return tp_.size > 1 ? tp_.global : cfg_; }
+  const TpShard& tp() const { return tp_; }
   Backend& backend() const { return backend_; }
   // [head_dim / 2] f32 on the backend: the scaled inverse rotary frequencies.
   const Tensor& inv_freq() const { return inv_freq_; }
@@ -137,8 +145,16 @@ class Model {
   // out = x · wᵀ (+ bias) through matmul or matmul_fp8. x: [M, K]; bias: [N] or empty; out: [M, N]
   void linear(const Tensor& x, const Linear& w, const Tensor& bias, Tensor& out);
   Tensor upload_norm(const Checkpoint& ckpt, const std::string& name);
+  // Tensor parallelism: sums a row-parallel partial result over the ranks (no-op at one rank).
+  // t: [T, hidden] act dtype on the backend
+  void all_reduce(Tensor& t);
+  // The full logits from every rank's vocab slice. local: [R, vocab_slice] f32 on the backend;
+  // returns [R, vocab] f32 on the backend.
+  Tensor gather_logits(const Tensor& local);
 
   ModelConfig cfg_;
+  TpShard tp_;
+  Communicator* comm_ = nullptr;
   Backend& backend_;
   Tensor embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;

@@ -450,8 +450,9 @@ void ModePlanner::plan_redknot(ModePlanner& m) {
   // sink ∪ window only); Sparse FFN skips unimportant rows in deep layers.
   std::vector<int32_t> ids = m.rest_after(1);
   const int64_t n = static_cast<int64_t>(ids.size());
+  // The whole model's heads: every tensor-parallel rank must split alike (its collectives).
   const DeadRowSplit split = opts.skip_dead_rows
-                                 ? dead_row_split(cfg, job.kv_.profile(), m.offset_of(1), n)
+                                 ? dead_row_split(cfg, job.kv_.profile().whole(), m.offset_of(1), n)
                                  : DeadRowSplit{};
   if (split.tail > 0) {
     // Rows whose outputs nothing reads past layer g: layers <= g only (K/V alone at g).
