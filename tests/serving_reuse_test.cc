@@ -462,5 +462,44 @@ TEST_F(ReuseFallbacks, PrefixModeSharesASystemPromptAcrossRequests) {
   e.sched.reset();  // before the prefix cache
 }
 
+// Prefix entries pin pages, but live requests come first: when the pool is full of entries, a
+// request's forward takes pages back (LRU entries evicted) instead of failing "KV cache too
+// small". Distinct prompts, one at a time, in a pool that holds about three of them.
+TEST_F(ReuseFallbacks, PrefixEntriesGivePagesBackToLiveRequests) {
+  const auto& cfg = model_->config();
+  const int64_t tables = cfg.num_layers * cfg.num_kv_heads;
+  const int64_t pages_per_request = tables * ((300 + 5 + 15) / 16);
+  SchedulerOptions so;
+  so.reuse.mode = ReuseMode::Prefix;
+  Engine e(*model_, "", page_bytes() * pages_per_request * 3, 0, so, /*with_store=*/false);
+  PrefixCache prefix(*e.store.baseline, PrefixCacheOptions{.model_fp = 1});
+  e.sched.reset();
+  so.baseline_cache = e.store.baseline.get();
+  so.prefix_cache = &prefix;
+  e.sched = std::make_unique<Scheduler>(*model_, *e.store.cache, so);
+
+  std::vector<RequestSpec> specs;
+  for (int i = 0; i < 8; ++i) specs.push_back(greedy(prompt(1, 300, 300 + i), 5, std::nullopt));
+  specs.push_back(greedy(prompt(2, 300, 400), 5, ReuseMode::Full));  // twice as long, full mode
+  std::vector<std::vector<int32_t>> want;
+  {
+    Engine full(*model_, "", int64_t{16} << 20, 0, SchedulerOptions{}, false);
+    for (const auto& s : specs) want.push_back(full.sched->submit(s)->wait_all().tokens);
+  }
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const RequestStream::Chunk c = e.sched->submit(specs[i])->wait_all();
+    EXPECT_EQ(c.reason, FinishReason::kLength) << i << ": " << c.error;
+    EXPECT_EQ(c.tokens, want[i]) << i;
+  }
+  e.sched->wait_idle();
+  const SchedulerStats st = e.sched->stats();
+  EXPECT_GT(st.prefix_reclaims, 0);
+  EXPECT_GE(st.prefix_evictions, 5);  // 8 entries made, at most 3 fit
+  EXPECT_EQ(st.prefix_evictions, prefix.stats().evictions);
+  EXPECT_LE(st.prefix_entries, 3);
+  EXPECT_EQ(st.prefix_pages, prefix.stats().pages);
+  e.sched.reset();
+}
+
 }  // namespace
 }  // namespace redknot::testing

@@ -315,6 +315,14 @@ const PagedSpec kPagedSpecs[] = {
     // decode with ~5K-token histories, so the global heads' page lists split (split-KV merge).
     {"prefill gqa4 d32 local", 3, 8, 2, 32, 16, 100, 4, true, 200, 700, 150, false, true, true},
     {"decode gqa4 d32 long", 4, 8, 2, 32, 64, 256, 4, true, 3000, 6000, 1, false, true, true},
+    // The shape of the second test model (8 q / 4 kv heads, d64) with windows of 512-1024 over
+    // 2-4K histories: local heads whose windows span many 64-token pages and several key tiles.
+    {"prefill gqa2 d64 window 1024", 2, 8, 4, 64, 64, 1024, 4, true, 2000, 4000, 512, false, true,
+     true},
+    {"prefill gqa2 d64 window 512", 2, 8, 4, 64, 64, 512, 4, true, 2000, 4000, 512, false, true,
+     true},
+    {"decode gqa2 d64 window 1024", 4, 8, 4, 64, 64, 1024, 4, true, 2000, 4000, 1, false, true,
+     true},
 };
 
 const DType kWeightDtypes[] = {DType::F32, DType::BF16, DType::F16, DType::Q8_0};

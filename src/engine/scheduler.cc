@@ -269,6 +269,12 @@ void Scheduler::publish_stats() {
     s.usage.global_tokens += b.global_tokens;
     s.usage.local_tokens += b.local_tokens;
   }
+  if (opts_.prefix_cache) {
+    const PrefixCacheStats p = opts_.prefix_cache->counters();
+    s.prefix_evictions = p.evictions;
+    s.prefix_entries = p.entries;
+    s.prefix_pages = p.pages;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     s.queued = static_cast<int64_t>(queue_.size());
@@ -461,8 +467,8 @@ Scheduler::OomAction Scheduler::start_reuse(Request& r) {
     start();
     return OomAction::kRun;
   } catch (const OutOfKvMemory& e) {
-    // Cached segments make way for the request first; then the fallback policy decides.
-    if (opts_.chunk_store && opts_.chunk_store->yield_pages(r.reserved_pages)) {
+    // Cached KV makes way for the request first; then the fallback policy decides.
+    if (reclaim_cached_pages(r.reserved_pages)) {
       try {
         start();
         return OomAction::kRun;
@@ -498,6 +504,15 @@ Scheduler::OomAction Scheduler::reuse_out_of_pages(Request& r, const std::string
   ++counters_.reuse_waits;
   hold_admission_ = true;
   return OomAction::kRequeue;
+}
+
+bool Scheduler::reclaim_cached_pages(int64_t pages) {
+  if (opts_.chunk_store && opts_.chunk_store->yield_pages(pages)) return true;
+  if (opts_.prefix_cache && opts_.prefix_cache->make_room(pages)) {
+    ++counters_.prefix_reclaims;
+    return true;
+  }
+  return false;
 }
 
 void Scheduler::requeue(RequestPtr r) {
@@ -643,8 +658,8 @@ bool Scheduler::run_reuse_forward() {
     try {
       r.job->run_next();
     } catch (const OutOfKvMemory& e) {
-      // Cached segments make way first (the job retries next step); then the policy decides.
-      if (opts_.chunk_store && opts_.chunk_store->yield_pages(r.reserved_pages)) return true;
+      // Cached KV makes way first (the job retries next step); then the policy decides.
+      if (reclaim_cached_pages(r.reserved_pages)) return true;
       const OomAction a = reuse_out_of_pages(r, e.what());
       if (a == OomAction::kRequeue) {
         RequestPtr self = std::move(running_[i]);
@@ -761,10 +776,9 @@ bool Scheduler::run_group(const Batch& batch, PagedKvCache& cache, const std::ve
     else
       logits = model_.forward(batch, cache);
   } catch (const OutOfKvMemory& e) {
-    // The cache is unchanged. Cached segments make way for live requests first; else drop the
-    // newest request and let the next step retry without it.
-    if (opts_.chunk_store && opts_.chunk_store->yield_pages(cache.pages_needed(batch)))
-      return false;
+    // The cache is unchanged. Cached KV makes way for live requests first; else drop the newest
+    // request and let the next step retry without it.
+    if (reclaim_cached_pages(cache.pages_needed(batch))) return false;
     if (running_.size() == 1) {
       finish(*running_[0], FinishReason::kError, std::string("KV cache too small: ") + e.what());
     } else {

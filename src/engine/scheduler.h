@@ -176,6 +176,9 @@ struct SchedulerStats {
   int64_t reuse_waits = 0;  // reuse prefills requeued for pages (fallback policy wait)
   int64_t prefix_queries = 0, prefix_hits = 0, prefix_hit_tokens = 0;  // prefix mode
   int64_t prefix_query_tokens = 0;
+  int64_t prefix_reclaims = 0;   // times live requests took pages back from prefix entries
+  int64_t prefix_evictions = 0;  // prefix entries dropped (room for requests, or the page budget)
+  int64_t prefix_entries = 0, prefix_pages = 0;  // entries now and the pool pages they reference
   std::map<std::string, int64_t> fallbacks;   // requests served in another mode, by reason
   std::map<std::string, int64_t> modes_used;  // requests by the mode that ran
 };
@@ -252,6 +255,9 @@ class Scheduler {
   OomAction start_reuse(Request& r);
   OomAction reuse_out_of_pages(Request& r, const std::string& what);
   void requeue(RequestPtr r);
+  // Live requests come before cached KV: cached segments (chunk store) are demoted, then prefix
+  // cache entries evicted (LRU), until the pool has `pages` free pages. Whether it has them.
+  bool reclaim_cached_pages(int64_t pages);
   // Runs one forward of the oldest reuse prefill in progress; false when none is.
   bool run_reuse_forward();
   // Whether `r`'s next token needs host logits (sampling, penalties, logprobs; its forks').

@@ -240,12 +240,17 @@ void PrefixCache::clear() {
   while (!entries_.empty()) drop(entries_.begin()->first);
 }
 
-PrefixCacheStats PrefixCache::stats() const {
+PrefixCacheStats PrefixCache::counters() const {
   PrefixCacheStats s = stats_;
   s.entries = static_cast<int64_t>(entries_.size());
+  s.pages = static_cast<int64_t>(page_refs_.size());
+  return s;
+}
+
+PrefixCacheStats PrefixCache::stats() const {
+  PrefixCacheStats s = counters();
   s.tokens = 0;
   for (const auto& [id, e] : entries_) s.tokens += static_cast<int64_t>(e.tokens.size());
-  s.pages = static_cast<int64_t>(page_refs_.size());
   s.exclusive_pages = exclusive_pages();
   return s;
 }

@@ -101,7 +101,10 @@ class PrefixCache {
   static std::vector<uint64_t> chain_hashes(uint64_t model_fp, std::span<const int32_t> tokens,
                                             int32_t block_tokens);
 
+  // Every field; O(pages held) (exclusive_pages walks them).
   PrefixCacheStats stats() const;
+  // The counters, entries and pages, in O(1) (tokens and exclusive_pages left 0): per step.
+  PrefixCacheStats counters() const;
   int32_t block_tokens() const { return block_; }
   // Whether `seq` is one of the cache's entry sequences.
   bool is_entry(SeqId seq) const { return entries_.count(seq) != 0; }

@@ -200,6 +200,16 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
         s.prefix_hits, "counter");
   gauge(out, "redknot_prefix_cache_hit_tokens_total", "Prompt tokens shared from the prefix cache.",
         s.prefix_hit_tokens, "counter");
+  gauge(out, "redknot_prefix_cache_evictions_total",
+        "Prefix cache entries dropped to make room for live requests or by the page budget.",
+        s.prefix_evictions, "counter");
+  gauge(out, "redknot_prefix_cache_reclaims_total",
+        "Times a live request that ran out of KV pages took them back from prefix cache entries.",
+        s.prefix_reclaims, "counter");
+  gauge(out, "redknot_prefix_cache_entries", "Prefix cache entries held.", s.prefix_entries,
+        "gauge");
+  gauge(out, "redknot_prefix_cache_pages", "KV pool pages the prefix cache entries reference.",
+        s.prefix_pages, "gauge");
 
   // The same quantities under the names vLLM's dashboards and autoscalers read.
   auto vllm = [&](const std::string& name, const std::string& help, double v,
