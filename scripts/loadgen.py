@@ -436,6 +436,10 @@ async def run_rate(mode, rate, reqs, docs, rand, deadline):
             await asyncio.sleep(wait)
         lags.append(max(0.0, time.perf_counter() - (t0 + at)) * 1e3)
         tasks.append(asyncio.create_task(run_one(req, docs, mode)))
+    if not tasks and truncated:
+        stop.set()
+        await sampling
+        return None  # not one arrival before the deadline
     drain = num("drain-s")
     if deadline:
         drain = max(0.0, min(drain, deadline - time.perf_counter()))
@@ -643,13 +647,14 @@ async def main():
     plan = [(m, ri) for m in modes for ri in range(len(rates))]
     if ARGS["order"] == "rate":
         plan = [(m, ri) for ri in range(len(rates)) for m in modes]
-    rows, saturated = [], set()
+    rows, saturated, out_of_time = [], set(), False
     for mode, ri in plan:
         rate = rates[ri]
         if mode in saturated:
             print(f"# {mode} @ {rate:g} req/s: skipped (a lower rate did not drain)", flush=True)
             continue
-        if deadline and time.perf_counter() >= deadline:
+        out_of_time = out_of_time or bool(deadline and time.perf_counter() >= deadline)
+        if out_of_time:
             print(f"# {mode} @ {rate:g} req/s: skipped (--deadline-s reached)", flush=True)
             continue
         # One request stream per rate, the same for every mode (caches fill across runs of one
@@ -660,7 +665,12 @@ async def main():
         if num("warmup") > 0:
             await asyncio.gather(*(run_one(q, docs, mode) for q in reqs[:int(num("warmup"))]))
         row = await run_rate(mode, rate, reqs, docs, r2, deadline)
+        if row is None:
+            out_of_time = True
+            print(f"# {mode} @ {rate:g} req/s: skipped (--deadline-s reached)", flush=True)
+            continue
         rows.append(row)
+        out_of_time = row["truncated"]  # its next arrival fell after the deadline
         if row["drain_timeout"]:
             saturated.add(mode)
         note = (" (truncated by --deadline-s)" if row["truncated"] else "") + (
