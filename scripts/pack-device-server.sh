@@ -4,7 +4,7 @@
 # packages are, into build-srv-cuda/, and copies the shared libraries they need that the GPU
 # machine lacks (cpp-httplib, PCRE2, utf8proc, OpenSSL, ...) into .devlibs/, so that `run` can
 # carry them: ["build-srv-cuda/redknot", "build-srv-cuda/src/op_parity_test", ".devlibs"] for
-# scripts/gpu-serve-check.sh.
+# scripts/gpu-serve-check.sh; scripts/gpu-serve-sweep.sh carries the first and the last.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="$ROOT/build-srv-cuda"

@@ -18,10 +18,11 @@ if [ "${REDKNOT_SKIP_SANITIZERS:-0}" != "1" ]; then
   cmake --build "$root/build-asan" -j"$jobs"
   # Every test except the long numeric parity sweeps and the shipped model's serving and
   # calibration runs, which run the same code paths as the tests here and take 10x longer under
-  # ASan (they ran in the Release pass above; calibration's search, plot and PNG unit tests run).
+  # ASan (they ran in the Release pass above; calibration's search, plot and PNG unit tests run),
+  # and the load generator's test (Python: nothing of it is built).
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir "$root/build-asan" -j"$jobs" --output-on-failure \
-      -E '^(refs_parity_test|paged_parity_test|mixed_profile_test|rag_model_test|serving_reuse_test|calibrate_cli_test)$'
+      -E '^(refs_parity_test|paged_parity_test|mixed_profile_test|rag_model_test|serving_reuse_test|calibrate_cli_test|loadgen_test)$'
   # One model of the parity sweep still runs under the sanitizers, whole and chunked; and the
   # scheduler's reuse paths on the tiny model (the shipped model's 8K runs are timing tests).
   "$root/build-asan/src/refs_parity_test" --gtest_filter='*qwen3_tiny_cpu*' --gtest_brief=1
