@@ -387,9 +387,15 @@ TEST(TensorParallelCli, GenerateMatchesOneRankAndRefusesWhatItCannotRun) {
   const CliResult cuda = run_cli(args + " --backend cuda --tensor-parallel-size 2");
   EXPECT_NE(cuda.status, 0);
   EXPECT_NE(cuda.out.find("NCCL"), std::string::npos) << cuda.out;
+  // serve runs ranks without the chunk store only (tests/server/tensor_parallel.test.mjs);
+  // eval's loop drives one model.
   const CliResult serve = run_cli("serve --model " + model + " --tensor-parallel-size 2");
   EXPECT_NE(serve.status, 0);
-  EXPECT_NE(serve.out.find("not supported yet"), std::string::npos) << serve.out;
+  EXPECT_NE(serve.out.find("needs --reuse-mode off"), std::string::npos) << serve.out;
+  const CliResult serve_cuda = run_cli("serve --model " + model +
+                                       " --backend cuda --reuse-mode off --tensor-parallel-size 2");
+  EXPECT_NE(serve_cuda.status, 0);
+  EXPECT_NE(serve_cuda.out.find("NCCL"), std::string::npos) << serve_cuda.out;
 }
 
 // Segmented prompts through the CLI on the shipped model (its head profile and Sparse FFN
