@@ -209,7 +209,7 @@ int run_serve(const ServeArgs& a) {
   std::filesystem::path p(a.model);
   if (p.filename().empty()) p = p.parent_path();  // "dir/"
   o.model_id = a.model_id.empty() ? p.stem().string() : a.model_id;
-  server::Server srv(*tok, m.ckpt.config, sched, o);  // the whole model's config
+  server::Server srv(*tok, model.global_config(), sched, o);  // not rank 0's shard
   const int port = srv.bind();
   g_server = &srv;
   std::signal(SIGINT, on_signal);

@@ -197,17 +197,24 @@ void Scheduler::forward_ranks(const Batch& batch, PagedKvCache& cache, bool gree
       throw OutOfKvMemory("KV pool: batch needs " + std::to_string(need) + " pages, " +
                           std::to_string(c->pool().num_free()) + " free on a rank");
   }
-  run_ranks(*opts_.ranks->group, [&](int rank) {
-    Model& m = *opts_.ranks->ranks[static_cast<size_t>(rank)].model;
-    PagedKvCache& c = *caches[static_cast<size_t>(rank)];
-    if (greedy) {
-      std::vector<int32_t> ids = m.forward_greedy(batch, c);
-      if (rank == 0) *greedy_ids = std::move(ids);
-    } else {
-      Tensor t = m.forward(batch, c);
-      if (rank == 0) *logits = std::move(t);
-    }
-  });
+  try {
+    run_ranks(*opts_.ranks->group, [&](int rank) {
+      Model& m = *opts_.ranks->ranks[static_cast<size_t>(rank)].model;
+      PagedKvCache& c = *caches[static_cast<size_t>(rank)];
+      if (greedy) {
+        std::vector<int32_t> ids = m.forward_greedy(batch, c);
+        if (rank == 0) *greedy_ids = std::move(ids);
+      } else {
+        Tensor t = m.forward(batch, c);
+        if (rank == 0) *logits = std::move(t);
+      }
+    });
+  } catch (const OutOfKvMemory& e) {
+    // Past the check the group is aborted and the ranks' caches may differ: not the "nothing
+    // changed, preempt and retry" case, so the batch fails instead.
+    throw Error(std::string("tensor parallel step: a rank ran out of KV pages mid-forward: ") +
+                e.what());
+  }
 }
 
 std::shared_ptr<RequestStream> Scheduler::submit(RequestSpec spec) {
@@ -324,7 +331,11 @@ void Scheduler::publish_stats() {
   SchedulerStats s = counters_;
   s.running = static_cast<int64_t>(running_.size());
   s.pool_pages = cache_.pool().num_pages();
+  // Tensor parallel: the fullest rank's free pages, the ones that bound admission and steps.
   s.free_pages = cache_.pool().num_free();
+  if (opts_.ranks)
+    for (const RankGroup::Rank& r : opts_.ranks->ranks)
+      s.free_pages = std::min<int64_t>(s.free_pages, r.cache->pool().num_free());
   s.page_bytes = cache_.pool().bytes_per_page();
   s.usage = cache_.usage();
   if (opts_.baseline_cache) {

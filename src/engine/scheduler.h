@@ -305,7 +305,8 @@ class Scheduler {
   // made on all of them so that the ranks' caches stay alike.
   std::vector<PagedKvCache*> rank_caches(PagedKvCache& cache) const;
   // The step's forward over `batch` on every rank (rank 0's result); throws OutOfKvMemory,
-  // changing nothing on any rank, when one rank's pool cannot hold the batch.
+  // changing nothing on any rank, when one rank's pool cannot hold the batch (any failure once
+  // the ranks run is an Error: the group is aborted).
   void forward_ranks(const Batch& batch, PagedKvCache& cache, bool greedy, Tensor* logits,
                      std::vector<int32_t>* greedy_ids);
 
