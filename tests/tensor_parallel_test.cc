@@ -1,7 +1,8 @@
 // Tensor parallelism on the CPU (issue #23): every refs model sharded over 2 and 4 in-process
 // ranks gives the logits of the unsharded model (<= 1e-4 relative) and of transformers, with
 // and without a mixed global/local head profile, with head placement on and off, through reuse
-// modes; each rank's KV holds its own kv heads (split at 2 ranks, replicated at 4).
+// modes and the serving scheduler; each rank's KV holds its own kv heads (split at 2 ranks,
+// replicated at 4).
 #include <cmath>
 #include <numeric>
 
@@ -9,6 +10,7 @@
 #include "engine/engine_setup.h"
 #include "engine/generate.h"
 #include "engine/kv_setup.h"
+#include "engine/scheduler.h"
 #include "kv/head_placement.h"
 #include "loader/permute_heads.h"
 #include "loader/shard_checkpoint.h"
@@ -352,6 +354,140 @@ TEST(TensorParallelEngine, AssemblyPlacesShardsAndMatchesOneRank) {
   EXPECT_LE(rel_diff(logits(plain_path, 2), base), 1e-4);
 }
 
+// serve's split (docs/tensor-parallel.md) on the Scheduler itself: it plans on rank 0 and every
+// rank runs its steps. kv head 1 is the global one, so rank 1 (at 2 ranks; ranks 2, 3 at 4) needs
+// more pages than rank 0: admission must count the fullest rank (no preemption while it
+// reserves), and a step that only rank 1's pool cannot hold must preempt on every rank instead of
+// failing inside a collective. Greedy tokens, logprobs (the host-logits path) and n = 2 (forks on
+// every rank) equal TP = 1's.
+TEST(TensorParallelServe, SchedulerStepsRunOnEveryRank) {
+  RK_REQUIRE_SHARED("refs/llama3-tiny");
+  const std::string dir = shared_path("refs/llama3-tiny");
+  const ModelConfig cfg = load_checkpoint(dir).config;
+  HeadProfile profile(static_cast<int32_t>(cfg.num_layers), static_cast<int32_t>(cfg.num_kv_heads));
+  for (int32_t l = 0; l < profile.num_layers(); ++l)
+    for (int32_t h = 0; h < profile.num_kv_heads(); ++h)
+      profile.at(l, h).classify(/*global=*/h == 1, cfg.sliding_window, 24, 4);
+  const std::string profile_path = ::testing::TempDir() + "/tp_serve_profile.json";
+  profile.save(profile_path);
+  constexpr int32_t kPage = 16;
+  std::vector<RequestSpec> specs;
+  for (int i = 0; i < 6; ++i) {
+    RequestSpec s;
+    s.query = random_ids(90 + 13 * i, cfg.vocab_size, 70 + i);
+    s.max_tokens = 20;
+    if (i == 2) s.logprobs = 2;
+    specs.push_back(s);
+  }
+  const int fork_request = 4;  // n = 2
+
+  struct Served {
+    std::vector<RequestStream::Chunk> out;
+    SchedulerStats stats;
+  };
+  // As run_serve: open_engine_model, every rank's stores at the same budget, the rank group.
+  auto serve = [&](int tp, int64_t pool_pages, double reserve, bool chunk_store = false,
+                   int64_t rank1_pages = 0) {
+    EngineOptions eo;
+    eo.head_profile = profile_path;
+    eo.tensor_parallel_size = tp;
+    eo.batch_invariant = true;  // as serve on the CPU: a recomputed request gets the same bits
+    eo.page_size = kPage;
+    LoadedEngineModel m = open_engine_model(dir, eo);
+    std::vector<Model*> models;
+    if (m.tp)
+      for (auto& rank : m.tp->models) models.push_back(rank.get());
+    else
+      models.push_back(m.model.get());
+    const int64_t page_bytes = [&] {
+      EngineOptions probe = eo;
+      probe.request_tokens = kPage;
+      return build_engine_stores(*models[0], m.ckpt, probe).kv.pool->bytes_per_page();
+    }();
+    std::vector<EngineStores> stores;
+    for (size_t r = 0; r < models.size(); ++r) {
+      eo.kv_budget_bytes = (r == 1 && rank1_pages > 0 ? rank1_pages : pool_pages) * page_bytes;
+      stores.push_back(build_engine_stores(*models[r], m.ckpt, eo));
+    }
+    EXPECT_EQ(stores[0].kv.pool->num_pages(), pool_pages);
+    std::unique_ptr<ChunkStore> chunks;
+    SchedulerOptions so;
+    so.reserve_fraction = reserve;
+    so.step_tokens = 64;
+    if (chunk_store) {
+      ChunkStoreOptions cso;
+      cso.pool_budget_bytes = 8 * page_bytes;
+      chunks = std::make_unique<ChunkStore>(*models[0], *stores[0].kv.pool, cso);
+      so.chunk_store = chunks.get();
+    }
+    RankGroup ranks;
+    if (m.tp) {
+      ranks.group = m.tp->group.get();
+      for (size_t r = 0; r < models.size(); ++r)
+        ranks.ranks.push_back({models[r], stores[r].kv.cache.get(), nullptr});
+      so.ranks = &ranks;
+    }
+    Served s;
+    Scheduler sched(*models[0], *stores[0].kv.cache, so);
+    std::vector<std::shared_ptr<RequestStream>> streams;
+    for (size_t i = 0; i < specs.size(); ++i)
+      for (auto& st : sched.submit_n(specs[i], i == fork_request ? 2 : 1)) streams.push_back(st);
+    for (auto& st : streams) s.out.push_back(st->wait_all());
+    sched.wait_idle();
+    s.stats = sched.stats();
+    for (size_t r = 0; r < stores.size(); ++r)
+      EXPECT_EQ(stores[r].kv.pool->num_free(), stores[r].kv.pool->num_pages())
+          << "TP=" << tp << " rank " << r << " holds pages after every request ended";
+    return s;
+  };
+
+  const Served base = serve(1, 2000, 1.0);
+  ASSERT_EQ(base.out.size(), specs.size() + 1);
+  EXPECT_EQ(base.stats.preemptions, 0);
+  EXPECT_EQ(base.out[fork_request].tokens, base.out[fork_request + 1].tokens);  // greedy
+  auto expect_base = [&](const Served& got, const std::string& what) {
+    ASSERT_EQ(got.out.size(), base.out.size()) << what;
+    EXPECT_EQ(got.stats.failed, 0) << what;
+    for (size_t i = 0; i < got.out.size(); ++i) {
+      const RequestStream::Chunk &g = got.out[i], &b = base.out[i];
+      EXPECT_EQ(g.reason, FinishReason::kLength) << what << " request " << i << ": " << g.error;
+      EXPECT_EQ(g.tokens, b.tokens) << what << " request " << i;
+      ASSERT_EQ(g.logprobs.size(), b.logprobs.size()) << what << " request " << i;
+      for (size_t t = 0; t < g.logprobs.size(); ++t) {
+        EXPECT_NEAR(g.logprobs[t].logprob, b.logprobs[t].logprob, 1e-3) << what;
+        ASSERT_EQ(g.logprobs[t].top.size(), 2u);
+        EXPECT_EQ(g.logprobs[t].top[0].first, b.logprobs[t].top[0].first) << what;
+      }
+    }
+  };
+  EXPECT_EQ(base.out[2].logprobs.size(), 20u);
+  // 80 pages per rank: about three requests at rank 1's need (33 pages for the longest), five or
+  // six at rank 0's (12): admission by rank 0 alone would over-commit rank 1.
+  const Served reserved = serve(2, 80, 1.0);
+  expect_base(reserved, "TP=2 reserving");
+  EXPECT_EQ(reserved.stats.preemptions, 0);
+  for (int tp : {2, 4}) {
+    // Admission over-commits: rank 1's pool runs out mid-decode while rank 0's has room.
+    const Served tight = serve(tp, 80, 0.0);
+    expect_base(tight, "TP=" + std::to_string(tp) + " over-committing");
+    EXPECT_GT(tight.stats.preemptions, 0) << "TP=" << tp;
+  }
+
+  // Not kept per rank: refused, not served with rank 0's store alone.
+  try {
+    serve(2, 80, 1.0, /*chunk_store=*/true);
+    ADD_FAILURE() << "a chunk store with ranks was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("chunk store"), std::string::npos) << e.what();
+  }
+  try {
+    serve(2, 80, 1.0, false, /*rank1_pages=*/60);
+    ADD_FAILURE() << "ranks with different pool sizes were accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("page count"), std::string::npos) << e.what();
+  }
+}
+
 // The CLI on transformers' greedy case: TP = 2 and 4 print the tokens TP = 1 and transformers
 // produce; shapes that do not split and CUDA ranks are refused (never a silent TP = 1).
 TEST(TensorParallelCli, GenerateMatchesOneRankAndRefusesWhatItCannotRun) {
@@ -387,9 +523,15 @@ TEST(TensorParallelCli, GenerateMatchesOneRankAndRefusesWhatItCannotRun) {
   const CliResult cuda = run_cli(args + " --backend cuda --tensor-parallel-size 2");
   EXPECT_NE(cuda.status, 0);
   EXPECT_NE(cuda.out.find("NCCL"), std::string::npos) << cuda.out;
+  // serve runs ranks without the chunk store only (tests/server/tensor_parallel.test.mjs);
+  // eval's loop drives one model.
   const CliResult serve = run_cli("serve --model " + model + " --tensor-parallel-size 2");
   EXPECT_NE(serve.status, 0);
-  EXPECT_NE(serve.out.find("not supported yet"), std::string::npos) << serve.out;
+  EXPECT_NE(serve.out.find("needs --reuse-mode off"), std::string::npos) << serve.out;
+  const CliResult serve_cuda = run_cli("serve --model " + model +
+                                       " --backend cuda --reuse-mode off --tensor-parallel-size 2");
+  EXPECT_NE(serve_cuda.status, 0);
+  EXPECT_NE(serve_cuda.out.find("NCCL"), std::string::npos) << serve_cuda.out;
 }
 
 // Segmented prompts through the CLI on the shipped model (its head profile and Sparse FFN

@@ -21,7 +21,7 @@ namespace redknot::cli {
 
 namespace {
 struct ServeArgs {
-  int32_t tensor_parallel_size = 1;  // refused above 1 (refuse_tensor_parallel)
+  int32_t tensor_parallel_size = 1;  // > 1: ranks as threads (CPU), --reuse-mode off
   std::string model, host = "127.0.0.1", api_key, backend = "cpu", quantization,
                      kv_cache_dtype = "auto";
   std::string chunk_store_dir, reuse_mode = "redknot", model_id, reuse_fallback = "wait";
@@ -96,6 +96,14 @@ ServeSetup resolve_serve(const ServeArgs& a) {
   eo.chunk_store_redis_admit = a.chunk_store_redis_admit;
   eo.chunk_store_redis_options.connect_timeout_ms = a.chunk_store_redis_connect_ms;
   eo.chunk_store_redis_options.io_timeout_ms = a.chunk_store_redis_timeout_ms;
+  eo.tensor_parallel_size = a.tensor_parallel_size;
+  // The scheduler keeps every rank's paged cache in step, but not yet a chunk store, prefix
+  // cache or handover per rank: refused rather than served with one rank's store.
+  if (a.tensor_parallel_size > 1 && a.reuse_mode != "off")
+    throw Error("serve --tensor-parallel-size " + std::to_string(a.tensor_parallel_size) +
+                " needs --reuse-mode off: the chunk store is not kept per rank by the server yet "
+                "(requests asking a reuse mode are then served full and report fallback "
+                "\"reuse_disabled\"; `generate --segment` runs reuse tensor parallel)");
   return s;
 }
 
@@ -122,16 +130,19 @@ void on_signal(int) {
 }
 
 int run_serve(const ServeArgs& a) {
-  refuse_tensor_parallel("serve", a.tensor_parallel_size);
   std::signal(SIGPIPE, SIG_IGN);  // a client hanging up must not kill the server
   ServeSetup setup = resolve_serve(a);
   const ReuseSettings& settings = setup.settings;
   EngineOptions& eo = setup.engine;
   LoadedModel m = load_model(a.model, eo);
-  Model& model = *m.model;
+  // Tensor parallel: the scheduler plans on rank 0's model and caches; every rank runs its steps.
+  Model& model = m.tp ? *m.tp->models[0] : *m.model;
   if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; the server needs one");
   const Tokenizer* tok = m.tokenizer.get();
   eo.request_tokens = model.config().max_position_embeddings;  // every batch slot at full context
+  std::vector<EngineStores> rank_stores;  // ranks 1.. (their heads' pages, same budget)
+  for (int r = 1; r < m.tp_size(); ++r)
+    rank_stores.push_back(build_engine_stores(*m.tp->models[static_cast<size_t>(r)], m.ckpt, eo));
   EngineStores stores = build_engine_stores(model, m.ckpt, eo);
   KvStore& store = stores.kv;
   std::unique_ptr<ChunkStore>& chunks = stores.chunks;
@@ -168,6 +179,15 @@ int run_serve(const ServeArgs& a) {
     so.handover_model_fp = model_fingerprint(model.config(), m.ckpt);
   }
   so.redknot_disabled = settings.redknot_disabled.value_or("");
+  RankGroup ranks;
+  if (m.tp) {
+    ranks.group = m.tp->group.get();
+    ranks.ranks.push_back({&model, store.cache.get(), store.baseline.get()});
+    for (size_t r = 0; r < rank_stores.size(); ++r)
+      ranks.ranks.push_back({m.tp->models[r + 1].get(), rank_stores[r].kv.cache.get(),
+                             rank_stores[r].kv.baseline.get()});
+    so.ranks = &ranks;
+  }
   Scheduler sched(model, *store.cache, so);
 
   server::ServerOptions o;
@@ -189,15 +209,16 @@ int run_serve(const ServeArgs& a) {
   std::filesystem::path p(a.model);
   if (p.filename().empty()) p = p.parent_path();  // "dir/"
   o.model_id = a.model_id.empty() ? p.stem().string() : a.model_id;
-  server::Server srv(*tok, model.config(), sched, o);
+  server::Server srv(*tok, model.global_config(), sched, o);  // not rank 0's shard
   const int port = srv.bind();
   g_server = &srv;
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
   std::cout << "redknot serve: model '" << o.model_id << "', " << store.pool->num_pages()
-            << " KV pages of " << a.page_size << " tokens, reuse settings from "
-            << (settings.source.empty() ? "defaults" : settings.source) << ", listening on http://"
-            << a.host << ":" << port << std::endl;
+            << " KV pages of " << a.page_size << " tokens"
+            << (m.tp ? " per rank, tensor parallel " + std::to_string(m.tp_size()) : "")
+            << ", reuse settings from " << (settings.source.empty() ? "defaults" : settings.source)
+            << ", listening on http://" << a.host << ":" << port << std::endl;
   if (settings.redknot_disabled)
     std::cout << "redknot serve: redknot mode is disabled by " << settings.source << " ("
               << *settings.redknot_disabled

@@ -92,7 +92,7 @@ void add_tensor_parallel_option(CLI::App* c, int32_t* size) {
 void refuse_tensor_parallel(const std::string& command, int32_t size) {
   if (size > 1)
     throw Error(command + " --tensor-parallel-size " + std::to_string(size) +
-                ": not supported yet (its engine loop drives one model; `generate` runs tensor "
+                ": not supported yet (its loop drives one model; `generate` and `serve` run tensor "
                 "parallel, docs/tensor-parallel.md)");
 }
 

@@ -54,8 +54,8 @@ void add_reuse_settings_options(CLI::App* c, ReuseSettings* given);
 // Precision of weights and KV (serve, generate, eval): --quantization none|fp8 and
 // --kv-cache-dtype auto|fp8 (values are checked where the engine is assembled).
 void add_precision_options(CLI::App* c, std::string* quantization, std::string* kv_cache_dtype);
-// --tensor-parallel-size N (generate runs it; serve and eval refuse N > 1 until their engine
-// loops run per rank: refuse_tensor_parallel).
+// --tensor-parallel-size N (generate and serve run it; eval refuses N > 1 until its loop runs
+// per rank: refuse_tensor_parallel).
 void add_tensor_parallel_option(CLI::App* c, int32_t* size);
 void refuse_tensor_parallel(const std::string& command, int32_t size);
 // redknot mode's pass options as value flags (serve, generate): --skip-dead-rows true|false,

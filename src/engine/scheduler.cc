@@ -128,6 +128,26 @@ Scheduler::Scheduler(Model& model, PagedKvCache& cache, SchedulerOptions options
   if (opts_.baseline_cache && &opts_.baseline_cache->pool() != &cache_.pool())
     throw Error("scheduler: the baseline cache must share the request cache's pool");
   if (opts_.reuse.chunk < 0) throw Error("scheduler: reuse chunk must be >= 0");
+  if (opts_.ranks) {
+    const RankGroup& g = *opts_.ranks;
+    if (g.group == nullptr || g.ranks.empty() ||
+        g.group->size() != static_cast<int>(g.ranks.size()))
+      throw Error("scheduler: a rank group needs its communicator and one entry per rank");
+    if (g.ranks[0].model != &model_ || g.ranks[0].cache != &cache_ ||
+        g.ranks[0].baseline != opts_.baseline_cache)
+      throw Error("scheduler: rank 0 must be the scheduler's own model and caches");
+    for (const RankGroup::Rank& r : g.ranks)
+      if (!r.model || !r.cache || (opts_.baseline_cache != nullptr) != (r.baseline != nullptr))
+        throw Error("scheduler: every rank needs its model and the same caches as rank 0");
+    // Kept per rank by generate's SPMD path, not yet by the scheduler's steps.
+    for (const RankGroup::Rank& r : g.ranks)
+      if (r.cache->pool().num_pages() != cache_.pool().num_pages())
+        throw Error("scheduler: every rank's KV pool must have rank 0's page count");
+    if (opts_.chunk_store || opts_.prefix_cache || opts_.handover)
+      throw Error(
+          "scheduler: tensor parallel serving runs without the chunk store, the prefix cache "
+          "and the KV handover (not yet kept per rank)");
+  }
   publish_stats();
   thread_ = std::thread([this] { loop(); });
 }
@@ -142,7 +162,59 @@ Scheduler::~Scheduler() {
 }
 
 int64_t Scheduler::estimate_pages(int64_t tokens, const PagedKvCache& cache) const {
-  return cache.profile().peak_pages_for(tokens, cache_.pool().page_size());
+  // Tensor parallel: the fullest rank's need (a rank holding more global heads needs more pages;
+  // every rank's pool has the same size), so that admission fits every rank.
+  int64_t pages = 0;
+  for (PagedKvCache* c : rank_caches(const_cast<PagedKvCache&>(cache)))
+    pages = std::max(pages, c->profile().peak_pages_for(tokens, cache_.pool().page_size()));
+  return pages;
+}
+
+std::vector<PagedKvCache*> Scheduler::rank_caches(PagedKvCache& cache) const {
+  if (!opts_.ranks) return {&cache};
+  const bool baseline = &cache != &cache_;
+  std::vector<PagedKvCache*> out;
+  for (const RankGroup::Rank& r : opts_.ranks->ranks)
+    out.push_back(baseline ? r.baseline : r.cache);
+  return out;
+}
+
+void Scheduler::forward_ranks(const Batch& batch, PagedKvCache& cache, bool greedy, Tensor* logits,
+                              std::vector<int32_t>* greedy_ids) {
+  if (!opts_.ranks) {
+    if (greedy)
+      *greedy_ids = model_.forward_greedy(batch, cache);
+    else
+      *logits = model_.forward(batch, cache);
+    return;
+  }
+  // One rank out of pages would leave the others waiting in a collective (and their caches
+  // changed): every pool is checked first, and the step is refused on all ranks alike.
+  const std::vector<PagedKvCache*> caches = rank_caches(cache);
+  for (PagedKvCache* c : caches) {
+    const int64_t need = c->pages_needed(batch);
+    if (need > c->pool().num_free())
+      throw OutOfKvMemory("KV pool: batch needs " + std::to_string(need) + " pages, " +
+                          std::to_string(c->pool().num_free()) + " free on a rank");
+  }
+  try {
+    run_ranks(*opts_.ranks->group, [&](int rank) {
+      Model& m = *opts_.ranks->ranks[static_cast<size_t>(rank)].model;
+      PagedKvCache& c = *caches[static_cast<size_t>(rank)];
+      if (greedy) {
+        std::vector<int32_t> ids = m.forward_greedy(batch, c);
+        if (rank == 0) *greedy_ids = std::move(ids);
+      } else {
+        Tensor t = m.forward(batch, c);
+        if (rank == 0) *logits = std::move(t);
+      }
+    });
+  } catch (const OutOfKvMemory& e) {
+    // Past the check the group is aborted and the ranks' caches may differ: not the "nothing
+    // changed, preempt and retry" case, so the batch fails instead.
+    throw Error(std::string("tensor parallel step: a rank ran out of KV pages mid-forward: ") +
+                e.what());
+  }
 }
 
 std::shared_ptr<RequestStream> Scheduler::submit(RequestSpec spec) {
@@ -259,7 +331,11 @@ void Scheduler::publish_stats() {
   SchedulerStats s = counters_;
   s.running = static_cast<int64_t>(running_.size());
   s.pool_pages = cache_.pool().num_pages();
+  // Tensor parallel: the fullest rank's free pages, the ones that bound admission and steps.
   s.free_pages = cache_.pool().num_free();
+  if (opts_.ranks)
+    for (const RankGroup::Rank& r : opts_.ranks->ranks)
+      s.free_pages = std::min<int64_t>(s.free_pages, r.cache->pool().num_free());
   s.page_bytes = cache_.pool().bytes_per_page();
   s.usage = cache_.usage();
   if (opts_.baseline_cache) {
@@ -328,7 +404,8 @@ PagedKvCache& Scheduler::cache_for(ReuseMode mode) {
 
 void Scheduler::release(Request& r) {
   r.job.reset();  // unpins its segments, abandons reserved misses
-  if (r.seq >= 0 && r.cache->has_sequence(r.seq)) r.cache->remove_sequence(r.seq);
+  if (r.seq >= 0 && r.cache->has_sequence(r.seq))
+    for (PagedKvCache* c : rank_caches(*r.cache)) c->remove_sequence(r.seq);
   r.seq = -1;
   r.fed = 0;
   reserved_pages_ -= r.reserved_pages;
@@ -407,7 +484,7 @@ void Scheduler::admit() {
     }
     reserved_pages_ += r->reserved_pages;
     r->seq = take_seq_id();
-    r->cache->add_sequence(r->seq);
+    for (PagedKvCache* c : rank_caches(*r->cache)) c->add_sequence(r->seq);
     r->fed = 0;
     r->stream->cached_tokens_.store(0);
     // A handed-over prompt: its KV and first token come from the remote store, no prefill.
@@ -484,8 +561,10 @@ Scheduler::OomAction Scheduler::reuse_out_of_pages(Request& r, const std::string
   switch (opts_.reuse_fallback) {
     case ReuseFallback::kDense:
       // Start over densely in the same cache; the normal steps may still preempt it.
-      r.cache->remove_sequence(r.seq);
-      r.cache->add_sequence(r.seq);
+      for (PagedKvCache* c : rank_caches(*r.cache)) {
+        c->remove_sequence(r.seq);
+        c->add_sequence(r.seq);
+      }
       r.fed = 0;
       r.path.used = ReuseMode::Full;
       r.path.fallback = "out_of_kv_pages";
@@ -611,7 +690,7 @@ void Scheduler::start_forks(Request& r, const float* logits, int32_t greedy_id) 
   for (RequestPtr& f : r.forks) {
     // The prompt's KV (and nothing else yet) is in r's sequence: share it page by page.
     f->seq = take_seq_id();
-    r.cache->fork(r.seq, f->seq);
+    for (PagedKvCache* c : rank_caches(*r.cache)) c->fork(r.seq, f->seq);
     f->fed = r.prompt_len;
     f->path = r.path;
     f->stream->cached_tokens_.store(r.stream->cached_tokens());
@@ -771,10 +850,7 @@ bool Scheduler::run_group(const Batch& batch, PagedKvCache& cache, const std::ve
   Tensor logits;
   std::vector<int32_t> greedy_ids;
   try {
-    if (all_greedy)
-      greedy_ids = model_.forward_greedy(batch, cache);
-    else
-      logits = model_.forward(batch, cache);
+    forward_ranks(batch, cache, all_greedy, &logits, &greedy_ids);
   } catch (const OutOfKvMemory& e) {
     // The cache is unchanged. Cached KV makes way for live requests first; else drop the newest
     // request and let the next step retry without it.

@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "backend/communicator.h"
 #include "core/error.h"
 #include "engine/sampler.h"
 #include "kv/paged_kv_cache.h"
@@ -119,6 +120,21 @@ class RequestStream {
   std::vector<std::chrono::steady_clock::time_point> token_times_;
 };
 
+// Tensor-parallel serving (docs/tensor-parallel.md): the ranks that execute the scheduler's steps.
+// The scheduler plans once, on rank 0's model and caches (the ones given to its constructor);
+// every sequence change and forward it decides is then done by every rank in lockstep (one thread
+// per rank, each on its shard and its own caches holding its heads), and rank 0's logits, equal
+// on every rank after the lm_head all-gather, drive sampling.
+struct RankGroup {
+  struct Rank {
+    Model* model = nullptr;
+    PagedKvCache* cache = nullptr;     // head-aware
+    PagedKvCache* baseline = nullptr;  // all-global over the same pool, or null
+  };
+  InProcessGroup* group = nullptr;
+  std::vector<Rank> ranks;  // [0]: the scheduler's own model and caches
+};
+
 // What the scheduler does when a reuse prefill runs out of KV pages (a miss's prefill, the
 // relocation or a recomputation forward). Errors other than out-of-memory fail the request.
 enum class ReuseFallback {
@@ -156,6 +172,9 @@ struct SchedulerOptions {
   // on the engine thread, and the fingerprint its keys carry.
   RemoteKv* handover = nullptr;
   uint64_t handover_model_fp = 0;
+  // Tensor parallel: the ranks every step runs on (null: the one model). The chunk store, the
+  // prefix cache and the handover are refused with ranks (not yet kept per rank here).
+  RankGroup* ranks = nullptr;
 };
 
 // A consistent view of the engine for /metrics and tests.
@@ -282,6 +301,14 @@ class Scheduler {
   void release(Request& r);
   void preempt(size_t running_index);
   void publish_stats();
+  // Every rank's counterpart of rank 0's `cache` (one entry without ranks): sequence changes are
+  // made on all of them so that the ranks' caches stay alike.
+  std::vector<PagedKvCache*> rank_caches(PagedKvCache& cache) const;
+  // The step's forward over `batch` on every rank (rank 0's result); throws OutOfKvMemory,
+  // changing nothing on any rank, when one rank's pool cannot hold the batch (any failure once
+  // the ranks run is an Error: the group is aborted).
+  void forward_ranks(const Batch& batch, PagedKvCache& cache, bool greedy, Tensor* logits,
+                     std::vector<int32_t>* greedy_ids);
 
   Model& model_;
   PagedKvCache& cache_;  // head-aware
