@@ -2,6 +2,7 @@
 // slices (data/calib/ci-*.jsonl.gz: gen_data.py seeds 2611 and 2612, 1K and 2K tokens, one sample
 // per task family; never used for training, the eval set or the docs' numbers): it writes a
 // setting that generate and serve then run with, and refuses a guard no setting can meet.
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -71,6 +72,14 @@ TEST(CalibrateCli, WritesASettingThatServeAndGenerateUse) {
   EXPECT_EQ(hp["params"]["ratio"], result["ratio"]);
   EXPECT_EQ(hp["params"]["window"], result["window"]);
   EXPECT_EQ(hp["params"]["sink"], result["sink"]);
+  // Every cut's heads were ranked at the grid's smallest window (the window only widens what the
+  // local heads read), and the record says so.
+  const nlohmann::json& windows = s["calibration"]["grid"]["values"]["windows"];
+  ASSERT_TRUE(windows.is_array() && !windows.empty()) << s.dump();
+  int64_t smallest = windows[0].get<int64_t>();
+  for (const auto& w : windows) smallest = std::min(smallest, w.get<int64_t>());
+  EXPECT_EQ(s["calibration"]["grid"]["rank_window"], smallest);
+  EXPECT_EQ(hp["params"]["rank_window"], smallest);
   // The plot is a PNG.
   std::ifstream png(plot, std::ios::binary);
   char sig[8] = {};

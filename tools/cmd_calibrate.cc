@@ -38,6 +38,8 @@ struct CalibrateArgs {
   std::vector<int32_t> windows, sinks, dilates;
   int32_t max_evals = 0;
   int32_t profile_max_tokens = 2048, profile_chunks = 4, profile_prefixes = 2;
+  // Window the heads are ranked at (0: the grid's smallest; -1: each window its own ranking).
+  int32_t rank_window = 0;
   std::optional<int32_t> reuse_chunk;
   int32_t max_answer_tokens = 16;
   bool json = false, quiet = false;
@@ -182,8 +184,16 @@ int run_calibrate(const CalibrateArgs& a) {
     std::fprintf(stderr, "\n[calibrate] full prefill on %lld samples: EM %.1f, F1 %.1f (%.0f s)\n",
                  (long long)full.n, 100 * full.em, 100 * full.f1, secs());
 
-  // Head scores, measured once per (window, sink) on first use; each ratio re-cuts them.
+  // Head scores, measured once per (ranking window, sink) on first use; each (ratio, window)
+  // re-cuts them. The ranking window is one for every cut by default (the grid's smallest): a
+  // head's mass beyond a wide window, averaged over every query of the profiling text, no longer
+  // tells the heads that retrieve far from the rest (a window of 1024 on 4K prompts dropped the
+  // second test model's deep retrieval heads and every answer, docs/benchmarks.md), while with
+  // one ranking a wider window only lets the same local heads see more.
   const std::vector<std::vector<int32_t>> docs = profile_docs(data.samples, tok);
+  const int32_t rank_window = a.rank_window == 0
+                                  ? *std::min_element(grid.windows.begin(), grid.windows.end())
+                                  : a.rank_window;
   std::map<std::pair<int32_t, int32_t>, HeadProfile> profiled;
   auto profile_options = [&](const CalibSetting& s) {
     ProfileOptions o;
@@ -196,17 +206,21 @@ int run_calibrate(const CalibrateArgs& a) {
   };
   auto head_profile = [&](const CalibSetting& s) {
     const ProfileOptions o = profile_options(s);
-    auto it = profiled.find({s.window, s.sink});
+    const int32_t ranked_at = rank_window < 0 ? s.window : rank_window;
+    auto it = profiled.find({ranked_at, s.sink});
     if (it == profiled.end()) {
       if (!a.quiet)
-        std::fprintf(stderr, "[calibrate] profiling heads (window %d, sink %d)\n", s.window,
+        std::fprintf(stderr, "[calibrate] profiling heads (window %d, sink %d)\n", ranked_at,
                      s.sink);
-      HeadProfile p = profile_heads(model, docs, o);
+      ProfileOptions po = o;
+      po.window = ranked_at;
+      HeadProfile p = profile_heads(model, docs, po);
       p.params["model"] = a.model;
-      it = profiled.emplace(std::make_pair(s.window, s.sink), std::move(p)).first;
+      p.params["rank_window"] = ranked_at;
+      it = profiled.emplace(std::make_pair(ranked_at, s.sink), std::move(p)).first;
     }
     HeadProfile p = it->second;
-    classify_heads(p, o, cfg.sliding_window);
+    classify_heads(p, o, cfg.sliding_window);  // local heads get the cut's own window
     return p;
   };
   auto settings_for = [&](const CalibSetting& s, const std::string& profile_path) {
@@ -247,7 +261,7 @@ int run_calibrate(const CalibrateArgs& a) {
   nlohmann::json calib = {
       {"method", "redknot calibrate (docs/calibrate.md)"},
       {"guard", a.guard.to_json()},
-      {"grid", {{"name", a.grid}, {"values", grid.to_json()}}},
+      {"grid", {{"name", a.grid}, {"values", grid.to_json()}, {"rank_window", rank_window}}},
       {"data", data.files},
       {"samples", data.samples.size()},
       {"full", {{"em", full.em}, {"f1", full.f1}}},
@@ -329,6 +343,10 @@ void add_calibrate_command(CLI::App& app, std::function<int()>& action) {
       ->check(CLI::Range(0, 1 << 20));
   c->add_option("--profile-prefixes", a->profile_prefixes, "profiler: prefixes per chunk")
       ->check(CLI::Range(1, 64));
+  c->add_option("--rank-window", a->rank_window,
+                "window the heads are ranked at for every cut (0: the grid's smallest; -1: each "
+                "window ranks its own, as before)")
+      ->check(CLI::Range(-1, 1 << 30));
   c->add_option_function<int32_t>(
        "--reuse-chunk", [a](const int32_t& v) { a->reuse_chunk = v; },
        "rows per reuse forward, measured and written (default: the model's setting)")

@@ -198,8 +198,8 @@ struct SchedulerStats {
   int64_t prefix_reclaims = 0;   // times live requests took pages back from prefix entries
   int64_t prefix_evictions = 0;  // prefix entries dropped (room for requests, or the page budget)
   int64_t prefix_entries = 0, prefix_pages = 0;  // entries now and the pool pages they reference
-  std::map<std::string, int64_t> fallbacks;   // requests served in another mode, by reason
-  std::map<std::string, int64_t> modes_used;  // requests by the mode that ran
+  std::map<std::string, int64_t> fallbacks;      // requests served in another mode, by reason
+  std::map<std::string, int64_t> modes_used;     // requests by the mode that ran
 };
 
 class QueueFull : public Error {

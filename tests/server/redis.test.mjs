@@ -12,6 +12,8 @@ import {dirname, join} from 'node:path';
 import {fileURLToPath} from 'node:url';
 import {after, before, describe, test} from 'node:test';
 
+import {startServer as startServerAt, stop, waitFor} from './serve_process.mjs';
+
 const here = dirname(fileURLToPath(import.meta.url));
 const CLI = process.env.REDKNOT_CLI;
 const MODEL = join(here, '..', '..', 'models', 'redknot-rag-8k');
@@ -29,48 +31,8 @@ function startRedis(dir) {
   return {proc, url: `unix://${sock}`, sock};
 }
 
-async function waitFor(fn, what, ms = 20000) {
-  for (let t = 0; t < ms; t += 50) {
-    if (await fn()) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  assert.fail(`timed out waiting for ${what}`);
-}
-
-async function startServer(extra) {
-  const proc = spawn(
-      CLI, ['serve', '--model', MODEL, '--port', '0', ...extra], {stdio: ['ignore', 'pipe', 'pipe']});
-  let log = '';
-  const port = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), 60000);
-    const onData = (d) => {
-      log += d;
-      const m = /listening on http:\/\/[^:]+:(\d+)/.exec(log);
-      if (m) {
-        clearTimeout(timer);
-        resolve(Number(m[1]));
-      }
-    };
-    proc.stdout.on('data', onData);
-    proc.stderr.on('data', onData);
-    proc.on('exit', (code) => reject(new Error(`server exited (${code}):\n${log}`)));
-  });
-  const base = `http://127.0.0.1:${port}`;
-  await waitFor(async () => {
-    try {
-      return (await fetch(`${base}/health`)).ok;
-    } catch {
-      return false;
-    }
-  }, '/health');
-  return {proc, base, log: () => log};
-}
-
-async function stop(proc) {
-  if (!proc || proc.exitCode !== null || proc.signalCode !== null) return;
-  const exited = new Promise((r) => proc.on('exit', r));
-  proc.kill('SIGKILL');
-  await exited;
+function startServer(extra) {
+  return startServerAt(CLI, MODEL, extra);
 }
 
 async function metric(base, name) {

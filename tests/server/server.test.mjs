@@ -1,7 +1,7 @@
 // `redknot serve` end to end with the official openai client, on stories260K (GGUF, no chat
 // template: the plain Question/Answer format). Env: REDKNOT_CLI (binary), REDKNOT_SHARED_DIR.
 import assert from 'node:assert/strict';
-import {execFileSync, spawn} from 'node:child_process';
+import {execFileSync} from 'node:child_process';
 import {existsSync, readFileSync, unlinkSync} from 'node:fs';
 import {tmpdir} from 'node:os';
 import {gzipSync} from 'node:zlib';
@@ -11,42 +11,16 @@ import net from 'node:net';
 import {after, before, describe, test} from 'node:test';
 import OpenAI from 'openai';
 
+import {startServer as startServerAt} from './serve_process.mjs';
+
 const CLI = process.env.REDKNOT_CLI;
 const MODEL =
     `${process.env.REDKNOT_SHARED_DIR ?? '../shared'}/models/stories260K/stories260K.gguf`;
 const haveModel = CLI && existsSync(CLI) && existsSync(MODEL);
 
 // Starts a server on a free port; resolves when /health answers.
-async function startServer(extra = [], model = MODEL) {
-  const proc = spawn(
-      CLI, ['serve', '--model', model, '--port', '0', ...extra],
-      {stdio: ['ignore', 'pipe', 'pipe']});
-  let log = '';
-  const port = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), 30000);
-    const onData = (d) => {
-      log += d;
-      const m = /listening on http:\/\/[^:]+:(\d+)/.exec(log);
-      if (m) {
-        clearTimeout(timer);
-        resolve(Number(m[1]));
-      }
-    };
-    proc.stdout.on('data', onData);
-    proc.stderr.on('data', (d) => {
-      log += d;
-    });
-    proc.on('exit', (code) => reject(new Error(`server exited (${code}):\n${log}`)));
-  });
-  const base = `http://127.0.0.1:${port}`;
-  for (let i = 0; i < 100; ++i) {
-    try {
-      if ((await fetch(`${base}/health`)).ok) break;
-    } catch {
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return {proc, port, base, log: () => log};
+function startServer(extra = [], model = MODEL) {
+  return startServerAt(CLI, model, extra, 30000);
 }
 
 async function stopServer(s) {

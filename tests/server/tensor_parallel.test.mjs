@@ -5,11 +5,13 @@
 // What is not run yet is refused at startup with the reason. Plain fetch, no npm packages.
 // Env: REDKNOT_CLI.
 import assert from 'node:assert/strict';
-import {spawn, spawnSync} from 'node:child_process';
+import {spawnSync} from 'node:child_process';
 import {existsSync} from 'node:fs';
 import {dirname, join} from 'node:path';
 import {fileURLToPath} from 'node:url';
 import {after, before, describe, test} from 'node:test';
+
+import {startServer as startServerAt, stop, waitFor} from './serve_process.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const CLI = process.env.REDKNOT_CLI;
@@ -23,49 +25,9 @@ const BUDGET = 64 << 20;
 // fullest rank's need) holds the others back.
 const TIGHT = 3 << 20;
 
-async function waitFor(fn, what, ms = 60000) {
-  for (let t = 0; t < ms; t += 50) {
-    if (await fn()) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  assert.fail(`timed out waiting for ${what}`);
-}
-
-async function startServer(tp, budget = BUDGET) {
-  const args = ['--tensor-parallel-size', String(tp), '--kv-budget', String(budget)];
-  const proc = spawn(CLI, ['serve', '--model', MODEL, '--port', '0', ...FLAGS, ...args],
-                     {stdio: ['ignore', 'pipe', 'pipe']});
-  let log = '';
-  const port = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), 60000);
-    const onData = (d) => {
-      log += d;
-      const m = /listening on http:\/\/[^:]+:(\d+)/.exec(log);
-      if (m) {
-        clearTimeout(timer);
-        resolve(Number(m[1]));
-      }
-    };
-    proc.stdout.on('data', onData);
-    proc.stderr.on('data', onData);
-    proc.on('exit', (code) => reject(new Error(`server exited (${code}):\n${log}`)));
-  });
-  const base = `http://127.0.0.1:${port}`;
-  await waitFor(async () => {
-    try {
-      return (await fetch(`${base}/health`)).ok;
-    } catch {
-      return false;
-    }
-  }, '/health');
-  return {proc, base, log: () => log};
-}
-
-async function stop(proc) {
-  if (!proc || proc.exitCode !== null || proc.signalCode !== null) return;
-  const exited = new Promise((r) => proc.on('exit', r));
-  proc.kill('SIGKILL');
-  await exited;
+function startServer(tp, budget = BUDGET) {
+  return startServerAt(CLI, MODEL, [...FLAGS, '--tensor-parallel-size', String(tp), '--kv-budget',
+                                    String(budget)]);
 }
 
 // A long first document (~1K tokens): the profile's local heads (window 256) keep part of it, so
