@@ -587,11 +587,12 @@ Scheduler::OomAction Scheduler::reuse_out_of_pages(Request& r, const std::string
 
 bool Scheduler::reclaim_cached_pages(int64_t pages) {
   if (opts_.chunk_store && opts_.chunk_store->yield_pages(pages)) return true;
-  if (opts_.prefix_cache && opts_.prefix_cache->make_room(pages)) {
-    ++counters_.prefix_reclaims;
-    return true;
-  }
-  return false;
+  if (!opts_.prefix_cache) return false;
+  // Counted only when entries went (the chunk store's demotions may have made the room).
+  const int64_t evicted = opts_.prefix_cache->counters().evictions;
+  const bool room = opts_.prefix_cache->make_room(pages);
+  if (opts_.prefix_cache->counters().evictions > evicted) ++counters_.prefix_reclaims;
+  return room;
 }
 
 void Scheduler::requeue(RequestPtr r) {
