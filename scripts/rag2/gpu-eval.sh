@@ -12,8 +12,8 @@
 # gets one `redknot eval --mode MODES --json` (full prefill shared by the modes); the JSON reports,
 # predictions and the calibration output go to $OUT; a summary table is printed at the end.
 # DEADLINE (seconds from the start, default 570): a step that would start after it is skipped, and
-# every step is cut at it (what was written so far stays in $OUT); calibrate is cut at CALIB_S (240),
-# and then the --settings ones (if any) are used.
+# every step is cut at it (what was written so far stays in $OUT); calibrate is cut at CALIB_S (240);
+# when it is cut or refuses, the --settings ones (if any) are used, and the output says so.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -48,9 +48,14 @@ t0=$(date +%s)
 if [ -n "$calib" ]; then
   # shellcheck disable=SC2086
   timeout "$(( ${CALIB_S:-240} < $(left) ? ${CALIB_S:-240} : $(left) ))" "$BIN" calibrate --backend cuda --model "$M" $calib --out "$DEST/calib" --quiet >"$DEST/calibrate.txt" 2>&1
-  echo "calibrate: rc $? in $(($(date +%s) - t0)) s"
+  rc=$?
+  echo "calibrate: rc $rc in $(($(date +%s) - t0)) s"
   cat "$DEST/calibrate.txt"
-  cp "$DEST/calib/head_profile.json" "$DEST/calib/reuse_settings.json" "$M/" 2>/dev/null
+  if [ "$rc" -eq 0 ] || [ -z "$settings" ]; then
+    cp "$DEST/calib/head_profile.json" "$DEST/calib/reuse_settings.json" "$M/" 2>/dev/null
+  else
+    echo "calibrate refused or was cut (rc $rc): the evals use --settings $settings"
+  fi
 fi
 for e in $evals; do
   f="${e%%:*}" n=0
