@@ -21,6 +21,14 @@
 //            of --reps; FLOPs from PrefillOutcome::flops vs prefill_flops of the full prompt.
 //            --reuse-profile front packs the same global heads into the first layers (the
 //            spread profile has one in the last layer, where dead-row skipping does nothing).
+//  decode:   ms per batched greedy step after a prefill of --decode-context tokens per
+//            sequence: eager, CUDA graphs, graphs + device argmax; for each --skinny-rows
+//            setting (the CUDA backend's skinny-GEMM row limit; 0: cuBLASLt for every product),
+//            with the bytes a step must read (weights but the embedding table, plus the KV) over
+//            the step time, beside the card's device-to-device copy bandwidth (read + write).
+// --quantization none,fp8 runs the ttft and decode phases once per weight format (fp8: every
+// projection quantized at load per output channel, as `--quantization fp8` does); capacity
+// and reuse run with the first.
 // Each phase of each shape loads the weights into its own backend, freed (weights, pool, cached
 // blocks) before the next. --cpu runs the same code on the CPU backend (a logic check here).
 // Built by CMake (target cuda_model_bench, REDKNOT_CUDA=ON); run by scripts/gpu-model-bench.sh.
@@ -49,6 +57,7 @@
 #include "kv/page_pool.h"
 #include "kv/paged_kv_cache.h"
 #include "kv_bench.h"
+#include "loader/fp8_checkpoint.h"
 #include "model/flops.h"
 #include "model/model.h"
 #include "model/random_checkpoint.h"
@@ -88,6 +97,8 @@ struct Args {
   // spread: bench::spread_profile (a global head in the last layer); front: as many global
   // heads, in the first layers
   std::string reuse_profile = "spread";
+  std::vector<std::string> quantizations = {"none"};  // weight formats (apply_quantization)
+  std::vector<int64_t> skinny_rows = {8};             // decode: CudaGemmTuning settings
   KvShape kv;        // page size and the head-aware profile (global fraction, W, sink)
   bool cpu = false;  // debugging: the same code on the CPU backend (try --shapes tiny)
 };
@@ -103,7 +114,8 @@ struct Args {
                "  [--reuse-query-tokens 64] [--reuse-sparse 1|0] [--reuse-profile spread|front] "
                "[--stage-profile 0|1]\n"
                "  [--decode SHAPE,...|none] [--decode-batch 1,16] [--decode-context 4096] "
-               "[--decode-steps 32] [--cpu]\n");
+               "[--decode-steps 32] [--skinny-rows 8,0]\n"
+               "  [--quantization none,fp8] [--cpu]\n");
   std::exit(2);
 }
 
@@ -180,6 +192,10 @@ Args parse(int argc, char** argv) {
       a.decode_context = std::stoll(v);
     else if (k == "--decode-steps")
       a.decode_steps = std::stoi(v);
+    else if (k == "--skinny-rows")
+      a.skinny_rows = split_ints(v);
+    else if (k == "--quantization")
+      a.quantizations = split(v);
     else
       usage();
   }
@@ -187,6 +203,7 @@ Args parse(int argc, char** argv) {
   if (a.decode_context < 1 || a.decode_steps < 1) usage();
   for (int64_t b : a.decode_batches)
     if (b < 1) usage();
+  if (a.skinny_rows.empty() || a.quantizations.empty()) usage();
   if (a.reuse_segments < 1 || a.reuse_segment_tokens < 1 || a.reuse_query_tokens < 1) usage();
   return a;
 }
@@ -328,7 +345,7 @@ int64_t param_count(const ModelConfig& c) {
 std::string chunk_name(int64_t chunk) { return chunk > 0 ? std::to_string(chunk) : "whole"; }
 
 struct TtftRow {
-  std::string shape;
+  std::string shape, weights = "bf16";
   int64_t T = 0, chunk = 0;
   double ms = 0, min_ms = 0, tflops = 0;
   std::string error;
@@ -673,8 +690,9 @@ ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
 
 // ---- decode: recorded steps (CUDA graphs) vs eager ----
 struct DecodeRow {
-  std::string shape;
-  int64_t batch = 0, context = 0, steps = 0;
+  std::string shape, weights = "bf16";
+  int64_t batch = 0, context = 0, steps = 0, skinny_rows = 0;
+  double step_bytes = 0;              // weights (but the embedding) + KV read by one step
   double eager_ms = 0, graph_ms = 0;  // medians per step (host logits of every sequence)
   double greedy_ms = 0;               // graphs, argmax on the device (ids to the host)
   double max_diff = 0;                // |logits| difference of one step run both ways
@@ -683,7 +701,39 @@ struct DecodeRow {
   std::string error;
 };
 
-std::vector<DecodeRow> run_decode(Model& model, const std::string& shape, const Args& a) {
+void print_decode(const DecodeRow& r) {
+  std::printf(
+      "decode %s %s batch=%lld context=%lld skinny=%lld: %seager %.3f ms/step, graphs %.3f "
+      "ms/step, graphs + device argmax %.3f ms/step, max |dlogit| %.3g, argmax %s\n",
+      r.shape.c_str(), r.weights.c_str(), static_cast<long long>(r.batch),
+      static_cast<long long>(r.context), static_cast<long long>(r.skinny_rows),
+      r.error.empty() ? "" : ("FAILED: " + r.error + " ").c_str(), r.eager_ms, r.graph_ms,
+      r.greedy_ms, r.max_diff, r.argmax_equal ? "equal" : "DIFFERS");
+  std::fflush(stdout);
+}
+
+// Device-to-device copy bandwidth (bytes read + written per second), median of 5 copies of 2 GiB.
+double copy_bandwidth_gbs() {
+  const size_t bytes = size_t{2} << 30;
+  void *src = nullptr, *dst = nullptr;
+  cuda_ok(cudaMalloc(&src, bytes), "cudaMalloc");
+  cuda_ok(cudaMalloc(&dst, bytes), "cudaMalloc");
+  cuda_ok(cudaMemset(src, 1, bytes), "cudaMemset");
+  std::vector<double> t;
+  for (int i = 0; i < 6; ++i) {
+    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    const auto t0 = Clock::now();
+    cuda_ok(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy");
+    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    if (i > 0) t.push_back(seconds_since(t0));
+  }
+  cudaFree(src);
+  cudaFree(dst);
+  return 2.0 * static_cast<double>(bytes) / median(t) / 1e9;
+}
+
+std::vector<DecodeRow> run_decode(Model& model, const std::string& shape,
+                                  const std::string& weights, const Args& a) {
   const ModelConfig& cfg = model.config();
   Backend& backend = model.backend();
   const int32_t ps = a.kv.page_size, hd = static_cast<int32_t>(cfg.head_dim);
@@ -693,7 +743,8 @@ std::vector<DecodeRow> run_decode(Model& model, const std::string& shape, const 
   std::vector<DecodeRow> rows;
   for (int64_t B : a.decode_batches) {
     DecodeRow r;
-    r.shape = shape, r.batch = B, r.context = a.decode_context, r.steps = a.decode_steps;
+    r.shape = shape, r.weights = weights, r.batch = B, r.context = a.decode_context,
+    r.steps = a.decode_steps;
     try {
       const int64_t tokens = a.decode_context + 4 * int64_t{a.decode_steps} + 64;
       const int32_t n_pages = PagePool::pages_for_bytes(kv_bytes_for(model, ps, tokens) * B, ps, hd,
@@ -773,12 +824,6 @@ std::vector<DecodeRow> run_decode(Model& model, const std::string& shape, const 
           r.max_diff = std::max(r.max_diff, d);
         }
       }
-      for (int mode = 0; mode < 3; ++mode) {
-        for (int i = 0; i < 3; ++i) step(mode);  // warm-up (and any re-recording)
-        std::vector<double> t;
-        for (int i = 0; i < a.decode_steps; ++i) t.push_back(step(mode));
-        (mode == 0 ? r.eager_ms : mode == 1 ? r.graph_ms : r.greedy_ms) = median(t);
-      }
       if (a.stage_profile) {  // one eager step with a sync after each stage
         model.set_decode_graphs(false);
         StageTimes st;
@@ -790,25 +835,41 @@ std::vector<DecodeRow> run_decode(Model& model, const std::string& shape, const 
         Tensor l = model.forward(b, kv, fo);
         const double wall = seconds_since(t0) * 1e3;
         for (int64_t s = 0; s < B; ++s) next[s] = argmax_row(l, s);
-        std::printf("stages decode %s batch=%lld (wall %.3f ms, a sync after each stage):\n",
-                    shape.c_str(), static_cast<long long>(B), wall);
+        std::printf("stages decode %s %s batch=%lld (wall %.3f ms, a sync after each stage):\n",
+                    shape.c_str(), weights.c_str(), static_cast<long long>(B), wall);
         for (const auto& [stage, v] : st.ms)
           std::printf("  %-20s %8.3f ms  %5.1f%%\n", stage.c_str(), v, 100.0 * v / wall);
       }
-      r.recorded = model.decode_graph_stats().recorded;
+      // What a step must read: every weight but the embedding table (one row per token), and
+      // the K/V of the context of every sequence.
+      r.step_bytes = static_cast<double>(model.weight_bytes()) -
+                     static_cast<double>(cfg.vocab_size * cfg.hidden_size) * 2.0 +
+                     static_cast<double>(B) * a.decode_context *
+                         static_cast<double>(cfg.num_layers) * cfg.num_kv_heads * cfg.head_dim *
+                         2.0 * static_cast<double>(dtype_bytes(backend.act_dtype(), 1));
+      for (int64_t skinny : a.skinny_rows) {
+        DecodeRow rs = r;
+        rs.skinny_rows = skinny;
+        // A new setting re-records the graphs: mode 0 drops the recordings of the last one.
+        if (!a.cpu) set_cuda_gemm_tuning(backend, CudaGemmTuning{skinny});
+        for (int mode = 0; mode < 3; ++mode) {
+          for (int i = 0; i < 3; ++i) step(mode);  // warm-up (and any re-recording)
+          std::vector<double> t;
+          for (int i = 0; i < a.decode_steps; ++i) t.push_back(step(mode));
+          (mode == 0 ? rs.eager_ms : mode == 1 ? rs.graph_ms : rs.greedy_ms) = median(t);
+        }
+        rs.recorded = model.decode_graph_stats().recorded;
+        print_decode(rs);
+        rows.push_back(rs);
+      }
       model.set_decode_graphs(false);  // drops the recordings (their plan storage) with the cache
+      if (!a.cpu) set_cuda_gemm_tuning(backend, CudaGemmTuning::from_env());
     } catch (const std::exception& e) {
       r.error = e.what();
       model.set_decode_graphs(false);
+      print_decode(r);
+      rows.push_back(r);
     }
-    std::printf(
-        "decode %s batch=%lld context=%lld: %seager %.3f ms/step, graphs %.3f ms/step, graphs + "
-        "device argmax %.3f ms/step, max |dlogit| %.3g, argmax %s\n",
-        shape.c_str(), static_cast<long long>(B), static_cast<long long>(r.context),
-        r.error.empty() ? "" : ("FAILED: " + r.error + " ").c_str(), r.eager_ms, r.graph_ms,
-        r.greedy_ms, r.max_diff, r.argmax_equal ? "equal" : "DIFFERS");
-    std::fflush(stdout);
-    rows.push_back(r);
   }
   return rows;
 }
@@ -871,7 +932,7 @@ int main(int argc, char** argv) {
           static_cast<double>(param_count(cfg)) / 1e9, seconds_since(t0));
       // Each phase gets a fresh backend, so that neither sees the other's cached blocks: the
       // capacity pool is sized from what the weights alone leave, as serve does at start.
-      auto phase = [&](const char* what, auto&& body) {
+      auto phase = [&](const std::string& what, const std::string& quantization, auto&& body) {
         try {
           const auto t1 = Clock::now();
           std::unique_ptr<Backend> backend = a.cpu ? create_backend("cpu") : make_cuda_backend(0);
@@ -879,49 +940,59 @@ int main(int argc, char** argv) {
             std::unique_ptr<Model> model;
             {
               Checkpoint ck = rw.checkpoint();
+              apply_quantization(ck, quantization);
               model = std::make_unique<Model>(ck, *backend);
               backend->synchronize();
             }
             const MemInfo m = mem_info();
             std::printf("# %s %s: weights %.2f GiB uploaded in %.1f s, %.1f of %.1f GiB free\n",
-                        shape.c_str(), what, static_cast<double>(model->weight_bytes()) / kGiB,
-                        seconds_since(t1), m.free_gib, m.total_gib);
+                        shape.c_str(), what.c_str(),
+                        static_cast<double>(model->weight_bytes()) / kGiB, seconds_since(t1),
+                        m.free_gib, m.total_gib);
             std::fflush(stdout);
             body(*model);
             const CudaAllocStats st = a.cpu ? CudaAllocStats{} : cuda_alloc_stats(*backend);
             std::printf("# %s %s: the backend held %.2f GiB at the end (%lld cudaMalloc)\n",
-                        shape.c_str(), what, static_cast<double>(st.reserved) / kGiB,
+                        shape.c_str(), what.c_str(), static_cast<double>(st.reserved) / kGiB,
                         static_cast<long long>(st.mallocs));
           }  // the model (weights) goes first, then the backend with its cached blocks
         } catch (const std::exception& e) {
           errors.push_back(shape + " " + what + ": " + e.what());
-          std::printf("%s %s FAILED: %s\n", shape.c_str(), what, e.what());
+          std::printf("%s %s FAILED: %s\n", shape.c_str(), what.c_str(), e.what());
         }
         std::fflush(stdout);
       };
+      const std::string& first_q = a.quantizations.front();
       if (shape == a.capacity_shape)
-        phase("capacity", [&](Model& model) {
+        phase("capacity", first_q, [&](Model& model) {
           for (CapacityRow& r : run_capacity(model, shape, a)) cap.push_back(r);
         });
-      if (ttft_shapes.count(shape))
-        phase("ttft", [&](Model& model) {
-          const size_t first = ttft.size();
-          run_ttft(model, shape, a, ttft);
-          for (size_t i = first; i < ttft.size(); ++i)
-            if (!ttft[i].error.empty()) errors.push_back(shape + " ttft: " + ttft[i].error);
-        });
-      if (shape == a.reuse_shape)
-        phase("reuse", [&](Model& model) {
-          reuse.push_back(run_reuse(model, shape, a));
-          for (const std::string& e : reuse.back().errors) errors.push_back(shape + " reuse " + e);
-        });
-      if (std::find(a.decode_shapes.begin(), a.decode_shapes.end(), shape) != a.decode_shapes.end())
-        phase("decode", [&](Model& model) {
-          for (DecodeRow& r : run_decode(model, shape, a)) {
-            if (!r.error.empty()) errors.push_back(shape + " decode: " + r.error);
-            decode.push_back(r);
-          }
-        });
+      for (const std::string& q : a.quantizations) {
+        const std::string weights = q == "none" ? "bf16" : q;
+        if (ttft_shapes.count(shape))
+          phase("ttft " + weights, q, [&](Model& model) {
+            const size_t first = ttft.size();
+            run_ttft(model, shape, a, ttft);
+            for (size_t i = first; i < ttft.size(); ++i) {
+              ttft[i].weights = weights;
+              if (!ttft[i].error.empty()) errors.push_back(shape + " ttft: " + ttft[i].error);
+            }
+          });
+        if (shape == a.reuse_shape && q == first_q)
+          phase("reuse", q, [&](Model& model) {
+            reuse.push_back(run_reuse(model, shape, a));
+            for (const std::string& e : reuse.back().errors)
+              errors.push_back(shape + " reuse " + e);
+          });
+        if (std::find(a.decode_shapes.begin(), a.decode_shapes.end(), shape) !=
+            a.decode_shapes.end())
+          phase("decode " + weights, q, [&](Model& model) {
+            for (DecodeRow& r : run_decode(model, shape, weights, a)) {
+              if (!r.error.empty()) errors.push_back(shape + " decode: " + r.error);
+              decode.push_back(r);
+            }
+          });
+      }
     } catch (const std::exception& e) {
       errors.push_back(shape + ": " + e.what());
       std::printf("%s FAILED: %s\n", shape.c_str(), e.what());
@@ -930,11 +1001,11 @@ int main(int argc, char** argv) {
   }
 
   std::printf("\n## TTFT (RedKnot, CUDA backend, paged KV, all heads global)\n\n");
-  std::printf("| shape | T | chunk | TTFT ms | TFLOP/s |\n|---|---|---|---|---|\n");
+  std::printf("| shape | weights | T | chunk | TTFT ms | TFLOP/s |\n|---|---|---|---|---|---|\n");
   for (const TtftRow& r : ttft) {
     if (!r.error.empty()) continue;
-    std::printf("| %s | %lld | %s | %.1f | %.0f |\n", r.shape.c_str(), static_cast<long long>(r.T),
-                chunk_name(r.chunk).c_str(), r.ms, r.tflops);
+    std::printf("| %s | %s | %lld | %s | %.1f | %.0f |\n", r.shape.c_str(), r.weights.c_str(),
+                static_cast<long long>(r.T), chunk_name(r.chunk).c_str(), r.ms, r.tflops);
   }
   if (!cap.empty()) {
     std::printf(
@@ -1007,22 +1078,29 @@ int main(int argc, char** argv) {
         "prefill of the same T)\n");
   }
   if (!decode.empty()) {
+    const double copy_gbs = a.cpu ? 0.0 : copy_bandwidth_gbs();
     std::printf(
         "\n## Decode steps: recorded (CUDA graphs) vs eager (RedKnot, CUDA backend, all heads "
-        "global, greedy, median of %d steps, ms to the host logits of every sequence)\n\n",
-        a.decode_steps);
+        "global, greedy, median of %d steps, ms to the host logits of every sequence); "
+        "device-to-device copy %.0f GB/s (read + write)\n\n",
+        a.decode_steps, copy_gbs);
     std::printf(
-        "| shape | batch | context | eager ms/step | graphs ms/step | speedup | graphs + device "
-        "argmax ms/step | speedup | max abs logit diff | argmax equal | recordings |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n");
+        "| shape | weights | batch | context | skinny rows | eager ms/step | graphs ms/step | "
+        "graphs + device argmax ms/step | GB read per step | GB/s (argmax) | of copy | max abs "
+        "logit diff | argmax equal | recordings |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const DecodeRow& r : decode) {
       if (!r.error.empty()) continue;
-      std::printf("| %s | %lld | %lld | %.3f | %.3f | %.2fx | %.3f | %.2fx | %.3g | %s | %lld |\n",
-                  r.shape.c_str(), static_cast<long long>(r.batch),
-                  static_cast<long long>(r.context), r.eager_ms, r.graph_ms,
-                  r.graph_ms > 0 ? r.eager_ms / r.graph_ms : 0.0, r.greedy_ms,
-                  r.greedy_ms > 0 ? r.eager_ms / r.greedy_ms : 0.0, r.max_diff,
-                  r.argmax_equal ? "yes" : "no", static_cast<long long>(r.recorded));
+      const double gbs = r.greedy_ms > 0 ? r.step_bytes / (r.greedy_ms * 1e-3) / 1e9 : 0.0;
+      std::printf(
+          "| %s | %s | %lld | %lld | %lld | %.3f | %.3f | %.3f | %.2f | %.0f | %.0f%% | %.3g | %s "
+          "| "
+          "%lld |\n",
+          r.shape.c_str(), r.weights.c_str(), static_cast<long long>(r.batch),
+          static_cast<long long>(r.context), static_cast<long long>(r.skinny_rows), r.eager_ms,
+          r.graph_ms, r.greedy_ms, r.step_bytes / 1e9, gbs,
+          copy_gbs > 0 ? 100.0 * gbs / copy_gbs : 0.0, r.max_diff, r.argmax_equal ? "yes" : "no",
+          static_cast<long long>(r.recorded));
     }
   }
   for (const std::string& e : errors) std::printf("ERROR %s\n", e.c_str());

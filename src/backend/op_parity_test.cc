@@ -363,9 +363,12 @@ TEST_F(OpParityTest, EveryBackendMatchesReference) {
     struct MatmulShape {
       int64_t m, k, n;
     };
-    const MatmulShape mm_shapes[] = {{1, 173, 1},   {1, 173, 37},  {2, 64, 19},   {3, 300, 41},
-                                     {4, 256, 128}, {37, 173, 65}, {1, 2048, 96}, {128, 512, 300},
-                                     {5, 33, 7},    {33, 1000, 77}};
+    // M <= 8 with K % 8 == 0 takes CUDA's skinny kernels (whole and partial unrolled K steps);
+    // odd K, M = 9 and prefill shapes the tiled GEMM.
+    const MatmulShape mm_shapes[] = {{1, 173, 1},   {1, 173, 37},   {2, 64, 19},   {3, 300, 41},
+                                     {4, 256, 128}, {37, 173, 65},  {1, 2048, 96}, {128, 512, 300},
+                                     {5, 33, 7},    {33, 1000, 77}, {1, 1000, 77}, {8, 4104, 33},
+                                     {7, 520, 9},   {9, 256, 64}};
     int variant = 0;
     for (const auto& s : mm_shapes) {
       for (DType wt : kWeightDtypes) {
@@ -679,9 +682,10 @@ TEST_F(OpParityTest, Fp8OpsMatchReference) {
     struct MatmulShape {
       int64_t m, k, n;
     };
-    const MatmulShape mm_shapes[] = {{1, 128, 16},    {1, 173, 37},   {3, 300, 200},
-                                     {4, 256, 128},   {37, 173, 260}, {1, 2048, 96},
-                                     {128, 512, 300}, {33, 352, 128}};
+    // M <= 8 with K % 16 == 0 takes CUDA's skinny kernels (incl. partial 128-blocks in K and N).
+    const MatmulShape mm_shapes[] = {{1, 128, 16},   {1, 173, 37},  {3, 300, 200},   {4, 256, 128},
+                                     {37, 173, 260}, {1, 2048, 96}, {128, 512, 300}, {33, 352, 128},
+                                     {5, 1040, 130}, {8, 4112, 24}, {2, 144, 257},   {9, 256, 64}};
     int variant = 0;
     for (const auto& s : mm_shapes) {
       for (bool blocked : {false, true}) {

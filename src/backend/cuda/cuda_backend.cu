@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -13,6 +14,7 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
@@ -20,6 +22,7 @@
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/paged_flash.cuh"
 #include "backend/cuda/paged_flash_sm90.cuh"
+#include "backend/cuda/skinny_gemm.cuh"
 #include "backend/op_checks.h"
 #include "backend/reference/paged_attention_ref.h"
 #include "core/error.h"
@@ -171,6 +174,22 @@ uint32_t ptr_alignment(const void* p) {
   return align;
 }
 
+// The skinny GEMM instances, indexed by M - 1 (dispatch table; skinny_gemm.cuh).
+template <typename T, int... Ms>
+constexpr auto skinny_bf16_table(std::integer_sequence<int, Ms...>) {
+  return std::array{&cuda::skinny_gemm_bf16_kernel<T, Ms + 1>...};
+}
+template <typename T, int... Ms>
+constexpr auto skinny_fp8_table(std::integer_sequence<int, Ms...>) {
+  return std::array{&cuda::skinny_gemm_fp8_kernel<T, Ms + 1>...};
+}
+template <typename T>
+constexpr auto kSkinnyBf16 =
+    skinny_bf16_table<T>(std::make_integer_sequence<int, cuda::kSkinnyMaxRows>{});
+template <typename T>
+constexpr auto kSkinnyFp8 =
+    skinny_fp8_table<T>(std::make_integer_sequence<int, cuda::kSkinnyMaxRows>{});
+
 // One cached cuBLASLt matmul setup per (M, N, K, out dtype, bias, alignment).
 struct LtPlan {
   cublasLtMatmulDesc_t op = nullptr;
@@ -199,6 +218,7 @@ class CudaBackend : public Backend {
     // Tuning switches (benchmarks, layout probes): read once here, not on every call.
     simple_ = env_or("REDKNOT_CUDA_SIMPLE", "0") == "1";
     flash_ = CudaFlashTuning::from_env();
+    gemm_ = CudaGemmTuning::from_env();
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
@@ -219,6 +239,7 @@ class CudaBackend : public Backend {
 
   CudaAllocStats alloc_stats() { return cache_->stats(); }
   void set_flash_tuning(const CudaFlashTuning& t) { flash_ = t; }
+  void set_gemm_tuning(const CudaGemmTuning& t) { gemm_ = t; }
   cudaStream_t stream() const { return stream_; }
 
   std::string name() const override { return "cuda"; }
@@ -399,6 +420,16 @@ class CudaBackend : public Backend {
     const cudaDataType out_type = out.dtype() == DType::F32 ? CUDA_R_32F : CUDA_R_16BF;
     if (out.dtype() != DType::F32 && out.dtype() != DType::BF16)
       throw Error("matmul: out must be bf16 or f32, got " + out.describe());
+    if (skinny(m_rows, k_dim, 8, x, w)) {
+      dispatch_act("matmul", out.dtype(), [&](auto tag) {
+        using T = decltype(tag);
+        kSkinnyBf16<T>[m_rows - 1]<<<skinny_blocks(n_rows), 32 * cuda::kSkinnyWarps, 0, stream_>>>(
+            x.data<bf16>(), w.data<bf16>(), bias.numel() ? bias.data<float>() : nullptr,
+            cuda::SkinnyGemmParams{n_rows, k_dim, 0}, out.data<T>());
+        launch_check("skinny_gemm_bf16_kernel");
+      });
+      return;
+    }
     // Row-major out[M,N] = x[M,K]·w[N,K]ᵀ is column-major outᵀ[N,M] = wᵀ(op T)[N,K]·xᵀ[K,M].
     const float alpha = 1.0f, beta = 0.0f;
     if (!simple_) {
@@ -488,11 +519,29 @@ class CudaBackend : public Backend {
     }
     const int64_t m_rows = x.rows(), n_rows = w.dim(0), k_dim = w.dim(1);
     if (m_rows == 0 || n_rows == 0) return;
+    const bool blocked = w_scale.rank() == 2;
+    const float* bias_ptr = bias.numel() ? bias.data<float>() : nullptr;
+    if (skinny(m_rows, k_dim, 16, x, w)) {
+      Tensor xc = alloc_uninit(DType::F32, {m_rows, k_dim});
+      Tensor sx = alloc_uninit(DType::F32, {m_rows});
+      dispatch_act("matmul_fp8", x.dtype(), [&](auto tag) {
+        using T = decltype(tag);
+        cuda::quantize_fp8_rows_decoded_kernel<T>
+            <<<m_rows, 256, 0, stream_>>>(x.data<T>(), k_dim, xc.data<float>(), sx.data<float>());
+        launch_check("quantize_fp8_rows_decoded_kernel");
+      });
+      dispatch_act("matmul_fp8", out.dtype(), [&](auto tag) {
+        using T = decltype(tag);
+        kSkinnyFp8<T>[m_rows - 1]<<<skinny_blocks(n_rows), 32 * cuda::kSkinnyWarps, 0, stream_>>>(
+            xc.data<float>(), sx.data<float>(), w.data<uint8_t>(), w_scale.data<float>(), bias_ptr,
+            cuda::SkinnyGemmParams{n_rows, k_dim, blocked ? w_scale.dim(1) : 0}, out.data<T>());
+        launch_check("skinny_gemm_fp8_kernel");
+      });
+      return;
+    }
     Tensor xq = alloc_uninit(DType::F8_E4M3, {m_rows, k_dim});
     Tensor sx = alloc_uninit(DType::F32, {m_rows});
     fp8_rows(x.reshape({m_rows, k_dim}), xq, &sx, k_dim);
-    const bool blocked = w_scale.rank() == 2;
-    const float* bias_ptr = bias.numel() ? bias.data<float>() : nullptr;
     cuda::Fp8GemmParams p{m_rows, n_rows, k_dim, blocked ? w_scale.dim(1) : 0};
     if (!blocked && !simple_) {
       Tensor acc = alloc_uninit(DType::F32, {m_rows, n_rows});
@@ -769,6 +818,17 @@ class CudaBackend : public Backend {
  private:
   // quantize_fp8_rows_kernel over x's rows into codes `stride` bytes apart; scale == nullptr:
   // FP8 KV rows (the scale after the codes). x: [R, C] act or f32
+  // Whether an [M, K] x [N, K] product takes the skinny kernels: few rows, K in whole 16-byte
+  // chunks (`per_chunk` elements), 16-byte aligned operands, not REDKNOT_CUDA_SIMPLE.
+  bool skinny(int64_t m_rows, int64_t k_dim, int64_t per_chunk, const Tensor& x,
+              const Tensor& w) const {
+    return !simple_ && m_rows <= std::min(gemm_.skinny_max_rows, cuda::kSkinnyMaxRows) &&
+           k_dim % per_chunk == 0 && ptr_alignment(x.raw()) >= 16 && ptr_alignment(w.raw()) >= 16;
+  }
+  static unsigned skinny_blocks(int64_t n_rows) {
+    return static_cast<unsigned>((n_rows + cuda::kSkinnyWarps - 1) / cuda::kSkinnyWarps);
+  }
+
   void fp8_rows(const Tensor& x, Tensor& q, Tensor* scale, int64_t stride) {
     if (x.rows() == 0) return;
     const cuda::Fp8RowsParams p{x.cols(), stride};
@@ -1068,6 +1128,7 @@ class CudaBackend : public Backend {
   int num_sms_ = 132;
   bool simple_ = false;    // REDKNOT_CUDA_SIMPLE=1: cublasGemmEx and the scalar attention kernels
   CudaFlashTuning flash_;  // paged attention kernel choices, read once (see cuda_backend.h)
+  CudaGemmTuning gemm_;    // skinny GEMM rows, read once (see cuda_backend.h)
   std::shared_ptr<DeviceCache> cache_;
   std::deque<Stage> stages_;  // FIFO: front = the block whose copy was queued first
   size_t staged_bytes_ = 0;   // pinned bytes held by stages_
@@ -1090,6 +1151,19 @@ CudaFlashTuning CudaFlashTuning::from_env() {
   t.wide_rows = env_or("REDKNOT_FLASH_ROWS", "64") == "128";
   t.splits = std::max(0, std::atoi(env_or("REDKNOT_FLASH_SPLITS", "0").c_str()));
   return t;
+}
+
+CudaGemmTuning CudaGemmTuning::from_env() {
+  CudaGemmTuning t;
+  t.skinny_max_rows = std::max(0, std::atoi(env_or("REDKNOT_GEMM_SKINNY_ROWS", "8").c_str()));
+  return t;
+}
+
+void set_cuda_gemm_tuning(Backend& backend, const CudaGemmTuning& tuning) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr)
+    throw Error("set_cuda_gemm_tuning: backend " + backend.name() + " is not cuda");
+  cuda->set_gemm_tuning(tuning);
 }
 
 void set_cuda_flash_tuning(Backend& backend, const CudaFlashTuning& tuning) {

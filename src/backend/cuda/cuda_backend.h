@@ -1,11 +1,12 @@
 // The CUDA backend (sm_90a): bf16 activations and weights in device memory, f32 math, one stream
 // per backend. Memory comes from a stream-ordered caching allocator (no cudaMalloc in steady
-// state); matmul is cuBLASLt with the bias in the epilogue; paged_attention is the tensor-core
-// kernel of paged_flash.cuh for bf16 and head_dim 32/64/128 (split-KV for decode), the scalar
-// kernels of kernels.cuh otherwise. Environment knobs: REDKNOT_CUDA_SIMPLE=1 (cublasGemmEx and
-// the scalar attention kernels), REDKNOT_FLASH_SPLITS=n (force the split-KV count),
-// REDKNOT_FLASH_ROWS=128 (128-row prefill tiles). Plain C++ header so that host code can create
-// it without CUDA headers; the class lives in cuda_backend.cu.
+// state); matmul is cuBLASLt with the bias in the epilogue, or the skinny kernels of
+// skinny_gemm.cuh for decode-sized products; paged_attention is the tensor-core kernel of
+// paged_flash.cuh for bf16 and head_dim 32/64/128 (split-KV for decode), the scalar kernels of
+// kernels.cuh otherwise. Environment knobs: REDKNOT_CUDA_SIMPLE=1 (cublasGemmEx and the scalar
+// attention kernels), REDKNOT_GEMM_SKINNY_ROWS=n, REDKNOT_FLASH_SPLITS=n (force the split-KV
+// count), REDKNOT_FLASH_ROWS=128 (128-row prefill tiles). Plain C++ header so that host code can
+// create it without CUDA headers; the class lives in cuda_backend.cu.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -30,6 +31,17 @@ struct CudaFlashTuning {
 };
 // Throws Error when `backend` is not a CUDA backend.
 void set_cuda_flash_tuning(Backend& backend, const CudaFlashTuning& tuning);
+
+// GEMM kernel choices: products of at most `skinny_max_rows` activation rows (decode steps) run on
+// the skinny kernels (skinny_gemm.cuh; at most 8), larger ones on cuBLASLt; 0 sends every product
+// to cuBLASLt. Read once, when the backend is made, from REDKNOT_GEMM_SKINNY_ROWS (default 8);
+// benchmarks change it with the setter.
+struct CudaGemmTuning {
+  int64_t skinny_max_rows = 8;
+  static CudaGemmTuning from_env();
+};
+// Throws Error when `backend` is not a CUDA backend.
+void set_cuda_gemm_tuning(Backend& backend, const CudaGemmTuning& tuning);
 
 // Counters of the backend's caching device allocator: cudaMalloc calls, allocations served from
 // the cache, blocks returned to the driver, and bytes held (live + cached).
