@@ -19,7 +19,8 @@
 //            against our full mode (prefill_full, chunks of 4096) on an all-global cache of the
 //            same pool. Wall time to the host logits after a device sync, --warmup runs, median
 //            of --reps; FLOPs from PrefillOutcome::flops vs prefill_flops of the full prompt.
-//            --reuse-profile front packs the same global heads into the first layers (the
+//            --reuse-profile deep puts the same share of global heads in the last quarter of
+//            the layers (as real models' maps do), front packs them into the first layers (the
 //            spread profile has one in the last layer, where dead-row skipping does nothing).
 //  decode:   ms per batched greedy step after a prefill of --decode-context tokens per
 //            sequence: eager, CUDA graphs, graphs + device argmax; for each --skinny-rows
@@ -54,6 +55,7 @@
 #include "core/error.h"
 #include "engine/kv_setup.h"
 #include "kv/head_profile.h"
+#include "kv/layout_profile.h"
 #include "kv/page_pool.h"
 #include "kv/paged_kv_cache.h"
 #include "kv_bench.h"
@@ -94,8 +96,8 @@ struct Args {
   std::vector<int64_t> decode_batches = {1, 16};
   int64_t decode_context = 4096;
   int decode_steps = 32;
-  // spread: bench::spread_profile (a global head in the last layer); front: as many global
-  // heads, in the first layers
+  // spread: bench::spread_profile (a global head in the last layer); deep: as many global
+  // heads in the last quarter of the layers; front: in the first layers
   std::string reuse_profile = "spread";
   std::vector<std::string> quantizations = {"none"};  // weight formats (apply_quantization)
   std::vector<int64_t> skinny_rows = {8};             // decode: CudaGemmTuning settings
@@ -104,18 +106,19 @@ struct Args {
 };
 
 [[noreturn]] void usage() {
-  std::fprintf(stderr,
-               "usage: cuda_model_bench [--shapes llama3-8b,mistral-7b] [--lengths 8192,32768]\n"
-               "  [--chunks 4096,0] [--layers N] [--warmup 2] [--reps 3]\n"
-               "  [--capacity SHAPE|none] [--capacity-tokens 32768] [--capacity-chunk 4096]\n"
-               "  [--gpu-memory-fraction 0.9] [--global-fraction 0.15] [--window 512] "
-               "[--sink 4]\n"
-               "  [--reuse SHAPE|none] [--reuse-segments 8] [--reuse-segment-tokens 4096]\n"
-               "  [--reuse-query-tokens 64] [--reuse-sparse 1|0] [--reuse-profile spread|front] "
-               "[--stage-profile 0|1]\n"
-               "  [--decode SHAPE,...|none] [--decode-batch 1,16] [--decode-context 4096] "
-               "[--decode-steps 32] [--skinny-rows 8,0]\n"
-               "  [--quantization none,fp8] [--cpu]\n");
+  std::fprintf(
+      stderr,
+      "usage: cuda_model_bench [--shapes llama3-8b,mistral-7b] [--lengths 8192,32768]\n"
+      "  [--chunks 4096,0] [--layers N] [--warmup 2] [--reps 3]\n"
+      "  [--capacity SHAPE|none] [--capacity-tokens 32768] [--capacity-chunk 4096]\n"
+      "  [--gpu-memory-fraction 0.9] [--global-fraction 0.15] [--window 512] "
+      "[--sink 4]\n"
+      "  [--reuse SHAPE|none] [--reuse-segments 8] [--reuse-segment-tokens 4096]\n"
+      "  [--reuse-query-tokens 64] [--reuse-sparse 1|0] [--reuse-profile spread|deep|front] "
+      "[--stage-profile 0|1]\n"
+      "  [--decode SHAPE,...|none] [--decode-batch 1,16] [--decode-context 4096] "
+      "[--decode-steps 32] [--skinny-rows 8,0]\n"
+      "  [--quantization none,fp8] [--cpu]\n");
   std::exit(2);
 }
 
@@ -535,9 +538,17 @@ ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
   for (auto& id : prompt.query) id = next_id();
   r.T = prompt.total_tokens();
 
+  // spread: kv_bench's profile (global heads in every layer, one in the last); deep: as many
+  // global heads in the last quarter of the layers (make_layout_profile, what `redknot
+  // make-profile --layout deep` writes; real models' maps look like it); front: as many packed
+  // into the first layers (dead-row skipping then drops the later layers of the documents).
   HeadProfile profile = spread_profile(L, Hkv, a.kv.global_fraction, a.kv.window, a.kv.sink);
-  if (a.reuse_profile == "front") {
-    // The same number of global heads, packed into the first layers (dead-row skipping applies).
+  if (a.reuse_profile == "deep") {
+    LayoutProfileOptions lo;
+    lo.layout = "deep", lo.ratio = a.kv.global_fraction, lo.window = a.kv.window,
+    lo.sink = a.kv.sink;
+    profile = make_layout_profile(cfg, lo);
+  } else if (a.reuse_profile == "front") {
     const int64_t n_global = std::llround(a.kv.global_fraction * L * Hkv);
     for (int64_t i = 0; i < int64_t{L} * Hkv; ++i) {
       HeadSpec& h = profile.at(static_cast<int32_t>(i / Hkv), static_cast<int32_t>(i % Hkv));
@@ -545,7 +556,7 @@ ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
       if (i >= n_global) h.cls = HeadClass::Local, h.window = a.kv.window, h.sink = a.kv.sink;
     }
   } else if (a.reuse_profile != "spread") {
-    throw Error("bench: --reuse-profile is spread or front");
+    throw Error("bench: --reuse-profile is spread, deep or front");
   }
   r.global_share = profile.global_fraction();
   r.profile =

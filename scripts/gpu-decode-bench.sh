@@ -4,7 +4,9 @@
 # compute-sanitizer memcheck, then bench/cuda_model_bench on the Llama-3-8B shape in one process:
 # decode steps at 4K context for each batch with the skinny GEMMs on and off (the cuBLASLt
 # baseline), in bf16 and FP8 weights, with the bytes each step reads over the card's copy
-# bandwidth; and dense prefill TTFT at 8K / 32K, bf16 against FP8 weights.
+# bandwidth (and a stage profile of one eager step); dense prefill TTFT at 8K / 32K, bf16 against
+# FP8 weights; and RedKnot reuse TTFT with the deep profile (8 x 4K documents) against our full
+# prefill, with its stage profile.
 # The binaries are built on the development machine and carried as one archive:
 #   bash scripts/pack-device-server.sh && cmake --build build-srv-cuda --target cuda_model_bench
 #   tar -cJf .devcarry/decode-bin.tar.xz build-srv-cuda/redknot build-srv-cuda/src/op_parity_test \
@@ -32,7 +34,7 @@ echo "== cuda_model_bench"
 timeout "${BENCH_S:-420}" build-srv-cuda/bench/cuda_model_bench ${BENCH_ARGS:---shapes llama3-8b \
   --lengths 8192,32768 --chunks 4096 --warmup 1 --reps 3 --capacity none --reuse none \
   --decode llama3-8b --decode-batch 1,4,16,64 --decode-context 4096 --decode-steps 32 \
-  --skinny-rows 8,0 --quantization none,fp8} >"$LOG/bench.log" 2>&1 || status=1
+  --skinny-rows 8,0 --quantization none,fp8 --reuse llama3-8b --reuse-profile deep --stage-profile 1} >"$LOG/bench.log" 2>&1 || status=1
 grep -E "^#|^\||ERROR|FAILED" "$LOG/bench.log"
 SAN="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 if [ "${MEMCHECK:-1}" = 1 ] && [ -n "$SAN" ]; then
