@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -14,7 +13,6 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
-#include <utility>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
@@ -173,22 +171,6 @@ uint32_t ptr_alignment(const void* p) {
   while (align > 1 && a % align != 0) align /= 2;
   return align;
 }
-
-// The skinny GEMM instances, indexed by M - 1 (dispatch table; skinny_gemm.cuh).
-template <typename T, int... Ms>
-constexpr auto skinny_bf16_table(std::integer_sequence<int, Ms...>) {
-  return std::array{&cuda::skinny_gemm_bf16_kernel<T, Ms + 1>...};
-}
-template <typename T, int... Ms>
-constexpr auto skinny_fp8_table(std::integer_sequence<int, Ms...>) {
-  return std::array{&cuda::skinny_gemm_fp8_kernel<T, Ms + 1>...};
-}
-template <typename T>
-constexpr auto kSkinnyBf16 =
-    skinny_bf16_table<T>(std::make_integer_sequence<int, cuda::kSkinnyMaxRows>{});
-template <typename T>
-constexpr auto kSkinnyFp8 =
-    skinny_fp8_table<T>(std::make_integer_sequence<int, cuda::kSkinnyMaxRows>{});
 
 // One cached cuBLASLt matmul setup per (M, N, K, out dtype, bias, alignment).
 struct LtPlan {
@@ -421,13 +403,7 @@ class CudaBackend : public Backend {
     if (out.dtype() != DType::F32 && out.dtype() != DType::BF16)
       throw Error("matmul: out must be bf16 or f32, got " + out.describe());
     if (skinny(m_rows, k_dim, 8, x, w)) {
-      dispatch_act("matmul", out.dtype(), [&](auto tag) {
-        using T = decltype(tag);
-        kSkinnyBf16<T>[m_rows - 1]<<<skinny_blocks(n_rows), 32 * cuda::kSkinnyWarps, 0, stream_>>>(
-            x.data<bf16>(), w.data<bf16>(), bias.numel() ? bias.data<float>() : nullptr,
-            cuda::SkinnyGemmParams{n_rows, k_dim, 0}, out.data<T>());
-        launch_check("skinny_gemm_bf16_kernel");
-      });
+      skinny_gemm<false>(x.data<uint8_t>(), nullptr, w, nullptr, bias, out, m_rows, 0);
       return;
     }
     // Row-major out[M,N] = x[M,K]·w[N,K]ᵀ is column-major outᵀ[N,M] = wᵀ(op T)[N,K]·xᵀ[K,M].
@@ -522,21 +498,11 @@ class CudaBackend : public Backend {
     const bool blocked = w_scale.rank() == 2;
     const float* bias_ptr = bias.numel() ? bias.data<float>() : nullptr;
     if (skinny(m_rows, k_dim, 16, x, w)) {
-      Tensor xc = alloc_uninit(DType::F32, {m_rows, k_dim});
+      Tensor xq = alloc_uninit(DType::F8_E4M3, {m_rows, k_dim});
       Tensor sx = alloc_uninit(DType::F32, {m_rows});
-      dispatch_act("matmul_fp8", x.dtype(), [&](auto tag) {
-        using T = decltype(tag);
-        cuda::quantize_fp8_rows_decoded_kernel<T>
-            <<<m_rows, 256, 0, stream_>>>(x.data<T>(), k_dim, xc.data<float>(), sx.data<float>());
-        launch_check("quantize_fp8_rows_decoded_kernel");
-      });
-      dispatch_act("matmul_fp8", out.dtype(), [&](auto tag) {
-        using T = decltype(tag);
-        kSkinnyFp8<T>[m_rows - 1]<<<skinny_blocks(n_rows), 32 * cuda::kSkinnyWarps, 0, stream_>>>(
-            xc.data<float>(), sx.data<float>(), w.data<uint8_t>(), w_scale.data<float>(), bias_ptr,
-            cuda::SkinnyGemmParams{n_rows, k_dim, blocked ? w_scale.dim(1) : 0}, out.data<T>());
-        launch_check("skinny_gemm_fp8_kernel");
-      });
+      fp8_rows(x.reshape({m_rows, k_dim}), xq, &sx, k_dim);
+      skinny_gemm<true>(xq.data<uint8_t>(), sx.data<float>(), w, &w_scale, bias, out, m_rows,
+                        blocked ? w_scale.dim(1) : 0);
       return;
     }
     Tensor xq = alloc_uninit(DType::F8_E4M3, {m_rows, k_dim});
@@ -825,8 +791,22 @@ class CudaBackend : public Backend {
     return !simple_ && m_rows <= std::min(gemm_.skinny_max_rows, cuda::kSkinnyMaxRows) &&
            k_dim % per_chunk == 0 && ptr_alignment(x.raw()) >= 16 && ptr_alignment(w.raw()) >= 16;
   }
-  static unsigned skinny_blocks(int64_t n_rows) {
-    return static_cast<unsigned>((n_rows + cuda::kSkinnyWarps - 1) / cuda::kSkinnyWarps);
+  // x: [M, K] bf16 or e4m3 codes (bytes); sx: [M] or null; w: [N, K]; w_scale: FP8 scales or
+  // null; bias: [N] or empty; out: [M, N] bf16 or f32
+  template <bool kFp8>
+  void skinny_gemm(const uint8_t* x, const float* sx, const Tensor& w, const Tensor* w_scale,
+                   const Tensor& bias, Tensor& out, int64_t m_rows, int64_t k_blocks) {
+    const int64_t n_rows = w.dim(0);
+    const cuda::SkinnyGemmParams p{m_rows, n_rows, w.dim(1), k_blocks};
+    const unsigned blocks =
+        static_cast<unsigned>((n_rows + cuda::kSkinnyChannels - 1) / cuda::kSkinnyChannels);
+    dispatch_act("matmul", out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      cuda::skinny_gemm_kernel<T, kFp8><<<blocks, 32 * cuda::kSkinnyWarps, 0, stream_>>>(
+          x, sx, w.data<uint8_t>(), w_scale ? w_scale->data<float>() : nullptr,
+          bias.numel() ? bias.data<float>() : nullptr, p, out.data<T>());
+      launch_check("skinny_gemm_kernel");
+    });
   }
 
   void fp8_rows(const Tensor& x, Tensor& q, Tensor* scale, int64_t stride) {

@@ -1,33 +1,38 @@
 // Skinny GEMMs for decode steps: out[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) with M <= kSkinnyMaxRows.
-// Such a product only has to read w once, so it runs at memory bandwidth or not at all; cuBLASLt's
-// tile kernels reach ~60% of it at M = 1 (issue #19's decode profile). Here one warp owns one
-// output channel: its lanes stream the channel's weight row in 16-byte chunks (consecutive lanes,
-// consecutive chunks: coalesced; kSkinnyUnroll chunks in flight per lane, loaded past L1 so that
-// the activations stay there), multiply each chunk with the same chunk of every activation row
-// (L1/L2-resident: M rows of K), and reduce the M sums by shuffles. f32 accumulation.
-//   bf16 weights: K % 8 == 0 (16-byte chunks of 8), rows 16-byte aligned.
-//   FP8 weights (e4m3 codes): K % 16 == 0; the activations come quantized per row as matmul_fp8
-//     defines it (scale sx = absmax / 448, codes), here decoded to f32 code values, so the sum is
-//     Σ code_x · code_w as in the cuBLASLt FP8 GEMM, then × sx · sw (per channel) or each
-//     16-code chunk × its 128x128 block scale (a chunk never straddles a block).
-// Other shapes, alignments and M > kSkinnyMaxRows take the tiled paths.
+// Such a product only has to read w once, so it runs at memory bandwidth or not at all. A block
+// owns 16 output channels; its kSkinnyWarps warps split K (window j of 64 bytes per row goes to
+// warp j % kSkinnyWarps) and meet in shared memory at the end. Each window is two tensor-core
+// MMAs, 16 channels x 8 activation rows (rows >= M are zeros): lane (g = lane / 4, q = lane % 4)
+// loads 16 contiguous bytes of channels g and g + 8 and of activation row g at byte 16 q of the
+// window (coalesced 16-byte loads straight into registers, kSkinnyUnroll windows in flight),
+// and hands word i of them to the MMA as the fragment word the layout puts at lane q. That
+// permutes K the same way in both operands, so each MMA still sums every product of its window
+// once, in f32:
+//   bf16: mma m16n8k16 (words 0-1, then 2-3: 4 + 4 elements per lane per MMA);
+//   FP8:  mma m16n8k32 e4m3, activations quantized per row first as matmul_fp8 defines it
+//         (sx = absmax / 448, codes), so the sum is Σ code_x · code_w as in the cuBLASLt FP8
+//         GEMM, times sx · sw (per channel) or, per 64-code window, its 128x128 block scale (a
+//         window never straddles a block, and 16 channels never straddle a block row).
+// K must fill whole 16-byte chunks (bf16: K % 8 == 0; FP8: K % 16 == 0) with 16-byte aligned
+// rows; other shapes, alignments and M > kSkinnyMaxRows take the tiled paths.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
 #include <cstdint>
 
-#include "backend/cuda/fp8_kernels.cuh"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/ptx.cuh"
 
 namespace redknot::cuda {
 
-inline constexpr int64_t kSkinnyMaxRows = 8;
-inline constexpr int kSkinnyWarps = 8;   // warps (output channels) per block
-inline constexpr int kSkinnyUnroll = 4;  // 16-byte weight chunks in flight per lane
+inline constexpr int64_t kSkinnyMaxRows = 8;  // the MMA's n
+inline constexpr int kSkinnyWarps = 8;        // warps splitting K in a block
+inline constexpr int kSkinnyUnroll = 4;       // 64-byte windows in flight per warp
+inline constexpr int kSkinnyChannels = 16;    // output channels per block (the MMA's m)
 
 struct SkinnyGemmParams {
-  int64_t n, k;
+  int64_t m, n, k;
   int64_t k_blocks;  // FP8: columns of the 128x128 block-scale matrix; 0: per-channel scales
 };
 
@@ -40,149 +45,94 @@ __device__ __forceinline__ uint4 load_stream16(const void* p) {
   return v;
 }
 
-// The two bf16 of a 32-bit word as f32 (low half first).
-__device__ __forceinline__ float2 bf16x2_to_f32(uint32_t w) {
-  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+// D = A·B + D, m16n8k32, e4m3 inputs, f32 accumulators.
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// x: [M, K] bf16; w: [N, K] bf16; bias: [N] f32 or nullptr; out: [M, N]. Grid: N / kSkinnyWarps
-// blocks (rounded up) of 32 * kSkinnyWarps threads.
-template <typename T, int M>
+// One 64-byte window: channels g, g + 8 (w_lo, w_hi) and activation row g (xv) at byte 16 q.
+template <bool kFp8>
+__device__ __forceinline__ void skinny_window(float (&d)[4], const uint4& w_lo, const uint4& w_hi,
+                                              const uint4& xv) {
+  const uint32_t a0[4] = {w_lo.x, w_hi.x, w_lo.y, w_hi.y};
+  const uint32_t a1[4] = {w_lo.z, w_hi.z, w_lo.w, w_hi.w};
+  if constexpr (kFp8) {
+    mma_e4m3(d, a0, xv.x, xv.y);
+    mma_e4m3(d, a1, xv.z, xv.w);
+  } else {
+    mma_bf16(d, a0, xv.x, xv.y);
+    mma_bf16(d, a1, xv.z, xv.w);
+  }
+}
+
+// kFp8 false: x [M, K] bf16, w [N, K] bf16, no scales. kFp8 true: x [M, K] e4m3 codes with sx [M],
+// w [N, K] e4m3 codes with w_scale [N] or [ceil(N/128), k_blocks]. bias: [N] f32 or nullptr;
+// out: [M, N]. Grid: ceil(N / 16) blocks of 32 * kSkinnyWarps threads.
+template <typename T, bool kFp8>
 __global__ void __launch_bounds__(32 * kSkinnyWarps)
-    skinny_gemm_bf16_kernel(const __nv_bfloat16* __restrict__ x,
-                            const __nv_bfloat16* __restrict__ w, const float* __restrict__ bias,
-                            SkinnyGemmParams p, T* __restrict__ out) {
-  const int lane = threadIdx.x % 32;
-  const int64_t n = int64_t{blockIdx.x} * kSkinnyWarps + threadIdx.x / 32;
-  if (n >= p.n) return;
-  const __nv_bfloat16* w_row = w + n * p.k;
-  float acc[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-  constexpr int64_t kStep = 32 * 8;  // elements a warp covers per chunk
-  for (int64_t k0 = lane * 8; k0 < p.k; k0 += kStep * kSkinnyUnroll) {
-    uint4 wv[kSkinnyUnroll];
-#pragma unroll
-    for (int u = 0; u < kSkinnyUnroll; ++u)
-      wv[u] = k0 + u * kStep < p.k ? load_stream16(w_row + k0 + u * kStep) : make_uint4(0, 0, 0, 0);
+    skinny_gemm_kernel(const uint8_t* __restrict__ x, const float* __restrict__ sx,
+                       const uint8_t* __restrict__ w, const float* __restrict__ w_scale,
+                       const float* __restrict__ bias, SkinnyGemmParams p, T* __restrict__ out) {
+  __shared__ float partial[kSkinnyWarps][32][4];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q = lane % 4;
+  const int64_t n0 = int64_t{blockIdx.x} * kSkinnyChannels;
+  constexpr int64_t kElem = kFp8 ? 1 : 2;
+  const int64_t row_bytes = p.k * kElem;
+  // Rows past N / M read nothing and contribute zeros.
+  const bool lo_ok = n0 + g < p.n, hi_ok = n0 + g + 8 < p.n, x_ok = g < p.m;
+  const uint8_t* w_lo = w + (n0 + g) * row_bytes + q * 16;
+  const uint8_t* w_hi = w + (n0 + g + 8) * row_bytes + q * 16;
+  const uint8_t* x_row = x + g * row_bytes + q * 16;
+  const bool blocked = kFp8 && p.k_blocks > 0;
+  const float* block_scale = blocked ? w_scale + (n0 / 128) * p.k_blocks : nullptr;
+  constexpr int64_t kStride = 64 * kSkinnyWarps;  // bytes between a warp's windows
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t kb0 = warp * 64; kb0 < row_bytes; kb0 += kStride * kSkinnyUnroll) {
+    uint4 lo[kSkinnyUnroll], hi[kSkinnyUnroll], xv[kSkinnyUnroll];
 #pragma unroll
     for (int u = 0; u < kSkinnyUnroll; ++u) {
-      const int64_t k = k0 + u * kStep;
-      if (k >= p.k) break;
-      const float2 w0 = bf16x2_to_f32(wv[u].x), w1 = bf16x2_to_f32(wv[u].y),
-                   w2 = bf16x2_to_f32(wv[u].z), w3 = bf16x2_to_f32(wv[u].w);
+      const int64_t kb = kb0 + u * kStride;
+      const bool in = kb + q * 16 < row_bytes;
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      lo[u] = in && lo_ok ? load_stream16(w_lo + kb) : zero;
+      hi[u] = in && hi_ok ? load_stream16(w_hi + kb) : zero;
+      xv[u] = in && x_ok ? __ldg(reinterpret_cast<const uint4*>(x_row + kb)) : zero;
+    }
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * p.k + k));
-        const float2 x0 = bf16x2_to_f32(xv.x), x1 = bf16x2_to_f32(xv.y), x2 = bf16x2_to_f32(xv.z),
-                     x3 = bf16x2_to_f32(xv.w);
-        float s = acc[m];
-        s = fmaf(w0.x, x0.x, s);
-        s = fmaf(w0.y, x0.y, s);
-        s = fmaf(w1.x, x1.x, s);
-        s = fmaf(w1.y, x1.y, s);
-        s = fmaf(w2.x, x2.x, s);
-        s = fmaf(w2.y, x2.y, s);
-        s = fmaf(w3.x, x3.x, s);
-        s = fmaf(w3.y, x3.y, s);
-        acc[m] = s;
+    for (int u = 0; u < kSkinnyUnroll; ++u) {
+      const int64_t kb = kb0 + u * kStride;
+      if (kb >= row_bytes) break;
+      if (blocked) {
+        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        skinny_window<kFp8>(t, lo[u], hi[u], xv[u]);
+        const float bs = block_scale[kb / 128];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d[i] = fmaf(t[i], bs, d[i]);
+      } else {
+        skinny_window<kFp8>(d, lo[u], hi[u], xv[u]);
       }
     }
   }
-  const float b = bias != nullptr ? bias[n] : 0.0f;
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float s = warp_sum(acc[m]);
-    if (lane == m % 32) out[m * p.n + n] = from_f32<T>(s + b);
-  }
-}
-
-// The activations of an FP8 skinny GEMM: one block per row, sx = absmax / 448 and the row's e4m3
-// codes (quantize_fp8_rows_kernel's rule) decoded to f32 code values.
-// x: [M, K]; xc: [M, K] f32; sx: [M]
-template <typename T>
-__global__ void quantize_fp8_rows_decoded_kernel(const T* x, int64_t cols, float* xc, float* sx) {
-  __shared__ float scratch[32];
-  const T* xr = x + blockIdx.x * cols;
-  float amax = 0.0f;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) amax = fmaxf(amax, fabsf(to_f32(xr[c])));
-  amax = block_max(amax, scratch);
-  const float s = __fdiv_rn(amax, 448.0f);
-  float* qr = xc + blockIdx.x * cols;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-    qr[c] = s > 0.0f ? e4m3_to_f32(f32_to_e4m3(__fdiv_rn(to_f32(xr[c]), s))) : 0.0f;
-  if (threadIdx.x == 0) sx[blockIdx.x] = s;
-}
-
-// Four e4m3 codes (one 32-bit word, lowest byte first) as f32.
-__device__ __forceinline__ void e4m3x4_to_f32(uint32_t v, float* f) {
-  const __half2_raw lo =
-      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v & 0xFFFFu), __NV_E4M3);
-  const __half2_raw hi =
-      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v >> 16), __NV_E4M3);
-  const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
-  f[0] = a.x;
-  f[1] = a.y;
-  f[2] = b.x;
-  f[3] = b.y;
-}
-
-// xc: [M, K] f32 code values; sx: [M]; w: [N, K] e4m3 codes; w_scale: [N] or
-// [ceil(N/128), k_blocks]; bias: [N] f32 or nullptr; out: [M, N]. Grid as the bf16 kernel.
-template <typename T, int M>
-__global__ void __launch_bounds__(32 * kSkinnyWarps)
-    skinny_gemm_fp8_kernel(const float* __restrict__ xc, const float* __restrict__ sx,
-                           const uint8_t* __restrict__ w, const float* __restrict__ w_scale,
-                           const float* __restrict__ bias, SkinnyGemmParams p,
-                           T* __restrict__ out) {
-  const int lane = threadIdx.x % 32;
-  const int64_t n = int64_t{blockIdx.x} * kSkinnyWarps + threadIdx.x / 32;
-  if (n >= p.n) return;
-  const uint8_t* w_row = w + n * p.k;
-  const bool blocked = p.k_blocks > 0;
-  const float* block_scale = blocked ? w_scale + (n / 128) * p.k_blocks : nullptr;
-  float acc[M];
+  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = d[i];
+  __syncthreads();
+  // Thread t < 128 sums element t % 4 of lane t / 4's fragment over the warps: channel
+  // g (+8 for elements 2-3), activation row 2 q (+1 for odd elements).
+  if (threadIdx.x >= 128) return;
+  const int src = threadIdx.x / 4, e = threadIdx.x % 4;
+  float v = 0.0f;
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-  constexpr int64_t kStep = 32 * 16;  // codes a warp covers per chunk
-  for (int64_t k0 = lane * 16; k0 < p.k; k0 += kStep * kSkinnyUnroll) {
-    uint4 wv[kSkinnyUnroll];
-#pragma unroll
-    for (int u = 0; u < kSkinnyUnroll; ++u)
-      wv[u] = k0 + u * kStep < p.k ? load_stream16(w_row + k0 + u * kStep) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int u = 0; u < kSkinnyUnroll; ++u) {
-      const int64_t k = k0 + u * kStep;
-      if (k >= p.k) break;
-      float wf[16];
-      e4m3x4_to_f32(wv[u].x, wf);
-      e4m3x4_to_f32(wv[u].y, wf + 4);
-      e4m3x4_to_f32(wv[u].z, wf + 8);
-      e4m3x4_to_f32(wv[u].w, wf + 12);
-      const float bs = blocked ? block_scale[k / 128] : 1.0f;
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const float4* xr = reinterpret_cast<const float4*>(xc + m * p.k + k);
-        float s = 0.0f;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float4 xv = __ldg(xr + q);
-          s = fmaf(wf[4 * q], xv.x, s);
-          s = fmaf(wf[4 * q + 1], xv.y, s);
-          s = fmaf(wf[4 * q + 2], xv.z, s);
-          s = fmaf(wf[4 * q + 3], xv.w, s);
-        }
-        acc[m] = fmaf(s, bs, acc[m]);
-      }
-    }
-  }
-  const float b = bias != nullptr ? bias[n] : 0.0f;
-  const float sw = blocked ? 1.0f : w_scale[n];
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float s = warp_sum(acc[m]);
-    if (lane == m % 32) out[m * p.n + n] = from_f32<T>(s * sx[m] * sw + b);
-  }
+  for (int wi = 0; wi < kSkinnyWarps; ++wi) v += partial[wi][src][e];
+  const int64_t n = n0 + src / 4 + (e >= 2 ? 8 : 0);
+  const int64_t m = 2 * (src % 4) + (e & 1);
+  if (n >= p.n || m >= p.m) return;
+  if constexpr (kFp8) v *= sx[m] * (blocked ? 1.0f : w_scale[n]);
+  out[m * p.n + n] = from_f32<T>(v + (bias != nullptr ? bias[n] : 0.0f));
 }
 
 }  // namespace redknot::cuda
