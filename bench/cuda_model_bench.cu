@@ -1,4 +1,6 @@
-// Whole-model CUDA benchmark on real model shapes with random bf16 weights (issue 6):
+// Whole-model CUDA benchmark on real model shapes with random bf16 weights (issue 6). A shape
+// is a preset_config name (llama3-8b, mistral-7b, 1b, rag-7m, tiny) or, failing that, one of
+// the config.json table of loader/model_shapes (qwen3-32b, llama3.3-70b, ...).
 //  ttft:     dense prefill of one T-token prompt (every head global, batch 1, logits of the last
 //            token only) through Model::forward on the CUDA backend and the paged KV store, in
 //            chunks of --chunks tokens (4096: the engine's prefill_full default; 0: the whole
@@ -60,6 +62,8 @@
 #include "kv/paged_kv_cache.h"
 #include "kv_bench.h"
 #include "loader/fp8_checkpoint.h"
+#include "loader/hf_config.h"
+#include "loader/model_shapes.h"
 #include "model/flops.h"
 #include "model/model.h"
 #include "model/random_checkpoint.h"
@@ -78,7 +82,7 @@ struct Args {
   std::vector<std::string> shapes = {"llama3-8b", "mistral-7b"};
   std::vector<int64_t> lengths = {8192, 32768};
   std::vector<int64_t> chunks = {4096, 0};  // 0: the whole prompt in one forward
-  int64_t layers = 0;                       // > 0: override the preset's layer count
+  int64_t layers = 0;                       // > 0: override the shape's layer count
   int warmup = 2, reps = 3;
   std::string capacity_shape = "llama3-8b";  // "none": skip the capacity mode
   int64_t capacity_tokens = 32768;
@@ -118,7 +122,10 @@ struct Args {
       "[--stage-profile 0|1]\n"
       "  [--decode SHAPE,...|none] [--decode-batch 1,16] [--decode-context 4096] "
       "[--decode-steps 32] [--skinny-rows 8,0]\n"
-      "  [--quantization none,fp8] [--cpu]\n");
+      "  [--quantization none,fp8] [--cpu]\n"
+      "SHAPE: a preset (llama3-8b, mistral-7b, 1b, rag-7m, tiny) or a model_shapes "
+      "name (%s)\n",
+      model_shape_names().c_str());
   std::exit(2);
 }
 
@@ -202,7 +209,7 @@ Args parse(int argc, char** argv) {
     else
       usage();
   }
-  if (a.reps < 1 || a.warmup < 0 || a.capacity_chunk <= 0) usage();
+  if (a.reps < 1 || a.warmup < 0 || a.capacity_chunk <= 0 || a.layers < 0) usage();
   if (a.decode_context < 1 || a.decode_steps < 1) usage();
   for (int64_t b : a.decode_batches)
     if (b < 1) usage();
@@ -283,8 +290,12 @@ class RandomWeights {
       ck.tensors[p + "mlp.gate_proj.weight"] = mat(H, F, H);
       ck.tensors[p + "mlp.up_proj.weight"] = mat(H, F, H);
       ck.tensors[p + "mlp.down_proj.weight"] = mat(F, H, F);
-      if (cfg_.attention_bias || cfg_.qk_norm)
-        throw Error("bench: biases / qk norm not generated (llama3-8b and mistral-7b have none)");
+      if (cfg_.qk_norm) {  // Qwen3: per-head RMSNorm weights [head_dim], as the loader expects
+        ck.tensors[p + "self_attn.q_norm.weight"] = ones(hd);
+        ck.tensors[p + "self_attn.k_norm.weight"] = ones(hd);
+      }
+      if (cfg_.attention_bias)
+        throw Error("bench: attention biases not generated (no bench shape has them)");
     }
     return ck;
   }
@@ -337,12 +348,22 @@ class RandomWeights {
   int64_t next_ = 0;
 };
 
-int64_t param_count(const ModelConfig& c) {
-  const int64_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
-  const int64_t per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size +
-                            3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size;
-  return c.num_layers * per_layer + c.vocab_size * c.hidden_size * (c.tie_word_embeddings ? 1 : 2) +
-         c.hidden_size;
+// preset_config first, so that the shapes it knows keep the configs of earlier results; any
+// other name from the real config.json table (`layers` > 0 overrides the layer count).
+ModelConfig shape_config(const std::string& name, int64_t layers) {
+  ModelConfig c;
+  try {
+    c = preset_config(name);
+  } catch (const Error& e) {
+    const std::vector<ModelShape>& table = model_shapes();
+    if (std::none_of(table.begin(), table.end(),
+                     [&](const ModelShape& m) { return name == m.name; }))
+      throw Error(std::string(e.what()) + ", nor a model_shapes name (" + model_shape_names(true) +
+                  ")");
+    return parse_hf_config(model_shape_config(name, layers), name);
+  }
+  if (layers > 0) c.num_layers = layers;
+  return c;
 }
 
 std::string chunk_name(int64_t chunk) { return chunk > 0 ? std::to_string(chunk) : "whole"; }
@@ -927,20 +948,20 @@ int main(int argc, char** argv) {
   std::vector<std::string> errors;
   for (const std::string& shape : shapes) {
     try {
-      ModelConfig cfg = preset_config(shape);
-      if (a.layers > 0) cfg.num_layers = a.layers;
+      const ModelConfig cfg = shape_config(shape, a.layers);
       auto t0 = Clock::now();
       RandomWeights rw(cfg);  // host buffers, reused by both phases
       std::printf(
           "## %s: %lld layers, hidden %lld, %lld q / %lld kv heads x %lld, ffn %lld, vocab %lld, "
-          "rope theta %g%s; %.2fB params (host weights made in %.1f s)\n",
+          "rope theta %g%s%s; %.2fB params (host weights made in %.1f s)\n",
           shape.c_str(), static_cast<long long>(cfg.num_layers),
           static_cast<long long>(cfg.hidden_size), static_cast<long long>(cfg.num_heads),
           static_cast<long long>(cfg.num_kv_heads), static_cast<long long>(cfg.head_dim),
           static_cast<long long>(cfg.intermediate_size), static_cast<long long>(cfg.vocab_size),
           cfg.rope_theta,
           cfg.rope_scaling.type == "none" ? "" : (" " + cfg.rope_scaling.type).c_str(),
-          static_cast<double>(param_count(cfg)) / 1e9, seconds_since(t0));
+          cfg.qk_norm ? ", qk norm" : "", static_cast<double>(count_parameters(cfg)) / 1e9,
+          seconds_since(t0));
       // Each phase gets a fresh backend, so that neither sees the other's cached blocks: the
       // capacity pool is sized from what the weights alone leave, as serve does at start.
       auto phase = [&](const std::string& what, const std::string& quantization, auto&& body) {

@@ -12,6 +12,9 @@
 #   BENCH_ARGS / PEER_ARGS pass options through, e.g. a quick run:
 #   BENCH_ARGS="--shapes llama3-8b --lengths 8192 --capacity none" \
 #   PEER_ARGS="--shapes llama3-8b --lengths 8192" scripts/gpu-model-bench.sh
+#   Shapes: llama3-8b, mistral-7b (the defaults), qwen3-32b, llama3.3-70b in both; the bench
+#   also takes its other presets and the rest of src/loader/model_shapes.cc. At bf16 the 70B
+#   weights (141 GB) fit no single card: pass the same --layers N to both.
 # BUDGET_S (default 450) bounds the whole script: the bench and the peer get timeouts from what
 # the build leaves (expected on an H100: build 1-3 min, bench ~1.5 min, peer ~1.5 min).
 set -uo pipefail

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Peer for bench/cuda_model_bench.cu: Hugging Face transformers LlamaForCausalLM /
-MistralForCausalLM (attn_implementation="sdpa", bf16, random weights made on the GPU) on the
-same shapes as redknot's preset_config, dense prefill TTFT of one T-token prompt with
-use_cache=True (the peer fills its KV cache, as a real prefill does) and logits_to_keep=1.
+MistralForCausalLM / Qwen3ForCausalLM (attn_implementation="sdpa", bf16, random weights made on
+the GPU) on the same shapes as the bench (llama3-8b, mistral-7b, qwen3-32b, llama3.3-70b),
+dense prefill TTFT of one T-token prompt with use_cache=True (the peer fills its KV cache, as a
+real prefill does) and logits_to_keep=1.
 Wall time from the forward call to the last token's logits on the host, after --warmup runs,
 median of --reps; the same table format as the RedKnot bench.
 
@@ -17,21 +18,32 @@ import re
 import sys
 import time
 
-# redknot's preset_config (src/model/random_checkpoint.cc): keep in sync.
+# The shapes the bench resolves (keep in sync): llama3-8b and mistral-7b from redknot's
+# preset_config (src/model/random_checkpoint.cc), the others from the config.json table of
+# src/loader/model_shapes.cc. Qwen3ForCausalLM has the per-head q/k RMSNorm the bench adds.
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
 SHAPES = {
     "llama3-8b": dict(arch="llama", vocab=128256, hidden=4096, ffn=14336, layers=32, heads=32,
-                      kv_heads=8, head_dim=128, theta=500000.0, max_pos=131072,
-                      rope=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                high_freq_factor=4.0, original_max_position_embeddings=8192)),
+                      kv_heads=8, head_dim=128, theta=500000.0, max_pos=131072, eps=1e-5,
+                      rope=LLAMA3_ROPE),
     "mistral-7b": dict(arch="mistral", vocab=32768, hidden=4096, ffn=14336, layers=32, heads=32,
-                       kv_heads=8, head_dim=128, theta=1000000.0, max_pos=32768, rope=None),
+                       kv_heads=8, head_dim=128, theta=1000000.0, max_pos=32768, eps=1e-5,
+                       rope=None),
+    "qwen3-32b": dict(arch="qwen3", vocab=151936, hidden=5120, ffn=25600, layers=64, heads=64,
+                      kv_heads=8, head_dim=128, theta=1000000.0, max_pos=40960, eps=1e-6,
+                      rope=None),
+    "llama3.3-70b": dict(arch="llama", vocab=128256, hidden=8192, ffn=28672, layers=80, heads=64,
+                         kv_heads=8, head_dim=128, theta=500000.0, max_pos=131072, eps=1e-5,
+                         rope=LLAMA3_ROPE),
 }
 HEADER = "| shape | T | chunk | TTFT ms | TFLOP/s |"
 
 
 def prefill_flops(s, T):
     """Same count as redknot's prefill_flops (a multiply-add is 2): projections, FFN, causal
-    attention QK^T and PV over every earlier position, the lm_head for one row."""
+    attention QK^T and PV over every earlier position, the lm_head for one row (norms, Qwen3's
+    q/k norm included, are not counted there either)."""
     H, F, hd = s["hidden"], s["ffn"], s["head_dim"]
     q, kv = s["heads"] * hd, s["kv_heads"] * hd
     per_tok = 2.0 * H * (q + 2 * kv) + 2.0 * q * H + 6.0 * H * F
@@ -41,16 +53,19 @@ def prefill_flops(s, T):
 
 def make_config(s):
     import inspect
-    from transformers import LlamaConfig, MistralConfig
+    from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
-    cls = LlamaConfig if s["arch"] == "llama" else MistralConfig
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen3": Qwen3Config}[s["arch"]]
     kw = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
               num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
               num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"],
-              max_position_embeddings=s["max_pos"], rms_norm_eps=1e-5,
+              max_position_embeddings=s["max_pos"], rms_norm_eps=s["eps"],
               tie_word_embeddings=False, use_cache=True)
+    # All heads global, as in the RedKnot run.
     if s["arch"] == "mistral":
-        kw["sliding_window"] = None  # all heads global, as in the RedKnot run
+        kw["sliding_window"] = None
+    elif s["arch"] == "qwen3":
+        kw["use_sliding_window"] = False
     params = inspect.signature(cls.__init__).parameters
     if "rope_parameters" in params:  # transformers >= 5: theta lives in rope_parameters
         rp = {"rope_type": "default", "rope_theta": s["theta"]}
@@ -111,7 +126,8 @@ def build_model(s):
         err = ((inv.double().cpu() - exp).abs() / exp).max().item()
         print(f"  rope inv_freq vs expected: max rel err {err:.2e}"
               + ("" if err < 1e-2 else "  WARNING: rope config did not take"))
-    print(f"  attn_implementation: {getattr(model.config, '_attn_implementation', '?')}")
+    print(f"  {type(model).__name__}, attn_implementation: "
+          f"{getattr(model.config, '_attn_implementation', '?')}")
     return model
 
 
