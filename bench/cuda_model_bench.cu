@@ -26,7 +26,8 @@
 //            spread profile has one in the last layer, where dead-row skipping does nothing).
 //  decode:   ms per batched greedy step after a prefill of --decode-context tokens per
 //            sequence: eager, CUDA graphs, graphs + device argmax; for each --skinny-rows
-//            setting (the CUDA backend's skinny-GEMM row limit; 0: cuBLASLt for every product),
+//            setting (the CUDA backend's skinny-GEMM row limit; 0: cuBLASLt for every product)
+//            and each --decode-splits setting (split-KV blocks per head; 0: the backend's rule),
 //            with the bytes a step must read (weights but the embedding table, plus the KV) over
 //            the step time, beside the card's device-to-device copy bandwidth (read + write).
 // --quantization none,fp8 runs the ttft and decode phases once per weight format (fp8: every
@@ -105,6 +106,7 @@ struct Args {
   std::string reuse_profile = "spread";
   std::vector<std::string> quantizations = {"none"};  // weight formats (apply_quantization)
   std::vector<int64_t> skinny_rows = {8};             // decode: CudaGemmTuning settings
+  std::vector<int64_t> decode_splits = {0};           // decode: CudaFlashTuning::splits
   KvShape kv;        // page size and the head-aware profile (global fraction, W, sink)
   bool cpu = false;  // debugging: the same code on the CPU backend (try --shapes tiny)
 };
@@ -121,7 +123,7 @@ struct Args {
       "  [--reuse-query-tokens 64] [--reuse-sparse 1|0] [--reuse-profile spread|deep|front] "
       "[--stage-profile 0|1]\n"
       "  [--decode SHAPE,...|none] [--decode-batch 1,16] [--decode-context 4096] "
-      "[--decode-steps 32] [--skinny-rows 8,0]\n"
+      "[--decode-steps 32] [--skinny-rows 8,0] [--decode-splits 0,32]\n"
       "  [--quantization none,fp8] [--cpu]\n"
       "SHAPE: a preset (llama3-8b, mistral-7b, 1b, rag-7m, tiny) or a model_shapes "
       "name (%s)\n",
@@ -204,6 +206,8 @@ Args parse(int argc, char** argv) {
       a.decode_steps = std::stoi(v);
     else if (k == "--skinny-rows")
       a.skinny_rows = split_ints(v);
+    else if (k == "--decode-splits")
+      a.decode_splits = split_ints(v);
     else if (k == "--quantization")
       a.quantizations = split(v);
     else
@@ -213,7 +217,7 @@ Args parse(int argc, char** argv) {
   if (a.decode_context < 1 || a.decode_steps < 1) usage();
   for (int64_t b : a.decode_batches)
     if (b < 1) usage();
-  if (a.skinny_rows.empty() || a.quantizations.empty()) usage();
+  if (a.skinny_rows.empty() || a.decode_splits.empty() || a.quantizations.empty()) usage();
   if (a.reuse_segments < 1 || a.reuse_segment_tokens < 1 || a.reuse_query_tokens < 1) usage();
   return a;
 }
@@ -723,7 +727,7 @@ ReuseRow run_reuse(Model& model, const std::string& shape, const Args& a) {
 // ---- decode: recorded steps (CUDA graphs) vs eager ----
 struct DecodeRow {
   std::string shape, weights = "bf16";
-  int64_t batch = 0, context = 0, steps = 0, skinny_rows = 0;
+  int64_t batch = 0, context = 0, steps = 0, skinny_rows = 0, splits = 0;
   double step_bytes = 0;              // weights (but the embedding) + KV read by one step
   double eager_ms = 0, graph_ms = 0;  // medians per step (host logits of every sequence)
   double greedy_ms = 0;               // graphs, argmax on the device (ids to the host)
@@ -735,12 +739,13 @@ struct DecodeRow {
 
 void print_decode(const DecodeRow& r) {
   std::printf(
-      "decode %s %s batch=%lld context=%lld skinny=%lld: %seager %.3f ms/step, graphs %.3f "
+      "decode %s %s batch=%lld context=%lld skinny=%lld splits=%lld: %seager %.3f ms/step, graphs "
+      "%.3f "
       "ms/step, graphs + device argmax %.3f ms/step, max |dlogit| %.3g, argmax %s\n",
       r.shape.c_str(), r.weights.c_str(), static_cast<long long>(r.batch),
       static_cast<long long>(r.context), static_cast<long long>(r.skinny_rows),
-      r.error.empty() ? "" : ("FAILED: " + r.error + " ").c_str(), r.eager_ms, r.graph_ms,
-      r.greedy_ms, r.max_diff, r.argmax_equal ? "equal" : "DIFFERS");
+      static_cast<long long>(r.splits), r.error.empty() ? "" : ("FAILED: " + r.error + " ").c_str(),
+      r.eager_ms, r.graph_ms, r.greedy_ms, r.max_diff, r.argmax_equal ? "equal" : "DIFFERS");
   std::fflush(stdout);
 }
 
@@ -879,23 +884,34 @@ std::vector<DecodeRow> run_decode(Model& model, const std::string& shape,
                      static_cast<double>(B) * a.decode_context *
                          static_cast<double>(cfg.num_layers) * cfg.num_kv_heads * cfg.head_dim *
                          2.0 * static_cast<double>(dtype_bytes(backend.act_dtype(), 1));
-      for (int64_t skinny : a.skinny_rows) {
-        DecodeRow rs = r;
-        rs.skinny_rows = skinny;
-        // A new setting re-records the graphs: mode 0 drops the recordings of the last one.
-        if (!a.cpu) set_cuda_gemm_tuning(backend, CudaGemmTuning{skinny});
-        for (int mode = 0; mode < 3; ++mode) {
-          for (int i = 0; i < 3; ++i) step(mode);  // warm-up (and any re-recording)
-          std::vector<double> t;
-          for (int i = 0; i < a.decode_steps; ++i) t.push_back(step(mode));
-          (mode == 0 ? rs.eager_ms : mode == 1 ? rs.graph_ms : rs.greedy_ms) = median(t);
+      for (int64_t skinny : a.skinny_rows)
+        for (int64_t splits : a.decode_splits) {
+          DecodeRow rs = r;
+          rs.skinny_rows = skinny, rs.splits = splits;
+          // A new setting re-records the graphs: mode 0 drops the recordings of the last one.
+          if (!a.cpu) {
+            CudaGemmTuning gt = CudaGemmTuning::from_env();
+            gt.skinny_max_rows = skinny;
+            set_cuda_gemm_tuning(backend, gt);
+            CudaFlashTuning ft = CudaFlashTuning::from_env();
+            ft.splits = static_cast<int>(splits);
+            set_cuda_flash_tuning(backend, ft);
+          }
+          for (int mode = 0; mode < 3; ++mode) {
+            for (int i = 0; i < 3; ++i) step(mode);  // warm-up (and any re-recording)
+            std::vector<double> t;
+            for (int i = 0; i < a.decode_steps; ++i) t.push_back(step(mode));
+            (mode == 0 ? rs.eager_ms : mode == 1 ? rs.graph_ms : rs.greedy_ms) = median(t);
+          }
+          rs.recorded = model.decode_graph_stats().recorded;
+          print_decode(rs);
+          rows.push_back(rs);
         }
-        rs.recorded = model.decode_graph_stats().recorded;
-        print_decode(rs);
-        rows.push_back(rs);
-      }
       model.set_decode_graphs(false);  // drops the recordings (their plan storage) with the cache
-      if (!a.cpu) set_cuda_gemm_tuning(backend, CudaGemmTuning::from_env());
+      if (!a.cpu) {
+        set_cuda_gemm_tuning(backend, CudaGemmTuning::from_env());
+        set_cuda_flash_tuning(backend, CudaFlashTuning::from_env());
+      }
     } catch (const std::exception& e) {
       r.error = e.what();
       model.set_decode_graphs(false);
@@ -1117,22 +1133,24 @@ int main(int argc, char** argv) {
         "device-to-device copy %.0f GB/s (read + write)\n\n",
         a.decode_steps, copy_gbs);
     std::printf(
-        "| shape | weights | batch | context | skinny rows | eager ms/step | graphs ms/step | "
+        "| shape | weights | batch | context | skinny rows | splits | eager ms/step | graphs "
+        "ms/step | "
         "graphs + device argmax ms/step | GB read per step | GB/s (argmax) | of copy | max abs "
         "logit diff | argmax equal | recordings |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const DecodeRow& r : decode) {
       if (!r.error.empty()) continue;
       const double gbs = r.greedy_ms > 0 ? r.step_bytes / (r.greedy_ms * 1e-3) / 1e9 : 0.0;
       std::printf(
-          "| %s | %s | %lld | %lld | %lld | %.3f | %.3f | %.3f | %.2f | %.0f | %.0f%% | %.3g | %s "
+          "| %s | %s | %lld | %lld | %lld | %lld | %.3f | %.3f | %.3f | %.2f | %.0f | %.0f%% | "
+          "%.3g | %s "
           "| "
           "%lld |\n",
           r.shape.c_str(), r.weights.c_str(), static_cast<long long>(r.batch),
-          static_cast<long long>(r.context), static_cast<long long>(r.skinny_rows), r.eager_ms,
-          r.graph_ms, r.greedy_ms, r.step_bytes / 1e9, gbs,
-          copy_gbs > 0 ? 100.0 * gbs / copy_gbs : 0.0, r.max_diff, r.argmax_equal ? "yes" : "no",
-          static_cast<long long>(r.recorded));
+          static_cast<long long>(r.context), static_cast<long long>(r.skinny_rows),
+          static_cast<long long>(r.splits), r.eager_ms, r.graph_ms, r.greedy_ms, r.step_bytes / 1e9,
+          gbs, copy_gbs > 0 ? 100.0 * gbs / copy_gbs : 0.0, r.max_diff,
+          r.argmax_equal ? "yes" : "no", static_cast<long long>(r.recorded));
     }
   }
   for (const std::string& e : errors) std::printf("ERROR %s\n", e.c_str());

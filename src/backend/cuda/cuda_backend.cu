@@ -172,7 +172,12 @@ uint32_t ptr_alignment(const void* p) {
   return align;
 }
 
-// One cached cuBLASLt matmul setup per (M, N, K, out dtype, bias, alignment).
+// What a cuBLASLt plan multiplies: bf16 operands; e4m3 operands into an f32 accumulator (the
+// scaling epilogue kernel finishes it); e4m3 operands with per-channel (A) and per-token (B) f32
+// scale vectors applied by cuBLASLt itself (OUTER_VEC_32F), out dtype straight from the GEMM.
+enum class LtKind { kBf16, kFp8, kFp8OuterVec };
+
+// One cached cuBLASLt matmul setup per (M, N, K, out dtype, bias, alignment, kind).
 struct LtPlan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
@@ -432,11 +437,15 @@ class CudaBackend : public Backend {
                               static_cast<int>(k_dim), &beta, out.raw(), out_type,
                               static_cast<int>(n_rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                  "cublasGemmEx");
-    if (bias.numel() == 0) return;
+    if (bias.numel()) add_bias(out, bias.data<float>(), m_rows, n_rows);
+  }
+
+  // out: [M, N] bf16 or f32 += bias: [N] f32
+  void add_bias(Tensor& out, const float* bias, int64_t m_rows, int64_t n_rows) {
     dispatch_act("matmul", out.dtype(), [&](auto tag) {
       using T = decltype(tag);
       cuda::add_bias_kernel<T><<<elementwise_blocks(m_rows * n_rows), 256, 0, stream_>>>(
-          out.data<T>(), bias.data<float>(), m_rows, n_rows);
+          out.data<T>(), bias, m_rows, n_rows);
       launch_check("add_bias_kernel");
     });
   }
@@ -509,12 +518,35 @@ class CudaBackend : public Backend {
     Tensor sx = alloc_uninit(DType::F32, {m_rows});
     fp8_rows(x.reshape({m_rows, k_dim}), xq, &sx, k_dim);
     cuda::Fp8GemmParams p{m_rows, n_rows, k_dim, blocked ? w_scale.dim(1) : 0};
+    if (!blocked && !simple_ && gemm_.fp8_outer_vec) {
+      const LtPlan& plan = lt_plan(
+          m_rows, n_rows, k_dim, out.dtype(), false,
+          std::min({ptr_alignment(xq.raw()), ptr_alignment(w.raw()), ptr_alignment(out.raw())}),
+          LtKind::kFp8OuterVec);
+      if (plan.ok) {
+        const void* a_scale = w_scale.raw();
+        const void* b_scale = sx.raw();
+        cublas_check(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                    &a_scale, sizeof(a_scale)),
+                     "cublasLt A scale pointer");
+        cublas_check(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                    &b_scale, sizeof(b_scale)),
+                     "cublasLt B scale pointer");
+        const float alpha = 1.0f, beta = 0.0f;
+        cublas_check(cublasLtMatmul(lt_, plan.op, &alpha, w.raw(), plan.a, xq.raw(), plan.b, &beta,
+                                    out.raw(), plan.c, out.raw(), plan.c, &plan.algo,
+                                    lt_workspace_.get(), kLtWorkspace, stream_),
+                     "cublasLtMatmul fp8 outer-vector scales");
+        if (bias_ptr != nullptr) add_bias(out, bias_ptr, m_rows, n_rows);
+        return;
+      }
+    }
     if (!blocked && !simple_) {
       Tensor acc = alloc_uninit(DType::F32, {m_rows, n_rows});
       const LtPlan& plan = lt_plan(
           m_rows, n_rows, k_dim, DType::F32, false,
           std::min({ptr_alignment(xq.raw()), ptr_alignment(w.raw()), ptr_alignment(acc.raw())}),
-          /*fp8=*/true);
+          LtKind::kFp8);
       if (plan.ok) {
         const float alpha = 1.0f, beta = 0.0f;
         cublas_check(cublasLtMatmul(lt_, plan.op, &alpha, w.raw(), plan.a, xq.raw(), plan.b, &beta,
@@ -1018,10 +1050,11 @@ class CudaBackend : public Backend {
     }
   }
 
-  // fp8: e4m3 A and B (TN, as cuBLASLt's FP8 kernels require), f32 C/D, no bias.
+  // FP8 kinds: e4m3 A and B (TN, as cuBLASLt's FP8 kernels require), no bias; kFp8 has f32 C/D.
   const LtPlan& lt_plan(int64_t m, int64_t n, int64_t k, DType out_dtype, bool has_bias,
-                        uint32_t align, bool fp8 = false) {
-    const auto key = std::make_tuple(m, n, k, static_cast<int>(out_dtype), has_bias, align, fp8);
+                        uint32_t align, LtKind kind = LtKind::kBf16) {
+    const auto key = std::make_tuple(m, n, k, static_cast<int>(out_dtype), has_bias, align,
+                                     static_cast<int>(kind));
     auto it = lt_plans_.find(key);
     if (it != lt_plans_.end()) return it->second;
     LtPlan plan;
@@ -1042,7 +1075,13 @@ class CudaBackend : public Backend {
            cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
                                           sizeof(bias_type)) == CUBLAS_STATUS_SUCCESS;
     }
-    const cudaDataType in_type = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+    if (kind == LtKind::kFp8OuterVec) {
+      const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+      for (auto attr : {CUBLASLT_MATMUL_DESC_A_SCALE_MODE, CUBLASLT_MATMUL_DESC_B_SCALE_MODE})
+        ok = ok && cublasLtMatmulDescSetAttribute(plan.op, attr, &mode, sizeof(mode)) ==
+                       CUBLAS_STATUS_SUCCESS;
+    }
+    const cudaDataType in_type = kind == LtKind::kBf16 ? CUDA_R_16BF : CUDA_R_8F_E4M3;
     ok = ok && cublasLtMatrixLayoutCreate(&plan.a, in_type, k, n, k) == CUBLAS_STATUS_SUCCESS;
     ok = ok && cublasLtMatrixLayoutCreate(&plan.b, in_type, k, m, k) == CUBLAS_STATUS_SUCCESS;
     ok = ok && cublasLtMatrixLayoutCreate(&plan.c, out_type, n, m, n) == CUBLAS_STATUS_SUCCESS;
@@ -1136,6 +1175,7 @@ CudaFlashTuning CudaFlashTuning::from_env() {
 CudaGemmTuning CudaGemmTuning::from_env() {
   CudaGemmTuning t;
   t.skinny_max_rows = std::max(0, std::atoi(env_or("REDKNOT_GEMM_SKINNY_ROWS", "8").c_str()));
+  t.fp8_outer_vec = env_or("REDKNOT_GEMM_FP8_OUTER", "0") == "1";
   return t;
 }
 

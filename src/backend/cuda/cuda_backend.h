@@ -34,10 +34,14 @@ void set_cuda_flash_tuning(Backend& backend, const CudaFlashTuning& tuning);
 
 // GEMM kernel choices: products of at most `skinny_max_rows` activation rows (decode steps) run on
 // the skinny kernels (skinny_gemm.cuh; at most 8), larger ones on cuBLASLt; 0 sends every product
-// to cuBLASLt. Read once, when the backend is made, from REDKNOT_GEMM_SKINNY_ROWS (default 8);
-// benchmarks change it with the setter.
+// to cuBLASLt. `fp8_outer_vec`: per-channel FP8 GEMMs let cuBLASLt apply both scale vectors and
+// write the output dtype (OUTER_VEC_32F scale mode) instead of an f32 product and an epilogue
+// kernel; off until measured on the GPU (op parity, TTFT). Read once, when the backend is made,
+// from REDKNOT_GEMM_SKINNY_ROWS (default 8) and REDKNOT_GEMM_FP8_OUTER=1; benchmarks change them
+// with the setter.
 struct CudaGemmTuning {
   int64_t skinny_max_rows = 8;
+  bool fp8_outer_vec = false;
   static CudaGemmTuning from_env();
 };
 // Throws Error when `backend` is not a CUDA backend.
