@@ -1,6 +1,7 @@
 // The shipped RAG model through the eval harness on a slice of the committed 4K eval set: the
 // engine must answer like the trained model does (EM floor), and every reuse mode must keep the
 // ordering that docs/benchmarks.md's table shows on the 8K set.
+#include <chrono>
 #include <cstdio>
 
 #include "engine/profiler.h"
@@ -50,12 +51,40 @@ class RagModel : public ::testing::Test {
   std::vector<std::vector<float>> full_logits_;  // the full-prefill reference, shared by modes
 };
 
+// A deadline stops the run between samples and says so; what ran is scored as usual.
+TEST_F(RagModel, DeadlineStopsBetweenSamplesAndReportsTruncation) {
+  EvalOptions opts;
+  opts.reuse.mode = ReuseMode::Full;
+  opts.deadline = std::chrono::steady_clock::now();  // already passed: no sample starts
+  const EvalReport none = run_rag_eval(*model_, *ckpt_, *tok_, samples_, opts);
+  EXPECT_TRUE(none.truncated);
+  EXPECT_EQ(none.n, 0);
+  EXPECT_EQ(none.n_requested, 8);
+  EXPECT_TRUE(none.samples.empty());
+  EXPECT_EQ(none.to_json().at("truncated"), true);
+  EXPECT_EQ(none.to_json().at("n_requested"), 8);
+
+  // The deadline passes during the second sample (set from the progress callback, which the
+  // run reads through its options): two are scored, the third never starts.
+  opts.deadline.reset();
+  const EvalReport two =
+      run_rag_eval(*model_, *ckpt_, *tok_, samples_, opts, [&](int64_t done, int64_t) {
+        if (done == 2) opts.deadline = std::chrono::steady_clock::now();
+      });
+  EXPECT_TRUE(two.truncated);
+  EXPECT_EQ(two.n, 2);
+  ASSERT_EQ(two.samples.size(), 2u);
+  EXPECT_EQ(two.samples[1].id, samples_[1].id);
+}
+
 TEST_F(RagModel, EveryModeKeepsTheTableOrdering) {
   const EvalReport full = run(ReuseMode::Full);
   // The shipped run (10) scores 93.0 EM on the whole 4K set in the training script and 99.6 on the
   // 8K set through this engine; these 8 samples hold 3 multi-hop answers ("bridge, answer").
   EXPECT_GE(full.em, 0.5) << full.to_json().dump();
   EXPECT_EQ(full.n, 8);
+  EXPECT_EQ(full.n_requested, 8);
+  EXPECT_FALSE(full.truncated);
   EXPECT_GT(full.flops, 0);
   // The per-sample rows (`redknot eval --predictions`) add up to the aggregate.
   ASSERT_EQ(full.samples.size(), 8u);

@@ -1,12 +1,14 @@
 // `redknot eval`: accuracy, agreement with full prefill, TTFT and FLOPs of a prefill mode on a
 // RAG dataset (JSONL or .jsonl.gz).
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +27,7 @@ struct EvalArgs {
   std::string model, data, mode = "full", backend = "cpu", reference, predictions, quantization,
                            kv_cache_dtype = "auto";
   int64_t n = 0, chunk_store_bytes = 0;
+  double time_limit_s = 0;  // > 0: no sample starts after this many seconds (reports truncated)
   int32_t page_size = kDefaultPageSize, max_answer_tokens = 16;
   ReuseOptions reuse;      // the baselines' parameters (cacheblend ratio, epic k)
   ReuseSettings settings;  // flags given; the model directory's reuse_settings.json fills the rest
@@ -49,12 +52,18 @@ std::vector<std::string> parse_modes(const std::string& spec) {
   return out;
 }
 
+// "n", or "n of N (time limit)" when --time-limit stopped the mode early.
+std::string sample_count(const EvalReport& r) {
+  return std::to_string(r.n) +
+         (r.truncated ? " of " + std::to_string(r.n_requested) + " (time limit)" : "");
+}
+
 void print_report(const EvalReport& r) {
   std::printf("| task | n | EM | F1 | top-1 | logits cos |\n|---|---|---|---|---|---|\n");
   for (const auto& [name, t] : r.per_task)
     std::printf("| %s | %lld | %.1f | %.1f | %.3f | %.4f |\n", name.c_str(), (long long)t.n,
                 100 * t.em, 100 * t.f1, t.top1_match, t.logits_cos);
-  std::printf("| all | %lld | %.1f | %.1f | %.3f | %.4f |\n", (long long)r.n, 100 * r.em,
+  std::printf("| all | %s | %.1f | %.1f | %.3f | %.4f |\n", sample_count(r).c_str(), 100 * r.em,
               100 * r.f1, r.top1_match, r.logits_cos);
   std::printf("\nreused %lld of %lld prompt tokens from the chunk store\n",
               (long long)r.reused_tokens, (long long)r.prompt_tokens);
@@ -76,9 +85,10 @@ void print_comparison(const std::vector<EvalReport>& reports) {
       "| mode | n | EM | F1 | top-1 | logits cos | TTFT p50 ms | TTFT vs full | FLOPs saved |\n"
       "|---|---|---|---|---|---|---|---|---|\n");
   for (const EvalReport& r : reports)
-    std::printf("| %s | %lld | %.1f | %.1f | %.3f | %.4f | %.1f | %s | %.1f%% |\n", r.mode.c_str(),
-                (long long)r.n, 100 * r.em, 100 * r.f1, r.top1_match, r.logits_cos, r.ttft_ms_p50,
-                speedup(r).c_str(), r.flops_full > 0 ? 100.0 * (1 - r.flops / r.flops_full) : 0.0);
+    std::printf("| %s | %s | %.1f | %.1f | %.3f | %.4f | %.1f | %s | %.1f%% |\n", r.mode.c_str(),
+                sample_count(r).c_str(), 100 * r.em, 100 * r.f1, r.top1_match, r.logits_cos,
+                r.ttft_ms_p50, speedup(r).c_str(),
+                r.flops_full > 0 ? 100.0 * (1 - r.flops / r.flops_full) : 0.0);
   std::printf("\n| EM by task | ");
   for (const EvalReport& r : reports) std::printf("%s | ", r.mode.c_str());
   std::printf("\n|---|");
@@ -235,9 +245,15 @@ int run_eval(const EvalArgs& a) {
       std::fprintf(stderr, "reference logits: %lld of %zu samples read from %s\n", (long long)found,
                    samples.size(), a.reference.c_str());
   }
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  if (a.time_limit_s > 0)
+    deadline = std::chrono::steady_clock::now() +
+               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                   std::chrono::duration<double>(a.time_limit_s));
   std::vector<EvalReport> reports;
   for (const std::string& mode : modes) {
     EvalOptions opts;
+    opts.deadline = deadline;
     opts.reuse = a.reuse;
     opts.reuse.mode = parse_reuse_mode(mode);
     settings.apply(opts.reuse);
@@ -254,6 +270,10 @@ int run_eval(const EvalArgs& a) {
                                                     (long long)done, (long long)total);
                                    }));
     if (!a.quiet) std::fprintf(stderr, "\n");
+    if (reports.back().truncated)
+      std::fprintf(stderr, "eval %s: --time-limit reached after %lld of %lld samples\n",
+                   mode.c_str(), (long long)reports.back().n,
+                   (long long)reports.back().n_requested);
   }
   if (!a.reference.empty()) {
     for (size_t i = 0; i < samples.size() && i < full_logits.size(); ++i) {
@@ -311,6 +331,10 @@ void add_eval_command(CLI::App& app, std::function<int()>& action) {
   add_tensor_parallel_option(c, &a->tensor_parallel_size);
   c->add_option("--page-size", a->page_size)->check(CLI::Range(1, 4096));
   c->add_option("--max-answer-tokens", a->max_answer_tokens)->check(CLI::Range(1, 1024));
+  c->add_option("--time-limit", a->time_limit_s,
+                "seconds: no sample starts after them; each mode reports the samples it finished "
+                "(n of N, \"truncated\" in --json)")
+      ->check(CLI::Range(0.0, 1e9));
   c->add_option(
       "--predictions", a->predictions,
       "write one JSON line per mode and sample (id, task, prediction, em, top1_match, ...)");

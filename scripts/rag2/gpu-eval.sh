@@ -63,7 +63,9 @@ for e in $evals; do
   tag="$(basename "$f" .jsonl.gz)"
   [ "$(left)" -gt 20 ] || { echo "eval $tag skipped: no time"; continue; }
   t1=$(date +%s)
+  # --time-limit stops between samples and still reports (n of N); timeout is the backstop.
   timeout "$(left)" "$BIN" eval --backend cuda --model "$M" --data "$f" --n "$n" --mode "$modes" --json --quiet \
+    --time-limit "$(( $(left) > 30 ? $(left) - 15 : 15 ))" \
     --predictions "$DEST/pred_$tag.jsonl" >"$DEST/eval_$tag.json" 2>"$DEST/eval_$tag.err" \
     || { echo "eval $tag failed:"; tail -5 "$DEST/eval_$tag.err"; continue; }
   echo "eval $tag: $(($(date +%s) - t1)) s"
@@ -81,7 +83,7 @@ for p in sorted(glob.glob(os.path.join(sys.argv[1], "eval_*.json"))):
     print(f"\n{os.path.basename(p)[5:-5]}\n| mode | n | EM | top-1 | logits cos | FLOPs saved | TTFT p50 ms | " +
           " | ".join(f"EM {t}" for t in tasks) + " |")
     for r in rs:
-        print(f"| {r['mode']} | {r['n']} | {100 * r['em']:.1f} | {r['top1_match']:.3f} | {r['logits_cos']:.4f} | "
+        print(f"| {r['mode']} | {r['n']}{' of ' + str(r['n_requested']) if r.get('truncated') else ''} | {100 * r['em']:.1f} | {r['top1_match']:.3f} | {r['logits_cos']:.4f} | "
               f"{100 * r['flops_reduction']:.1f}% | {r['ttft_ms_p50']:.1f} | " +
               " | ".join(f"{100 * r['tasks'][t]['em']:.1f}" if t in r.get("tasks", {}) else "-" for t in tasks) + " |")
 PY

@@ -71,6 +71,8 @@ nlohmann::json EvalReport::to_json() const {
                    {"logits_cos", t.logits_cos}};
   return {{"mode", mode},
           {"n", n},
+          {"n_requested", n_requested},
+          {"truncated", truncated},
           {"em", em},
           {"f1", f1},
           {"top1_match", top1_match},
@@ -135,8 +137,13 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
 
   EvalReport r;
   r.mode = reuse_mode_name(mode);
+  r.n_requested = static_cast<int64_t>(samples.size());
   std::vector<double> ttft;
   for (size_t i = 0; i < samples.size(); ++i) {
+    if (opts.deadline && std::chrono::steady_clock::now() >= *opts.deadline) {
+      r.truncated = true;
+      break;
+    }
     const RagSample& s = samples[i];
     const SegmentedPrompt& prompt = prompts[i];
     // Offline phase (untimed): the segments this mode reuses are in the chunk store.

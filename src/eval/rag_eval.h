@@ -2,10 +2,12 @@
 // scores EM/F1 per task family, first-token agreement with full prefill (top-1, logits
 // cosine), TTFT percentiles and the FLOPs ledger against full prefill.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -28,6 +30,9 @@ struct EvalOptions {
   // Full prefill's last-token logits per sample ([samples][vocab]), shared between the runs of
   // several modes over the same samples so the reference is computed once; filled on first use.
   std::vector<std::vector<float>>* full_logits = nullptr;
+  // No sample starts after this instant: the report then holds the samples done before it
+  // (truncated, n < n_requested) instead of a run cut from outside with nothing to show.
+  std::optional<std::chrono::steady_clock::time_point> deadline;
 };
 
 struct TaskStats {
@@ -44,7 +49,9 @@ struct SampleResult {
 
 struct EvalReport {
   std::string mode;
-  int64_t n = 0;
+  int64_t n = 0;            // samples scored
+  int64_t n_requested = 0;  // samples asked for (more than n when the deadline stopped it)
+  bool truncated = false;
   double em = 0, f1 = 0, top1_match = 0, logits_cos = 0;
   double ttft_ms_p50 = 0, ttft_ms_p90 = 0;
   double flops = 0, flops_full = 0;
@@ -59,7 +66,7 @@ struct EvalReport {
 // Runs every sample through opts.reuse.mode. Segments are cached offline first (prefilled alone,
 // untimed, as SPEC §4's offline phase); prefix mode caches each finished request's chain for
 // the next ones. Full prefill runs too (unless the mode is full) for the agreement metrics.
-// progress(done, total) is called after each sample.
+// progress(done, total) is called after each sample; opts.deadline stops it early (truncated).
 EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& tok,
                         const std::vector<RagSample>& samples, const EvalOptions& opts,
                         const std::function<void(int64_t, int64_t)>& progress = nullptr);
