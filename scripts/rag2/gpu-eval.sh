@@ -8,9 +8,11 @@
 #   bash scripts/rag2/gpu-eval.sh --weights WEIGHTS_DIR [--calibrate "ARGS"] [--settings DIR] \
 #        [--eval "FILE[:N] ..."] [--modes all]
 # --calibrate runs `redknot calibrate --backend cuda ARGS --out $OUT/calib` and evaluates with what it
-# wrote; --settings DIR uses a head_profile.json + reuse_settings.json written before. Every eval file
-# gets one `redknot eval --mode MODES --json` (full prefill shared by the modes); the JSON reports,
-# predictions and the calibration output go to $OUT; a summary table is printed at the end.
+# wrote; --settings DIR uses a head_profile.json + reuse_settings.json written before. Every (eval
+# file, mode) gets one `redknot eval --json` with an even share of the time left and --time-limit
+# (a cut mode reports the samples it finished), full prefill's logits shared through --reference;
+# the JSON reports, predictions and the calibration output go to $OUT; a summary table per file is
+# printed at the end. BACKEND=cpu BIN=build/redknot runs the same steps on the CPU (a dry run).
 # DEADLINE (seconds from the start, default 570): a step that would start after it is skipped, and
 # every step is cut at it (what was written so far stays in $OUT); calibrate is cut at CALIB_S (240);
 # when it is cut or refuses, the --settings ones (if any) are used, and the output says so.
@@ -35,7 +37,7 @@ done
 [ -f .devcarry/cli.tar.xz ] && tar -xJf .devcarry/cli.tar.xz
 source scripts/gpu-common.sh
 gpu_card_info
-BIN="$ROOT/build-srv-cuda/redknot"
+BIN="${BIN:-$ROOT/build-srv-cuda/redknot}"
 gpu_carried_cli "$BIN"
 M=/var/tmp/redknot-rag2
 rm -rf "$M"
@@ -47,7 +49,7 @@ left() { echo $((start + ${DEADLINE:-570} - $(date +%s))); }
 t0=$(date +%s)
 if [ -n "$calib" ]; then
   # shellcheck disable=SC2086
-  timeout "$(( ${CALIB_S:-240} < $(left) ? ${CALIB_S:-240} : $(left) ))" "$BIN" calibrate --backend cuda --model "$M" $calib --out "$DEST/calib" --quiet >"$DEST/calibrate.txt" 2>&1
+  timeout "$(( ${CALIB_S:-240} < $(left) ? ${CALIB_S:-240} : $(left) ))" "$BIN" calibrate --backend "${BACKEND:-cuda}" --model "$M" $calib --out "$DEST/calib" --quiet >"$DEST/calibrate.txt" 2>&1
   rc=$?
   echo "calibrate: rc $rc in $(($(date +%s) - t0)) s"
   cat "$DEST/calibrate.txt"
@@ -57,33 +59,45 @@ if [ -n "$calib" ]; then
     echo "calibrate refused or was cut (rc $rc): the evals use --settings $settings"
   fi
 fi
+# One eval per (file, mode), full prefill's logits shared through --reference (computed by the
+# first, read by the rest), each mode given an even share of the time left for the evals to come,
+# so that a slow mode cannot starve the others, and --time-limit keeps what each finished.
+IFS=',' read -r -a mode_list <<<"$([ "$modes" = all ] && echo full,prefix,naive,cacheblend,epic,redknot || echo "$modes")"
+runs_left=$(( $(echo $evals | wc -w) * ${#mode_list[@]} ))
 for e in $evals; do
   f="${e%%:*}" n=0
   [ "$f" != "$e" ] && n="${e#*:}"
   tag="$(basename "$f" .jsonl.gz)"
-  [ "$(left)" -gt 20 ] || { echo "eval $tag skipped: no time"; continue; }
-  t1=$(date +%s)
-  # --time-limit stops between samples and still reports (n of N); timeout is the backstop.
-  timeout "$(left)" "$BIN" eval --backend cuda --model "$M" --data "$f" --n "$n" --mode "$modes" --json --quiet \
-    --time-limit "$(( $(left) > 30 ? $(left) - 15 : 15 ))" \
-    --predictions "$DEST/pred_$tag.jsonl" >"$DEST/eval_$tag.json" 2>"$DEST/eval_$tag.err" \
-    || { echo "eval $tag failed:"; tail -5 "$DEST/eval_$tag.err"; continue; }
-  echo "eval $tag: $(($(date +%s) - t1)) s"
+  for mode in "${mode_list[@]}"; do
+    share=$(( $(left) / runs_left )); runs_left=$((runs_left - 1))
+    [ "$share" -gt 20 ] || { echo "eval $tag $mode skipped: no time"; continue; }
+    t1=$(date +%s)
+    # --time-limit stops between samples and still reports (n of N); timeout is the backstop.
+    timeout "$share" "$BIN" eval --backend "${BACKEND:-cuda}" --model "$M" --data "$f" --n "$n" --mode "$mode" \
+      --json --quiet --time-limit "$((share - 10))" --reference "$DEST/ref_$tag.bin" \
+      --predictions "$DEST/pred_${tag}__$mode.jsonl" >"$DEST/eval_${tag}__$mode.json" 2>"$DEST/eval_${tag}__$mode.err" \
+      || { echo "eval $tag $mode failed:"; tail -5 "$DEST/eval_${tag}__$mode.err"; continue; }
+    echo "eval $tag $mode: $(($(date +%s) - t1)) s"
+  done
 done
+rm -f "$DEST"/ref_*.bin
 gzip -f "$DEST"/pred_*.jsonl 2>/dev/null
 python3 - "$DEST" <<'PY'
-import glob, json, os, sys
-for p in sorted(glob.glob(os.path.join(sys.argv[1], "eval_*.json"))):
+import collections, glob, json, os, sys
+by_set = collections.defaultdict(list)  # eval_<set>__<mode>.json, grouped by set, in run order
+for p in sorted(glob.glob(os.path.join(sys.argv[1], "eval_*__*.json")), key=os.path.getmtime):
     try:
-        rs = json.load(open(p))
+        r = json.load(open(p))
     except Exception as e:
         print(p, "unreadable:", e); continue
-    rs = rs if isinstance(rs, list) else [rs]
+    by_set[os.path.basename(p)[5:-5].rsplit("__", 1)[0]].append(r)
+for name, rs in by_set.items():
     tasks = sorted({t for r in rs for t in r.get("tasks", {})})
-    print(f"\n{os.path.basename(p)[5:-5]}\n| mode | n | EM | top-1 | logits cos | FLOPs saved | TTFT p50 ms | " +
+    print(f"\n{name}\n| mode | n | EM | top-1 | logits cos | FLOPs saved | TTFT p50 ms | " +
           " | ".join(f"EM {t}" for t in tasks) + " |")
     for r in rs:
-        print(f"| {r['mode']} | {r['n']}{' of ' + str(r['n_requested']) if r.get('truncated') else ''} | {100 * r['em']:.1f} | {r['top1_match']:.3f} | {r['logits_cos']:.4f} | "
+        n = f"{r['n']} of {r['n_requested']}" if r.get("truncated") else str(r["n"])
+        print(f"| {r['mode']} | {n} | {100 * r['em']:.1f} | {r['top1_match']:.3f} | {r['logits_cos']:.4f} | "
               f"{100 * r['flops_reduction']:.1f}% | {r['ttft_ms_p50']:.1f} | " +
               " | ".join(f"{100 * r['tasks'][t]['em']:.1f}" if t in r.get("tasks", {}) else "-" for t in tasks) + " |")
 PY
