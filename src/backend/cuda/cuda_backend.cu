@@ -506,17 +506,14 @@ class CudaBackend : public Backend {
     if (m_rows == 0 || n_rows == 0) return;
     const bool blocked = w_scale.rank() == 2;
     const float* bias_ptr = bias.numel() ? bias.data<float>() : nullptr;
+    Tensor xq = alloc_uninit(DType::F8_E4M3, {m_rows, k_dim});
+    Tensor sx = alloc_uninit(DType::F32, {m_rows});
+    fp8_rows(x.reshape({m_rows, k_dim}), xq, &sx, k_dim);
     if (skinny(m_rows, k_dim, 16, x, w)) {
-      Tensor xq = alloc_uninit(DType::F8_E4M3, {m_rows, k_dim});
-      Tensor sx = alloc_uninit(DType::F32, {m_rows});
-      fp8_rows(x.reshape({m_rows, k_dim}), xq, &sx, k_dim);
       skinny_gemm<true>(xq.data<uint8_t>(), sx.data<float>(), w, &w_scale, bias, out, m_rows,
                         blocked ? w_scale.dim(1) : 0);
       return;
     }
-    Tensor xq = alloc_uninit(DType::F8_E4M3, {m_rows, k_dim});
-    Tensor sx = alloc_uninit(DType::F32, {m_rows});
-    fp8_rows(x.reshape({m_rows, k_dim}), xq, &sx, k_dim);
     cuda::Fp8GemmParams p{m_rows, n_rows, k_dim, blocked ? w_scale.dim(1) : 0};
     if (!blocked && !simple_ && gemm_.fp8_outer_vec) {
       const LtPlan& plan = lt_plan(
