@@ -157,6 +157,34 @@ TEST_F(DecodeGraphs, ReplayedStepsEqualEagerSteps) {
   }
 }
 
+// Timing the host plan (ForwardOptions::host_plan_ms) leaves a decode step recorded, unlike the
+// synchronising stage profile, and charges time on the eager path too.
+TEST_F(DecodeGraphs, HostPlanTimingKeepsStepsRecorded) {
+  Model model(*ckpt_, *backend_);
+  const HeadProfile profile(static_cast<int32_t>(cfg_.num_layers),
+                            static_cast<int32_t>(cfg_.num_kv_heads));
+  PagePool pool(*backend_, 64, 8, static_cast<int32_t>(cfg_.head_dim));
+  PagedKvCache kv(pool, profile, {0.25f}, model.inv_freq());
+  kv.add_sequence(0);
+  Batch prompt;
+  prompt.add_sequence(0, std::vector<int32_t>(12, 7), 0);
+  double eager_ms = 0;
+  ForwardOptions timed;
+  timed.host_plan_ms = &eager_ms;
+  Tensor l = model.forward(prompt, kv, timed);  // a prefill: not recordable, planned eagerly
+  EXPECT_GT(eager_ms, 0.0);
+  EXPECT_EQ(model.decode_graph_stats().replayed, 0);
+  for (int step = 0; step < 3; ++step) {
+    double ms = 0;
+    timed.host_plan_ms = &ms;
+    Batch b;
+    b.add_sequence(0, {Argmax(l, 0)}, kv.next_position(0));
+    l = model.forward(b, kv, timed);
+    EXPECT_GT(ms, 0.0) << "step " << step;
+    EXPECT_EQ(model.decode_graph_stats().replayed, step + 1) << "the timed step ran recorded";
+  }
+}
+
 // A recording is tied to the cache's pool and parameters: another cache re-records.
 TEST_F(DecodeGraphs, AnotherCacheRecordsAgain) {
   Model model(*ckpt_, *backend_);

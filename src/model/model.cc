@@ -1,6 +1,7 @@
 #include "model/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -245,6 +246,25 @@ void Model::account_layer(int layer, const Batch& batch, const HeadProfile& prof
 }
 
 namespace {
+// Adds the host wall time from construction to stop() (or destruction) to *ms when ms is set.
+class HostPlanTimer {
+ public:
+  explicit HostPlanTimer(double* ms) : ms_(ms), t0_(std::chrono::steady_clock::now()) {}
+  ~HostPlanTimer() { stop(); }
+  HostPlanTimer(const HostPlanTimer&) = delete;
+  HostPlanTimer& operator=(const HostPlanTimer&) = delete;
+  void stop() {
+    if (!ms_) return;
+    *ms_ +=
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count();
+    ms_ = nullptr;
+  }
+
+ private:
+  double* ms_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
 bool logits_for_every_row(const Batch& batch) {
   if (batch.size() != static_cast<int64_t>(batch.logit_rows.size())) return false;
   for (size_t i = 0; i < batch.logit_rows.size(); ++i)
@@ -300,6 +320,7 @@ Tensor Model::step(const Batch& batch, KvCache& kv, const ForwardOptions& opts, 
   backend_.copy_from_host(pos, Tensor::from_i32(batch.positions, {T}));
 
   // Refused before begin_forward, so a bad request leaves the cache as it was.
+  HostPlanTimer plan_timer(opts.host_plan_ms);
   if (opts.kv_only_from_layer >= 0) {
     check_kv_only(opts.kv_only_from_layer, kv.head_profile());
     // Deeper layers need not keep these rows at all (their placeholders are never read).
@@ -309,10 +330,15 @@ Tensor Model::step(const Batch& batch, KvCache& kv, const ForwardOptions& opts, 
   } else {
     kv.begin_forward(batch, pos);
   }
+  plan_timer.stop();
   struct EndForward {  // leave the cache consistent on exceptions too
     KvCache& kv;
-    ~EndForward() { kv.end_forward(); }
-  } end_forward{kv};
+    double* host_ms;
+    ~EndForward() {
+      HostPlanTimer t(host_ms);
+      kv.end_forward();
+    }
+  } end_forward{kv, opts.host_plan_ms};
   clock.mark("plan");
   Tensor logits = run_layers(batch, kv, ids, pos, opts, clock);
   if (logits.empty()) {
@@ -505,12 +531,18 @@ Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOpt
   g->last_use = ++graph_clock_;
   backend_.copy_from_host(g->ids, Tensor::from_i32(batch.tokens, {T}));
   backend_.copy_from_host(g->pos, Tensor::from_i32(batch.positions, {T}));
+  HostPlanTimer plan_timer(opts.host_plan_ms);
   kv.begin_forward(batch, g->pos, *g->storage);
+  plan_timer.stop();
   g->kv = &kv;
   struct EndForward {
     KvCache& kv;
-    ~EndForward() { kv.end_forward(); }
-  } end_forward{kv};
+    double* host_ms;
+    ~EndForward() {
+      HostPlanTimer t(host_ms);
+      kv.end_forward();
+    }
+  } end_forward{kv, opts.host_plan_ms};
   if (!g->work) {
     // Host code runs once, here; replays run only its device work, so the body reads the step's
     // inputs from g's buffers and the plan storage, never from `batch` (copied: same shape).

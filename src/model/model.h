@@ -56,6 +56,9 @@ struct ForwardOptions {
   // query far enough away that no local window reaches a placeholder it needs. No logits.
   int kv_only_from_layer = -1;
   StageTimes* stage_times = nullptr;  // profiling: wall time per stage (synchronises each stage)
+  // Adds the host time of the step's KV planning (the cache's begin_forward with its uploads
+  // queued, and end_forward), without a device sync: recorded decode steps stay recorded.
+  double* host_plan_ms = nullptr;
 };
 
 class Model {
