@@ -265,6 +265,22 @@ class HostPlanTimer {
   std::chrono::steady_clock::time_point t0_;
 };
 
+// Ends the cache's forward when the step leaves (exceptions too), timing it as host planning.
+class EndForward {
+ public:
+  EndForward(KvCache& kv, double* host_ms) : kv_(kv), host_ms_(host_ms) {}
+  ~EndForward() {
+    HostPlanTimer t(host_ms_);
+    kv_.end_forward();
+  }
+  EndForward(const EndForward&) = delete;
+  EndForward& operator=(const EndForward&) = delete;
+
+ private:
+  KvCache& kv_;
+  double* host_ms_;
+};
+
 bool logits_for_every_row(const Batch& batch) {
   if (batch.size() != static_cast<int64_t>(batch.logit_rows.size())) return false;
   for (size_t i = 0; i < batch.logit_rows.size(); ++i)
@@ -331,14 +347,7 @@ Tensor Model::step(const Batch& batch, KvCache& kv, const ForwardOptions& opts, 
     kv.begin_forward(batch, pos);
   }
   plan_timer.stop();
-  struct EndForward {  // leave the cache consistent on exceptions too
-    KvCache& kv;
-    double* host_ms;
-    ~EndForward() {
-      HostPlanTimer t(host_ms);
-      kv.end_forward();
-    }
-  } end_forward{kv, opts.host_plan_ms};
+  EndForward end_forward(kv, opts.host_plan_ms);  // the cache stays consistent on exceptions too
   clock.mark("plan");
   Tensor logits = run_layers(batch, kv, ids, pos, opts, clock);
   if (logits.empty()) {
@@ -535,14 +544,7 @@ Tensor Model::forward_recorded(const Batch& batch, KvCache& kv, const ForwardOpt
   kv.begin_forward(batch, g->pos, *g->storage);
   plan_timer.stop();
   g->kv = &kv;
-  struct EndForward {
-    KvCache& kv;
-    double* host_ms;
-    ~EndForward() {
-      HostPlanTimer t(host_ms);
-      kv.end_forward();
-    }
-  } end_forward{kv, opts.host_plan_ms};
+  EndForward end_forward(kv, opts.host_plan_ms);
   if (!g->work) {
     // Host code runs once, here; replays run only its device work, so the body reads the step's
     // inputs from g's buffers and the plan storage, never from `batch` (copied: same shape).
