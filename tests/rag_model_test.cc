@@ -57,7 +57,7 @@ TEST_F(RagModel, DeadlineStopsBetweenSamplesAndReportsTruncation) {
   opts.reuse.mode = ReuseMode::Full;
   opts.deadline = std::chrono::steady_clock::now();  // already passed: no sample starts
   const EvalReport none = run_rag_eval(*model_, *ckpt_, *tok_, samples_, opts);
-  EXPECT_TRUE(none.truncated);
+  EXPECT_TRUE(none.truncated());
   EXPECT_EQ(none.n, 0);
   EXPECT_EQ(none.n_requested, 8);
   EXPECT_TRUE(none.samples.empty());
@@ -71,7 +71,7 @@ TEST_F(RagModel, DeadlineStopsBetweenSamplesAndReportsTruncation) {
       run_rag_eval(*model_, *ckpt_, *tok_, samples_, opts, [&](int64_t done, int64_t) {
         if (done == 2) opts.deadline = std::chrono::steady_clock::now();
       });
-  EXPECT_TRUE(two.truncated);
+  EXPECT_TRUE(two.truncated());
   EXPECT_EQ(two.n, 2);
   ASSERT_EQ(two.samples.size(), 2u);
   EXPECT_EQ(two.samples[1].id, samples_[1].id);
@@ -84,7 +84,7 @@ TEST_F(RagModel, EveryModeKeepsTheTableOrdering) {
   EXPECT_GE(full.em, 0.5) << full.to_json().dump();
   EXPECT_EQ(full.n, 8);
   EXPECT_EQ(full.n_requested, 8);
-  EXPECT_FALSE(full.truncated);
+  EXPECT_FALSE(full.truncated());
   EXPECT_GT(full.flops, 0);
   // The per-sample rows (`redknot eval --predictions`) add up to the aggregate.
   ASSERT_EQ(full.samples.size(), 8u);

@@ -55,7 +55,7 @@ std::vector<std::string> parse_modes(const std::string& spec) {
 // "n", or "n of N (time limit)" when --time-limit stopped the mode early.
 std::string sample_count(const EvalReport& r) {
   return std::to_string(r.n) +
-         (r.truncated ? " of " + std::to_string(r.n_requested) + " (time limit)" : "");
+         (r.truncated() ? " of " + std::to_string(r.n_requested) + " (time limit)" : "");
 }
 
 void print_report(const EvalReport& r) {
@@ -270,7 +270,7 @@ int run_eval(const EvalArgs& a) {
                                                     (long long)done, (long long)total);
                                    }));
     if (!a.quiet) std::fprintf(stderr, "\n");
-    if (reports.back().truncated)
+    if (reports.back().truncated())
       std::fprintf(stderr, "eval %s: --time-limit reached after %lld of %lld samples\n",
                    mode.c_str(), (long long)reports.back().n,
                    (long long)reports.back().n_requested);

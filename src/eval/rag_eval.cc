@@ -72,7 +72,7 @@ nlohmann::json EvalReport::to_json() const {
   return {{"mode", mode},
           {"n", n},
           {"n_requested", n_requested},
-          {"truncated", truncated},
+          {"truncated", truncated()},
           {"em", em},
           {"f1", f1},
           {"top1_match", top1_match},
@@ -140,10 +140,7 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
   r.n_requested = static_cast<int64_t>(samples.size());
   std::vector<double> ttft;
   for (size_t i = 0; i < samples.size(); ++i) {
-    if (opts.deadline && std::chrono::steady_clock::now() >= *opts.deadline) {
-      r.truncated = true;
-      break;
-    }
+    if (opts.deadline && std::chrono::steady_clock::now() >= *opts.deadline) break;
     const RagSample& s = samples[i];
     const SegmentedPrompt& prompt = prompts[i];
     // Offline phase (untimed): the segments this mode reuses are in the chunk store.

@@ -51,7 +51,7 @@ struct EvalReport {
   std::string mode;
   int64_t n = 0;            // samples scored
   int64_t n_requested = 0;  // samples asked for (more than n when the deadline stopped it)
-  bool truncated = false;
+  bool truncated() const { return n < n_requested; }
   double em = 0, f1 = 0, top1_match = 0, logits_cos = 0;
   double ttft_ms_p50 = 0, ttft_ms_p90 = 0;
   double flops = 0, flops_full = 0;
