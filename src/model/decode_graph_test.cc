@@ -68,6 +68,11 @@ class DecodeGraphs : public ::testing::Test {
     ckpt_ = std::make_unique<Checkpoint>(random_checkpoint(cfg_, DType::F32, 3));
   }
 
+  HeadProfile AllGlobal() const {
+    return HeadProfile(static_cast<int32_t>(cfg_.num_layers),
+                       static_cast<int32_t>(cfg_.num_kv_heads));
+  }
+
   // A head-aware profile: layer 0 head 1 and layer 1 head 0 local (window 24, sink 2).
   HeadProfile Profile() const {
     HeadProfile p(static_cast<int32_t>(cfg_.num_layers), static_cast<int32_t>(cfg_.num_kv_heads));
@@ -128,9 +133,7 @@ class DecodeGraphs : public ::testing::Test {
 
 TEST_F(DecodeGraphs, ReplayedStepsEqualEagerSteps) {
   for (const bool head_aware : {false, true}) {
-    const HeadProfile profile = head_aware ? Profile()
-                                           : HeadProfile(static_cast<int32_t>(cfg_.num_layers),
-                                                         static_cast<int32_t>(cfg_.num_kv_heads));
+    const HeadProfile profile = head_aware ? Profile() : AllGlobal();
     // Three sequences; the second stops early, so the batch shrinks from 3 to 2 sequences.
     const std::vector<int> prompts = {37, 5, 70}, stop = {40, 9, 40};
     Model eager(*ckpt_, *backend_);
@@ -161,8 +164,7 @@ TEST_F(DecodeGraphs, ReplayedStepsEqualEagerSteps) {
 // synchronising stage profile, and charges time on the eager path too.
 TEST_F(DecodeGraphs, HostPlanTimingKeepsStepsRecorded) {
   Model model(*ckpt_, *backend_);
-  const HeadProfile profile(static_cast<int32_t>(cfg_.num_layers),
-                            static_cast<int32_t>(cfg_.num_kv_heads));
+  const HeadProfile profile = AllGlobal();
   PagePool pool(*backend_, 64, 8, static_cast<int32_t>(cfg_.head_dim));
   PagedKvCache kv(pool, profile, {0.25f}, model.inv_freq());
   kv.add_sequence(0);
@@ -188,8 +190,7 @@ TEST_F(DecodeGraphs, HostPlanTimingKeepsStepsRecorded) {
 // A recording is tied to the cache's pool and parameters: another cache re-records.
 TEST_F(DecodeGraphs, AnotherCacheRecordsAgain) {
   Model model(*ckpt_, *backend_);
-  const HeadProfile profile(static_cast<int32_t>(cfg_.num_layers),
-                            static_cast<int32_t>(cfg_.num_kv_heads));
+  const HeadProfile profile = AllGlobal();
   PagePool pool_a(*backend_, 64, 8, static_cast<int32_t>(cfg_.head_dim));
   PagePool pool_b(*backend_, 64, 8, static_cast<int32_t>(cfg_.head_dim));
   PagedKvCache kv_a(pool_a, profile, {0.25f}, model.inv_freq());
@@ -205,8 +206,7 @@ TEST_F(DecodeGraphs, AnotherCacheRecordsAgain) {
 // Plan storage refuses batches it was not made for, before the cache changes.
 TEST_F(DecodeGraphs, PlanStorageRefusesOtherShapes) {
   Model model(*ckpt_, *backend_);
-  const HeadProfile profile(static_cast<int32_t>(cfg_.num_layers),
-                            static_cast<int32_t>(cfg_.num_kv_heads));
+  const HeadProfile profile = AllGlobal();
   PagePool pool(*backend_, 64, 8, static_cast<int32_t>(cfg_.head_dim));
   PagedKvCache kv(pool, profile, {0.25f}, model.inv_freq());
   kv.add_sequence(0);
