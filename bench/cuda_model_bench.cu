@@ -358,13 +358,12 @@ ModelConfig shape_config(const std::string& name, int64_t layers) {
   ModelConfig c;
   try {
     c = preset_config(name);
-  } catch (const Error& e) {
-    const std::vector<ModelShape>& table = model_shapes();
-    if (std::none_of(table.begin(), table.end(),
-                     [&](const ModelShape& m) { return name == m.name; }))
-      throw Error(std::string(e.what()) + ", nor a model_shapes name (" + model_shape_names(true) +
-                  ")");
-    return parse_hf_config(model_shape_config(name, layers), name);
+  } catch (const Error& preset) {
+    try {  // model_shape_config throws, listing its names, when it does not know `name` either
+      return parse_hf_config(model_shape_config(name, layers), name);
+    } catch (const Error& table) {
+      throw Error(std::string(preset.what()) + "; " + table.what());
+    }
   }
   if (layers > 0) c.num_layers = layers;
   return c;
@@ -740,9 +739,9 @@ struct DecodeRow {
 
 void print_decode(const DecodeRow& r) {
   std::printf(
-      "decode %s %s batch=%lld context=%lld skinny=%lld splits=%lld: %seager %.3f ms/step, graphs "
-      "%.3f "
-      "ms/step, graphs + device argmax %.3f ms/step, max |dlogit| %.3g, argmax %s\n",
+      "decode %s %s batch=%lld context=%lld skinny=%lld splits=%lld: %seager %.3f ms/step, "
+      "graphs %.3f ms/step, graphs + device argmax %.3f ms/step, max |dlogit| %.3g, "
+      "argmax %s\n",
       r.shape.c_str(), r.weights.c_str(), static_cast<long long>(r.batch),
       static_cast<long long>(r.context), static_cast<long long>(r.skinny_rows),
       static_cast<long long>(r.splits), r.error.empty() ? "" : ("FAILED: " + r.error + " ").c_str(),
@@ -882,13 +881,15 @@ std::vector<DecodeRow> run_decode(Model& model, const std::string& shape,
         for (const auto& [stage, v] : st.ms)
           std::printf("  %-20s %8.3f ms  %5.1f%%\n", stage.c_str(), v, 100.0 * v / wall);
       }
-      // What a step must read: every weight but the embedding table (one row per token), and
-      // the K/V of the context of every sequence.
-      r.step_bytes = static_cast<double>(model.weight_bytes()) -
-                     static_cast<double>(cfg.vocab_size * cfg.hidden_size) * 2.0 +
+      // What a step must read: every weight but an untied embedding table (one row per token;
+      // a tied one is the lm_head, read whole), and the K/V of the context of every sequence.
+      const double act_bytes = static_cast<double>(dtype_bytes(backend.act_dtype(), 1));
+      const double embedding =
+          cfg.tie_word_embeddings ? 0.0 : static_cast<double>(cfg.vocab_size) * cfg.hidden_size;
+      r.step_bytes = static_cast<double>(model.weight_bytes()) - embedding * act_bytes +
                      static_cast<double>(B) * a.decode_context *
                          static_cast<double>(cfg.num_layers) * cfg.num_kv_heads * cfg.head_dim *
-                         2.0 * static_cast<double>(dtype_bytes(backend.act_dtype(), 1));
+                         2.0 * act_bytes;
       for (int64_t skinny : a.skinny_rows)
         for (int64_t splits : a.decode_splits) {
           DecodeRow rs = r;
@@ -1142,12 +1143,10 @@ int main(int argc, char** argv) {
         "device-to-device copy %.0f GB/s (read + write)\n\n",
         a.decode_steps, copy_gbs);
     std::printf(
-        "| shape | weights | batch | context | skinny rows | splits | eager ms/step | graphs "
-        "ms/step | "
-        "graphs + device argmax ms/step | of it: host plan ms | GB read per step | GB/s (argmax) | "
-        "of "
-        "copy | max abs "
-        "logit diff | argmax equal | recordings |\n"
+        "| shape | weights | batch | context | skinny rows | splits | eager ms/step | "
+        "graphs ms/step | graphs + device argmax ms/step | of it: host plan ms | "
+        "GB read per step | GB/s (argmax) | of copy | max abs logit diff | argmax equal | "
+        "recordings |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const DecodeRow& r : decode) {
       if (!r.error.empty()) continue;

@@ -407,7 +407,7 @@ class CudaBackend : public Backend {
     const cudaDataType out_type = out.dtype() == DType::F32 ? CUDA_R_32F : CUDA_R_16BF;
     if (out.dtype() != DType::F32 && out.dtype() != DType::BF16)
       throw Error("matmul: out must be bf16 or f32, got " + out.describe());
-    if (skinny(m_rows, k_dim, 8, x, w)) {
+    if (skinny(m_rows, k_dim, 8, x.raw(), w)) {
       skinny_gemm<false>(x.data<uint8_t>(), nullptr, w, nullptr, bias, out, m_rows, 0);
       return;
     }
@@ -509,7 +509,7 @@ class CudaBackend : public Backend {
     Tensor xq = alloc_uninit(DType::F8_E4M3, {m_rows, k_dim});
     Tensor sx = alloc_uninit(DType::F32, {m_rows});
     fp8_rows(x.reshape({m_rows, k_dim}), xq, &sx, k_dim);
-    if (skinny(m_rows, k_dim, 16, x, w)) {
+    if (skinny(m_rows, k_dim, 16, xq.raw(), w)) {
       skinny_gemm<true>(xq.data<uint8_t>(), sx.data<float>(), w, &w_scale, bias, out, m_rows,
                         blocked ? w_scale.dim(1) : 0);
       return;
@@ -811,14 +811,13 @@ class CudaBackend : public Backend {
   }
 
  private:
-  // quantize_fp8_rows_kernel over x's rows into codes `stride` bytes apart; scale == nullptr:
-  // FP8 KV rows (the scale after the codes). x: [R, C] act or f32
   // Whether an [M, K] x [N, K] product takes the skinny kernels: few rows, K in whole 16-byte
-  // chunks (`per_chunk` elements), 16-byte aligned operands, not REDKNOT_CUDA_SIMPLE.
-  bool skinny(int64_t m_rows, int64_t k_dim, int64_t per_chunk, const Tensor& x,
+  // chunks (`per_chunk` elements), 16-byte aligned operands as the kernel reads them (x: the
+  // activations or their FP8 codes), not REDKNOT_CUDA_SIMPLE.
+  bool skinny(int64_t m_rows, int64_t k_dim, int64_t per_chunk, const void* x,
               const Tensor& w) const {
     return !simple_ && m_rows <= std::min(gemm_.skinny_max_rows, cuda::kSkinnyMaxRows) &&
-           k_dim % per_chunk == 0 && ptr_alignment(x.raw()) >= 16 && ptr_alignment(w.raw()) >= 16;
+           k_dim % per_chunk == 0 && ptr_alignment(x) >= 16 && ptr_alignment(w.raw()) >= 16;
   }
   // x: [M, K] bf16 or e4m3 codes (bytes); sx: [M] or null; w: [N, K]; w_scale: FP8 scales or
   // null; bias: [N] or empty; out: [M, N] bf16 or f32
@@ -838,6 +837,8 @@ class CudaBackend : public Backend {
     });
   }
 
+  // quantize_fp8_rows_kernel over x's rows into codes `stride` bytes apart; scale == nullptr:
+  // FP8 KV rows (the scale after the codes). x: [R, C] act or f32
   void fp8_rows(const Tensor& x, Tensor& q, Tensor* scale, int64_t stride) {
     if (x.rows() == 0) return;
     const cuda::Fp8RowsParams p{x.cols(), stride};
@@ -1144,7 +1145,7 @@ class CudaBackend : public Backend {
   int num_sms_ = 132;
   bool simple_ = false;    // REDKNOT_CUDA_SIMPLE=1: cublasGemmEx and the scalar attention kernels
   CudaFlashTuning flash_;  // paged attention kernel choices, read once (see cuda_backend.h)
-  CudaGemmTuning gemm_;    // skinny GEMM rows, read once (see cuda_backend.h)
+  CudaGemmTuning gemm_;    // skinny GEMM rows, FP8 scale mode; read once (see cuda_backend.h)
   std::shared_ptr<DeviceCache> cache_;
   std::deque<Stage> stages_;  // FIFO: front = the block whose copy was queued first
   size_t staged_bytes_ = 0;   // pinned bytes held by stages_

@@ -4,8 +4,9 @@
 // skinny_gemm.cuh for decode-sized products; paged_attention is the tensor-core kernel of
 // paged_flash.cuh for bf16 and head_dim 32/64/128 (split-KV for decode), the scalar kernels of
 // kernels.cuh otherwise. Environment knobs: REDKNOT_CUDA_SIMPLE=1 (cublasGemmEx and the scalar
-// attention kernels), REDKNOT_GEMM_SKINNY_ROWS=n, REDKNOT_FLASH_SPLITS=n (force the split-KV
-// count), REDKNOT_FLASH_ROWS=128 (128-row prefill tiles). Plain C++ header so that host code can
+// attention kernels), REDKNOT_GEMM_SKINNY_ROWS=n and REDKNOT_GEMM_FP8_OUTER=1 (CudaGemmTuning),
+// REDKNOT_FLASH_SPLITS=n (force the split-KV count), REDKNOT_FLASH_ROWS=128 (128-row prefill
+// tiles). Plain C++ header so that host code can
 // create it without CUDA headers; the class lives in cuda_backend.cu.
 #pragma once
 #include <cstdint>
