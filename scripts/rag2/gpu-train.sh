@@ -4,6 +4,7 @@
 #   bash scripts/rag2/gpu-train.sh --phase pretrain+rag --budget 540 --split 250    # both in one call
 #   bash scripts/rag2/gpu-train.sh --phase rag --budget 540 --export                 # last call: export
 #   bash scripts/rag2/gpu-train.sh --phase rag --budget 540 --init-from .devcarry/resume   # machine was lost
+#   --rag-seconds N: the rag phase's schedule length (train.py --phase-seconds of the rag runs only)
 # Carry (prep.sh outputs): .devcarry/rag2/tokenizer .devcarry/rag2/corpus.u16.xz .devcarry/rag2/passages-train.jsonl.gz
 # (22 MB), with --export also .devcarry/rag2/eval (14 MB), with --init-from that folder.
 # Resumes from /var/tmp/redknot-ckpt-rag2/ckpt.pt when it exists (the GPU machine keeps ignored files while it
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/rag2_out}"
 mkdir -p "$OUT"
-phase=pretrain budget=540 split=250 export="" init="" packw=1
+phase=pretrain budget=540 split=250 export="" init="" packw=1 rag_seconds=""
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,6 +27,7 @@ while [ $# -gt 0 ]; do
     --export) export=1; shift ;;
     --no-pack) packw=""; shift ;;
     --init-from) init="$2"; shift 2 ;;
+    --rag-seconds) rag_seconds="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -44,6 +46,7 @@ run() {  # run PHASE BUDGET [train.py args...]
   local ph="$1" b="$2"; shift 2
   local args=(--phase "$ph" --time-budget-s "$b" --resume --out "$OUT")
   [ -n "$init" ] && [ ! -e /var/tmp/redknot-ckpt-rag2/ckpt.pt ] && args+=(--init-from "$init")
+  [ "$ph" = rag ] && [ -n "$rag_seconds" ] && args+=(--phase-seconds "$rag_seconds")
   timeout $((${b%.*} + 30)) python3 scripts/rag2/train.py "${args[@]}" "$@" "${extra[@]}" 2>&1 | tee "$OUT/train_log_${ph}.txt"
 }
 # the call's last run always sends the weights back (xz shards + small-file tar, ~38 MB) unless --no-pack:
