@@ -8,12 +8,12 @@
 #   bash scripts/device-slim.sh --back
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mark="# device-slim"
 if [ "${1:-}" = "--back" ]; then
   from="$(cat .git/device-slim-from 2>/dev/null || echo main)"
-  git switch -q "$from"
+  [ -z "$(git status --porcelain --untracked-files=no)" ] || { echo "commit or stash first" >&2; exit 1; }
+  git switch -q -f "$from"   # -f: the excluded files are untracked here and tracked (same bytes) there
   git branch -q -D devslim
-  sed -i "/$mark\$/d" .git/info/exclude
+  sed -i '/^# device-slim begin$/,/^# device-slim end$/d' .git/info/exclude
   rm -f .git/device-slim-from
   echo "back on $from"
   exit 0
@@ -25,5 +25,5 @@ git rev-parse --abbrev-ref HEAD >.git/device-slim-from
 git switch -q -c devslim
 git rm -q --cached -r -- "${paths[@]}"
 git commit -q -m "devslim: without ${paths[*]} (local, for the 64 MiB device carry)"
-for p in "${paths[@]}"; do echo "/$p $mark" >>.git/info/exclude; done
+{ echo "# device-slim begin"; for p in "${paths[@]}"; do echo "/$p"; done; echo "# device-slim end"; } >>.git/info/exclude
 echo "on devslim; tracked files now $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) bytes"
