@@ -10,6 +10,7 @@
 #   passages-train.jsonl.gz                           real passages for the RAG training stream
 #   eval/rag2-8k.jsonl.gz, eval/rag2-4k.jsonl.gz      held-out eval sets (`redknot eval` format)
 #   calib/rag2-calib.jsonl.gz, calib/rag2-calib.txt   calibration / head-profile prompts (other seed)
+#   calib/rag2-calib-4k.jsonl.gz                      4K calibration prompts (a third seed)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -77,5 +78,8 @@ if has eval; then
   python3 scripts/rag2/gen_rag2.py --tokens 2048 --per-task 50 --seed 22001 --tokenizer "$T" --out "$D/eval/rag2-2k.jsonl.gz"
   python3 scripts/rag2/gen_rag2.py --tokens 8192 --per-task 8 --seed 27001 --tokenizer "$T" \
     --out "$D/calib/rag2-calib.jsonl.gz" --calib-text "$D/calib/rag2-calib.txt"
+  # a second calibration length (redknot calibrate wants several prompt lengths), its own seed
+  python3 scripts/rag2/gen_rag2.py --tokens 4096 --per-task 4 --seed 27401 --tokenizer "$T" \
+    --out "$D/calib/rag2-calib-4k.jsonl.gz"
 fi
 ls -la "$D" "$D/eval" "$D/calib"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Restore an exported model folder from what a GPU call sends back (train.py --pack):
-model-*.safetensors.bp.xz shards (byte-plane xz) + model_small_files.tar.
+model-*.safetensors.bp.xz shards (byte-plane xz) + model_small_files.tar (when present; the shipped
+model keeps its small files in the model folder and the shards in its packed/ folder).
 
   python3 scripts/rag2/unpack.py FILES_AT_DIR OUT_MODEL_DIR
 """
@@ -38,8 +39,10 @@ def unbp(src):
 
 def main(src, dst):
     os.makedirs(dst, exist_ok=True)
-    with tarfile.open(os.path.join(src, "model_small_files.tar")) as t:
-        t.extractall(dst)
+    tar = os.path.join(src, "model_small_files.tar")
+    if os.path.exists(tar):
+        with tarfile.open(tar) as t:
+            t.extractall(dst)
     for f in sorted(os.listdir(src)):
         if f.endswith(".safetensors.bp.xz"):
             with open(os.path.join(dst, f[:-6]), "wb") as b:
