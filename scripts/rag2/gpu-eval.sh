@@ -15,16 +15,28 @@
 # `--reference`), then every other mode at once, redknot as soon as calibrate is done. Each eval is
 # `redknot eval --json --time-limit` (a cut mode reports the samples it finished, n of N). Modes other
 # than redknot run with the calibrated reuse chunk (REUSE_CHUNK, default 512) so that every mode
-# forwards the same rows per pass. JSON reports, predictions and the calibration go to $OUT; a
-# summary table per file is printed at the end. BACKEND=cpu BIN=build/redknot: a dry run on the CPU.
-# DEADLINE (seconds from the start, default 570) cuts every step; calibrate is cut at CALIB_S (240);
+# forwards the same rows per pass. JSON reports, predictions and the calibration go to
+# $OUT/rag2-eval.tar.gz; each finished mode prints a line, and a summary table per file is printed at
+# the end (and $OUT/summary.md). BACKEND=cpu BIN=build/redknot: a dry run on the CPU.
+# DEADLINE (seconds from the start, default 570) cuts every step: keep it ~30 s under the call's
+# limit_s, which is less than timeout_s when little device time is left; calibrate is cut at CALIB_S (240);
 # full prefill of a file gets at most FULL_SHARE (default 0.5) of that file's time.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
 start=$(date +%s)
-DEST="${OUT:-/tmp/rag2_eval}"
-mkdir -p "$DEST"
+# The device returns at most 8 files from $OUT, and nothing a killed call had yet to write: the work
+# goes to DEST (outside $OUT), and $OUT gets one tarball of it (without the reference logits), renewed
+# every 20 s while the call runs and once at the end, plus the summary.
+RESULTS="${OUT:-/tmp/rag2_eval}"
+DEST=/var/tmp/rag2-eval-work
+rm -rf "$DEST"; mkdir -p "$DEST" "$RESULTS"
+pack_results() {
+  tar -czf "$RESULTS/rag2-eval.tar.gz.tmp" -C "$DEST" --exclude='ref_*.bin' . 2>/dev/null &&
+    mv "$RESULTS/rag2-eval.tar.gz.tmp" "$RESULTS/rag2-eval.tar.gz"
+}
+( while sleep 20; do pack_results; done ) &
+packer_pid=$!
 weights="" calib="" settings="" evals="" modes=all
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -79,6 +91,15 @@ if [ -n "$calib" ]; then
   ) &
   calib_pid=$!
 fi
+summary_line() {  # FILE: one eval --json report in a line
+  python3 - "$1" <<'PY' 2>&1
+import json, sys
+r = json.load(open(sys.argv[1]))
+tasks = " ".join(f"{t} {100 * v['em']:.1f}" for t, v in sorted(r.get("tasks", {}).items()))
+print(f"n {r['n']}/{r.get('n_requested', r['n'])} EM {100 * r['em']:.1f} top-1 {r['top1_match']:.3f} "
+      f"cos {r['logits_cos']:.4f} saved {100 * r['flops_reduction']:.1f}% tasks {tasks}")
+PY
+}
 run_eval() {  # TAG FILE N MODE SECONDS MODEL_DIR [extra args]
   local tag="$1" f="$2" n="$3" mode="$4" secs="$5" dir="$6"; shift 6
   [ "$secs" -gt 15 ] || { echo "eval $tag $mode skipped: no time"; return; }
@@ -88,7 +109,8 @@ run_eval() {  # TAG FILE N MODE SECONDS MODEL_DIR [extra args]
     --json --quiet --time-limit "$((secs - 10))" --reference "$DEST/ref_$tag.bin" "$@" \
     --predictions "$DEST/pred_${tag}__$mode.jsonl" >"$DEST/eval_${tag}__$mode.json" 2>"$DEST/eval_${tag}__$mode.err" \
     || { echo "eval $tag $mode failed:"; tail -5 "$DEST/eval_${tag}__$mode.err"; return; }
-  echo "eval $tag $mode: $(($(date +%s) - t1)) s"
+  # one line per finished mode on stdout too, so that a call cut later still shows it
+  echo "eval $tag $mode: $(($(date +%s) - t1)) s: $(summary_line "$DEST/eval_${tag}__$mode.json")"
 }
 IFS=',' read -r -a mode_list <<<"$([ "$modes" = all ] && echo full,prefix,naive,cacheblend,epic,redknot || echo "$modes")"
 files_left=$(echo $evals | wc -w)
@@ -114,10 +136,10 @@ for e in $evals; do
   [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
 done
 [ -n "$calib_pid" ] && wait "$calib_pid" 2>/dev/null
-[ -n "$calib" ] && cat "$DEST/calibrate.txt"
+[ -n "$calib" ] && cat "$DEST/calibrate.txt" && cp "$DEST/calibrate.txt" "$RESULTS/"
 rm -f "$DEST"/ref_*.bin
 gzip -f "$DEST"/pred_*.jsonl 2>/dev/null
-python3 - "$DEST" <<'PY'
+python3 - "$DEST" <<'PY' | tee "$RESULTS/summary.md"
 import collections, glob, json, os, sys
 by_set = collections.defaultdict(list)  # eval_<set>__<mode>.json, grouped by set, in run order
 for p in sorted(glob.glob(os.path.join(sys.argv[1], "eval_*__*.json")), key=os.path.getmtime):
@@ -136,4 +158,6 @@ for name, rs in by_set.items():
               f"{100 * r['flops_reduction']:.1f}% | {r['ttft_ms_p50']:.1f} | " +
               " | ".join(f"{100 * r['tasks'][t]['em']:.1f}" if t in r.get("tasks", {}) else "-" for t in tasks) + " |")
 PY
-ls -la "$DEST"
+kill "$packer_pid" 2>/dev/null
+pack_results
+ls -la "$DEST" "$RESULTS"
