@@ -57,19 +57,18 @@ gpu_carried_cli "$BIN"
 M=/var/tmp/redknot-rag2
 rm -rf "$M"
 if [ -d "$weights/packed" ]; then  # the shipped folder (models/redknot-rag2): small files + packed/
-  mkdir -p "$M"
-  find "$weights" -maxdepth 1 -type f ! -name '*.safetensors' ! -name head_profile.json ! -name reuse_settings.json \
-    -exec cp {} "$M/" \;
-  weights="$weights/packed"
-fi
-python3 scripts/rag2/unpack.py "$weights" "$M" >/dev/null || { echo "unpack failed" >&2; exit 1; }
+  bash scripts/rag2/get-weights.sh "$M" "$weights" >/dev/null
+else                               # a training call's files
+  python3 scripts/rag2/unpack.py "$weights" "$M" >/dev/null
+fi || { echo "unpack failed" >&2; exit 1; }
+# the other modes run on the plain folder; redknot gets its settings below (--settings, calibrate)
+rm -f "$M/head_profile.json" "$M/reuse_settings.json"
 left() { echo $((start + ${DEADLINE:-570} - $(date +%s))); }
 # redknot runs on its own view of the model folder (links to the weights + the settings it is given),
 # so that the calibration can finish while the other modes read the plain folder.
 MR=/var/tmp/redknot-rag2-redknot
 rm -rf "$MR"; mkdir -p "$MR"
 for f in "$M"/*; do ln -s "$f" "$MR/"; done
-rm -f "$MR/head_profile.json" "$MR/reuse_settings.json"
 use_settings() {  # DIR: the head profile + reuse settings redknot mode runs with
   cp "$1/head_profile.json" "$1/reuse_settings.json" "$MR/" 2>/dev/null
 }
@@ -91,15 +90,6 @@ if [ -n "$calib" ]; then
   ) &
   calib_pid=$!
 fi
-summary_line() {  # FILE: one eval --json report in a line
-  python3 - "$1" <<'PY' 2>&1
-import json, sys
-r = json.load(open(sys.argv[1]))
-tasks = " ".join(f"{t} {100 * v['em']:.1f}" for t, v in sorted(r.get("tasks", {}).items()))
-print(f"n {r['n']}/{r.get('n_requested', r['n'])} EM {100 * r['em']:.1f} top-1 {r['top1_match']:.3f} "
-      f"cos {r['logits_cos']:.4f} saved {100 * r['flops_reduction']:.1f}% tasks {tasks}")
-PY
-}
 run_eval() {  # TAG FILE N MODE SECONDS MODEL_DIR [extra args]
   local tag="$1" f="$2" n="$3" mode="$4" secs="$5" dir="$6"; shift 6
   [ "$secs" -gt 15 ] || { echo "eval $tag $mode skipped: no time"; return; }
@@ -110,7 +100,7 @@ run_eval() {  # TAG FILE N MODE SECONDS MODEL_DIR [extra args]
     --predictions "$DEST/pred_${tag}__$mode.jsonl" >"$DEST/eval_${tag}__$mode.json" 2>"$DEST/eval_${tag}__$mode.err" \
     || { echo "eval $tag $mode failed:"; tail -5 "$DEST/eval_${tag}__$mode.err"; return; }
   # one line per finished mode on stdout too, so that a call cut later still shows it
-  echo "eval $tag $mode: $(($(date +%s) - t1)) s: $(summary_line "$DEST/eval_${tag}__$mode.json")"
+  echo "eval $tag $mode: $(($(date +%s) - t1)) s: $(python3 scripts/rag2/eval_summary.py --line "$DEST/eval_${tag}__$mode.json" 2>&1)"
 }
 IFS=',' read -r -a mode_list <<<"$([ "$modes" = all ] && echo full,prefix,naive,cacheblend,epic,redknot || echo "$modes")"
 files_left=$(echo $evals | wc -w)
@@ -139,25 +129,7 @@ done
 [ -n "$calib" ] && cat "$DEST/calibrate.txt" && cp "$DEST/calibrate.txt" "$RESULTS/"
 rm -f "$DEST"/ref_*.bin
 gzip -f "$DEST"/pred_*.jsonl 2>/dev/null
-python3 - "$DEST" <<'PY' | tee "$RESULTS/summary.md"
-import collections, glob, json, os, sys
-by_set = collections.defaultdict(list)  # eval_<set>__<mode>.json, grouped by set, in run order
-for p in sorted(glob.glob(os.path.join(sys.argv[1], "eval_*__*.json")), key=os.path.getmtime):
-    try:
-        r = json.load(open(p))
-    except Exception as e:
-        print(p, "unreadable:", e); continue
-    by_set[os.path.basename(p)[5:-5].rsplit("__", 1)[0]].append(r)
-for name, rs in by_set.items():
-    tasks = sorted({t for r in rs for t in r.get("tasks", {})})
-    print(f"\n{name}\n| mode | n | EM | top-1 | logits cos | FLOPs saved | TTFT p50 ms | " +
-          " | ".join(f"EM {t}" for t in tasks) + " |")
-    for r in rs:
-        n = f"{r['n']} of {r['n_requested']}" if r.get("truncated") else str(r["n"])
-        print(f"| {r['mode']} | {n} | {100 * r['em']:.1f} | {r['top1_match']:.3f} | {r['logits_cos']:.4f} | "
-              f"{100 * r['flops_reduction']:.1f}% | {r['ttft_ms_p50']:.1f} | " +
-              " | ".join(f"{100 * r['tasks'][t]['em']:.1f}" if t in r.get("tasks", {}) else "-" for t in tasks) + " |")
-PY
+python3 scripts/rag2/eval_summary.py "$DEST" | tee "$RESULTS/summary.md"
 kill "$packer_pid" 2>/dev/null
 pack_results
 ls -la "$DEST" "$RESULTS"

@@ -73,6 +73,17 @@ class DecodeGraphs : public ::testing::Test {
                        static_cast<int32_t>(cfg_.num_kv_heads));
   }
 
+  // A 64-page pool and an all-global cache holding sequence 0, for `model`.
+  struct OneSequence {
+    OneSequence(const DecodeGraphs& t, const Model& model)
+        : pool(*t.backend_, 64, 8, static_cast<int32_t>(t.cfg_.head_dim)),
+          kv(pool, t.AllGlobal(), {0.25f}, model.inv_freq()) {
+      kv.add_sequence(0);
+    }
+    PagePool pool;
+    PagedKvCache kv;
+  };
+
   // A head-aware profile: layer 0 head 1 and layer 1 head 0 local (window 24, sink 2).
   HeadProfile Profile() const {
     HeadProfile p(static_cast<int32_t>(cfg_.num_layers), static_cast<int32_t>(cfg_.num_kv_heads));
@@ -164,10 +175,8 @@ TEST_F(DecodeGraphs, ReplayedStepsEqualEagerSteps) {
 // synchronising stage profile, and charges time on the eager path too.
 TEST_F(DecodeGraphs, HostPlanTimingKeepsStepsRecorded) {
   Model model(*ckpt_, *backend_);
-  const HeadProfile profile = AllGlobal();
-  PagePool pool(*backend_, 64, 8, static_cast<int32_t>(cfg_.head_dim));
-  PagedKvCache kv(pool, profile, {0.25f}, model.inv_freq());
-  kv.add_sequence(0);
+  OneSequence one(*this, model);
+  PagedKvCache& kv = one.kv;
   Batch prompt;
   prompt.add_sequence(0, std::vector<int32_t>(12, 7), 0);
   double eager_ms = 0;
@@ -206,10 +215,8 @@ TEST_F(DecodeGraphs, AnotherCacheRecordsAgain) {
 // Plan storage refuses batches it was not made for, before the cache changes.
 TEST_F(DecodeGraphs, PlanStorageRefusesOtherShapes) {
   Model model(*ckpt_, *backend_);
-  const HeadProfile profile = AllGlobal();
-  PagePool pool(*backend_, 64, 8, static_cast<int32_t>(cfg_.head_dim));
-  PagedKvCache kv(pool, profile, {0.25f}, model.inv_freq());
-  kv.add_sequence(0);
+  OneSequence one(*this, model);
+  PagedKvCache& kv = one.kv;
   Batch prompt;
   prompt.add_sequence(0, std::vector<int32_t>(20, 3), 0);
   EXPECT_EQ(kv.plan_capacity(prompt), -1);  // not one token per sequence
