@@ -18,6 +18,7 @@
 #include "eval/rag_eval.h"
 #include "reuse/chunk_store.h"
 #include "reuse/hasher.h"
+#include "reuse/reuse_prefill.h"
 
 namespace redknot::cli {
 
@@ -274,6 +275,11 @@ int run_eval(const EvalArgs& a) {
       std::fprintf(stderr, "eval %s: --time-limit reached after %lld of %lld samples\n",
                    mode.c_str(), (long long)reports.back().n,
                    (long long)reports.back().n_requested);
+    if (reuse_mode_uses_head_profile(opts.reuse.mode) && reports.back().global_head_fraction >= 1)
+      std::fprintf(stderr,
+                   "eval %s: no head profile (the model directory's head_profile.json or "
+                   "--head-profile): every head stayed global\n",
+                   mode.c_str());
   }
   if (!a.reference.empty()) {
     for (size_t i = 0; i < samples.size() && i < full_logits.size(); ++i) {

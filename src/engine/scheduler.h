@@ -182,6 +182,9 @@ struct SchedulerStats {
   int64_t queued = 0, running = 0;
   int64_t pool_pages = 0, free_pages = 0, page_bytes = 0;
   KvUsage usage;
+  // The head-aware cache's share of global (layer, kv head) pairs: 1 when the model has no head
+  // profile, so redknot requests keep every head (SchedulerOptions' cache, ReusePath's field).
+  double global_head_fraction = 1.0;
   int64_t steps = 0, preemptions = 0, completed = 0, cancelled = 0, failed = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0, cached_tokens = 0;
   int64_t reuse_prefills = 0;             // requests prefilled through chunk reuse

@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "engine/engine_setup.h"
 #include "engine/sampler.h"
+#include "kv/head_profile.h"
 #include "reuse/chunk_prefill.h"
 
 namespace redknot {
@@ -85,6 +86,7 @@ nlohmann::json EvalReport::to_json() const {
           {"flops_ledger", ledger.to_json()},
           {"reused_tokens", reused_tokens},
           {"prompt_tokens", prompt_tokens},
+          {"global_head_fraction", global_head_fraction},
           {"chunk_store",
            {{"pool_hits", chunk_store.pool_hits},
             {"misses", chunk_store.misses},
@@ -137,6 +139,8 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
 
   EvalReport r;
   r.mode = reuse_mode_name(mode);
+  if (const HeadProfile* hp = store.cache->head_profile())
+    r.global_head_fraction = hp->whole().global_fraction();
   r.n_requested = static_cast<int64_t>(samples.size());
   std::vector<double> ttft;
   for (size_t i = 0; i < samples.size(); ++i) {

@@ -57,6 +57,9 @@ struct EvalReport {
   double flops = 0, flops_full = 0;
   FlopsLedger ledger;
   int64_t reused_tokens = 0, prompt_tokens = 0;
+  // The request cache's share of global (layer, kv head) pairs (ReusePath::global_head_fraction):
+  // 1 in redknot mode means the model had no head profile.
+  double global_head_fraction = 1.0;
   ChunkStoreStats chunk_store;
   std::map<std::string, TaskStats> per_task;
   std::vector<SampleResult> samples;  // in dataset order

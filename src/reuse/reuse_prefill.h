@@ -85,6 +85,10 @@ struct ReusePath {
   // token-major cache would move, and why a handover failed (empty: it did not).
   int64_t kv_export_bytes = 0, kv_import_bytes = 0, kv_token_major_bytes = 0;
   std::string kv_handover_error;
+  // Share of (layer, kv head) pairs whose KV keeps every token in the cache this request ran on:
+  // below 1 only where a head profile makes heads local (redknot mode on a profiled model); 1 in
+  // redknot mode means the model has no head profile, so every head stayed global.
+  double global_head_fraction = 1.0;
 };
 
 // What a prefill produced: the sequence holds the prompt's KV, ready to decode.

@@ -106,6 +106,10 @@ std::string Metrics::render(const SchedulerStats& s, const ChunkStoreStats* chun
   out += "# TYPE redknot_kv_tokens_held gauge\n";
   out += "redknot_kv_tokens_held{head_class=\"global\"} " + num(s.usage.global_tokens) + "\n";
   out += "redknot_kv_tokens_held{head_class=\"local\"} " + num(s.usage.local_tokens) + "\n";
+  gauge(out, "redknot_kv_global_head_fraction",
+        "Share of (layer, kv head) pairs kept global by the head profile (1: no profile, redknot "
+        "mode keeps every head).",
+        s.global_head_fraction);
   gauge(out, "redknot_kv_pool_pages_total", "Pages in the KV pool.", s.pool_pages);
   gauge(out, "redknot_kv_pool_pages_free", "Free pages in the KV pool.", s.free_pages);
   gauge(out, "redknot_engine_steps_total", "Engine forward steps.", s.steps, "counter");

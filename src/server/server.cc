@@ -598,6 +598,7 @@ struct Job {
                   {"kv_token_major_bytes", path.kv_token_major_bytes},
                   {"kv_handover_error",
                    path.kv_handover_error.empty() ? json(nullptr) : json(path.kv_handover_error)},
+                  {"global_head_fraction", path.global_head_fraction},
                   {"preemptions", rs.preemptions()}};
     return json{{"prompt_tokens", p},
                 {"completion_tokens", done_tokens},

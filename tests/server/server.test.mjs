@@ -249,7 +249,11 @@ describe('redknot serve', {skip: haveModel ? false : `needs ${CLI} and ${MODEL}`
       assert.equal(second.choices[0].message.content, offline.text,
                    `${mode}: server answer differs from the offline output`);
       assert.ok(first.choices[0].message.content.length > 0);
+      // stories260K has no head profile: redknot keeps every head global, and says so.
+      assert.equal(second.usage.reuse.global_head_fraction, 1, JSON.stringify(second.usage));
     }
+    assert.match(await (await fetch(`${srv.base}/metrics`)).text(),
+                 /^redknot_kv_global_head_fraction 1$/m);
     await waitIdle(srv.base);
   });
 
@@ -938,6 +942,11 @@ describe('README example on the shipped model', {skip: !(CLI && existsSync(join(
     assert.equal(r.status, 200);
     const j = await r.json();
     assert.equal(j.choices[0].message.content, m[3]);
+    // Served in redknot mode with the model's head profile (3 of 16 kv heads global).
+    assert.equal(j.usage.reuse.mode, 'redknot');
+    assert.equal(j.usage.reuse.global_head_fraction, 3 / 16);
+    assert.match(await (await fetch(`${srv.base}/metrics`)).text(),
+                 /^redknot_kv_global_head_fraction 0\.1875$/m);
     // The same documents in another order: the same answer.
     const swapped = {...body, documents: [...body.documents].reverse()};
     const again = await (await fetch(`${srv.base}${m[1]}`, {
