@@ -11,10 +11,13 @@
 #include <random>
 #include <thread>
 
+#include <unistd.h>
+
 #include "backend/batch_invariant_backend.h"
 #include "backend/builtin.h"
 #include "engine/generate.h"
 #include "engine/kv_setup.h"
+#include "kv/head_profile.h"
 #include "loader/checkpoint.h"
 
 namespace redknot {
@@ -346,6 +349,46 @@ TEST_F(SchedulerTest, QueueIsBoundedAndInputsValidated) {
   EXPECT_THROW(sched.submit(RequestSpec{}), Error);
   sched.wait_idle();
   EXPECT_EQ(sched.stats().free_pages, sched.stats().pool_pages);
+}
+
+// The share of global heads a request ran with is reported (usage.reuse.global_head_fraction,
+// /metrics): 1 without a head profile, so redknot on such a model is never taken for the method.
+TEST_F(SchedulerTest, ReportsTheGlobalHeadShareOfTheCacheARequestRanOn) {
+  {
+    KvStore st = store(1024);
+    Scheduler sched(*model_, *st.cache, {});
+    auto r = sched.submit(spec(prompt(1, 24), 4));
+    r->wait_all();
+    EXPECT_EQ(r->path().global_head_fraction, 1.0);
+    sched.wait_idle();
+    EXPECT_EQ(sched.stats().global_head_fraction, 1.0);
+  }
+  const ModelConfig& cfg = model_->config();
+  const int32_t layers = static_cast<int32_t>(cfg.num_layers);
+  const int32_t heads = static_cast<int32_t>(cfg.num_kv_heads);
+  HeadProfile profile(layers, heads);
+  for (int32_t h = 0; h < heads; ++h) {  // layer 0 all local: sink 4 + window 8
+    HeadSpec& s = profile.at(0, h);
+    s.cls = HeadClass::Local;
+    s.window = 8;
+    s.sink = 4;
+  }
+  const std::filesystem::path file = std::filesystem::temp_directory_path() /
+                                     ("sched_profile_" + std::to_string(::getpid()) + ".json");
+  profile.save(file.string());
+  KvOptions o;
+  o.page_size = 16;
+  o.tokens = 1024;
+  o.head_profile_path = file.string();
+  KvStore st = make_kv_store(*model_, o);
+  std::filesystem::remove(file);
+  Scheduler sched(*model_, *st.cache, {});
+  auto r = sched.submit(spec(prompt(2, 24), 4));
+  EXPECT_EQ(r->wait_all().tokens.size(), 4u);
+  const double expected = static_cast<double>(layers - 1) / layers;
+  EXPECT_DOUBLE_EQ(r->path().global_head_fraction, expected);
+  sched.wait_idle();
+  EXPECT_DOUBLE_EQ(sched.stats().global_head_fraction, expected);
 }
 
 }  // namespace
