@@ -219,7 +219,7 @@ int run_serve(const ServeArgs& a) {
             << (m.tp ? " per rank, tensor parallel " + std::to_string(m.tp_size()) : "")
             << ", reuse settings from " << (settings.source.empty() ? "defaults" : settings.source)
             << ", listening on http://" << a.host << ":" << port << std::endl;
-  if (!reuse_off && !settings.redknot_disabled && store.cache->head_profile()->all_global())
+  if (!reuse_off && !settings.redknot_disabled && store.cache->global_head_fraction() >= 1)
     std::cout << "redknot serve: this model has no head profile: redknot requests keep every head "
                  "global (usage.reuse.global_head_fraction 1, /metrics "
                  "redknot_kv_global_head_fraction); `redknot calibrate --model "

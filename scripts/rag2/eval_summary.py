@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summaries of `redknot eval --json` reports (scripts/rag2/gpu-eval.sh).
 
-  python3 scripts/rag2/eval_summary.py --line FILE   # one report in a line (as a mode finishes)
+  python3 scripts/rag2/eval_summary.py --line FILE   # a report in a line (as a mode finishes)
   python3 scripts/rag2/eval_summary.py DIR           # eval_<set>__<mode>.json in DIR: a table per set
 """
 import collections
@@ -21,10 +21,15 @@ def cells(r):
 
 
 def line(path):
-    c = cells(json.load(open(path)))
-    tasks = " ".join(f"{t} {v}" for t, v in c["tasks"].items())
-    return (f"n {c['n']} EM {c['em']} top-1 {c['top1']} cos {c['cos']} saved {c['saved']} "
-            f"TTFT p50 {c['ttft']} ms tasks {tasks}")
+    """A line per report (`eval --mode a,b --json` writes an array of them)."""
+    reports = json.load(open(path))
+    out = []
+    for r in reports if isinstance(reports, list) else [reports]:
+        c = cells(r)
+        tasks = " ".join(f"{t} {v}" for t, v in c["tasks"].items())
+        out.append(f"{r['mode'] + ': ' if isinstance(reports, list) else ''}n {c['n']} EM {c['em']} "
+                   f"top-1 {c['top1']} cos {c['cos']} saved {c['saved']} TTFT p50 {c['ttft']} ms tasks {tasks}")
+    return "\n".join(out)
 
 
 def tables(folder):

@@ -148,6 +148,7 @@ Scheduler::Scheduler(Model& model, PagedKvCache& cache, SchedulerOptions options
           "scheduler: tensor parallel serving runs without the chunk store, the prefix cache "
           "and the KV handover (not yet kept per rank)");
   }
+  counters_.global_head_fraction = cache_.global_head_fraction();  // fixed with the cache
   publish_stats();
   thread_ = std::thread([this] { loop(); });
 }
@@ -272,8 +273,7 @@ std::vector<std::shared_ptr<RequestStream>> Scheduler::submit_n(RequestSpec spec
     r->path.fallback = "reuse_disabled";
   }
   r->cache = &cache_for(r->path.used);
-  if (const HeadProfile* hp = r->cache->head_profile())
-    r->path.global_head_fraction = hp->whole().global_fraction();
+  r->path.global_head_fraction = r->cache->global_head_fraction();
   const int64_t need =
       estimate_pages(total, *r->cache) + (n - 1) * fork_pages(spec.max_tokens, *r->cache);
   if (need > cache_.pool().num_pages())
@@ -340,8 +340,6 @@ void Scheduler::publish_stats() {
       s.free_pages = std::min<int64_t>(s.free_pages, r.cache->pool().num_free());
   s.page_bytes = cache_.pool().bytes_per_page();
   s.usage = cache_.usage();
-  if (const HeadProfile* hp = cache_.head_profile())
-    s.global_head_fraction = hp->whole().global_fraction();
   if (opts_.baseline_cache) {
     const KvUsage b = opts_.baseline_cache->usage();
     s.usage.global_pages += b.global_pages;

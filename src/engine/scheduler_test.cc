@@ -11,14 +11,13 @@
 #include <random>
 #include <thread>
 
-#include <unistd.h>
-
 #include "backend/batch_invariant_backend.h"
 #include "backend/builtin.h"
 #include "engine/generate.h"
 #include "engine/kv_setup.h"
 #include "kv/head_profile.h"
 #include "loader/checkpoint.h"
+#include "loader/test_util.h"
 
 namespace redknot {
 namespace {
@@ -373,15 +372,13 @@ TEST_F(SchedulerTest, ReportsTheGlobalHeadShareOfTheCacheARequestRanOn) {
     s.window = 8;
     s.sink = 4;
   }
-  const std::filesystem::path file = std::filesystem::temp_directory_path() /
-                                     ("sched_profile_" + std::to_string(::getpid()) + ".json");
-  profile.save(file.string());
+  testing_util::TempDir dir;
+  profile.save(dir.file("head_profile.json"));
   KvOptions o;
   o.page_size = 16;
   o.tokens = 1024;
-  o.head_profile_path = file.string();
+  o.head_profile_path = dir.file("head_profile.json");
   KvStore st = make_kv_store(*model_, o);
-  std::filesystem::remove(file);
   Scheduler sched(*model_, *st.cache, {});
   auto r = sched.submit(spec(prompt(2, 24), 4));
   EXPECT_EQ(r->wait_all().tokens.size(), 4u);

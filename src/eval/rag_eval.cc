@@ -7,7 +7,6 @@
 #include "core/error.h"
 #include "engine/engine_setup.h"
 #include "engine/sampler.h"
-#include "kv/head_profile.h"
 #include "reuse/chunk_prefill.h"
 
 namespace redknot {
@@ -139,8 +138,7 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
 
   EvalReport r;
   r.mode = reuse_mode_name(mode);
-  if (const HeadProfile* hp = store.cache->head_profile())
-    r.global_head_fraction = hp->whole().global_fraction();
+  r.global_head_fraction = store.cache->global_head_fraction();
   r.n_requested = static_cast<int64_t>(samples.size());
   std::vector<double> ttft;
   for (size_t i = 0; i < samples.size(); ++i) {

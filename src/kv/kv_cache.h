@@ -78,6 +78,9 @@ class KvCache {
 
   // Per-(layer, kv head) classes the store applies (for FLOPs accounting); null: all dense.
   virtual const HeadProfile* head_profile() const { return nullptr; }
+  // Share of (layer, kv head) pairs that keep every token (the whole model's, under tensor
+  // parallelism): 1 without a profile or with an all-global one (ReusePath::global_head_fraction).
+  double global_head_fraction() const;
 
   // ---- inspection (tests, debugging) ----
   // Host f32 copies of one (layer, kv_head)'s cached keys/values in position order.
