@@ -148,8 +148,7 @@ EvalReport run_rag_eval(Model& model, const Checkpoint& ckpt, const Tokenizer& t
     // Offline phase (untimed): the segments this mode reuses are in the chunk store.
     std::vector<ChunkStore::Handle> warm;
     if (mode == ReuseMode::Naive || mode == ReuseMode::CacheBlend || mode == ReuseMode::Epic)
-      for (const auto& seg : prompt.segments)
-        warm.push_back(acquire_or_prefill(model, chunks, seg));
+      warm = acquire_or_prefill_all(model, chunks, prompt.segments);
     if (mode == ReuseMode::RedKnot && !prompt.segments.empty())
       warm.push_back(acquire_or_prefill(model, chunks, prompt.segments[0]));
 

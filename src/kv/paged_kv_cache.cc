@@ -888,47 +888,72 @@ std::vector<int32_t> PagedKvCache::slot_rows(SeqId seq, int layer, int kv_head) 
 
 void PagedKvCache::append_relocated(SeqId seq, const std::vector<std::vector<int32_t>>& rows,
                                     const std::vector<int32_t>& src_positions, int32_t delta) {
+  append_relocated(seq, {RelocatedSegment{&rows, &src_positions, delta}});
+}
+
+void PagedKvCache::append_relocated(SeqId seq, const std::vector<RelocatedSegment>& segments) {
   Sequence& s = get(seq);
-  tables_changed(s);
-  const int64_t n = static_cast<int64_t>(src_positions.size());
-  if (static_cast<int64_t>(rows.size()) != int64_t{layers_} * heads_)
-    throw Error("append_relocated: need rows for every (layer, kv head)");
-  for (const auto& r : rows)
-    if (static_cast<int64_t>(r.size()) != n) throw Error("append_relocated: row count mismatch");
+  // Validate first: a refused call changes nothing.
+  std::vector<int32_t> new_pos;  // every segment's tokens, in order
+  std::vector<int32_t> deltas;   // [new_pos.size()]
+  int64_t prev = s.next_pos() - 1;
+  for (const RelocatedSegment& seg : segments) {
+    const auto& src = *seg.src_positions;
+    if (static_cast<int64_t>(seg.rows->size()) != int64_t{layers_} * heads_)
+      throw Error("append_relocated: need rows for every (layer, kv head)");
+    for (const auto& r : *seg.rows)
+      if (r.size() != src.size()) throw Error("append_relocated: row count mismatch");
+    for (size_t i = 0; i < src.size(); ++i) {
+      if (i > 0 && src[i] <= src[i - 1])
+        throw Error("append_relocated: source positions must increase");
+      const int64_t p = int64_t{src[i]} + seg.delta;
+      if (p <= prev) throw Error("append_relocated: positions must follow the cached ones");
+      prev = p;
+      new_pos.push_back(static_cast<int32_t>(p));
+      deltas.push_back(seg.delta);
+    }
+  }
+  const int64_t n = static_cast<int64_t>(new_pos.size());
   if (n == 0) return;
-  if (src_positions.front() + delta < s.next_pos())
-    throw Error("append_relocated: positions must follow the cached ones");
-  for (int64_t i = 1; i < n; ++i)
-    if (src_positions[i] <= src_positions[i - 1])
-      throw Error("append_relocated: source positions must increase");
-  int64_t need = 0;
-  for (const HeadTable& t : s.tables) need += table_pages_needed(t, n);
-  if (need > pool_.num_free())
-    throw OutOfKvMemory("KV pool: relocating a segment needs " + std::to_string(need) + " pages, " +
-                        std::to_string(pool_.num_free()) + " free");
-  std::vector<int32_t> new_pos(n);
-  for (int64_t i = 0; i < n; ++i) new_pos[i] = src_positions[i] + delta;
   const int64_t next_pos = int64_t{new_pos.back()} + 1;
+  auto kept = [&](int l, int h, int64_t i) {
+    return s.keep_local_pages || spec(l, h).keeps(new_pos[i], next_pos);
+  };
+  int64_t need = 0;
+  for (int l = 0; l < layers_; ++l)
+    for (int h = 0; h < heads_; ++h) {
+      int64_t count = 0;
+      for (int64_t i = 0; i < n; ++i) count += kept(l, h, i) ? 1 : 0;
+      need += table_pages_needed(s.tables[l * heads_ + h], count);
+    }
+  if (need > pool_.num_free())
+    throw OutOfKvMemory("KV pool: relocating cached segments needs " + std::to_string(need) +
+                        " pages, " + std::to_string(pool_.num_free()) + " free");
+  tables_changed(s);
   for (int l = 0; l < layers_; ++l) {
-    std::vector<int32_t> src, dst, dst_pos;
+    std::vector<int32_t> src, dst, dst_pos, row_delta;
     for (int h = 0; h < heads_; ++h) {
       HeadTable& t = s.tables[l * heads_ + h];
-      // A local head keeps sink ∪ window: tokens that trim would drop right after this call
-      // are not copied at all (most of a long segment).
-      const HeadSpec& hs = spec(l, h);
       if (!t.pages.empty() && static_cast<int32_t>(t.positions.back().size()) < page_size_)
         make_private(t, t.pages.size() - 1);
-      for (int64_t i = 0; i < n; ++i) {
-        if (!s.keep_local_pages && !hs.keeps(new_pos[i], next_pos)) continue;
-        if (t.pages.empty() || static_cast<int32_t>(t.positions.back().size()) == page_size_) {
-          t.pages.push_back(pool_.allocate());
-          t.positions.emplace_back().reserve(page_size_);
+      int64_t i = 0;
+      for (const RelocatedSegment& seg : segments) {
+        const std::vector<int32_t>& seg_rows = (*seg.rows)[l * heads_ + h];
+        for (size_t r = 0; r < seg_rows.size(); ++r, ++i) {
+          // A local head keeps sink ∪ window: tokens that trim would drop right after this call
+          // are not copied at all (most of a long prompt's documents).
+          if (!kept(l, h, i)) continue;
+          if (t.pages.empty() || static_cast<int32_t>(t.positions.back().size()) == page_size_) {
+            t.pages.push_back(pool_.allocate());
+            t.positions.emplace_back().reserve(page_size_);
+          }
+          const int32_t slot = static_cast<int32_t>(t.positions.back().size());
+          t.positions.back().push_back(new_pos[i]);
+          src.push_back(seg_rows[r]);
+          dst.push_back(t.pages.back() * page_size_ + slot);
+          dst_pos.push_back(new_pos[i]);
+          row_delta.push_back(deltas[i]);
         }
-        const int32_t slot = static_cast<int32_t>(t.positions.back().size());
-        t.positions.back().push_back(new_pos[i]);
-        src.push_back(rows[l * heads_ + h][i]);
-        dst.push_back(t.pages.back() * page_size_ + slot);
-        dst_pos.push_back(new_pos[i]);
       }
     }
     if (!pool_.has_storage() || src.empty()) continue;
@@ -936,7 +961,8 @@ void PagedKvCache::append_relocated(SeqId seq, const std::vector<std::vector<int
     Tensor si = device_i32(src), di = device_i32(dst);
     Tensor tmp = pool_.alloc_rows(m);  // gathered
     backend_.gather_rows(pool_.k(), si, tmp);
-    if (delta != 0) rotate_rows(tmp, device_i32(std::vector<int32_t>(m, delta)));
+    if (std::any_of(row_delta.begin(), row_delta.end(), [](int32_t d) { return d != 0; }))
+      rotate_rows(tmp, device_i32(row_delta));
     backend_.scatter_rows(tmp, di, pool_.k());
     backend_.gather_rows(pool_.v(), si, tmp);
     backend_.scatter_rows(tmp, di, pool_.v());

@@ -85,6 +85,16 @@ class PagedKvCache : public KvCache {
   // Throws OutOfKvMemory, changing nothing, when the pool cannot hold the copies.
   void append_relocated(SeqId seq, const std::vector<std::vector<int32_t>>& rows,
                         const std::vector<int32_t>& src_positions, int32_t delta);
+  // Several cached segments appended in order in one copy per layer (a prompt's documents): the
+  // same KV as one append_relocated per segment, without a gather/rotate/scatter round per
+  // segment. Each segment's new positions must follow the previous one's. Local heads copy only
+  // what they keep after the last segment. Throws OutOfKvMemory, changing nothing.
+  struct RelocatedSegment {
+    const std::vector<std::vector<int32_t>>* rows = nullptr;  // [layer * kv_heads + head][n]
+    const std::vector<int32_t>* src_positions = nullptr;      // [n], increasing
+    int32_t delta = 0;
+  };
+  void append_relocated(SeqId seq, const std::vector<RelocatedSegment>& segments);
 
   // Prefill/decode handover (reuse/kv_handover.h): the positions one (layer, kv head) holds, in
   // order, and every logical token's position.

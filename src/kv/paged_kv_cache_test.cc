@@ -848,3 +848,96 @@ TEST(PagedKvCacheFp8, RowsCarryScalesAndRelocationRoundsOnce) {
 
 }  // namespace
 }  // namespace redknot
+
+namespace redknot {
+namespace {
+
+// A prompt's cached segments relocated in one call read exactly as one call per segment (keys
+// re-rotated by each segment's own delta, local heads left with what they keep after the last
+// segment), and take no more pages; a call whose positions go backwards changes nothing.
+TEST(PagedKvCache, RelocatingSegmentsTogetherEqualsOneByOne) {
+  register_builtin_backends();
+  auto backend = create_backend("cpu");
+  PagePool pool(*backend, 256, 4, kDim);
+  const Tensor inv = Tensor::from_f32(InvFreq(), {kDim / 2});
+  // The source: an all-global cache over the same pool (as the chunk store's).
+  PagedKvCache store(pool, HeadProfile(kLayers, kKvHeads), {0.5f}, inv);
+  PagedKvCache kv(pool, MixedProfile(), {0.5f}, inv);
+  constexpr int T = 40;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> val(-2.0f, 2.0f);
+  store.add_sequence(0);
+  Batch b;
+  b.add_sequence(0, std::vector<int32_t>(T, 1), 0, false);
+  store.begin_forward(b, Tensor::from_i32(b.positions, {T}));
+  for (int l = 0; l < kLayers; ++l) {
+    std::vector<float> k(T * kKvHeads * kDim), v(k.size());
+    for (auto& x : k) x = val(rng);
+    for (auto& x : v) x = val(rng);
+    store.write(l, Tensor::from_f32(k, {T, kKvHeads, kDim}),
+                Tensor::from_f32(v, {T, kKvHeads, kDim}));
+  }
+  store.end_forward();
+  // Three segments: source tokens [0,10) at +0, [10,25) at +5, [25,40) at +12.
+  const int cuts[] = {0, 10, 25, 40};
+  const int32_t deltas[] = {0, 5, 12};
+  std::vector<std::vector<std::vector<int32_t>>> rows(3);
+  std::vector<std::vector<int32_t>> src_pos(3);
+  for (int s = 0; s < 3; ++s) {
+    for (int l = 0; l < kLayers; ++l)
+      for (int h = 0; h < kKvHeads; ++h) {
+        const std::vector<int32_t> all = store.slot_rows(0, l, h);
+        rows[s].emplace_back(all.begin() + cuts[s], all.begin() + cuts[s + 1]);
+      }
+    for (int t = cuts[s]; t < cuts[s + 1]; ++t) src_pos[s].push_back(t);
+  }
+  kv.add_sequence(1);
+  int free_before = pool.num_free();
+  for (int s = 0; s < 3; ++s) kv.append_relocated(1, rows[s], src_pos[s], deltas[s]);
+  const int one_by_one_pages = free_before - pool.num_free();
+  kv.add_sequence(2);
+  free_before = pool.num_free();
+  std::vector<PagedKvCache::RelocatedSegment> segs;
+  for (int s = 0; s < 3; ++s) segs.push_back({&rows[s], &src_pos[s], deltas[s]});
+  kv.append_relocated(2, segs);
+  EXPECT_LE(free_before - pool.num_free(), one_by_one_pages);
+  EXPECT_EQ(kv.next_position(2), kv.next_position(1));
+  EXPECT_EQ(kv.token_positions(2), kv.token_positions(1));
+  // What each head keeps (pages may also hold rows a local head no longer reads: trimming is
+  // by page, attention by position): positions, keys, values.
+  const HeadProfile profile = MixedProfile();
+  auto read_all = [&](SeqId seq) {
+    std::vector<std::vector<float>> out;
+    for (int l = 0; l < kLayers; ++l)
+      for (int h = 0; h < kKvHeads; ++h) {
+        Tensor k, v;
+        std::vector<int32_t> pos;
+        kv.read(seq, l, h, k, v, pos);
+        std::vector<float> kept_pos, kept_k, kept_v;
+        for (size_t i = 0; i < pos.size(); ++i) {
+          if (!profile.keeps(l, h, pos[i], kv.next_position(seq))) continue;
+          kept_pos.push_back(static_cast<float>(pos[i]));
+          kept_k.insert(kept_k.end(), k.data<float>() + i * kDim, k.data<float>() + (i + 1) * kDim);
+          kept_v.insert(kept_v.end(), v.data<float>() + i * kDim, v.data<float>() + (i + 1) * kDim);
+        }
+        out.push_back(kept_pos), out.push_back(kept_k), out.push_back(kept_v);
+      }
+    return out;
+  };
+  const auto together = read_all(2);
+  EXPECT_EQ(together, read_all(1));
+  // A local head keeps only its window (layer 0, head 2: window 6, no sink): positions 47..51.
+  EXPECT_EQ(together[(0 * kKvHeads + 2) * 3], std::vector<float>({47, 48, 49, 50, 51}));
+  // ... and the call copied no more than that: every row of that head's table is kept.
+  EXPECT_EQ(kv.slot_rows(2, 0, 2).size(), 5u);
+  // Out of order (the last segment first): refused before anything changes.
+  kv.add_sequence(3);
+  std::vector<PagedKvCache::RelocatedSegment> backwards = {segs[2], segs[0]};
+  free_before = pool.num_free();
+  EXPECT_THROW(kv.append_relocated(3, backwards), Error);
+  EXPECT_EQ(kv.next_position(3), 0);
+  EXPECT_EQ(pool.num_free(), free_before);
+}
+
+}  // namespace
+}  // namespace redknot

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "kv/head_profile.h"
+#include "reuse/chunk_prefill.h"
 
 namespace redknot {
 
@@ -173,6 +174,9 @@ struct ReuseJob::Step {
   KvCache* cache = nullptr;
   SeqId seq = -1;
   std::vector<int32_t> tokens, positions;
+  // Or a forward of several of `cache`'s sequences at once, each from its position 0 (misses'
+  // prefills in the chunk store), together at most the job's chunk rows.
+  std::vector<std::pair<SeqId, std::vector<int32_t>>> parts;
   bool overwrite = false;
   bool logits = false;  // the pass's last row gives the prompt's logits
   ForwardOptions options;
@@ -237,6 +241,7 @@ struct ModePlanner {
                   " needs a chunk store");
     auto shared = std::make_shared<std::vector<ChunkStore::Handle>>(last);
     ReusePath& path = job.out_.path;
+    std::vector<std::pair<size_t, ChunkStore::Pending>> misses;  // (segment, reservation)
     for (size_t i = first; i < last; ++i) {
       const auto& seg = job.prompt_.segments[i];
       if (seg.empty()) continue;
@@ -256,19 +261,34 @@ struct ModePlanner {
       ChunkStore::Pending pend = store->reserve(seg);
       ++path.segments_prefilled;
       if (!pend.admitted()) ++path.segments_private;
+      misses.emplace_back(i, std::move(pend));
+    }
+    // The misses' prefills, each alone at [0, len) in the store's cache but several per forward
+    // (a prompt's short documents would each be a launch-bound forward), then published.
+    std::vector<int64_t> lengths;
+    for (const auto& [i, pend] : misses)
+      lengths.push_back(static_cast<int64_t>(pend.tokens().size()));
+    for (const std::vector<size_t>& group : pack_rows(lengths, job.opts_.chunk)) {
       Step s;
       s.cache = &store->prefill_cache();
-      s.seq = pend.seq();
-      s.tokens = seg;
+      if (group.size() == 1) {  // alone: in forwards of the job's chunk when longer
+        s.seq = misses[group[0]].second.seq();
+        s.tokens = misses[group[0]].second.tokens();
+      } else {
+        for (size_t g : group)
+          s.parts.emplace_back(misses[g].second.seq(), misses[g].second.tokens());
+      }
       job.push(std::move(s));
-      auto holder = std::make_shared<ChunkStore::Pending>(std::move(pend));
-      job.push(action([shared, holder, i](ReuseJob& j) {
-        (*shared)[i] = j.store_->publish(std::move(*holder));
+      auto held = std::make_shared<std::vector<std::pair<size_t, ChunkStore::Pending>>>();
+      for (size_t g : group) held->push_back(std::move(misses[g]));
+      job.push(action([shared, held](ReuseJob& j) {
+        for (auto& [i, pend] : *held) (*shared)[i] = j.store_->publish(std::move(pend));
         return std::vector<Step>{};
       }));
     }
     job.push(action([shared, first, last, this_offset = offset_of(first)](ReuseJob& j) {
       int32_t dst = this_offset;
+      std::vector<PagedKvCache::RelocatedSegment> copies;
       for (size_t i = first; i < last; ++i) {
         const ChunkStore::Handle& h = (*shared)[i];
         const auto& seg = j.prompt_.segments[i];
@@ -277,9 +297,11 @@ struct ModePlanner {
         if (h.partial())
           RK_CHECK(h.covers(row_need(j.kv_, j.seq_, dst, static_cast<int32_t>(seg.size()))),
                    "a partial chunk entry lacks rows its destination keeps");
-        j.kv_.append_relocated(j.seq_, h.all_rows(), h.positions(), dst);
+        copies.push_back({&h.all_rows(), &h.positions(), dst});
         dst += static_cast<int32_t>(seg.size());
       }
+      // One copy per layer for all of them (not a round of small copies per segment).
+      j.kv_.append_relocated(j.seq_, copies);
       // The copies are made: the entries may move tiers again.
       for (size_t i = first; i < last; ++i) j.pins_.push_back(std::move((*shared)[i]));
       return std::vector<Step>{};
@@ -544,6 +566,11 @@ void ReuseJob::push(Step step) { queue_.push_back(std::move(step)); }
 int64_t ReuseJob::next_rows() const {
   for (const Step& s : queue_) {
     if (s.action) continue;
+    if (!s.parts.empty()) {
+      int64_t rows = 0;
+      for (const auto& [seq, ids] : s.parts) rows += static_cast<int64_t>(ids.size());
+      return rows;
+    }
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     return opts_.chunk > 0 ? std::min<int64_t>(n, opts_.chunk) : n;
   }
@@ -565,6 +592,15 @@ void ReuseJob::run_next() {
     return;
   }
   Step& s = queue_.front();
+  if (!s.parts.empty()) {
+    Batch b;
+    for (const auto& [seq, ids] : s.parts) b.add_sequence(seq, ids, 0, /*last_logits=*/false);
+    model_.forward(b, *s.cache, s.options);
+    queue_.pop_front();
+    run_actions();
+    if (queue_.empty()) finish();
+    return;
+  }
   const int64_t total = static_cast<int64_t>(s.tokens.size());
   const int64_t n = opts_.chunk > 0 ? std::min<int64_t>(total, opts_.chunk) : total;
   const bool last = n == total;
