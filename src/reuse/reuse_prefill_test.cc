@@ -484,5 +484,54 @@ TEST_F(QueryFullAttention, NoOpWhenEveryHeadIsGlobal) {
   EXPECT_LE(RelErr(with.out.last_logits, without.out.last_logits), kTol);
 }
 
+// A reuse job's cold segments: prefilled several per forward (at most the job's chunk rows
+// each, in order), then all attached at once; the answer is the one of segments prefilled one
+// by one beforehand.
+class ColdSegments : public DeadRowSkipping {
+ protected:
+  // The rows of each forward the job ran, and its outcome.
+  std::vector<int64_t> Run(const SegmentedPrompt& p, int32_t chunk, PrefillOutcome* out) {
+    PagedKvCache kv(*pool_, HeadProfile(static_cast<int32_t>(cfg_.num_layers), 2),
+                    PagedKvOptions{1.0f / std::sqrt(static_cast<float>(cfg_.head_dim))},
+                    model_->inv_freq());
+    kv.add_sequence(0);
+    ReuseOptions ro;
+    ro.mode = ReuseMode::Naive;
+    ro.chunk = chunk;
+    ReuseJob job(*model_, kv, 0, p, chunks_.get(), ro);
+    std::vector<int64_t> rows;
+    while (!job.done()) {
+      rows.push_back(job.next_rows());
+      job.run_next();
+    }
+    *out = job.outcome();
+    return rows;
+  }
+};
+
+TEST_F(ColdSegments, PrefillSeveralPerForwardAndMatchOneByOne) {
+  MakeModel(3);
+  const SegmentedPrompt p = Prompt();  // segments of 40, 50, 55, 60, 65 tokens; query 12
+  PrefillOutcome cold;
+  EXPECT_EQ(Run(p, 512, &cold), (std::vector<int64_t>{270, 12}));
+  EXPECT_EQ(cold.path.segments_prefilled, 5);
+  EXPECT_EQ(cold.path.segments_hit, 0);
+  PrefillOutcome warm;  // now every segment is a hit: the query alone
+  EXPECT_EQ(Run(p, 512, &warm), (std::vector<int64_t>{12}));
+  EXPECT_EQ(warm.path.segments_hit, 5);
+  EXPECT_EQ(warm.last_logits, cold.last_logits);  // the entries the cold run published
+  // The oracle: a fresh store whose segments were prefilled one per forward.
+  MakeModel(3);
+  for (const auto& seg : p.segments) ASSERT_TRUE(acquire_or_prefill(*model_, *chunks_, seg).ok());
+  PrefillOutcome alone;
+  EXPECT_EQ(Run(p, 512, &alone), (std::vector<int64_t>{12}));
+  EXPECT_LE(RelErr(cold.last_logits, alone.last_logits), kTol);
+  // A smaller chunk bounds each forward: 40 + 50, then one segment each.
+  MakeModel(3);
+  PrefillOutcome small;
+  EXPECT_EQ(Run(p, 100, &small), (std::vector<int64_t>{90, 55, 60, 65, 12}));
+  EXPECT_LE(RelErr(small.last_logits, alone.last_logits), kTol);
+}
+
 }  // namespace
 }  // namespace redknot
