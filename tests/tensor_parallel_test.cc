@@ -260,7 +260,8 @@ TEST(TensorParallelKv, EachRankHoldsItsKvHeads) {
 }
 
 // Reuse through the chunk store on every rank (each rank caches and relocates its own heads'
-// pages): naive reuse and redknot (mixed profile, Sparse FFN on and off) give TP = 1's logits.
+// pages): naive, CacheBlend (each rank's key deviations summed over the ranks, so all pick the
+// same rows), EPIC and redknot (mixed profile, Sparse FFN on and off) give TP = 1's logits.
 TEST(TensorParallelReuse, ReuseModesMatchOneRank) {
   RK_REQUIRE_SHARED("refs/llama3-tiny");
   const Checkpoint full = load_checkpoint(shared_path("refs/llama3-tiny"));
@@ -300,8 +301,12 @@ TEST(TensorParallelReuse, ReuseModesMatchOneRank) {
     });
   };
   TpModel one = make_tp(full, 1);
-  for (auto [mode, sparse_ffn] : std::vector<std::pair<ReuseMode, bool>>{
-           {ReuseMode::Naive, false}, {ReuseMode::RedKnot, false}, {ReuseMode::RedKnot, true}}) {
+  for (auto [mode, sparse_ffn] :
+       std::vector<std::pair<ReuseMode, bool>>{{ReuseMode::Naive, false},
+                                               {ReuseMode::CacheBlend, false},
+                                               {ReuseMode::Epic, false},
+                                               {ReuseMode::RedKnot, false},
+                                               {ReuseMode::RedKnot, true}}) {
     const Run base = run_mode(one, mode, sparse_ffn)[0];
     EXPECT_GT(base.reused, 0) << reuse_mode_name(mode);
     for (int R : {2, 4}) {

@@ -46,6 +46,16 @@ void Model::all_reduce(Tensor& t) {
   if (comm_) comm_->all_reduce_sum(t);
 }
 
+void Model::sum_over_ranks(std::vector<float>& v) {
+  if (!comm_ || v.empty()) return;
+  const int64_t n = static_cast<int64_t>(v.size());
+  Tensor t = backend_.alloc_uninit(DType::F32, {n});
+  backend_.copy_from_host(t, Tensor::view(v.data(), DType::F32, {n}, nullptr));
+  comm_->all_reduce_sum(t);
+  const Tensor host = backend_.to_host_f32(t);
+  std::copy_n(host.data<float>(), n, v.data());
+}
+
 Tensor Model::gather_logits(const Tensor& local) {
   const int64_t R = local.dim(0), Vs = tp_.vocab_slice, V = cfg_.vocab_size, n = tp_.size;
   Tensor all = backend_.alloc_uninit(DType::F32, {n, R, Vs});  // written by the gather
@@ -310,7 +320,7 @@ Tensor Model::device_argmax(const Tensor& logits, Tensor& out) {
 
 Tensor Model::step(const Batch& batch, KvCache& kv, const ForwardOptions& opts, bool greedy) {
   batch.validate(cfg_.vocab_size);
-  if (opts.observer && tp_.size > 1)
+  if (opts.observer && tp_.size > 1 && !opts.observer->combines_ranks())
     throw Error(
         "forward observers (head profiling) see one rank's heads: run them without "
         "tensor parallelism");

@@ -38,6 +38,10 @@ class ForwardObserver {
   virtual ~ForwardObserver() = default;
   // q: [T, heads, head_dim]; k: [T, kv_heads, head_dim] (on the backend device)
   virtual void on_attention_inputs(int layer, const Tensor& q, const Tensor& k) = 0;
+  // Tensor parallel: q and k hold this rank's heads only. An observer that combines the ranks'
+  // results itself (CacheBlend's key deviation, summed with Model::sum_over_ranks) says so;
+  // the others (head profiling) are refused there.
+  virtual bool combines_ranks() const { return false; }
 };
 
 struct FlopsLedger;
@@ -74,6 +78,10 @@ class Model {
   // The unsharded model's config (config() when not tensor-parallel).
   const ModelConfig& global_config() const { return tp_.size > 1 ? tp_.global : cfg_; }
   const TpShard& tp() const { return tp_; }
+  // Tensor parallel: every rank's `v` becomes the elementwise sum of all ranks' (the same bits on
+  // every rank), for host decisions the ranks must make alike from their own heads' data. No-op
+  // at one rank. Every rank must call it at the same point with the same size.
+  void sum_over_ranks(std::vector<float>& v);
   Backend& backend() const { return backend_; }
   // [head_dim / 2] f32 on the backend: the scaled inverse rotary frequencies.
   const Tensor& inv_freq() const { return inv_freq_; }

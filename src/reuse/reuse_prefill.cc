@@ -60,6 +60,8 @@ class KeyCapture : public ForwardObserver {
     Tensor h = backend_.to_host_f32(k);
     keys.insert(keys.end(), h.data<float>(), h.data<float>() + h.numel());
   }
+  // Tensor parallel: this rank's heads; the deviations are summed over the ranks.
+  bool combines_ranks() const override { return true; }
   std::vector<float> keys;  // [T, kv_heads, D]
 
  private:
@@ -427,6 +429,12 @@ void ModePlanner::plan_cacheblend(ModePlanner& m) {
           for (int64_t e = 0; e < D; ++e) d += double(c[e] - f[e]) * (c[e] - f[e]);
           dev[t] += d;
         }
+      }
+      // Tensor parallel: each rank summed its own heads; every rank ranks the same total.
+      if (j.model_.tp().size > 1) {
+        std::vector<float> part(dev.begin(), dev.end());
+        j.model_.sum_over_ranks(part);
+        dev.assign(part.begin(), part.end());
       }
       const size_t keep = static_cast<size_t>(std::ceil(j.opts_.cacheblend_ratio * pos.size()));
       std::vector<size_t> order(pos.size());
