@@ -514,15 +514,35 @@ int64_t ChunkStore::reclaimable(ChunkTier tier, double limit, bool disk_copy) co
   return n;
 }
 
+int64_t ChunkStore::unallocated_pending_pages() const {
+  int64_t pages = 0;
+  for (const Entry* e : pending_) {
+    const KvUsage u = cache_->usage(e->seq);
+    pages += std::max<int64_t>(
+        0, pool_pages_for(static_cast<int32_t>(e->tokens.size())) - u.global_pages - u.local_pages);
+  }
+  return pages;
+}
+
+void ChunkStore::end_pending(Entry& e) {
+  pending_.erase(std::remove(pending_.begin(), pending_.end(), &e), pending_.end());
+  reserved_bytes_ -= e.reserved_bytes;
+  e.reserved_bytes = 0;
+}
+
 bool ChunkStore::make_room_pool(int64_t pages, double limit) {
   const int64_t bytes = pages * pool_.bytes_per_page();
   if (bytes > opts_.pool_budget_bytes) return false;
+  // Room already promised to pending prefills is not free.
+  const int64_t held = pool_bytes_ + reserved_bytes_;
+  const int64_t promised = unallocated_pending_pages();
   // Demote nothing unless the eligible victims can make enough room.
   const int64_t free_bytes = reclaimable(ChunkTier::Pool, limit, false);
-  if (pool_bytes_ - free_bytes + bytes > opts_.pool_budget_bytes ||
-      pool_.num_free() + free_bytes / pool_.bytes_per_page() < pages)
+  if (held - free_bytes + bytes > opts_.pool_budget_bytes ||
+      pool_.num_free() - promised + free_bytes / pool_.bytes_per_page() < pages)
     return false;
-  while (pool_bytes_ + bytes > opts_.pool_budget_bytes || pool_.num_free() < pages) {
+  while (pool_bytes_ + reserved_bytes_ + bytes > opts_.pool_budget_bytes ||
+         pool_.num_free() - promised < pages) {
     Entry* v = victim(ChunkTier::Pool, limit, false);
     if (v == nullptr) return false;
     demote_from_pool(*v);
@@ -836,15 +856,21 @@ ChunkStore::Pending ChunkStore::reserve(std::span<const int32_t> tokens) {
     throw;
   }
   if (!admitted) ++stats_.bypasses;
-  if (!admitted && pool_.num_free() < pool_pages_for(len)) {
+  const int64_t free = pool_.num_free() - unallocated_pending_pages();
+  if (!admitted && free < pool_pages_for(len)) {
     e.pins = 0;
     erase(e, false);
     throw OutOfKvMemory("chunk store: a segment of " + std::to_string(len) + " tokens needs " +
-                        std::to_string(pool_pages_for(len)) + " pages, " +
-                        std::to_string(pool_.num_free()) + " free");
+                        std::to_string(pool_pages_for(len)) + " pages, " + std::to_string(free) +
+                        " free (pending prefills' pages counted as used)");
   }
   e.seq = next_seq_++;
   cache_->add_sequence(e.seq);
+  pending_.push_back(&e);
+  if (admitted) {
+    e.reserved_bytes = pool_pages_for(len) * pool_.bytes_per_page();
+    reserved_bytes_ += e.reserved_bytes;
+  }
   Pending p;
   p.store_ = this;
   p.entry_ = &e;
@@ -859,6 +885,7 @@ ChunkStore::Handle ChunkStore::publish(Pending pending) {
   const SeqId seq = e.seq;
   RK_CHECK(cache_->num_tokens(seq) == static_cast<int32_t>(e.tokens.size()),
            "chunk store: a published segment must hold exactly its tokens");
+  end_pending(e);  // its pages are now allocated and counted as the entry's
   e.pending = false;
   set_pool_rows(e, seq);
   e.pins = 0;
@@ -892,6 +919,7 @@ void ChunkStore::Pending::reset() {
   if (!entry_) return;
   std::lock_guard<std::mutex> lock(store_->mu_);
   Entry& e = *std::exchange(entry_, nullptr);
+  store_->end_pending(e);
   if (e.seq >= 0) store_->cache_->remove_sequence(e.seq);
   e.seq = -1;
   e.pins = 0;

@@ -330,6 +330,7 @@ class ChunkStore {
     // Pool tier.
     SeqId seq = -1;
     int64_t pool_bytes = 0;
+    int64_t reserved_bytes = 0;  // pending and admitted: its pool bytes, held for it by reserve
     std::vector<std::vector<int32_t>> rows;  // [layer * kv_heads + head]
     std::vector<int32_t> positions;          // 0..len-1
     // Host tier.
@@ -403,6 +404,12 @@ class ChunkStore {
   // Tier moves (mutex held). make_room_* demote unpinned entries of score < `limit` and return
   // whether `pages`/`bytes` more now fit the tier's budget. Entries may be erased on the way.
   bool make_room_pool(int64_t pages, double limit);
+  // Pages the pending prefills (reserved, not yet published) will still take from the pool:
+  // reservations hold their room before their forwards allocate it, so that several misses
+  // reserved at once (a prompt's documents, concurrent requests) are not all admitted into the
+  // same free pages and budget.
+  int64_t unallocated_pending_pages() const;
+  void end_pending(Entry& e);  // publish or abandon: the reservation is over
   bool make_room_host(int64_t bytes, double limit);
   bool make_room_disk(int64_t bytes, double limit);
   void demote_from_pool(Entry& e);
@@ -472,6 +479,8 @@ class ChunkStore {
   std::unordered_map<uint64_t, Ghost> ghosts_;
   uint64_t clock_ = 0;
   int64_t pool_bytes_ = 0, host_bytes_ = 0, disk_bytes_ = 0;  // what the budgets bound
+  int64_t reserved_bytes_ = 0;   // admitted pending prefills' pool bytes (budget), see above
+  std::vector<Entry*> pending_;  // every pending prefill
   uint64_t tmp_counter_ = 0;
   ChunkStoreStats stats_;  // counters; usage filled in by stats()
   // Write-through. Lock order: mu_ before q_mu_; the writer never holds q_mu_ while taking mu_.

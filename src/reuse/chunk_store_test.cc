@@ -345,6 +345,33 @@ TEST_F(ChunkStoreTest, MissesPrefilledTogetherEqualPrefillAlone) {
   expect_near(FromHandle(hs[5]), Fresh(c));
 }
 
+// Several misses reserved before any is prefilled (a prompt's documents, concurrent requests)
+// each hold their room: the budget admits as many as it fits, and a pool that cannot hold the
+// next one's pages beside the others' refuses it at reserve, not in the middle of a forward.
+TEST_F(ChunkStoreTest, PendingReservationsHoldTheirRoom) {
+  {
+    ChunkStore store(*model_, *pool_, Opts(2));
+    std::vector<ChunkStore::Pending> p;
+    for (int i = 0; i < 3; ++i) p.push_back(store.reserve(Seg(40 + i)));
+    EXPECT_TRUE(p[0].admitted());
+    EXPECT_TRUE(p[1].admitted());
+    EXPECT_FALSE(p[2].admitted()) << "the budget holds two segments";
+    std::vector<ChunkStore::Handle> h = prefill_pendings(*model_, store, std::move(p));
+    h.clear();  // the third served its request only and goes with it
+    ExpectBudgets(store);
+    EXPECT_EQ(store.stats().pool.entries, 2);
+  }
+  // A pool of room for two segments' pages (and a budget for more): the third is refused.
+  PagePool small(*backend_, static_cast<int32_t>(2 * seg_pool_bytes() / pool_->bytes_per_page()),
+                 kPageSize, static_cast<int32_t>(cfg_->head_dim));
+  ChunkStore store(*model_, small, Opts(8));
+  ChunkStore::Pending a = store.reserve(Seg(50)), b = store.reserve(Seg(51));
+  EXPECT_THROW(store.reserve(Seg(52)), OutOfKvMemory);
+  a.reset();  // an abandoned reservation gives its room back
+  ChunkStore::Pending c = store.reserve(Seg(52));
+  EXPECT_TRUE(c.admitted());
+}
+
 TEST_F(ChunkStoreTest, BudgetsRespectedInEveryTier) {
   ChunkStore store(*model_, *pool_, Opts(3, 4, 5));
   std::mt19937 rng(42);
