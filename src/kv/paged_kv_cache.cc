@@ -972,6 +972,12 @@ void PagedKvCache::append_relocated(SeqId seq, const std::vector<RelocatedSegmen
   trim_sequence(s);
 }
 
+int64_t PagedKvCache::pages_held(SeqId seq) const {
+  int64_t pages = 0;
+  for (const HeadTable& t : get(seq).tables) pages += static_cast<int64_t>(t.pages.size());
+  return pages;
+}
+
 KvUsage PagedKvCache::usage(SeqId seq) const {
   KvUsage u;
   const Sequence& s = get(seq);

@@ -111,6 +111,8 @@ class PagedKvCache : public KvCache {
   // Pages a batch would need beyond what its sequences hold (admission control).
   int64_t pages_needed(const Batch& batch) const;
   KvUsage usage(SeqId seq) const;
+  // Pool pages the sequence's tables hold (usage()'s pages without walking their slots).
+  int64_t pages_held(SeqId seq) const;
   KvUsage usage() const;
   const HeadProfile& profile() const { return profile_; }
   const HeadProfile* head_profile() const override { return &profile_; }

@@ -516,11 +516,9 @@ int64_t ChunkStore::reclaimable(ChunkTier tier, double limit, bool disk_copy) co
 
 int64_t ChunkStore::unallocated_pending_pages() const {
   int64_t pages = 0;
-  for (const Entry* e : pending_) {
-    const KvUsage u = cache_->usage(e->seq);
+  for (const Entry* e : pending_)
     pages += std::max<int64_t>(
-        0, pool_pages_for(static_cast<int32_t>(e->tokens.size())) - u.global_pages - u.local_pages);
-  }
+        0, pool_pages_for(static_cast<int32_t>(e->tokens.size())) - cache_->pages_held(e->seq));
   return pages;
 }
 
