@@ -853,14 +853,18 @@ ChunkStore::Pending ChunkStore::reserve(std::span<const int32_t> tokens) {
     erase(e, false);
     throw;
   }
-  if (!admitted) ++stats_.bypasses;
-  const int64_t free = pool_.num_free() - unallocated_pending_pages();
-  if (!admitted && free < pool_pages_for(len)) {
-    e.pins = 0;
-    erase(e, false);
-    throw OutOfKvMemory("chunk store: a segment of " + std::to_string(len) + " tokens needs " +
-                        std::to_string(pool_pages_for(len)) + " pages, " + std::to_string(free) +
-                        " free (pending prefills' pages counted as used)");
+  if (!admitted) {
+    ++stats_.bypasses;
+    // A private prefill still needs its pages beside the ones pending prefills will take (an
+    // admitted one had them checked by make_room_pool).
+    const int64_t free = pool_.num_free() - unallocated_pending_pages();
+    if (free < pool_pages_for(len)) {
+      e.pins = 0;
+      erase(e, false);
+      throw OutOfKvMemory("chunk store: a segment of " + std::to_string(len) + " tokens needs " +
+                          std::to_string(pool_pages_for(len)) + " pages, " + std::to_string(free) +
+                          " free (pending prefills' pages counted as used)");
+    }
   }
   e.seq = next_seq_++;
   cache_->add_sequence(e.seq);
